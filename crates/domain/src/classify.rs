@@ -1,0 +1,443 @@
+//! What a relay's answer (or silence) means: delivered, try again later, give up, or fix the
+//! configuration. Each verdict carries a hint an admin can act on.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Security;
+
+/// Where in the SMTP conversation something happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Before any network I/O: settings, password source, CA file.
+    Config,
+    Dns,
+    Tcp,
+    Tls,
+    Greeting,
+    Ehlo,
+    Starttls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    Quit,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Config => "config",
+            Stage::Dns => "dns",
+            Stage::Tcp => "tcp",
+            Stage::Tls => "tls",
+            Stage::Greeting => "greeting",
+            Stage::Ehlo => "ehlo",
+            Stage::Starttls => "starttls",
+            Stage::Auth => "auth",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Quit => "quit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        [
+            Stage::Config,
+            Stage::Dns,
+            Stage::Tcp,
+            Stage::Tls,
+            Stage::Greeting,
+            Stage::Ehlo,
+            Stage::Starttls,
+            Stage::Auth,
+            Stage::Mail,
+            Stage::Rcpt,
+            Stage::Data,
+            Stage::Quit,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str().to_ascii_uppercase())
+    }
+}
+
+/// A complete (possibly multi-line) SMTP reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpReply {
+    pub code: u16,
+    /// RFC 3463 enhanced status code (`5.1.1`), when the relay sent one.
+    pub enhanced: Option<String>,
+    /// The text of every line, without code and enhanced code, joined by newlines.
+    pub text: String,
+}
+
+impl SmtpReply {
+    /// Builds a reply from its raw lines (`250-first`, `250 last`).
+    pub fn from_lines(code: u16, lines: &[&str]) -> SmtpReply {
+        let mut enhanced = None;
+        let texts: Vec<&str> = lines
+            .iter()
+            .map(|line| {
+                let rest = line.get(4..).unwrap_or("");
+                match split_enhanced(rest, code) {
+                    Some((e, t)) => {
+                        enhanced.get_or_insert_with(|| e.to_string());
+                        t
+                    }
+                    None => rest,
+                }
+            })
+            .collect();
+        SmtpReply { code, enhanced, text: texts.join("\n") }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// One line for logs and tables: `550 5.1.1 <x@y>: Recipient address rejected`.
+    pub fn one_line(&self) -> String {
+        let text = self.text.replace('\n', " ");
+        match &self.enhanced {
+            Some(e) => format!("{} {} {}", self.code, e, text),
+            None => format!("{} {}", self.code, text),
+        }
+    }
+}
+
+impl fmt::Display for SmtpReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.one_line())
+    }
+}
+
+/// `5.1.1 text` -> (`5.1.1`, `text`) when the class digit agrees with the reply code.
+fn split_enhanced(rest: &str, code: u16) -> Option<(&str, &str)> {
+    let (first, text) = rest.split_once(' ').unwrap_or((rest, ""));
+    let mut parts = first.split('.');
+    let class = parts.next()?;
+    let ok = class.len() == 1
+        && class.starts_with(char::from(b'0' + (code / 100) as u8))
+        && parts.clone().count() == 2
+        && parts.all(|p| !p.is_empty() && p.len() <= 3 && p.chars().all(|c| c.is_ascii_digit()));
+    ok.then_some((first, text))
+}
+
+/// What went wrong at a stage, when it was not simply the relay's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The relay answered with a negative reply (see `reply`).
+    Reply,
+    Timeout,
+    Dns,
+    ConnectionRefused,
+    /// Connection reset, closed unexpectedly, other socket errors.
+    Io,
+    TlsHandshake,
+    /// The relay spoke plain SMTP where TLS was expected, or the reverse.
+    TlsModeMismatch,
+    CertificateUntrusted,
+    StarttlsNotOffered,
+    AuthNotOffered,
+    /// A password would have gone over an unencrypted connection.
+    PlaintextAuthRefused,
+    /// The password file or variable, or the CA file, could not be read.
+    LocalConfig,
+    /// The relay broke the protocol (unparseable reply).
+    Protocol,
+}
+
+/// A failed stage: the raw facts, before classification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub stage: Stage,
+    pub kind: FailureKind,
+    pub reply: Option<SmtpReply>,
+    /// What happened, in words (never contains a secret).
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn reply(stage: Stage, reply: SmtpReply) -> Failure {
+        let detail = reply.one_line();
+        Failure { stage, kind: FailureKind::Reply, reply: Some(reply), detail }
+    }
+
+    pub fn new(stage: Stage, kind: FailureKind, detail: impl Into<String>) -> Failure {
+        Failure { stage, kind, reply: None, detail: detail.into() }
+    }
+
+    /// The failure of a whole transaction, carrying the reply of the recipient that decided it.
+    pub fn with_reply_of(mut self, result: &crate::delivery::RecipientResult) -> Failure {
+        if let crate::delivery::RecipientResult::Rejected(f) = result {
+            self.reply = f.reply.clone();
+            self.kind = f.kind;
+        }
+        self
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.stage, self.detail)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// Try again later (4xx, timeouts, connection and handshake failures).
+    Transient,
+    /// The relay refused for good (5xx for this message or recipient).
+    Permanent,
+    /// Every message would fail the same way until an admin changes the settings or the relay.
+    Configuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub class: FailureClass,
+    pub hint: Option<String>,
+}
+
+/// Which port and mode the failing connection used: the same reply means different things.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionContext {
+    pub port: u16,
+    pub security: Security,
+}
+
+pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
+    use FailureClass::*;
+    use FailureKind as K;
+    let hint = hint(failure, ctx);
+    let class = match failure.kind {
+        K::Reply => {
+            let reply = failure.reply.as_ref().expect("Reply failures carry the reply");
+            if reply.is_transient() {
+                Transient
+            } else {
+                match failure.stage {
+                    Stage::Auth | Stage::Greeting | Stage::Ehlo | Stage::Starttls => Configuration,
+                    // 530: authentication (or STARTTLS) required before MAIL.
+                    Stage::Mail if reply.code == 530 || is_auth_required(reply) => Configuration,
+                    _ => Permanent,
+                }
+            }
+        }
+        K::Timeout if failure.stage == Stage::Greeting && ctx.port == 465 && ctx.security != Security::Tls => {
+            Configuration
+        }
+        K::Timeout | K::Dns | K::ConnectionRefused | K::Io | K::TlsHandshake | K::Protocol => Transient,
+        K::TlsModeMismatch
+        | K::CertificateUntrusted
+        | K::StarttlsNotOffered
+        | K::AuthNotOffered
+        | K::PlaintextAuthRefused
+        | K::LocalConfig => Configuration,
+    };
+    Classification { class, hint }
+}
+
+fn is_auth_required(reply: &SmtpReply) -> bool {
+    reply.enhanced.as_deref() == Some("5.7.0") && reply.text.to_ascii_lowercase().contains("authentication required")
+}
+
+fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
+    use FailureKind as K;
+    let port = ctx.port;
+    let h = |s: &str| Some(s.to_string());
+    match failure.kind {
+        K::Dns => h("the relay's host name does not resolve from this machine; check --host and this host's DNS"),
+        K::ConnectionRefused => Some(format!(
+            "nothing accepts connections on port {port}; check --host and --port, that the relay runs, and firewalls"
+        )),
+        K::Timeout => match failure.stage {
+            Stage::Tcp => h("the relay did not accept the TCP connection in time; a firewall may drop the traffic"),
+            Stage::Greeting if port == 465 || ctx.security != Security::Tls => Some(format!(
+                "the relay accepted the connection but sent no greeting; port {port} may expect implicit TLS: set --security tls"
+            )),
+            _ => h("the relay stopped answering; it may be overloaded, or a firewall cuts idle connections"),
+        },
+        K::TlsModeMismatch => Some(match ctx.security {
+            Security::Tls => format!(
+                "port {port} speaks plain SMTP, not implicit TLS; use --security starttls (or use the relay's implicit-TLS port, usually 465)"
+            ),
+            _ => format!("port {port} expects implicit TLS but the mode is {}; set --security tls", ctx.security),
+        }),
+        K::CertificateUntrusted => h(
+            "the relay's certificate is not trusted; give the CA that issued it with --ca-file, or pin this certificate with --pin-sha256 (the fingerprint is shown by `panel smtp check`)",
+        ),
+        K::TlsHandshake => h("the TLS handshake failed; the relay may require an older TLS version than 1.2 or a different mode"),
+        K::StarttlsNotOffered => Some(format!(
+            "the relay did not offer STARTTLS on port {port}; use its TLS port (--security tls, usually 465), or --security opportunistic/none only if the network path is trusted"
+        )),
+        K::AuthNotOffered => h(
+            "the relay offered no authentication; if it allow-lists this host's IP, set --auth none; some relays offer AUTH only after STARTTLS",
+        ),
+        K::PlaintextAuthRefused => h(
+            "the password would have been sent unencrypted because the relay did not offer STARTTLS; use --security starttls or tls, or set --allow-plaintext-auth true if you accept that",
+        ),
+        K::LocalConfig => h("fix the file or environment variable named above; the service reads it before every connection"),
+        K::Io | K::Protocol => h("the connection broke; if it repeats, check the relay's log for this time"),
+        K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
+    }
+}
+
+fn reply_hint(stage: Stage, reply: &SmtpReply) -> Option<String> {
+    let text = reply.text.to_ascii_lowercase();
+    let enhanced = reply.enhanced.as_deref().unwrap_or("");
+    let s = |v: &str| Some(v.to_string());
+    if reply.code == 421 {
+        return s("the relay is closing connections (overloaded, shutting down, or rate limiting this host); messages are retried");
+    }
+    match stage {
+        Stage::Auth if reply.code == 535 || enhanced == "5.7.8" => {
+            s("the relay rejected the username or password; check --username and the password source")
+        }
+        Stage::Auth if reply.code == 454 => s("the relay could not check the credentials right now (temporary); it is retried"),
+        Stage::Auth if reply.code == 504 => s("the relay does not support this authentication mechanism"),
+        Stage::Auth if reply.code == 530 || reply.code == 538 => {
+            s("the relay requires encryption before authentication; use --security starttls or tls")
+        }
+        Stage::Mail if reply.code == 530 && text.contains("starttls") => {
+            s("the relay requires STARTTLS before sending; use --security starttls")
+        }
+        Stage::Mail if reply.code == 530 || text.contains("authentication required") => {
+            s("the relay requires authentication from this host; set --auth password, or ask for this host's IP to be allow-listed")
+        }
+        Stage::Mail if reply.is_permanent() => {
+            s("the relay refuses this sender; check that the From address is one the relay lets this host or account send as")
+        }
+        Stage::Rcpt if text.contains("relay access denied") || text.contains("relaying denied") || enhanced == "5.7.1" => s(
+            "relay access denied: this host's IP is not allow-listed on the relay for this destination, or the relay needs authentication (--auth password)",
+        ),
+        Stage::Rcpt if enhanced == "5.1.1" || reply.code == 550 => {
+            s("the recipient's mailbox does not exist or does not accept mail; check the address")
+        }
+        Stage::Greeting | Stage::Ehlo if reply.is_permanent() => {
+            s("the relay refuses connections from this host; ask the relay's admin to allow this host's IP")
+        }
+        Stage::Data if reply.code == 552 || enhanced.starts_with("5.3.4") => s("the message is too large for the relay"),
+        Stage::Data if reply.is_permanent() => s("the relay refused the message content (policy or content filter)"),
+        _ if reply.is_transient() => s("the relay refused temporarily; the message is retried with backoff"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, line: &str) -> SmtpReply {
+        SmtpReply::from_lines(code, &[line])
+    }
+
+    const STARTTLS_587: ConnectionContext = ConnectionContext { port: 587, security: Security::Starttls };
+
+    #[test]
+    fn parses_enhanced_codes_and_multiline_text() {
+        let r = SmtpReply::from_lines(550, &["550-5.1.1 <x@example.org>:", "550 5.1.1 Recipient address rejected"]);
+        assert_eq!(r.enhanced.as_deref(), Some("5.1.1"));
+        assert_eq!(r.text, "<x@example.org>:\nRecipient address rejected");
+        assert_eq!(r.one_line(), "550 5.1.1 <x@example.org>: Recipient address rejected");
+        let r = reply(250, "250 mail.example.org");
+        assert_eq!(r.enhanced, None);
+        assert_eq!(r.text, "mail.example.org");
+        // A class digit that disagrees with the code is text, not an enhanced code.
+        assert_eq!(reply(250, "250 5.1.1 odd").enhanced, None);
+    }
+
+    #[test]
+    fn four_hundreds_are_transient_everywhere() {
+        for stage in [Stage::Greeting, Stage::Mail, Stage::Rcpt, Stage::Data, Stage::Auth] {
+            let f = Failure::reply(stage, reply(451, "451 4.3.0 try later"));
+            assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient, "{stage:?}");
+        }
+    }
+
+    #[test]
+    fn five_hundreds_fail_the_message_at_once() {
+        let f = Failure::reply(Stage::Rcpt, reply(550, "550 5.1.1 <nobody@example.org>: Recipient address rejected"));
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, FailureClass::Permanent);
+        assert!(c.hint.unwrap().contains("does not exist"));
+    }
+
+    #[test]
+    fn relay_access_denied_points_at_the_allow_list() {
+        let f = Failure::reply(Stage::Rcpt, reply(554, "554 5.7.1 <a@b.org>: Relay access denied"));
+        assert!(classify(&f, STARTTLS_587).hint.unwrap().contains("allow-listed"));
+    }
+
+    #[test]
+    fn authentication_failures_are_configuration_errors_but_454_is_retried() {
+        let f = Failure::reply(Stage::Auth, reply(535, "535 5.7.8 Error: authentication failed"));
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("username or password"));
+        let f = Failure::reply(Stage::Auth, reply(454, "454 4.7.0 Temporary authentication failure"));
+        assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient);
+    }
+
+    #[test]
+    fn tls_mode_mismatch_is_a_configuration_error_with_the_fix() {
+        let ctx = ConnectionContext { port: 465, security: Security::Starttls };
+        let f = Failure::new(Stage::Greeting, FailureKind::Timeout, "no greeting within 5s");
+        let c = classify(&f, ctx);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("--security tls"));
+
+        let ctx = ConnectionContext { port: 587, security: Security::Tls };
+        let f = Failure::new(Stage::Tls, FailureKind::TlsModeMismatch, "relay answered in plain text");
+        let c = classify(&f, ctx);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("--security starttls"));
+    }
+
+    #[test]
+    fn network_failures_are_retried() {
+        for kind in [FailureKind::ConnectionRefused, FailureKind::Dns, FailureKind::Io, FailureKind::TlsHandshake] {
+            let f = Failure::new(Stage::Tcp, kind, "x");
+            assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient, "{kind:?}");
+        }
+        let f = Failure::new(Stage::Greeting, FailureKind::Timeout, "x");
+        assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient);
+    }
+
+    #[test]
+    fn untrusted_certificate_and_missing_starttls_need_the_admin() {
+        let f = Failure::new(Stage::Tls, FailureKind::CertificateUntrusted, "unknown issuer");
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("--pin-sha256"));
+        let f = Failure::new(Stage::Ehlo, FailureKind::StarttlsNotOffered, "no STARTTLS in EHLO");
+        assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Configuration);
+    }
+
+    #[test]
+    fn stage_names_round_trip() {
+        for s in ["config", "tcp", "rcpt", "data"] {
+            assert_eq!(Stage::parse(s).unwrap().as_str(), s);
+        }
+        assert_eq!(Stage::Rcpt.to_string(), "RCPT");
+    }
+}

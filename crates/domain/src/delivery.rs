@@ -1,0 +1,294 @@
+//! Settling one delivery attempt: from what the relay said for each recipient to the message's
+//! next state. Pure, so every combination is unit-tested.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::{ConnectionContext, Failure, FailureClass, SmtpReply, Stage, classify};
+use crate::message::{MessageState, RecipientState};
+use crate::retry::{RetryDecision, RetryPolicy};
+
+/// What happened to one recipient in one SMTP transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipientResult {
+    /// RCPT accepted; whether it was delivered depends on the DATA outcome.
+    Accepted,
+    Rejected(Failure),
+    /// The transaction failed before RCPT for this recipient.
+    NotTried,
+}
+
+/// The relay client's report of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReport {
+    /// In the order of the claim's pending recipients.
+    pub recipients: Vec<RecipientResult>,
+    /// A failure that ended the whole transaction (connection, AUTH, MAIL, DATA, no recipient accepted).
+    pub failure: Option<Failure>,
+    /// The relay's final reply to the message data (`250 2.0.0 Ok: queued as ...`).
+    pub data_reply: Option<SmtpReply>,
+}
+
+crate::message::string_enum!(
+    /// How one attempt ended. `interrupted`: the worker holding the step stopped (crash, kill)
+    /// before recording an outcome, so the relay may or may not have the message.
+    AttemptOutcome {
+        Delivered = "delivered",
+        PartiallyDelivered = "partially_delivered",
+        TemporaryFailure = "temporary_failure",
+        PermanentFailure = "permanent_failure",
+        ConfigurationError = "configuration_error",
+        Interrupted = "interrupted",
+    }
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientSettlement {
+    pub state: RecipientState,
+    /// The relay's reply for this recipient, one line.
+    pub reply: Option<String>,
+    pub stage: Option<Stage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub outcome: AttemptOutcome,
+    pub stage: Stage,
+    pub reply: Option<SmtpReply>,
+    pub detail: String,
+    pub hint: Option<String>,
+    pub recipients: Vec<RecipientSettlement>,
+    pub state: MessageState,
+    pub retry_after: Option<Duration>,
+    pub failure_class: Option<FailureClass>,
+    /// One line for the message list: why it is not delivered yet.
+    pub last_error: Option<String>,
+}
+
+/// Where in its life the message is when the attempt ends.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptContext<'a> {
+    pub connection: ConnectionContext,
+    pub policy: &'a RetryPolicy,
+    /// Attempts made so far, this one included.
+    pub attempts: u32,
+    /// Time since the message was enqueued.
+    pub age: Duration,
+    pub random: u64,
+}
+
+pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
+    let tx_class = report.failure.as_ref().map(|f| classify(f, ctx.connection));
+    let mut recipients = Vec::with_capacity(report.recipients.len());
+    for result in &report.recipients {
+        let settled = match (result, &report.failure, tx_class.as_ref()) {
+            (RecipientResult::Accepted, None, _) => RecipientSettlement {
+                state: RecipientState::Delivered,
+                reply: report.data_reply.as_ref().map(SmtpReply::one_line),
+                stage: Some(Stage::Data),
+            },
+            (RecipientResult::Rejected(f), _, _) => {
+                let state = match classify(f, ctx.connection).class {
+                    FailureClass::Transient => RecipientState::Pending,
+                    FailureClass::Permanent | FailureClass::Configuration => RecipientState::Failed,
+                };
+                RecipientSettlement { state, reply: Some(f.detail.clone()), stage: Some(f.stage) }
+            }
+            (_, Some(f), Some(c)) => RecipientSettlement {
+                state: if c.class == FailureClass::Permanent { RecipientState::Failed } else { RecipientState::Pending },
+                reply: Some(f.detail.clone()),
+                stage: Some(f.stage),
+            },
+            (_, _, _) => RecipientSettlement { state: RecipientState::Pending, reply: None, stage: None },
+        };
+        recipients.push(settled);
+    }
+
+    let count = |s: RecipientState| recipients.iter().filter(|r| r.state == s).count();
+    let (delivered, pending) = (count(RecipientState::Delivered), count(RecipientState::Pending));
+    let first_rejection = report.recipients.iter().find_map(|r| match r {
+        RecipientResult::Rejected(f) => Some(f),
+        _ => None,
+    });
+    let headline = report.failure.as_ref().or(first_rejection);
+    let headline_class = headline.map(|f| classify(f, ctx.connection));
+
+    let (state, retry_after, failure_class) = match tx_class.as_ref().map(|c| c.class) {
+        Some(FailureClass::Configuration) => (MessageState::Failed, None, Some(FailureClass::Configuration)),
+        _ if pending > 0 => match ctx.policy.decide(ctx.attempts, ctx.age, ctx.random) {
+            RetryDecision::RetryAfter(d) => (MessageState::Retrying, Some(d), Some(FailureClass::Transient)),
+            RetryDecision::GiveUp => (MessageState::Failed, None, Some(FailureClass::Transient)),
+        },
+        _ if delivered == recipients.len() => (MessageState::Delivered, None, None),
+        _ => (MessageState::Failed, None, Some(FailureClass::Permanent)),
+    };
+    if state == MessageState::Failed && failure_class == Some(FailureClass::Transient) {
+        for r in &mut recipients {
+            if r.state == RecipientState::Pending {
+                r.state = RecipientState::Failed;
+            }
+        }
+    }
+
+    let outcome = match (state, delivered) {
+        (MessageState::Delivered, _) => AttemptOutcome::Delivered,
+        (_, d) if d > 0 => AttemptOutcome::PartiallyDelivered,
+        _ => match headline_class.as_ref().map(|c| c.class) {
+            Some(FailureClass::Configuration) => AttemptOutcome::ConfigurationError,
+            Some(FailureClass::Permanent) => AttemptOutcome::PermanentFailure,
+            _ => AttemptOutcome::TemporaryFailure,
+        },
+    };
+    let (stage, reply, detail) = match (headline, delivered) {
+        (Some(f), 0) | (Some(f @ Failure { stage: Stage::Data, .. }), _) => (f.stage, f.reply.clone(), f.detail.clone()),
+        _ => (
+            Stage::Data,
+            report.data_reply.clone(),
+            report.data_reply.as_ref().map(SmtpReply::one_line).unwrap_or_default(),
+        ),
+    };
+    let hint = headline_class.and_then(|c| c.hint);
+    let last_error = match state {
+        MessageState::Delivered => None,
+        MessageState::Failed if failure_class == Some(FailureClass::Transient) => Some(format!(
+            "gave up after {} attempts over {}: {} {}",
+            ctx.attempts,
+            crate::duration::format(Duration::from_secs(ctx.age.as_secs())),
+            headline.map_or(Stage::Data, |f| f.stage),
+            headline.map(|f| f.detail.as_str()).unwrap_or("")
+        )),
+        _ => headline.map(|f| f.to_string()),
+    };
+    Settlement { outcome, stage, reply, detail, hint, recipients, state, retry_after, failure_class, last_error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::FailureKind;
+    use crate::settings::Security;
+
+    fn ctx(policy: &RetryPolicy, age_secs: u64) -> AttemptContext<'_> {
+        AttemptContext {
+            connection: ConnectionContext { port: 587, security: Security::Starttls },
+            policy,
+            attempts: 1,
+            age: Duration::from_secs(age_secs),
+            random: 0,
+        }
+    }
+
+    fn rejected(code: u16, line: &str) -> RecipientResult {
+        RecipientResult::Rejected(Failure::reply(Stage::Rcpt, SmtpReply::from_lines(code, &[line])))
+    }
+
+    fn ok_data() -> Option<SmtpReply> {
+        Some(SmtpReply::from_lines(250, &["250 2.0.0 Ok: queued as ABC"]))
+    }
+
+    #[test]
+    fn all_accepted_is_delivered_with_the_relays_reply() {
+        let p = RetryPolicy::default();
+        let r = SendReport { recipients: vec![RecipientResult::Accepted; 2], failure: None, data_reply: ok_data() };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Delivered);
+        assert_eq!(s.outcome, AttemptOutcome::Delivered);
+        assert_eq!(s.reply.unwrap().code, 250);
+        assert!(s.recipients.iter().all(|r| r.state == RecipientState::Delivered));
+    }
+
+    #[test]
+    fn a_rejected_recipient_is_named_and_the_others_are_delivered() {
+        let p = RetryPolicy::default();
+        let r = SendReport {
+            recipients: vec![RecipientResult::Accepted, rejected(550, "550 5.1.1 <nobody@x.org>: Recipient address rejected")],
+            failure: None,
+            data_reply: ok_data(),
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Failed);
+        assert_eq!(s.outcome, AttemptOutcome::PartiallyDelivered);
+        assert_eq!(s.recipients[0].state, RecipientState::Delivered);
+        assert_eq!(s.recipients[1].state, RecipientState::Failed);
+        assert!(s.recipients[1].reply.as_deref().unwrap().contains("550 5.1.1"));
+        assert!(s.last_error.unwrap().contains("nobody@x.org"));
+    }
+
+    #[test]
+    fn a_451_recipient_is_retried_alone() {
+        let p = RetryPolicy::default();
+        let r = SendReport {
+            recipients: vec![RecipientResult::Accepted, rejected(451, "451 4.3.0 try again")],
+            failure: None,
+            data_reply: ok_data(),
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Retrying);
+        assert_eq!(s.recipients[1].state, RecipientState::Pending);
+        assert!(s.retry_after.is_some());
+    }
+
+    #[test]
+    fn permanent_rejection_of_every_recipient_fails_at_once() {
+        let p = RetryPolicy::default();
+        let r = SendReport {
+            recipients: vec![rejected(550, "550 5.1.1 no such user")],
+            failure: Some(Failure::new(Stage::Rcpt, FailureKind::Reply, "no recipient accepted").with_reply_of(&rejected(550, "550 5.1.1 no such user"))),
+            data_reply: None,
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Failed);
+        assert_eq!(s.outcome, AttemptOutcome::PermanentFailure);
+        assert_eq!(s.reply.unwrap().code, 550);
+        assert_eq!(s.stage, Stage::Rcpt);
+    }
+
+    #[test]
+    fn connection_failure_retries_everyone_until_the_deadline() {
+        let p = RetryPolicy::default();
+        let f = Failure::new(Stage::Tcp, FailureKind::ConnectionRefused, "connection refused");
+        let r = SendReport { recipients: vec![RecipientResult::NotTried; 2], failure: Some(f), data_reply: None };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Retrying);
+        assert_eq!(s.outcome, AttemptOutcome::TemporaryFailure);
+        assert_eq!(s.stage, Stage::Tcp);
+
+        let s = settle(&r, ctx(&p, 25 * 3600));
+        assert_eq!(s.state, MessageState::Failed);
+        assert!(s.recipients.iter().all(|r| r.state == RecipientState::Failed));
+        assert!(s.last_error.unwrap().starts_with("gave up after 1 attempts"));
+    }
+
+    #[test]
+    fn authentication_failure_is_a_configuration_error_that_keeps_recipients_pending() {
+        let p = RetryPolicy::default();
+        let reply = SmtpReply::from_lines(535, &["535 5.7.8 Error: authentication failed"]);
+        let r = SendReport {
+            recipients: vec![RecipientResult::NotTried],
+            failure: Some(Failure::reply(Stage::Auth, reply)),
+            data_reply: None,
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Failed);
+        assert_eq!(s.failure_class, Some(FailureClass::Configuration));
+        assert_eq!(s.outcome, AttemptOutcome::ConfigurationError);
+        assert_eq!(s.recipients[0].state, RecipientState::Pending, "re-sent once the settings are fixed");
+        assert!(s.hint.unwrap().contains("username or password"));
+    }
+
+    #[test]
+    fn data_rejection_after_accepted_recipients_fails_them() {
+        let p = RetryPolicy::default();
+        let reply = SmtpReply::from_lines(554, &["554 5.7.1 content rejected"]);
+        let r = SendReport {
+            recipients: vec![RecipientResult::Accepted],
+            failure: Some(Failure::reply(Stage::Data, reply)),
+            data_reply: None,
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!(s.state, MessageState::Failed);
+        assert_eq!(s.stage, Stage::Data);
+        assert_eq!(s.recipients[0].state, RecipientState::Failed);
+    }
+}

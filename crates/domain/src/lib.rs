@@ -1,0 +1,19 @@
+//! Panel's domain: the values and rules every other crate shares. Nothing here does I/O,
+//! so every rule is unit-tested without a relay or a database.
+
+pub mod address;
+pub mod classify;
+pub mod delivery;
+pub mod duration;
+pub mod errors;
+pub mod message;
+pub mod retry;
+pub mod settings;
+
+pub use address::{EmailAddress, Mailbox};
+pub use classify::{Classification, ConnectionContext, Failure, FailureClass, FailureKind, SmtpReply, Stage, classify};
+pub use delivery::{AttemptOutcome, RecipientResult, SendReport, Settlement, settle};
+pub use errors::{FieldError, FieldErrors};
+pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState};
+pub use retry::{RetryDecision, RetryPolicy};
+pub use settings::{Auth, PasswordSource, RelaySettings, Security, SettingsDoc};

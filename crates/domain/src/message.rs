@@ -1,0 +1,293 @@
+//! A message as queued: validated content and envelope, rendered to RFC 5322 bytes at send time
+//! with the Date and Message-ID fixed at enqueue, so every attempt sends the same message.
+
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use lettre::message::{MultiPart, SinglePart, header::ContentType};
+use serde::{Deserialize, Serialize};
+
+use crate::address::{EmailAddress, Mailbox};
+use crate::errors::{FieldErrors, check_header_safe};
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use string_enum;
+
+string_enum!(
+    /// Where a message is in its life. `Queued` and `Retrying` wait for a worker; `Sending` is
+    /// held under a worker's lease; `Delivered` and `Failed` are final (a failed one can be retried
+    /// by hand).
+    MessageState { Queued = "queued", Sending = "sending", Retrying = "retrying", Delivered = "delivered", Failed = "failed" }
+);
+
+string_enum!(
+    /// What created the message.
+    Origin {
+        TestMessage = "test_message",
+        MailTester = "mail_tester",
+        Schedule = "schedule",
+        Workflow = "workflow",
+        Dispatch = "dispatch",
+    }
+);
+
+string_enum!(RecipientKind { To = "to", Cc = "cc", Bcc = "bcc" });
+
+string_enum!(
+    /// Per-recipient outcome: a message to three recipients can reach two and fail one.
+    RecipientState { Pending = "pending", Delivered = "delivered", Failed = "failed" }
+);
+
+/// What a caller asks to send, before validation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Draft {
+    #[serde(default)]
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub cc: Vec<String>,
+    #[serde(default)]
+    pub bcc: Vec<String>,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub text: String,
+    #[serde(default)]
+    pub html: Option<String>,
+}
+
+/// A validated message, ready to be stored and sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingMessage {
+    pub from: Mailbox,
+    pub to: Vec<Mailbox>,
+    pub cc: Vec<Mailbox>,
+    pub bcc: Vec<Mailbox>,
+    pub reply_to: Option<Mailbox>,
+    pub subject: String,
+    pub text: String,
+    pub html: Option<String>,
+    pub message_id: String,
+    pub date: DateTime<Utc>,
+    /// True when the draft named no recipient and the Fallback recipient was used.
+    pub used_fallback_recipient: bool,
+}
+
+/// Largest body accepted into the queue; relays commonly refuse much less.
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+impl OutgoingMessage {
+    /// Validates `draft`, reporting every bad field at once. `unique` makes the Message-ID unique
+    /// (random bits from the caller keep this crate free of I/O).
+    pub fn prepare(
+        draft: &Draft,
+        from: &Mailbox,
+        fallback: &EmailAddress,
+        now: DateTime<Utc>,
+        unique: u128,
+    ) -> Result<OutgoingMessage, FieldErrors> {
+        let mut errors = FieldErrors::default();
+        let mut list = |field: &str, values: &[String]| -> Vec<Mailbox> {
+            values
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| errors.take(Mailbox::parse(&format!("{field}[{i}]"), v)))
+                .collect()
+        };
+        let mut to = list("to", &draft.to);
+        let cc = list("cc", &draft.cc);
+        let bcc = list("bcc", &draft.bcc);
+        let reply_to = draft.reply_to.as_deref().and_then(|v| errors.take(Mailbox::parse("reply_to", v)));
+        errors.take(check_header_safe("subject", &draft.subject));
+        if draft.subject.len() > 998 {
+            errors.push("subject", "is longer than 998 characters; shorten it");
+        }
+        if draft.text.len() + draft.html.as_ref().map_or(0, String::len) > MAX_BODY_BYTES {
+            errors.push("text", format!("the body is larger than {} MiB", MAX_BODY_BYTES >> 20));
+        }
+        if draft.text.contains('\0') || draft.html.as_deref().is_some_and(|h| h.contains('\0')) {
+            errors.push("text", "contains a NUL character, which SMTP cannot carry");
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let no_recipient = draft.to.is_empty() && draft.cc.is_empty() && draft.bcc.is_empty();
+        if no_recipient {
+            to.push(fallback.clone().into());
+        }
+        Ok(OutgoingMessage {
+            from: from.clone(),
+            to,
+            cc,
+            bcc,
+            reply_to,
+            subject: draft.subject.clone(),
+            text: draft.text.clone(),
+            html: draft.html.clone(),
+            message_id: format!("<{:032x}.{}@{}>", unique, now.timestamp(), from.address.domain()),
+            date: now,
+            used_fallback_recipient: no_recipient,
+        })
+    }
+
+    /// Every envelope recipient once, in To, Cc, Bcc order.
+    pub fn recipients(&self) -> Vec<(RecipientKind, &EmailAddress)> {
+        let mut seen = std::collections::HashSet::new();
+        let kinds = [(RecipientKind::To, &self.to), (RecipientKind::Cc, &self.cc), (RecipientKind::Bcc, &self.bcc)];
+        kinds
+            .into_iter()
+            .flat_map(|(kind, list)| list.iter().map(move |m| (kind, &m.address)))
+            .filter(|(_, a)| seen.insert(a.as_str().to_ascii_lowercase()))
+            .collect()
+    }
+
+    /// The message as it goes after DATA (before dot-stuffing). Bcc recipients are in the
+    /// envelope only, never in the headers.
+    pub fn render(&self) -> Vec<u8> {
+        let mut builder = lettre::Message::builder()
+            .from(self.from.to_lettre())
+            .subject(self.subject.clone())
+            .message_id(Some(self.message_id.clone()))
+            .date(SystemTime::UNIX_EPOCH + Duration::from_secs(self.date.timestamp().max(0) as u64))
+            .user_agent(format!("Panel/{}", env!("CARGO_PKG_VERSION")));
+        for m in &self.to {
+            builder = builder.to(m.to_lettre());
+        }
+        for m in &self.cc {
+            builder = builder.cc(m.to_lettre());
+        }
+        if let Some(r) = &self.reply_to {
+            builder = builder.reply_to(r.to_lettre());
+        }
+        let envelope_to: Vec<lettre::Address> = self.recipients().iter().map(|(_, a)| a.as_lettre().clone()).collect();
+        let envelope = lettre::address::Envelope::new(Some(self.from.address.as_lettre().clone()), envelope_to)
+            .expect("a prepared message has at least one recipient");
+        builder = builder.envelope(envelope);
+        let text = SinglePart::builder().header(ContentType::TEXT_PLAIN).body(self.text.clone());
+        let message = match &self.html {
+            None => builder.singlepart(text),
+            Some(html) => builder.multipart(
+                MultiPart::alternative()
+                    .singlepart(text)
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.clone())),
+            ),
+        };
+        message.expect("a prepared message always builds").formatted()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from() -> Mailbox {
+        Mailbox::parse("from", "Identity Panel <panel@example.org>").unwrap()
+    }
+
+    fn fallback() -> EmailAddress {
+        EmailAddress::parse("fallback_recipient", "ops@example.org").unwrap()
+    }
+
+    fn draft() -> Draft {
+        Draft {
+            to: vec!["Jörg Müller <joerg@example.org>".into()],
+            subject: "Passwort läuft ab".into(),
+            text: "Hello\n.hidden line\nbye".into(),
+            ..Default::default()
+        }
+    }
+
+    fn prepare(d: &Draft) -> Result<OutgoingMessage, FieldErrors> {
+        OutgoingMessage::prepare(d, &from(), &fallback(), Utc::now(), 42)
+    }
+
+    #[test]
+    fn no_recipient_goes_to_the_fallback_and_says_so() {
+        let m = prepare(&Draft { to: vec![], ..draft() }).unwrap();
+        assert!(m.used_fallback_recipient);
+        assert_eq!(m.recipients()[0].1.as_str(), "ops@example.org");
+        assert!(!prepare(&draft()).unwrap().used_fallback_recipient);
+    }
+
+    #[test]
+    fn header_injection_is_rejected_naming_each_field() {
+        let d = Draft {
+            to: vec!["ok@example.org".into(), "x@example.org\r\nBcc: victim@evil.example".into()],
+            cc: vec!["bad".into()],
+            subject: "Hi\r\nBcc: victim@evil.example".into(),
+            ..draft()
+        };
+        let fields: Vec<_> = prepare(&d).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["to[1]", "cc[0]", "subject"]);
+    }
+
+    #[test]
+    fn renders_encoded_utf8_headers_and_fixed_ids() {
+        let m = prepare(&draft()).unwrap();
+        let raw = String::from_utf8(m.render()).unwrap();
+        assert!(raw.contains(&format!("Message-ID: {}", m.message_id)), "{raw}");
+        assert!(m.message_id.ends_with("@example.org>"));
+        assert!(raw.contains("Subject: Passwort =?utf-8?b?"), "subject must use an encoded word: {raw}");
+        assert!(raw.contains("From: \"Identity Panel\" <panel@example.org>"), "{raw}");
+        assert!(raw.contains("<joerg@example.org>"));
+        assert!(raw.contains("Date: "));
+        assert!(!raw.contains("Jörg"), "non-ASCII in headers must be encoded");
+        assert_eq!(m.render(), m.render(), "every attempt sends the same bytes");
+    }
+
+    #[test]
+    fn bcc_is_in_the_envelope_but_not_the_headers() {
+        let d = Draft { bcc: vec!["hidden@example.org".into()], ..draft() };
+        let m = prepare(&d).unwrap();
+        let raw = String::from_utf8(m.render()).unwrap();
+        assert!(!raw.to_ascii_lowercase().contains("hidden@example.org"));
+        assert!(m.recipients().iter().any(|(k, a)| *k == RecipientKind::Bcc && a.as_str() == "hidden@example.org"));
+    }
+
+    #[test]
+    fn duplicate_recipients_are_sent_once() {
+        let d = Draft { cc: vec!["JOERG@example.org".into()], ..draft() };
+        assert_eq!(prepare(&d).unwrap().recipients().len(), 1);
+    }
+
+    #[test]
+    fn html_alternative_is_multipart() {
+        let d = Draft { html: Some("<p>Hi</p>".into()), ..draft() };
+        let raw = String::from_utf8(prepare(&d).unwrap().render()).unwrap();
+        assert!(raw.contains("multipart/alternative"));
+        assert!(raw.contains("text/html"));
+        assert!(raw.contains("text/plain"));
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in MessageState::ALL {
+            assert_eq!(MessageState::parse(s).unwrap().as_str(), *s);
+        }
+        assert_eq!(Origin::parse("test_message"), Some(Origin::TestMessage));
+        assert_eq!(Origin::parse("nope"), None);
+    }
+}

@@ -1,0 +1,533 @@
+//! Relay settings: the stored document (`SettingsDoc`, loose, as the admin wrote it) and the
+//! validated value (`RelaySettings`) that the relay client uses. One validation function
+//! serves save and load, and reports every problem at once.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::address::{EmailAddress, Mailbox};
+use crate::duration;
+use crate::errors::{FieldError, FieldErrors, check_header_safe};
+use crate::retry::RetryPolicy;
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Implicit TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+    /// STARTTLS required: fail if the relay does not offer it.
+    Starttls,
+    /// STARTTLS when offered, plain otherwise.
+    Opportunistic,
+    /// Plain SMTP.
+    None,
+}
+
+impl Security {
+    pub const ALL: [&'static str; 4] = ["tls", "starttls", "opportunistic", "none"];
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "tls" => Some(Self::Tls),
+            "starttls" => Some(Self::Starttls),
+            "opportunistic" => Some(Self::Opportunistic),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Tls => 465,
+            Self::Starttls => 587,
+            Self::Opportunistic | Self::None => 25,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Starttls => "starttls",
+            Self::Opportunistic => "opportunistic",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the relay password comes from. Never the password itself: settings are readable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// The relay allow-lists this host's IP address.
+    None,
+    Password { username: String, source: PasswordSource },
+}
+
+/// The settings document as stored and as edited: every field optional and loosely typed, so
+/// that a patch can name only what changes and validation can report every field's problem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_recipient: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plaintext_auth: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub give_up_after: Option<String>,
+}
+
+impl SettingsDoc {
+    /// Applies `patch` on top of `self`: a field the patch names replaces the stored one; an
+    /// empty string clears it back to its default.
+    pub fn merged(&self, patch: &SettingsDoc) -> SettingsDoc {
+        fn pick<T: Clone>(old: &Option<T>, new: &Option<T>, empty: impl Fn(&T) -> bool) -> Option<T> {
+            match new {
+                Some(v) if empty(v) => None,
+                Some(v) => Some(v.clone()),
+                None => old.clone(),
+            }
+        }
+        let s = |o: &Option<String>, n: &Option<String>| pick(o, n, |v: &String| v.trim().is_empty());
+        SettingsDoc {
+            host: s(&self.host, &patch.host),
+            port: pick(&self.port, &patch.port, |_| false),
+            security: s(&self.security, &patch.security),
+            auth: s(&self.auth, &patch.auth),
+            username: s(&self.username, &patch.username),
+            password_file: s(&self.password_file, &patch.password_file),
+            password_env: s(&self.password_env, &patch.password_env),
+            from: s(&self.from, &patch.from),
+            fallback_recipient: s(&self.fallback_recipient, &patch.fallback_recipient),
+            helo_name: s(&self.helo_name, &patch.helo_name),
+            ca_file: s(&self.ca_file, &patch.ca_file),
+            pin_sha256: s(&self.pin_sha256, &patch.pin_sha256),
+            tls_server_name: s(&self.tls_server_name, &patch.tls_server_name),
+            allow_plaintext_auth: pick(&self.allow_plaintext_auth, &patch.allow_plaintext_auth, |_| false),
+            connect_timeout: s(&self.connect_timeout, &patch.connect_timeout),
+            command_timeout: s(&self.command_timeout, &patch.command_timeout),
+            retry_schedule: s(&self.retry_schedule, &patch.retry_schedule),
+            give_up_after: s(&self.give_up_after, &patch.give_up_after),
+        }
+    }
+}
+
+/// Validated relay settings: every value here is safe to use as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub auth: Auth,
+    pub from: Mailbox,
+    pub fallback_recipient: EmailAddress,
+    pub helo_name: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub pin_sha256: Option<[u8; 32]>,
+    pub tls_server_name: Option<String>,
+    pub allow_plaintext_auth: bool,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl RelaySettings {
+    /// The name the relay's certificate must carry.
+    pub fn tls_name(&self) -> &str {
+        self.tls_server_name.as_deref().unwrap_or(&self.host)
+    }
+
+    /// The single validation used on save, on load and before every send.
+    pub fn validate(doc: &SettingsDoc) -> Result<RelaySettings, FieldErrors> {
+        let mut errors = FieldErrors::default();
+
+        let host = match doc.host.as_deref() {
+            None => {
+                errors.push("host", "is required; give the relay's DNS name or IP address (--host)");
+                None
+            }
+            Some(h) => errors.take(validate_host("host", h)),
+        };
+        let security = match doc.security.as_deref() {
+            None => Some(Security::Starttls),
+            Some(v) => errors.take(Security::parse(v).ok_or_else(|| {
+                FieldError::new("security", format!("'{v}' is not a security mode; use one of tls, starttls, opportunistic, none"))
+            })),
+        };
+        let port = match doc.port {
+            None => security.map(Security::default_port),
+            Some(p) => errors.take(u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                FieldError::new("port", format!("{p} is out of range; use 1-65535 (typically 25, 465 or 587)"))
+            })),
+        };
+        let from = match doc.from.as_deref() {
+            None => {
+                errors.push("from", "is required; give the sender like 'Identity Panel <panel@example.org>' (--from)");
+                None
+            }
+            Some(v) => errors.take(Mailbox::parse("from", v)),
+        };
+        let fallback_recipient = match doc.fallback_recipient.as_deref() {
+            None => {
+                errors.push(
+                    "fallback_recipient",
+                    "is required; it receives messages without a recipient and the test message (--fallback-recipient)",
+                );
+                None
+            }
+            Some(v) => errors.take(EmailAddress::parse("fallback_recipient", v)),
+        };
+        let auth = validate_auth(doc, &mut errors);
+        let allow_plaintext_auth = doc.allow_plaintext_auth.unwrap_or(false);
+        if security == Some(Security::None) && matches!(auth, Some(Auth::Password { .. })) && !allow_plaintext_auth {
+            errors.push(
+                "auth",
+                "security 'none' would send the password unencrypted; use security starttls or tls, \
+                 or set allow_plaintext_auth = true if you accept that risk",
+            );
+        }
+        let helo_name = doc.helo_name.as_deref().and_then(|v| errors.take(validate_host("helo_name", v)));
+        let tls_server_name =
+            doc.tls_server_name.as_deref().and_then(|v| errors.take(validate_host("tls_server_name", v)));
+        let ca_file = doc.ca_file.as_deref().and_then(|v| {
+            errors.take(check_header_safe("ca_file", v).map(|_| PathBuf::from(v.trim())))
+        });
+        let pin_sha256 = doc.pin_sha256.as_deref().and_then(|v| errors.take(parse_pin(v)));
+        if let (Some(Security::None), true) = (security, pin_sha256.is_some() || ca_file.is_some()) {
+            errors.push("security", "'none' never uses TLS, so ca_file and pin_sha256 would be ignored; use starttls or tls");
+        }
+        let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT);
+        let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT);
+        let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
+
+        match (host, port, security, auth, from, fallback_recipient, connect_timeout, command_timeout, retry) {
+            (
+                Some(host),
+                Some(port),
+                Some(security),
+                Some(auth),
+                Some(from),
+                Some(fallback_recipient),
+                Some(connect_timeout),
+                Some(command_timeout),
+                Some(retry),
+            ) if errors.is_empty() => Ok(RelaySettings {
+                host,
+                port,
+                security,
+                auth,
+                from,
+                fallback_recipient,
+                helo_name,
+                ca_file,
+                pin_sha256,
+                tls_server_name,
+                allow_plaintext_auth,
+                connect_timeout,
+                command_timeout,
+                retry,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+fn validate_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
+    let has_password_source = doc.password_file.is_some() || doc.password_env.is_some();
+    match doc.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()) {
+        None if !has_password_source && doc.username.is_none() => Some(Auth::None),
+        None => {
+            errors.push("auth", "is not set but a username or password source is; add --auth password");
+            None
+        }
+        Some(a) if a == "none" => {
+            if doc.username.is_some() || has_password_source {
+                errors.push(
+                    "auth",
+                    "is 'none' but a username or password source is set; use --auth password, or clear them with --username ''",
+                );
+            }
+            Some(Auth::None)
+        }
+        Some(a) if a == "password" => {
+            let username = match doc.username.as_deref() {
+                None => {
+                    errors.push("username", "is required with auth = password (--username)");
+                    None
+                }
+                Some(u) => errors.take(check_header_safe("username", u).map(|_| u.to_string())),
+            };
+            let source = match (doc.password_file.as_deref(), doc.password_env.as_deref()) {
+                (Some(f), None) => {
+                    errors.take(check_header_safe("password_file", f).map(|_| PasswordSource::File(PathBuf::from(f))))
+                }
+                (None, Some(v)) => errors.take(validate_env_name(v).map(|_| PasswordSource::Env(v.to_string()))),
+                (Some(_), Some(_)) => {
+                    errors.push("password_file", "and password_env are both set; keep one (clear the other with '')");
+                    None
+                }
+                (None, None) => {
+                    errors.push(
+                        "password_file",
+                        "auth = password needs a password source: --password-file FILE or --password-env VARIABLE",
+                    );
+                    None
+                }
+            };
+            Some(Auth::Password { username: username?, source: source? })
+        }
+        Some(other) => {
+            errors.push("auth", format!("'{other}' is not an authentication mode; use none or password"));
+            None
+        }
+    }
+}
+
+fn validate_env_name(v: &str) -> Result<(), FieldError> {
+    let ok = !v.is_empty()
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !v.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new("password_env", format!("'{v}' is not an environment variable name (letters, digits, _)")))
+    }
+}
+
+fn timeout(errors: &mut FieldErrors, field: &str, value: Option<&str>, default: Duration) -> Option<Duration> {
+    let Some(v) = value else { return Some(default) };
+    let parsed = duration::parse(v).map_err(|e| FieldError::new(field, e));
+    let checked = parsed.and_then(|d| {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+            Err(FieldError::new(field, format!("'{v}' is out of range; use 1s to 10m")))
+        } else {
+            Ok(d)
+        }
+    });
+    errors.take(checked)
+}
+
+/// Accepts a DNS name, an IPv4 address or an IPv6 address (bare or in brackets).
+pub fn validate_host(field: &str, value: &str) -> Result<String, FieldError> {
+    check_header_safe(field, value)?;
+    let v = value.trim();
+    let unbracketed = v.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(v);
+    if unbracketed.parse::<IpAddr>().is_ok() {
+        return Ok(unbracketed.to_string());
+    }
+    let name = v.strip_suffix('.').unwrap_or(v);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if valid {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(FieldError::new(field, format!("'{v}' is not a valid host name or IP address")))
+    }
+}
+
+/// A SHA-256 certificate fingerprint, as `openssl x509 -fingerprint -sha256` prints it or as plain hex.
+pub fn parse_pin(value: &str) -> Result<[u8; 32], FieldError> {
+    let hexits: String = value.trim().trim_start_matches("sha256:").chars().filter(|c| *c != ':').collect();
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(&hexits, &mut out).map_err(|_| {
+        FieldError::new(
+            "pin_sha256",
+            "is not a SHA-256 fingerprint; give 64 hex digits (colons allowed), as `panel smtp check` or \
+             `openssl x509 -noout -fingerprint -sha256` prints it",
+        )
+    })?;
+    Ok(out)
+}
+
+pub fn format_pin(pin: &[u8; 32]) -> String {
+    hex::encode(pin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> SettingsDoc {
+        SettingsDoc {
+            host: Some("relay.example.org".into()),
+            from: Some("Identity Panel <panel@example.org>".into()),
+            fallback_recipient: Some("ops@example.org".into()),
+            ..Default::default()
+        }
+    }
+
+    fn fields(err: FieldErrors) -> Vec<String> {
+        err.0.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn minimal_settings_get_secure_defaults() {
+        let s = RelaySettings::validate(&base()).unwrap();
+        assert_eq!(s.security, Security::Starttls);
+        assert_eq!(s.port, 587);
+        assert_eq!(s.auth, Auth::None);
+        assert_eq!(s.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert!(!s.allow_plaintext_auth);
+    }
+
+    #[test]
+    fn port_derives_from_security_mode() {
+        for (mode, port) in [("tls", 465), ("starttls", 587), ("opportunistic", 25), ("none", 25)] {
+            let doc = SettingsDoc { security: Some(mode.into()), ..base() };
+            assert_eq!(RelaySettings::validate(&doc).unwrap().port, port, "{mode}");
+        }
+        let doc = SettingsDoc { security: Some("tls".into()), port: Some(2465), ..base() };
+        assert_eq!(RelaySettings::validate(&doc).unwrap().port, 2465);
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let doc = SettingsDoc {
+            host: Some("bad host".into()),
+            port: Some(70000),
+            security: Some("ssl".into()),
+            from: Some("not an address".into()),
+            fallback_recipient: None,
+            connect_timeout: Some("0".into()),
+            ..Default::default()
+        };
+        let f = fields(RelaySettings::validate(&doc).unwrap_err());
+        for expected in ["host", "security", "port", "from", "fallback_recipient", "connect_timeout"] {
+            assert!(f.contains(&expected.to_string()), "{expected} missing in {f:?}");
+        }
+    }
+
+    #[test]
+    fn port_out_of_range_names_the_field_and_the_fix() {
+        for p in [0, -1, 65536] {
+            let err = RelaySettings::validate(&SettingsDoc { port: Some(p), ..base() }).unwrap_err();
+            assert_eq!(err.0[0].field, "port");
+            assert!(err.0[0].message.contains("1-65535"));
+        }
+    }
+
+    #[test]
+    fn password_auth_needs_username_and_exactly_one_source() {
+        let doc = SettingsDoc { auth: Some("password".into()), ..base() };
+        let f = fields(RelaySettings::validate(&doc).unwrap_err());
+        assert_eq!(f, ["username", "password_file"]);
+
+        let doc = SettingsDoc {
+            auth: Some("password".into()),
+            username: Some("panel".into()),
+            password_file: Some("/etc/panel/pw".into()),
+            password_env: Some("PW".into()),
+            ..base()
+        };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["password_file"]);
+
+        let doc = SettingsDoc { password_file: None, ..doc };
+        let s = RelaySettings::validate(&doc).unwrap();
+        assert_eq!(s.auth, Auth::Password { username: "panel".into(), source: PasswordSource::Env("PW".into()) });
+    }
+
+    #[test]
+    fn plaintext_password_is_refused_unless_explicitly_allowed() {
+        let doc = SettingsDoc {
+            security: Some("none".into()),
+            auth: Some("password".into()),
+            username: Some("panel".into()),
+            password_env: Some("PW".into()),
+            ..base()
+        };
+        let err = RelaySettings::validate(&doc).unwrap_err();
+        assert!(err.0[0].message.contains("unencrypted"));
+        let doc = SettingsDoc { allow_plaintext_auth: Some(true), ..doc };
+        assert!(RelaySettings::validate(&doc).is_ok());
+    }
+
+    #[test]
+    fn header_injection_in_settings_is_rejected() {
+        let doc = SettingsDoc { from: Some("a@b.org\r\nBcc: victim@x.org".into()), ..base() };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["from"]);
+        let doc = SettingsDoc { helo_name: Some("host\r\nRCPT TO:<x@y>".into()), ..base() };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["helo_name"]);
+    }
+
+    #[test]
+    fn pins_accept_openssl_format() {
+        let colons = "AB:".repeat(31) + "AB";
+        assert_eq!(parse_pin(&colons).unwrap(), [0xab; 32]);
+        assert_eq!(parse_pin(&"ab".repeat(32)).unwrap(), [0xab; 32]);
+        assert!(parse_pin("abcd").is_err());
+    }
+
+    #[test]
+    fn merge_keeps_unnamed_fields_and_clears_empty_ones() {
+        let stored = SettingsDoc { ca_file: Some("/ca.pem".into()), port: Some(2525), ..base() };
+        let patch = SettingsDoc { host: Some("other.example.org".into()), ca_file: Some(String::new()), ..Default::default() };
+        let merged = stored.merged(&patch);
+        assert_eq!(merged.host.as_deref(), Some("other.example.org"));
+        assert_eq!(merged.port, Some(2525));
+        assert_eq!(merged.ca_file, None);
+        assert_eq!(merged.from, stored.from);
+    }
+
+    #[test]
+    fn hosts_accept_names_and_ip_literals() {
+        assert_eq!(validate_host("host", "Relay.Example.org.").unwrap(), "relay.example.org");
+        assert_eq!(validate_host("host", "127.0.0.1").unwrap(), "127.0.0.1");
+        assert_eq!(validate_host("host", "[::1]").unwrap(), "::1");
+        assert!(validate_host("host", "-bad.example").is_err());
+        assert!(validate_host("host", "").is_err());
+    }
+}
