@@ -75,7 +75,9 @@ impl Mailbox {
             (None, false) => Ok(Self { name: None, address: EmailAddress::parse(field, trimmed)? }),
             _ => Err(FieldError::new(
                 field,
-                format!("'{trimmed}' is not a valid mailbox; write 'Name <someone@example.org>' or 'someone@example.org'"),
+                format!(
+                    "'{trimmed}' is not a valid mailbox; write 'Name <someone@example.org>' or 'someone@example.org'"
+                ),
             )),
         }
     }

@@ -286,7 +286,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         K::CertificateUntrusted => h(
             "the relay's certificate is not trusted; give the CA that issued it with --ca-file, or pin this certificate with --pin-sha256 (the fingerprint is shown by `panel smtp check`)",
         ),
-        K::TlsHandshake => h("the TLS handshake failed; the relay may require an older TLS version than 1.2 or a different mode"),
+        K::TlsHandshake => {
+            h("the TLS handshake failed; the relay may require an older TLS version than 1.2 or a different mode")
+        }
         K::StarttlsNotOffered => Some(format!(
             "the relay did not offer STARTTLS on port {port}; use its TLS port (--security tls, usually 465), or --security opportunistic/none only if the network path is trusted"
         )),
@@ -296,7 +298,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         K::PlaintextAuthRefused => h(
             "the password would have been sent unencrypted because the relay did not offer STARTTLS; use --security starttls or tls, or set --allow-plaintext-auth true if you accept that",
         ),
-        K::LocalConfig => h("fix the file or environment variable named above; the service reads it before every connection"),
+        K::LocalConfig => {
+            h("fix the file or environment variable named above; the service reads it before every connection")
+        }
         K::Io | K::Protocol => h("the connection broke; if it repeats, check the relay's log for this time"),
         K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
     }
@@ -307,13 +311,17 @@ fn reply_hint(stage: Stage, reply: &SmtpReply) -> Option<String> {
     let enhanced = reply.enhanced.as_deref().unwrap_or("");
     let s = |v: &str| Some(v.to_string());
     if reply.code == 421 {
-        return s("the relay is closing connections (overloaded, shutting down, or rate limiting this host); messages are retried");
+        return s(
+            "the relay is closing connections (overloaded, shutting down, or rate limiting this host); messages are retried",
+        );
     }
     match stage {
         Stage::Auth if reply.code == 535 || enhanced == "5.7.8" => {
             s("the relay rejected the username or password; check --username and the password source")
         }
-        Stage::Auth if reply.code == 454 => s("the relay could not check the credentials right now (temporary); it is retried"),
+        Stage::Auth if reply.code == 454 => {
+            s("the relay could not check the credentials right now (temporary); it is retried")
+        }
         Stage::Auth if reply.code == 504 => s("the relay does not support this authentication mechanism"),
         Stage::Auth if reply.code == 530 || reply.code == 538 => {
             s("the relay requires encryption before authentication; use --security starttls or tls")
@@ -321,22 +329,28 @@ fn reply_hint(stage: Stage, reply: &SmtpReply) -> Option<String> {
         Stage::Mail if reply.code == 530 && text.contains("starttls") => {
             s("the relay requires STARTTLS before sending; use --security starttls")
         }
-        Stage::Mail if reply.code == 530 || text.contains("authentication required") => {
-            s("the relay requires authentication from this host; set --auth password, or ask for this host's IP to be allow-listed")
-        }
-        Stage::Mail if reply.is_permanent() => {
-            s("the relay refuses this sender; check that the From address is one the relay lets this host or account send as")
-        }
-        Stage::Rcpt if text.contains("relay access denied") || text.contains("relaying denied") || enhanced == "5.7.1" => s(
-            "relay access denied: this host's IP is not allow-listed on the relay for this destination, or the relay needs authentication (--auth password)",
+        Stage::Mail if reply.code == 530 || text.contains("authentication required") => s(
+            "the relay requires authentication from this host; set --auth password, or ask for this host's IP to be allow-listed",
         ),
+        Stage::Mail if reply.is_permanent() => s(
+            "the relay refuses this sender; check that the From address is one the relay lets this host or account send as",
+        ),
+        Stage::Rcpt
+            if text.contains("relay access denied") || text.contains("relaying denied") || enhanced == "5.7.1" =>
+        {
+            s(
+                "relay access denied: this host's IP is not allow-listed on the relay for this destination, or the relay needs authentication (--auth password)",
+            )
+        }
         Stage::Rcpt if enhanced == "5.1.1" || reply.code == 550 => {
             s("the recipient's mailbox does not exist or does not accept mail; check the address")
         }
         Stage::Greeting | Stage::Ehlo if reply.is_permanent() => {
             s("the relay refuses connections from this host; ask the relay's admin to allow this host's IP")
         }
-        Stage::Data if reply.code == 552 || enhanced.starts_with("5.3.4") => s("the message is too large for the relay"),
+        Stage::Data if reply.code == 552 || enhanced.starts_with("5.3.4") => {
+            s("the message is too large for the relay")
+        }
         Stage::Data if reply.is_permanent() => s("the relay refused the message content (policy or content filter)"),
         _ if reply.is_transient() => s("the relay refused temporarily; the message is retried with backoff"),
         _ => None,

@@ -96,7 +96,11 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
                 RecipientSettlement { state, reply: Some(f.detail.clone()), stage: Some(f.stage) }
             }
             (_, Some(f), Some(c)) => RecipientSettlement {
-                state: if c.class == FailureClass::Permanent { RecipientState::Failed } else { RecipientState::Pending },
+                state: if c.class == FailureClass::Permanent {
+                    RecipientState::Failed
+                } else {
+                    RecipientState::Pending
+                },
                 reply: Some(f.detail.clone()),
                 stage: Some(f.stage),
             },
@@ -141,7 +145,9 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
         },
     };
     let (stage, reply, detail) = match (headline, delivered) {
-        (Some(f), 0) | (Some(f @ Failure { stage: Stage::Data, .. }), _) => (f.stage, f.reply.clone(), f.detail.clone()),
+        (Some(f), 0) | (Some(f @ Failure { stage: Stage::Data, .. }), _) => {
+            (f.stage, f.reply.clone(), f.detail.clone())
+        }
         _ => (
             Stage::Data,
             report.data_reply.clone(),
@@ -202,7 +208,10 @@ mod tests {
     fn a_rejected_recipient_is_named_and_the_others_are_delivered() {
         let p = RetryPolicy::default();
         let r = SendReport {
-            recipients: vec![RecipientResult::Accepted, rejected(550, "550 5.1.1 <nobody@x.org>: Recipient address rejected")],
+            recipients: vec![
+                RecipientResult::Accepted,
+                rejected(550, "550 5.1.1 <nobody@x.org>: Recipient address rejected"),
+            ],
             failure: None,
             data_reply: ok_data(),
         };
@@ -234,7 +243,10 @@ mod tests {
         let p = RetryPolicy::default();
         let r = SendReport {
             recipients: vec![rejected(550, "550 5.1.1 no such user")],
-            failure: Some(Failure::new(Stage::Rcpt, FailureKind::Reply, "no recipient accepted").with_reply_of(&rejected(550, "550 5.1.1 no such user"))),
+            failure: Some(
+                Failure::new(Stage::Rcpt, FailureKind::Reply, "no recipient accepted")
+                    .with_reply_of(&rejected(550, "550 5.1.1 no such user")),
+            ),
             data_reply: None,
         };
         let s = settle(&r, ctx(&p, 0));

@@ -25,7 +25,8 @@ pub fn parse(value: &str) -> Result<Duration, String> {
             _ => return Err(format!("'{value}' has an unknown unit '{c}'; use s, m, h or d (e.g. 90s, 5m, 1h)")),
         };
         let n: u64 = digits.parse().map_err(|_| format!("'{value}' is not a duration; write e.g. 90s, 5m, 1h"))?;
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(|| format!("'{value}' is too long"))?;
+        total =
+            n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(|| format!("'{value}' is too long"))?;
         digits.clear();
     }
     if !digits.is_empty() {

@@ -78,7 +78,10 @@ pub enum PasswordSource {
 pub enum Auth {
     /// The relay allow-lists this host's IP address.
     None,
-    Password { username: String, source: PasswordSource },
+    Password {
+        username: String,
+        source: PasswordSource,
+    },
 }
 
 /// The settings document as stored and as edited: every field optional and loosely typed, so
@@ -198,7 +201,10 @@ impl RelaySettings {
         let security = match doc.security.as_deref() {
             None => Some(Security::Starttls),
             Some(v) => errors.take(Security::parse(v).ok_or_else(|| {
-                FieldError::new("security", format!("'{v}' is not a security mode; use one of tls, starttls, opportunistic, none"))
+                FieldError::new(
+                    "security",
+                    format!("'{v}' is not a security mode; use one of tls, starttls, opportunistic, none"),
+                )
             })),
         };
         let port = match doc.port {
@@ -236,15 +242,21 @@ impl RelaySettings {
         let helo_name = doc.helo_name.as_deref().and_then(|v| errors.take(validate_host("helo_name", v)));
         let tls_server_name =
             doc.tls_server_name.as_deref().and_then(|v| errors.take(validate_host("tls_server_name", v)));
-        let ca_file = doc.ca_file.as_deref().and_then(|v| {
-            errors.take(check_header_safe("ca_file", v).map(|_| PathBuf::from(v.trim())))
-        });
+        let ca_file = doc
+            .ca_file
+            .as_deref()
+            .and_then(|v| errors.take(check_header_safe("ca_file", v).map(|_| PathBuf::from(v.trim()))));
         let pin_sha256 = doc.pin_sha256.as_deref().and_then(|v| errors.take(parse_pin(v)));
         if let (Some(Security::None), true) = (security, pin_sha256.is_some() || ca_file.is_some()) {
-            errors.push("security", "'none' never uses TLS, so ca_file and pin_sha256 would be ignored; use starttls or tls");
+            errors.push(
+                "security",
+                "'none' never uses TLS, so ca_file and pin_sha256 would be ignored; use starttls or tls",
+            );
         }
-        let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT);
-        let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT);
+        let connect_timeout =
+            timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT);
+        let command_timeout =
+            timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT);
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
 
         match (host, port, security, auth, from, fallback_recipient, connect_timeout, command_timeout, retry) {
@@ -514,7 +526,8 @@ mod tests {
     #[test]
     fn merge_keeps_unnamed_fields_and_clears_empty_ones() {
         let stored = SettingsDoc { ca_file: Some("/ca.pem".into()), port: Some(2525), ..base() };
-        let patch = SettingsDoc { host: Some("other.example.org".into()), ca_file: Some(String::new()), ..Default::default() };
+        let patch =
+            SettingsDoc { host: Some("other.example.org".into()), ca_file: Some(String::new()), ..Default::default() };
         let merged = stored.merged(&patch);
         assert_eq!(merged.host.as_deref(), Some("other.example.org"));
         assert_eq!(merged.port, Some(2525));

@@ -19,6 +19,8 @@ CREATE TABLE messages (
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL,
     next_attempt_at  INTEGER NOT NULL,
+    -- Start of the give-up window: enqueue time, reset by a manual retry.
+    window_start     INTEGER NOT NULL,
     attempts         INTEGER NOT NULL DEFAULT 0,
     interrupted      INTEGER NOT NULL DEFAULT 0,
     lease_owner      TEXT,

@@ -1,0 +1,33 @@
+//! Configuration layers: built-in defaults, then the TOML file, then `PANEL_*` environment
+//! variables, then command-line flags (clap merges the last two).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `panel.toml`. Unknown keys are an error that names them, so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub listen: Option<String>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub worker: WorkerSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    pub concurrency: Option<usize>,
+    pub lease: Option<String>,
+    pub poll: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+}

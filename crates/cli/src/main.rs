@@ -1,0 +1,535 @@
+//! `panel`: the Panel Service (`serve`), service mode (`worker`) and the admin commands.
+//! Exit codes: 0 ok, 1 the operation failed (e.g. not delivered), 2 bad input.
+
+mod config;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use panel_domain::message::Draft;
+use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_service::wake::Waker;
+use panel_service::{OpsError, Panel, ServiceHandle, WorkerConfig};
+use panel_store::{MessageFilter, RetryResult, Store};
+use tokio::sync::watch;
+
+use crate::config::FileConfig;
+
+#[derive(Parser)]
+#[command(name = "panel", version, about = "Delivers identity workflow and schedule email through your SMTP relay.")]
+struct Cli {
+    /// TOML configuration file [default: DATA_DIR/panel.toml when it exists]
+    #[arg(long, global = true, env = "PANEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded database [default: ./panel-data]
+    #[arg(long, global = true, env = "PANEL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database URL [default: sqlite://DATA_DIR/panel.db]
+    #[arg(long, global = true, env = "PANEL_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Log filter, e.g. info, debug, panel_service=debug [default: info]
+    #[arg(long, global = true, env = "PANEL_LOG_LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Panel Service: REST API, health endpoints and the step worker.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1:8025]
+        #[arg(long, env = "PANEL_LISTEN")]
+        listen: Option<String>,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Service mode: run the step worker without the web UI and API.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Relay settings, connection check and the Test Message.
+    #[command(subcommand)]
+    Smtp(SmtpCommand),
+    /// The mail tester: send an ad-hoc message through the queue and the relay.
+    Send(SendArgs),
+    /// The message log.
+    #[command(subcommand)]
+    Messages(MessagesCommand),
+    /// Running Panel Services and workers.
+    #[command(subcommand)]
+    Services(ServicesCommand),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Messages delivered at once [default: 4]
+    #[arg(long, env = "PANEL_WORKER_CONCURRENCY")]
+    concurrency: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum SmtpCommand {
+    /// Store relay settings. Only the fields given change; '' clears a field. The first call needs
+    /// --host, --from and --fallback-recipient.
+    Set(SetArgs),
+    /// Print the relay settings in force.
+    Show(JsonFlag),
+    /// Connect to the relay now and report every stage; sends nothing. Exit 0 only when a
+    /// message to the Fallback recipient would be accepted.
+    Check(JsonFlag),
+    /// Enqueue the Test Message to the Fallback recipient (or --to) and print its id.
+    Test {
+        /// Send the test to this address instead of the Fallback recipient
+        #[arg(long)]
+        to: Option<String>,
+        /// Wait up to SECS for the outcome; exit 0 only when delivered
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    /// Relay host name or IP address
+    #[arg(long)]
+    host: Option<String>,
+    /// Relay port, 1-65535 [default: from --security: tls 465, starttls 587, opportunistic/none 25]
+    #[arg(long, allow_hyphen_values = true)]
+    port: Option<String>,
+    /// tls (implicit TLS), starttls (required), opportunistic, or none [default: starttls]
+    #[arg(long)]
+    security: Option<String>,
+    /// Sender, e.g. "Identity Panel <panel@example.org>"
+    #[arg(long)]
+    from: Option<String>,
+    /// Receives messages without a recipient, and the Test Message
+    #[arg(long)]
+    fallback_recipient: Option<String>,
+    /// none (the relay allow-lists this host's IP) or password [default: none]
+    #[arg(long)]
+    auth: Option<String>,
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the relay password (read before every connection)
+    #[arg(long)]
+    password_file: Option<String>,
+    /// Environment variable holding the relay password, in the service's environment
+    #[arg(long)]
+    password_env: Option<String>,
+    /// PEM file with the CA(s) that issued the relay's certificate, added to the system roots
+    #[arg(long)]
+    ca_file: Option<String>,
+    /// Accept exactly the certificate with this SHA-256 fingerprint (self-signed relays)
+    #[arg(long)]
+    pin_sha256: Option<String>,
+    /// Name to verify the certificate against when it differs from --host
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Name sent in EHLO [default: this host's name]
+    #[arg(long)]
+    helo_name: Option<String>,
+    /// Allow sending the password over an unencrypted connection (true|false) [default: false]
+    #[arg(long)]
+    allow_plaintext_auth: Option<String>,
+    /// TCP connect timeout, e.g. 10 or 10s [default: 10s]
+    #[arg(long)]
+    connect_timeout: Option<String>,
+    /// Timeout for each SMTP command's reply [default: 30s]
+    #[arg(long)]
+    command_timeout: Option<String>,
+    /// Delays between retries, the last repeating [default: 1m,5m,15m,30m,1h]
+    #[arg(long)]
+    retry_schedule: Option<String>,
+    /// Give up on a message this long after it was enqueued [default: 24h]
+    #[arg(long)]
+    give_up_after: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Recipient (repeat for more); with no recipient at all the Fallback recipient is used
+    #[arg(long)]
+    to: Vec<String>,
+    #[arg(long)]
+    cc: Vec<String>,
+    #[arg(long)]
+    bcc: Vec<String>,
+    #[arg(long)]
+    reply_to: Option<String>,
+    #[arg(long)]
+    subject: String,
+    /// Plain-text body
+    #[arg(long, conflicts_with = "text_file", required_unless_present = "text_file")]
+    text: Option<String>,
+    /// File with the plain-text body
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// File with an HTML alternative body
+    #[arg(long)]
+    html_file: Option<PathBuf>,
+    /// Wait up to SECS for the outcome; exit 0 only when delivered
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum MessagesCommand {
+    /// List messages, newest first.
+    List {
+        /// queued, sending, retrying, delivered or failed
+        #[arg(long)]
+        status: Option<String>,
+        /// test_message, mail_tester, schedule, workflow or dispatch
+        #[arg(long)]
+        origin: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message with its recipients and every attempt.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed message back in the queue.
+    Retry { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum ServicesCommand {
+    /// Panel Services and workers with a recent heartbeat.
+    List(JsonFlag),
+}
+
+/// A command's failure: the message and the exit code.
+struct Failed(u8, String);
+
+impl From<OpsError> for Failed {
+    fn from(e: OpsError) -> Self {
+        Failed(if e.is_bad_input() { 2 } else { 1 }, e.to_string())
+    }
+}
+
+impl From<panel_store::StoreError> for Failed {
+    fn from(e: panel_store::StoreError) -> Self {
+        Failed(1, e.to_string())
+    }
+}
+
+fn bad_input(msg: impl Into<String>) -> Failed {
+    Failed(2, msg.into())
+}
+
+type CmdResult = Result<ExitCode, Failed>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(Failed(code, message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct Resolved {
+    database_url: String,
+    file: FileConfig,
+}
+
+fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
+    let default_dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from("panel-data"));
+    let config_path = cli.config.clone().or_else(|| Some(default_dir.join("panel.toml")).filter(|p| p.exists()));
+    let file = match config_path {
+        Some(p) => FileConfig::load(&p).map_err(bad_input)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = cli.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or(default_dir);
+    let database_url = match cli.database_url.clone().or_else(|| file.database_url.clone()) {
+        Some(url) => url,
+        None => {
+            std::fs::create_dir_all(&data_dir)
+                .map_err(|e| Failed(1, format!("cannot create data directory {}: {e}", data_dir.display())))?;
+            format!("sqlite://{}", data_dir.join("panel.db").display())
+        }
+    };
+    Ok(Resolved { database_url, file })
+}
+
+fn init_logging(filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(cli: Cli) -> CmdResult {
+    let resolved = resolve(&cli)?;
+    let log_level = cli.log_level.clone().or_else(|| resolved.file.log_level.clone());
+    let is_service = matches!(cli.command, Command::Serve { .. } | Command::Worker { .. });
+    init_logging(log_level.as_deref().unwrap_or(if is_service { "info" } else { "warn" }));
+    let store = Store::open(&resolved.database_url).await.map_err(|e| {
+        Failed(1, format!("cannot open the database {}: {e}", panel_store::redact_url(&resolved.database_url)))
+    })?;
+    let panel = Panel::new(store);
+    match cli.command {
+        Command::Serve { listen, worker } => {
+            let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
+            serve(panel, Some(listen), worker_config(&worker, &resolved.file)?).await
+        }
+        Command::Worker { worker } => serve(panel, None, worker_config(&worker, &resolved.file)?).await,
+        Command::Smtp(cmd) => smtp(panel, cmd).await,
+        Command::Send(args) => send(panel, args).await,
+        Command::Messages(cmd) => messages(panel, cmd).await,
+        Command::Services(ServicesCommand::List(f)) => {
+            let services = panel.live_services().await?;
+            output::services(&services, f.json);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn worker_config(args: &WorkerArgs, file: &FileConfig) -> Result<WorkerConfig, Failed> {
+    let mut c = WorkerConfig::default();
+    if let Some(n) = args.concurrency.or(file.worker.concurrency) {
+        if n == 0 || n > 256 {
+            return Err(bad_input(format!("worker concurrency {n} is out of range; use 1-256")));
+        }
+        c.concurrency = n;
+    }
+    let duration = |name: &str, v: &Option<String>| -> Result<Option<Duration>, Failed> {
+        v.as_deref()
+            .map(|s| panel_domain::duration::parse(s).map_err(|e| bad_input(format!("worker.{name}: {e}"))))
+            .transpose()
+    };
+    if let Some(d) = duration("lease", &file.worker.lease)? {
+        c.lease = d.max(Duration::from_secs(3));
+    }
+    if let Some(d) = duration("poll", &file.worker.poll)? {
+        c.poll = d.max(Duration::from_millis(50));
+    }
+    Ok(c)
+}
+
+async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -> CmdResult {
+    let waker = Waker::default();
+    panel.local_waker = Some(waker.clone());
+    let wake_port = waker.listen().await.map_err(|e| Failed(1, format!("cannot open the wake-up socket: {e}")))?;
+    let listener = match &listen {
+        None => None,
+        Some(addr) => {
+            let parsed: SocketAddr = addr
+                .parse()
+                .map_err(|_| bad_input(format!("--listen '{addr}' is not ADDRESS:PORT, e.g. 127.0.0.1:8025")))?;
+            let l = tokio::net::TcpListener::bind(parsed)
+                .await
+                .map_err(|e| Failed(1, format!("cannot listen on {addr}: {e}")))?;
+            if !panel_web::is_loopback(&parsed) {
+                tracing::warn!(%addr, "the API has no authentication yet; listen on a loopback address or put it behind an authenticating proxy");
+            }
+            Some(l)
+        }
+    };
+    let kind = if listen.is_some() { "serve" } else { "worker" };
+    let handle = ServiceHandle::register(panel.store.clone(), kind, listen.clone(), Some(wake_port)).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(panel_service::run_worker(
+        panel.store.clone(),
+        handle.info.id.clone(),
+        config,
+        waker.clone(),
+        stop_rx.clone(),
+    ));
+    let web = listener.map(|l| {
+        let mut rx = stop_rx.clone();
+        let panel = panel.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            panel_web::serve(panel, l, shutdown).await
+        })
+    });
+    match &listen {
+        Some(addr) => tracing::info!(service = %handle.info.id, %addr, "Panel Service running"),
+        None => tracing::info!(service = %handle.info.id, "Panel worker running (service mode)"),
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = worker.await;
+    if let Some(w) = web {
+        let _ = w.await;
+    }
+    handle.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
+    match cmd {
+        SmtpCommand::Set(args) => {
+            let json = args.json;
+            let patch = settings_patch(args)?;
+            let who = std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into());
+            let (version, settings) = panel.update_settings(&patch, &who).await?;
+            output::settings_saved(version, &settings, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::Show(f) => {
+            let stored = panel.stored_settings().await?.ok_or(OpsError::NotConfigured)?;
+            let effective = panel.settings().await?.map(|(_, s)| s);
+            output::settings(&stored, effective.as_ref(), f.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::Check(f) => {
+            let report = panel.check().await?;
+            output::check(&report, f.json);
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        SmtpCommand::Test { to, wait, json } => {
+            let id = panel.enqueue_test(to.as_deref()).await?;
+            after_enqueue(&panel, id, "Test message", wait, json).await
+        }
+    }
+}
+
+fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
+    let port = a
+        .port
+        .map(|p| p.trim().parse::<i64>().map_err(|_| bad_input(format!("port: '{p}' is not a number; use 1-65535"))))
+        .transpose()?;
+    let allow = a
+        .allow_plaintext_auth
+        .map(|v| match v.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            _ => Err(bad_input(format!("allow_plaintext_auth: '{v}' is not true or false"))),
+        })
+        .transpose()?;
+    Ok(SettingsDoc {
+        host: a.host,
+        port,
+        security: a.security,
+        auth: a.auth,
+        username: a.username,
+        password_file: a.password_file,
+        password_env: a.password_env,
+        from: a.from,
+        fallback_recipient: a.fallback_recipient,
+        helo_name: a.helo_name,
+        ca_file: a.ca_file,
+        pin_sha256: a.pin_sha256,
+        tls_server_name: a.tls_server_name,
+        allow_plaintext_auth: allow,
+        connect_timeout: a.connect_timeout,
+        command_timeout: a.command_timeout,
+        retry_schedule: a.retry_schedule,
+        give_up_after: a.give_up_after,
+    })
+}
+
+async fn send(panel: Panel, a: SendArgs) -> CmdResult {
+    let read = |p: &PathBuf, field: &str| {
+        std::fs::read_to_string(p).map_err(|e| bad_input(format!("{field}: cannot read {}: {e}", p.display())))
+    };
+    let text = match (&a.text, &a.text_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => read(f, "text_file")?,
+        (None, None) => return Err(bad_input("give the body with --text or --text-file")),
+    };
+    let html = a.html_file.as_ref().map(|f| read(f, "html_file")).transpose()?;
+    let draft = Draft { to: a.to, cc: a.cc, bcc: a.bcc, reply_to: a.reply_to, subject: a.subject, text, html };
+    let id = panel.enqueue_draft(Origin::MailTester, &draft).await?;
+    after_enqueue(&panel, id, "Message", a.wait, a.json).await
+}
+
+/// Prints the id, warns when nothing will process the queue, and optionally waits for the outcome.
+async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Option<u64>, json: bool) -> CmdResult {
+    let running = !panel.live_services().await?.is_empty();
+    let Some(secs) = wait else {
+        output::enqueued(id, what, running, json);
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !json {
+        println!("{what} {id} queued.");
+        if !running {
+            output::no_service_notice();
+        }
+    }
+    let detail = panel.wait_for(id, Duration::from_secs(secs)).await?;
+    output::outcome(&detail, running, json);
+    Ok(if detail.state == MessageState::Delivered { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
+    match cmd {
+        MessagesCommand::List { status, origin, limit, json } => {
+            let state = status
+                .map(|s| {
+                    MessageState::parse(&s).ok_or_else(|| {
+                        bad_input(format!("--status '{s}' is not a state; use one of {}", MessageState::ALL.join(", ")))
+                    })
+                })
+                .transpose()?;
+            let origin = origin
+                .map(|s| {
+                    Origin::parse(&s).ok_or_else(|| {
+                        bad_input(format!("--origin '{s}' is not an origin; use one of {}", Origin::ALL.join(", ")))
+                    })
+                })
+                .transpose()?;
+            let list = panel.store.list_messages(&MessageFilter { state, origin, limit }).await?;
+            output::message_list(&list, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Show { id, json } => {
+            let detail = panel.store.message(id).await?.ok_or(OpsError::NotFound(id))?;
+            output::message(&detail, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Retry { id } => match panel.retry(id).await? {
+            RetryResult::Requeued => {
+                println!("Message {id} is queued again.");
+                Ok(ExitCode::SUCCESS)
+            }
+            RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
+            RetryResult::NotFailed { state } => {
+                Err(bad_input(format!("message {id} is {state}; only failed messages can be retried")))
+            }
+        },
+    }
+}

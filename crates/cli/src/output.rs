@@ -1,0 +1,288 @@
+//! What the CLI prints: a readable text by default, the same data as JSON with `--json`.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use panel_domain::RelaySettings;
+use panel_relay::CheckReport;
+use panel_service::ops::effective_view;
+use panel_store::{MessageDetail, MessageSummary, ServiceRow, StoredSettings};
+use serde_json::json;
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn settings_saved(version: i64, s: &RelaySettings, json: bool) {
+    if json {
+        print_json(&json!({"version": version, "effective": effective_view(s)}));
+    } else {
+        println!("Relay settings saved as version {version}. Running services use them for the next message.");
+        print_effective(s);
+    }
+}
+
+pub fn settings(stored: &StoredSettings, effective: Option<&RelaySettings>, json: bool) {
+    if json {
+        print_json(&json!({
+            "version": stored.version,
+            "saved_at": stored.saved_at,
+            "saved_by": stored.saved_by,
+            "stored": stored.doc,
+            "effective": effective.map(effective_view),
+        }));
+        return;
+    }
+    println!("Relay settings version {} (saved {} by {})", stored.version, time(&stored.saved_at), stored.saved_by);
+    match effective {
+        Some(s) => print_effective(s),
+        None => println!("  (the stored settings are invalid; run `panel smtp set` to fix them)"),
+    }
+}
+
+fn print_effective(s: &RelaySettings) {
+    let view = effective_view(s);
+    for (key, value) in view.as_object().expect("object") {
+        let shown = match value {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(v) => v.clone(),
+            other => other.to_string(),
+        };
+        println!("  {key:<22} {shown}");
+    }
+}
+
+pub fn check(r: &CheckReport, json: bool) {
+    if json {
+        print_json(r);
+        return;
+    }
+    println!("Checking relay {} (security {})", r.relay, r.security);
+    for e in &r.stages {
+        let mark = if e.ok { "ok  " } else { "FAIL" };
+        println!("  {mark} {:<9} {}", e.stage.to_string(), e.detail.replace('\n', " "));
+    }
+    if let Some(tls) = &r.tls {
+        println!("  TLS:");
+        for (k, v) in [
+            ("protocol", &tls.protocol),
+            ("cipher", &tls.cipher_suite),
+            ("subject", &tls.subject),
+            ("issuer", &tls.issuer),
+            ("expires", &tls.not_after),
+            ("sha256", &tls.sha256),
+            ("verification", &tls.verification),
+        ] {
+            if !v.is_empty() {
+                println!("    {k:<13} {v}");
+            }
+        }
+    }
+    if !r.auth_mechanisms.is_empty() {
+        println!("  AUTH offered: {}", r.auth_mechanisms.join(" "));
+    }
+    match &r.failure {
+        None => println!("Result: OK, the relay would accept a message to the Fallback recipient."),
+        Some(f) => {
+            println!("Result: FAILED at {} ({})", f.stage, class_name(f.class));
+            println!("  {}", f.detail.replace('\n', " "));
+            if let Some(h) = &f.hint {
+                println!("  hint: {h}");
+            }
+        }
+    }
+}
+
+fn class_name(c: panel_domain::FailureClass) -> &'static str {
+    match c {
+        panel_domain::FailureClass::Transient => "temporary; messages are retried",
+        panel_domain::FailureClass::Permanent => "permanent",
+        panel_domain::FailureClass::Configuration => "configuration error",
+    }
+}
+
+pub fn no_service_notice() {
+    println!(
+        "No Panel Service or worker is running (no heartbeat in the last 10 s). The message stays queued \
+         and is sent as soon as one starts: `panel serve` or `panel worker`."
+    );
+}
+
+pub fn enqueued(id: i64, what: &str, service_running: bool, json: bool) {
+    if json {
+        print_json(&json!({"id": id, "state": "queued", "service_running": service_running}));
+        return;
+    }
+    println!("{what} {id} queued. Follow it with: panel messages show {id}");
+    if !service_running {
+        no_service_notice();
+    }
+}
+
+pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
+    if json {
+        print_json(m);
+        return;
+    }
+    let last = m.attempts.iter().rev().find(|a| a.outcome != "interrupted");
+    match (m.state, last) {
+        (panel_domain::MessageState::Delivered, Some(a)) => {
+            println!(
+                "Delivered to {} by {}: {}",
+                m.to.join(", "),
+                a.relay,
+                reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
+            );
+        }
+        (_, Some(a)) => {
+            println!(
+                "Not delivered ({}): {} at {}",
+                m.state,
+                a.outcome.replace('_', " "),
+                a.stage.to_ascii_uppercase()
+            );
+            println!("  relay {} said: {}", a.relay, reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail));
+            if let Some(h) = &a.hint {
+                println!("  hint: {h}");
+            }
+            if let Some(next) = &m.next_attempt_at {
+                println!("  next attempt at {}", time(next));
+            }
+        }
+        (state, None) => {
+            println!("Still {state}: no attempt yet.");
+            if !service_running {
+                no_service_notice();
+            }
+        }
+    }
+}
+
+fn reply_line(code: Option<i64>, enhanced: &Option<String>, reply: &Option<String>, detail: &str) -> String {
+    match (code, reply) {
+        (Some(c), Some(r)) => {
+            let e = enhanced.as_deref().map(|e| format!("{e} ")).unwrap_or_default();
+            format!("{c} {e}{}", r.replace('\n', " "))
+        }
+        _ => detail.to_string(),
+    }
+}
+
+pub fn message_list(list: &[MessageSummary], json: bool) {
+    if json {
+        print_json(&list);
+        return;
+    }
+    if list.is_empty() {
+        println!("No messages.");
+        return;
+    }
+    println!(
+        "{:>6}  {:<10}  {:<12}  {:<24}  {:<30}  {}",
+        "ID", "STATE", "ORIGIN", "CREATED", "TO", "SUBJECT / LAST ERROR"
+    );
+    for m in list {
+        let to = m.to.join(",");
+        let to = if to.len() > 30 { format!("{}...", &to[..to.floor_char_boundary(27)]) } else { to };
+        let tail = m
+            .last_error
+            .clone()
+            .filter(|_| m.state != panel_domain::MessageState::Delivered)
+            .unwrap_or_else(|| m.subject.clone());
+        println!(
+            "{:>6}  {:<10}  {:<12}  {:<24}  {:<30}  {}",
+            m.id,
+            m.state.as_str(),
+            m.origin.as_str(),
+            time(&m.created_at),
+            to,
+            tail
+        );
+    }
+}
+
+pub fn message(m: &MessageDetail, json: bool) {
+    if json {
+        print_json(m);
+        return;
+    }
+    println!("Message {}  {}  (origin {})", m.id, m.state, m.origin);
+    println!("  From:       {}", m.from);
+    let fallback =
+        if m.used_fallback_recipient { "   (Fallback recipient: the message named no recipient)" } else { "" };
+    println!("  To:         {}{fallback}", m.to.join(", "));
+    if !m.cc.is_empty() {
+        println!("  Cc:         {}", m.cc.join(", "));
+    }
+    if !m.bcc.is_empty() {
+        println!("  Bcc:        {}", m.bcc.join(", "));
+    }
+    println!("  Subject:    {}", m.subject);
+    println!("  Message-ID: {}", m.message_id);
+    println!("  Created:    {}", time(&m.created_at));
+    if let Some(n) = &m.next_attempt_at {
+        println!("  Next try:   {}", time(n));
+    }
+    if let Some(e) = &m.last_error {
+        println!("  Last error: {e}");
+    }
+    if m.failure_class.as_deref() == Some("configuration") {
+        println!(
+            "  (configuration error: sent again automatically when the relay settings change, or with `panel messages retry {}`)",
+            m.id
+        );
+    }
+    println!("  Recipients:");
+    for r in &m.recipients {
+        println!("    {:<3} {:<32} {:<9} {}", r.kind, r.address, r.state, r.reply.as_deref().unwrap_or(""));
+    }
+    println!("  Attempts:");
+    if m.attempts.is_empty() {
+        println!("    none yet");
+    }
+    for (i, a) in m.attempts.iter().enumerate() {
+        println!(
+            "    {}. {}  {}  relay {}  {} at {}: {}",
+            i + 1,
+            time(&a.at),
+            a.outcome,
+            if a.relay.is_empty() { "-" } else { &a.relay },
+            if a.code.is_some() { "reply" } else { "failure" },
+            a.stage.to_ascii_uppercase(),
+            reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
+        );
+        if let Some(h) = &a.hint {
+            println!("       hint: {h}");
+        }
+    }
+}
+
+pub fn services(list: &[ServiceRow], json: bool) {
+    if json {
+        print_json(&list);
+        return;
+    }
+    if list.is_empty() {
+        println!("No Panel Service or worker is running (no heartbeat in the last 10 s).");
+        return;
+    }
+    println!(
+        "{:<8} {:<20} {:>8} {:<8} {:<24} {:<24} {}",
+        "KIND", "HOST", "PID", "VERSION", "STARTED", "LAST HEARTBEAT", "LISTEN"
+    );
+    for s in list {
+        let i = &s.info;
+        println!(
+            "{:<8} {:<20} {:>8} {:<8} {:<24} {:<24} {}",
+            i.kind,
+            i.host,
+            i.pid,
+            i.version,
+            time(&i.started_at),
+            time(&s.heartbeat_at),
+            i.listen.as_deref().unwrap_or("-")
+        );
+    }
+}

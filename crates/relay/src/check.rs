@@ -1,0 +1,88 @@
+//! `panel smtp check`: walk the whole conversation up to RCPT for the Fallback recipient, then
+//! RSET and QUIT, so nothing is sent, and report every stage with the relay's words.
+
+use std::sync::Arc;
+
+use panel_domain::classify::{ConnectionContext, classify};
+use panel_domain::{Failure, FailureClass, RelaySettings, Stage};
+use serde::Serialize;
+
+use crate::connection::{Relay, StageEvent, Transcript};
+use crate::tls::TlsInfo;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// True only when a message to the Fallback recipient would be accepted.
+    pub ok: bool,
+    pub relay: String,
+    pub security: String,
+    pub stages: Vec<StageEvent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+    pub extensions: Vec<String>,
+    pub auth_mechanisms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<CheckFailure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckFailure {
+    pub stage: Stage,
+    pub class: FailureClass,
+    pub detail: String,
+    pub code: Option<u16>,
+    pub enhanced_code: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl CheckFailure {
+    pub fn new(f: &Failure, settings: &RelaySettings) -> CheckFailure {
+        let c = classify(f, ConnectionContext { port: settings.port, security: settings.security });
+        CheckFailure {
+            stage: f.stage,
+            class: c.class,
+            detail: f.detail.clone(),
+            code: f.reply.as_ref().map(|r| r.code),
+            enhanced_code: f.reply.as_ref().and_then(|r| r.enhanced.clone()),
+            hint: c.hint,
+        }
+    }
+}
+
+pub async fn check(settings: Arc<RelaySettings>) -> CheckReport {
+    let mut t = Transcript::default();
+    let mut extensions = Vec::new();
+    let mut auth = Vec::new();
+    let result = async {
+        let relay = Relay::new(settings.clone()).inspect_err(|f| t.failed(f))?;
+        let mut conn = relay.connect(&mut t).await?;
+        extensions = conn.extensions.list.clone();
+        auth = conn.extensions.auth_mechanisms();
+        let probed = conn.probe(settings.from.address.as_str(), settings.fallback_recipient.as_str(), &mut t).await;
+        if let Err(f) = &probed {
+            t.failed(f);
+        }
+        if probed.is_ok() {
+            conn.reset().await;
+        }
+        conn.quit(Some(&mut t)).await;
+        probed
+    }
+    .await;
+    let failure = result.err().map(|f| CheckFailure::new(&f, &settings));
+    let relay = if settings.host.contains(':') {
+        format!("[{}]:{}", settings.host, settings.port)
+    } else {
+        format!("{}:{}", settings.host, settings.port)
+    };
+    CheckReport {
+        ok: failure.is_none(),
+        relay,
+        security: settings.security.to_string(),
+        stages: t.events,
+        tls: t.tls,
+        extensions,
+        auth_mechanisms: auth,
+        failure,
+    }
+}

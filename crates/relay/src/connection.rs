@@ -1,0 +1,522 @@
+//! One SMTP connection to the relay: connect, greeting, EHLO, STARTTLS or implicit TLS, AUTH,
+//! then any number of transactions. Every network step is bounded by a timeout, and every
+//! failure names its stage.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use panel_domain::{
+    Auth, Failure, FailureKind, PasswordSource, RecipientResult, RelaySettings, Security, SendReport, SmtpReply, Stage,
+};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::tls::{self, TlsInfo, TlsTrust};
+use crate::wire::{self, Extensions, ReadError};
+
+/// One stage of the conversation as it happened, for `panel smtp check` and debugging.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageEvent {
+    pub stage: Stage,
+    pub ok: bool,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<SmtpReply>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Transcript {
+    pub events: Vec<StageEvent>,
+    pub tls: Option<TlsInfo>,
+}
+
+impl Transcript {
+    fn ok(&mut self, stage: Stage, detail: impl Into<String>, reply: Option<&SmtpReply>) {
+        self.events.push(StageEvent { stage, ok: true, detail: detail.into(), reply: reply.cloned() });
+    }
+
+    pub(crate) fn failed(&mut self, f: &Failure) {
+        self.events.push(StageEvent { stage: f.stage, ok: false, detail: f.detail.clone(), reply: f.reply.clone() });
+    }
+}
+
+/// The relay settings prepared for connecting: the TLS trust is loaded once per settings version.
+#[derive(Clone)]
+pub struct Relay {
+    pub settings: Arc<RelaySettings>,
+    trust: Option<TlsTrust>,
+    helo: String,
+}
+
+impl Relay {
+    pub fn new(settings: Arc<RelaySettings>) -> Result<Relay, Failure> {
+        let trust = match settings.security {
+            Security::None => None,
+            _ => Some(TlsTrust::load(settings.ca_file.as_deref(), settings.pin_sha256)?),
+        };
+        let helo = settings.helo_name.clone().unwrap_or_else(local_hostname);
+        Ok(Relay { settings, trust, helo })
+    }
+
+    /// `host:port`, as shown in logs and attempts.
+    pub fn address(&self) -> String {
+        if self.settings.host.contains(':') {
+            format!("[{}]:{}", self.settings.host, self.settings.port)
+        } else {
+            format!("{}:{}", self.settings.host, self.settings.port)
+        }
+    }
+
+    /// Opens a connection ready for MAIL FROM, recording each stage in `transcript`.
+    pub async fn connect(&self, transcript: &mut Transcript) -> Result<Connection, Failure> {
+        let result = self.connect_inner(transcript).await;
+        if let Err(f) = &result {
+            transcript.failed(f);
+        }
+        result
+    }
+
+    async fn connect_inner(&self, t: &mut Transcript) -> Result<Connection, Failure> {
+        let s = &self.settings;
+        let addrs: Vec<_> = match timeout(s.connect_timeout, tokio::net::lookup_host((s.host.as_str(), s.port))).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    Stage::Dns,
+                    FailureKind::Timeout,
+                    format!("resolving {} took longer than {:?}", s.host, s.connect_timeout),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::new(Stage::Dns, FailureKind::Dns, format!("cannot resolve {}: {e}", s.host)));
+            }
+            Ok(Ok(a)) => a.collect(),
+        };
+        t.ok(
+            Stage::Dns,
+            format!("{} -> {}", s.host, addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ")),
+            None,
+        );
+
+        let mut last = None;
+        let mut tcp = None;
+        for addr in &addrs {
+            match timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    tcp = Some((stream, *addr));
+                    break;
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    last = Some(Failure::new(
+                        Stage::Tcp,
+                        FailureKind::ConnectionRefused,
+                        format!("{addr}: connection refused"),
+                    ));
+                }
+                Ok(Err(e)) => last = Some(Failure::new(Stage::Tcp, FailureKind::Io, format!("{addr}: {e}"))),
+                Err(_) => {
+                    last = Some(Failure::new(
+                        Stage::Tcp,
+                        FailureKind::Timeout,
+                        format!("{addr}: no answer within {}s", s.connect_timeout.as_secs()),
+                    ));
+                }
+            }
+        }
+        let Some((stream, addr)) = tcp else {
+            return Err(last
+                .unwrap_or_else(|| Failure::new(Stage::Dns, FailureKind::Dns, format!("{} has no address", s.host))));
+        };
+        stream.set_nodelay(true).ok();
+        t.ok(Stage::Tcp, format!("connected to {addr}"), None);
+
+        let mut conn = Connection {
+            io: BufReader::new(Stream::Plain(stream)),
+            timeout: s.command_timeout,
+            encrypted: false,
+            extensions: Extensions::default(),
+            broken: false,
+        };
+        if s.security == Security::Tls {
+            conn = self.handshake(conn, true, t).await?;
+        }
+        let greeting = conn.read(Stage::Greeting).await?;
+        if greeting.code != 220 {
+            return Err(Failure::reply(Stage::Greeting, greeting));
+        }
+        t.ok(Stage::Greeting, greeting.one_line(), Some(&greeting));
+        conn.ehlo(&self.helo, t).await?;
+
+        let offered = conn.extensions.has("STARTTLS");
+        match s.security {
+            Security::Starttls if !offered => {
+                return Err(Failure::new(
+                    Stage::Ehlo,
+                    FailureKind::StarttlsNotOffered,
+                    "the relay did not offer STARTTLS",
+                ));
+            }
+            Security::Starttls | Security::Opportunistic if offered => {
+                let reply = conn.command(Stage::Starttls, "STARTTLS").await?;
+                if reply.code != 220 {
+                    return Err(Failure::reply(Stage::Starttls, reply));
+                }
+                if !conn.io.buffer().is_empty() {
+                    // Anything sent before the handshake could be injected by a man in the middle.
+                    return Err(Failure::new(
+                        Stage::Starttls,
+                        FailureKind::Protocol,
+                        "the relay sent data after its STARTTLS reply; refusing (possible command injection)",
+                    ));
+                }
+                t.ok(Stage::Starttls, reply.one_line(), Some(&reply));
+                conn = self.handshake(conn, false, t).await?;
+                conn.ehlo(&self.helo, t).await?;
+            }
+            _ => {}
+        }
+        if let Auth::Password { username, source } = &s.auth {
+            self.authenticate(&mut conn, username, source, t).await?;
+        }
+        Ok(conn)
+    }
+
+    async fn handshake(&self, conn: Connection, implicit: bool, t: &mut Transcript) -> Result<Connection, Failure> {
+        let trust = self.trust.as_ref().expect("TLS modes load their trust");
+        let (config, verifier) = trust.client_config()?;
+        let name = tls::server_name(self.settings.tls_name())?;
+        let Stream::Plain(tcp) = conn.io.into_inner() else { unreachable!("handshake runs once, on a plain stream") };
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let stream = match timeout(self.settings.command_timeout, connector.connect(name, tcp)).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    Stage::Tls,
+                    FailureKind::Timeout,
+                    format!("the TLS handshake did not finish within {}s", self.settings.command_timeout.as_secs()),
+                ));
+            }
+            Ok(Err(e)) => {
+                let failure = tls::handshake_failure(&e, &verifier, implicit);
+                if let Some(cert) = verifier.seen_certificate() {
+                    let mut info = TlsInfo { verification: failure.detail.clone(), ..Default::default() };
+                    tls::describe_certificate(&cert, &mut info);
+                    t.tls = Some(info);
+                }
+                return Err(failure);
+            }
+            Ok(Ok(s)) => s,
+        };
+        let (_, session) = stream.get_ref();
+        let mut info = TlsInfo {
+            protocol: session
+                .protocol_version()
+                .map(|v| format!("{v:?}").replace("TLSv1_", "TLSv1."))
+                .unwrap_or_default(),
+            cipher_suite: session.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default(),
+            verification: if self.settings.pin_sha256.is_some() { "pinned fingerprint matches" } else { "trusted" }
+                .into(),
+            ..Default::default()
+        };
+        if let Some(cert) = session.peer_certificates().and_then(|c| c.first()) {
+            tls::describe_certificate(cert, &mut info);
+        }
+        t.ok(
+            Stage::Tls,
+            format!("{} {}, certificate {} ({})", info.protocol, info.cipher_suite, info.subject, info.verification),
+            None,
+        );
+        t.tls = Some(info);
+        Ok(Connection {
+            io: BufReader::new(Stream::Tls(Box::new(stream))),
+            encrypted: true,
+            ..conn_parts(conn.timeout)
+        })
+    }
+
+    async fn authenticate(
+        &self,
+        conn: &mut Connection,
+        username: &str,
+        source: &PasswordSource,
+        t: &mut Transcript,
+    ) -> Result<(), Failure> {
+        if !conn.encrypted && !self.settings.allow_plaintext_auth {
+            return Err(Failure::new(
+                Stage::Auth,
+                FailureKind::PlaintextAuthRefused,
+                "refusing to send the password over an unencrypted connection",
+            ));
+        }
+        let mechanisms = conn.extensions.auth_mechanisms();
+        let password = read_password(source)?;
+        let reply = if mechanisms.iter().any(|m| m == "PLAIN") {
+            let token = B64.encode(format!("\0{username}\0{password}"));
+            conn.command(Stage::Auth, &format!("AUTH PLAIN {token}")).await?
+        } else if mechanisms.iter().any(|m| m == "LOGIN") {
+            let mut reply = conn.command(Stage::Auth, "AUTH LOGIN").await?;
+            for secret in [username, password.as_str()] {
+                if reply.code != 334 {
+                    break;
+                }
+                reply = conn.command(Stage::Auth, &B64.encode(secret)).await?;
+            }
+            reply
+        } else if mechanisms.is_empty() {
+            return Err(Failure::new(Stage::Auth, FailureKind::AuthNotOffered, "the relay did not offer AUTH"));
+        } else {
+            return Err(Failure::new(
+                Stage::Auth,
+                FailureKind::AuthNotOffered,
+                format!("the relay offers AUTH {} but Panel speaks PLAIN and LOGIN", mechanisms.join(" ")),
+            ));
+        };
+        if reply.code != 235 {
+            return Err(Failure::reply(Stage::Auth, reply));
+        }
+        t.ok(Stage::Auth, format!("authenticated as {username}: {}", reply.one_line()), Some(&reply));
+        Ok(())
+    }
+}
+
+fn conn_parts(timeout: Duration) -> Connection {
+    Connection {
+        io: BufReader::new(Stream::Closed),
+        timeout,
+        encrypted: false,
+        extensions: Extensions::default(),
+        broken: false,
+    }
+}
+
+fn read_password(source: &PasswordSource) -> Result<String, Failure> {
+    let local = |d: String| Failure::new(Stage::Config, FailureKind::LocalConfig, d);
+    match source {
+        PasswordSource::File(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|e| local(format!("password file {} cannot be read: {e}", path.display()))),
+        PasswordSource::Env(var) => std::env::var(var)
+            .map_err(|_| local(format!("environment variable {var} (the relay password) is not set in this process"))),
+    }
+}
+
+/// This machine's host name, for EHLO when the settings name none.
+pub fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty() && panel_domain::settings::validate_host("helo_name", s).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub struct Connection {
+    io: BufReader<Stream>,
+    timeout: Duration,
+    pub encrypted: bool,
+    pub extensions: Extensions,
+    broken: bool,
+}
+
+impl Connection {
+    /// False after a network error or timeout: the conversation state is unknown.
+    pub fn is_reusable(&self) -> bool {
+        !self.broken
+    }
+
+    async fn read(&mut self, stage: Stage) -> Result<SmtpReply, Failure> {
+        let limit = self.timeout;
+        let result = match timeout(limit, wire::read_reply(&mut self.io)).await {
+            Err(_) => Err(Failure::new(stage, FailureKind::Timeout, format!("no reply within {}s", limit.as_secs()))),
+            Ok(Err(ReadError::Closed)) => Err(Failure::new(stage, FailureKind::Io, "the relay closed the connection")),
+            Ok(Err(ReadError::Io(e))) => Err(Failure::new(stage, FailureKind::Io, format!("connection error: {e}"))),
+            Ok(Err(ReadError::Malformed(m))) => Err(Failure::new(stage, FailureKind::Protocol, m)),
+            Ok(Ok(r)) => Ok(r),
+        };
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    async fn write(&mut self, stage: Stage, bytes: &[u8]) -> Result<(), Failure> {
+        // Large bodies get more time: the limit is per command plus 1s per 64 KiB.
+        let limit = self.timeout + Duration::from_secs((bytes.len() / 65536) as u64);
+        let io = self.io.get_mut();
+        let result = timeout(limit, async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.broken = true;
+                Err(Failure::new(stage, FailureKind::Io, format!("connection error while sending: {e}")))
+            }
+            Err(_) => {
+                self.broken = true;
+                Err(Failure::new(stage, FailureKind::Timeout, format!("sending took longer than {}s", limit.as_secs())))
+            }
+        }
+    }
+
+    /// Sends one command line and reads its reply.
+    async fn command(&mut self, stage: Stage, line: &str) -> Result<SmtpReply, Failure> {
+        debug_assert!(!line.contains(['\r', '\n']), "commands are single lines");
+        self.write(stage, format!("{line}\r\n").as_bytes()).await?;
+        self.read(stage).await
+    }
+
+    async fn ehlo(&mut self, helo: &str, t: &mut Transcript) -> Result<(), Failure> {
+        let mut reply = self.command(Stage::Ehlo, &format!("EHLO {helo}")).await?;
+        if matches!(reply.code, 500 | 502) {
+            reply = self.command(Stage::Ehlo, &format!("HELO {helo}")).await?;
+        }
+        if reply.code != 250 {
+            return Err(Failure::reply(Stage::Ehlo, reply));
+        }
+        self.extensions = Extensions::from_reply(&reply);
+        t.ok(Stage::Ehlo, format!("extensions: {}", self.extensions.list.join(", ")), Some(&reply));
+        Ok(())
+    }
+
+    /// MAIL FROM only: used by the check, which sends nothing.
+    pub(crate) async fn probe(&mut self, from: &str, to: &str, t: &mut Transcript) -> Result<(), Failure> {
+        let reply = self.command(Stage::Mail, &format!("MAIL FROM:<{from}>")).await?;
+        if !reply.is_positive() {
+            return Err(Failure::reply(Stage::Mail, reply));
+        }
+        t.ok(Stage::Mail, reply.one_line(), Some(&reply));
+        let reply = self.command(Stage::Rcpt, &format!("RCPT TO:<{to}>")).await?;
+        if !reply.is_positive() {
+            self.reset().await;
+            return Err(Failure::reply(Stage::Rcpt, reply));
+        }
+        t.ok(Stage::Rcpt, reply.one_line(), Some(&reply));
+        Ok(())
+    }
+
+    /// One transaction: MAIL, RCPT for each recipient (each answered on its own), DATA.
+    pub async fn send(&mut self, from: &str, recipients: &[String], message: &[u8]) -> SendReport {
+        let mut report = SendReport {
+            recipients: vec![RecipientResult::NotTried; recipients.len()],
+            failure: None,
+            data_reply: None,
+        };
+        if let Err(f) = self.transaction(from, recipients, message, &mut report).await {
+            report.failure = Some(f);
+            if !self.broken {
+                self.reset().await;
+            }
+        }
+        report
+    }
+
+    async fn transaction(
+        &mut self,
+        from: &str,
+        recipients: &[String],
+        message: &[u8],
+        report: &mut SendReport,
+    ) -> Result<(), Failure> {
+        let needs_utf8 = !from.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        let params = if needs_utf8 && self.extensions.has("SMTPUTF8") { " SMTPUTF8" } else { "" };
+        let reply = self.command(Stage::Mail, &format!("MAIL FROM:<{from}>{params}")).await?;
+        if !reply.is_positive() {
+            return Err(Failure::reply(Stage::Mail, reply));
+        }
+        for (i, rcpt) in recipients.iter().enumerate() {
+            let reply = self.command(Stage::Rcpt, &format!("RCPT TO:<{rcpt}>")).await?;
+            report.recipients[i] = if reply.is_positive() {
+                RecipientResult::Accepted
+            } else {
+                RecipientResult::Rejected(Failure::reply(Stage::Rcpt, reply))
+            };
+        }
+        if !report.recipients.iter().any(|r| *r == RecipientResult::Accepted) {
+            let first = report.recipients.iter().find(|r| matches!(r, RecipientResult::Rejected(_))).cloned();
+            let detail = match &first {
+                Some(RecipientResult::Rejected(f)) => format!("no recipient was accepted: {}", f.detail),
+                _ => "no recipient was accepted".into(),
+            };
+            let failure = Failure::new(Stage::Rcpt, FailureKind::Reply, detail);
+            return Err(match first {
+                Some(r) => failure.with_reply_of(&r),
+                None => failure,
+            });
+        }
+        let reply = self.command(Stage::Data, "DATA").await?;
+        if reply.code != 354 {
+            return Err(Failure::reply(Stage::Data, reply));
+        }
+        self.write(Stage::Data, &wire::encode_data(message)).await?;
+        let reply = self.read(Stage::Data).await?;
+        if !reply.is_positive() {
+            return Err(Failure::reply(Stage::Data, reply));
+        }
+        report.data_reply = Some(reply);
+        Ok(())
+    }
+
+    /// Clears a failed transaction so the connection can carry the next one.
+    pub async fn reset(&mut self) {
+        if !matches!(self.command(Stage::Mail, "RSET").await, Ok(r) if r.is_positive()) {
+            self.broken = true;
+        }
+    }
+
+    pub async fn quit(mut self, t: Option<&mut Transcript>) {
+        if let Ok(reply) = self.command(Stage::Quit, "QUIT").await
+            && let Some(t) = t
+        {
+            t.ok(Stage::Quit, reply.one_line(), Some(&reply));
+        }
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Closed,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}

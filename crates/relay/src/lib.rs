@@ -1,0 +1,12 @@
+//! Panel's SMTP relay client. Written on tokio + rustls rather than on lettre's transport because
+//! Panel needs what that transport hides: the stage of every failure, per-recipient RCPT replies,
+//! per-command timeouts, the certificate details, and room for more AUTH mechanisms.
+
+pub mod check;
+pub mod connection;
+pub mod tls;
+pub mod wire;
+
+pub use check::{CheckFailure, CheckReport, check};
+pub use connection::{Connection, Relay, StageEvent, Transcript, local_hostname};
+pub use tls::TlsInfo;

@@ -1,0 +1,19 @@
+//! The running parts of Panel (worker, heartbeat, wake-ups) and the operations that the CLI and
+//! the REST API share, so both behave the same.
+
+pub mod ops;
+pub mod registry;
+pub mod wake;
+pub mod worker;
+
+pub use ops::{OpsError, Panel};
+pub use registry::{ServiceHandle, liveness_window};
+pub use worker::{WorkerConfig, run_worker};
+
+/// A random number from the system's CSPRNG (Message-ID uniqueness, retry jitter).
+pub fn random_u128() -> u128 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("the system RNG works");
+    u128::from_le_bytes(bytes)
+}

@@ -1,0 +1,46 @@
+//! Wake-ups: a worker sleeps until a step is enqueued instead of polling fast. Inside one process
+//! a `Notify` does it; another process (the CLI) pokes the running services' loopback UDP port.
+//! A slow poll stays as the safety net, so a lost datagram only delays, never loses, a step.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+
+#[derive(Clone, Default)]
+pub struct Waker {
+    notify: Arc<Notify>,
+}
+
+impl Waker {
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Listens on an ephemeral loopback port; returns the port to register.
+    pub async fn listen(&self) -> std::io::Result<u16> {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let port = socket.local_addr()?.port();
+        let notify = self.notify.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            while socket.recv_from(&mut buf).await.is_ok() {
+                notify.notify_one();
+            }
+        });
+        Ok(port)
+    }
+}
+
+/// Pokes the given loopback ports; best effort.
+pub async fn poke(ports: impl IntoIterator<Item = u16>) {
+    let Ok(socket) = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await else { return };
+    for port in ports {
+        let _ = socket.send_to(b"wake", SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
+    }
+}

@@ -1,0 +1,263 @@
+//! The worker: claims due messages under a lease, delivers them through the relay, records each
+//! attempt. Settings are re-read whenever their version changes, so a change made anywhere
+//! applies to the next message this worker sends.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use panel_domain::classify::ConnectionContext;
+use panel_domain::delivery::{AttemptContext, settle};
+use panel_domain::{Failure, RecipientResult, RelaySettings, SendReport};
+use panel_relay::{Connection, Relay, Transcript};
+use panel_store::{AttemptMeta, Claim, Store};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::wake::Waker;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Messages delivered at once (each on its own relay connection).
+    pub concurrency: usize,
+    /// How long a claim is held before another worker may take it; renewed while sending.
+    pub lease: Duration,
+    /// Safety-net poll when no wake-up arrives.
+    pub poll: Duration,
+    /// An idle relay connection is closed after this long.
+    pub idle_connection: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 4,
+            lease: Duration::from_secs(60),
+            poll: Duration::from_secs(1),
+            idle_connection: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The relay prepared for the settings version in force.
+struct RelayState {
+    version: i64,
+    relay: Result<Relay, Failure>,
+}
+
+struct Shared {
+    store: Store,
+    owner: String,
+    config: WorkerConfig,
+    relay: Mutex<Option<Arc<RelayState>>>,
+    /// Idle connections, tagged with the settings version they were opened under.
+    pool: Mutex<Vec<(i64, Instant, Connection)>>,
+}
+
+/// Runs until `shutdown` turns true, then finishes the messages in hand.
+pub async fn run_worker(
+    store: Store,
+    owner: String,
+    config: WorkerConfig,
+    waker: Waker,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let shared = Arc::new(Shared { store, owner, config, relay: Mutex::new(None), pool: Mutex::new(Vec::new()) });
+    let mut tasks = JoinSet::new();
+    tracing::info!(worker = %shared.owner, "worker started");
+    while !*shutdown.borrow() {
+        while tasks.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        let claimed = if free == 0 { Ok(Vec::new()) } else { claim(&shared, free as u32).await };
+        match claimed {
+            Ok(claims) if !claims.is_empty() => {
+                for c in claims {
+                    let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        deliver(&shared, c).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "claiming failed; retrying"),
+        }
+        tokio::select! {
+            _ = waker.woken() => {}
+            _ = tokio::time::sleep(shared.config.poll) => {}
+            _ = shutdown.changed() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+        prune_idle(&shared);
+    }
+    tracing::info!(in_flight = tasks.len(), "worker stopping; finishing messages in hand");
+    while tasks.join_next().await.is_some() {}
+    let idle: Vec<_> = shared.pool.lock().expect("not poisoned").drain(..).collect();
+    for (_, _, conn) in idle {
+        conn.quit(None).await;
+    }
+}
+
+async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Vec<Claim>> {
+    if current_relay(shared).await?.is_none() {
+        return Ok(Vec::new()); // Not configured yet: messages wait, nothing is lost.
+    }
+    shared.store.claim(&shared.owner, Utc::now(), shared.config.lease, limit).await
+}
+
+/// The relay for the settings version in force, rebuilt when the version changes.
+async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayState>>> {
+    let version = shared.store.settings_version().await?;
+    if version == 0 {
+        return Ok(None);
+    }
+    if let Some(state) = shared.relay.lock().expect("not poisoned").as_ref()
+        && state.version == version
+    {
+        return Ok(Some(state.clone()));
+    }
+    let Some(stored) = shared.store.current_settings().await? else { return Ok(None) };
+    let relay = match RelaySettings::validate(&stored.doc) {
+        Ok(s) => Relay::new(Arc::new(s)),
+        Err(errors) => {
+            tracing::error!(version = stored.version, %errors, "stored relay settings are invalid; messages wait");
+            return Ok(None);
+        }
+    };
+    if let Err(f) = &relay {
+        tracing::error!(version = stored.version, error = %f, "relay settings cannot be used");
+    }
+    let state = Arc::new(RelayState { version: stored.version, relay });
+    *shared.relay.lock().expect("not poisoned") = Some(state.clone());
+    tracing::info!(version = stored.version, "relay settings loaded");
+    Ok(Some(state))
+}
+
+fn take_connection(shared: &Shared, version: i64) -> Option<Connection> {
+    let mut pool = shared.pool.lock().expect("not poisoned");
+    pool.retain(|(v, at, _)| *v == version && at.elapsed() < shared.config.idle_connection);
+    pool.pop().map(|(_, _, c)| c)
+}
+
+fn prune_idle(shared: &Shared) {
+    let version = shared.relay.lock().expect("not poisoned").as_ref().map(|s| s.version);
+    shared
+        .pool
+        .lock()
+        .expect("not poisoned")
+        .retain(|(v, at, _)| Some(*v) == version && at.elapsed() < shared.config.idle_connection);
+}
+
+async fn deliver(shared: &Arc<Shared>, claim: Claim) {
+    let started = Utc::now();
+    let id = claim.reference.id;
+    let state = match current_relay(shared).await {
+        Ok(Some(s)) => s,
+        Ok(None) | Err(_) => {
+            let _ = shared.store.release(&claim.reference, Utc::now()).await;
+            return;
+        }
+    };
+    let renewer = {
+        let (store, reference, lease) = (shared.store.clone(), claim.reference, shared.config.lease);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match store.renew_lease(&reference, Utc::now(), lease).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                }
+            }
+        })
+    };
+    let recipients: Vec<String> = claim.pending.iter().map(|p| p.address.clone()).collect();
+    let (report, relay_addr, ctx) = match &state.relay {
+        Err(f) => (
+            SendReport {
+                recipients: vec![RecipientResult::NotTried; recipients.len()],
+                failure: Some(f.clone()),
+                data_reply: None,
+            },
+            String::new(),
+            ConnectionContext { port: 0, security: panel_domain::Security::None },
+        ),
+        Ok(relay) => {
+            let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
+            (send(shared, state.version, relay, &claim, &recipients).await, relay.address(), ctx)
+        }
+    };
+    renewer.abort();
+    let policy = state.relay.as_ref().map(|r| r.settings.retry.clone()).unwrap_or_default();
+    let attempts = claim.attempts as u32 + 1;
+    let age = (Utc::now() - claim.created_at).to_std().unwrap_or_default();
+    let settlement = settle(
+        &report,
+        AttemptContext { connection: ctx, policy: &policy, attempts, age, random: crate::random_u128() as u64 },
+    );
+    let meta = AttemptMeta {
+        started_at: started,
+        finished_at: Utc::now(),
+        service_id: shared.owner.clone(),
+        relay: relay_addr.clone(),
+        settings_version: state.version,
+    };
+    tracing::info!(
+        message = id,
+        relay = %relay_addr,
+        outcome = %settlement.outcome,
+        stage = %settlement.stage,
+        code = settlement.reply.as_ref().map(|r| r.code),
+        detail = %settlement.detail,
+        state = %settlement.state,
+        "attempt"
+    );
+    match shared.store.record_attempt(&claim.reference, &meta, &settlement).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(message = id, "lease lost before the outcome was recorded; another worker owns this message")
+        }
+        Err(e) => {
+            tracing::error!(message = id, error = %e, "recording the attempt failed; the lease will expire and the message is retried")
+        }
+    }
+}
+
+/// Sends on a pooled connection, or a new one. A pooled connection the relay has closed in the
+/// meantime fails before any recipient is accepted; the message is then sent on a fresh one.
+async fn send(shared: &Shared, version: i64, relay: &Relay, claim: &Claim, recipients: &[String]) -> SendReport {
+    let data = claim.message.render();
+    let from = claim.message.from.address.as_str();
+    if let Some(mut conn) = take_connection(shared, version) {
+        let report = conn.send(from, recipients, &data).await;
+        let stale = report.data_reply.is_none()
+            && !conn.is_reusable()
+            && report.recipients.iter().all(|r| *r == RecipientResult::NotTried);
+        if !stale {
+            give_back(shared, version, conn);
+            return report;
+        }
+    }
+    let mut transcript = Transcript::default();
+    match relay.connect(&mut transcript).await {
+        Err(f) => SendReport {
+            recipients: vec![RecipientResult::NotTried; recipients.len()],
+            failure: Some(f),
+            data_reply: None,
+        },
+        Ok(mut conn) => {
+            let report = conn.send(from, recipients, &data).await;
+            give_back(shared, version, conn);
+            report
+        }
+    }
+}
+
+fn give_back(shared: &Shared, version: i64, conn: Connection) {
+    if conn.is_reusable() {
+        shared.pool.lock().expect("not poisoned").push((version, Instant::now(), conn));
+    }
+}

@@ -1,0 +1,163 @@
+//! The durable store behind one interface. `Store::open` picks the backend from the URL; every
+//! caller (service, worker, CLI, API) uses the same methods, so they all see one truth.
+//!
+//! Timestamps are stored as Unix milliseconds (UTC), which every backend orders the same way.
+
+mod model;
+mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc, Settlement};
+
+pub use model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(
+        "unsupported database URL '{0}': use sqlite://PATH (PostgreSQL support arrives with the multi-service store)"
+    )]
+    UnsupportedUrl(String),
+    #[error("the relay settings were changed by someone else (now version {current}); reload and try again")]
+    SettingsConflict { current: i64 },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A handle to the store; cheap to clone (it wraps a connection pool).
+#[derive(Clone)]
+pub struct Store {
+    backend: sqlite::SqliteStore,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            return Ok(Store { backend: sqlite::SqliteStore::open(path).await? });
+        }
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+
+    pub async fn current_settings(&self) -> Result<Option<StoredSettings>> {
+        self.backend.current_settings().await
+    }
+
+    /// The version of the settings in force; 0 before the first save. Cheap: checked before every send.
+    pub async fn settings_version(&self) -> Result<i64> {
+        self.backend.settings_version().await
+    }
+
+    /// Saves a new version if the stored one is still `expected_version` (optimistic locking), and
+    /// releases messages held back by a configuration error so they are tried with the new settings.
+    pub async fn save_settings(
+        &self,
+        expected_version: i64,
+        doc: &SettingsDoc,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<i64> {
+        self.backend.save_settings(expected_version, doc, by, ms(now)).await
+    }
+
+    pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
+        self.backend.enqueue(origin, message, ms(now)).await
+    }
+
+    /// Takes up to `limit` due messages under a lease for `owner`. Messages whose lease expired
+    /// (their worker died) are first recorded as interrupted and become due again.
+    pub async fn claim(&self, owner: &str, now: DateTime<Utc>, lease: Duration, limit: u32) -> Result<Vec<Claim>> {
+        self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit).await
+    }
+
+    /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
+    pub async fn renew_lease(&self, claim: &ClaimRef, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
+        self.backend.renew_lease(claim, ms(now) + lease.as_millis() as i64).await
+    }
+
+    /// Records one attempt and the message's new state, fenced by the claim token: false (and
+    /// nothing written) when another worker has taken the message since.
+    pub async fn record_attempt(
+        &self,
+        claim: &ClaimRef,
+        attempt: &AttemptMeta,
+        settlement: &Settlement,
+    ) -> Result<bool> {
+        self.backend.record_attempt(claim, attempt, settlement).await
+    }
+
+    /// Hands back a claim without an attempt (the service is stopping before it sent anything).
+    pub async fn release(&self, claim: &ClaimRef, now: DateTime<Utc>) -> Result<()> {
+        self.backend.release(claim, ms(now)).await
+    }
+
+    pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {
+        self.backend.list_messages(filter).await
+    }
+
+    pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
+        self.backend.message(id).await
+    }
+
+    /// Puts a failed message back in the queue, its failed recipients pending again.
+    pub async fn retry_message(&self, id: i64, now: DateTime<Utc>) -> Result<RetryResult> {
+        self.backend.retry_message(id, ms(now)).await
+    }
+
+    pub async fn heartbeat(&self, service: &ServiceInfo, now: DateTime<Utc>) -> Result<()> {
+        self.backend.heartbeat(service, ms(now)).await
+    }
+
+    pub async fn deregister(&self, service_id: &str) -> Result<()> {
+        self.backend.deregister(service_id).await
+    }
+
+    /// Services whose last heartbeat is newer than `fresh_after`; older rows are pruned.
+    pub async fn services(&self, fresh_after: DateTime<Utc>) -> Result<Vec<ServiceRow>> {
+        self.backend.services(ms(fresh_after)).await
+    }
+
+    pub async fn queue_stats(&self, now: DateTime<Utc>) -> Result<QueueStats> {
+        self.backend.queue_stats(ms(now)).await
+    }
+
+    pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
+        self.backend.message_state(id).await
+    }
+}
+
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or_default()
+}
+
+/// Removes a password from a database URL before it is shown anywhere.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(redact_url("postgres://panel:s3cret@db/panel"), "postgres://panel:***@db/panel");
+        assert_eq!(redact_url("sqlite://./panel-data/panel.db"), "sqlite://./panel-data/panel.db");
+    }
+}

@@ -1,0 +1,162 @@
+//! The shapes the store reads and writes. Serialized as the CLI's `--json` and the API's bodies.
+
+use chrono::{DateTime, Utc};
+use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredSettings {
+    pub version: i64,
+    pub doc: SettingsDoc,
+    pub saved_at: DateTime<Utc>,
+    pub saved_by: String,
+}
+
+/// Identifies one claim of one message: the token fences out a worker whose lease expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimRef {
+    pub id: i64,
+    pub token: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingRecipient {
+    pub position: i64,
+    pub address: String,
+}
+
+/// A message a worker holds under a lease.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub reference: ClaimRef,
+    pub origin: Origin,
+    pub message: OutgoingMessage,
+    /// Attempts recorded before this claim.
+    pub attempts: i64,
+    pub created_at: DateTime<Utc>,
+    /// The recipients not yet delivered or failed, in position order.
+    pub pending: Vec<PendingRecipient>,
+}
+
+/// Facts about an attempt that the settlement does not carry.
+#[derive(Debug, Clone)]
+pub struct AttemptMeta {
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub service_id: String,
+    /// `host:port` as connected.
+    pub relay: String,
+    pub settings_version: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MessageFilter {
+    pub state: Option<MessageState>,
+    pub origin: Option<Origin>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageSummary {
+    pub id: i64,
+    pub state: MessageState,
+    pub origin: Origin,
+    pub from: String,
+    pub to: Vec<String>,
+    pub subject: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub attempt_count: i64,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub failure_class: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientRow {
+    pub kind: String,
+    pub address: String,
+    pub state: String,
+    pub reply: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: String,
+    pub stage: String,
+    pub code: Option<i64>,
+    pub enhanced_code: Option<String>,
+    pub reply: Option<String>,
+    pub detail: String,
+    pub hint: Option<String>,
+    pub relay: String,
+    pub service_id: String,
+    pub settings_version: i64,
+    pub recipients: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageDetail {
+    pub id: i64,
+    pub state: MessageState,
+    pub origin: Origin,
+    pub from: String,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub message_id: String,
+    pub used_fallback_recipient: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub failure_class: Option<String>,
+    pub last_error: Option<String>,
+    /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
+    pub interrupted: i64,
+    pub recipients: Vec<RecipientRow>,
+    pub attempts: Vec<AttemptRow>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RetryResult {
+    Requeued,
+    NotFound,
+    NotFailed { state: MessageState },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    pub id: String,
+    /// `serve` (Panel Service) or `worker` (service mode).
+    pub kind: String,
+    pub host: String,
+    pub pid: i64,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub listen: Option<String>,
+    /// Loopback UDP port that wakes the worker when a step is enqueued by another process.
+    pub wake_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceRow {
+    #[serde(flatten)]
+    pub info: ServiceInfo,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    pub queued: i64,
+    pub retrying: i64,
+    pub sending: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    /// Seconds the oldest due message has waited.
+    pub oldest_due_age_secs: Option<i64>,
+}

@@ -1,0 +1,550 @@
+//! SQLite backend: WAL, `synchronous = FULL` (a commit survives power loss), and every write
+//! transaction taken with `BEGIN IMMEDIATE` so concurrent processes queue on the write lock
+//! instead of failing on a read-to-write upgrade.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, RetryPolicy, SettingsDoc, Settlement};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::model::*;
+use crate::{Result, StoreError, from_ms};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_core.sql"))];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(15))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn write(&self) -> Result<Tx> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&mut *tx).await?;
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)")
+                .bind(version)
+                .bind(chrono::Utc::now().timestamp_millis())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn current_settings(&self) -> Result<Option<StoredSettings>> {
+        let row =
+            sqlx::query("SELECT version, doc, saved_at, saved_by FROM relay_settings ORDER BY version DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(StoredSettings {
+                version: r.get("version"),
+                doc: json(&r.get::<String, _>("doc"))?,
+                saved_at: from_ms(r.get("saved_at")),
+                saved_by: r.get("saved_by"),
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn settings_version(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_settings").fetch_one(&self.pool).await?)
+    }
+
+    pub async fn save_settings(&self, expected: i64, doc: &SettingsDoc, by: &str, now: i64) -> Result<i64> {
+        let mut tx = self.write().await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_settings").fetch_one(&mut *tx).await?;
+        if current != expected {
+            return Err(StoreError::SettingsConflict { current });
+        }
+        let version = current + 1;
+        sqlx::query("INSERT INTO relay_settings (version, doc, saved_at, saved_by) VALUES (?1, ?2, ?3, ?4)")
+            .bind(version)
+            .bind(serde_json::to_string(doc).expect("settings serialize"))
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        // Messages stopped by a configuration error get another chance with the new settings.
+        let window = RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref())
+            .unwrap_or_default()
+            .give_up_after;
+        sqlx::query(
+            "UPDATE messages SET state = 'retrying', next_attempt_at = ?1, updated_at = ?1, failure_class = NULL
+             WHERE state = 'failed' AND failure_class = ?2 AND window_start >= ?3",
+        )
+        .bind(now)
+        .bind(class_str(FailureClass::Configuration))
+        .bind(now - window.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    pub async fn enqueue(&self, origin: Origin, m: &OutgoingMessage, now: i64) -> Result<i64> {
+        let mut tx = self.write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
+                                   created_at, updated_at, next_attempt_at, window_start)
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7) RETURNING id",
+        )
+        .bind(origin.as_str())
+        .bind(serde_json::to_string(m).expect("message serializes"))
+        .bind(m.from.to_string())
+        .bind(&m.subject)
+        .bind(&m.message_id)
+        .bind(m.used_fallback_recipient)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO recipients (message_id, position, kind, address, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+            )
+            .bind(id)
+            .bind(position as i64)
+            .bind(kind.as_str())
+            .bind(address.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
+        let mut tx = self.write().await?;
+        let expired =
+            sqlx::query("SELECT id, lease_owner FROM messages WHERE state = 'sending' AND lease_expires_at < ?1")
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+        for row in &expired {
+            let id: i64 = row.get("id");
+            let previous: Option<String> = row.get("lease_owner");
+            sqlx::query(
+                "UPDATE messages SET state = 'retrying', interrupted = interrupted + 1, attempts = attempts + 1,
+                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = ?2, updated_at = ?2
+                 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version,
+                                       outcome, stage, detail, hint, recipients)
+                 VALUES (?1, ?2, ?2, ?3, '', 0, 'interrupted', 'unknown', ?4, ?5, '[]')",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(previous.unwrap_or_default())
+            .bind("the worker holding this message stopped before recording an outcome")
+            .bind("the relay may already have accepted it; a duplicate delivery is possible")
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rows = sqlx::query(
+            "UPDATE messages SET state = 'sending', lease_owner = ?1, lease_expires_at = ?2,
+                    claim_token = claim_token + 1, updated_at = ?3
+             WHERE id IN (SELECT id FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?3
+                          ORDER BY next_attempt_at, id LIMIT ?4)
+             RETURNING id, origin, content, claim_token, attempts, window_start",
+        )
+        .bind(owner)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+        if !claims.is_empty() {
+            let ids = serde_json::to_string(&claims.iter().map(|c| c.reference.id).collect::<Vec<_>>()).unwrap();
+            let pending = sqlx::query(
+                "SELECT message_id, position, address FROM recipients
+                 WHERE message_id IN (SELECT value FROM json_each(?1)) AND state = 'pending'
+                 ORDER BY message_id, position",
+            )
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in pending {
+                let id: i64 = row.get("message_id");
+                if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
+                    c.pending.push(PendingRecipient { position: row.get("position"), address: row.get("address") });
+                }
+            }
+        }
+        tx.commit().await?;
+        claims.sort_by_key(|c| c.reference.id);
+        Ok(claims)
+    }
+
+    pub async fn renew_lease(&self, claim: &ClaimRef, until: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND state = 'sending'",
+        )
+        .bind(until)
+        .bind(claim.id)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn release(&self, claim: &ClaimRef, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'retrying' END,
+                    lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = ?1, updated_at = ?1
+             WHERE id = ?2 AND claim_token = ?3 AND state = 'sending'",
+        )
+        .bind(now)
+        .bind(claim.id)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_attempt(&self, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
+        let finished = meta.finished_at.timestamp_millis();
+        let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
+        let mut tx = self.write().await?;
+        let updated = sqlx::query(
+            "UPDATE messages SET state = ?1, attempts = attempts + 1, updated_at = ?2,
+                    next_attempt_at = COALESCE(?3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                    failure_class = ?4, last_error = ?5
+             WHERE id = ?6 AND claim_token = ?7 AND state = 'sending'",
+        )
+        .bind(s.state.as_str())
+        .bind(finished)
+        .bind(next)
+        .bind(s.failure_class.map(class_str))
+        .bind(&s.last_error)
+        .bind(claim.id)
+        .bind(claim.token)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let pending: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT position, address FROM recipients WHERE message_id = ?1 AND state = 'pending' ORDER BY position",
+        )
+        .bind(claim.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut per_recipient = Vec::with_capacity(pending.len());
+        for ((position, address), r) in pending.iter().zip(&s.recipients) {
+            sqlx::query(
+                "UPDATE recipients SET state = ?1, reply = COALESCE(?2, reply) WHERE message_id = ?3 AND position = ?4",
+            )
+            .bind(r.state.as_str())
+            .bind(&r.reply)
+            .bind(claim.id)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
+            per_recipient.push(serde_json::json!({
+                "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
+            }));
+        }
+        sqlx::query(
+            "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
+                                   stage, code, enhanced_code, reply, detail, hint, recipients)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )
+        .bind(claim.id)
+        .bind(meta.started_at.timestamp_millis())
+        .bind(finished)
+        .bind(&meta.service_id)
+        .bind(&meta.relay)
+        .bind(meta.settings_version)
+        .bind(s.outcome.as_str())
+        .bind(s.stage.as_str())
+        .bind(s.reply.as_ref().map(|r| r.code as i64))
+        .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
+        .bind(s.reply.as_ref().map(|r| r.text.clone()))
+        .bind(&s.detail)
+        .bind(&s.hint)
+        .bind(serde_json::Value::Array(per_recipient).to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn list_messages(&self, f: &MessageFilter) -> Result<Vec<MessageSummary>> {
+        let rows = sqlx::query(
+            "SELECT m.*, (SELECT group_concat(address, ',') FROM recipients r WHERE r.message_id = m.id) AS rcpts
+             FROM messages m WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR origin = ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(f.state.map(|s| s.as_str()))
+        .bind(f.origin.map(|o| o.as_str()))
+        .bind(if f.limit == 0 { 100 } else { f.limit as i64 })
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let state = parse_state(r)?;
+                Ok(MessageSummary {
+                    id: r.get("id"),
+                    state,
+                    origin: parse_origin(r)?,
+                    from: r.get("from_addr"),
+                    to: r
+                        .get::<Option<String>, _>("rcpts")
+                        .map(|s| s.split(',').map(String::from).collect())
+                        .unwrap_or_default(),
+                    subject: r.get("subject"),
+                    created_at: from_ms(r.get("created_at")),
+                    updated_at: from_ms(r.get("updated_at")),
+                    attempt_count: r.get("attempts"),
+                    next_attempt_at: waiting(state).then(|| from_ms(r.get("next_attempt_at"))),
+                    failure_class: r.get("failure_class"),
+                    last_error: r.get("last_error"),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
+        let Some(r) = sqlx::query("SELECT * FROM messages WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?
+        else {
+            return Ok(None);
+        };
+        let content: OutgoingMessage = json(&r.get::<String, _>("content"))?;
+        let names = |list: &[panel_domain::Mailbox]| list.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+        let recipients =
+            sqlx::query("SELECT kind, address, state, reply FROM recipients WHERE message_id = ?1 ORDER BY position")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(|r| RecipientRow {
+                    kind: r.get("kind"),
+                    address: r.get("address"),
+                    state: r.get("state"),
+                    reply: r.get("reply"),
+                })
+                .collect();
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE message_id = ?1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|a| {
+                Ok(AttemptRow {
+                    at: from_ms(a.get("started_at")),
+                    finished_at: from_ms(a.get("finished_at")),
+                    outcome: a.get("outcome"),
+                    stage: a.get("stage"),
+                    code: a.get("code"),
+                    enhanced_code: a.get("enhanced_code"),
+                    reply: a.get("reply"),
+                    detail: a.get("detail"),
+                    hint: a.get("hint"),
+                    relay: a.get("relay"),
+                    service_id: a.get("service_id"),
+                    settings_version: a.get("settings_version"),
+                    recipients: json(&a.get::<String, _>("recipients"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let state = parse_state(&r)?;
+        Ok(Some(MessageDetail {
+            id,
+            state,
+            origin: parse_origin(&r)?,
+            from: content.from.to_string(),
+            to: names(&content.to),
+            cc: names(&content.cc),
+            bcc: names(&content.bcc),
+            reply_to: content.reply_to.as_ref().map(|m| m.to_string()),
+            subject: content.subject.clone(),
+            message_id: content.message_id.clone(),
+            used_fallback_recipient: content.used_fallback_recipient,
+            created_at: from_ms(r.get("created_at")),
+            updated_at: from_ms(r.get("updated_at")),
+            next_attempt_at: waiting(state).then(|| from_ms(r.get("next_attempt_at"))),
+            failure_class: r.get("failure_class"),
+            last_error: r.get("last_error"),
+            interrupted: r.get("interrupted"),
+            recipients,
+            attempts,
+        }))
+    }
+
+    pub async fn retry_message(&self, id: i64, now: i64) -> Result<RetryResult> {
+        let mut tx = self.write().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = ?1").bind(id).fetch_optional(&mut *tx).await?;
+        let Some(state) = state else { return Ok(RetryResult::NotFound) };
+        let state = MessageState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state '{state}'")))?;
+        if state != MessageState::Failed {
+            return Ok(RetryResult::NotFailed { state });
+        }
+        sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = ?1 AND state = 'failed'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE messages SET state = 'retrying', next_attempt_at = ?2, updated_at = ?2, window_start = ?2,
+                    failure_class = NULL WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RetryResult::Requeued)
+    }
+
+    pub async fn heartbeat(&self, s: &ServiceInfo, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO services (id, kind, host, pid, version, started_at, heartbeat_at, listen, wake_port)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, listen = excluded.listen,
+                                            wake_port = excluded.wake_port",
+        )
+        .bind(&s.id)
+        .bind(&s.kind)
+        .bind(&s.host)
+        .bind(s.pid)
+        .bind(&s.version)
+        .bind(s.started_at.timestamp_millis())
+        .bind(now)
+        .bind(&s.listen)
+        .bind(s.wake_port.map(i64::from))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn deregister(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM services WHERE id = ?1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn services(&self, prune_before: i64) -> Result<Vec<ServiceRow>> {
+        sqlx::query("DELETE FROM services WHERE heartbeat_at < ?1").bind(prune_before).execute(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM services ORDER BY started_at").fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ServiceRow {
+                info: ServiceInfo {
+                    id: r.get("id"),
+                    kind: r.get("kind"),
+                    host: r.get("host"),
+                    pid: r.get("pid"),
+                    version: r.get("version"),
+                    started_at: from_ms(r.get("started_at")),
+                    listen: r.get("listen"),
+                    wake_port: r.get::<Option<i64>, _>("wake_port").and_then(|p| u16::try_from(p).ok()),
+                },
+                heartbeat_at: from_ms(r.get("heartbeat_at")),
+            })
+            .collect())
+    }
+
+    pub async fn queue_stats(&self, now: i64) -> Result<QueueStats> {
+        let mut stats = QueueStats::default();
+        for (state, n) in sqlx::query_as::<_, (String, i64)>("SELECT state, COUNT(*) FROM messages GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            match state.as_str() {
+                "queued" => stats.queued = n,
+                "retrying" => stats.retrying = n,
+                "sending" => stats.sending = n,
+                "delivered" => stats.delivered = n,
+                "failed" => stats.failed = n,
+                _ => {}
+            }
+        }
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?1",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        stats.oldest_due_age_secs = oldest.map(|t| (now - t) / 1000);
+        Ok(stats)
+    }
+
+    pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(state.and_then(|s| MessageState::parse(&s)))
+    }
+}
+
+fn claim_from_row(r: &SqliteRow) -> Result<Claim> {
+    Ok(Claim {
+        reference: ClaimRef { id: r.get("id"), token: r.get("claim_token") },
+        origin: parse_origin(r)?,
+        message: json(&r.get::<String, _>("content"))?,
+        attempts: r.get("attempts"),
+        created_at: from_ms(r.get("window_start")),
+        pending: Vec::new(),
+    })
+}
+
+fn waiting(state: MessageState) -> bool {
+    matches!(state, MessageState::Queued | MessageState::Retrying)
+}
+
+fn class_str(c: FailureClass) -> &'static str {
+    match c {
+        FailureClass::Transient => "transient",
+        FailureClass::Permanent => "permanent",
+        FailureClass::Configuration => "configuration",
+    }
+}
+
+fn parse_state(r: &SqliteRow) -> Result<MessageState> {
+    let s: String = r.get("state");
+    MessageState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message state '{s}'")))
+}
+
+fn parse_origin(r: &SqliteRow) -> Result<Origin> {
+    let s: String = r.get("origin");
+    Origin::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message origin '{s}'")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

@@ -1,0 +1,202 @@
+//! The REST API (`/api/v1/...`) and health endpoints. Handlers only translate HTTP to the
+//! shared operations in `panel_service::ops`; nothing is sent inline from a request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use panel_domain::message::Draft;
+use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_service::ops::effective_view;
+use panel_service::{OpsError, Panel};
+use panel_store::{MessageFilter, RetryResult};
+use serde::Deserialize;
+use serde_json::json;
+
+pub fn router(panel: Panel) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/api/v1/settings/smtp", get(get_settings).put(put_settings))
+        .route("/api/v1/smtp/check", post(check))
+        .route("/api/v1/smtp/test", post(test_message))
+        .route("/api/v1/messages", get(list_messages).post(send_message))
+        .route("/api/v1/messages/{id}", get(show_message))
+        .route("/api/v1/messages/{id}/retry", post(retry_message))
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/queue", get(queue))
+        .with_state(panel)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    panel: Panel,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(panel)).with_graceful_shutdown(shutdown).await
+}
+
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+struct ApiError(OpsError);
+
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self.0 {
+            OpsError::Invalid(errors) => (StatusCode::BAD_REQUEST, json!({"error": "invalid input", "fields": errors})),
+            OpsError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": self.0.to_string()})),
+            OpsError::NotConfigured => (StatusCode::CONFLICT, json!({"error": self.0.to_string()})),
+            _ => {
+                tracing::error!(error = %self.0, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": self.0.to_string()}))
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(value: impl serde::Serialize) -> ApiResult {
+    Ok(Json(value).into_response())
+}
+
+async fn ready(State(p): State<Panel>) -> Response {
+    match p.store.settings_version().await {
+        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": e.to_string()})))
+            .into_response(),
+    }
+}
+
+async fn get_settings(State(p): State<Panel>) -> ApiResult {
+    let Some(stored) = p.stored_settings().await? else {
+        return Ok((StatusCode::NOT_FOUND, Json(json!({"error": OpsError::NotConfigured.to_string()}))).into_response());
+    };
+    let effective = p.settings().await?.map(|(_, s)| effective_view(&s));
+    ok(
+        json!({"version": stored.version, "saved_at": stored.saved_at, "saved_by": stored.saved_by, "stored": stored.doc, "effective": effective}),
+    )
+}
+
+async fn put_settings(
+    State(p): State<Panel>,
+    body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(patch) = body.map_err(|e| {
+        let mut errors = panel_domain::FieldErrors::default();
+        errors.push("body", e.body_text());
+        OpsError::Invalid(errors)
+    })?;
+    let (version, settings) = p.update_settings(&patch, "api").await?;
+    ok(json!({"version": version, "effective": effective_view(&settings)}))
+}
+
+async fn check(State(p): State<Panel>) -> ApiResult {
+    ok(p.check().await?)
+}
+
+#[derive(Deserialize, Default)]
+struct TestRequest {
+    to: Option<String>,
+    /// Seconds to wait for the outcome before answering.
+    wait: Option<u64>,
+}
+
+async fn test_message(State(p): State<Panel>, body: Option<Json<TestRequest>>) -> ApiResult {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let id = p.enqueue_test(req.to.as_deref()).await?;
+    enqueued(&p, id, req.wait).await
+}
+
+#[derive(Deserialize)]
+struct SendRequest {
+    #[serde(flatten)]
+    draft: Draft,
+    wait: Option<u64>,
+}
+
+async fn send_message(
+    State(p): State<Panel>,
+    body: Result<Json<SendRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(req) = body.map_err(|e| {
+        let mut errors = panel_domain::FieldErrors::default();
+        errors.push("body", e.body_text());
+        OpsError::Invalid(errors)
+    })?;
+    let id = p.enqueue_draft(Origin::MailTester, &req.draft).await?;
+    enqueued(&p, id, req.wait).await
+}
+
+async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
+    let running = !p.live_services().await?.is_empty();
+    let message = match wait {
+        Some(secs) if secs > 0 => Some(p.wait_for(id, Duration::from_secs(secs.min(300))).await?),
+        _ => None,
+    };
+    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "service_running": running, "message": message}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    origin: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> ApiResult {
+    let mut errors = panel_domain::FieldErrors::default();
+    let state = q.state.as_deref().and_then(|s| {
+        let v = MessageState::parse(s);
+        if v.is_none() {
+            errors.push("state", format!("'{s}' is not a state; use one of {}", MessageState::ALL.join(", ")));
+        }
+        v
+    });
+    let origin = q.origin.as_deref().and_then(|s| {
+        let v = Origin::parse(s);
+        if v.is_none() {
+            errors.push("origin", format!("'{s}' is not an origin; use one of {}", Origin::ALL.join(", ")));
+        }
+        v
+    });
+    if !errors.is_empty() {
+        return Err(OpsError::Invalid(errors).into());
+    }
+    let filter = MessageFilter { state, origin, limit: q.limit.unwrap_or(100).min(1000) };
+    ok(p.store.list_messages(&filter).await.map_err(OpsError::from)?)
+}
+
+async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+    ok(p.store.message(id).await.map_err(OpsError::from)?.ok_or(OpsError::NotFound(id))?)
+}
+
+async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+    match p.retry(id).await? {
+        RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
+        r @ RetryResult::NotFailed { .. } => Ok((StatusCode::CONFLICT, Json(r)).into_response()),
+        r => ok(r),
+    }
+}
+
+async fn services(State(p): State<Panel>) -> ApiResult {
+    ok(p.live_services().await?)
+}
+
+async fn queue(State(p): State<Panel>) -> ApiResult {
+    ok(p.store.queue_stats(chrono::Utc::now()).await.map_err(OpsError::from)?)
+}
