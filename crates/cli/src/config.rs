@@ -23,6 +23,7 @@ pub struct WorkerSection {
     pub concurrency: Option<usize>,
     pub lease: Option<String>,
     pub poll: Option<String>,
+    pub idle_connection: Option<String>,
 }
 
 impl FileConfig {

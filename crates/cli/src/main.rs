@@ -330,6 +330,9 @@ fn worker_config(args: &WorkerArgs, file: &FileConfig) -> Result<WorkerConfig, F
     if let Some(d) = duration("poll", &file.worker.poll)? {
         c.poll = d.max(Duration::from_millis(50));
     }
+    if let Some(d) = duration("idle_connection", &file.worker.idle_connection)? {
+        c.idle_connection = d;
+    }
     Ok(c)
 }
 

@@ -1,4 +1,4 @@
-//! Human-friendly durations for settings: `90s`, `5m`, `1h30m`, `2d`, or a plain number of seconds.
+//! Human-friendly durations for settings: `250ms`, `90s`, `5m`, `1h30m`, `2d`, or a plain number of seconds.
 
 use std::time::Duration;
 
@@ -10,29 +10,36 @@ pub fn parse(value: &str) -> Result<Duration, String> {
     if let Ok(secs) = value.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total = 0u64;
+    let mut total_ms = 0u64;
     let mut digits = String::new();
-    for c in value.chars() {
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
         }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(format!("'{value}' has an unknown unit '{c}'; use s, m, h or d (e.g. 90s, 5m, 1h)")),
+        let unit_ms = match c {
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            _ => return Err(format!("'{value}' has an unknown unit '{c}'; use ms, s, m, h or d (e.g. 90s, 5m, 1h)")),
         };
         let n: u64 = digits.parse().map_err(|_| format!("'{value}' is not a duration; write e.g. 90s, 5m, 1h"))?;
-        total =
-            n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(|| format!("'{value}' is too long"))?;
+        total_ms = n
+            .checked_mul(unit_ms)
+            .and_then(|v| total_ms.checked_add(v))
+            .ok_or_else(|| format!("'{value}' is too long"))?;
         digits.clear();
     }
     if !digits.is_empty() {
         return Err(format!("'{value}' ends without a unit; write e.g. {digits}s"));
     }
-    Ok(Duration::from_secs(total))
+    Ok(Duration::from_millis(total_ms))
 }
 
 /// Formats whole seconds back into the shortest form `parse` accepts.
@@ -71,6 +78,8 @@ mod tests {
         assert_eq!(parse("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("1d").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
         assert!(parse("5x").unwrap_err().contains("unknown unit"));
         assert!(parse("1h30").unwrap_err().contains("without a unit"));
         assert!(parse("").is_err());

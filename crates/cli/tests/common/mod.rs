@@ -1,0 +1,189 @@
+//! Running the `panel` binary as a user would: a data directory per test, CLI calls, and a
+//! worker or service process that is killed when the test ends.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use panel_testlab::{LAB_PASSWORD, LAB_USER, PostfixLab, Proxy};
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+impl Env {
+    /// A fresh data directory with a fast worker configuration (short lease, poll and idle time).
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("panel.toml"),
+            "[worker]\nlease = \"3s\"\npoll = \"200ms\"\nidle_connection = \"1s\"\n",
+        )
+        .unwrap();
+        Env { dir, children: Vec::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_panel"));
+        c.args(args).env("PANEL_DATA_DIR", self.path()).env_remove("PANEL_DATABASE_URL").env_remove("PANEL_CONFIG");
+        c
+    }
+
+    pub fn panel(&self, args: &[&str]) -> Run {
+        let Output { status, stdout, stderr } = self.command(args).output().expect("panel runs");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into(),
+            stderr: String::from_utf8_lossy(&stderr).into(),
+        }
+    }
+
+    /// Runs and asserts exit 0.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.panel(args);
+        assert_eq!(r.code, 0, "panel {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+        r
+    }
+
+    /// Starts `panel worker` (or any long-running command) in the background.
+    pub fn spawn(&mut self, args: &[&str]) -> u32 {
+        let log = std::fs::File::create(self.path().join(format!("service-{}.log", self.children.len()))).unwrap();
+        let child = self.command(args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn panel");
+        let pid = child.id();
+        self.children.push(child);
+        self.wait_for_services(self.children.len());
+        pid
+    }
+
+    pub fn wait_for_services(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.ok(&["services", "list", "--json"]);
+            if r.json().as_array().unwrap().len() >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "service did not register: {}", self.service_logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill_9(&mut self, pid: u32) {
+        let child = self.children.iter_mut().find(|c| c.id() == pid).expect("our child");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    pub fn service_logs(&self) -> String {
+        let mut s = String::new();
+        for i in 0..self.children.len() {
+            s.push_str(&std::fs::read_to_string(self.path().join(format!("service-{i}.log"))).unwrap_or_default());
+        }
+        s
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// Relay settings for one of the lab's ports.
+    pub fn configure(&self, lab: &PostfixLab, port: u16, security: &str, extra: &[&str]) {
+        let port = port.to_string();
+        let mut args = vec![
+            "smtp",
+            "set",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--security",
+            security,
+            "--from",
+            "Identity Panel <panel@example.org>",
+            "--fallback-recipient",
+            "ops@example.org",
+            "--command-timeout",
+            "5",
+            "--connect-timeout",
+            "3",
+        ];
+        let ca = lab.ca_file.display().to_string();
+        if security != "none" && !extra.contains(&"--pin-sha256") && !extra.contains(&"--no-ca") {
+            args.extend(["--ca-file", &ca, "--tls-server-name", "localhost"]);
+        }
+        args.extend(extra.iter().filter(|a| **a != "--no-ca"));
+        self.ok(&args);
+    }
+
+    pub fn password_args(&self, password: &str) -> Vec<String> {
+        let file = self.write("relay-password", password);
+        vec![
+            "--auth".into(),
+            "password".into(),
+            "--username".into(),
+            LAB_USER.into(),
+            "--password-file".into(),
+            file.display().to_string(),
+        ]
+    }
+
+    pub fn message(&self, id: i64) -> serde_json::Value {
+        self.ok(&["messages", "show", &id.to_string(), "--json"]).json()
+    }
+
+    /// Polls message `id` until `pred` holds.
+    pub fn wait_message(
+        &self,
+        id: i64,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.message(id);
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "message {id} did not reach the expected state: {m:#}\n{}",
+                self.service_logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn id_of(run: &Run) -> i64 {
+    run.json()["id"].as_i64().unwrap_or_else(|| panic!("no id in {}", run.stdout))
+}

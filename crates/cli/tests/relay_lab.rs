@@ -1,0 +1,375 @@
+//! End-to-end tests: the `panel` binary against a real, private Postfix relay on loopback.
+//! Each test starts its own lab and data directory, so they run in parallel without sharing state.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn lab() -> Option<PostfixLab> {
+    PostfixLab::start()
+}
+
+fn state(m: &serde_json::Value) -> &str {
+    m["state"].as_str().unwrap()
+}
+
+#[test]
+fn test_message_is_delivered_on_the_plain_port_with_from_and_to_as_configured() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    env.spawn(&["worker"]);
+    let run = env.ok(&["smtp", "test", "--wait", "20", "--json"]);
+    let m = run.json();
+    assert_eq!(state(&m), "delivered", "{m:#}");
+    assert_eq!(m["origin"], "test_message");
+    assert_eq!(m["used_fallback_recipient"], true);
+    let attempt = &m["attempts"][0];
+    assert_eq!(attempt["code"], 250);
+    assert_eq!(attempt["outcome"], "delivered");
+    assert!(attempt["reply"].as_str().unwrap().contains("queued as"), "{attempt}");
+
+    let message_id = m["message_id"].as_str().unwrap();
+    let mails = lab.wait_for_messages(message_id, 1, WAIT);
+    assert_eq!(mails.len(), 1, "exactly one copy in the Maildir");
+    let mail = &mails[0];
+    assert!(mail.contains("From: \"Identity Panel\" <panel@example.org>"), "{mail}");
+    assert!(mail.contains("To: ops@example.org"), "{mail}");
+    assert!(mail.contains("Subject: Panel test message"), "{mail}");
+    assert!(mail.contains("Return-Path: <panel@example.org>"), "envelope sender: {mail}");
+}
+
+#[test]
+fn starttls_with_password_auth_delivers() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    let pw = env.password_args(LAB_PASSWORD);
+    let pw: Vec<&str> = pw.iter().map(String::as_str).collect();
+    env.configure(&lab, lab.submission_port, "starttls", &pw);
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 0, "{}", check.stdout);
+    let report = check.json();
+    assert_eq!(report["tls"]["sha256"], lab.cert_sha256.as_str());
+    assert_eq!(report["tls"]["issuer"], "CN=Panel Test CA");
+    assert!(report["tls"]["protocol"].as_str().unwrap().starts_with("TLSv1."));
+    let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["dns", "tcp", "greeting", "ehlo", "starttls", "tls", "ehlo", "auth", "mail", "rcpt", "quit"]);
+
+    env.spawn(&["worker"]);
+    let m = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
+    assert_eq!(state(&m), "delivered", "{m:#}");
+    let mail = &lab.wait_for_messages(m["message_id"].as_str().unwrap(), 1, WAIT)[0];
+    assert!(mail.contains("(Authenticated sender: panel)"), "{mail}");
+}
+
+#[test]
+fn implicit_tls_with_password_auth_delivers() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    let pw = env.password_args(LAB_PASSWORD);
+    let pw: Vec<&str> = pw.iter().map(String::as_str).collect();
+    env.configure(&lab, lab.smtps_port, "tls", &pw);
+    env.spawn(&["worker"]);
+    let m = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
+    assert_eq!(state(&m), "delivered", "{m:#}");
+    assert_eq!(lab.wait_for_messages(m["message_id"].as_str().unwrap(), 1, WAIT).len(), 1);
+}
+
+#[test]
+fn untrusted_certificate_is_refused_and_a_pinned_one_accepted() {
+    let Some(lab) = lab() else { return };
+    let env = Env::new();
+    env.configure(&lab, lab.plain_port, "starttls", &["--no-ca"]);
+    let check = env.panel(&["smtp", "check"]);
+    assert_eq!(check.code, 1);
+    assert!(check.stdout.contains("unknown CA"), "{}", check.stdout);
+    assert!(check.stdout.contains("--pin-sha256"), "the hint names the fix: {}", check.stdout);
+    assert!(check.stdout.contains(&lab.cert_sha256), "the fingerprint to pin is shown: {}", check.stdout);
+
+    env.ok(&["smtp", "set", "--pin-sha256", &lab.cert_sha256]);
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 0, "{}", check.stdout);
+    assert_eq!(check.json()["tls"]["verification"], "pinned fingerprint matches");
+
+    env.ok(&["smtp", "set", "--pin-sha256", &"00".repeat(32)]);
+    let check = env.panel(&["smtp", "check"]);
+    assert_eq!(check.code, 1);
+    assert!(check.stdout.contains("does not match the pinned"), "{}", check.stdout);
+}
+
+#[test]
+fn wrong_password_is_a_configuration_error_and_the_fix_resends_the_message() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    let pw = env.password_args("wrong-password");
+    let pw: Vec<&str> = pw.iter().map(String::as_str).collect();
+    env.configure(&lab, lab.submission_port, "starttls", &pw);
+    env.spawn(&["worker"]);
+    let run = env.panel(&["smtp", "test", "--wait", "20", "--json"]);
+    assert_eq!(run.code, 1, "not delivered: exit 1");
+    let m = run.json();
+    assert_eq!(state(&m), "failed");
+    assert_eq!(m["failure_class"], "configuration");
+    let a = &m["attempts"][0];
+    assert_eq!(a["outcome"], "configuration_error");
+    assert_eq!(a["stage"], "auth");
+    assert_eq!(a["code"], 535);
+    assert!(a["hint"].as_str().unwrap().contains("username or password"));
+    assert!(!run.stdout.contains("wrong-password") && !run.stderr.contains("wrong-password"), "no secret in output");
+    assert!(!env.service_logs().contains("wrong-password"), "no secret in logs");
+
+    // Fixing the password releases the held message without a manual retry.
+    std::fs::write(env.path().join("relay-password"), LAB_PASSWORD).unwrap();
+    env.ok(&["smtp", "set", "--username", LAB_USER]);
+    let id = m["id"].as_i64().unwrap();
+    let m = env.wait_message(id, WAIT, |m| state(m) == "delivered");
+    assert_eq!(m["attempts"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_550_recipient_fails_at_once_and_the_others_are_delivered() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    env.spawn(&["worker"]);
+    let run = env.panel(&[
+        "send",
+        "--to",
+        "reject-nobody@example.org",
+        "--to",
+        "alice@example.org",
+        "--subject",
+        "mixed recipients",
+        "--text",
+        "hello",
+        "--wait",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(run.code, 1);
+    let m = run.json();
+    assert_eq!(state(&m), "failed");
+    assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "no retry for a 5xx");
+    assert_eq!(m["attempts"][0]["outcome"], "partially_delivered");
+    let rcpts = m["recipients"].as_array().unwrap();
+    assert_eq!(rcpts[0]["address"], "reject-nobody@example.org");
+    assert_eq!(rcpts[0]["state"], "failed");
+    assert!(rcpts[0]["reply"].as_str().unwrap().starts_with("550 5.1.1"), "{rcpts:?}");
+    assert_eq!(rcpts[1]["state"], "delivered");
+    let mails = lab.wait_for_messages(m["message_id"].as_str().unwrap(), 1, WAIT);
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].contains("Delivered-To: alice@example.org"), "{}", mails[0]);
+    let shown = env.ok(&["messages", "show", &m["id"].to_string()]).stdout;
+    assert!(shown.contains("reject-nobody@example.org") && shown.contains("550"), "{shown}");
+}
+
+#[test]
+fn a_451_is_retried_and_delivered_once_lifted() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &["--retry-schedule", "1s"]);
+    lab.defer("later@example.org");
+    env.spawn(&["worker"]);
+    let id = id_of(&env.ok(&["send", "--to", "later@example.org", "--subject", "deferred", "--text", "x", "--json"]));
+    let m = env.wait_message(id, WAIT, |m| m["attempts"].as_array().unwrap().len() >= 2);
+    assert_eq!(state(&m), "retrying");
+    assert_eq!(m["attempts"][0]["code"], 451);
+    assert_eq!(m["attempts"][0]["outcome"], "temporary_failure");
+    lab.undefer("later@example.org");
+    let m = env.wait_message(id, WAIT, |m| state(m) == "delivered");
+    assert_eq!(lab.wait_for_messages(m["message_id"].as_str().unwrap(), 1, WAIT).len(), 1);
+}
+
+#[test]
+fn wrong_security_mode_for_the_port_gives_the_fix() {
+    let Some(lab) = lab() else { return };
+    let env = Env::new();
+    env.configure(&lab, lab.plain_port, "tls", &[]);
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 1);
+    let f = &check.json()["failure"];
+    assert_eq!(f["class"], "configuration");
+    assert!(f["hint"].as_str().unwrap().contains("--security starttls"), "{f}");
+
+    env.configure(&lab, lab.smtps_port, "starttls", &[]);
+    env.ok(&["smtp", "set", "--command-timeout", "2"]);
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 1);
+    let f = &check.json()["failure"];
+    assert_eq!(f["stage"], "greeting");
+    assert!(f["hint"].as_str().unwrap().contains("--security tls"), "{f}");
+}
+
+#[test]
+fn relay_down_means_retrying_then_delivered_when_it_is_back() {
+    let Some(lab) = lab() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut proxy = Proxy::new(lab.plain_port);
+    let mut env = Env::new();
+    env.configure(&lab, proxy.port, "none", &["--retry-schedule", "1s"]);
+    env.spawn(&["worker"]);
+    let run = env.panel(&["smtp", "test", "--wait", "20", "--json"]);
+    assert_eq!(run.code, 1);
+    let m = run.json();
+    assert_eq!(state(&m), "retrying");
+    assert_eq!(m["attempts"][0]["stage"], "tcp");
+    assert!(m["attempts"][0]["detail"].as_str().unwrap().contains("connection refused"));
+    rt.block_on(proxy.start());
+    let m = env.wait_message(m["id"].as_i64().unwrap(), WAIT, |m| state(m) == "delivered");
+    assert_eq!(lab.wait_for_messages(m["message_id"].as_str().unwrap(), 1, WAIT).len(), 1);
+}
+
+#[test]
+fn kill_9_of_the_worker_mid_queue_loses_nothing() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    const N: usize = 60;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(id_of(&env.ok(&[
+            "send",
+            "--to",
+            "bulk@example.org",
+            "--subject",
+            &format!("bulk-kill9 {i}"),
+            "--text",
+            "x",
+            "--json",
+        ])));
+    }
+    let pid = env.spawn(&["worker", "--concurrency", "2"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while lab.messages_with("bulk-kill9").len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "worker delivered nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    env.kill_9(pid);
+    let delivered_before = lab.messages_with("bulk-kill9").len();
+    assert!(delivered_before < N, "the kill came too late to prove anything");
+    env.spawn(&["worker"]);
+    for id in &ids {
+        env.wait_message(*id, WAIT, |m| state(m) == "delivered");
+    }
+    let mails = lab.wait_for_messages("bulk-kill9", N, WAIT);
+    let mut subjects: Vec<String> =
+        mails.iter().map(|m| m.lines().find(|l| l.starts_with("Subject:")).unwrap().to_string()).collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), N, "every message arrived");
+    let interrupted: i64 = ids.iter().map(|id| env.message(*id)["interrupted"].as_i64().unwrap()).sum();
+    let duplicates = mails.len() - N;
+    assert!(
+        duplicates as i64 <= interrupted,
+        "duplicates ({duplicates}) only where a worker died mid-send ({interrupted})"
+    );
+}
+
+#[test]
+fn a_settings_change_reaches_the_running_service_at_once() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let first = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
+    assert_eq!(state(&first), "delivered");
+    env.ok(&["smtp", "set", "--fallback-recipient", "new-fallback@example.org"]);
+    let second = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
+    assert_eq!(state(&second), "delivered");
+    let mail = &lab.wait_for_messages(second["message_id"].as_str().unwrap(), 1, WAIT)[0];
+    assert!(mail.contains("To: new-fallback@example.org"), "{mail}");
+    assert!(second["attempts"][0]["settings_version"].as_i64() > first["attempts"][0]["settings_version"].as_i64());
+}
+
+#[test]
+fn ip_allow_listing_relays_for_loopback_only_and_unauthenticated_submission_is_denied() {
+    let Some(lab) = lab() else { return };
+    // Another source address gets 554 from the plain port.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reply = rt.block_on(async {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let stream = socket.connect(format!("127.0.0.1:{}", lab.plain_port).parse().unwrap()).await.unwrap();
+        let mut io = BufReader::new(stream);
+        let mut line = String::new();
+        let mut last = String::new();
+        for cmd in ["", "EHLO foreign.example\r\n", "MAIL FROM:<a@example.org>\r\n", "RCPT TO:<b@example.org>\r\n"] {
+            io.get_mut().write_all(cmd.as_bytes()).await.unwrap();
+            loop {
+                line.clear();
+                io.read_line(&mut line).await.unwrap();
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    break;
+                }
+            }
+            last = line.clone();
+        }
+        last
+    });
+    assert!(reply.starts_with("554 5.7.1") && reply.contains("Relay access denied"), "{reply}");
+
+    // Panel on the submission port without credentials: denied, with the allow-list hint.
+    let env = Env::new();
+    env.configure(&lab, lab.submission_port, "starttls", &[]);
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 1);
+    let f = &check.json()["failure"];
+    assert_eq!(f["stage"], "rcpt");
+    assert_eq!(f["code"], 554);
+    assert!(f["hint"].as_str().unwrap().contains("allow-listed"), "{f}");
+}
+
+#[test]
+fn without_a_running_service_the_test_message_waits_and_says_so() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    let run = env.ok(&["smtp", "test"]);
+    assert!(run.stdout.contains("No Panel Service or worker is running"), "{}", run.stdout);
+    let id: i64 = run.stdout.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(state(&env.message(id)), "queued");
+    env.spawn(&["worker"]);
+    env.wait_message(id, WAIT, |m| state(m) == "delivered");
+}
+
+#[test]
+fn dot_lines_utf8_and_html_arrive_intact() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    env.spawn(&["worker"]);
+    let text = env.write("body.txt", "line one\n.\n.leading dot\nend\n");
+    let html = env.write("body.html", "<p>Grüße</p>");
+    let m = env
+        .ok(&[
+            "send",
+            "--to",
+            "Jörg Müller <joerg@example.org>",
+            "--bcc",
+            "hidden@example.org",
+            "--subject",
+            "Passwort läuft ab",
+            "--text-file",
+            text.to_str().unwrap(),
+            "--html-file",
+            html.to_str().unwrap(),
+            "--wait",
+            "20",
+            "--json",
+        ])
+        .json();
+    assert_eq!(state(&m), "delivered");
+    let mails = lab.wait_for_messages(m["message_id"].as_str().unwrap(), 2, WAIT);
+    assert_eq!(mails.len(), 2, "To and Bcc each get a copy");
+    let mail = &mails[0];
+    assert!(mail.contains("\n.\n.leading dot\n") || mail.contains("multipart/alternative"), "{mail}");
+    assert!(mail.contains("multipart/alternative"));
+    assert!(mail.contains("Subject: Passwort =?utf-8?"), "{mail}");
+    assert!(!mail.to_ascii_lowercase().contains("bcc:"), "Bcc never in headers");
+}

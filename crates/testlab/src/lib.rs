@@ -1,0 +1,374 @@
+//! A private Postfix instance for tests: never the system one, loopback only, delivering every
+//! accepted message into one Maildir that tests read back. Needs root and the Debian packages
+//! postfix, sasl2-bin, libsasl2-modules and openssl (`.ci/run` installs them).
+//!
+//! Without Postfix, `PostfixLab::start` returns `None` after printing a notice, so a laptop's
+//! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
+
+mod proxy;
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use proxy::Proxy;
+
+pub const LAB_USER: &str = "panel";
+pub const LAB_PASSWORD: &str = "lab-password-not-secret";
+pub const LAB_HOSTNAME: &str = "lab.panel.test";
+/// Recipients starting with this are refused with 550 5.1.1.
+pub const REJECT_PREFIX: &str = "reject-";
+
+pub struct PostfixLab {
+    dir: tempfile::TempDir,
+    /// Relays only for 127.0.0.1 (IP allow-listing); STARTTLS offered but optional; no AUTH.
+    pub plain_port: u16,
+    /// STARTTLS required, then AUTH PLAIN/LOGIN required.
+    pub submission_port: u16,
+    /// Implicit TLS, then AUTH required.
+    pub smtps_port: u16,
+    pub ca_file: PathBuf,
+    /// SHA-256 fingerprint of the server certificate, hex.
+    pub cert_sha256: String,
+    deferred: Mutex<Vec<String>>,
+}
+
+/// True when a missing component must fail the test run instead of skipping.
+pub fn real_required() -> bool {
+    std::env::var("PANEL_TEST_REAL").is_ok_and(|v| v == "1")
+}
+
+/// Returns `None` (test should skip) when a required component is absent and skipping is allowed.
+pub fn require(component: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if real_required() {
+        panic!("{component} is required (PANEL_TEST_REAL=1) but not available; run .ci/run or install it");
+    }
+    eprintln!(
+        "SKIPPED: {component} is not available on this machine; the test needing it did not run (set PANEL_TEST_REAL=1 to make this an error)"
+    );
+    false
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn id_of(flag: &str, name: &str) -> String {
+    let out = Command::new("id").args([flag, name]).output().expect("id");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl PostfixLab {
+    pub fn start() -> Option<PostfixLab> {
+        let installed = Path::new("/usr/sbin/postfix").exists() && Path::new("/usr/sbin/saslpasswd2").exists();
+        if !require("Postfix (postfix, sasl2-bin)", installed) {
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("panel-postfix-").tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        for sub in ["conf", "queue", "data", "log", "mail", "sasl", "tls"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+            fs::set_permissions(root.join(sub), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let (uid, gid) = (id_of("-u", "postfix"), id_of("-g", "postfix"));
+        run(Command::new("chown").args(["-R", "postfix:postfix"]).arg(root.join("mail")).arg(root.join("data")));
+
+        let ca_file = make_certificates(&root.join("tls"));
+        let cert_sha256 = fingerprint(&root.join("tls/server.pem"));
+
+        // SASL users in a private sasldb; the realm must be Postfix's myhostname.
+        let sasldb = root.join("sasl/sasldb2");
+        // Debian's smtpd looks for CONFIG_DIR/sasl/smtpd.conf whatever cyrus_sasl_config_path says.
+        fs::create_dir_all(root.join("conf/sasl")).unwrap();
+        fs::write(
+            root.join("conf/sasl/smtpd.conf"),
+            format!(
+                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {}\nmech_list: PLAIN LOGIN\n",
+                sasldb.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("saslpasswd2")
+            .args(["-p", "-c", "-f"])
+            .arg(&sasldb)
+            .args(["-u", LAB_HOSTNAME, LAB_USER])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("saslpasswd2");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(LAB_PASSWORD.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "saslpasswd2 failed");
+        run(Command::new("chown").arg("postfix:postfix").arg(&sasldb));
+
+        fs::write(root.join("conf/rcpt_access"), rcpt_access(&[])).unwrap();
+        fs::write(root.join("conf/vmailbox"), "/^/ sink/\n").unwrap();
+
+        let (plain_port, submission_port, smtps_port) = (free_port(), free_port(), free_port());
+        let r = root.display();
+        let main_cf = format!(
+            "compatibility_level = 3.6
+queue_directory = {r}/queue
+data_directory = {r}/data
+maillog_file = {r}/log/postfix.log
+maillog_file_prefixes = {r}
+myhostname = {LAB_HOSTNAME}
+mydomain = panel.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.1/32
+alias_maps =
+alias_database =
+virtual_mailbox_domains =
+default_transport = virtual
+relay_transport = virtual
+virtual_mailbox_maps = regexp:{r}/conf/vmailbox
+virtual_mailbox_base = {r}/mail
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+smtpd_recipient_restrictions = check_recipient_access regexp:{r}/conf/rcpt_access
+smtpd_delay_reject = no
+smtpd_peername_lookup = no
+local_header_rewrite_clients =
+always_add_missing_headers = no
+message_drop_headers =
+smtputf8_enable = yes
+biff = no
+smtpd_tls_cert_file = {r}/tls/server.pem
+smtpd_tls_key_file = {r}/tls/server.key
+smtpd_tls_security_level = may
+smtpd_sasl_type = cyrus
+cyrus_sasl_config_path = {r}/conf/sasl
+smtpd_sasl_path = smtpd
+smtpd_sasl_auth_enable = no
+smtpd_tls_auth_only = yes
+smtpd_sasl_authenticated_header = yes
+smtpd_client_connection_rate_limit = 0
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 1000
+smtpd_hard_error_limit = 1000
+"
+        );
+        fs::write(root.join("conf/main.cf"), main_cf).unwrap();
+        let auth = "-o smtpd_sasl_auth_enable=yes -o smtpd_relay_restrictions=permit_sasl_authenticated,reject";
+        let master_cf = format!(
+            "127.0.0.1:{plain_port} inet n - n - - smtpd
+127.0.0.1:{submission_port} inet n - n - - smtpd -o smtpd_tls_security_level=encrypt -o smtpd_tls_auth_only=yes {auth}
+127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes {auth}
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+virtual unix - n n - - virtual
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"
+        );
+        fs::write(root.join("conf/master.cf"), master_cf).unwrap();
+        let lab = PostfixLab {
+            dir,
+            plain_port,
+            submission_port,
+            smtps_port,
+            ca_file,
+            cert_sha256,
+            deferred: Mutex::new(Vec::new()),
+        };
+        lab.postfix(&["start"]);
+        for port in [plain_port, submission_port, smtps_port] {
+            lab.wait_for_port(port);
+        }
+        Some(lab)
+    }
+
+    fn postfix(&self, args: &[&str]) {
+        let mut cmd = Command::new("postfix");
+        cmd.arg("-c").arg(self.dir.path().join("conf")).args(args);
+        let out = cmd.output().expect("postfix");
+        assert!(
+            out.status.success(),
+            "postfix {args:?} failed: {}{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    fn wait_for_port(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "postfix did not open port {port}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log/postfix.log")).unwrap_or_default()
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.dir.path().join("mail/sink")
+    }
+
+    /// Every delivered message (one file per recipient), as text.
+    pub fn messages(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(entries) = fs::read_dir(self.maildir().join(sub)) {
+                for e in entries.flatten() {
+                    if let Ok(text) = fs::read_to_string(e.path()) {
+                        out.push(text);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Messages whose text contains `needle` (e.g. a unique subject or address).
+    pub fn messages_with(&self, needle: &str) -> Vec<String> {
+        self.messages().into_iter().filter(|m| m.contains(needle)).collect()
+    }
+
+    /// Waits until `count` messages contain `needle`; the 250 comes before the Maildir write.
+    pub fn wait_for_messages(&self, needle: &str, count: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.messages_with(needle);
+            if found.len() >= count || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Makes the relay answer `451 4.3.0` to RCPT for `address` until `undefer`.
+    pub fn defer(&self, address: &str) {
+        let mut list = self.deferred.lock().unwrap();
+        list.push(address.to_string());
+        self.write_access(&list);
+    }
+
+    pub fn undefer(&self, address: &str) {
+        let mut list = self.deferred.lock().unwrap();
+        list.retain(|a| a != address);
+        self.write_access(&list);
+    }
+
+    fn write_access(&self, deferred: &[String]) {
+        fs::write(self.dir.path().join("conf/rcpt_access"), rcpt_access(deferred)).unwrap();
+        // New smtpd processes read the new table; a running session keeps the old one.
+        self.postfix(&["reload"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn rcpt_access(deferred: &[String]) -> String {
+    let mut s = format!("/^{REJECT_PREFIX}/ 550 5.1.1 Mailbox unavailable\n");
+    for a in deferred {
+        let escaped: String =
+            a.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("\\{c}") }).collect();
+        s.push_str(&format!("/^{escaped}$/ 451 4.3.0 Temporary lookup failure, try again later\n"));
+    }
+    s
+}
+
+impl Drop for PostfixLab {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix").arg("-c").arg(self.dir.path().join("conf")).arg("stop").output();
+    }
+}
+
+/// A test CA and a server certificate for localhost, 127.0.0.1 and ::1. Returns the CA file.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let d = |f: &str| dir.join(f);
+    let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Panel Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    fs::write(
+        d("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    fs::set_permissions(d("server.key"), fs::Permissions::from_mode(0o600)).unwrap();
+    d("ca.pem")
+}
+
+fn fingerprint(cert: &Path) -> String {
+    let out =
+        Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().rsplit('=').next().unwrap().replace(':', "").to_ascii_lowercase()
+}
