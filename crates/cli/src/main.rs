@@ -57,7 +57,7 @@ enum Command {
     #[command(subcommand)]
     Smtp(SmtpCommand),
     /// The mail tester: send an ad-hoc message through the queue and the relay.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// The message log.
     #[command(subcommand)]
     Messages(MessagesCommand),
@@ -77,7 +77,7 @@ struct WorkerArgs {
 enum SmtpCommand {
     /// Store relay settings. Only the fields given change; '' clears a field. The first call needs
     /// --host, --from and --fallback-recipient.
-    Set(SetArgs),
+    Set(Box<SetArgs>),
     /// Print the relay settings in force.
     Show(JsonFlag),
     /// Connect to the relay now and report every stage; sends nothing. Exit 0 only when a
@@ -301,7 +301,7 @@ async fn run(cli: Cli) -> CmdResult {
         }
         Command::Worker { worker } => serve(panel, None, worker_config(&worker, &resolved.file)?).await,
         Command::Smtp(cmd) => smtp(panel, cmd).await,
-        Command::Send(args) => send(panel, args).await,
+        Command::Send(args) => send(panel, *args).await,
         Command::Messages(cmd) => messages(panel, cmd).await,
         Command::Services(ServicesCommand::List(f)) => {
             let services = panel.live_services().await?;
@@ -406,7 +406,7 @@ async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
     match cmd {
         SmtpCommand::Set(args) => {
             let json = args.json;
-            let patch = settings_patch(args)?;
+            let patch = settings_patch(*args)?;
             let who = std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into());
             let (version, settings) = panel.update_settings(&patch, &who).await?;
             output::settings_saved(version, &settings, json);

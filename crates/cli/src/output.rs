@@ -179,10 +179,7 @@ pub fn message_list(list: &[MessageSummary], json: bool) {
         println!("No messages.");
         return;
     }
-    println!(
-        "{:>6}  {:<10}  {:<12}  {:<24}  {:<30}  {}",
-        "ID", "STATE", "ORIGIN", "CREATED", "TO", "SUBJECT / LAST ERROR"
-    );
+    println!("{:>6}  {:<10}  {:<12}  {:<24}  {:<30}  SUBJECT / LAST ERROR", "ID", "STATE", "ORIGIN", "CREATED", "TO");
     for m in list {
         let to = m.to.join(",");
         let to = if to.len() > 30 { format!("{}...", &to[..to.floor_char_boundary(27)]) } else { to };
@@ -269,8 +266,8 @@ pub fn services(list: &[ServiceRow], json: bool) {
         return;
     }
     println!(
-        "{:<8} {:<20} {:>8} {:<8} {:<24} {:<24} {}",
-        "KIND", "HOST", "PID", "VERSION", "STARTED", "LAST HEARTBEAT", "LISTEN"
+        "{:<8} {:<20} {:>8} {:<8} {:<24} {:<24} LISTEN",
+        "KIND", "HOST", "PID", "VERSION", "STARTED", "LAST HEARTBEAT"
     );
     for s in list {
         let i = &s.info;

@@ -438,7 +438,7 @@ impl Connection {
                 RecipientResult::Rejected(Failure::reply(Stage::Rcpt, reply))
             };
         }
-        if !report.recipients.iter().any(|r| *r == RecipientResult::Accepted) {
+        if !report.recipients.contains(&RecipientResult::Accepted) {
             let first = report.recipients.iter().find(|r| matches!(r, RecipientResult::Rejected(_))).cloned();
             let detail = match &first {
                 Some(RecipientResult::Rejected(f)) => format!("no recipient was accepted: {}", f.detail),

@@ -1,7 +1,7 @@
 //! Running the `panel` binary as a user would: a data directory per test, CLI calls, and a
 //! worker or service process that is killed when the test ends.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

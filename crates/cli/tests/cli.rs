@@ -1,0 +1,87 @@
+//! The CLI and API contract without a relay: exit codes, bad input, health endpoints.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+
+fn configured() -> Env {
+    let env = Env::new();
+    env.ok(&[
+        "smtp",
+        "set",
+        "--host",
+        "relay.example.org",
+        "--from",
+        "panel@example.org",
+        "--fallback-recipient",
+        "ops@example.org",
+    ]);
+    env
+}
+
+#[test]
+fn bad_settings_exit_2_name_every_field_and_change_nothing() {
+    let env = configured();
+    let r = env.panel(&["smtp", "set", "--port", "0", "--from", "not-an-address", "--security", "ssl"]);
+    assert_eq!(r.code, 2);
+    for field in ["port:", "from:", "security:"] {
+        assert!(r.stderr.contains(field), "{field} missing: {}", r.stderr);
+    }
+    let shown = env.ok(&["smtp", "show", "--json"]).json();
+    assert_eq!(shown["version"], 1, "nothing stored");
+    assert_eq!(shown["effective"]["port"], 587, "derived from the default starttls mode");
+}
+
+#[test]
+fn header_injection_is_refused_when_enqueued() {
+    let env = configured();
+    let r = env.panel(&["send", "--to", "a@example.org", "--subject", "hi\r\nBcc: victim@example.org", "--text", "x"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("subject") && r.stderr.contains("single line"), "{}", r.stderr);
+    let r = env.panel(&["send", "--to", "a@example.org\nBcc: v@example.org", "--subject", "hi", "--text", "x"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("to[0]"), "{}", r.stderr);
+    assert_eq!(env.ok(&["messages", "list", "--json"]).json().as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn commands_before_configuration_say_what_to_do() {
+    let env = Env::new();
+    let r = env.panel(&["smtp", "test"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("panel smtp set --host"), "{}", r.stderr);
+    let r = env.panel(&["messages", "list", "--status", "lost"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("queued, sending, retrying, delivered, failed"), "{}", r.stderr);
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn the_service_answers_health_and_validates_api_input() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    assert_eq!(http(port, "GET", "/healthz", "").0, 200);
+    assert_eq!(http(port, "GET", "/readyz", "").0, 200);
+    let (status, body) = http(port, "PUT", "/api/v1/settings/smtp", r#"{"port": 70000}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("\"field\":\"port\""), "{body}");
+    let (status, body) = http(port, "POST", "/api/v1/smtp/test", "{}");
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"service_running\":true"), "{body}");
+    let services = env.ok(&["services", "list", "--json"]).json();
+    assert_eq!(services[0]["kind"], "serve");
+    assert_eq!(services[0]["listen"], format!("127.0.0.1:{port}"));
+}
