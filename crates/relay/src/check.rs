@@ -70,14 +70,9 @@ pub async fn check(settings: Arc<RelaySettings>) -> CheckReport {
     }
     .await;
     let failure = result.err().map(|f| CheckFailure::new(&f, &settings));
-    let relay = if settings.host.contains(':') {
-        format!("[{}]:{}", settings.host, settings.port)
-    } else {
-        format!("{}:{}", settings.host, settings.port)
-    };
     CheckReport {
         ok: failure.is_none(),
-        relay,
+        relay: crate::connection::relay_address(&settings),
         security: settings.security.to_string(),
         stages: t.events,
         tls: t.tls,

@@ -66,11 +66,7 @@ impl Relay {
 
     /// `host:port`, as shown in logs and attempts.
     pub fn address(&self) -> String {
-        if self.settings.host.contains(':') {
-            format!("[{}]:{}", self.settings.host, self.settings.port)
-        } else {
-            format!("{}:{}", self.settings.host, self.settings.port)
-        }
+        relay_address(&self.settings)
     }
 
     /// Opens a connection ready for MAIL FROM, recording each stage in `transcript`.
@@ -302,6 +298,11 @@ fn read_password(source: &PasswordSource) -> Result<String, Failure> {
         PasswordSource::Env(var) => std::env::var(var)
             .map_err(|_| local(format!("environment variable {var} (the relay password) is not set in this process"))),
     }
+}
+
+/// `host:port`, with IPv6 literals in brackets.
+pub fn relay_address(s: &RelaySettings) -> String {
+    if s.host.contains(':') { format!("[{}]:{}", s.host, s.port) } else { format!("{}:{}", s.host, s.port) }
 }
 
 /// This machine's host name, for EHLO when the settings name none.

@@ -70,6 +70,13 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A body that is not the expected JSON is bad input like any other, reported under `body`.
+fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
+    let mut errors = panel_domain::FieldErrors::default();
+    errors.push("body", e.body_text());
+    OpsError::Invalid(errors)
+}
+
 fn ok(value: impl serde::Serialize) -> ApiResult {
     Ok(Json(value).into_response())
 }
@@ -96,11 +103,7 @@ async fn put_settings(
     State(p): State<Panel>,
     body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(patch) = body.map_err(|e| {
-        let mut errors = panel_domain::FieldErrors::default();
-        errors.push("body", e.body_text());
-        OpsError::Invalid(errors)
-    })?;
+    let Json(patch) = body.map_err(invalid_body)?;
     let (version, settings) = p.update_settings(&patch, "api").await?;
     ok(json!({"version": version, "effective": effective_view(&settings)}))
 }
@@ -133,11 +136,7 @@ async fn send_message(
     State(p): State<Panel>,
     body: Result<Json<SendRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(req) = body.map_err(|e| {
-        let mut errors = panel_domain::FieldErrors::default();
-        errors.push("body", e.body_text());
-        OpsError::Invalid(errors)
-    })?;
+    let Json(req) = body.map_err(invalid_body)?;
     let id = p.enqueue_draft(Origin::MailTester, &req.draft).await?;
     enqueued(&p, id, req.wait).await
 }
