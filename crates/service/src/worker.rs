@@ -69,14 +69,14 @@ pub async fn run_worker(
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
         let free = slots.available_permits();
-        let claimed = if free == 0 { Ok(Vec::new()) } else { claim(&shared, free as u32).await };
+        let claimed = if free == 0 { Ok(None) } else { claim(&shared, free as u32).await };
         match claimed {
-            Ok(claims) if !claims.is_empty() => {
+            Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
                     let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-                    let shared = shared.clone();
+                    let (shared, state) = (shared.clone(), state.clone());
                     tasks.spawn(async move {
-                        deliver(&shared, c).await;
+                        deliver(&shared, &state, c).await;
                         drop(permit);
                     });
                 }
@@ -101,11 +101,14 @@ pub async fn run_worker(
     }
 }
 
-async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Vec<Claim>> {
-    if current_relay(shared).await?.is_none() {
-        return Ok(Vec::new()); // Not configured yet: messages wait, nothing is lost.
-    }
-    shared.store.claim(&shared.owner, Utc::now(), shared.config.lease, limit).await
+/// Claims due messages together with the relay they are to be sent with: the settings version
+/// is checked once per claim, not once per message.
+async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
+    let Some(state) = current_relay(shared).await? else {
+        return Ok(None); // Not configured yet: messages wait, nothing is lost.
+    };
+    let claims = shared.store.claim(&shared.owner, Utc::now(), shared.config.lease, limit).await?;
+    Ok(Some((state, claims)))
 }
 
 /// The relay for the settings version in force, rebuilt when the version changes.
@@ -151,16 +154,9 @@ fn prune_idle(shared: &Shared) {
         .retain(|(v, at, _)| Some(*v) == version && at.elapsed() < shared.config.idle_connection);
 }
 
-async fn deliver(shared: &Arc<Shared>, claim: Claim) {
+async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     let started = Utc::now();
     let id = claim.reference.id;
-    let state = match current_relay(shared).await {
-        Ok(Some(s)) => s,
-        Ok(None) | Err(_) => {
-            let _ = shared.store.release(&claim.reference, Utc::now()).await;
-            return;
-        }
-    };
     let renewer = {
         let (store, reference, lease) = (shared.store.clone(), claim.reference, shared.config.lease);
         tokio::spawn(async move {

@@ -91,11 +91,6 @@ impl Store {
         self.backend.record_attempt(claim, attempt, settlement).await
     }
 
-    /// Hands back a claim without an attempt (the service is stopping before it sent anything).
-    pub async fn release(&self, claim: &ClaimRef, now: DateTime<Utc>) -> Result<()> {
-        self.backend.release(claim, ms(now)).await
-    }
-
     pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {
         self.backend.list_messages(filter).await
     }

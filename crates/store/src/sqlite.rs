@@ -223,20 +223,6 @@ impl SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn release(&self, claim: &ClaimRef, now: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'retrying' END,
-                    lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = ?1, updated_at = ?1
-             WHERE id = ?2 AND claim_token = ?3 AND state = 'sending'",
-        )
-        .bind(now)
-        .bind(claim.id)
-        .bind(claim.token)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn record_attempt(&self, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
         let finished = meta.finished_at.timestamp_millis();
         let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
