@@ -13,8 +13,21 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     pub listen: Option<String>,
     pub log_level: Option<String>,
+    /// The master key file [default: DATA_DIR/master.key].
+    pub master_key_file: Option<PathBuf>,
     #[serde(default)]
     pub worker: WorkerSection,
+    #[serde(default)]
+    pub license: LicenseSection,
+}
+
+/// `[license]`: the authorities whose keys this installation accepts. Only here or in
+/// `PANEL_LICENSE_AUTHORITIES`, never in the database, so adding keys cannot mint trust.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseSection {
+    #[serde(default)]
+    pub authorities: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,7 @@
 
 mod config;
 mod output;
+mod trust;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin, SettingsDoc};
 use panel_service::wake::Waker;
-use panel_service::{OpsError, Panel, ServiceHandle, WorkerConfig};
+use panel_service::{OpsError, Panel, SecretsConfig, ServiceHandle, WorkerConfig};
 use panel_store::{MessageFilter, RetryResult, Store};
 use tokio::sync::watch;
 
@@ -64,6 +65,15 @@ enum Command {
     /// Running Panel Services and workers.
     #[command(subcommand)]
     Services(ServicesCommand),
+    /// License keys: authority tools (keygen, issue) and the keys this installation uses.
+    #[command(subcommand)]
+    License(trust::LicenseCommand),
+    /// Stored credentials for the relay (encrypted; need a license with credential-storage).
+    #[command(subcommand)]
+    Credential(trust::CredentialCommand),
+    /// The audit log of license and credential changes.
+    #[command(subcommand)]
+    Audit(trust::AuditCommand),
 }
 
 #[derive(Args)]
@@ -120,11 +130,21 @@ struct SetArgs {
     /// Receives messages without a recipient, and the Test Message
     #[arg(long)]
     fallback_recipient: Option<String>,
-    /// none (the relay allow-lists this host's IP) or password [default: none]
+    /// none (the relay allow-lists this host's IP), password, or oauth2 [default: none]
     #[arg(long)]
     auth: Option<String>,
+    /// The relay account for --password-file/--password-env, or the mailbox for oauth2
     #[arg(long)]
     username: Option<String>,
+    /// A stored credential (panel credential list); naming it confirms it for this relay
+    #[arg(long)]
+    credential: Option<String>,
+    /// microsoft or google (auth oauth2)
+    #[arg(long)]
+    oauth_provider: Option<String>,
+    /// Override the provider's token endpoint (https, or http to a loopback address)
+    #[arg(long)]
+    token_endpoint: Option<String>,
     /// File holding the relay password (read before every connection)
     #[arg(long)]
     password_file: Option<String>,
@@ -241,6 +261,11 @@ fn bad_input(msg: impl Into<String>) -> Failed {
     Failed(2, msg.into())
 }
 
+/// Who the audit log names for changes made from this command line.
+fn actor() -> String {
+    std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into())
+}
+
 type CmdResult = Result<ExitCode, Failed>;
 
 fn main() -> ExitCode {
@@ -257,6 +282,7 @@ fn main() -> ExitCode {
 
 struct Resolved {
     database_url: String,
+    master_key_file: PathBuf,
     file: FileConfig,
 }
 
@@ -276,7 +302,11 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
             format!("sqlite://{}", data_dir.join("panel.db").display())
         }
     };
-    Ok(Resolved { database_url, file })
+    let master_key_file = std::env::var_os("PANEL_MASTER_KEY_FILE")
+        .map(PathBuf::from)
+        .or_else(|| file.master_key_file.clone())
+        .unwrap_or_else(|| data_dir.join("master.key"));
+    Ok(Resolved { database_url, master_key_file, file })
 }
 
 fn init_logging(filter: &str) {
@@ -286,6 +316,11 @@ fn init_logging(filter: &str) {
 }
 
 async fn run(cli: Cli) -> CmdResult {
+    if let Command::License(cmd) = &cli.command
+        && let Some(result) = trust::offline(cmd)
+    {
+        return result;
+    }
     let resolved = resolve(&cli)?;
     let log_level = cli.log_level.clone().or_else(|| resolved.file.log_level.clone());
     let is_service = matches!(cli.command, Command::Serve { .. } | Command::Worker { .. });
@@ -293,7 +328,11 @@ async fn run(cli: Cli) -> CmdResult {
     let store = Store::open(&resolved.database_url).await.map_err(|e| {
         Failed(1, format!("cannot open the database {}: {e}", panel_store::redact_url(&resolved.database_url)))
     })?;
-    let panel = Panel::new(store);
+    let secrets = SecretsConfig {
+        authorities: trust::authorities(&resolved.file.license.authorities)?,
+        master_key_file: resolved.master_key_file,
+    };
+    let panel = Panel::new(store, secrets);
     match cli.command {
         Command::Serve { listen, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
@@ -303,6 +342,9 @@ async fn run(cli: Cli) -> CmdResult {
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,
         Command::Messages(cmd) => messages(panel, cmd).await,
+        Command::License(cmd) => trust::license(panel, cmd).await,
+        Command::Credential(cmd) => trust::credential(panel, cmd).await,
+        Command::Audit(cmd) => trust::audit(panel, cmd).await,
         Command::Services(ServicesCommand::List(f)) => {
             let services = panel.live_services().await?;
             output::services(&services, f.json);
@@ -337,6 +379,9 @@ fn worker_config(args: &WorkerArgs, file: &FileConfig) -> Result<WorkerConfig, F
 }
 
 async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -> CmdResult {
+    // A missing or wrong master key stops the service here, with the reason, not at first use.
+    let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
+    tracing::info!(file = %panel.master_key_file().display(), key, "master key loaded");
     let waker = Waker::default();
     panel.local_waker = Some(waker.clone());
     let wake_port = waker.listen().await.map_err(|e| Failed(1, format!("cannot open the wake-up socket: {e}")))?;
@@ -359,7 +404,7 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
     let handle = ServiceHandle::register(panel.store.clone(), kind, listen.clone(), Some(wake_port)).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(panel_service::run_worker(
-        panel.store.clone(),
+        panel.clone(),
         handle.info.id.clone(),
         config,
         waker.clone(),
@@ -407,9 +452,8 @@ async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
         SmtpCommand::Set(args) => {
             let json = args.json;
             let patch = settings_patch(*args)?;
-            let who = std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into());
-            let (version, settings) = panel.update_settings(&patch, &who).await?;
-            output::settings_saved(version, &settings, json);
+            let update = panel.update_settings(&patch, &actor()).await?;
+            output::settings_saved(&update, json);
             Ok(ExitCode::SUCCESS)
         }
         SmtpCommand::Show(f) => {
@@ -449,6 +493,10 @@ fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
         security: a.security,
         auth: a.auth,
         username: a.username,
+        credential: a.credential,
+        credential_relay: None,
+        oauth_provider: a.oauth_provider,
+        token_endpoint: a.token_endpoint,
         password_file: a.password_file,
         password_env: a.password_env,
         from: a.from,

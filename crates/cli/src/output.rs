@@ -3,24 +3,30 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use panel_domain::RelaySettings;
 use panel_relay::CheckReport;
+use panel_service::SettingsUpdate;
+use panel_service::licensing::LicenseStatus;
 use panel_service::ops::effective_view;
-use panel_store::{MessageDetail, MessageSummary, ServiceRow, StoredSettings};
+use panel_service::vault::CredentialInfo;
+use panel_store::{AuditRow, MessageDetail, MessageSummary, ServiceRow, StoredSettings};
 use serde_json::json;
 
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
-fn time(t: &DateTime<Utc>) -> String {
+pub fn time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-pub fn settings_saved(version: i64, s: &RelaySettings, json: bool) {
+pub fn settings_saved(u: &SettingsUpdate, json: bool) {
     if json {
-        print_json(&json!({"version": version, "effective": effective_view(s)}));
+        print_json(&json!({"version": u.version, "effective": effective_view(&u.settings), "notices": u.notices}));
     } else {
-        println!("Relay settings saved as version {version}. Running services use them for the next message.");
-        print_effective(s);
+        println!("Relay settings saved as version {}. Running services use them for the next message.", u.version);
+        print_effective(&u.settings);
+        for n in &u.notices {
+            println!("Note: {n}");
+        }
     }
 }
 
@@ -281,5 +287,73 @@ pub fn services(list: &[ServiceRow], json: bool) {
             time(&s.heartbeat_at),
             i.listen.as_deref().unwrap_or("-")
         );
+    }
+}
+
+pub fn licenses(list: &[LicenseStatus], json: bool) {
+    if json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("No license keys. Add one with: panel license add KEY");
+        return;
+    }
+    for l in list {
+        let status = match &l.problem {
+            None => "valid".to_string(),
+            Some(p) => format!("NOT VALID: {p}"),
+        };
+        println!("{}  {status}", l.id);
+        if let Some(org) = &l.organization {
+            let domain = l.domain.as_deref().map(|d| format!(" (domain {d})")).unwrap_or_default();
+            println!("  issued to   {org}{domain}{}", if l.trial { ", trial" } else { "" });
+        }
+        if !l.features.is_empty() {
+            println!("  features    {}", l.features.join(", "));
+        }
+        if let Some(at) = &l.issued_at {
+            println!("  issued      {}", time(at));
+        }
+        println!("  expires     {}", l.expires_at.as_ref().map_or_else(|| "never".to_string(), time));
+        if let Some(a) = &l.authority {
+            println!("  authority   {a}");
+        }
+        println!("  added       {} by {}", time(&l.added_at), l.added_by);
+    }
+}
+
+pub fn credentials(list: &[CredentialInfo], json: bool) {
+    if json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("No stored credentials. Store one with: panel credential set NAME --username USER --password-stdin");
+        return;
+    }
+    println!("{:<20} {:<24} {:<32} {:<24} {:<24} USED BY", "NAME", "KIND", "USERNAME", "UPDATED", "FIRST USED");
+    for c in list {
+        println!(
+            "{:<20} {:<24} {:<32} {:<24} {:<24} {}",
+            c.name,
+            c.kind,
+            c.username,
+            format!("{} by {}", c.updated_at.format("%Y-%m-%d %H:%M"), c.updated_by),
+            c.first_used_at.map_or_else(|| "never".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+            if c.used_by.is_empty() { "-".to_string() } else { c.used_by.join(", ") }
+        );
+    }
+}
+
+pub fn audit(list: &[AuditRow], json: bool) {
+    if json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("The audit log is empty.");
+        return;
+    }
+    for a in list {
+        let detail = if a.detail.is_empty() { String::new() } else { format!("  ({})", a.detail) };
+        println!("{}  {:<22} {:<20} by {}{detail}", time(&a.at), a.action, a.subject, a.actor);
     }
 }

@@ -19,6 +19,8 @@ pub enum Stage {
     Greeting,
     Ehlo,
     Starttls,
+    /// Obtaining an OAuth2 access token from the provider (before AUTH XOAUTH2).
+    Token,
     Auth,
     Mail,
     Rcpt,
@@ -36,6 +38,7 @@ impl Stage {
             Stage::Greeting => "greeting",
             Stage::Ehlo => "ehlo",
             Stage::Starttls => "starttls",
+            Stage::Token => "token",
             Stage::Auth => "auth",
             Stage::Mail => "mail",
             Stage::Rcpt => "rcpt",
@@ -53,6 +56,7 @@ impl Stage {
             Stage::Greeting,
             Stage::Ehlo,
             Stage::Starttls,
+            Stage::Token,
             Stage::Auth,
             Stage::Mail,
             Stage::Rcpt,
@@ -163,6 +167,12 @@ pub enum FailureKind {
     LocalConfig,
     /// The relay broke the protocol (unparseable reply).
     Protocol,
+    /// A stored credential cannot be used: missing, no license for it, detached, master key.
+    Credential,
+    /// The OAuth2 provider refused to issue a token (wrong secret, unknown client, consent).
+    TokenRejected,
+    /// The OAuth2 provider could not be reached or failed (network, 5xx): retried.
+    TokenUnavailable,
 }
 
 /// A failed stage: the raw facts, before classification.
@@ -246,13 +256,17 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         K::Timeout if failure.stage == Stage::Greeting && ctx.port == 465 && ctx.security != Security::Tls => {
             Configuration
         }
-        K::Timeout | K::Dns | K::ConnectionRefused | K::Io | K::TlsHandshake | K::Protocol => Transient,
+        K::Timeout | K::Dns | K::ConnectionRefused | K::Io | K::TlsHandshake | K::Protocol | K::TokenUnavailable => {
+            Transient
+        }
         K::TlsModeMismatch
         | K::CertificateUntrusted
         | K::StarttlsNotOffered
         | K::AuthNotOffered
         | K::PlaintextAuthRefused
-        | K::LocalConfig => Configuration,
+        | K::LocalConfig
+        | K::Credential
+        | K::TokenRejected => Configuration,
     };
     Classification { class, hint }
 }
@@ -302,6 +316,15 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
             h("fix the file or environment variable named above; the service reads it before every connection")
         }
         K::Io | K::Protocol => h("the connection broke; if it repeats, check the relay's log for this time"),
+        K::Credential => h(
+            "fix the stored credential named above (`panel credential list`, `panel license list`); messages held by it are sent again when the settings are saved",
+        ),
+        K::TokenRejected => h(
+            "the identity provider refused to issue a token: check the tenant, client id and secret (or the service account key and its domain-wide delegation) and store them again with `panel credential set`",
+        ),
+        K::TokenUnavailable => {
+            h("the identity provider could not be reached or failed; the message is retried with backoff")
+        }
         K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
     }
 }
@@ -448,8 +471,20 @@ mod tests {
     }
 
     #[test]
+    fn token_failures_split_into_configuration_and_retry() {
+        let f = Failure::new(Stage::Token, FailureKind::TokenRejected, "HTTP 401 invalid_client");
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("panel credential set"));
+        let f = Failure::new(Stage::Token, FailureKind::TokenUnavailable, "HTTP 503");
+        assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient);
+        let f = Failure::new(Stage::Auth, FailureKind::Credential, "no license grants credential-storage");
+        assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Configuration);
+    }
+
+    #[test]
     fn stage_names_round_trip() {
-        for s in ["config", "tcp", "rcpt", "data"] {
+        for s in ["config", "tcp", "token", "rcpt", "data"] {
             assert_eq!(Stage::parse(s).unwrap().as_str(), s);
         }
         assert_eq!(Stage::Rcpt.to_string(), "RCPT");

@@ -3,17 +3,23 @@
 
 pub mod address;
 pub mod classify;
+pub mod credential;
 pub mod delivery;
 pub mod duration;
 pub mod errors;
 pub mod message;
+pub mod oauth;
 pub mod retry;
+pub mod secret;
 pub mod settings;
 
 pub use address::{EmailAddress, Mailbox};
 pub use classify::{Classification, ConnectionContext, Failure, FailureClass, FailureKind, SmtpReply, Stage, classify};
+pub use credential::CredentialKind;
 pub use delivery::{AttemptOutcome, RecipientResult, SendReport, Settlement, settle};
 pub use errors::{FieldError, FieldErrors};
 pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState};
+pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RetryDecision, RetryPolicy};
+pub use secret::Secret;
 pub use settings::{Auth, PasswordSource, RelaySettings, Security, SettingsDoc};

@@ -10,8 +10,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{EmailAddress, Mailbox};
+use crate::credential;
 use crate::duration;
 use crate::errors::{FieldError, FieldErrors, check_header_safe};
+use crate::oauth::{EndpointUrl, OAuthProvider};
 use crate::retry::RetryPolicy;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,10 +80,30 @@ pub enum PasswordSource {
 pub enum Auth {
     /// The relay allow-lists this host's IP address.
     None,
-    Password {
-        username: String,
-        source: PasswordSource,
-    },
+    /// A password kept outside Panel, in a file or the service's environment.
+    Password { username: String, source: PasswordSource },
+    /// A username and password from Panel's credential store (license-gated).
+    Stored { credential: String },
+    /// SASL XOAUTH2 with a token from the provider; the client secret or key is a stored credential.
+    OAuth2 { provider: OAuthProvider, mailbox: EmailAddress, credential: String, token_endpoint: Option<EndpointUrl> },
+}
+
+impl Auth {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Password { .. } | Auth::Stored { .. } => "password",
+            Auth::OAuth2 { .. } => "oauth2",
+        }
+    }
+
+    /// The stored credential these settings use, if any.
+    pub fn credential(&self) -> Option<&str> {
+        match self {
+            Auth::Stored { credential } | Auth::OAuth2 { credential, .. } => Some(credential),
+            Auth::None | Auth::Password { .. } => None,
+        }
+    }
 }
 
 /// The settings document as stored and as edited: every field optional and loosely typed, so
@@ -103,6 +125,17 @@ pub struct SettingsDoc {
     pub password_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
+    /// A stored credential's name (`auth = password` or `oauth2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// Set by Panel, never by a patch: the relay endpoint (`host:port/security`) the credential
+    /// was confirmed for. When the endpoint changes the credential is detached until confirmed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_relay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth_provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +162,7 @@ pub struct SettingsDoc {
 
 impl SettingsDoc {
     /// Applies `patch` on top of `self`: a field the patch names replaces the stored one; an
-    /// empty string clears it back to its default.
+    /// empty string clears it back to its default. `credential_relay` is never taken from a patch.
     pub fn merged(&self, patch: &SettingsDoc) -> SettingsDoc {
         fn pick<T: Clone>(old: &Option<T>, new: &Option<T>, empty: impl Fn(&T) -> bool) -> Option<T> {
             match new {
@@ -147,6 +180,10 @@ impl SettingsDoc {
             username: s(&self.username, &patch.username),
             password_file: s(&self.password_file, &patch.password_file),
             password_env: s(&self.password_env, &patch.password_env),
+            credential: s(&self.credential, &patch.credential),
+            credential_relay: self.credential_relay.clone(),
+            oauth_provider: s(&self.oauth_provider, &patch.oauth_provider),
+            token_endpoint: s(&self.token_endpoint, &patch.token_endpoint),
             from: s(&self.from, &patch.from),
             fallback_recipient: s(&self.fallback_recipient, &patch.fallback_recipient),
             helo_name: s(&self.helo_name, &patch.helo_name),
@@ -179,9 +216,21 @@ pub struct RelaySettings {
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub retry: RetryPolicy,
+    /// False when the stored credential was confirmed for another host, port or security mode:
+    /// it is not sent until the admin confirms it for this endpoint.
+    pub credential_attached: bool,
+}
+
+/// The relay endpoint a credential is bound to.
+pub fn endpoint_key(host: &str, port: u16, security: Security) -> String {
+    format!("{host}:{port}/{security}")
 }
 
 impl RelaySettings {
+    pub fn endpoint(&self) -> String {
+        endpoint_key(&self.host, self.port, self.security)
+    }
+
     /// The name the relay's certificate must carry.
     pub fn tls_name(&self) -> &str {
         self.tls_server_name.as_deref().unwrap_or(&self.host)
@@ -232,7 +281,8 @@ impl RelaySettings {
         };
         let auth = validate_auth(doc, &mut errors);
         let allow_plaintext_auth = doc.allow_plaintext_auth.unwrap_or(false);
-        if security == Some(Security::None) && matches!(auth, Some(Auth::Password { .. })) && !allow_plaintext_auth {
+        let sends_secret = auth.as_ref().is_some_and(|a| *a != Auth::None);
+        if security == Some(Security::None) && sends_secret && !allow_plaintext_auth {
             errors.push(
                 "auth",
                 "security 'none' would send the password unencrypted; use security starttls or tls, \
@@ -271,6 +321,8 @@ impl RelaySettings {
                 Some(command_timeout),
                 Some(retry),
             ) if errors.is_empty() => Ok(RelaySettings {
+                credential_attached: auth.credential().is_none()
+                    || doc.credential_relay.as_deref() == Some(endpoint_key(&host, port, security).as_str()),
                 host,
                 port,
                 security,
@@ -293,53 +345,131 @@ impl RelaySettings {
 
 fn validate_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
     let has_password_source = doc.password_file.is_some() || doc.password_env.is_some();
+    let oauth_only = |errors: &mut FieldErrors| {
+        for (field, set) in
+            [("oauth_provider", doc.oauth_provider.is_some()), ("token_endpoint", doc.token_endpoint.is_some())]
+        {
+            if set {
+                errors.push(field, "applies only to auth = oauth2; clear it with ''");
+            }
+        }
+    };
+    let anything_set = has_password_source
+        || doc.username.is_some()
+        || doc.credential.is_some()
+        || doc.oauth_provider.is_some()
+        || doc.token_endpoint.is_some();
     match doc.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()) {
-        None if !has_password_source && doc.username.is_none() => Some(Auth::None),
+        None if !anything_set => Some(Auth::None),
         None => {
-            errors.push("auth", "is not set but a username or password source is; add --auth password");
+            errors.push("auth", "is not set but credentials are; add --auth password or --auth oauth2");
             None
         }
         Some(a) if a == "none" => {
-            if doc.username.is_some() || has_password_source {
+            if anything_set {
                 errors.push(
                     "auth",
-                    "is 'none' but a username or password source is set; use --auth password, or clear them with --username ''",
+                    "is 'none' but a username, credential or password source is set; use --auth password, or clear them with ''",
                 );
             }
             Some(Auth::None)
         }
         Some(a) if a == "password" => {
-            let username = match doc.username.as_deref() {
-                None => {
-                    errors.push("username", "is required with auth = password (--username)");
-                    None
-                }
-                Some(u) => errors.take(check_header_safe("username", u).map(|_| u.to_string())),
-            };
-            let source = match (doc.password_file.as_deref(), doc.password_env.as_deref()) {
-                (Some(f), None) => {
-                    errors.take(check_header_safe("password_file", f).map(|_| PasswordSource::File(PathBuf::from(f))))
-                }
-                (None, Some(v)) => errors.take(validate_env_name(v).map(|_| PasswordSource::Env(v.to_string()))),
-                (Some(_), Some(_)) => {
-                    errors.push("password_file", "and password_env are both set; keep one (clear the other with '')");
-                    None
-                }
-                (None, None) => {
-                    errors.push(
-                        "password_file",
-                        "auth = password needs a password source: --password-file FILE or --password-env VARIABLE",
-                    );
-                    None
-                }
-            };
-            Some(Auth::Password { username: username?, source: source? })
+            oauth_only(errors);
+            match doc.credential.as_deref() {
+                Some(name) => stored_password(doc, name, has_password_source, errors),
+                None => external_password(doc, errors),
+            }
         }
+        Some(a) if a == "oauth2" => oauth2(doc, has_password_source, errors),
         Some(other) => {
-            errors.push("auth", format!("'{other}' is not an authentication mode; use none or password"));
+            errors.push("auth", format!("'{other}' is not an authentication mode; use none, password or oauth2"));
             None
         }
     }
+}
+
+fn stored_password(doc: &SettingsDoc, name: &str, has_source: bool, errors: &mut FieldErrors) -> Option<Auth> {
+    if has_source {
+        errors.push("credential", "and a password file or variable are both set; keep one (clear the other with '')");
+    }
+    if doc.username.is_some() {
+        errors.push("username", format!("comes from the stored credential '{name}'; clear it with --username ''"));
+    }
+    let credential = errors.take(credential::validate_name("credential", name))?;
+    Some(Auth::Stored { credential })
+}
+
+fn external_password(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
+    let username = match doc.username.as_deref() {
+        None => {
+            errors.push("username", "is required with a password file or variable (--username)");
+            None
+        }
+        Some(u) => errors.take(check_header_safe("username", u).map(|_| u.to_string())),
+    };
+    let source = match (doc.password_file.as_deref(), doc.password_env.as_deref()) {
+        (Some(f), None) => {
+            errors.take(check_header_safe("password_file", f).map(|_| PasswordSource::File(PathBuf::from(f))))
+        }
+        (None, Some(v)) => errors.take(validate_env_name(v).map(|_| PasswordSource::Env(v.to_string()))),
+        (Some(_), Some(_)) => {
+            errors.push("password_file", "and password_env are both set; keep one (clear the other with '')");
+            None
+        }
+        (None, None) => {
+            errors.push(
+                "credential",
+                "auth = password needs a stored credential (--credential NAME) or a password source \
+                 (--password-file FILE or --password-env VARIABLE)",
+            );
+            None
+        }
+    };
+    Some(Auth::Password { username: username?, source: source? })
+}
+
+fn oauth2(doc: &SettingsDoc, has_source: bool, errors: &mut FieldErrors) -> Option<Auth> {
+    if has_source {
+        errors
+            .push("password_file", "does not apply to auth = oauth2; the secret is a stored credential (--credential)");
+    }
+    let provider = match doc.oauth_provider.as_deref() {
+        None => {
+            errors.push("oauth_provider", "is required with auth = oauth2: microsoft or google (--oauth-provider)");
+            None
+        }
+        Some(p) => errors.take(OAuthProvider::parse(p).ok_or_else(|| {
+            FieldError::new("oauth_provider", format!("'{p}' is not a provider; use microsoft or google"))
+        })),
+    };
+    let mailbox = match doc.username.as_deref() {
+        None => {
+            errors.push("username", "is required with auth = oauth2: the mailbox Panel sends as (--username)");
+            None
+        }
+        Some(u) => errors.take(EmailAddress::parse("username", u)),
+    };
+    let credential = match doc.credential.as_deref() {
+        None => {
+            errors.push(
+                "credential",
+                "is required with auth = oauth2: the stored client secret or service account key (--credential)",
+            );
+            None
+        }
+        Some(c) => errors.take(credential::validate_name("credential", c)),
+    };
+    let token_endpoint = match doc.token_endpoint.as_deref() {
+        None => Some(None),
+        Some(u) => errors.take(EndpointUrl::parse(u).map(Some).map_err(|e| FieldError::new("token_endpoint", e))),
+    };
+    Some(Auth::OAuth2 {
+        provider: provider?,
+        mailbox: mailbox?,
+        credential: credential?,
+        token_endpoint: token_endpoint?,
+    })
 }
 
 fn validate_env_name(v: &str) -> Result<(), FieldError> {
@@ -476,7 +606,7 @@ mod tests {
     fn password_auth_needs_username_and_exactly_one_source() {
         let doc = SettingsDoc { auth: Some("password".into()), ..base() };
         let f = fields(RelaySettings::validate(&doc).unwrap_err());
-        assert_eq!(f, ["username", "password_file"]);
+        assert_eq!(f, ["username", "credential"]);
 
         let doc = SettingsDoc {
             auth: Some("password".into()),
@@ -490,6 +620,54 @@ mod tests {
         let doc = SettingsDoc { password_file: None, ..doc };
         let s = RelaySettings::validate(&doc).unwrap();
         assert_eq!(s.auth, Auth::Password { username: "panel".into(), source: PasswordSource::Env("PW".into()) });
+    }
+
+    #[test]
+    fn stored_credentials_take_the_username_from_the_store() {
+        let doc = SettingsDoc { auth: Some("password".into()), credential: Some("relay".into()), ..base() };
+        let s = RelaySettings::validate(&doc).unwrap();
+        assert_eq!(s.auth, Auth::Stored { credential: "relay".into() });
+        let doc = SettingsDoc { username: Some("panel".into()), password_env: Some("PW".into()), ..doc };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["credential", "username"]);
+    }
+
+    #[test]
+    fn a_credential_is_attached_only_to_the_endpoint_it_was_confirmed_for() {
+        let doc = SettingsDoc { auth: Some("password".into()), credential: Some("relay".into()), ..base() };
+        assert!(!RelaySettings::validate(&doc).unwrap().credential_attached);
+        let bound = SettingsDoc { credential_relay: Some("relay.example.org:587/starttls".into()), ..doc.clone() };
+        let s = RelaySettings::validate(&bound).unwrap();
+        assert!(s.credential_attached);
+        assert_eq!(s.endpoint(), "relay.example.org:587/starttls");
+        let moved = SettingsDoc { host: Some("evil.example.net".into()), ..bound.clone() };
+        assert!(!RelaySettings::validate(&moved).unwrap().credential_attached);
+        let tls = SettingsDoc { security: Some("tls".into()), ..bound };
+        assert!(!RelaySettings::validate(&tls).unwrap().credential_attached);
+        // A patch cannot forge the binding.
+        let patch =
+            SettingsDoc { credential_relay: Some("evil.example.net:587/starttls".into()), ..Default::default() };
+        assert_eq!(doc.merged(&patch).credential_relay, None);
+    }
+
+    #[test]
+    fn oauth2_needs_provider_mailbox_and_credential() {
+        let doc = SettingsDoc { auth: Some("oauth2".into()), ..base() };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["oauth_provider", "username", "credential"]);
+        let doc = SettingsDoc {
+            oauth_provider: Some("microsoft".into()),
+            username: Some("panel@contoso.com".into()),
+            credential: Some("m365".into()),
+            token_endpoint: Some("http://127.0.0.1:9000/token".into()),
+            ..doc
+        };
+        let s = RelaySettings::validate(&doc).unwrap();
+        let Auth::OAuth2 { provider, mailbox, token_endpoint, .. } = &s.auth else { panic!("{:?}", s.auth) };
+        assert_eq!((*provider, mailbox.as_str()), (OAuthProvider::Microsoft, "panel@contoso.com"));
+        assert_eq!(token_endpoint.as_ref().unwrap().port, 9000);
+        let bad = SettingsDoc { token_endpoint: Some("http://idp.example.org/token".into()), ..doc.clone() };
+        assert_eq!(fields(RelaySettings::validate(&bad).unwrap_err()), ["token_endpoint"]);
+        let stray = SettingsDoc { auth: Some("password".into()), username: None, ..doc };
+        assert_eq!(fields(RelaySettings::validate(&stray).unwrap_err()), ["oauth_provider", "token_endpoint"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use panel_domain::classify::{ConnectionContext, classify};
 use panel_domain::{Failure, FailureClass, RelaySettings, Stage};
 use serde::Serialize;
 
+use crate::auth::CredentialSource;
 use crate::connection::{Relay, StageEvent, Transcript};
 use crate::tls::TlsInfo;
 
@@ -49,12 +50,13 @@ impl CheckFailure {
     }
 }
 
-pub async fn check(settings: Arc<RelaySettings>) -> CheckReport {
+/// Runs the check; `credentials` resolves stored credentials and tokens like the worker's.
+pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn CredentialSource>>) -> CheckReport {
     let mut t = Transcript::default();
     let mut extensions = Vec::new();
     let mut auth = Vec::new();
     let result = async {
-        let relay = Relay::new(settings.clone()).inspect_err(|f| t.failed(f))?;
+        let relay = Relay::new(settings.clone(), credentials).inspect_err(|f| t.failed(f))?;
         let mut conn = relay.connect(&mut t).await?;
         extensions = conn.extensions.list.clone();
         auth = conn.extensions.auth_mechanisms();

@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use panel_domain::{
-    Auth, Failure, FailureKind, PasswordSource, RecipientResult, RelaySettings, Security, SendReport, SmtpReply, Stage,
-};
+use panel_domain::{Failure, FailureKind, RecipientResult, RelaySettings, Security, SendReport, SmtpReply, Stage};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use zeroize::Zeroizing;
 
+use crate::auth::{self, CredentialSource};
 use crate::tls::{self, TlsInfo, TlsTrust};
 use crate::wire::{self, Extensions, ReadError};
 
@@ -37,7 +35,7 @@ pub struct Transcript {
 }
 
 impl Transcript {
-    fn ok(&mut self, stage: Stage, detail: impl Into<String>, reply: Option<&SmtpReply>) {
+    pub(crate) fn ok(&mut self, stage: Stage, detail: impl Into<String>, reply: Option<&SmtpReply>) {
         self.events.push(StageEvent { stage, ok: true, detail: detail.into(), reply: reply.cloned() });
     }
 
@@ -52,16 +50,18 @@ pub struct Relay {
     pub settings: Arc<RelaySettings>,
     trust: Option<TlsTrust>,
     helo: String,
+    credentials: Option<Arc<dyn CredentialSource>>,
 }
 
 impl Relay {
-    pub fn new(settings: Arc<RelaySettings>) -> Result<Relay, Failure> {
+    /// `credentials` resolves stored credentials and OAuth2 tokens when the settings use them.
+    pub fn new(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn CredentialSource>>) -> Result<Relay, Failure> {
         let trust = match settings.security {
             Security::None => None,
             _ => Some(TlsTrust::load(settings.ca_file.as_deref(), settings.pin_sha256)?),
         };
         let helo = settings.helo_name.clone().unwrap_or_else(local_hostname);
-        Ok(Relay { settings, trust, helo })
+        Ok(Relay { settings, trust, helo, credentials })
     }
 
     /// `host:port`, as shown in logs and attempts.
@@ -176,9 +176,18 @@ impl Relay {
             }
             _ => {}
         }
-        if let Auth::Password { username, source } = &s.auth {
-            self.authenticate(&mut conn, username, source, t).await?;
+        if let Some(name) = s.auth.credential().filter(|_| !s.credential_attached) {
+            return Err(Failure::new(
+                Stage::Auth,
+                FailureKind::Credential,
+                format!(
+                    "the stored credential '{name}' was detached when the relay's host, port or security changed, \
+                     so it is not sent to {}; confirm it for this relay with: panel smtp set --credential {name}",
+                    relay_address(s)
+                ),
+            ));
         }
+        auth::authenticate(&mut conn, &s.auth, self.credentials.as_deref(), s.allow_plaintext_auth, t).await?;
         Ok(conn)
     }
 
@@ -233,50 +242,6 @@ impl Relay {
             ..conn_parts(conn.timeout)
         })
     }
-
-    async fn authenticate(
-        &self,
-        conn: &mut Connection,
-        username: &str,
-        source: &PasswordSource,
-        t: &mut Transcript,
-    ) -> Result<(), Failure> {
-        if !conn.encrypted && !self.settings.allow_plaintext_auth {
-            return Err(Failure::new(
-                Stage::Auth,
-                FailureKind::PlaintextAuthRefused,
-                "refusing to send the password over an unencrypted connection",
-            ));
-        }
-        let mechanisms = conn.extensions.auth_mechanisms();
-        let password = read_password(source)?;
-        let reply = if mechanisms.iter().any(|m| m == "PLAIN") {
-            let token = B64.encode(format!("\0{username}\0{password}"));
-            conn.command(Stage::Auth, &format!("AUTH PLAIN {token}")).await?
-        } else if mechanisms.iter().any(|m| m == "LOGIN") {
-            let mut reply = conn.command(Stage::Auth, "AUTH LOGIN").await?;
-            for secret in [username, password.as_str()] {
-                if reply.code != 334 {
-                    break;
-                }
-                reply = conn.command(Stage::Auth, &B64.encode(secret)).await?;
-            }
-            reply
-        } else if mechanisms.is_empty() {
-            return Err(Failure::new(Stage::Auth, FailureKind::AuthNotOffered, "the relay did not offer AUTH"));
-        } else {
-            return Err(Failure::new(
-                Stage::Auth,
-                FailureKind::AuthNotOffered,
-                format!("the relay offers AUTH {} but Panel speaks PLAIN and LOGIN", mechanisms.join(" ")),
-            ));
-        };
-        if reply.code != 235 {
-            return Err(Failure::reply(Stage::Auth, reply));
-        }
-        t.ok(Stage::Auth, format!("authenticated as {username}: {}", reply.one_line()), Some(&reply));
-        Ok(())
-    }
 }
 
 fn conn_parts(timeout: Duration) -> Connection {
@@ -286,17 +251,6 @@ fn conn_parts(timeout: Duration) -> Connection {
         encrypted: false,
         extensions: Extensions::default(),
         broken: false,
-    }
-}
-
-fn read_password(source: &PasswordSource) -> Result<String, Failure> {
-    let local = |d: String| Failure::new(Stage::Config, FailureKind::LocalConfig, d);
-    match source {
-        PasswordSource::File(path) => std::fs::read_to_string(path)
-            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|e| local(format!("password file {} cannot be read: {e}", path.display()))),
-        PasswordSource::Env(var) => std::env::var(var)
-            .map_err(|_| local(format!("environment variable {var} (the relay password) is not set in this process"))),
     }
 }
 
@@ -364,6 +318,15 @@ impl Connection {
                 Err(Failure::new(stage, FailureKind::Timeout, format!("sending took longer than {}s", limit.as_secs())))
             }
         }
+    }
+
+    /// Sends a line that carries a secret: the buffer is wiped afterwards.
+    pub(crate) async fn secret_command(&mut self, stage: Stage, line: &str) -> Result<SmtpReply, Failure> {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(line.len() + 2));
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write(stage, &bytes).await?;
+        self.read(stage).await
     }
 
     /// Sends one command line and reads its reply.

@@ -2,11 +2,15 @@
 //! Panel needs what that transport hides: the stage of every failure, per-recipient RCPT replies,
 //! per-command timeouts, the certificate details, and room for more AUTH mechanisms.
 
+pub mod auth;
 pub mod check;
 pub mod connection;
+pub mod http;
+pub mod oauth;
 pub mod tls;
 pub mod wire;
 
+pub use auth::{AuthSecret, BoxFuture, CredentialSource, Resolved};
 pub use check::{CheckFailure, CheckReport, check};
 pub use connection::{Connection, Relay, StageEvent, Transcript, local_hostname};
 pub use tls::TlsInfo;

@@ -1,13 +1,17 @@
 //! The running parts of Panel (worker, heartbeat, wake-ups) and the operations that the CLI and
 //! the REST API share, so both behave the same.
 
+mod credential_source;
+pub mod licensing;
 pub mod ops;
 pub mod registry;
+pub mod vault;
 pub mod wake;
 pub mod worker;
 
-pub use ops::{OpsError, Panel};
+pub use ops::{OpsError, Panel, SettingsUpdate};
 pub use registry::{ServiceHandle, liveness_window};
+pub use vault::{CredentialInfo, CredentialInput, SecretsConfig};
 pub use worker::{WorkerConfig, run_worker};
 
 /// A random number from the system's CSPRNG (Message-ID uniqueness, retry jitter).

@@ -5,9 +5,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use panel_domain::message::Draft;
-use panel_domain::{FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings, SettingsDoc};
+use panel_domain::{
+    Auth, CredentialKind, FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings, SettingsDoc,
+};
 use panel_relay::CheckReport;
-use panel_store::{MessageDetail, ServiceRow, Store, StoreError, StoredSettings};
+use panel_store::{AuditEvent, MessageDetail, ServiceRow, Store, StoreError, StoredSettings};
+
+use crate::credential_source::StoredCredentials;
+use crate::vault::{Secrets, SecretsConfig};
 
 use crate::wake::{self, Waker};
 
@@ -24,27 +29,48 @@ pub enum OpsError {
     StoredSettingsInvalid { version: i64, errors: FieldErrors },
     #[error("message {0} not found")]
     NotFound(i64),
+    #[error("{what} '{name}' not found")]
+    NotFoundNamed { what: &'static str, name: String },
+    /// A license is missing, invalid or refused: exit code 1, HTTP 403.
+    #[error("{0}")]
+    License(String),
+    /// The master key file or the encrypted credentials are unusable.
+    #[error("{0}")]
+    Vault(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl OpsError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, OpsError::Invalid(_) | OpsError::NotFound(_) | OpsError::NotConfigured)
+        matches!(
+            self,
+            OpsError::Invalid(_) | OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } | OpsError::NotConfigured
+        )
     }
 }
 
-/// What the CLI and API hold: the store, and a way to wake workers after an enqueue.
+/// What the CLI and API hold: the store, the trusted license authorities and master key file,
+/// and a way to wake workers after an enqueue.
 #[derive(Clone)]
 pub struct Panel {
     pub store: Store,
+    pub(crate) secrets: Arc<Secrets>,
     /// Set inside a Panel Service: wakes its own worker without a round trip.
     pub local_waker: Option<Waker>,
 }
 
+/// A saved settings version, with what the admin must know about it (e.g. a detached credential).
+#[derive(Debug, Clone)]
+pub struct SettingsUpdate {
+    pub version: i64,
+    pub settings: RelaySettings,
+    pub notices: Vec<String>,
+}
+
 impl Panel {
-    pub fn new(store: Store) -> Panel {
-        Panel { store, local_waker: None }
+    pub fn new(store: Store, secrets: SecretsConfig) -> Panel {
+        Panel { store, secrets: Arc::new(Secrets::new(secrets)), local_waker: None }
     }
 
     /// The settings in force, validated; `None` before the first save.
@@ -60,12 +86,15 @@ impl Panel {
     }
 
     /// Applies `patch` to the stored settings. Every field is validated; nothing is stored on error.
-    pub async fn update_settings(&self, patch: &SettingsDoc, by: &str) -> Result<(i64, RelaySettings), OpsError> {
+    /// A stored credential is bound to the relay endpoint it was named for: changing the host,
+    /// port or security mode detaches it until the admin names it again.
+    pub async fn update_settings(&self, patch: &SettingsDoc, by: &str) -> Result<SettingsUpdate, OpsError> {
         let current = self.store.current_settings().await?;
-        let (version, doc) = match &current {
-            Some(s) => (s.version, s.doc.merged(patch)),
-            None => (0, SettingsDoc::default().merged(patch)),
+        let (version, old_doc) = match &current {
+            Some(s) => (s.version, s.doc.clone()),
+            None => (0, SettingsDoc::default()),
         };
+        let mut doc = old_doc.merged(&prefer_named_source(patch, &old_doc));
         let settings = RelaySettings::validate(&doc).map_err(OpsError::Invalid)?;
         let mut errors = FieldErrors::default();
         if let Some(ca) = &settings.ca_file
@@ -73,18 +102,75 @@ impl Panel {
         {
             errors.push("ca_file", format!("{} cannot be read: {e}", ca.display()));
         }
+        let mut events = Vec::new();
+        let mut notices = Vec::new();
+        match settings.auth.credential() {
+            None => doc.credential_relay = None,
+            Some(name) => {
+                self.check_credential_kind(&settings.auth, name, &mut errors).await?;
+                let endpoint = settings.endpoint();
+                let named = patch.credential.as_deref().is_some_and(|c| !c.trim().is_empty());
+                let was_attached = RelaySettings::validate(&old_doc).is_ok_and(|s| s.credential_attached);
+                if named {
+                    if doc.credential_relay.as_deref() != Some(&endpoint) || !was_attached {
+                        events.push(AuditEvent::new("credential.attached", name, format!("to relay {endpoint}")));
+                    }
+                    doc.credential_relay = Some(endpoint);
+                } else if doc.credential_relay.as_deref() != Some(&endpoint) {
+                    if was_attached {
+                        let from = doc.credential_relay.clone().unwrap_or_default();
+                        events.push(AuditEvent::new(
+                            "credential.detached",
+                            name,
+                            format!("relay changed from {from} to {endpoint}"),
+                        ));
+                    }
+                    notices.push(format!(
+                        "the stored credential '{name}' is detached: it was confirmed for {}, and the relay is now {endpoint}. \
+                         It is not sent until you confirm it for this relay: panel smtp set --credential {name}",
+                        doc.credential_relay.as_deref().unwrap_or("another relay")
+                    ));
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        let new_version = self.store.save_settings(version, &doc, by, Utc::now()).await?;
+        let settings = RelaySettings::validate(&doc).map_err(OpsError::Invalid)?;
+        let new_version = self.store.save_settings(version, &doc, by, Utc::now(), &events).await?;
         // Workers pick the new version up on their next claim; wake them so held messages go now.
         self.wake_workers().await;
-        Ok((new_version, settings))
+        Ok(SettingsUpdate { version: new_version, settings, notices })
+    }
+
+    /// The named credential must exist and be of the kind the auth mode needs.
+    async fn check_credential_kind(&self, auth: &Auth, name: &str, errors: &mut FieldErrors) -> Result<(), OpsError> {
+        let wanted = match auth {
+            Auth::OAuth2 { provider, .. } => CredentialKind::for_provider(*provider),
+            _ => CredentialKind::Password,
+        };
+        match self.store.credential(name).await? {
+            None => errors.push(
+                "credential",
+                format!("no stored credential is named '{name}'; store it first: panel credential set {name} ..."),
+            ),
+            Some(c) if c.kind != wanted.as_str() => errors.push(
+                "credential",
+                format!(
+                    "'{name}' is a {} credential, but auth = {} needs a {wanted} credential",
+                    c.kind,
+                    auth.as_str()
+                ),
+            ),
+            Some(_) => {}
+        }
+        Ok(())
     }
 
     pub async fn check(&self) -> Result<CheckReport, OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        Ok(panel_relay::check(Arc::new(settings)).await)
+        let credentials = StoredCredentials::for_settings(self, &settings, "check");
+        Ok(panel_relay::check(Arc::new(settings), credentials).await)
     }
 
     /// Enqueues the Test Message: to the Fallback recipient, or to `to` instead.
@@ -140,7 +226,7 @@ impl Panel {
         Ok(rows.into_iter().filter(|s| s.heartbeat_at >= now - crate::liveness_window()).collect())
     }
 
-    async fn wake_workers(&self) {
+    pub(crate) async fn wake_workers(&self) {
         if let Some(w) = &self.local_waker {
             w.wake();
         }
@@ -175,23 +261,13 @@ impl Panel {
 /// The settings in force with every default filled in, as shown by `panel smtp show` and the API.
 /// Names where the password comes from, never the password.
 pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
+    use panel_domain::PasswordSource;
     use panel_domain::duration::{format, format_list};
-    use panel_domain::{Auth, PasswordSource};
-    let (auth, username, password_file, password_env) = match &s.auth {
-        Auth::None => ("none", None, None, None),
-        Auth::Password { username, source } => match source {
-            PasswordSource::File(p) => ("password", Some(username.clone()), Some(p.display().to_string()), None),
-            PasswordSource::Env(v) => ("password", Some(username.clone()), None, Some(v.clone())),
-        },
-    };
-    serde_json::json!({
+    let mut view = serde_json::json!({
         "host": s.host,
         "port": s.port,
         "security": s.security,
-        "auth": auth,
-        "username": username,
-        "password_file": password_file,
-        "password_env": password_env,
+        "auth": s.auth.as_str(),
         "from": s.from.to_string(),
         "fallback_recipient": s.fallback_recipient.to_string(),
         "helo_name": s.helo_name,
@@ -203,5 +279,65 @@ pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
         "command_timeout": format(s.command_timeout),
         "retry_schedule": format_list(&s.retry.schedule),
         "give_up_after": format(s.retry.give_up_after),
-    })
+    });
+    let extra = match &s.auth {
+        Auth::None => serde_json::json!({}),
+        Auth::Password { username, source: PasswordSource::File(p) } => {
+            serde_json::json!({ "username": username, "password_file": p.display().to_string() })
+        }
+        Auth::Password { username, source: PasswordSource::Env(v) } => {
+            serde_json::json!({ "username": username, "password_env": v })
+        }
+        Auth::Stored { credential } => serde_json::json!({ "credential": credential }),
+        Auth::OAuth2 { provider, mailbox, credential, token_endpoint } => serde_json::json!({
+            "oauth_provider": provider,
+            "username": mailbox.as_str(),
+            "credential": credential,
+            "token_endpoint": token_endpoint.as_ref().map(|u| u.to_string()),
+        }),
+    };
+    if let (Some(map), serde_json::Value::Object(extra)) = (view.as_object_mut(), extra) {
+        map.extend(extra);
+        if s.auth.credential().is_some() {
+            map.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
+        }
+    }
+    view
+}
+
+/// Naming one password source in a patch replaces the other kind: `--credential X` drops a
+/// stored username and password file or variable, and `--password-file` drops a credential.
+fn prefer_named_source(patch: &SettingsDoc, old: &SettingsDoc) -> SettingsDoc {
+    let named = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+    let mut p = patch.clone();
+    let clear = |field: &mut Option<String>| {
+        field.get_or_insert_with(String::new);
+    };
+    // Switching the auth mode drops what does not apply to the new one, unless the patch names it.
+    match p.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()).as_deref() {
+        Some("none") => {
+            for f in [
+                &mut p.username,
+                &mut p.password_file,
+                &mut p.password_env,
+                &mut p.credential,
+                &mut p.oauth_provider,
+                &mut p.token_endpoint,
+            ] {
+                clear(f);
+            }
+        }
+        Some("password") => [&mut p.oauth_provider, &mut p.token_endpoint].into_iter().for_each(clear),
+        Some("oauth2") => [&mut p.password_file, &mut p.password_env].into_iter().for_each(clear),
+        _ => {}
+    }
+    let password_mode =
+        p.auth.as_deref().or(old.auth.as_deref()).is_some_and(|a| a.trim().eq_ignore_ascii_case("password"));
+    if password_mode && named(&p.credential) {
+        [&mut p.username, &mut p.password_file, &mut p.password_env].into_iter().for_each(clear);
+    }
+    if named(&p.password_file) || named(&p.password_env) {
+        clear(&mut p.credential);
+    }
+    p
 }

@@ -2,18 +2,23 @@
 //! attempt. Settings are re-read whenever their version changes, so a change made anywhere
 //! applies to the next message this worker sends.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use panel_domain::classify::ConnectionContext;
+use panel_domain::credential::CREDENTIAL_STORAGE;
 use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::{Failure, RecipientResult, RelaySettings, SendReport};
 use panel_relay::{Connection, Relay, Transcript};
-use panel_store::{AttemptMeta, Claim, Store};
+use panel_store::{AttemptMeta, Claim, ConfigGeneration, Store};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::credential_source::StoredCredentials;
+use crate::licensing::Grant;
+use crate::ops::Panel;
 use crate::wake::Waker;
 
 #[derive(Debug, Clone)]
@@ -39,31 +44,52 @@ impl Default for WorkerConfig {
     }
 }
 
-/// The relay prepared for the settings version in force.
+/// The relay prepared for the settings and secrets in force.
 struct RelayState {
-    version: i64,
+    generation: ConfigGeneration,
+    /// Distinguishes rebuilds: pooled connections belong to one state.
+    serial: u64,
     relay: Result<Relay, Failure>,
+    /// When the license that lets these settings use a stored credential runs out: the state
+    /// (and its authenticated connections) is rebuilt then, so expiry is enforced at use.
+    licensed_until: Option<DateTime<Utc>>,
+}
+
+impl RelayState {
+    fn version(&self) -> i64 {
+        self.generation.settings
+    }
 }
 
 struct Shared {
+    panel: Panel,
     store: Store,
     owner: String,
     config: WorkerConfig,
     relay: Mutex<Option<Arc<RelayState>>>,
-    /// Idle connections, tagged with the settings version they were opened under.
-    pool: Mutex<Vec<(i64, Instant, Connection)>>,
+    /// Idle connections, tagged with the serial of the relay state they were opened under.
+    pool: Mutex<Vec<(u64, Instant, Connection)>>,
+    serial: AtomicU64,
 }
 
 /// Runs until `shutdown` turns true, then finishes the messages in hand.
 pub async fn run_worker(
-    store: Store,
+    panel: Panel,
     owner: String,
     config: WorkerConfig,
     waker: Waker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(config.concurrency));
-    let shared = Arc::new(Shared { store, owner, config, relay: Mutex::new(None), pool: Mutex::new(Vec::new()) });
+    let shared = Arc::new(Shared {
+        store: panel.store.clone(),
+        panel,
+        owner,
+        config,
+        relay: Mutex::new(None),
+        pool: Mutex::new(Vec::new()),
+        serial: AtomicU64::new(0),
+    });
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
@@ -111,47 +137,60 @@ async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Option<(Arc<R
     Ok(Some((state, claims)))
 }
 
-/// The relay for the settings version in force, rebuilt when the version changes.
+/// The relay for the settings and secrets in force, rebuilt when either changes.
 async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayState>>> {
-    let version = shared.store.settings_version().await?;
-    if version == 0 {
+    let generation = shared.store.config_generation().await?;
+    if generation.settings == 0 {
         return Ok(None);
     }
     if let Some(state) = shared.relay.lock().expect("not poisoned").as_ref()
-        && state.version == version
+        && state.generation == generation
+        && state.licensed_until.is_none_or(|until| Utc::now() < until)
     {
         return Ok(Some(state.clone()));
     }
     let Some(stored) = shared.store.current_settings().await? else { return Ok(None) };
-    let relay = match RelaySettings::validate(&stored.doc) {
-        Ok(s) => Relay::new(Arc::new(s)),
+    let settings = match RelaySettings::validate(&stored.doc) {
+        Ok(s) => s,
         Err(errors) => {
             tracing::error!(version = stored.version, %errors, "stored relay settings are invalid; messages wait");
             return Ok(None);
         }
     };
+    let licensed_until = match settings.auth.credential() {
+        None => None,
+        Some(_) => match shared.panel.grant(CREDENTIAL_STORAGE).await {
+            Ok(Grant::Yes { until }) => until,
+            // Not licensed: connecting fails with the reason; check again in a minute.
+            _ => Some(Utc::now() + chrono::Duration::minutes(1)),
+        },
+    };
+    let credentials = StoredCredentials::for_settings(&shared.panel, &settings, &shared.owner);
+    let relay = Relay::new(Arc::new(settings), credentials);
     if let Err(f) = &relay {
         tracing::error!(version = stored.version, error = %f, "relay settings cannot be used");
     }
-    let state = Arc::new(RelayState { version: stored.version, relay });
+    let generation = ConfigGeneration { settings: stored.version, ..generation };
+    let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
+    let state = Arc::new(RelayState { generation, serial, relay, licensed_until });
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());
-    tracing::info!(version = stored.version, "relay settings loaded");
+    tracing::info!(version = stored.version, secrets = generation.secrets, "relay settings loaded");
     Ok(Some(state))
 }
 
-fn take_connection(shared: &Shared, version: i64) -> Option<Connection> {
+fn take_connection(shared: &Shared, serial: u64) -> Option<Connection> {
     let mut pool = shared.pool.lock().expect("not poisoned");
-    pool.retain(|(v, at, _)| *v == version && at.elapsed() < shared.config.idle_connection);
+    pool.retain(|(v, at, _)| *v == serial && at.elapsed() < shared.config.idle_connection);
     pool.pop().map(|(_, _, c)| c)
 }
 
 fn prune_idle(shared: &Shared) {
-    let version = shared.relay.lock().expect("not poisoned").as_ref().map(|s| s.version);
+    let serial = shared.relay.lock().expect("not poisoned").as_ref().map(|s| s.serial);
     shared
         .pool
         .lock()
         .expect("not poisoned")
-        .retain(|(v, at, _)| Some(*v) == version && at.elapsed() < shared.config.idle_connection);
+        .retain(|(v, at, _)| Some(*v) == serial && at.elapsed() < shared.config.idle_connection);
 }
 
 async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
@@ -183,7 +222,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         ),
         Ok(relay) => {
             let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
-            (send(shared, state.version, relay, &claim, &recipients).await, relay.address(), ctx)
+            (send(shared, state.serial, relay, &claim, &recipients).await, relay.address(), ctx)
         }
     };
     renewer.abort();
@@ -199,7 +238,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         finished_at: Utc::now(),
         service_id: shared.owner.clone(),
         relay: relay_addr.clone(),
-        settings_version: state.version,
+        settings_version: state.version(),
     };
     tracing::info!(
         message = id,
@@ -224,16 +263,16 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
 
 /// Sends on a pooled connection, or a new one. A pooled connection the relay has closed in the
 /// meantime fails before any recipient is accepted; the message is then sent on a fresh one.
-async fn send(shared: &Shared, version: i64, relay: &Relay, claim: &Claim, recipients: &[String]) -> SendReport {
+async fn send(shared: &Shared, serial: u64, relay: &Relay, claim: &Claim, recipients: &[String]) -> SendReport {
     let data = claim.message.render();
     let from = claim.message.from.address.as_str();
-    if let Some(mut conn) = take_connection(shared, version) {
+    if let Some(mut conn) = take_connection(shared, serial) {
         let report = conn.send(from, recipients, &data).await;
         let stale = report.data_reply.is_none()
             && !conn.is_reusable()
             && report.recipients.iter().all(|r| *r == RecipientResult::NotTried);
         if !stale {
-            give_back(shared, version, conn);
+            give_back(shared, serial, conn);
             return report;
         }
     }
@@ -246,14 +285,14 @@ async fn send(shared: &Shared, version: i64, relay: &Relay, claim: &Claim, recip
         },
         Ok(mut conn) => {
             let report = conn.send(from, recipients, &data).await;
-            give_back(shared, version, conn);
+            give_back(shared, serial, conn);
             report
         }
     }
 }
 
-fn give_back(shared: &Shared, version: i64, conn: Connection) {
+fn give_back(shared: &Shared, serial: u64, conn: Connection) {
     if conn.is_reusable() {
-        shared.pool.lock().expect("not poisoned").push((version, Instant::now(), conn));
+        shared.pool.lock().expect("not poisoned").push((serial, Instant::now(), conn));
     }
 }

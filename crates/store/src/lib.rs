@@ -25,6 +25,10 @@ pub enum StoreError {
     SettingsConflict { current: i64 },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the master key was rotated meanwhile (now {current}); try again")]
+    MasterKeyChanged { current: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -48,21 +52,98 @@ impl Store {
         self.backend.current_settings().await
     }
 
-    /// The version of the settings in force; 0 before the first save. Cheap: checked before every send.
-    pub async fn settings_version(&self) -> Result<i64> {
-        self.backend.settings_version().await
+    /// The settings version in force (0 before the first save) and the secrets generation.
+    /// Cheap: checked before every claim.
+    pub async fn config_generation(&self) -> Result<ConfigGeneration> {
+        self.backend.config_generation().await
     }
 
-    /// Saves a new version if the stored one is still `expected_version` (optimistic locking), and
-    /// releases messages held back by a configuration error so they are tried with the new settings.
+    /// Saves a new version if the stored one is still `expected_version` (optimistic locking),
+    /// writes `events` to the audit log, and releases messages held back by a configuration
+    /// error so they are tried with the new settings.
     pub async fn save_settings(
         &self,
         expected_version: i64,
         doc: &SettingsDoc,
         by: &str,
         now: DateTime<Utc>,
+        events: &[AuditEvent],
     ) -> Result<i64> {
-        self.backend.save_settings(expected_version, doc, by, ms(now)).await
+        self.backend.save_settings(expected_version, doc, by, ms(now), events).await
+    }
+
+    /// Adds a verified license key; false when a key with this id is already there.
+    pub async fn add_license(
+        &self,
+        id: &str,
+        key: &str,
+        by: &str,
+        now: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<bool> {
+        self.backend.add_license(id, key, by, ms(now), event).await
+    }
+
+    pub async fn licenses(&self) -> Result<Vec<LicenseRow>> {
+        self.backend.licenses().await
+    }
+
+    pub async fn remove_license(&self, id: &str, by: &str, now: DateTime<Utc>) -> Result<bool> {
+        self.backend.remove_license(id, by, ms(now)).await
+    }
+
+    pub async fn credential(&self, name: &str) -> Result<Option<CredentialRow>> {
+        self.backend.credential(name).await
+    }
+
+    pub async fn credentials(&self) -> Result<Vec<CredentialRow>> {
+        self.backend.credentials().await
+    }
+
+    /// Stores or replaces a sealed credential and audits it.
+    pub async fn put_credential(&self, credential: &NewCredential, by: &str, now: DateTime<Utc>) -> Result<PutOutcome> {
+        self.backend.put_credential(credential, by, ms(now)).await
+    }
+
+    pub async fn delete_credential(&self, name: &str, by: &str, now: DateTime<Utc>) -> Result<DeleteOutcome> {
+        self.backend.delete_credential(name, by, ms(now)).await
+    }
+
+    /// Moves every credential to `new_master_key_id` in one transaction; `MasterKeyChanged` if
+    /// a row is left under another key (stored concurrently), so the caller re-reads and retries.
+    pub async fn rewrap_credentials(
+        &self,
+        updates: &[Rewrapped],
+        new_master_key_id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<u64> {
+        self.backend.rewrap_credentials(updates, new_master_key_id, by, ms(now), event).await
+    }
+
+    /// The master key id stored credentials are wrapped with; `None` before the first credential.
+    pub async fn current_master_key_id(&self) -> Result<Option<String>> {
+        self.backend.current_master_key_id().await
+    }
+
+    pub async fn adopt_master_key_id(&self, key_id: &str) -> Result<()> {
+        self.backend.adopt_master_key_id(key_id).await
+    }
+
+    pub async fn mark_credential_used(
+        &self,
+        id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<bool> {
+        self.backend.mark_credential_used(id, by, ms(now), event).await
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
+        self.backend.audit_log(limit).await
     }
 
     pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {

@@ -160,3 +160,108 @@ pub struct QueueStats {
     /// Seconds the oldest due message has waited.
     pub oldest_due_age_secs: Option<i64>,
 }
+
+/// What a worker compares before each claim: a change in either rebuilds its relay state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConfigGeneration {
+    pub settings: i64,
+    /// Bumped by every change to license keys or stored credentials.
+    pub secrets: i64,
+}
+
+/// One audit log entry to write; the actor and time come with the operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl AuditEvent {
+    pub fn new(action: &str, subject: &str, detail: impl Into<String>) -> AuditEvent {
+        AuditEvent { action: action.into(), subject: subject.into(), detail: detail.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LicenseRow {
+    pub id: String,
+    pub key: String,
+    pub added_at: DateTime<Utc>,
+    pub added_by: String,
+}
+
+/// A stored credential. The sealed blobs stay inside the service: this type is not serializable.
+#[derive(Clone)]
+pub struct CredentialRow {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub username: String,
+    /// Non-secret settings of the credential (e.g. a Microsoft tenant).
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub master_key_id: String,
+    pub wrapped_key: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+    pub first_used_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for CredentialRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("master_key_id", &self.master_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A credential to store: sealed by the caller, who chose its id (the ciphertext is bound to it).
+pub struct NewCredential {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub username: String,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub master_key_id: String,
+    pub wrapped_key: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Replaced,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// The relay settings reference it; nothing was deleted.
+    InUse,
+}
+
+/// A data key re-wrapped under a new master key.
+pub struct Rewrapped {
+    pub id: String,
+    pub old_master_key_id: String,
+    pub master_key_id: String,
+    pub wrapped_key: Vec<u8>,
+}

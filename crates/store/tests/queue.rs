@@ -87,11 +87,11 @@ async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted() {
 #[tokio::test]
 async fn settings_saves_are_versioned_and_conflicts_detected() {
     let (_d, s) = store().await;
-    assert_eq!(s.settings_version().await.unwrap(), 0);
+    assert_eq!(s.config_generation().await.unwrap().settings, 0);
     let doc = SettingsDoc { host: Some("relay.example.org".into()), ..Default::default() };
-    assert_eq!(s.save_settings(0, &doc, "t", Utc::now()).await.unwrap(), 1);
+    assert_eq!(s.save_settings(0, &doc, "t", Utc::now(), &[]).await.unwrap(), 1);
     assert!(matches!(
-        s.save_settings(0, &doc, "t", Utc::now()).await,
+        s.save_settings(0, &doc, "t", Utc::now(), &[]).await,
         Err(StoreError::SettingsConflict { current: 1 })
     ));
     assert_eq!(s.current_settings().await.unwrap().unwrap().doc, doc);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin, SettingsDoc};
@@ -29,6 +29,11 @@ pub fn router(panel: Panel) -> Router {
         .route("/api/v1/messages/{id}/retry", post(retry_message))
         .route("/api/v1/services", get(services))
         .route("/api/v1/queue", get(queue))
+        .route("/api/v1/licenses", get(licenses).post(add_license))
+        .route("/api/v1/licenses/{id}", delete(remove_license))
+        .route("/api/v1/credentials", get(credentials))
+        .route("/api/v1/credentials/{name}", put(set_credential).delete(delete_credential))
+        .route("/api/v1/audit", get(audit))
         .with_state(panel)
 }
 
@@ -57,7 +62,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match &self.0 {
             OpsError::Invalid(errors) => (StatusCode::BAD_REQUEST, json!({"error": "invalid input", "fields": errors})),
-            OpsError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": self.0.to_string()})),
+            OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => {
+                (StatusCode::NOT_FOUND, json!({"error": self.0.to_string()}))
+            }
+            OpsError::License(_) => (StatusCode::FORBIDDEN, json!({"error": self.0.to_string()})),
             OpsError::NotConfigured => (StatusCode::CONFLICT, json!({"error": self.0.to_string()})),
             _ => {
                 tracing::error!(error = %self.0, "request failed");
@@ -69,6 +77,9 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// Who the audit log names for API changes, until sign-in arrives with the admin UI.
+const API_ACTOR: &str = "api";
 
 /// A body that is not the expected JSON is bad input like any other, reported under `body`.
 fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
@@ -82,7 +93,7 @@ fn ok(value: impl serde::Serialize) -> ApiResult {
 }
 
 async fn ready(State(p): State<Panel>) -> Response {
-    match p.store.settings_version().await {
+    match p.store.config_generation().await {
         Ok(_) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": e.to_string()})))
             .into_response(),
@@ -104,8 +115,8 @@ async fn put_settings(
     body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(patch) = body.map_err(invalid_body)?;
-    let (version, settings) = p.update_settings(&patch, "api").await?;
-    ok(json!({"version": version, "effective": effective_view(&settings)}))
+    let update = p.update_settings(&patch, API_ACTOR).await?;
+    ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
 
 async fn check(State(p): State<Panel>) -> ApiResult {
@@ -198,4 +209,106 @@ async fn services(State(p): State<Panel>) -> ApiResult {
 
 async fn queue(State(p): State<Panel>) -> ApiResult {
     ok(p.store.queue_stats(chrono::Utc::now()).await.map_err(OpsError::from)?)
+}
+
+async fn licenses(State(p): State<Panel>) -> ApiResult {
+    ok(p.licenses().await?)
+}
+
+#[derive(Deserialize)]
+struct LicenseRequest {
+    key: String,
+}
+
+async fn add_license(
+    State(p): State<Panel>,
+    body: Result<Json<LicenseRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(req) = body.map_err(invalid_body)?;
+    let license = p.add_license(&req.key, API_ACTOR).await?;
+    Ok((StatusCode::CREATED, Json(license)).into_response())
+}
+
+async fn remove_license(State(p): State<Panel>, Path(id): Path<String>) -> ApiResult {
+    p.remove_license(&id, API_ACTOR).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn credentials(State(p): State<Panel>) -> ApiResult {
+    ok(p.credentials().await?)
+}
+
+/// Write-only: the secret goes in, and nothing in any answer ever carries it back.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialRequest {
+    #[serde(default = "default_kind")]
+    kind: String,
+    username: Option<String>,
+    /// Microsoft: the application (client) id; an alias of `username`.
+    client_id: Option<String>,
+    tenant: Option<String>,
+    secret: zeroize::Zeroizing<String>,
+}
+
+fn default_kind() -> String {
+    "password".into()
+}
+
+async fn set_credential(State(p): State<Panel>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult {
+    // Parsed here rather than by the Json extractor: serde's messages can quote values, and
+    // this body holds a secret. Only the position of a syntax error is reported.
+    let req: CredentialRequest = serde_json::from_slice(&body).map_err(|e| {
+        let mut errors = panel_domain::FieldErrors::default();
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "a field is missing, unknown, or of the wrong type",
+            _ => "the body is not valid JSON",
+        };
+        errors.push(
+            "body",
+            format!(
+                "{what} (line {}, column {}); expected {{\"kind\", \"username\", \"tenant\", \"secret\"}}",
+                e.line(),
+                e.column()
+            ),
+        );
+        OpsError::Invalid(errors)
+    })?;
+    let kind = panel_domain::CredentialKind::parse(&req.kind).ok_or_else(|| {
+        let mut errors = panel_domain::FieldErrors::default();
+        errors.push(
+            "kind",
+            format!(
+                "'{}' is not a credential kind; use one of {}",
+                req.kind,
+                panel_domain::CredentialKind::ALL.join(", ")
+            ),
+        );
+        OpsError::Invalid(errors)
+    })?;
+    let input = panel_service::CredentialInput {
+        name,
+        kind,
+        username: req.username.or(req.client_id),
+        tenant: req.tenant,
+        secret: panel_domain::Secret::from(req.secret),
+    };
+    let outcome = p.set_credential(input, API_ACTOR).await?;
+    let status = if outcome == panel_store::PutOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!({"stored": true, "replaced": outcome == panel_store::PutOutcome::Replaced})))
+        .into_response())
+}
+
+async fn delete_credential(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+    p.delete_credential(&name, API_ACTOR).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+async fn audit(State(p): State<Panel>, Query(q): Query<AuditQuery>) -> ApiResult {
+    ok(p.store.audit_log(q.limit.unwrap_or(100).min(1000)).await.map_err(OpsError::from)?)
 }

@@ -12,7 +12,12 @@ use sqlx::{Row, SqlitePool};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_core.sql"))];
+mod secrets;
+
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_core.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_licenses_credentials_audit.sql")),
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -76,11 +81,24 @@ impl SqliteStore {
         .transpose()
     }
 
-    pub async fn settings_version(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_settings").fetch_one(&self.pool).await?)
+    pub async fn config_generation(&self) -> Result<ConfigGeneration> {
+        let (settings, secrets): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(version), 0) FROM relay_settings),
+                    (SELECT value FROM generations WHERE name = 'secrets')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ConfigGeneration { settings, secrets })
     }
 
-    pub async fn save_settings(&self, expected: i64, doc: &SettingsDoc, by: &str, now: i64) -> Result<i64> {
+    pub async fn save_settings(
+        &self,
+        expected: i64,
+        doc: &SettingsDoc,
+        by: &str,
+        now: i64,
+        events: &[AuditEvent],
+    ) -> Result<i64> {
         let mut tx = self.write().await?;
         let current: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_settings").fetch_one(&mut *tx).await?;
@@ -95,19 +113,8 @@ impl SqliteStore {
             .bind(by)
             .execute(&mut *tx)
             .await?;
-        // Messages stopped by a configuration error get another chance with the new settings.
-        let window = RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref())
-            .unwrap_or_default()
-            .give_up_after;
-        sqlx::query(
-            "UPDATE messages SET state = 'retrying', next_attempt_at = ?1, updated_at = ?1, failure_class = NULL
-             WHERE state = 'failed' AND failure_class = ?2 AND window_start >= ?3",
-        )
-        .bind(now)
-        .bind(class_str(FailureClass::Configuration))
-        .bind(now - window.as_millis() as i64)
-        .execute(&mut *tx)
-        .await?;
+        audit(&mut tx, by, now, events).await?;
+        requeue_configuration_failures(&mut tx, doc, now).await?;
         tx.commit().await?;
         Ok(version)
     }
@@ -511,6 +518,38 @@ fn claim_from_row(r: &SqliteRow) -> Result<Claim> {
 
 fn waiting(state: MessageState) -> bool {
     matches!(state, MessageState::Queued | MessageState::Retrying)
+}
+
+/// Messages stopped by a configuration error get another chance after the configuration changed
+/// (settings saved, license added, credential stored), within their retry window.
+async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64) -> Result<u64> {
+    let window = RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref())
+        .unwrap_or_default()
+        .give_up_after;
+    let done = sqlx::query(
+        "UPDATE messages SET state = 'retrying', next_attempt_at = ?1, updated_at = ?1, failure_class = NULL
+         WHERE state = 'failed' AND failure_class = ?2 AND window_start >= ?3",
+    )
+    .bind(now)
+    .bind(class_str(FailureClass::Configuration))
+    .bind(now - window.as_millis() as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+async fn audit(tx: &mut Tx, actor: &str, now: i64, events: &[AuditEvent]) -> Result<()> {
+    for e in events {
+        sqlx::query("INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(now)
+            .bind(actor)
+            .bind(&e.action)
+            .bind(&e.subject)
+            .bind(&e.detail)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 fn class_str(c: FailureClass) -> &'static str {

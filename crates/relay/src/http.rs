@@ -1,0 +1,84 @@
+//! A minimal HTTPS client for token endpoints: one POST of a form, one JSON answer. Built on
+//! hyper's connection API over the same rustls stack as the relay client, with the system's
+//! trust roots, so no second TLS stack enters the build.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use panel_domain::EndpointUrl;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use zeroize::Zeroizing;
+
+use crate::tls::{self, TlsTrust};
+
+/// Token answers are small; anything larger is not a token endpoint.
+const MAX_BODY: usize = 256 * 1024;
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Zeroizing<Vec<u8>>,
+}
+
+/// POSTs `form` (already encoded; it carries a secret, so it is wiped after use) to `url`.
+/// The error is a sentence for the admin: what failed, where.
+pub async fn post_form(url: &EndpointUrl, form: Zeroizing<String>, limit: Duration) -> Result<HttpResponse, String> {
+    timeout(limit, post(url, form))
+        .await
+        .unwrap_or_else(|_| Err(format!("{url} did not answer within {}s", limit.as_secs())))
+}
+
+async fn post(url: &EndpointUrl, form: Zeroizing<String>) -> Result<HttpResponse, String> {
+    let tcp =
+        TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    tcp.set_nodelay(true).ok();
+    let host_header = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
+    let request = hyper::Request::post(url.path.as_str())
+        .header(hyper::header::HOST, host_header)
+        .header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::USER_AGENT, concat!("panel/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(Bytes::from(form.as_bytes().to_vec())))
+        .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
+    drop(form);
+    if url.tls {
+        let trust = TlsTrust::load(None, None).map_err(|f| f.detail)?;
+        let (config, _) = trust.client_config().map_err(|f| f.detail)?;
+        let name = tls::server_name(&url.host).map_err(|f| f.detail)?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {url} failed: {e}"))?;
+        exchange(url, TokioIo::new(stream), request).await
+    } else {
+        exchange(url, TokioIo::new(tcp), request).await
+    }
+}
+
+async fn exchange<S>(
+    url: &EndpointUrl,
+    io: TokioIo<S>,
+    request: hyper::Request<Full<Bytes>>,
+) -> Result<HttpResponse, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP with {url} failed: {e}"))?;
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await.map_err(|e| format!("HTTP request to {url} failed: {e}"));
+    let result = match response {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            match Limited::new(r.into_body(), MAX_BODY).collect().await {
+                Ok(body) => Ok(HttpResponse { status, body: Zeroizing::new(body.to_bytes().to_vec()) }),
+                Err(e) => Err(format!("reading the answer of {url} failed: {e}")),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    driver.abort();
+    result
+}

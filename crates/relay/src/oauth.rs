@@ -1,0 +1,159 @@
+//! OAuth2 access tokens for SMTP (XOAUTH2): Microsoft's client-credentials grant and Google's
+//! service-account JWT bearer grant. The provider's own error text is kept for the admin.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use panel_domain::{EndpointUrl, Failure, FailureKind, OAuthProvider, Secret, Stage};
+use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+/// A token and when it stops working.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub access_token: Secret,
+    pub expires_at: DateTime<Utc>,
+    /// The endpoint that issued it.
+    pub endpoint: String,
+    /// The token stage as it happened: endpoint, HTTP status, expiry.
+    pub note: String,
+}
+
+/// Who asks for a token, and how.
+pub enum TokenClient {
+    Microsoft { endpoint: EndpointUrl, client_id: String, client_secret: Secret },
+    Google { endpoint: EndpointUrl, key: Box<ServiceAccountKey>, subject: String },
+}
+
+impl TokenClient {
+    pub fn endpoint(&self) -> &EndpointUrl {
+        match self {
+            TokenClient::Microsoft { endpoint, .. } | TokenClient::Google { endpoint, .. } => endpoint,
+        }
+    }
+}
+
+/// A Google service account key file (the JSON the console downloads).
+pub struct ServiceAccountKey {
+    pub client_email: String,
+    pub token_uri: Option<String>,
+    key: RsaKeyPair,
+}
+
+#[derive(Deserialize)]
+struct KeyFile {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    client_email: String,
+    private_key: Zeroizing<String>,
+    token_uri: Option<String>,
+}
+
+impl ServiceAccountKey {
+    /// Parses the key file; errors never quote the key.
+    pub fn parse(json: &[u8]) -> Result<ServiceAccountKey, String> {
+        let file: KeyFile = serde_json::from_slice(json).map_err(|e| {
+            format!("not a Google service account key file (line {}, column {}): expected JSON with client_email and private_key", e.line(), e.column())
+        })?;
+        if file.kind.as_deref().is_some_and(|k| k != "service_account") {
+            return Err(format!("the key file is of type '{}', not service_account", file.kind.unwrap_or_default()));
+        }
+        let der = PrivatePkcs8KeyDer::from_pem_slice(file.private_key.as_bytes())
+            .map_err(|_| "the key file's private_key is not a PEM PKCS#8 private key".to_string())?;
+        let key = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+            .map_err(|e| format!("the key file's private_key is not a usable RSA key: {e}"))?;
+        Ok(ServiceAccountKey { client_email: file.client_email, token_uri: file.token_uri, key })
+    }
+
+    /// A signed JWT assertion asking for `scope` on behalf of `subject` (domain-wide delegation).
+    fn assertion(&self, audience: &str, scope: &str, subject: &str, now: DateTime<Utc>) -> Zeroizing<String> {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let claims = serde_json::json!({
+            "iss": self.client_email,
+            "scope": scope,
+            "aud": audience,
+            "sub": subject,
+            "iat": now.timestamp(),
+            "exp": now.timestamp() + 3600,
+        });
+        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let mut signature = vec![0u8; self.key.public().modulus_len()];
+        self.key
+            .sign(&RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signed.as_bytes(), &mut signature)
+            .expect("RSA signing of a small message");
+        Zeroizing::new(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: Option<Zeroizing<String>>,
+    expires_in: Option<serde_json::Value>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+fn form(pairs: &[(&str, &str)]) -> Zeroizing<String> {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    Zeroizing::new(s.finish())
+}
+
+/// Asks the provider for a token.
+pub async fn fetch_token(client: &TokenClient, limit: Duration) -> Result<TokenGrant, Failure> {
+    let endpoint = client.endpoint();
+    let body = match client {
+        TokenClient::Microsoft { client_id, client_secret, .. } => form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", client_secret.expose()),
+            ("scope", OAuthProvider::Microsoft.scope()),
+        ]),
+        TokenClient::Google { key, subject, .. } => {
+            let assertion = key.assertion(&endpoint.to_string(), OAuthProvider::Google.scope(), subject, Utc::now());
+            form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)])
+        }
+    };
+    let unavailable = |detail: String| Failure::new(Stage::Token, FailureKind::TokenUnavailable, detail);
+    let response = crate::http::post_form(endpoint, body, limit).await.map_err(unavailable)?;
+    let answer: Option<TokenAnswer> = serde_json::from_slice(&response.body).ok();
+    let status = response.status;
+    let provider_error = answer.as_ref().and_then(|a| {
+        let text =
+            [a.error.as_deref(), a.error_description.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(": ");
+        (!text.is_empty()).then(|| text.replace(['\r', '\n'], " "))
+    });
+    if status != 200 {
+        let detail = format!(
+            "the token endpoint {endpoint} answered HTTP {status}: {}",
+            provider_error.unwrap_or_else(|| "no error description".into())
+        );
+        let retryable = status >= 500 || status == 429 || status == 408;
+        let kind = if retryable { FailureKind::TokenUnavailable } else { FailureKind::TokenRejected };
+        return Err(Failure::new(Stage::Token, kind, detail));
+    }
+    let Some(TokenAnswer { access_token: Some(token), expires_in, .. }) = answer else {
+        return Err(unavailable(format!("the token endpoint {endpoint} answered HTTP 200 without an access_token")));
+    };
+    // expires_in is a number, but some providers send it as a string.
+    let seconds = match expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_i64(),
+        Some(serde_json::Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(3600)
+    .clamp(0, 86_400 * 7);
+    let expires_at = Utc::now() + chrono::Duration::seconds(seconds);
+    let note = format!(
+        "token from {endpoint}: HTTP 200, expires at {} (in {seconds}s)",
+        expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    Ok(TokenGrant { access_token: Secret::new(token.to_string()), expires_at, endpoint: endpoint.to_string(), note })
+}
