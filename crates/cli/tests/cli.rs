@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::time::Duration;
-
 use common::*;
 
 fn configured() -> Env {
@@ -56,16 +53,6 @@ fn commands_before_configuration_say_what_to_do() {
     let r = env.panel(&["messages", "list", "--status", "lost"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("queued, sending, retrying, delivered, failed"), "{}", r.stderr);
-}
-
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 #[test]

@@ -290,7 +290,10 @@ impl Connection {
             Ok(Err(ReadError::Closed)) => Err(Failure::new(stage, FailureKind::Io, "the relay closed the connection")),
             Ok(Err(ReadError::Io(e))) => Err(Failure::new(stage, FailureKind::Io, format!("connection error: {e}"))),
             Ok(Err(ReadError::Malformed(m))) => Err(Failure::new(stage, FailureKind::Protocol, m)),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => {
+                tracing::trace!(target: "panel_relay::smtp", "S: {}", r.one_line());
+                Ok(r)
+            }
         };
         if result.is_err() {
             self.broken = true;
@@ -322,6 +325,10 @@ impl Connection {
 
     /// Sends a line that carries a secret: the buffer is wiped afterwards.
     pub(crate) async fn secret_command(&mut self, stage: Stage, line: &str) -> Result<SmtpReply, Failure> {
+        // Only the verb and mechanism are logged; what follows them is the secret.
+        let shown: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        let shown = if line.starts_with("AUTH ") { shown } else { String::new() };
+        tracing::trace!(target: "panel_relay::smtp", "C: {shown} ***");
         let mut bytes = Zeroizing::new(Vec::with_capacity(line.len() + 2));
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
@@ -332,6 +339,7 @@ impl Connection {
     /// Sends one command line and reads its reply.
     async fn command(&mut self, stage: Stage, line: &str) -> Result<SmtpReply, Failure> {
         debug_assert!(!line.contains(['\r', '\n']), "commands are single lines");
+        tracing::trace!(target: "panel_relay::smtp", "C: {line}");
         self.write(stage, format!("{line}\r\n").as_bytes()).await?;
         self.read(stage).await
     }

@@ -125,11 +125,13 @@ impl Panel {
         }
         let mut why: Vec<String> = statuses
             .iter()
-            .filter(|s| s.features.iter().any(|f| f == feature) || s.problem.is_some())
-            .map(|s| format!("{}: {}", s.id, s.problem.as_deref().unwrap_or("does not grant it")))
+            .map(|s| match &s.problem {
+                Some(p) => format!("{}: {p}", s.id),
+                None => format!("{} does not grant it (features: {})", s.id, s.features.join(", ")),
+            })
             .collect();
         if why.is_empty() {
-            why.push(if statuses.is_empty() { "no license key is added".into() } else { "no key grants it".into() });
+            why.push("no license key is added".into());
         }
         Ok(Grant::No(format!(
             "the license feature '{feature}' is not granted ({}); add a license key that grants it with \

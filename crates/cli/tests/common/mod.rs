@@ -58,6 +58,60 @@ impl Env {
         }
     }
 
+    /// Runs with `input` on standard input.
+    pub fn panel_stdin(&self, args: &[&str], input: &str) -> Run {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("panel runs");
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into(),
+            stderr: String::from_utf8_lossy(&stderr).into(),
+        }
+    }
+
+    /// Creates a license authority in `DIR/authority` and trusts it in panel.toml.
+    pub fn trust_authority(&self) -> PathBuf {
+        let dir = self.path().join("authority");
+        self.ok(&["license", "keygen", "--out-dir", dir.to_str().unwrap()]);
+        let public = std::fs::read_to_string(dir.join("authority.pub")).unwrap();
+        let config = self.path().join("panel.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\n[license]\nauthorities = [\"{}\"]\n", public.trim()));
+        std::fs::write(config, text).unwrap();
+        dir.join("authority.key")
+    }
+
+    /// Issues a key with the authority made by `trust_authority`.
+    pub fn issue(&self, extra: &[&str]) -> String {
+        let key = self.path().join("authority/authority.key");
+        let mut args = vec!["license", "issue", "--authority-key", key.to_str().unwrap(), "--to", "Contoso"];
+        args.extend(extra);
+        self.ok(&args).stdout.trim().to_string()
+    }
+
+    /// Trusts an authority and adds a key granting credential-storage; returns the key's id.
+    pub fn license(&self) -> String {
+        self.trust_authority();
+        let key = self.issue(&["--feature", "credential-storage"]);
+        self.ok(&["license", "add", &key]);
+        self.ok(&["license", "list", "--json"]).json()[0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Stores the lab's relay account as credential `name`.
+    pub fn store_lab_credential(&self, name: &str) {
+        let r =
+            self.panel_stdin(&["credential", "set", name, "--username", LAB_USER, "--password-stdin"], LAB_PASSWORD);
+        assert_eq!(r.code, 0, "credential set failed: {}{}", r.stdout, r.stderr);
+    }
+
     /// Runs and asserts exit 0.
     pub fn ok(&self, args: &[&str]) -> Run {
         let r = self.panel(args);
@@ -186,4 +240,15 @@ impl Drop for Env {
 
 pub fn id_of(run: &Run) -> i64 {
     run.json()["id"].as_i64().unwrap_or_else(|| panic!("no id in {}", run.stdout))
+}
+
+/// One HTTP/1.1 request to the service on loopback; returns the status and the body.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_fmt(&mut s, format_args!( "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
