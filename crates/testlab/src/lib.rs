@@ -5,6 +5,7 @@
 //! Without Postfix, `PostfixLab::start` returns `None` after printing a notice, so a laptop's
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
+mod oauth;
 mod proxy;
 
 use std::fs;
@@ -15,6 +16,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use proxy::Proxy;
 
 pub const LAB_USER: &str = "panel";

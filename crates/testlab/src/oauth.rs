@@ -1,0 +1,351 @@
+//! OAuth2 test doubles on loopback: a token endpoint speaking the Microsoft client-credentials
+//! and Google JWT-bearer grants, and an SMTP server that accepts AUTH XOAUTH2 only with a live
+//! token that endpoint issued. Plain blocking threads: each test owns its servers.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+/// What the endpoint accepts as the client's proof.
+enum Client {
+    Microsoft { client_id: String, client_secret: String },
+    Google { client_email: String, public_key_pkcs1: Vec<u8> },
+}
+
+struct Issued {
+    token: String,
+    expires: Instant,
+    revoked: bool,
+    /// Google: the mailbox the token was delegated for.
+    subject: Option<String>,
+}
+
+struct TokenState {
+    client: Client,
+    lifetime: Duration,
+    issued: Vec<Issued>,
+}
+
+/// A token endpoint at `http://127.0.0.1:PORT/token`.
+#[derive(Clone)]
+pub struct TokenServer {
+    pub port: u16,
+    state: Arc<Mutex<TokenState>>,
+}
+
+impl TokenServer {
+    pub fn microsoft(client_id: &str, client_secret: &str, lifetime: Duration) -> TokenServer {
+        let client = Client::Microsoft { client_id: client_id.into(), client_secret: client_secret.into() };
+        TokenServer::start(client, lifetime)
+    }
+
+    pub fn google(account: &ServiceAccount, lifetime: Duration) -> TokenServer {
+        let client = Client::Google {
+            client_email: account.client_email.clone(),
+            public_key_pkcs1: account.public_key_pkcs1.clone(),
+        };
+        TokenServer::start(client, lifetime)
+    }
+
+    fn start(client: Client, lifetime: Duration) -> TokenServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server =
+            TokenServer { port, state: Arc::new(Mutex::new(TokenState { client, lifetime, issued: Vec::new() })) };
+        let s = server.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || s.serve(stream));
+            }
+        });
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// How many tokens were issued.
+    pub fn issued(&self) -> usize {
+        self.state.lock().unwrap().issued.len()
+    }
+
+    /// Revokes every token issued so far (as an admin revoking the app's sessions would).
+    pub fn revoke_all(&self) {
+        for t in &mut self.state.lock().unwrap().issued {
+            t.revoked = true;
+        }
+    }
+
+    /// True when `token` was issued here, is live, and (for Google) was delegated for `user`.
+    pub fn accepts(&self, token: &str, user: &str) -> bool {
+        let state = self.state.lock().unwrap();
+        state.issued.iter().any(|t| {
+            t.token == token
+                && !t.revoked
+                && Instant::now() < t.expires
+                && t.subject.as_deref().is_none_or(|s| s == user)
+        })
+    }
+
+    fn serve(&self, mut stream: TcpStream) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).unwrap_or_default();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap_or_default();
+        let form = parse_form(&String::from_utf8_lossy(&body));
+        let (status, json) = if !request_line.starts_with("POST /token ") {
+            (404, serde_json::json!({"error": "not_found"}))
+        } else {
+            self.grant(&form)
+        };
+        let body = json.to_string();
+        let reason = if status == 200 { "OK" } else { "Error" };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    fn grant(&self, form: &HashMap<String, String>) -> (u16, serde_json::Value) {
+        let mut state = self.state.lock().unwrap();
+        let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        let subject = match &state.client {
+            Client::Microsoft { client_id, client_secret } => {
+                if get("grant_type") != "client_credentials" || get("scope") != "https://outlook.office365.com/.default"
+                {
+                    return (
+                        400,
+                        serde_json::json!({"error": "invalid_request", "error_description": "bad grant or scope"}),
+                    );
+                }
+                if get("client_id") != client_id || get("client_secret") != client_secret {
+                    return (
+                        401,
+                        serde_json::json!({
+                            "error": "invalid_client",
+                            "error_description": "AADSTS7000215: Invalid client secret provided."
+                        }),
+                    );
+                }
+                None
+            }
+            Client::Google { client_email, public_key_pkcs1 } => {
+                if get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
+                    return (400, serde_json::json!({"error": "unsupported_grant_type"}));
+                }
+                match verify_jwt(get("assertion"), public_key_pkcs1, client_email, &self.url()) {
+                    Ok(sub) => Some(sub),
+                    Err(why) => return (400, serde_json::json!({"error": "invalid_grant", "error_description": why})),
+                }
+            }
+        };
+        let token = format!("tok-{}-{}", self.port, state.issued.len() + 1);
+        let lifetime = state.lifetime;
+        state.issued.push(Issued { token: token.clone(), expires: Instant::now() + lifetime, revoked: false, subject });
+        (200, serde_json::json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "access_token": token}))
+    }
+}
+
+fn verify_jwt(assertion: &str, key: &[u8], email: &str, audience: &str) -> Result<String, String> {
+    let (signed, signature) = assertion.rsplit_once('.').ok_or("not a JWT")?;
+    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "bad signature encoding")?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key)
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| "Invalid JWT Signature.")?;
+    let claims = signed.split('.').nth(1).ok_or("no claims")?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).map_err(|_| "bad claims")?).map_err(|_| "bad claims")?;
+    if claims["iss"] != email || claims["aud"] != audience || claims["scope"] != "https://mail.google.com/" {
+        return Err(format!("unexpected claims {claims}"));
+    }
+    claims["sub"].as_str().map(String::from).ok_or_else(|| "no sub".into())
+}
+
+fn parse_form(body: &str) -> HashMap<String, String> {
+    body.split('&').filter_map(|pair| pair.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An SMTP server on loopback (plain; tests allow plaintext auth) that requires AUTH XOAUTH2
+/// with a live token from `tokens` for `mailbox`, then accepts any message.
+pub struct XOAuthSmtp {
+    pub port: u16,
+    received: Arc<Mutex<Vec<String>>>,
+    rejections: Arc<AtomicUsize>,
+}
+
+impl XOAuthSmtp {
+    pub fn start(tokens: &TokenServer, mailbox: &str) -> XOAuthSmtp {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rejections = Arc::new(AtomicUsize::new(0));
+        let (r, j, t, m) = (received.clone(), rejections.clone(), tokens.clone(), mailbox.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (r, j, t, m) = (r.clone(), j.clone(), t.clone(), m.clone());
+                std::thread::spawn(move || session(stream, &t, &m, &r, &j));
+            }
+        });
+        XOAuthSmtp { port, received, rejections }
+    }
+
+    /// Messages accepted, as received after DATA.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// AUTH attempts refused because the token was not acceptable.
+    pub fn rejections(&self) -> usize {
+        self.rejections.load(Ordering::SeqCst)
+    }
+}
+
+fn session(
+    stream: TcpStream,
+    tokens: &TokenServer,
+    mailbox: &str,
+    received: &Mutex<Vec<String>>,
+    rejections: &AtomicUsize,
+) {
+    let mut out = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut say = |s: &str| out.write_all(format!("{s}\r\n").as_bytes()).is_ok();
+    say("220 xoauth.test ESMTP");
+    let mut authenticated = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let cmd = line.trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        let ok = if upper.starts_with("EHLO") {
+            say("250-xoauth.test\r\n250-AUTH XOAUTH2\r\n250 8BITMIME")
+        } else if let Some(arg) = cmd.strip_prefix("AUTH XOAUTH2 ") {
+            let raw = String::from_utf8(STANDARD.decode(arg.trim()).unwrap_or_default()).unwrap_or_default();
+            let user = raw.split('\x01').find_map(|p| p.strip_prefix("user=")).unwrap_or("");
+            let token = raw.split('\x01').find_map(|p| p.strip_prefix("auth=Bearer ")).unwrap_or("");
+            if user == mailbox && tokens.accepts(token, user) {
+                authenticated = true;
+                say("235 2.7.0 Authentication successful")
+            } else {
+                rejections.fetch_add(1, Ordering::SeqCst);
+                let error = STANDARD.encode(r#"{"status":"401","schemes":"bearer"}"#);
+                say(&format!("334 {error}"));
+                line.clear();
+                let _ = reader.read_line(&mut line);
+                say("535 5.7.3 Authentication unsuccessful")
+            }
+        } else if upper.starts_with("MAIL FROM") {
+            say(if authenticated { "250 2.1.0 OK" } else { "530 5.7.0 Authentication required" })
+        } else if upper.starts_with("RCPT TO") {
+            say("250 2.1.5 OK")
+        } else if upper == "DATA" {
+            say("354 go ahead");
+            let mut data = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+                data.push_str(&line);
+            }
+            let n = {
+                let mut r = received.lock().unwrap();
+                r.push(data);
+                r.len()
+            };
+            say(&format!("250 2.0.0 OK queued as X{n}"))
+        } else if upper == "RSET" || upper == "NOOP" {
+            say("250 2.0.0 OK")
+        } else if upper == "QUIT" {
+            say("221 2.0.0 bye");
+            return;
+        } else {
+            say("502 5.5.2 command not recognized")
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// A Google service account key file made with openssl, and its public key for the endpoint.
+pub struct ServiceAccount {
+    pub client_email: String,
+    /// The key file as the Google console downloads it.
+    pub key_json: String,
+    public_key_pkcs1: Vec<u8>,
+}
+
+impl ServiceAccount {
+    pub fn create(dir: &Path, token_uri: &str) -> ServiceAccount {
+        let key = dir.join("sa.pem");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            out.stdout
+        };
+        run(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key.to_str().unwrap()]);
+        let public_key_pkcs1 = run(&["rsa", "-in", key.to_str().unwrap(), "-RSAPublicKey_out", "-outform", "DER"]);
+        let client_email = "panel-mailer@contoso-project.iam.gserviceaccount.com".to_string();
+        let key_json = serde_json::json!({
+            "type": "service_account",
+            "project_id": "contoso-project",
+            "private_key_id": "0123456789abcdef",
+            "private_key": std::fs::read_to_string(&key).unwrap(),
+            "client_email": client_email,
+            "client_id": "1234567890",
+            "token_uri": token_uri,
+        })
+        .to_string();
+        ServiceAccount { client_email, key_json, public_key_pkcs1 }
+    }
+}
