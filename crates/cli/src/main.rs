@@ -32,6 +32,9 @@ struct Cli {
     /// Database URL [default: sqlite://DATA_DIR/panel.db]
     #[arg(long, global = true, env = "PANEL_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Master key file for stored credentials [default: DATA_DIR/master.key]
+    #[arg(long, global = true, env = "PANEL_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// Log filter, e.g. info, debug, panel_service=debug [default: info]
     #[arg(long, global = true, env = "PANEL_LOG_LEVEL")]
     log_level: Option<String>,
@@ -302,8 +305,9 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
             format!("sqlite://{}", data_dir.join("panel.db").display())
         }
     };
-    let master_key_file = std::env::var_os("PANEL_MASTER_KEY_FILE")
-        .map(PathBuf::from)
+    let master_key_file = cli
+        .master_key_file
+        .clone()
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
     Ok(Resolved { database_url, master_key_file, file })

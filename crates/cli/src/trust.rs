@@ -38,7 +38,7 @@ pub enum LicenseCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a license key by id.
+    /// Remove a license key by id (as `panel license list` shows it).
     Remove { id: String },
 }
 
@@ -48,16 +48,16 @@ pub struct IssueArgs {
     #[arg(long, value_name = "FILE")]
     authority_key: PathBuf,
     /// A feature to grant, e.g. credential-storage (repeat for more)
-    #[arg(long = "feature", required = true)]
+    #[arg(long = "feature", value_name = "NAME", required = true)]
     features: Vec<String>,
     /// The organization the key is issued to
-    #[arg(long)]
+    #[arg(long, value_name = "ORG")]
     to: String,
     /// Grant the features only to a Panel whose From address is in this domain
     #[arg(long)]
     domain: Option<String>,
     /// Last day of validity, YYYY-MM-DD (valid through that day, UTC), or an RFC 3339 time [default: never]
-    #[arg(long)]
+    #[arg(long, value_name = "DATE")]
     expires: Option<String>,
     /// Mark the key as a trial
     #[arg(long)]
@@ -75,15 +75,19 @@ pub enum CredentialCommand {
         json: bool,
     },
     /// Delete a credential (refused while the relay settings use it).
-    Delete { name: String },
+    Delete {
+        /// The credential's name
+        name: String,
+    },
     /// Generate a new master key and re-wrap every stored credential with it, while services run.
     RotateMasterKey,
 }
 
 #[derive(Args)]
 pub struct CredentialSetArgs {
+    /// The credential's name, referenced by `panel smtp set --credential NAME`
     name: String,
-    /// password, microsoft-client-secret or google-service-account [default: password]
+    /// password, microsoft-client-secret or google-service-account
     #[arg(long, default_value = "password")]
     kind: String,
     /// The relay account (password credentials)
