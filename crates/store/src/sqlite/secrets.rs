@@ -144,46 +144,31 @@ impl SqliteStore {
                     c.name
                 )));
             }
-            Some(_) => {
-                sqlx::query(
-                    "UPDATE credentials SET kind = ?2, username = ?3, attributes = ?4, master_key_id = ?5,
-                            wrapped_key = ?6, ciphertext = ?7, updated_at = ?8, updated_by = ?9, first_used_at = NULL
-                     WHERE id = ?1",
-                )
-                .bind(&c.id)
-                .bind(&c.kind)
-                .bind(&c.username)
-                .bind(&attributes)
-                .bind(&c.master_key_id)
-                .bind(&c.wrapped_key)
-                .bind(&c.ciphertext)
-                .bind(now)
-                .bind(by)
-                .execute(&mut *tx)
-                .await?;
-                PutOutcome::Replaced
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO credentials (id, name, kind, username, attributes, master_key_id, wrapped_key,
-                                              ciphertext, created_at, created_by, updated_at, updated_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10)",
-                )
-                .bind(&c.id)
-                .bind(&c.name)
-                .bind(&c.kind)
-                .bind(&c.username)
-                .bind(&attributes)
-                .bind(&c.master_key_id)
-                .bind(&c.wrapped_key)
-                .bind(&c.ciphertext)
-                .bind(now)
-                .bind(by)
-                .execute(&mut *tx)
-                .await?;
-                PutOutcome::Created
-            }
+            Some(_) => PutOutcome::Replaced,
+            None => PutOutcome::Created,
         };
+        // One statement for both: a replacement keeps the id and creation, and is unused again.
+        sqlx::query(
+            "INSERT INTO credentials (id, name, kind, username, attributes, master_key_id, wrapped_key,
+                                      ciphertext, created_at, created_by, updated_at, updated_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10)
+             ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, username = excluded.username,
+                 attributes = excluded.attributes, master_key_id = excluded.master_key_id,
+                 wrapped_key = excluded.wrapped_key, ciphertext = excluded.ciphertext,
+                 updated_at = excluded.updated_at, updated_by = excluded.updated_by, first_used_at = NULL",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(&c.kind)
+        .bind(&c.username)
+        .bind(&attributes)
+        .bind(&c.master_key_id)
+        .bind(&c.wrapped_key)
+        .bind(&c.ciphertext)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
         let action = if outcome == PutOutcome::Created { "credential.stored" } else { "credential.replaced" };
         let detail = format!("kind {}, username {}", c.kind, c.username);
         audit(&mut tx, by, now, &[AuditEvent::new(action, &c.name, detail)]).await?;
