@@ -192,3 +192,25 @@ fn google_service_account_delegation_delivers_as_the_mailbox() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not a PEM PKCS#8 private key"), "{}", r.stderr);
 }
+
+#[test]
+fn a_token_the_relay_keeps_refusing_fails_as_configuration_after_exactly_one_refresh() {
+    let tokens = TokenServer::microsoft("client-1", CLIENT_SECRET, Duration::from_secs(3600));
+    // The relay lets only another mailbox send: every token is refused, as without SendAsApp.
+    let smtp = XOAuthSmtp::start(&tokens, "someone-else@contoso.com");
+    let env = Env::new();
+    env.license();
+    store_microsoft(&env, CLIENT_SECRET);
+    configure(&env, &smtp, &tokens, "microsoft", "m365");
+    let check = env.panel(&["smtp", "check", "--json"]);
+    assert_eq!(check.code, 1);
+    let report = check.json();
+    let failure = &report["failure"];
+    assert_eq!((failure["stage"].as_str(), failure["class"].as_str()), (Some("auth"), Some("configuration")));
+    assert_eq!(failure["code"], 535);
+    let detail = failure["detail"].as_str().unwrap();
+    assert!(detail.contains("rejected the OAuth2 token for panel@contoso.com"), "{detail}");
+    assert!(detail.contains(&tokens.url()) && detail.contains("HTTP 200"), "the provider's side too: {detail}");
+    assert!(failure["hint"].as_str().unwrap().contains("SMTP.SendAsApp"), "{failure}");
+    assert_eq!((tokens.issued(), smtp.rejections()), (2, 2), "one refresh, then give up");
+}

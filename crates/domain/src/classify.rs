@@ -173,6 +173,8 @@ pub enum FailureKind {
     TokenRejected,
     /// The OAuth2 provider could not be reached or failed (network, 5xx): retried.
     TokenUnavailable,
+    /// The relay refused a fresh OAuth2 token for good (see `reply`): permissions or delegation.
+    TokenRefusedByRelay,
 }
 
 /// A failed stage: the raw facts, before classification.
@@ -266,7 +268,8 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::PlaintextAuthRefused
         | K::LocalConfig
         | K::Credential
-        | K::TokenRejected => Configuration,
+        | K::TokenRejected
+        | K::TokenRefusedByRelay => Configuration,
     };
     Classification { class, hint }
 }
@@ -321,6 +324,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         ),
         K::TokenRejected => h(
             "the identity provider refused to issue a token: check the tenant, client id and secret (or the service account key and its domain-wide delegation) and store them again with `panel credential set`",
+        ),
+        K::TokenRefusedByRelay => h(
+            "the relay refused the OAuth2 token: for Microsoft 365 check the app's SMTP.SendAsApp permission, its Exchange service principal and mailbox permission, and that SMTP AUTH is enabled for the mailbox; for Google check the domain-wide delegation of https://mail.google.com/ and that --username is a mailbox of the domain",
         ),
         K::TokenUnavailable => {
             h("the identity provider could not be reached or failed; the message is retried with backoff")
@@ -480,6 +486,13 @@ mod tests {
         assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Transient);
         let f = Failure::new(Stage::Auth, FailureKind::Credential, "no license grants credential-storage");
         assert_eq!(classify(&f, STARTTLS_587).class, FailureClass::Configuration);
+        let f = Failure {
+            kind: FailureKind::TokenRefusedByRelay,
+            ..Failure::reply(Stage::Auth, reply(535, "535 5.7.3 Authentication unsuccessful"))
+        };
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, FailureClass::Configuration);
+        assert!(c.hint.unwrap().contains("SMTP.SendAsApp"));
     }
 
     #[test]

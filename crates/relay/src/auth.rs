@@ -19,7 +19,7 @@ pub enum AuthSecret {
         username: String,
         password: Secret,
     },
-    /// An OAuth2 access token for `user`; `source` describes where it came from (for errors).
+    /// An OAuth2 access token for `user`; `source` says where and when it was issued (for errors).
     XOAuth2 {
         user: String,
         token: Secret,
@@ -147,10 +147,13 @@ pub(crate) async fn authenticate(
 
 /// The relay's refusal; for OAuth2 it also says which token was refused and where it came from.
 fn rejected(reply: SmtpReply, secret: &AuthSecret) -> Failure {
+    let permanent = reply.is_permanent();
     let mut failure = Failure::reply(Stage::Auth, reply);
     if let AuthSecret::XOAuth2 { user, source, .. } = secret {
-        failure.detail =
-            format!("the relay rejected the OAuth2 token for {user}: {}; the token came from {source}", failure.detail);
+        failure.detail = format!("the relay rejected the OAuth2 token for {user}: {}; {source}", failure.detail);
+        if permanent {
+            failure.kind = FailureKind::TokenRefusedByRelay;
+        }
     }
     failure
 }

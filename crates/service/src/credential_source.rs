@@ -122,7 +122,7 @@ fn resolved(mailbox: &str, grant: &TokenGrant, note: String) -> Resolved {
         secret: AuthSecret::XOAuth2 {
             user: mailbox.to_string(),
             token: grant.access_token.clone(),
-            source: grant.endpoint.clone(),
+            source: grant.note.clone(),
         },
         token_note: Some(note),
     }

@@ -169,7 +169,7 @@ impl Panel {
 
     pub async fn check(&self) -> Result<CheckReport, OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        let credentials = StoredCredentials::for_settings(self, &settings, "check");
+        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
         Ok(panel_relay::check(Arc::new(settings), credentials).await)
     }
 
