@@ -4,7 +4,7 @@
 //! Timestamps are stored as Unix milliseconds (UTC), which every backend orders the same way.
 
 mod model;
-mod sqlite;
+mod sql;
 
 use std::time::Duration;
 
@@ -17,9 +17,7 @@ pub use model::*;
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    #[error(
-        "unsupported database URL '{0}': use sqlite://PATH (PostgreSQL support arrives with the multi-service store)"
-    )]
+    #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://USER@HOST[:PORT]/DATABASE")]
     UnsupportedUrl(String),
     #[error("the relay settings were changed by someone else (now version {current}); reload and try again")]
     SettingsConflict { current: i64 },
@@ -36,16 +34,36 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// A handle to the store; cheap to clone (it wraps a connection pool).
 #[derive(Clone)]
 pub struct Store {
-    backend: sqlite::SqliteStore,
+    backend: sql::SqlStore,
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies pending migrations.
     pub async fn open(url: &str) -> Result<Store> {
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
-            return Ok(Store { backend: sqlite::SqliteStore::open(path).await? });
-        }
-        Err(StoreError::UnsupportedUrl(redact_url(url)))
+        let dialect = if url.starts_with("sqlite:") {
+            sql::Dialect::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            sql::Dialect::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
+        };
+        Ok(Store { backend: sql::SqlStore::open(url, dialect).await? })
+    }
+
+    /// True on PostgreSQL: several services on several hosts may share this store.
+    pub fn is_shared(&self) -> bool {
+        self.backend.dialect == sql::Dialect::Postgres
+    }
+
+    /// (applied, known) schema versions: equal when the migrations are current.
+    pub async fn schema_version(&self) -> Result<(i64, i64)> {
+        self.backend.schema_version().await
+    }
+
+    /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
+    /// SQLite, whose services are woken on this host directly).
+    pub async fn notify_wake(&self) -> Result<()> {
+        self.backend.notify_wake().await
     }
 
     pub async fn current_settings(&self) -> Result<Option<StoredSettings>> {

@@ -1,8 +1,11 @@
-//! Queue semantics on the real SQLite backend: leases, fencing, interrupted claims, settings versions.
+//! Queue semantics on both backends: leases, fencing, interrupted claims, settings versions.
 
 use std::time::Duration;
 
+mod common;
+
 use chrono::Utc;
+use common::Backend;
 use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::message::Draft;
 use panel_domain::{
@@ -10,12 +13,6 @@ use panel_domain::{
     SendReport, SettingsDoc, SmtpReply,
 };
 use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
-
-async fn store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("sqlite://{}", dir.path().join("panel.db").display())).await.unwrap();
-    (dir, store)
-}
 
 fn message(subject: &str) -> OutgoingMessage {
     let draft =
@@ -54,9 +51,8 @@ fn meta() -> AttemptMeta {
     }
 }
 
-#[tokio::test]
-async fn a_claimed_message_is_not_claimed_twice_while_leased() {
-    let (_d, s) = store().await;
+async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
+    let s = &b.store;
     s.enqueue(Origin::MailTester, &message("one"), Utc::now()).await.unwrap();
     let first = s.claim("w1", Utc::now(), Duration::from_secs(60), 10).await.unwrap();
     assert_eq!(first.len(), 1);
@@ -64,9 +60,8 @@ async fn a_claimed_message_is_not_claimed_twice_while_leased() {
     assert!(s.claim("w2", Utc::now(), Duration::from_secs(60), 10).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted() {
-    let (_d, s) = store().await;
+async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend) {
+    let s = &b.store;
     let id = s.enqueue(Origin::MailTester, &message("two"), Utc::now()).await.unwrap();
     let stale = s.claim("w1", Utc::now(), Duration::from_millis(1), 10).await.unwrap().remove(0);
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -84,9 +79,8 @@ async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted() {
     assert_eq!(outcomes, ["interrupted", "delivered"]);
 }
 
-#[tokio::test]
-async fn settings_saves_are_versioned_and_conflicts_detected() {
-    let (_d, s) = store().await;
+async fn settings_saves_are_versioned_and_conflicts_detected(b: &Backend) {
+    let s = &b.store;
     assert_eq!(s.config_generation().await.unwrap().settings, 0);
     let doc = SettingsDoc { host: Some("relay.example.org".into()), ..Default::default() };
     assert_eq!(s.save_settings(0, &doc, "t", Utc::now(), &[]).await.unwrap(), 1);
@@ -97,19 +91,65 @@ async fn settings_saves_are_versioned_and_conflicts_detected() {
     assert_eq!(s.current_settings().await.unwrap().unwrap().doc, doc);
 }
 
-#[tokio::test]
-async fn only_failed_messages_can_be_retried() {
-    let (_d, s) = store().await;
+async fn only_failed_messages_can_be_retried(b: &Backend) {
+    let s = &b.store;
     let id = s.enqueue(Origin::MailTester, &message("three"), Utc::now()).await.unwrap();
     assert!(matches!(s.retry_message(id, Utc::now()).await.unwrap(), RetryResult::NotFailed { .. }));
     assert_eq!(s.retry_message(999, Utc::now()).await.unwrap(), RetryResult::NotFound);
 }
 
-#[tokio::test]
-async fn an_enqueued_message_survives_reopening_the_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-    let id = Store::open(&url).await.unwrap().enqueue(Origin::MailTester, &message("four"), Utc::now()).await.unwrap();
-    let reopened = Store::open(&url).await.unwrap();
+async fn an_enqueued_message_survives_reopening_the_database(b: &Backend) {
+    let url = &b.url;
+    let id = Store::open(url).await.unwrap().enqueue(Origin::MailTester, &message("four"), Utc::now()).await.unwrap();
+    let reopened = Store::open(url).await.unwrap();
     assert_eq!(reopened.message(id).await.unwrap().unwrap().subject, "four");
 }
+
+async fn concurrent_claimers_never_take_the_same_step(b: &Backend) {
+    let s = &b.store;
+    for i in 0..120 {
+        s.enqueue(Origin::MailTester, &message(&format!("m{i}")), Utc::now()).await.unwrap();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let s = s.clone();
+        tasks.spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claims = s.claim(&format!("w{w}"), Utc::now(), Duration::from_secs(60), 7).await.unwrap();
+                if claims.is_empty() {
+                    return mine;
+                }
+                mine.extend(claims.iter().map(|c| c.reference.id));
+            }
+        });
+    }
+    let mut all: Vec<i64> = tasks.join_all().await.into_iter().flatten().collect();
+    let claimed = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((claimed, all.len()), (120, 120), "every step claimed exactly once");
+}
+
+async fn concurrent_settings_saves_conflict_instead_of_overwriting(b: &Backend) {
+    let doc = |h: &str| SettingsDoc { host: Some(h.into()), ..Default::default() };
+    let (a, c) = (doc("a.example.org"), doc("b.example.org"));
+    let (x, y) = tokio::join!(
+        b.store.save_settings(0, &a, "t", Utc::now(), &[]),
+        b.store.save_settings(0, &c, "t", Utc::now(), &[])
+    );
+    let results = [x, y];
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(results.iter().any(|r| matches!(r, Err(StoreError::SettingsConflict { .. }))), "{results:?}");
+    assert_eq!(b.store.config_generation().await.unwrap().settings, 1);
+}
+
+contract!(
+    concurrent_claimers_never_take_the_same_step,
+    concurrent_settings_saves_conflict_instead_of_overwriting,
+    a_claimed_message_is_not_claimed_twice_while_leased,
+    an_expired_lease_is_fenced_out_and_recorded_as_interrupted,
+    settings_saves_are_versioned_and_conflicts_detected,
+    only_failed_messages_can_be_retried,
+    an_enqueued_message_survives_reopening_the_database
+);

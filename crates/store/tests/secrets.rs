@@ -1,15 +1,12 @@
-//! Licenses, credentials and the audit log on the real SQLite backend: every change audited in
+//! Licenses, credentials and the audit log on both backends: every change audited in
 //! its own transaction, generations bumped, and the master-key guard against racing a rotation.
 
-use chrono::Utc;
-use panel_domain::SettingsDoc;
-use panel_store::{AuditEvent, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, Store, StoreError};
+mod common;
 
-async fn store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("sqlite://{}", dir.path().join("panel.db").display())).await.unwrap();
-    (dir, store)
-}
+use chrono::Utc;
+use common::Backend;
+use panel_domain::SettingsDoc;
+use panel_store::{AuditEvent, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, StoreError};
 
 fn credential(name: &str, key: &str) -> NewCredential {
     NewCredential {
@@ -28,9 +25,8 @@ fn actions(rows: &[panel_store::AuditRow]) -> Vec<&str> {
     rows.iter().map(|r| r.action.as_str()).collect()
 }
 
-#[tokio::test]
-async fn credential_changes_are_audited_and_bump_the_secrets_generation() {
-    let (_d, s) = store().await;
+async fn credential_changes_are_audited_and_bump_the_secrets_generation(b: &Backend) {
+    let s = &b.store;
     let g0 = s.config_generation().await.unwrap().secrets;
     assert_eq!(s.put_credential(&credential("a", "mk_1"), "cli:ann", Utc::now()).await.unwrap(), PutOutcome::Created);
     assert_eq!(s.put_credential(&credential("a", "mk_1"), "cli:bob", Utc::now()).await.unwrap(), PutOutcome::Replaced);
@@ -64,9 +60,8 @@ async fn credential_changes_are_audited_and_bump_the_secrets_generation() {
     assert_eq!(log[1].actor, "cli:ann");
 }
 
-#[tokio::test]
-async fn a_credential_sealed_under_a_replaced_master_key_is_refused() {
-    let (_d, s) = store().await;
+async fn a_credential_sealed_under_a_replaced_master_key_is_refused(b: &Backend) {
+    let s = &b.store;
     s.put_credential(&credential("a", "mk_1"), "t", Utc::now()).await.unwrap();
     let rotated = AuditEvent::new("master_key.rotated", "mk_2", "");
     let update = Rewrapped {
@@ -96,9 +91,8 @@ async fn a_credential_sealed_under_a_replaced_master_key_is_refused() {
     assert!(s.credential("c").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn licenses_are_stored_once_and_removal_is_audited() {
-    let (_d, s) = store().await;
+async fn licenses_are_stored_once_and_removal_is_audited(b: &Backend) {
+    let s = &b.store;
     let added = AuditEvent::new("license.added", "lic_1", "issued to Contoso");
     assert!(s.add_license("lic_1", "panel-license-v1.x.y", "cli:ann", Utc::now(), &added).await.unwrap());
     assert!(!s.add_license("lic_1", "panel-license-v1.x.y", "cli:ann", Utc::now(), &added).await.unwrap());
@@ -107,3 +101,9 @@ async fn licenses_are_stored_once_and_removal_is_audited() {
     assert!(!s.remove_license("lic_1", "cli:bob", Utc::now()).await.unwrap());
     assert_eq!(actions(&s.audit_log(10).await.unwrap()), ["license.removed", "license.added"]);
 }
+
+contract!(
+    credential_changes_are_audited_and_bump_the_secrets_generation,
+    a_credential_sealed_under_a_replaced_master_key_is_refused,
+    licenses_are_stored_once_and_removal_is_audited
+);

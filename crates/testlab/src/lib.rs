@@ -6,6 +6,7 @@
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
 mod oauth;
+pub mod postgres;
 mod proxy;
 
 use std::fs;
@@ -17,7 +18,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
+pub use postgres::TestDatabase;
 pub use proxy::Proxy;
+
+/// A number unique within this process, for names of per-test resources.
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 pub const LAB_USER: &str = "panel";
 pub const LAB_PASSWORD: &str = "lab-password-not-secret";

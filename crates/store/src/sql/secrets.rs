@@ -2,9 +2,9 @@
 //! the same transaction and bumps the secrets generation, so workers rebuild their relay state.
 
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
-use super::{SqliteStore, Tx, audit, json, requeue_configuration_failures};
+use super::{Dialect, SqlStore, Tx, audit, json, requeue_configuration_failures};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
@@ -28,13 +28,16 @@ async fn requeue(tx: &mut Tx, now: i64) -> Result<()> {
     Ok(())
 }
 
-async fn master_key_id(tx: &mut Tx) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT key_id FROM master_key WHERE id = 1").fetch_optional(&mut **tx).await?)
+/// The current master key id, locked until the transaction ends, so a credential write and a
+/// rotation never interleave (SQLite's write lock gives the same).
+async fn master_key_id(tx: &mut Tx, dialect: Dialect) -> Result<Option<String>> {
+    let sql = format!("SELECT key_id FROM master_key WHERE id = 1{}", dialect.lock_rows());
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_optional(&mut **tx).await?)
 }
 
 async fn set_master_key_id(tx: &mut Tx, key_id: &str) -> Result<()> {
     sqlx::query(
-        "INSERT INTO master_key (id, key_id) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET key_id = excluded.key_id",
+        "INSERT INTO master_key (id, key_id) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET key_id = excluded.key_id",
     )
     .bind(key_id)
     .execute(&mut **tx)
@@ -42,7 +45,7 @@ async fn set_master_key_id(tx: &mut Tx, key_id: &str) -> Result<()> {
     Ok(())
 }
 
-fn credential_from_row(r: &SqliteRow) -> Result<CredentialRow> {
+fn credential_from_row(r: &AnyRow) -> Result<CredentialRow> {
     Ok(CredentialRow {
         id: r.get("id"),
         name: r.get("name"),
@@ -63,11 +66,11 @@ fn credential_from_row(r: &SqliteRow) -> Result<CredentialRow> {
 const CREDENTIAL_COLUMNS: &str = "id, name, kind, username, attributes, master_key_id, wrapped_key, ciphertext,
      created_at, created_by, updated_at, updated_by, first_used_at";
 
-impl SqliteStore {
+impl SqlStore {
     pub async fn add_license(&self, id: &str, key: &str, by: &str, now: i64, event: &AuditEvent) -> Result<bool> {
         let mut tx = self.write().await?;
         let added = sqlx::query(
-            "INSERT INTO licenses (id, key, added_at, added_by) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO licenses (id, key, added_at, added_by) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
         .bind(key)
@@ -104,7 +107,7 @@ impl SqliteStore {
     pub async fn remove_license(&self, id: &str, by: &str, now: i64) -> Result<bool> {
         let mut tx = self.write().await?;
         let removed =
-            sqlx::query("DELETE FROM licenses WHERE id = ?1").bind(id).execute(&mut *tx).await?.rows_affected() == 1;
+            sqlx::query("DELETE FROM licenses WHERE id = $1").bind(id).execute(&mut *tx).await?.rows_affected() == 1;
         if removed {
             audit(&mut tx, by, now, &[AuditEvent::new("license.removed", id, "")]).await?;
             bump(&mut tx).await?;
@@ -114,7 +117,7 @@ impl SqliteStore {
     }
 
     pub async fn credential(&self, name: &str) -> Result<Option<CredentialRow>> {
-        let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE name = ?1");
+        let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE name = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(name).fetch_optional(&self.pool).await?;
         row.as_ref().map(credential_from_row).transpose()
     }
@@ -127,12 +130,12 @@ impl SqliteStore {
 
     pub async fn put_credential(&self, c: &NewCredential, by: &str, now: i64) -> Result<PutOutcome> {
         let mut tx = self.write().await?;
-        match master_key_id(&mut tx).await? {
+        match master_key_id(&mut tx, self.dialect).await? {
             Some(current) if current != c.master_key_id => return Err(StoreError::MasterKeyChanged { current }),
             Some(_) => {}
             None => set_master_key_id(&mut tx, &c.master_key_id).await?,
         }
-        let existing: Option<String> = sqlx::query_scalar("SELECT id FROM credentials WHERE name = ?1")
+        let existing: Option<String> = sqlx::query_scalar("SELECT id FROM credentials WHERE name = $1")
             .bind(&c.name)
             .fetch_optional(&mut *tx)
             .await?;
@@ -151,7 +154,7 @@ impl SqliteStore {
         sqlx::query(
             "INSERT INTO credentials (id, name, kind, username, attributes, master_key_id, wrapped_key,
                                       ciphertext, created_at, created_by, updated_at, updated_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?10)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $10)
              ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, username = excluded.username,
                  attributes = excluded.attributes, master_key_id = excluded.master_key_id,
                  wrapped_key = excluded.wrapped_key, ciphertext = excluded.ciphertext,
@@ -186,7 +189,7 @@ impl SqliteStore {
             return Ok(DeleteOutcome::InUse);
         }
         let deleted =
-            sqlx::query("DELETE FROM credentials WHERE name = ?1").bind(name).execute(&mut *tx).await?.rows_affected()
+            sqlx::query("DELETE FROM credentials WHERE name = $1").bind(name).execute(&mut *tx).await?.rows_affected()
                 == 1;
         if !deleted {
             return Ok(DeleteOutcome::NotFound);
@@ -209,10 +212,11 @@ impl SqliteStore {
         event: &AuditEvent,
     ) -> Result<u64> {
         let mut tx = self.write().await?;
+        master_key_id(&mut tx, self.dialect).await?;
         let mut changed = 0;
         for u in updates {
             changed += sqlx::query(
-                "UPDATE credentials SET master_key_id = ?3, wrapped_key = ?4 WHERE id = ?1 AND master_key_id = ?2",
+                "UPDATE credentials SET master_key_id = $3, wrapped_key = $4 WHERE id = $1 AND master_key_id = $2",
             )
             .bind(&u.id)
             .bind(&u.old_master_key_id)
@@ -222,7 +226,7 @@ impl SqliteStore {
             .await?
             .rows_affected();
         }
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credentials WHERE master_key_id != ?1")
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credentials WHERE master_key_id != $1")
             .bind(new_master_key_id)
             .fetch_one(&mut *tx)
             .await?;
@@ -241,7 +245,7 @@ impl SqliteStore {
     /// Records the first successful use of a credential; true only for the first.
     pub async fn mark_credential_used(&self, id: &str, by: &str, now: i64, event: &AuditEvent) -> Result<bool> {
         let mut tx = self.write().await?;
-        let first = sqlx::query("UPDATE credentials SET first_used_at = ?2 WHERE id = ?1 AND first_used_at IS NULL")
+        let first = sqlx::query("UPDATE credentials SET first_used_at = $2 WHERE id = $1 AND first_used_at IS NULL")
             .bind(id)
             .bind(now)
             .execute(&mut *tx)
@@ -275,7 +279,7 @@ impl SqliteStore {
 
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
         let rows =
-            sqlx::query("SELECT id, at, actor, action, subject, detail FROM audit_log ORDER BY id DESC LIMIT ?1")
+            sqlx::query("SELECT id, at, actor, action, subject, detail FROM audit_log ORDER BY id DESC LIMIT $1")
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
                 .await?;

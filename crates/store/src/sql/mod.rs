@@ -1,67 +1,160 @@
-//! SQLite backend: WAL, `synchronous = FULL` (a commit survives power loss), and every write
-//! transaction taken with `BEGIN IMMEDIATE` so concurrent processes queue on the write lock
-//! instead of failing on a read-to-write upgrade.
+//! The SQL store, one implementation for both backends through sqlx's `Any` driver: the
+//! queries are shared, and the few places where SQLite and PostgreSQL differ ask `Dialect`.
+//!
+//! SQLite: WAL, `synchronous = FULL` (a commit survives power loss), every write transaction
+//! taken with `BEGIN IMMEDIATE` so concurrent processes queue on the write lock instead of
+//! failing on a read-to-write upgrade. PostgreSQL: read-committed transactions, with row locks
+//! (`FOR UPDATE`, `SKIP LOCKED`) where several services compete, and migrations serialized by an
+//! advisory lock.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, RetryPolicy, SettingsDoc, Settlement};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
 
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
 mod secrets;
 
-const MIGRATIONS: &[(i64, &str)] = &[
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_core.sql")),
     (2, include_str!("../../migrations/sqlite/0002_licenses_credentials_audit.sql")),
 ];
 
-#[derive(Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_core.sql")),
+    (2, include_str!("../../migrations/postgres/0002_licenses_credentials_audit.sql")),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+impl Dialect {
+    fn migrations(self) -> &'static [(i64, &'static str)] {
+        match self {
+            Dialect::Sqlite => SQLITE_MIGRATIONS,
+            Dialect::Postgres => POSTGRES_MIGRATIONS,
+        }
+    }
 
-impl SqliteStore {
-    pub async fn open(path: &str) -> Result<SqliteStore> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(15))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        let store = SqliteStore { pool };
+    /// Appended to a SELECT whose rows the transaction is about to change, where another
+    /// service may compete for them. SQLite's write lock already serializes writers.
+    fn lock_rows(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    fn skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    fn concat_addresses(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "group_concat(address, ',')",
+            Dialect::Postgres => "string_agg(address, ',' ORDER BY position)",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    pub(crate) dialect: Dialect,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+impl SqlStore {
+    /// Opens `url` (`sqlite://PATH` or `postgres://...`) and applies pending migrations.
+    pub async fn open(url: &str, dialect: Dialect) -> Result<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+                let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(
+                                "PRAGMA busy_timeout = 15000; PRAGMA journal_mode = WAL; \
+                                 PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                            )
+                            .await
+                            .map(|_| ())
+                        })
+                    })
+                    .connect_with(options)
+                    .await?
+            }
+            Dialect::Postgres => {
+                let options: AnyConnectOptions = url.parse()?;
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(15))
+                    .connect_with(options)
+                    .await?
+            }
+        };
+        let store = SqlStore { pool, dialect };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn write(&self) -> Result<Tx> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
     }
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.write().await?;
+        if self.dialect == Dialect::Postgres {
+            // Several services may start at once: one migrates, the others wait and see it done.
+            sqlx::query("SELECT pg_advisory_xact_lock(7215013)").execute(&mut *tx).await?;
+        }
         sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
         .execute(&mut *tx)
         .await?;
         let current: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&mut *tx).await?;
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        for (version, sql) in self.dialect.migrations().iter().filter(|(v, _)| *v > current) {
             sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)")
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
                 .bind(chrono::Utc::now().timestamp_millis())
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest migration applied, and the newest this build knows.
+    pub async fn schema_version(&self) -> Result<(i64, i64)> {
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&self.pool).await?;
+        Ok((current, self.dialect.migrations().last().map_or(0, |m| m.0)))
+    }
+
+    /// Wakes idle workers of every service (PostgreSQL NOTIFY); SQLite services are woken locally.
+    pub async fn notify_wake(&self) -> Result<()> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_notify('panel_wake', '')").execute(&self.pool).await?;
+        }
         Ok(())
     }
 
@@ -106,13 +199,21 @@ impl SqliteStore {
             return Err(StoreError::SettingsConflict { current });
         }
         let version = current + 1;
-        sqlx::query("INSERT INTO relay_settings (version, doc, saved_at, saved_by) VALUES (?1, ?2, ?3, ?4)")
+        sqlx::query("INSERT INTO relay_settings (version, doc, saved_at, saved_by) VALUES ($1, $2, $3, $4)")
             .bind(version)
             .bind(serde_json::to_string(doc).expect("settings serialize"))
             .bind(now)
             .bind(by)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(|e| match &e {
+                // Another service saved the same version first (PostgreSQL; SQLite's write lock
+                // makes this impossible there).
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StoreError::SettingsConflict { current: version }
+                }
+                _ => e.into(),
+            })?;
         audit(&mut tx, by, now, events).await?;
         requeue_configuration_failures(&mut tx, doc, now).await?;
         tx.commit().await?;
@@ -124,7 +225,7 @@ impl SqliteStore {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
                                    created_at, updated_at, next_attempt_at, window_start)
-             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7) RETURNING id",
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7) RETURNING id",
         )
         .bind(origin.as_str())
         .bind(serde_json::to_string(m).expect("message serializes"))
@@ -137,7 +238,7 @@ impl SqliteStore {
         .await?;
         for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
             sqlx::query(
-                "INSERT INTO recipients (message_id, position, kind, address, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                "INSERT INTO recipients (message_id, position, kind, address, state) VALUES ($1, $2, $3, $4, 'pending')",
             )
             .bind(id)
             .bind(position as i64)
@@ -152,27 +253,31 @@ impl SqliteStore {
 
     pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
-        let expired =
-            sqlx::query("SELECT id, lease_owner FROM messages WHERE state = 'sending' AND lease_expires_at < ?1")
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
+        // Several services may look at once: each takes the expired leases it can lock.
+        let sql = format!(
+            "SELECT id, lease_owner FROM messages WHERE state = 'sending' AND lease_expires_at < $1{}",
+            self.dialect.skip_locked()
+        );
+        let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut *tx).await?;
         for row in &expired {
             let id: i64 = row.get("id");
             let previous: Option<String> = row.get("lease_owner");
-            sqlx::query(
+            let taken = sqlx::query(
                 "UPDATE messages SET state = 'retrying', interrupted = interrupted + 1, attempts = attempts + 1,
-                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = ?2, updated_at = ?2
-                 WHERE id = ?1",
+                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $2, updated_at = $2
+                 WHERE id = $1 AND state = 'sending'",
             )
             .bind(id)
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            if taken.rows_affected() == 0 {
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version,
                                        outcome, stage, detail, hint, recipients)
-                 VALUES (?1, ?2, ?2, ?3, '', 0, 'interrupted', 'unknown', ?4, ?5, '[]')",
+                 VALUES ($1, $2, $2, $3, '', 0, 'interrupted', 'unknown', $4, $5, '[]')",
             )
             .bind(id)
             .bind(now)
@@ -182,30 +287,31 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        let rows = sqlx::query(
-            "UPDATE messages SET state = 'sending', lease_owner = ?1, lease_expires_at = ?2,
-                    claim_token = claim_token + 1, updated_at = ?3
-             WHERE id IN (SELECT id FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?3
-                          ORDER BY next_attempt_at, id LIMIT ?4)
+        // SKIP LOCKED (PostgreSQL): N services claiming at once each get different steps, no waiting.
+        let sql = format!(
+            "UPDATE messages SET state = 'sending', lease_owner = $1, lease_expires_at = $2,
+                    claim_token = claim_token + 1, updated_at = $3
+             WHERE id IN (SELECT id FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $3
+                          ORDER BY next_attempt_at, id LIMIT $4{})
              RETURNING id, origin, content, claim_token, attempts, window_start",
-        )
-        .bind(owner)
-        .bind(now + lease_ms)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
-        if !claims.is_empty() {
-            let ids = serde_json::to_string(&claims.iter().map(|c| c.reference.id).collect::<Vec<_>>()).unwrap();
-            let pending = sqlx::query(
-                "SELECT message_id, position, address FROM recipients
-                 WHERE message_id IN (SELECT value FROM json_each(?1)) AND state = 'pending'
-                 ORDER BY message_id, position",
-            )
-            .bind(ids)
+            self.dialect.skip_locked()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(limit as i64)
             .fetch_all(&mut *tx)
             .await?;
+        let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+        if !claims.is_empty() {
+            // The ids are integers read from the database: safe to list in the statement.
+            let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
+            let sql = format!(
+                "SELECT message_id, position, address FROM recipients
+                 WHERE message_id IN ({ids}) AND state = 'pending' ORDER BY message_id, position"
+            );
+            let pending = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
             for row in pending {
                 let id: i64 = row.get("message_id");
                 if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
@@ -220,7 +326,7 @@ impl SqliteStore {
 
     pub async fn renew_lease(&self, claim: &ClaimRef, until: i64) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE messages SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND state = 'sending'",
+            "UPDATE messages SET lease_expires_at = $1 WHERE id = $2 AND claim_token = $3 AND state = 'sending'",
         )
         .bind(until)
         .bind(claim.id)
@@ -235,10 +341,10 @@ impl SqliteStore {
         let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
         let mut tx = self.write().await?;
         let updated = sqlx::query(
-            "UPDATE messages SET state = ?1, attempts = attempts + 1, updated_at = ?2,
-                    next_attempt_at = COALESCE(?3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                    failure_class = ?4, last_error = ?5
-             WHERE id = ?6 AND claim_token = ?7 AND state = 'sending'",
+            "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
+                    next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                    failure_class = $4, last_error = $5
+             WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
         )
         .bind(s.state.as_str())
         .bind(finished)
@@ -254,7 +360,7 @@ impl SqliteStore {
             return Ok(false);
         }
         let pending: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT position, address FROM recipients WHERE message_id = ?1 AND state = 'pending' ORDER BY position",
+            "SELECT position, address FROM recipients WHERE message_id = $1 AND state = 'pending' ORDER BY position",
         )
         .bind(claim.id)
         .fetch_all(&mut *tx)
@@ -262,7 +368,7 @@ impl SqliteStore {
         let mut per_recipient = Vec::with_capacity(pending.len());
         for ((position, address), r) in pending.iter().zip(&s.recipients) {
             sqlx::query(
-                "UPDATE recipients SET state = ?1, reply = COALESCE(?2, reply) WHERE message_id = ?3 AND position = ?4",
+                "UPDATE recipients SET state = $1, reply = COALESCE($2, reply) WHERE message_id = $3 AND position = $4",
             )
             .bind(r.state.as_str())
             .bind(&r.reply)
@@ -277,7 +383,7 @@ impl SqliteStore {
         sqlx::query(
             "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
                                    stage, code, enhanced_code, reply, detail, hint, recipients)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(claim.id)
         .bind(meta.started_at.timestamp_millis())
@@ -300,16 +406,18 @@ impl SqliteStore {
     }
 
     pub async fn list_messages(&self, f: &MessageFilter) -> Result<Vec<MessageSummary>> {
-        let rows = sqlx::query(
-            "SELECT m.*, (SELECT group_concat(address, ',') FROM recipients r WHERE r.message_id = m.id) AS rcpts
-             FROM messages m WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR origin = ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )
-        .bind(f.state.map(|s| s.as_str()))
-        .bind(f.origin.map(|o| o.as_str()))
-        .bind(if f.limit == 0 { 100 } else { f.limit as i64 })
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT m.*, (SELECT {} FROM recipients r WHERE r.message_id = m.id) AS rcpts
+             FROM messages m WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR origin = $2)
+             ORDER BY id DESC LIMIT $3",
+            self.dialect.concat_addresses()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(f.state.map(|s| s.as_str()))
+            .bind(f.origin.map(|o| o.as_str()))
+            .bind(if f.limit == 0 { 100 } else { f.limit as i64 })
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 let state = parse_state(r)?;
@@ -335,14 +443,14 @@ impl SqliteStore {
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
-        let Some(r) = sqlx::query("SELECT * FROM messages WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?
+        let Some(r) = sqlx::query("SELECT * FROM messages WHERE id = $1").bind(id).fetch_optional(&self.pool).await?
         else {
             return Ok(None);
         };
         let content: OutgoingMessage = json(&r.get::<String, _>("content"))?;
         let names = |list: &[panel_domain::Mailbox]| list.iter().map(|m| m.to_string()).collect::<Vec<_>>();
         let recipients =
-            sqlx::query("SELECT kind, address, state, reply FROM recipients WHERE message_id = ?1 ORDER BY position")
+            sqlx::query("SELECT kind, address, state, reply FROM recipients WHERE message_id = $1 ORDER BY position")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
@@ -354,7 +462,7 @@ impl SqliteStore {
                     reply: r.get("reply"),
                 })
                 .collect();
-        let attempts = sqlx::query("SELECT * FROM attempts WHERE message_id = ?1 ORDER BY id")
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE message_id = $1 ORDER BY id")
             .bind(id)
             .fetch_all(&self.pool)
             .await?
@@ -404,19 +512,19 @@ impl SqliteStore {
     pub async fn retry_message(&self, id: i64, now: i64) -> Result<RetryResult> {
         let mut tx = self.write().await?;
         let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM messages WHERE id = ?1").bind(id).fetch_optional(&mut *tx).await?;
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
         let Some(state) = state else { return Ok(RetryResult::NotFound) };
         let state = MessageState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state '{state}'")))?;
         if state != MessageState::Failed {
             return Ok(RetryResult::NotFailed { state });
         }
-        sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = ?1 AND state = 'failed'")
+        sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = $1 AND state = 'failed'")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE messages SET state = 'retrying', next_attempt_at = ?2, updated_at = ?2, window_start = ?2,
-                    failure_class = NULL WHERE id = ?1",
+            "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
+                    failure_class = NULL WHERE id = $1",
         )
         .bind(id)
         .bind(now)
@@ -429,7 +537,7 @@ impl SqliteStore {
     pub async fn heartbeat(&self, s: &ServiceInfo, now: i64) -> Result<()> {
         sqlx::query(
             "INSERT INTO services (id, kind, host, pid, version, started_at, heartbeat_at, listen, wake_port)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, listen = excluded.listen,
                                             wake_port = excluded.wake_port",
         )
@@ -448,12 +556,12 @@ impl SqliteStore {
     }
 
     pub async fn deregister(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM services WHERE id = ?1").bind(id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
     pub async fn services(&self, prune_before: i64) -> Result<Vec<ServiceRow>> {
-        sqlx::query("DELETE FROM services WHERE heartbeat_at < ?1").bind(prune_before).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM services WHERE heartbeat_at < $1").bind(prune_before).execute(&self.pool).await?;
         let rows = sqlx::query("SELECT * FROM services ORDER BY started_at").fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
@@ -489,7 +597,7 @@ impl SqliteStore {
             }
         }
         let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?1",
+            "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $1",
         )
         .bind(now)
         .fetch_one(&self.pool)
@@ -500,12 +608,12 @@ impl SqliteStore {
 
     pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
         let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM messages WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
         Ok(state.and_then(|s| MessageState::parse(&s)))
     }
 }
 
-fn claim_from_row(r: &SqliteRow) -> Result<Claim> {
+fn claim_from_row(r: &AnyRow) -> Result<Claim> {
     Ok(Claim {
         reference: ClaimRef { id: r.get("id"), token: r.get("claim_token") },
         origin: parse_origin(r)?,
@@ -527,8 +635,8 @@ async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64
         .unwrap_or_default()
         .give_up_after;
     let done = sqlx::query(
-        "UPDATE messages SET state = 'retrying', next_attempt_at = ?1, updated_at = ?1, failure_class = NULL
-         WHERE state = 'failed' AND failure_class = ?2 AND window_start >= ?3",
+        "UPDATE messages SET state = 'retrying', next_attempt_at = $1, updated_at = $1, failure_class = NULL
+         WHERE state = 'failed' AND failure_class = $2 AND window_start >= $3",
     )
     .bind(now)
     .bind(class_str(FailureClass::Configuration))
@@ -540,7 +648,7 @@ async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64
 
 async fn audit(tx: &mut Tx, actor: &str, now: i64, events: &[AuditEvent]) -> Result<()> {
     for e in events {
-        sqlx::query("INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
+        sqlx::query("INSERT INTO audit_log (at, actor, action, subject, detail) VALUES ($1, $2, $3, $4, $5)")
             .bind(now)
             .bind(actor)
             .bind(&e.action)
@@ -560,12 +668,12 @@ fn class_str(c: FailureClass) -> &'static str {
     }
 }
 
-fn parse_state(r: &SqliteRow) -> Result<MessageState> {
+fn parse_state(r: &AnyRow) -> Result<MessageState> {
     let s: String = r.get("state");
     MessageState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message state '{s}'")))
 }
 
-fn parse_origin(r: &SqliteRow) -> Result<Origin> {
+fn parse_origin(r: &AnyRow) -> Result<Origin> {
     let s: String = r.get("origin");
     Origin::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message origin '{s}'")))
 }

@@ -1,0 +1,51 @@
+//! One contract, two backends: every store test runs on SQLite and on PostgreSQL (a fresh
+//! database each; skipped with a notice when no server runs, mandatory under PANEL_TEST_REAL=1).
+
+#![allow(dead_code)]
+
+use panel_store::Store;
+use panel_testlab::TestDatabase;
+
+pub enum Guard {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+pub struct Backend {
+    pub url: String,
+    pub store: Store,
+    _guard: Guard,
+}
+
+pub async fn sqlite() -> Option<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+    Some(Backend { store: Store::open(&url).await.unwrap(), url, _guard: Guard::Sqlite(dir) })
+}
+
+pub async fn postgres() -> Option<Backend> {
+    let db = TestDatabase::create()?;
+    let url = db.url.clone();
+    Some(Backend { store: Store::open(&url).await.unwrap(), url, _guard: Guard::Postgres(db) })
+}
+
+/// `contract!(a, b)` runs `async fn a(b: &Backend)` and `b` once per backend.
+#[macro_export]
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(b) = $crate::common::sqlite().await else { return };
+                super::$name(&b).await;
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(b) = $crate::common::postgres().await else { return };
+                super::$name(&b).await;
+            })*
+        }
+    };
+}
