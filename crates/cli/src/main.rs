@@ -77,6 +77,8 @@ enum Command {
     /// The audit log of license and credential changes.
     #[command(subcommand)]
     Audit(trust::AuditCommand),
+    /// Apply pending database migrations and exit (every command applies them on start too).
+    Migrate,
 }
 
 #[derive(Args)]
@@ -349,6 +351,14 @@ async fn run(cli: Cli) -> CmdResult {
         Command::License(cmd) => trust::license(panel, cmd).await,
         Command::Credential(cmd) => trust::credential(panel, cmd).await,
         Command::Audit(cmd) => trust::audit(panel, cmd).await,
+        Command::Migrate => {
+            let (applied, known) = panel.store.schema_version().await?;
+            println!(
+                "Database {} is at schema version {applied} of {known}; migrations are current.",
+                panel_store::redact_url(&resolved.database_url)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Services(ServicesCommand::List(f)) => {
             let services = panel.live_services().await?;
             output::services(&services, f.json);
@@ -389,6 +399,9 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
     let waker = Waker::default();
     panel.local_waker = Some(waker.clone());
     let wake_port = waker.listen().await.map_err(|e| Failed(1, format!("cannot open the wake-up socket: {e}")))?;
+    panel_service::wake::listen_shared(&panel.store, waker.clone())
+        .await
+        .map_err(|e| Failed(1, format!("cannot listen for wake-ups on the database: {e}")))?;
     let listener = match &listen {
         None => None,
         Some(addr) => {

@@ -230,6 +230,12 @@ impl Panel {
         if let Some(w) = &self.local_waker {
             w.wake();
         }
+        if self.store.is_shared() {
+            if let Err(e) = self.store.notify_wake().await {
+                tracing::warn!(error = %e, "could not notify the other services; their poll picks the work up");
+            }
+            return;
+        }
         let local_host = panel_relay::local_hostname();
         if let Ok(services) = self.live_services().await {
             wake::poke(services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port))

@@ -1,6 +1,7 @@
 //! Wake-ups: a worker sleeps until a step is enqueued instead of polling fast. Inside one process
-//! a `Notify` does it; another process (the CLI) pokes the running services' loopback UDP port.
-//! A slow poll stays as the safety net, so a lost datagram only delays, never loses, a step.
+//! a `Notify` does it; on SQLite another process (the CLI) pokes the running services' loopback
+//! UDP port; on PostgreSQL every service LISTENs and every enqueue NOTIFYs, across hosts.
+//! A slow poll stays as the safety net, so a lost wake-up only delays, never loses, a step.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +36,23 @@ impl Waker {
         });
         Ok(port)
     }
+}
+
+/// Forwards PostgreSQL wake-ups to `waker` for as long as the process runs (no-op on SQLite).
+pub async fn listen_shared(store: &panel_store::Store, waker: Waker) -> panel_store::Result<()> {
+    let Some(mut subscription) = store.subscribe_wakes().await? else { return Ok(()) };
+    tokio::spawn(async move {
+        loop {
+            match subscription.next().await {
+                Ok(()) => waker.wake(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "wake-up channel lost; reconnecting (the poll covers the gap)");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Pokes the given loopback ports; best effort.

@@ -60,6 +60,12 @@ impl Store {
         self.backend.schema_version().await
     }
 
+    /// Wake-ups from every service sharing this store: `None` on SQLite (one host; services
+    /// there are woken directly). Each `next()` returns when some service enqueued work.
+    pub async fn subscribe_wakes(&self) -> Result<Option<WakeSubscription>> {
+        Ok(self.backend.listen_wakes().await?.map(|listener| WakeSubscription { listener }))
+    }
+
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
     /// SQLite, whose services are woken on this host directly).
     pub async fn notify_wake(&self) -> Result<()> {
@@ -222,6 +228,20 @@ impl Store {
 
     pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
         self.backend.message_state(id).await
+    }
+}
+
+/// PostgreSQL LISTEN on the wake-up channel.
+pub struct WakeSubscription {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl WakeSubscription {
+    /// Waits for the next wake-up. After a lost connection sqlx reconnects on the next call;
+    /// notifications sent meanwhile are lost, which the workers' slow poll covers.
+    pub async fn next(&mut self) -> Result<()> {
+        self.listener.recv().await?;
+        Ok(())
     }
 }
 

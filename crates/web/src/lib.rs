@@ -92,11 +92,19 @@ fn ok(value: impl serde::Serialize) -> ApiResult {
     Ok(Json(value).into_response())
 }
 
+/// Ready when the database answers and its schema is the one this build expects.
 async fn ready(State(p): State<Panel>) -> Response {
-    match p.store.config_generation().await {
-        Ok(_) => Json(json!({"status": "ready"})).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": e.to_string()})))
-            .into_response(),
+    let unavailable = |why: String| {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": why}))).into_response()
+    };
+    match p.store.schema_version().await {
+        Ok((applied, known)) if applied == known => {
+            Json(json!({"status": "ready", "schema_version": applied})).into_response()
+        }
+        Ok((applied, known)) => {
+            unavailable(format!("database schema is at version {applied}, this build needs {known}; run panel migrate"))
+        }
+        Err(e) => unavailable(e.to_string()),
     }
 }
 

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use panel_testlab::{LAB_PASSWORD, LAB_USER, PostfixLab, Proxy};
+pub use panel_testlab::{LAB_PASSWORD, LAB_USER, PostfixLab, Proxy, TestDatabase};
 
 pub struct Env {
     pub dir: tempfile::TempDir,
     children: Vec<Child>,
+    /// Set for an environment on PostgreSQL: every command gets it as PANEL_DATABASE_URL.
+    pub database: Option<TestDatabase>,
 }
 
 pub struct Run {
@@ -36,7 +38,15 @@ impl Env {
             "[worker]\nlease = \"3s\"\npoll = \"200ms\"\nidle_connection = \"1s\"\n",
         )
         .unwrap();
-        Env { dir, children: Vec::new() }
+        Env { dir, children: Vec::new(), database: None }
+    }
+
+    /// Like `new`, on a fresh PostgreSQL database; `None` when no server runs (test skipped).
+    pub fn postgres() -> Option<Env> {
+        let database = TestDatabase::create()?;
+        let mut env = Env::new();
+        env.database = Some(database);
+        Some(env)
     }
 
     pub fn path(&self) -> &Path {
@@ -46,6 +56,9 @@ impl Env {
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_panel"));
         c.args(args).env("PANEL_DATA_DIR", self.path()).env_remove("PANEL_DATABASE_URL").env_remove("PANEL_CONFIG");
+        if let Some(db) = &self.database {
+            c.env("PANEL_DATABASE_URL", &db.url);
+        }
         c
     }
 

@@ -28,6 +28,9 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/postgres/0002_licenses_credentials_audit.sql")),
 ];
 
+/// The PostgreSQL notification channel that wakes idle workers on every service.
+const WAKE_CHANNEL: &str = "panel_wake";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -70,6 +73,7 @@ impl Dialect {
 pub struct SqlStore {
     pool: AnyPool,
     pub(crate) dialect: Dialect,
+    url: String,
 }
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
@@ -106,7 +110,7 @@ impl SqlStore {
                     .await?
             }
         };
-        let store = SqlStore { pool, dialect };
+        let store = SqlStore { pool, dialect, url: url.to_string() };
         store.migrate().await?;
         Ok(store)
     }
@@ -150,10 +154,20 @@ impl SqlStore {
         Ok((current, self.dialect.migrations().last().map_or(0, |m| m.0)))
     }
 
+    /// A dedicated connection listening for wake-ups (PostgreSQL only).
+    pub async fn listen_wakes(&self) -> Result<Option<sqlx::postgres::PgListener>> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(None);
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        listener.listen(WAKE_CHANNEL).await?;
+        Ok(Some(listener))
+    }
+
     /// Wakes idle workers of every service (PostgreSQL NOTIFY); SQLite services are woken locally.
     pub async fn notify_wake(&self) -> Result<()> {
         if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_notify('panel_wake', '')").execute(&self.pool).await?;
+            sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&self.pool).await?;
         }
         Ok(())
     }

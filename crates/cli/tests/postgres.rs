@@ -1,0 +1,57 @@
+//! Several Panel Services on one PostgreSQL database, end to end against the Postfix lab.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn two_services_share_the_queue_and_deliver_every_message_exactly_once() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let Some(mut env) = Env::postgres() else { return };
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    env.spawn(&["worker"]);
+    env.spawn(&["worker", "--concurrency", "2"]);
+    let services = env.ok(&["services", "list", "--json"]).json();
+    assert_eq!(services.as_array().unwrap().len(), 2);
+
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let r =
+            env.ok(&["send", "--to", "shared@example.org", "--subject", &format!("pg {i}"), "--text", "x", "--json"]);
+        ids.push(id_of(&r));
+    }
+    let mut workers = std::collections::HashSet::new();
+    let mut message_ids = Vec::new();
+    for id in ids {
+        let m = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+        assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "one attempt: {m:#}");
+        workers.insert(m["attempts"][0]["service_id"].as_str().unwrap().to_string());
+        message_ids.push(m["message_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(workers.len(), 2, "both services took work: {workers:?}");
+    for mid in &message_ids {
+        assert_eq!(lab.wait_for_messages(mid, 1, WAIT).len(), 1, "exactly one copy of {mid}");
+    }
+}
+
+#[test]
+fn a_test_message_on_postgres_is_delivered_and_the_schema_is_reported_current() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let Some(mut env) = Env::postgres() else { return };
+    let r = env.ok(&["migrate"]);
+    assert!(r.stdout.contains("migrations are current") && r.stdout.contains("postgres://"), "{}", r.stdout);
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let (status, body) = http(port, "GET", "/readyz", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"schema_version\""), "{body}");
+    // Enqueued through the API of one process, woken by NOTIFY, delivered by its worker.
+    let (status, body) = http(port, "POST", "/api/v1/smtp/test", r#"{"wait": 20}"#);
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"state\":\"delivered\""), "{body}");
+}
