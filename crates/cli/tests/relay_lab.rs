@@ -373,3 +373,39 @@ fn dot_lines_utf8_and_html_arrive_intact() {
     assert!(mail.contains("Subject: Passwort =?utf-8?"), "{mail}");
     assert!(!mail.to_ascii_lowercase().contains("bcc:"), "Bcc never in headers");
 }
+
+#[test]
+fn while_the_relay_is_down_the_worker_backs_off_instead_of_trying_every_message() {
+    let Some(lab) = lab() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut proxy = Proxy::new(lab.plain_port);
+    let mut env = Env::new();
+    env.configure(&lab, proxy.port, "none", &["--retry-schedule", "1s"]);
+    let ids: Vec<i64> = (0..15)
+        .map(|i| {
+            id_of(&env.ok(&[
+                "send",
+                "--to",
+                "ops@example.org",
+                "--subject",
+                &format!("outage {i}"),
+                "--text",
+                "x",
+                "--json",
+            ]))
+        })
+        .collect();
+    env.spawn(&["worker"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let list = env.ok(&["messages", "list", "--json"]).json();
+    let attempts: i64 = list.as_array().unwrap().iter().map(|m| m["attempt_count"].as_i64().unwrap()).sum();
+    // Backoff 1 s, 2 s, 4 s: about three probes in four seconds, not one per queued message.
+    assert!((1..=5).contains(&attempts), "{attempts} attempts while the relay was down");
+    let logs = env.service_logs();
+    assert!(logs.contains("relay unreachable; backing off"), "{logs}");
+
+    rt.block_on(proxy.start());
+    for id in ids {
+        env.wait_message(id, Duration::from_secs(60), |m| state(m) == "delivered");
+    }
+}

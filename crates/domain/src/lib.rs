@@ -20,6 +20,6 @@ pub use delivery::{AttemptOutcome, RecipientResult, SendReport, Settlement, sett
 pub use errors::{FieldError, FieldErrors};
 pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState};
 pub use oauth::{EndpointUrl, OAuthProvider};
-pub use retry::{RetryDecision, RetryPolicy};
+pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
 pub use secret::Secret;
 pub use settings::{Auth, PasswordSource, RelaySettings, Security, SettingsDoc};

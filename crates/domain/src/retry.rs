@@ -1,7 +1,9 @@
-//! When to try a message again after a temporary failure, and when to give up.
+//! When to try a message again after a temporary failure, when to give up, and when to leave
+//! an unreachable relay alone for a while.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::classify::{FailureClass, SmtpReply, Stage};
 use crate::duration;
 use crate::errors::FieldError;
 
@@ -67,9 +69,82 @@ impl RetryPolicy {
     }
 }
 
+/// Backoff for a whole relay while it is unreachable (RFC 5321 §4.5.4.1): after a failure to
+/// reach it, no message is tried until the delay passes, then one message probes; the delay
+/// doubles (1 s up to 60 s) while probes fail, and a relay that answers resets it. Without
+/// this, every due message would hit a relay that is down, one after another.
+#[derive(Debug, Default, Clone)]
+pub struct RelayBackoff {
+    delay: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl RelayBackoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(60);
+
+    /// Records a failure to reach the relay; returns the delay before the next try.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        let delay = self.delay.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        self.delay = Some(delay);
+        self.until = Some(now + delay);
+        delay
+    }
+
+    /// The relay answered (whatever it said): back to normal.
+    pub fn reached(&mut self) {
+        *self = RelayBackoff::default();
+    }
+
+    /// How long to wait before trying the relay again, if at all.
+    pub fn wait(&self, now: Instant) -> Option<Duration> {
+        self.until.filter(|u| *u > now).map(|u| u - now)
+    }
+
+    /// True after a failure until the relay is reached again: try one message at a time.
+    pub fn probing(&self) -> bool {
+        self.delay.is_some()
+    }
+}
+
+/// Whether an attempt's failure says the relay itself is unreachable or refusing service (as
+/// opposed to a problem with this message): name resolution, TCP, TLS, greeting, EHLO, or 421.
+pub fn is_relay_unreachable(stage: Stage, class: Option<FailureClass>, reply: Option<&SmtpReply>) -> bool {
+    class == Some(FailureClass::Transient)
+        && (matches!(stage, Stage::Dns | Stage::Tcp | Stage::Tls | Stage::Greeting | Stage::Ehlo | Stage::Starttls)
+            || reply.is_some_and(|r| r.code == 421))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_backoff_doubles_to_a_minute_and_resets_when_the_relay_answers() {
+        let t0 = Instant::now();
+        let mut b = RelayBackoff::default();
+        assert!(!b.probing() && b.wait(t0).is_none());
+        let delays: Vec<u64> = (0..8).map(|_| b.failed(t0).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert!(b.probing());
+        assert_eq!(b.wait(t0), Some(Duration::from_secs(60)));
+        assert_eq!(b.wait(t0 + Duration::from_secs(61)), None, "then one probe may go");
+        b.reached();
+        assert!(!b.probing() && b.wait(t0).is_none());
+    }
+
+    #[test]
+    fn only_failures_to_reach_the_relay_count_against_it() {
+        use crate::classify::{FailureClass::*, SmtpReply, Stage};
+        let r421 = SmtpReply::from_lines(421, &["421 4.3.2 shutting down"]);
+        let r451 = SmtpReply::from_lines(451, &["451 4.3.0 try later"]);
+        assert!(is_relay_unreachable(Stage::Tcp, Some(Transient), None));
+        assert!(is_relay_unreachable(Stage::Greeting, Some(Transient), None));
+        assert!(is_relay_unreachable(Stage::Rcpt, Some(Transient), Some(&r421)));
+        assert!(!is_relay_unreachable(Stage::Rcpt, Some(Transient), Some(&r451)), "one recipient deferred");
+        assert!(!is_relay_unreachable(Stage::Auth, Some(Configuration), None));
+        assert!(!is_relay_unreachable(Stage::Data, None, None));
+    }
 
     const MIN: Duration = Duration::from_secs(60);
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use panel_domain::classify::ConnectionContext;
 use panel_domain::credential::CREDENTIAL_STORAGE;
 use panel_domain::delivery::{AttemptContext, settle};
-use panel_domain::{Failure, RecipientResult, RelaySettings, SendReport};
+use panel_domain::{Failure, RecipientResult, RelayBackoff, RelaySettings, SendReport, is_relay_unreachable};
 use panel_relay::{Connection, Relay, Transcript};
 use panel_store::{AttemptMeta, Claim, ConfigGeneration, Store};
 use tokio::sync::{Semaphore, watch};
@@ -70,6 +70,8 @@ struct Shared {
     /// Idle connections, tagged with the serial of the relay state they were opened under.
     pool: Mutex<Vec<(u64, Instant, Connection)>>,
     serial: AtomicU64,
+    /// Whole-relay backoff while it is unreachable; reset when the settings change.
+    backoff: Mutex<RelayBackoff>,
 }
 
 /// Runs until `shutdown` turns true, then finishes the messages in hand.
@@ -89,12 +91,26 @@ pub async fn run_worker(
         relay: Mutex::new(None),
         pool: Mutex::new(Vec::new()),
         serial: AtomicU64::new(0),
+        backoff: Mutex::new(RelayBackoff::default()),
     });
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
-        let free = slots.available_permits();
+        let (wait, probing) = {
+            let b = shared.backoff.lock().expect("not poisoned");
+            (b.wait(Instant::now()), b.probing())
+        };
+        if let Some(wait) = wait {
+            // The relay is unreachable: leave it (and the queued messages) alone until then.
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        // While probing, one message at a time finds out whether the relay is back.
+        let free = if probing { usize::from(tasks.is_empty()) } else { slots.available_permits() };
         let claimed = if free == 0 { Ok(None) } else { claim(&shared, free as u32).await };
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
@@ -173,6 +189,7 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
     let generation = ConfigGeneration { settings: stored.version, ..generation };
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
     let state = Arc::new(RelayState { generation, serial, relay, licensed_until });
+    shared.backoff.lock().expect("not poisoned").reached();
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());
     tracing::info!(version = stored.version, secrets = generation.secrets, "relay settings loaded");
     Ok(Some(state))
@@ -250,6 +267,18 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         state = %settlement.state,
         "attempt"
     );
+    if is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
+        let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now());
+        tracing::warn!(
+            relay = %relay_addr,
+            stage = %settlement.stage,
+            detail = %settlement.detail,
+            backoff_secs = delay.as_secs(),
+            "relay unreachable; backing off before trying it again"
+        );
+    } else if settlement.stage != panel_domain::Stage::Config {
+        shared.backoff.lock().expect("not poisoned").reached();
+    }
     match shared.store.record_attempt(&claim.reference, &meta, &settlement).await {
         Ok(true) => {}
         Ok(false) => {
