@@ -13,6 +13,7 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     pub listen: Option<String>,
     pub log_level: Option<String>,
+    pub log_format: Option<String>,
     /// The master key file [default: DATA_DIR/master.key].
     pub master_key_file: Option<PathBuf>,
     #[serde(default)]

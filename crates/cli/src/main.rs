@@ -38,6 +38,9 @@ struct Cli {
     /// Log filter, e.g. info, debug, panel_service=debug [default: info]
     #[arg(long, global = true, env = "PANEL_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Log lines as text or json (one JSON object per line, for log shippers) [default: text]
+    #[arg(long, global = true, env = "PANEL_LOG_FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -237,8 +240,18 @@ enum MessagesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put a failed message back in the queue.
-    Retry { id: i64 },
+    /// Put a failed message back in the queue, or every failed one with --status failed.
+    Retry {
+        /// The message to retry
+        #[arg(required_unless_present = "status", conflicts_with_all = ["status", "since"])]
+        id: Option<i64>,
+        /// Bulk retry of the dead letters: only `failed` is accepted
+        #[arg(long)]
+        status: Option<String>,
+        /// With --status failed: only messages that failed within this long (e.g. 2h) or since this RFC 3339 time
+        #[arg(long, requires = "status")]
+        since: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -315,10 +328,16 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
     Ok(Resolved { database_url, master_key_file, file })
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: &str) -> Result<(), Failed> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().flatten_event(true).with_current_span(false).init(),
+        other => return Err(bad_input(format!("--log-format '{other}' is not a log format; use text or json"))),
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> CmdResult {
@@ -330,7 +349,11 @@ async fn run(cli: Cli) -> CmdResult {
     let resolved = resolve(&cli)?;
     let log_level = cli.log_level.clone().or_else(|| resolved.file.log_level.clone());
     let is_service = matches!(cli.command, Command::Serve { .. } | Command::Worker { .. });
-    init_logging(log_level.as_deref().unwrap_or(if is_service { "info" } else { "warn" }));
+    let log_format = cli.log_format.clone().or_else(|| resolved.file.log_format.clone());
+    init_logging(
+        log_level.as_deref().unwrap_or(if is_service { "info" } else { "warn" }),
+        log_format.as_deref().unwrap_or("text"),
+    )?;
     let store = Store::open(&resolved.database_url).await.map_err(|e| {
         Failed(1, format!("cannot open the database {}: {e}", panel_store::redact_url(&resolved.database_url)))
     })?;
@@ -589,7 +612,20 @@ async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
             output::message(&detail, json);
             Ok(ExitCode::SUCCESS)
         }
-        MessagesCommand::Retry { id } => match panel.retry(id).await? {
+        MessagesCommand::Retry { id: None, status, since } => {
+            if status.as_deref() != Some("failed") {
+                return Err(bad_input("--status: only failed messages can be retried; use --status failed"));
+            }
+            let since = since
+                .as_deref()
+                .map(panel_service::ops::parse_since)
+                .transpose()
+                .map_err(|e| bad_input(e.to_string()))?;
+            let n = panel.retry_failed(since).await?;
+            println!("{n} failed message(s) queued again.");
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Retry { id: Some(id), .. } => match panel.retry(id).await? {
             RetryResult::Requeued => {
                 println!("Message {id} is queued again.");
                 Ok(ExitCode::SUCCESS)

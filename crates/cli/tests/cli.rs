@@ -68,6 +68,13 @@ fn the_service_answers_health_and_validates_api_input() {
     let (status, body) = http(port, "POST", "/api/v1/smtp/test", "{}");
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("\"service_running\":true"), "{body}");
+    let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "queued"}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "1 fortnight"}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("\"field\":\"since\""), "{body}");
+    let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "2h"}"#);
+    assert_eq!((status, body.as_str()), (200, r#"{"requeued":0}"#));
     let services = env.ok(&["services", "list", "--json"]).json();
     assert_eq!(services[0]["kind"], "serve");
     assert_eq!(services[0]["listen"], format!("127.0.0.1:{port}"));

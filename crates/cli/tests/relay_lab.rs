@@ -409,3 +409,47 @@ fn while_the_relay_is_down_the_worker_backs_off_instead_of_trying_every_message(
         env.wait_message(id, Duration::from_secs(60), |m| state(m) == "delivered");
     }
 }
+
+#[test]
+fn dead_letters_are_listed_and_retried_in_bulk_and_json_logs_show_each_attempt() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    env.spawn(&["worker", "--log-format", "json"]);
+    let ids: Vec<i64> = (0..3)
+        .map(|i| {
+            let to = format!("reject-{i}@example.org");
+            id_of(&env.ok(&["send", "--to", &to, "--subject", "dead letter", "--text", "x", "--json"]))
+        })
+        .collect();
+    for id in &ids {
+        env.wait_message(*id, WAIT, |m| state(m) == "failed");
+    }
+    let failed = env.ok(&["messages", "list", "--status", "failed", "--json"]).json();
+    assert_eq!(failed.as_array().unwrap().len(), 3);
+
+    let r = env.ok(&["messages", "retry", "--status", "failed", "--since", "2099-01-01T00:00:00Z"]);
+    assert!(r.stdout.contains("0 failed message(s)"), "{}", r.stdout);
+    let r = env.panel(&["messages", "retry", "--status", "delivered"]);
+    assert_eq!(r.code, 2);
+    let r = env.ok(&["messages", "retry", "--status", "failed", "--since", "1h"]);
+    assert!(r.stdout.contains("3 failed message(s) queued again"), "{}", r.stdout);
+    for id in &ids {
+        // Still refused by the relay: failed again, after a second attempt.
+        env.wait_message(*id, WAIT, |m| state(m) == "failed" && m["attempts"].as_array().unwrap().len() == 2);
+    }
+
+    // One JSON object per attempt, with the message id, relay, stage and code.
+    let logs = env.service_logs();
+    let attempts: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "attempt")
+        .collect();
+    assert_eq!(attempts.len(), 6, "{logs}");
+    let first = &attempts[0];
+    assert!(ids.contains(&first["message_id"].as_i64().unwrap()), "{first}");
+    assert_eq!(first["relay"], format!("127.0.0.1:{}", lab.plain_port));
+    assert_eq!(first["stage"], "rcpt");
+    assert_eq!(first["code"], 550);
+}

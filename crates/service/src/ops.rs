@@ -219,6 +219,16 @@ impl Panel {
         Ok(result)
     }
 
+    /// Re-queues every failed message that failed at or after `since` (all of them without it).
+    pub async fn retry_failed(&self, since: Option<chrono::DateTime<Utc>>) -> Result<u64, OpsError> {
+        let since = since.unwrap_or(chrono::DateTime::UNIX_EPOCH);
+        let n = self.store.retry_failed(since, Utc::now()).await?;
+        if n > 0 {
+            self.wake_workers().await;
+        }
+        Ok(n)
+    }
+
     /// Services whose heartbeat is recent.
     pub async fn live_services(&self) -> Result<Vec<ServiceRow>, OpsError> {
         let now = Utc::now();
@@ -262,6 +272,19 @@ impl Panel {
     async fn has_attempt(&self, id: i64) -> Result<bool, OpsError> {
         Ok(self.store.message(id).await?.is_some_and(|m| !m.attempts.is_empty()))
     }
+}
+
+/// A `since` bound: `2h` (that long ago) or an RFC 3339 time.
+pub fn parse_since(value: &str) -> Result<chrono::DateTime<Utc>, FieldErrors> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = panel_domain::duration::parse(value).map_err(|e| {
+        let mut errors = FieldErrors::default();
+        errors.push("since", format!("'{value}': {e}; or give an RFC 3339 time"));
+        errors
+    })?;
+    Ok(Utc::now() - chrono::Duration::from_std(d).unwrap_or_default())
 }
 
 /// The settings in force with every default filled in, as shown by `panel smtp show` and the API.

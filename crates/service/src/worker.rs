@@ -258,10 +258,10 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         settings_version: state.version(),
     };
     tracing::info!(
-        message = id,
+        message_id = id,
         relay = %relay_addr,
         outcome = %settlement.outcome,
-        stage = %settlement.stage,
+        stage = settlement.stage.as_str(),
         code = settlement.reply.as_ref().map(|r| r.code),
         detail = %settlement.detail,
         state = %settlement.state,
@@ -271,7 +271,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now());
         tracing::warn!(
             relay = %relay_addr,
-            stage = %settlement.stage,
+            stage = settlement.stage.as_str(),
             detail = %settlement.detail,
             backoff_secs = delay.as_secs(),
             "relay unreachable; backing off before trying it again"
@@ -282,10 +282,13 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     match shared.store.record_attempt(&claim.reference, &meta, &settlement).await {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(message = id, "lease lost before the outcome was recorded; another worker owns this message")
+            tracing::warn!(
+                message_id = id,
+                "lease lost before the outcome was recorded; another worker owns this message"
+            )
         }
         Err(e) => {
-            tracing::error!(message = id, error = %e, "recording the attempt failed; the lease will expire and the message is retried")
+            tracing::error!(message_id = id, error = %e, "recording the attempt failed; the lease will expire and the message is retried")
         }
     }
 }

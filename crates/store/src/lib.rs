@@ -209,6 +209,12 @@ impl Store {
         self.backend.retry_message(id, ms(now)).await
     }
 
+    /// The dead-letter bulk retry: every failed message whose last change is at or after
+    /// `since` goes back in the queue, its failed recipients pending again. Returns how many.
+    pub async fn retry_failed(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64> {
+        self.backend.retry_failed(ms(since), ms(now)).await
+    }
+
     pub async fn heartbeat(&self, service: &ServiceInfo, now: DateTime<Utc>) -> Result<()> {
         self.backend.heartbeat(service, ms(now)).await
     }

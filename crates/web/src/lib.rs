@@ -25,6 +25,7 @@ pub fn router(panel: Panel) -> Router {
         .route("/api/v1/smtp/check", post(check))
         .route("/api/v1/smtp/test", post(test_message))
         .route("/api/v1/messages", get(list_messages).post(send_message))
+        .route("/api/v1/messages/retry", post(retry_failed))
         .route("/api/v1/messages/{id}", get(show_message))
         .route("/api/v1/messages/{id}/retry", post(retry_message))
         .route("/api/v1/services", get(services))
@@ -209,6 +210,28 @@ async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult
         r @ RetryResult::NotFailed { .. } => Ok((StatusCode::CONFLICT, Json(r)).into_response()),
         r => ok(r),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRetry {
+    status: String,
+    since: Option<String>,
+}
+
+/// The dead-letter bulk retry: `{"status": "failed", "since": "2h"}`.
+async fn retry_failed(
+    State(p): State<Panel>,
+    body: Result<Json<BulkRetry>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(req) = body.map_err(invalid_body)?;
+    if req.status != "failed" {
+        let mut errors = panel_domain::FieldErrors::default();
+        errors.push("status", "only failed messages can be retried; use \"failed\"");
+        return Err(OpsError::Invalid(errors).into());
+    }
+    let since = req.since.as_deref().map(panel_service::ops::parse_since).transpose().map_err(OpsError::Invalid)?;
+    ok(json!({"requeued": p.retry_failed(since).await?}))
 }
 
 async fn services(State(p): State<Panel>) -> ApiResult {

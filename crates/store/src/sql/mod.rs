@@ -548,6 +548,27 @@ impl SqlStore {
         Ok(RetryResult::Requeued)
     }
 
+    pub async fn retry_failed(&self, since: i64, now: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE recipients SET state = 'pending' WHERE state = 'failed'
+             AND message_id IN (SELECT id FROM messages WHERE state = 'failed' AND updated_at >= $1)",
+        )
+        .bind(since)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
+                    failure_class = NULL WHERE state = 'failed' AND updated_at >= $1",
+        )
+        .bind(since)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn heartbeat(&self, s: &ServiceInfo, now: i64) -> Result<()> {
         sqlx::query(
             "INSERT INTO services (id, kind, host, pid, version, started_at, heartbeat_at, listen, wake_port)
