@@ -70,7 +70,8 @@ fn the_service_answers_health_and_validates_api_input() {
     assert!(body.contains("\"service_running\":true"), "{body}");
     let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "queued"}"#);
     assert_eq!(status, 400, "{body}");
-    let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "1 fortnight"}"#);
+    let (status, body) =
+        http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "1 fortnight"}"#);
     assert_eq!(status, 400);
     assert!(body.contains("\"field\":\"since\""), "{body}");
     let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "2h"}"#);

@@ -453,3 +453,39 @@ fn dead_letters_are_listed_and_retried_in_bulk_and_json_logs_show_each_attempt()
     assert_eq!(first["stage"], "rcpt");
     assert_eq!(first["code"], 550);
 }
+
+#[test]
+fn metrics_count_attempts_and_show_the_queue_and_the_delivery_time() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let (status, body) = http(port, "POST", "/api/v1/smtp/test", r#"{"wait": 20}"#);
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = http(
+        port,
+        "POST",
+        "/api/v1/messages",
+        r#"{"to": ["reject-x@example.org"], "subject": "s", "text": "t", "wait": 20}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let (status, text) = http(port, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    for line in [
+        "panel_steps_enqueued_total{origin=\"test_message\"} 1",
+        "panel_steps_enqueued_total{origin=\"mail_tester\"} 1",
+        "panel_steps_claimed_total{origin=\"test_message\"} 1",
+        "panel_attempts_total{outcome=\"delivered\",class=\"none\",code=\"250\"} 1",
+        "panel_attempts_total{outcome=\"permanent_failure\",class=\"permanent\",code=\"550\"} 1",
+        "panel_steps_finished_total{origin=\"mail_tester\",state=\"failed\"} 1",
+        "panel_steps_finished_total{origin=\"test_message\",state=\"delivered\"} 1",
+        "panel_delivery_seconds_count 1",
+        "panel_messages{state=\"delivered\"} 1",
+        "panel_messages{state=\"failed\"} 1",
+        "panel_queue_depth 0",
+        "panel_lease_expiries_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+    }
+}

@@ -3,6 +3,7 @@
 
 mod credential_source;
 pub mod licensing;
+pub mod metrics;
 pub mod ops;
 pub mod registry;
 pub mod vault;

@@ -12,6 +12,7 @@ use panel_relay::CheckReport;
 use panel_store::{AuditEvent, MessageDetail, ServiceRow, Store, StoreError, StoredSettings};
 
 use crate::credential_source::StoredCredentials;
+use crate::metrics::Metrics;
 use crate::vault::{Secrets, SecretsConfig};
 
 use crate::wake::{self, Waker};
@@ -56,6 +57,8 @@ impl OpsError {
 pub struct Panel {
     pub store: Store,
     pub(crate) secrets: Arc<Secrets>,
+    /// What this process did, for /metrics.
+    pub metrics: Arc<Metrics>,
     /// Set inside a Panel Service: wakes its own worker without a round trip.
     pub local_waker: Option<Waker>,
 }
@@ -70,7 +73,7 @@ pub struct SettingsUpdate {
 
 impl Panel {
     pub fn new(store: Store, secrets: SecretsConfig) -> Panel {
-        Panel { store, secrets: Arc::new(Secrets::new(secrets)), local_waker: None }
+        Panel { store, secrets: Arc::new(Secrets::new(secrets)), metrics: Arc::default(), local_waker: None }
     }
 
     /// The settings in force, validated; `None` before the first save.
@@ -207,6 +210,7 @@ impl Panel {
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
                 .map_err(OpsError::Invalid)?;
         let id = self.store.enqueue(origin, &message, now).await?;
+        self.metrics.step_enqueued(origin.as_str());
         self.wake_workers().await;
         Ok(id)
     }
@@ -227,6 +231,13 @@ impl Panel {
             self.wake_workers().await;
         }
         Ok(n)
+    }
+
+    /// The Prometheus exposition: this process's counters and the shared queue's gauges.
+    pub async fn metrics_text(&self) -> Result<String, OpsError> {
+        let stats = self.store.queue_stats(Utc::now()).await?;
+        let interrupted = self.store.interrupted_attempts().await?;
+        Ok(self.metrics.render(&stats, interrupted))
     }
 
     /// Services whose heartbeat is recent.

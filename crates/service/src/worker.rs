@@ -115,6 +115,7 @@ pub async fn run_worker(
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
+                    shared.panel.metrics.step_claimed(c.origin.as_str());
                     let permit = slots.clone().acquire_owned().await.expect("semaphore open");
                     let (shared, state) = (shared.clone(), state.clone());
                     tasks.spawn(async move {
@@ -267,7 +268,19 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         state = %settlement.state,
         "attempt"
     );
+    let metrics = &shared.panel.metrics;
+    let class = settlement.failure_class.map(|c| match c {
+        panel_domain::FailureClass::Transient => "transient",
+        panel_domain::FailureClass::Permanent => "permanent",
+        panel_domain::FailureClass::Configuration => "configuration",
+    });
+    let code = settlement.reply.as_ref().map(|r| r.code);
+    metrics.attempt(claim.origin.as_str(), settlement.outcome.as_str(), class, code, settlement.state.as_str());
+    if settlement.state == panel_domain::MessageState::Delivered {
+        metrics.delivered_after((Utc::now() - claim.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+    }
     if is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
+        metrics.connection_error(settlement.stage.as_str());
         let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now());
         tracing::warn!(
             relay = %relay_addr,

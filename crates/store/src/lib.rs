@@ -232,6 +232,11 @@ impl Store {
         self.backend.queue_stats(ms(now)).await
     }
 
+    /// Attempts recorded as interrupted (a worker's lease expired), across all services.
+    pub async fn interrupted_attempts(&self) -> Result<i64> {
+        self.backend.interrupted_attempts().await
+    }
+
     pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
         self.backend.message_state(id).await
     }

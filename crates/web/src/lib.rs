@@ -21,6 +21,7 @@ pub fn router(panel: Panel) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/api/v1/settings/smtp", get(get_settings).put(put_settings))
         .route("/api/v1/smtp/check", post(check))
         .route("/api/v1/smtp/test", post(test_message))
@@ -107,6 +108,11 @@ async fn ready(State(p): State<Panel>) -> Response {
         }
         Err(e) => unavailable(e.to_string()),
     }
+}
+
+async fn metrics(State(p): State<Panel>) -> ApiResult {
+    let text = p.metrics_text().await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
 async fn get_settings(State(p): State<Panel>) -> ApiResult {

@@ -21,11 +21,13 @@ mod secrets;
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_core.sql")),
     (2, include_str!("../../migrations/sqlite/0002_licenses_credentials_audit.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_metrics.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_core.sql")),
     (2, include_str!("../../migrations/postgres/0002_licenses_credentials_audit.sql")),
+    (3, include_str!("../../migrations/postgres/0003_metrics.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -639,6 +641,12 @@ impl SqlStore {
         .await?;
         stats.oldest_due_age_secs = oldest.map(|t| (now - t) / 1000);
         Ok(stats)
+    }
+
+    pub async fn interrupted_attempts(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM attempts WHERE outcome = 'interrupted'")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
