@@ -214,19 +214,13 @@ fn prune_idle(shared: &Shared) {
 async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     let started = Utc::now();
     let id = claim.reference.id;
-    let renewer = {
-        let (store, reference, lease) = (shared.store.clone(), claim.reference, shared.config.lease);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match store.renew_lease(&reference, Utc::now(), lease).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-                }
-            }
-        })
-    };
+    let lease = Arc::new(Lease {
+        store: shared.store.clone(),
+        reference: claim.reference,
+        length: shared.config.lease,
+        renewed: Mutex::new(Instant::now()),
+    });
+    let renewer = tokio::spawn(lease.clone().keep_renewed());
     let recipients: Vec<String> = claim.pending.iter().map(|p| p.address.clone()).collect();
     let (report, relay_addr, ctx) = match &state.relay {
         Err(f) => (
@@ -240,7 +234,15 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         ),
         Ok(relay) => {
             let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
-            (send(shared, state.serial, relay, &claim, &recipients).await, relay.address(), ctx)
+            let Some(report) = send(shared, state.serial, relay, &claim, &recipients, &lease).await else {
+                renewer.abort();
+                tracing::warn!(
+                    message_id = id,
+                    "lease lost before sending (this worker was paused or cut off); another worker owns the message; nothing sent"
+                );
+                return;
+            };
+            (report, relay.address(), ctx)
         }
     };
     renewer.abort();
@@ -306,32 +308,85 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     }
 }
 
+/// The claim on one message, renewed in the background and confirmed right before anything is
+/// sent: a worker paused past its lease (SIGSTOP, a long GC-like stall, a partition) finds the
+/// step taken by another worker and sends nothing. The claim token fences its record as well.
+struct Lease {
+    store: Store,
+    reference: panel_store::ClaimRef,
+    length: Duration,
+    renewed: Mutex<Instant>,
+}
+
+impl Lease {
+    async fn keep_renewed(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.length / 3).await;
+            match self.store.renew_lease(&self.reference, Utc::now(), self.length).await {
+                Ok(true) => *self.renewed.lock().expect("not poisoned") = Instant::now(),
+                Ok(false) => break,
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// True while the claim is certainly ours: renewed recently, or renewed now.
+    async fn confirm(&self) -> bool {
+        if self.renewed.lock().expect("not poisoned").elapsed() < self.length / 2 {
+            return true;
+        }
+        match self.store.renew_lease(&self.reference, Utc::now(), self.length).await {
+            Ok(true) => {
+                *self.renewed.lock().expect("not poisoned") = Instant::now();
+                true
+            }
+            Ok(false) | Err(_) => false,
+        }
+    }
+}
+
 /// Sends on a pooled connection, or a new one. A pooled connection the relay has closed in the
 /// meantime fails before any recipient is accepted; the message is then sent on a fresh one.
-async fn send(shared: &Shared, serial: u64, relay: &Relay, claim: &Claim, recipients: &[String]) -> SendReport {
+/// `None`: the lease was lost before sending, and nothing was sent.
+async fn send(
+    shared: &Shared,
+    serial: u64,
+    relay: &Relay,
+    claim: &Claim,
+    recipients: &[String],
+    lease: &Lease,
+) -> Option<SendReport> {
     let data = claim.message.render();
     let from = claim.message.from.address.as_str();
     if let Some(mut conn) = take_connection(shared, serial) {
+        if !lease.confirm().await {
+            give_back(shared, serial, conn);
+            return None;
+        }
         let report = conn.send(from, recipients, &data).await;
         let stale = report.data_reply.is_none()
             && !conn.is_reusable()
             && report.recipients.iter().all(|r| *r == RecipientResult::NotTried);
         if !stale {
             give_back(shared, serial, conn);
-            return report;
+            return Some(report);
         }
     }
     let mut transcript = Transcript::default();
     match relay.connect(&mut transcript).await {
-        Err(f) => SendReport {
+        Err(f) => Some(SendReport {
             recipients: vec![RecipientResult::NotTried; recipients.len()],
             failure: Some(f),
             data_reply: None,
-        },
+        }),
         Ok(mut conn) => {
+            if !lease.confirm().await {
+                conn.quit(None).await;
+                return None;
+            }
             let report = conn.send(from, recipients, &data).await;
             give_back(shared, serial, conn);
-            report
+            Some(report)
         }
     }
 }

@@ -8,6 +8,7 @@
 mod oauth;
 pub mod postgres;
 mod proxy;
+mod sink;
 
 use std::fs;
 use std::net::TcpListener;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use postgres::TestDatabase;
 pub use proxy::Proxy;
+pub use sink::RecordingSink;
 
 /// A number unique within this process, for names of per-test resources.
 pub fn unique() -> u64 {

@@ -134,12 +134,37 @@ impl Env {
 
     /// Starts `panel worker` (or any long-running command) in the background.
     pub fn spawn(&mut self, args: &[&str]) -> u32 {
+        let pid = self.start(args);
+        self.wait_for_services(self.children.len());
+        pid
+    }
+
+    /// Starts a long-running command and returns at once; see `wait_for_pid`.
+    pub fn start(&mut self, args: &[&str]) -> u32 {
         let log = std::fs::File::create(self.path().join(format!("service-{}.log", self.children.len()))).unwrap();
         let child = self.command(args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn panel");
         let pid = child.id();
         self.children.push(child);
-        self.wait_for_services(self.children.len());
         pid
+    }
+
+    /// Waits until the service with process id `pid` heartbeats; returns its service id.
+    pub fn wait_for_pid(&self, pid: u32) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let services = self.ok(&["services", "list", "--json"]).json();
+            if let Some(s) = services.as_array().unwrap().iter().find(|s| s["pid"] == pid) {
+                return s["id"].as_str().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "service {pid} did not register: {}", self.service_logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal (STOP, CONT, KILL, ...) to one of our processes.
+    pub fn signal(&self, pid: u32, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
     }
 
     pub fn wait_for_services(&self, n: usize) {

@@ -1,0 +1,114 @@
+//! A recording SMTP sink on loopback: accepts every message (no TLS, no AUTH) and remembers
+//! each Message-ID it received, so a test can count lost and duplicated deliveries. The
+//! greeting can be delayed to hold a worker mid-conversation.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct State {
+    received: Mutex<HashMap<String, usize>>,
+    total: AtomicUsize,
+    connections: AtomicUsize,
+    greeting_delay_ms: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct RecordingSink {
+    pub port: u16,
+    state: Arc<State>,
+}
+
+impl RecordingSink {
+    pub fn start() -> RecordingSink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sink = RecordingSink { port: listener.local_addr().unwrap().port(), state: Arc::default() };
+        let state = sink.state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = state.clone();
+                std::thread::spawn(move || session(stream, &state));
+            }
+        });
+        sink
+    }
+
+    /// Delays the 220 greeting of new connections.
+    pub fn set_greeting_delay(&self, delay: Duration) {
+        self.state.greeting_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Messages received, duplicates included.
+    pub fn total(&self) -> usize {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Distinct Message-IDs received.
+    pub fn distinct(&self) -> usize {
+        self.state.received.lock().unwrap().len()
+    }
+
+    /// How many copies of `message_id` arrived.
+    pub fn copies(&self, message_id: &str) -> usize {
+        self.state.received.lock().unwrap().get(message_id).copied().unwrap_or(0)
+    }
+}
+
+fn session(stream: TcpStream, state: &State) {
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(state.greeting_delay_ms.load(Ordering::SeqCst)));
+    let mut out = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut say = |s: &str| out.write_all(format!("{s}\r\n").as_bytes()).is_ok();
+    if !say("220 sink.test ESMTP") {
+        return;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let upper = line.trim_end().to_ascii_uppercase();
+        let ok = if upper.starts_with("EHLO") {
+            say("250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME")
+        } else if upper == "DATA" {
+            say("354 go ahead");
+            let mut message_id = None;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+                if message_id.is_none() && line.to_ascii_lowercase().starts_with("message-id:") {
+                    message_id = Some(line[11..].trim().trim_matches(['<', '>']).to_string());
+                }
+            }
+            let id = message_id.unwrap_or_default();
+            *state.received.lock().unwrap().entry(id).or_default() += 1;
+            let n = state.total.fetch_add(1, Ordering::SeqCst) + 1;
+            say(&format!("250 2.0.0 Ok: queued as S{n}"))
+        } else if upper == "QUIT" {
+            say("221 2.0.0 bye");
+            return;
+        } else if upper.starts_with("MAIL") || upper.starts_with("RCPT") || upper == "RSET" || upper == "NOOP" {
+            say("250 2.0.0 Ok")
+        } else {
+            say("502 5.5.2 command not recognized")
+        };
+        if !ok {
+            return;
+        }
+    }
+}
