@@ -212,6 +212,9 @@ struct SendArgs {
     /// File with an HTML alternative body
     #[arg(long)]
     html_file: Option<PathBuf>,
+    /// Create the message once per KEY: sending again with the same key returns the same message
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     /// Wait up to SECS for the outcome; exit 0 only when delivered
     #[arg(long, value_name = "SECS")]
     wait: Option<u64>,
@@ -564,7 +567,10 @@ async fn send(panel: Panel, a: SendArgs) -> CmdResult {
     };
     let html = a.html_file.as_ref().map(|f| read(f, "html_file")).transpose()?;
     let draft = Draft { to: a.to, cc: a.cc, bcc: a.bcc, reply_to: a.reply_to, subject: a.subject, text, html };
-    let id = panel.enqueue_draft(Origin::MailTester, &draft).await?;
+    let (id, created) = panel.enqueue_draft(Origin::MailTester, &draft, a.idempotency_key.as_deref()).await?;
+    if !created && !a.json {
+        println!("Message {id} already exists for this idempotency key; nothing new was queued.");
+    }
     after_enqueue(&panel, id, "Message", a.wait, a.json).await
 }
 

@@ -55,3 +55,64 @@ fn a_test_message_on_postgres_is_delivered_and_the_schema_is_reported_current() 
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("\"state\":\"delivered\""), "{body}");
 }
+
+#[test]
+fn the_same_idempotency_key_from_several_services_at_once_creates_one_step() {
+    let Some(mut env) = Env::postgres() else { return };
+    let sink = panel_testlab::RecordingSink::start();
+    let sink_port = sink.port.to_string();
+    env.ok(&[
+        "smtp",
+        "set",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &sink_port,
+        "--security",
+        "none",
+        "--from",
+        "panel@example.org",
+        "--fallback-recipient",
+        "ops@example.org",
+    ]);
+    let ports: Vec<u16> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    for p in &ports {
+        env.spawn(&["serve", "--listen", &format!("127.0.0.1:{p}")]);
+    }
+    let body = r#"{"to": ["report@example.org"], "subject": "nightly report", "text": "x", "idempotency_key": "nightly-report@2026-11-26T02:00Z"}"#;
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let port = ports[i % 2];
+                scope.spawn(move || http(port, "POST", "/api/v1/messages", body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ids: std::collections::HashSet<i64> = answers
+        .iter()
+        .map(|(_, b)| serde_json::from_str::<serde_json::Value>(b).unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 202).count(), 1, "one creation: {answers:?}");
+    assert!(answers.iter().all(|(s, _)| *s == 202 || *s == 200), "{answers:?}");
+    let id = *ids.iter().next().unwrap();
+    let m = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    let list = env.ok(&["messages", "list", "--json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(sink.copies(m["message_id"].as_str().unwrap().trim_matches(['<', '>'])), 1);
+    // The CLI says so too.
+    let r = env.ok(&[
+        "send",
+        "--to",
+        "report@example.org",
+        "--subject",
+        "nightly report",
+        "--text",
+        "x",
+        "--idempotency-key",
+        "nightly-report@2026-11-26T02:00Z",
+    ]);
+    assert!(r.stdout.contains(&format!("Message {id} already exists")), "{}", r.stdout);
+}

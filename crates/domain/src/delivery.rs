@@ -273,6 +273,37 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_schedule_is_followed_and_giving_up_keeps_the_last_reply() {
+        // The clock is the message's age, passed in: 1s, 2s, then 2s again, giving up at 10s.
+        let p = RetryPolicy::from_doc(Some("1s,2s"), Some("10s")).unwrap();
+        let reply = SmtpReply::from_lines(451, &["451 4.3.0 <a@example.org>: Temporary lookup failure"]);
+        let r = SendReport {
+            recipients: vec![RecipientResult::Rejected(Failure::reply(Stage::Rcpt, reply))],
+            failure: None,
+            data_reply: None,
+        };
+        let at = |attempts: u32, age: u64| {
+            let c = AttemptContext {
+                connection: ConnectionContext { port: 25, security: crate::Security::None },
+                policy: &p,
+                attempts,
+                age: Duration::from_secs(age),
+                random: 0, // the low edge of the ±10% jitter
+            };
+            settle(&r, c)
+        };
+        let delays: Vec<_> =
+            [(1, 0), (2, 1), (3, 3)].iter().map(|(n, age)| at(*n, *age).retry_after.unwrap()).collect();
+        let millis: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(millis, [900, 1800, 1800]);
+        let last = at(6, 10);
+        assert_eq!(last.state, MessageState::Failed);
+        assert_eq!(last.reply.as_ref().unwrap().code, 451);
+        let error = last.last_error.unwrap();
+        assert!(error.contains("gave up after 6 attempts") && error.contains("451 4.3.0"), "{error}");
+    }
+
+    #[test]
     fn authentication_failure_is_a_configuration_error_that_keeps_recipients_pending() {
         let p = RetryPolicy::default();
         let reply = SmtpReply::from_lines(535, &["535 5.7.8 Error: authentication failed"]);

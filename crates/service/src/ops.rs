@@ -195,24 +195,45 @@ impl Panel {
             ),
             ..Default::default()
         };
-        self.enqueue(Origin::TestMessage, &draft, &settings).await
+        Ok(self.enqueue(Origin::TestMessage, &draft, &settings, None).await?.0)
     }
 
-    /// The mail tester and any other ad-hoc message.
-    pub async fn enqueue_draft(&self, origin: Origin, draft: &Draft) -> Result<i64, OpsError> {
+    /// The mail tester and any other ad-hoc message. With an idempotency key the step is created
+    /// once, however often (and from however many services) it is enqueued: (id, created).
+    pub async fn enqueue_draft(
+        &self,
+        origin: Origin,
+        draft: &Draft,
+        idempotency_key: Option<&str>,
+    ) -> Result<(i64, bool), OpsError> {
+        let key = idempotency_key
+            .map(validate_idempotency_key)
+            .transpose()
+            .map_err(|e| OpsError::Invalid(FieldErrors(vec![e])))?;
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        self.enqueue(origin, draft, &settings).await
+        self.enqueue(origin, draft, &settings, key).await
     }
 
-    async fn enqueue(&self, origin: Origin, draft: &Draft, settings: &RelaySettings) -> Result<i64, OpsError> {
+    async fn enqueue(
+        &self,
+        origin: Origin,
+        draft: &Draft,
+        settings: &RelaySettings,
+        key: Option<&str>,
+    ) -> Result<(i64, bool), OpsError> {
         let now = Utc::now();
         let message =
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
                 .map_err(OpsError::Invalid)?;
-        let id = self.store.enqueue(origin, &message, now).await?;
-        self.metrics.step_enqueued(origin.as_str());
-        self.wake_workers().await;
-        Ok(id)
+        let (id, created) = match key {
+            Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
+            None => (self.store.enqueue(origin, &message, now).await?, true),
+        };
+        if created {
+            self.metrics.step_enqueued(origin.as_str());
+            self.wake_workers().await;
+        }
+        Ok((id, created))
     }
 
     pub async fn retry(&self, id: i64) -> Result<panel_store::RetryResult, OpsError> {
@@ -283,6 +304,18 @@ impl Panel {
     async fn has_attempt(&self, id: i64) -> Result<bool, OpsError> {
         Ok(self.store.message(id).await?.is_some_and(|m| !m.attempts.is_empty()))
     }
+}
+
+/// Idempotency keys are caller-chosen names like `nightly-report@2026-11-26T02:00Z`.
+fn validate_idempotency_key(key: &str) -> Result<&str, panel_domain::FieldError> {
+    let k = key.trim();
+    if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
+        return Err(panel_domain::FieldError::new(
+            "idempotency_key",
+            "must be 1-200 characters without control characters",
+        ));
+    }
+    Ok(k)
 }
 
 /// A `since` bound: `2h` (that long ago) or an RFC 3339 time.

@@ -171,7 +171,19 @@ impl Store {
     }
 
     pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
-        self.backend.enqueue(origin, message, ms(now)).await
+        Ok(self.backend.enqueue(origin, message, ms(now), None).await?.0)
+    }
+
+    /// Enqueues once per `key`: the first call creates the step, any later or concurrent call
+    /// (from any service) gets the same id back. Returns (id, created).
+    pub async fn enqueue_once(
+        &self,
+        origin: Origin,
+        message: &OutgoingMessage,
+        now: DateTime<Utc>,
+        key: &str,
+    ) -> Result<(i64, bool)> {
+        self.backend.enqueue(origin, message, ms(now), Some(key)).await
     }
 
     /// Takes up to `limit` due messages under a lease for `owner`. Messages whose lease expired

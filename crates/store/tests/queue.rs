@@ -144,7 +144,29 @@ async fn concurrent_settings_saves_conflict_instead_of_overwriting(b: &Backend) 
     assert_eq!(b.store.config_generation().await.unwrap().settings, 1);
 }
 
+async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = b.store.clone();
+        tasks.spawn(async move {
+            s.enqueue_once(Origin::Schedule, &message(&format!("run {i}")), Utc::now(), "nightly@2026-11-26T02:00Z")
+                .await
+                .unwrap()
+        });
+    }
+    let results = tasks.join_all().await;
+    assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1, "{results:?}");
+    let id = results[0].0;
+    assert!(results.iter().all(|(i, _)| *i == id), "{results:?}");
+    assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 1);
+    // Other keys, and no key, are independent.
+    b.store.enqueue_once(Origin::Schedule, &message("other"), Utc::now(), "nightly@2026-11-27T02:00Z").await.unwrap();
+    b.store.enqueue(Origin::Schedule, &message("free"), Utc::now()).await.unwrap();
+    assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 3);
+}
+
 contract!(
+    an_idempotency_key_enqueued_concurrently_creates_one_step,
     concurrent_claimers_never_take_the_same_step,
     concurrent_settings_saves_conflict_instead_of_overwriting,
     a_claimed_message_is_not_claimed_twice_while_leased,

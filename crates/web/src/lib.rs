@@ -156,6 +156,8 @@ struct SendRequest {
     #[serde(flatten)]
     draft: Draft,
     wait: Option<u64>,
+    /// The same key always yields the same step, however many times it is sent.
+    idempotency_key: Option<String>,
 }
 
 async fn send_message(
@@ -163,8 +165,13 @@ async fn send_message(
     body: Result<Json<SendRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(req) = body.map_err(invalid_body)?;
-    let id = p.enqueue_draft(Origin::MailTester, &req.draft).await?;
-    enqueued(&p, id, req.wait).await
+    let (id, created) = p.enqueue_draft(Origin::MailTester, &req.draft, req.idempotency_key.as_deref()).await?;
+    let mut response = enqueued(&p, id, req.wait).await?;
+    if !created {
+        // Already there: nothing new was accepted.
+        *response.status_mut() = StatusCode::OK;
+    }
+    Ok(response)
 }
 
 async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {

@@ -22,12 +22,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_core.sql")),
     (2, include_str!("../../migrations/sqlite/0002_licenses_credentials_audit.sql")),
     (3, include_str!("../../migrations/sqlite/0003_metrics.sql")),
+    (4, include_str!("../../migrations/sqlite/0004_idempotency.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_core.sql")),
     (2, include_str!("../../migrations/postgres/0002_licenses_credentials_audit.sql")),
     (3, include_str!("../../migrations/postgres/0003_metrics.sql")),
+    (4, include_str!("../../migrations/postgres/0004_idempotency.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -236,12 +238,20 @@ impl SqlStore {
         Ok(version)
     }
 
-    pub async fn enqueue(&self, origin: Origin, m: &OutgoingMessage, now: i64) -> Result<i64> {
+    pub async fn enqueue(
+        &self,
+        origin: Origin,
+        m: &OutgoingMessage,
+        now: i64,
+        key: Option<&str>,
+    ) -> Result<(i64, bool)> {
         let mut tx = self.write().await?;
-        let id: i64 = sqlx::query_scalar(
+        // With a key, a concurrent insert of the same key waits for ours and then does nothing.
+        let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                                   created_at, updated_at, next_attempt_at, window_start)
-             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7) RETURNING id",
+                                   created_at, updated_at, next_attempt_at, window_start, idempotency_key)
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(origin.as_str())
         .bind(serde_json::to_string(m).expect("message serializes"))
@@ -250,8 +260,17 @@ impl SqlStore {
         .bind(&m.message_id)
         .bind(m.used_fallback_recipient)
         .bind(now)
-        .fetch_one(&mut *tx)
+        .bind(key)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(id) = inserted else {
+            let existing: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok((existing, false));
+        };
         for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
             sqlx::query(
                 "INSERT INTO recipients (message_id, position, kind, address, state) VALUES ($1, $2, $3, $4, 'pending')",
@@ -264,7 +283,7 @@ impl SqlStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(id)
+        Ok((id, true))
     }
 
     pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
