@@ -13,7 +13,7 @@ use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::{Failure, RecipientResult, RelayBackoff, RelaySettings, SendReport, is_relay_unreachable};
 use panel_relay::{Connection, Relay, Transcript};
 use panel_store::{AttemptMeta, Claim, ConfigGeneration, Store};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::credential_source::StoredCredentials;
@@ -72,6 +72,45 @@ struct Shared {
     serial: AtomicU64,
     /// Whole-relay backoff while it is unreachable; reset when the settings change.
     backoff: Mutex<RelayBackoff>,
+    /// Attempts to record, written in batches by `record_in_batches`.
+    recorder: mpsc::Sender<Record>,
+}
+
+/// One attempt waiting to be recorded, and where to say whether it was (fenced: false).
+struct Record {
+    claim: panel_store::ClaimRef,
+    meta: AttemptMeta,
+    settlement: panel_domain::Settlement,
+    reply: oneshot::Sender<Result<bool, String>>,
+}
+
+/// Group commit: whatever attempts finished while the previous batch was being written go
+/// into the next transaction together, so a busy worker pays one commit (one fsync on SQLite)
+/// for many messages, and an idle one records a lone attempt at once.
+async fn record_in_batches(store: Store, mut queue: mpsc::Receiver<Record>) {
+    const MAX_BATCH: usize = 128;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<_> = batch.iter().map(|r| (r.claim, r.meta.clone(), r.settlement.clone())).collect();
+        match store.record_attempts(&items).await {
+            Ok(results) => {
+                for (r, ok) in batch.into_iter().zip(results) {
+                    let _ = r.reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 /// Runs until `shutdown` turns true, then finishes the messages in hand.
@@ -83,6 +122,8 @@ pub async fn run_worker(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(config.concurrency));
+    let (recorder, queue) = mpsc::channel(1024);
+    let recording = tokio::spawn(record_in_batches(panel.store.clone(), queue));
     let shared = Arc::new(Shared {
         store: panel.store.clone(),
         panel,
@@ -92,6 +133,7 @@ pub async fn run_worker(
         pool: Mutex::new(Vec::new()),
         serial: AtomicU64::new(0),
         backoff: Mutex::new(RelayBackoff::default()),
+        recorder,
     });
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %shared.owner, "worker started");
@@ -142,6 +184,8 @@ pub async fn run_worker(
     for (_, _, conn) in idle {
         conn.quit(None).await;
     }
+    drop(shared);
+    let _ = recording.await;
 }
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
@@ -294,7 +338,13 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     } else if settlement.stage != panel_domain::Stage::Config {
         shared.backoff.lock().expect("not poisoned").reached();
     }
-    match shared.store.record_attempt(&claim.reference, &meta, &settlement).await {
+    let (reply, recorded) = oneshot::channel();
+    let record = Record { claim: claim.reference, meta, settlement, reply };
+    let result = match shared.recorder.send(record).await {
+        Ok(()) => recorded.await.unwrap_or_else(|_| Err("the recorder stopped".into())),
+        Err(_) => Err("the recorder stopped".into()),
+    };
+    match result {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(

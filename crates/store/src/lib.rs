@@ -205,7 +205,13 @@ impl Store {
         attempt: &AttemptMeta,
         settlement: &Settlement,
     ) -> Result<bool> {
-        self.backend.record_attempt(claim, attempt, settlement).await
+        Ok(self.backend.record_attempts(&[(*claim, attempt.clone(), settlement.clone())]).await?[0])
+    }
+
+    /// `record_attempt` for several attempts in one transaction: what a busy worker does to
+    /// pay one commit (one fsync on SQLite) for many messages. One result per attempt.
+    pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+        self.backend.record_attempts(batch).await
     }
 
     pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {

@@ -165,7 +165,25 @@ async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) 
     assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 3);
 }
 
+async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: &Backend) {
+    let s = &b.store;
+    let a = s.enqueue(Origin::MailTester, &message("a"), Utc::now()).await.unwrap();
+    let c = s.enqueue(Origin::MailTester, &message("c"), Utc::now()).await.unwrap();
+    let claims = s.claim("w1", Utc::now(), Duration::from_millis(1), 10).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Message c's lease expired and w2 took it: w1's outcome for c is stale.
+    let retaken = s.claim("w2", Utc::now(), Duration::from_secs(60), 10).await.unwrap();
+    assert_eq!(retaken.len(), 2, "both leases expired");
+    let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap().reference;
+    let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap().reference;
+    let results = s.record_attempts(&[(fresh_a, meta(), delivered()), (stale_c, meta(), delivered())]).await.unwrap();
+    assert_eq!(results, [true, false]);
+    assert_eq!(s.message_state(a).await.unwrap().unwrap().as_str(), "delivered");
+    assert_eq!(s.message_state(c).await.unwrap().unwrap().as_str(), "sending", "still w2's");
+}
+
 contract!(
+    a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped,
     an_idempotency_key_enqueued_concurrently_creates_one_step,
     concurrent_claimers_never_take_the_same_step,
     concurrent_settings_saves_conflict_instead_of_overwriting,

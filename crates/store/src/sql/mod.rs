@@ -371,73 +371,16 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn record_attempt(&self, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
-        let finished = meta.finished_at.timestamp_millis();
-        let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
+    /// Records several attempts in one transaction (one commit, one fsync, for all of them).
+    /// Each is fenced by its claim token on its own: a stale one is skipped, the others kept.
+    pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
         let mut tx = self.write().await?;
-        let updated = sqlx::query(
-            "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
-                    next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                    failure_class = $4, last_error = $5
-             WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
-        )
-        .bind(s.state.as_str())
-        .bind(finished)
-        .bind(next)
-        .bind(s.failure_class.map(class_str))
-        .bind(&s.last_error)
-        .bind(claim.id)
-        .bind(claim.token)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(false);
+        let mut recorded = Vec::with_capacity(batch.len());
+        for (claim, meta, s) in batch {
+            recorded.push(record_one(&mut tx, claim, meta, s).await?);
         }
-        let pending: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT position, address FROM recipients WHERE message_id = $1 AND state = 'pending' ORDER BY position",
-        )
-        .bind(claim.id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut per_recipient = Vec::with_capacity(pending.len());
-        for ((position, address), r) in pending.iter().zip(&s.recipients) {
-            sqlx::query(
-                "UPDATE recipients SET state = $1, reply = COALESCE($2, reply) WHERE message_id = $3 AND position = $4",
-            )
-            .bind(r.state.as_str())
-            .bind(&r.reply)
-            .bind(claim.id)
-            .bind(position)
-            .execute(&mut *tx)
-            .await?;
-            per_recipient.push(serde_json::json!({
-                "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
-            }));
-        }
-        sqlx::query(
-            "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
-                                   stage, code, enhanced_code, reply, detail, hint, recipients)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(claim.id)
-        .bind(meta.started_at.timestamp_millis())
-        .bind(finished)
-        .bind(&meta.service_id)
-        .bind(&meta.relay)
-        .bind(meta.settings_version)
-        .bind(s.outcome.as_str())
-        .bind(s.stage.as_str())
-        .bind(s.reply.as_ref().map(|r| r.code as i64))
-        .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
-        .bind(s.reply.as_ref().map(|r| r.text.clone()))
-        .bind(&s.detail)
-        .bind(&s.hint)
-        .bind(serde_json::Value::Array(per_recipient).to_string())
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(recorded)
     }
 
     pub async fn list_messages(&self, f: &MessageFilter) -> Result<Vec<MessageSummary>> {
@@ -688,6 +631,74 @@ fn claim_from_row(r: &AnyRow) -> Result<Claim> {
 
 fn waiting(state: MessageState) -> bool {
     matches!(state, MessageState::Queued | MessageState::Retrying)
+}
+
+/// One attempt's outcome, fenced by the claim token: false (nothing written) when another
+/// worker has claimed the message since.
+async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
+    let finished = meta.finished_at.timestamp_millis();
+    let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
+    let updated = sqlx::query(
+        "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
+                next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                failure_class = $4, last_error = $5
+         WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
+    )
+    .bind(s.state.as_str())
+    .bind(finished)
+    .bind(next)
+    .bind(s.failure_class.map(class_str))
+    .bind(&s.last_error)
+    .bind(claim.id)
+    .bind(claim.token)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let pending: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT position, address FROM recipients WHERE message_id = $1 AND state = 'pending' ORDER BY position",
+    )
+    .bind(claim.id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut per_recipient = Vec::with_capacity(pending.len());
+    for ((position, address), r) in pending.iter().zip(&s.recipients) {
+        sqlx::query(
+            "UPDATE recipients SET state = $1, reply = COALESCE($2, reply) WHERE message_id = $3 AND position = $4",
+        )
+        .bind(r.state.as_str())
+        .bind(&r.reply)
+        .bind(claim.id)
+        .bind(position)
+        .execute(&mut **tx)
+        .await?;
+        per_recipient.push(serde_json::json!({
+            "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
+        }));
+    }
+    sqlx::query(
+        "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
+                               stage, code, enhanced_code, reply, detail, hint, recipients)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(claim.id)
+    .bind(meta.started_at.timestamp_millis())
+    .bind(finished)
+    .bind(&meta.service_id)
+    .bind(&meta.relay)
+    .bind(meta.settings_version)
+    .bind(s.outcome.as_str())
+    .bind(s.stage.as_str())
+    .bind(s.reply.as_ref().map(|r| r.code as i64))
+    .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
+    .bind(s.reply.as_ref().map(|r| r.text.clone()))
+    .bind(&s.detail)
+    .bind(&s.hint)
+    .bind(serde_json::Value::Array(per_recipient).to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
 }
 
 /// Messages stopped by a configuration error get another chance after the configuration changed

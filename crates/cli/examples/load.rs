@@ -1,0 +1,50 @@
+//! Benchmark helper (bench/delivery.sh): `load enqueue URL N` puts N 1 KB messages in the queue
+//! in bulk, straight through the store; `load drain URL N` waits until N are delivered and
+//! prints the rate since it started. Relay settings must already be saved.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use panel_domain::message::Draft;
+use panel_domain::{EmailAddress, Mailbox, Origin, OutgoingMessage};
+use panel_store::Store;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (mode, url, n) = match args.as_slice() {
+        [_, mode, url, n] => (mode.as_str(), url.as_str(), n.parse::<usize>().expect("N is a number")),
+        _ => panic!("usage: load enqueue|drain URL N"),
+    };
+    let store = Store::open(url).await.expect("open the store");
+    match mode {
+        "enqueue" => {
+            let from = Mailbox::parse("from", "panel@example.org").unwrap();
+            let fallback = EmailAddress::parse("f", "ops@example.org").unwrap();
+            let started = Instant::now();
+            for i in 0..n {
+                let draft = Draft {
+                    to: vec![format!("bulk{i}@example.org")],
+                    subject: format!("bench {i}"),
+                    text: "x".repeat(700),
+                    ..Default::default()
+                };
+                let m = OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), i as u128 + 1).unwrap();
+                store.enqueue(Origin::Dispatch, &m, Utc::now()).await.expect("enqueue");
+            }
+            println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
+        }
+        "drain" => {
+            let started = Instant::now();
+            loop {
+                let delivered = store.queue_stats(Utc::now()).await.expect("stats").delivered as usize;
+                if delivered >= n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
