@@ -10,7 +10,7 @@ use panel_domain::errors::check_header_safe;
 use panel_domain::{CredentialKind, FieldError, FieldErrors, Secret};
 use panel_relay::oauth::ServiceAccountKey;
 use panel_store::{AuditEvent, CredentialRow, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, StoreError};
-use panel_vault::{AuthorityPublicKey, Keyring, Sealed, envelope};
+use panel_vault::{AuthorityPublicKey, KeyFileError, Keyring, Sealed, envelope};
 use serde::Serialize;
 
 use crate::licensing::Grant;
@@ -88,11 +88,17 @@ impl Panel {
         let rows = self.store.credentials().await?;
         let ring = match Keyring::load(path).map_err(vault_error)? {
             Some(ring) => ring,
-            None if rows.is_empty() => {
-                let ring = Keyring::create(path).map_err(vault_error)?;
-                tracing::info!(file = %path.display(), key = ring.current().id(), "created a new master key file");
-                ring
-            }
+            None if rows.is_empty() => match Keyring::create(path) {
+                Ok(ring) => {
+                    tracing::info!(file = %path.display(), key = ring.current().id(), "created a new master key file");
+                    ring
+                }
+                // Another process starting at the same moment created it: use theirs.
+                Err(KeyFileError::Exists { .. }) => Keyring::load(path)
+                    .map_err(vault_error)?
+                    .ok_or_else(|| vault_error(format!("{} vanished while starting", path.display())))?,
+                Err(e) => return Err(vault_error(e)),
+            },
             None => {
                 return Err(OpsError::Vault(format!(
                     "the master key file {} does not exist, but {} stored credential(s) were encrypted with master key {}; \

@@ -20,6 +20,9 @@ pub enum KeyFileError {
     Invalid { path: PathBuf, reason: String },
     #[error("master key file {path} cannot be written: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    /// Another process created the file first (concurrent first starts): load it instead.
+    #[error("master key file {path} already exists")]
+    Exists { path: PathBuf },
 }
 
 pub struct Keyring {
@@ -78,7 +81,8 @@ impl Keyring {
         Ok(Some(Keyring { path: path.to_path_buf(), keys }))
     }
 
-    /// Creates a new key file with a fresh key; fails if the file exists.
+    /// Creates a new key file with a fresh key; `Exists` if the file exists or another process
+    /// created it at the same moment (exactly one creator wins).
     pub fn create(path: &Path) -> Result<Keyring, KeyFileError> {
         let ring = Keyring { path: path.to_path_buf(), keys: vec![MasterKey::generate()] };
         ring.write(false)?;
@@ -126,19 +130,27 @@ impl Keyring {
         for k in &self.keys {
             text.push_str(&format!("{LINE_PREFIX} {} {}\n", k.id(), STANDARD.encode(k.bytes())));
         }
-        let tmp = dir.join(format!(".{}.tmp", self.path.file_name().and_then(|n| n.to_str()).unwrap_or("master.key")));
-        let _ = std::fs::remove_file(&tmp);
+        let name = self.path.file_name().and_then(|n| n.to_str()).unwrap_or("master.key");
+        let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(crate::random_bytes::<8>())));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&tmp).map_err(err)?;
         file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(err)?;
-        if !replace && self.path.exists() {
+        if replace {
+            std::fs::rename(&tmp, &self.path).map_err(err)?;
+        } else {
+            // A hard link fails if the name exists: an atomic create-if-absent.
+            let linked = std::fs::hard_link(&tmp, &self.path);
             let _ = std::fs::remove_file(&tmp);
-            return Err(err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the file already exists")));
+            match linked {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(KeyFileError::Exists { path: self.path.clone() });
+                }
+                other => other.map_err(err)?,
+            }
         }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -162,8 +174,23 @@ mod tests {
         }
         let loaded = Keyring::load(&path).unwrap().unwrap();
         assert_eq!(loaded.current().id(), created.current().id());
-        assert!(Keyring::create(&path).is_err(), "never overwrites an existing key");
+        assert!(matches!(Keyring::create(&path), Err(KeyFileError::Exists { .. })), "never overwrites a key");
+        assert_eq!(Keyring::load(&path).unwrap().unwrap().current().id(), created.current().id());
         assert!(Keyring::load(&dir.path().join("missing")).unwrap().is_none());
+    }
+
+    #[test]
+    fn concurrent_first_creations_leave_exactly_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..8).map(|_| s.spawn(|| Keyring::create(&path).map(|r| r.current().id().to_string()))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        assert_eq!(Keyring::load(&path).unwrap().unwrap().current().id(), winners[0]);
     }
 
     #[test]
