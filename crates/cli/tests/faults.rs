@@ -13,25 +13,7 @@ use panel_domain::{EmailAddress, Mailbox, Origin, OutgoingMessage};
 use panel_testlab::RecordingSink;
 
 fn configure_sink(env: &Env, sink: &RecordingSink) {
-    let port = sink.port.to_string();
-    env.ok(&[
-        "smtp",
-        "set",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--security",
-        "none",
-        "--from",
-        "panel@example.org",
-        "--fallback-recipient",
-        "ops@example.org",
-        "--retry-schedule",
-        "1s",
-        "--command-timeout",
-        "10",
-    ]);
+    env.relay_on(sink.port, &["--retry-schedule", "1s", "--command-timeout", "10"]);
 }
 
 fn bare_id(message: &serde_json::Value) -> String {

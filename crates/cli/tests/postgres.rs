@@ -60,21 +60,7 @@ fn a_test_message_on_postgres_is_delivered_and_the_schema_is_reported_current() 
 fn the_same_idempotency_key_from_several_services_at_once_creates_one_step() {
     let Some(mut env) = Env::postgres() else { return };
     let sink = panel_testlab::RecordingSink::start();
-    let sink_port = sink.port.to_string();
-    env.ok(&[
-        "smtp",
-        "set",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &sink_port,
-        "--security",
-        "none",
-        "--from",
-        "panel@example.org",
-        "--fallback-recipient",
-        "ops@example.org",
-    ]);
+    env.relay_on(sink.port, &[]);
     let ports: Vec<u16> =
         (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     for p in &ports {

@@ -286,17 +286,7 @@ fn session(
             say("250 2.1.5 OK")
         } else if upper == "DATA" {
             say("354 go ahead");
-            let mut data = String::new();
-            loop {
-                line.clear();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                if line == ".\r\n" {
-                    break;
-                }
-                data.push_str(&line);
-            }
+            let Some(data) = crate::sink::read_data(&mut reader) else { return };
             let n = {
                 let mut r = received.lock().unwrap();
                 r.push(data);

@@ -82,19 +82,11 @@ fn session(stream: TcpStream, state: &State) {
             say("250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME")
         } else if upper == "DATA" {
             say("354 go ahead");
-            let mut message_id = None;
-            loop {
-                line.clear();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                if line == ".\r\n" {
-                    break;
-                }
-                if message_id.is_none() && line.to_ascii_lowercase().starts_with("message-id:") {
-                    message_id = Some(line[11..].trim().trim_matches(['<', '>']).to_string());
-                }
-            }
+            let Some(data) = read_data(&mut reader) else { return };
+            let message_id = data
+                .lines()
+                .find_map(|l| l.get(..11).filter(|h| h.eq_ignore_ascii_case("message-id:")).map(|_| &l[11..]))
+                .map(|v| v.trim().trim_matches(['<', '>']).to_string());
             let id = message_id.unwrap_or_default();
             *state.received.lock().unwrap().entry(id).or_default() += 1;
             let n = state.total.fetch_add(1, Ordering::SeqCst) + 1;
@@ -110,5 +102,21 @@ fn session(stream: TcpStream, state: &State) {
         if !ok {
             return;
         }
+    }
+}
+
+/// The message after DATA, up to the lone dot; `None` when the client went away.
+pub(crate) fn read_data(reader: &mut impl BufRead) -> Option<String> {
+    let mut data = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == ".\r\n" {
+            return Some(data);
+        }
+        data.push_str(&line);
     }
 }

@@ -228,6 +228,27 @@ impl Env {
         self.ok(&args);
     }
 
+    /// Relay settings for a plain SMTP server on loopback (a sink or a test double).
+    pub fn relay_on(&self, port: u16, extra: &[&str]) {
+        let port = port.to_string();
+        let mut args = vec![
+            "smtp",
+            "set",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--security",
+            "none",
+            "--from",
+            "panel@example.org",
+            "--fallback-recipient",
+            "ops@example.org",
+        ];
+        args.extend(extra);
+        self.ok(&args);
+    }
+
     pub fn password_args(&self, password: &str) -> Vec<String> {
         let file = self.write("relay-password", password);
         vec![
