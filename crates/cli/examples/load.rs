@@ -1,6 +1,7 @@
-//! Benchmark helper (bench/delivery.sh): `load enqueue URL N` puts N 1 KB messages in the queue
-//! in bulk, straight through the store; `load drain URL N` waits until N are delivered and
-//! prints the rate since it started. Relay settings must already be saved.
+//! Benchmark helper (bench/delivery.sh, bench/scale.sh): `load enqueue URL N` puts N 1 KB
+//! messages in the queue through the store and prints enqueues/s; `load drain URL N` waits until
+//! N are delivered and prints the rate since it started; `load claim URL N` claims N steps in
+//! batches of 16 (as a worker does) and prints claims/s. Relay settings must already be saved.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (mode, url, n) = match args.as_slice() {
         [_, mode, url, n] => (mode.as_str(), url.as_str(), n.parse::<usize>().expect("N is a number")),
-        _ => panic!("usage: load enqueue|drain URL N"),
+        _ => panic!("usage: load enqueue|drain|claim URL N"),
     };
     let store = Store::open(url).await.expect("open the store");
     match mode {
@@ -33,6 +34,18 @@ async fn main() {
                 store.enqueue(Origin::Dispatch, &m, Utc::now()).await.expect("enqueue");
             }
             println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
+        }
+        "claim" => {
+            let started = Instant::now();
+            let mut claimed = 0;
+            while claimed < n {
+                let batch = store.claim("bench", Utc::now(), Duration::from_secs(600), 16).await.expect("claim");
+                if batch.is_empty() {
+                    break;
+                }
+                claimed += batch.len();
+            }
+            println!("{:.0}", claimed as f64 / started.elapsed().as_secs_f64());
         }
         "drain" => {
             let started = Instant::now();
