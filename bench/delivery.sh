@@ -3,7 +3,8 @@
 # same Postfix smtp-sink on loopback (a non-durable sink: it accepts and forgets). Prints one
 # table; every figure is the median of RUNS runs. Not part of the test suite.
 #   bench/delivery.sh [MESSAGES] [RUNS]      defaults 10000 and 3
-# Needs Postfix's smtp-source/smtp-sink, python3, and PostgreSQL on 127.0.0.1:5432 (as in CI).
+# Needs root, Postfix (smtp-source, smtp-sink, and a private instance as the durable peer), python3,
+# and PostgreSQL on 127.0.0.1:5432 (as in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -11,6 +12,7 @@ RUNS=${2:-3}
 CONCURRENCY=${CONCURRENCY:-16}
 PG=${PANEL_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
 cargo build --release -q -p panel --bin panel --example load
+cargo build --release -q -p panel-testlab --example lab
 PANEL=$PWD/target/release/panel
 LOAD=$PWD/target/release/examples/load
 WORK=$(mktemp -d)
@@ -20,12 +22,26 @@ SINK=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 /usr/sbin/smtp-sink -u nobody "127.0.0.1:$SINK" 256 &
 sleep 0.5
 
+# The durable peer: a private Postfix that accepts on its plain port, queues with fsync, and
+# relays everything to the same sink.
+./target/release/examples/lab relay "$SINK" > "$WORK/lab.out" 2>&1 &
+for _ in $(seq 100); do grep -q '^conf' "$WORK/lab.out" && break; sleep 0.1; done
+LAB_PORT=$(awk '/^plain/ {print $2}' "$WORK/lab.out")
+LAB_CONF=$(awk '/^conf/ {print $2}' "$WORK/lab.out")
+
 median() { python3 -c 'import sys, statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
 rate_of() { python3 -c "import sys; print(f'{$N/(float(sys.argv[2])-float(sys.argv[1])):.0f}')" "$1" "$2"; }
 
 smtp_source() { # sessions
   local s e; s=$(date +%s.%N)
   /usr/sbin/smtp-source -s "$1" -m "$N" -l 1024 -f panel@example.org -t bulk@example.org "127.0.0.1:$SINK"
+  e=$(date +%s.%N); rate_of "$s" "$e"
+}
+
+postfix_peer() { # smtp-source 8 sessions into Postfix, until its queue is empty again
+  local s e; s=$(date +%s.%N)
+  /usr/sbin/smtp-source -s 8 -m "$N" -l 1024 -f panel@example.org -t bulk@relay.test "127.0.0.1:$LAB_PORT"
+  until postqueue -c "$LAB_CONF" -p | grep -q "Mail queue is empty"; do sleep 0.05; done
   e=$(date +%s.%N); rate_of "$s" "$e"
 }
 
@@ -72,6 +88,7 @@ for run in $(seq "$RUNS"); do
   R[src1]+=" $(smtp_source 1)"
   R[src8]+=" $(smtp_source 8)"
   R[py]+=" $(smtplib)"
+  R[peer]+=" $(postfix_peer)"
   d=$WORK/sqlite-$run; mkdir -p "$d"
   R[sqlite]+=" $(panel_run "sqlite://$d/panel.db" 1)"
   url=$(fresh_pg); R[pg1]+=" $(panel_run "$url" 1)"; drop_pg "$url"
@@ -103,6 +120,7 @@ printf '%-70s %15s %8s\n' "measure" "rate" "ratio"
 row "baseline: smtp-source, 1 session (non-durable)" "$(median ${R[src1]})"
 row "baseline: smtp-source, 8 sessions (non-durable)" "$SRC8"
 row "baseline: python smtplib, one reused connection (non-durable)" "$(median ${R[py]})"
+row "durable peer: Postfix accepting 8 sessions, queue (fsync), relay" "$(median ${R[peer]})"
 row "panel, SQLite (synchronous=FULL), 1 service x $CONCURRENCY connections" "$(median ${R[sqlite]})"
 row "panel, PostgreSQL (synchronous_commit=on), 1 service x $CONCURRENCY" "$(median ${R[pg1]})"
 row "panel, PostgreSQL (synchronous_commit=on), 3 services x $CONCURRENCY" "$(median ${R[pg3]})"

@@ -1,6 +1,16 @@
-//! Starts the lab and prints its ports until Ctrl-C: `cargo run -p panel-testlab --example lab`.
+//! Starts the lab and prints its ports until killed: `cargo run -p panel-testlab --example lab`.
+//! `lab relay PORT` starts it relaying every message to 127.0.0.1:PORT instead: the durable peer
+//! of bench/delivery.sh, which watches its queue with `postqueue -c CONF -p`.
 fn main() {
-    let lab = panel_testlab::PostfixLab::start().expect("postfix installed");
+    let args: Vec<String> = std::env::args().collect();
+    let lab = match args.get(1).map(String::as_str) {
+        Some("relay") => {
+            let port = args.get(2).and_then(|p| p.parse().ok()).expect("lab relay PORT");
+            panel_testlab::PostfixLab::start_relaying_to(port)
+        }
+        _ => panel_testlab::PostfixLab::start(),
+    }
+    .expect("postfix installed");
     println!(
         "plain {} submission {} smtps {} ca {} sha256 {}",
         lab.plain_port,
@@ -10,5 +20,12 @@ fn main() {
         lab.cert_sha256
     );
     println!("maildir {}", lab.maildir().display());
-    std::thread::sleep(std::time::Duration::from_secs(u64::MAX / 4));
+    println!("conf {}", lab.config_dir().display());
+    // Until SIGINT or SIGTERM; then the lab is dropped, which stops its Postfix.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+    });
+    drop(lab);
 }

@@ -89,6 +89,16 @@ fn id_of(flag: &str, name: &str) -> String {
 
 impl PostfixLab {
     pub fn start() -> Option<PostfixLab> {
+        PostfixLab::start_with(None)
+    }
+
+    /// A lab that relays every accepted message to `127.0.0.1:port` instead of its Maildir:
+    /// the durable peer of the benchmarks (accept, queue with fsync, deliver).
+    pub fn start_relaying_to(port: u16) -> Option<PostfixLab> {
+        PostfixLab::start_with(Some(port))
+    }
+
+    fn start_with(relay_to: Option<u16>) -> Option<PostfixLab> {
         let installed = Path::new("/usr/sbin/postfix").exists() && Path::new("/usr/sbin/saslpasswd2").exists();
         if !require("Postfix (postfix, sasl2-bin)", installed) {
             return None;
@@ -135,6 +145,12 @@ impl PostfixLab {
 
         let (plain_port, submission_port, smtps_port) = (free_port(), free_port(), free_port());
         let r = root.display();
+        let transport = match relay_to {
+            None => "default_transport = virtual\nrelay_transport = virtual".to_string(),
+            Some(p) => format!(
+                "default_transport = smtp\nrelay_transport = smtp\nrelayhost = [127.0.0.1]:{p}\nsmtp_tls_security_level = none"
+            ),
+        };
         let main_cf = format!(
             "compatibility_level = 3.6
 queue_directory = {r}/queue
@@ -150,8 +166,7 @@ mynetworks = 127.0.0.1/32
 alias_maps =
 alias_database =
 virtual_mailbox_domains =
-default_transport = virtual
-relay_transport = virtual
+{transport}
 virtual_mailbox_maps = regexp:{r}/conf/vmailbox
 virtual_mailbox_base = {r}/mail
 virtual_uid_maps = static:{uid}
@@ -201,6 +216,7 @@ error unix - - n - - error
 retry unix - - n - - error
 discard unix - - n - - discard
 virtual unix - n n - - virtual
+smtp unix - - n - - smtp
 anvil unix - - n - 1 anvil
 scache unix - - n - 1 scache
 postlog unix-dgram n - n - 1 postlogd
@@ -242,6 +258,11 @@ postlog unix-dgram n - n - 1 postlogd
             assert!(Instant::now() < deadline, "postfix did not open port {port}; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The instance's configuration directory (for `postqueue -c DIR -p`).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("conf")
     }
 
     pub fn log(&self) -> String {
