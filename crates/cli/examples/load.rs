@@ -1,5 +1,5 @@
 //! Benchmark helper (bench/delivery.sh, bench/scale.sh): `load enqueue URL N` puts N 1 KB
-//! messages in the queue through the store and prints enqueues/s; `load drain URL N` waits until
+//! messages in the queue through the store, 500 per transaction, and prints enqueues/s; `load drain URL N` waits until
 //! N are delivered and prints the rate since it started; `load claim URL N` claims N steps in
 //! batches of 16 (as a worker does) and prints claims/s. Relay settings must already be saved.
 
@@ -22,7 +22,9 @@ async fn main() {
         "enqueue" => {
             let from = Mailbox::parse("from", "panel@example.org").unwrap();
             let fallback = EmailAddress::parse("f", "ops@example.org").unwrap();
+            // In bulk: 500 messages per transaction, as POST /api/v1/messages/bulk stores them.
             let started = Instant::now();
+            let mut batch = Vec::with_capacity(500);
             for i in 0..n {
                 let draft = Draft {
                     to: vec![format!("bulk{i}@example.org")],
@@ -31,7 +33,11 @@ async fn main() {
                     ..Default::default()
                 };
                 let m = OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), i as u128 + 1).unwrap();
-                store.enqueue(Origin::Dispatch, &m, Utc::now()).await.expect("enqueue");
+                batch.push((Origin::Dispatch, m));
+                if batch.len() == 500 || i + 1 == n {
+                    store.enqueue_many(&batch, Utc::now()).await.expect("enqueue");
+                    batch.clear();
+                }
             }
             println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
         }

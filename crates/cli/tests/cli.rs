@@ -76,6 +76,19 @@ fn the_service_answers_health_and_validates_api_input() {
     assert!(body.contains("\"field\":\"since\""), "{body}");
     let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed", "since": "2h"}"#);
     assert_eq!((status, body.as_str()), (200, r#"{"requeued":0}"#));
+    let bulk = r#"{"messages": [{"to": ["a@example.org"], "subject": "1", "text": "x"},
+                                 {"to": ["not an address"], "subject": "2", "text": "x"}]}"#;
+    let (status, body) = http(port, "POST", "/api/v1/messages/bulk", bulk);
+    assert_eq!(status, 400);
+    assert!(body.contains("\"field\":\"messages[1].to[0]\""), "{body}");
+    let before = env.ok(&["messages", "list", "--json"]).json().as_array().unwrap().len();
+    let bulk = r#"{"messages": [{"to": ["a@example.org"], "subject": "1", "text": "x"},
+                                 {"to": ["b@example.org"], "subject": "2", "text": "x"}]}"#;
+    let (status, body) = http(port, "POST", "/api/v1/messages/bulk", bulk);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(env.ok(&["messages", "list", "--json"]).json().as_array().unwrap().len(), before + 2, "all or none");
+    assert_eq!(http(port, "POST", "/api/v1/messages/bulk", r#"{"messages": []}"#).0, 400);
     let services = env.ok(&["services", "list", "--json"]).json();
     assert_eq!(services[0]["kind"], "serve");
     assert_eq!(services[0]["listen"], format!("127.0.0.1:{port}"));

@@ -214,6 +214,39 @@ impl Panel {
         self.enqueue(origin, draft, &settings, key).await
     }
 
+    /// Many messages at once (a dispatching tool, a run over many users): every draft is
+    /// validated first and errors name their index; then one transaction stores them all.
+    pub async fn enqueue_drafts(&self, origin: Origin, drafts: &[Draft]) -> Result<Vec<i64>, OpsError> {
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let now = Utc::now();
+        let mut errors = FieldErrors::default();
+        let mut messages = Vec::with_capacity(drafts.len());
+        for (i, draft) in drafts.iter().enumerate() {
+            match OutgoingMessage::prepare(
+                draft,
+                &settings.from,
+                &settings.fallback_recipient,
+                now,
+                crate::random_u128(),
+            ) {
+                Ok(m) => messages.push((origin, m)),
+                Err(e) => errors.0.extend(e.0.into_iter().map(|f| panel_domain::FieldError {
+                    field: format!("messages[{i}].{}", f.field),
+                    message: f.message,
+                })),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let ids = self.store.enqueue_many(&messages, now).await?;
+        for _ in &ids {
+            self.metrics.step_enqueued(origin.as_str());
+        }
+        self.wake_workers().await;
+        Ok(ids)
+    }
+
     async fn enqueue(
         &self,
         origin: Origin,

@@ -174,6 +174,11 @@ impl Store {
         Ok(self.backend.enqueue(origin, message, ms(now), None).await?.0)
     }
 
+    /// Enqueues many messages in one transaction (one commit for all; all or none).
+    pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: DateTime<Utc>) -> Result<Vec<i64>> {
+        self.backend.enqueue_many(items, ms(now)).await
+    }
+
     /// Enqueues once per `key`: the first call creates the step, any later or concurrent call
     /// (from any service) gets the same id back. Returns (id, created).
     pub async fn enqueue_once(

@@ -182,7 +182,20 @@ async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: 
     assert_eq!(s.message_state(c).await.unwrap().unwrap().as_str(), "sending", "still w2's");
 }
 
+async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
+    let s = &b.store;
+    let items: Vec<_> = (0..50).map(|i| (Origin::Dispatch, message(&format!("bulk {i}")))).collect();
+    let ids = s.enqueue_many(&items, Utc::now()).await.unwrap();
+    assert_eq!(ids.len(), 50);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in order: {ids:?}");
+    assert_eq!(s.message(ids[7]).await.unwrap().unwrap().subject, "bulk 7");
+    let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 100).await.unwrap();
+    assert_eq!(claims.len(), 50);
+    assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
+}
+
 contract!(
+    a_bulk_enqueue_stores_every_message_in_one_transaction,
     a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped,
     an_idempotency_key_enqueued_concurrently_creates_one_step,
     concurrent_claimers_never_take_the_same_step,

@@ -27,6 +27,7 @@ pub fn router(panel: Panel) -> Router {
         .route("/api/v1/smtp/test", post(test_message))
         .route("/api/v1/messages", get(list_messages).post(send_message))
         .route("/api/v1/messages/retry", post(retry_failed))
+        .route("/api/v1/messages/bulk", post(send_bulk))
         .route("/api/v1/messages/{id}", get(show_message))
         .route("/api/v1/messages/{id}/retry", post(retry_message))
         .route("/api/v1/services", get(services))
@@ -172,6 +173,30 @@ async fn send_message(
         *response.status_mut() = StatusCode::OK;
     }
     Ok(response)
+}
+
+/// Most messages one bulk request may carry.
+const BULK_LIMIT: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRequest {
+    messages: Vec<Draft>,
+}
+
+/// `{"messages": [draft, ...]}`: all stored in one transaction, or none (400 names the index).
+async fn send_bulk(
+    State(p): State<Panel>,
+    body: Result<Json<BulkRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(req) = body.map_err(invalid_body)?;
+    if req.messages.is_empty() || req.messages.len() > BULK_LIMIT {
+        let mut errors = panel_domain::FieldErrors::default();
+        errors.push("messages", format!("give 1 to {BULK_LIMIT} messages per request"));
+        return Err(OpsError::Invalid(errors).into());
+    }
+    let ids = p.enqueue_drafts(Origin::Dispatch, &req.messages).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"ids": ids}))).into_response())
 }
 
 async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {

@@ -255,24 +255,7 @@ impl SqlStore {
         key: Option<&str>,
     ) -> Result<(i64, bool)> {
         let mut tx = self.write().await?;
-        // With a key, a concurrent insert of the same key waits for ours and then does nothing.
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                                   created_at, updated_at, next_attempt_at, window_start, idempotency_key)
-             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8)
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(origin.as_str())
-        .bind(serde_json::to_string(m).expect("message serializes"))
-        .bind(m.from.to_string())
-        .bind(&m.subject)
-        .bind(&m.message_id)
-        .bind(m.used_fallback_recipient)
-        .bind(now)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(id) = inserted else {
+        let Some(id) = insert_message(&mut tx, origin, m, now, key).await? else {
             let existing: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
                 .bind(key)
                 .fetch_one(&mut *tx)
@@ -280,19 +263,19 @@ impl SqlStore {
             tx.commit().await?;
             return Ok((existing, false));
         };
-        for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO recipients (message_id, position, kind, address, state) VALUES ($1, $2, $3, $4, 'pending')",
-            )
-            .bind(id)
-            .bind(position as i64)
-            .bind(kind.as_str())
-            .bind(address.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
         tx.commit().await?;
         Ok((id, true))
+    }
+
+    /// Many messages in one transaction: one commit (one fsync) for the whole batch.
+    pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
+        let mut tx = self.write().await?;
+        let mut ids = Vec::with_capacity(items.len());
+        for (origin, m) in items {
+            ids.push(insert_message(&mut tx, *origin, m, now, None).await?.expect("no key, no conflict"));
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
     pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
@@ -642,6 +625,46 @@ fn claim_from_row(r: &AnyRow) -> Result<Claim> {
 
 fn waiting(state: MessageState) -> bool {
     matches!(state, MessageState::Queued | MessageState::Retrying)
+}
+
+/// Inserts a message and its recipients; `None` when `key` is already taken (nothing written).
+/// With a key, a concurrent insert of the same key waits for the other and then does nothing.
+async fn insert_message(
+    tx: &mut Tx,
+    origin: Origin,
+    m: &OutgoingMessage,
+    now: i64,
+    key: Option<&str>,
+) -> Result<Option<i64>> {
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
+                               created_at, updated_at, next_attempt_at, window_start, idempotency_key)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8)
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(origin.as_str())
+    .bind(serde_json::to_string(m).expect("message serializes"))
+    .bind(m.from.to_string())
+    .bind(&m.subject)
+    .bind(&m.message_id)
+    .bind(m.used_fallback_recipient)
+    .bind(now)
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(id) = inserted else { return Ok(None) };
+    for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO recipients (message_id, position, kind, address, state) VALUES ($1, $2, $3, $4, 'pending')",
+        )
+        .bind(id)
+        .bind(position as i64)
+        .bind(kind.as_str())
+        .bind(address.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Some(id))
 }
 
 /// One attempt's outcome, fenced by the claim token: false (nothing written) when another
