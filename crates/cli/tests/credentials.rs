@@ -83,12 +83,14 @@ fn license_keys_are_verified_on_add_with_a_precise_reason() {
 fn a_license_that_expires_later_stops_granting_at_that_moment() {
     let env = Env::new();
     env.trust_authority();
-    let soon = (chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
-    let key = env.issue(&["--feature", "credential-storage", "--expires", &soon]);
+    // Generous enough for a loaded CI machine to add the key and store before it expires.
+    let expiry = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let key = env.issue(&["--feature", "credential-storage", "--expires", &expiry.to_rfc3339()]);
     env.ok(&["license", "add", &key]);
     let r = env.panel_stdin(&["credential", "set", "relay", "--username", "u", "--password-stdin"], "pw-1");
     assert_eq!(r.code, 0, "{}", r.stderr);
-    std::thread::sleep(Duration::from_millis(3500));
+    let left = (expiry - chrono::Utc::now()).to_std().unwrap_or_default();
+    std::thread::sleep(left + Duration::from_millis(300));
     let l = &env.ok(&["license", "list", "--json"]).json()[0];
     assert_eq!(l["valid"], false);
     assert!(l["problem"].as_str().unwrap().contains("expired"), "{l}");
