@@ -224,6 +224,17 @@ pub enum FailureClass {
     Configuration,
 }
 
+impl FailureClass {
+    /// The stored and serialized name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+            FailureClass::Configuration => "configuration",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {
     pub class: FailureClass,

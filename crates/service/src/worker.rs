@@ -315,11 +315,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         "attempt"
     );
     let metrics = &shared.panel.metrics;
-    let class = settlement.failure_class.map(|c| match c {
-        panel_domain::FailureClass::Transient => "transient",
-        panel_domain::FailureClass::Permanent => "permanent",
-        panel_domain::FailureClass::Configuration => "configuration",
-    });
+    let class = settlement.failure_class.map(panel_domain::FailureClass::as_str);
     let code = settlement.reply.as_ref().map(|r| r.code);
     metrics.attempt(claim.origin.as_str(), settlement.outcome.as_str(), class, code, settlement.state.as_str());
     if settlement.state == panel_domain::MessageState::Delivered {

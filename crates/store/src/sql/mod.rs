@@ -681,7 +681,7 @@ async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settl
     .bind(s.state.as_str())
     .bind(finished)
     .bind(next)
-    .bind(s.failure_class.map(class_str))
+    .bind(s.failure_class.map(FailureClass::as_str))
     .bind(&s.last_error)
     .bind(claim.id)
     .bind(claim.token)
@@ -746,7 +746,7 @@ async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64
          WHERE state = 'failed' AND failure_class = $2 AND window_start >= $3",
     )
     .bind(now)
-    .bind(class_str(FailureClass::Configuration))
+    .bind(FailureClass::Configuration.as_str())
     .bind(now - window.as_millis() as i64)
     .execute(&mut **tx)
     .await?;
@@ -765,14 +765,6 @@ async fn audit(tx: &mut Tx, actor: &str, now: i64, events: &[AuditEvent]) -> Res
             .await?;
     }
     Ok(())
-}
-
-fn class_str(c: FailureClass) -> &'static str {
-    match c {
-        FailureClass::Transient => "transient",
-        FailureClass::Permanent => "permanent",
-        FailureClass::Configuration => "configuration",
-    }
 }
 
 fn parse_state(r: &AnyRow) -> Result<MessageState> {
