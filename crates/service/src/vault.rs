@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use panel_domain::credential::{CREDENTIAL_STORAGE, validate_name};
 use panel_domain::errors::check_header_safe;
-use panel_domain::{CredentialKind, FieldError, FieldErrors, Secret};
+use panel_domain::{CredentialKind, FieldError, FieldErrors, RelaySettings, Secret};
 use panel_relay::oauth::ServiceAccountKey;
 use panel_store::{AuditEvent, CredentialRow, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, StoreError};
 use panel_vault::{AuthorityPublicKey, KeyFileError, Keyring, Sealed, envelope};
@@ -202,14 +202,15 @@ impl Panel {
     }
 
     pub async fn credentials(&self) -> Result<Vec<CredentialInfo>, OpsError> {
+        // One read of the settings: the referenced name and whether it is attached.
         let doc = self.store.current_settings().await?.map(|s| s.doc);
-        let settings = self.settings().await.ok().flatten().map(|(_, s)| s);
+        let attached = doc.as_ref().and_then(|d| RelaySettings::validate(d).ok()).map(|s| s.credential_attached);
         let rows = self.store.credentials().await?;
         Ok(rows
             .into_iter()
             .map(|r| {
                 let referenced = doc.as_ref().and_then(|d| d.credential.as_deref()) == Some(r.name.as_str());
-                let used_by = match (referenced, settings.as_ref().map(|s| s.credential_attached)) {
+                let used_by = match (referenced, attached) {
                     (false, _) => vec![],
                     (true, Some(false)) => vec!["relay settings (detached)".to_string()],
                     (true, _) => vec!["relay settings".to_string()],
