@@ -201,6 +201,22 @@ impl Env {
 
     /// Relay settings for one of the lab's ports.
     pub fn configure(&self, lab: &PostfixLab, port: u16, security: &str, extra: &[&str]) {
+        let mut args = vec!["--command-timeout", "5", "--connect-timeout", "3"];
+        let ca = lab.ca_file.display().to_string();
+        if security != "none" && !extra.contains(&"--pin-sha256") && !extra.contains(&"--no-ca") {
+            args.extend(["--ca-file", &ca, "--tls-server-name", "localhost"]);
+        }
+        args.extend(extra.iter().filter(|a| **a != "--no-ca"));
+        self.smtp_set(port, security, &args);
+    }
+
+    /// Relay settings for a plain SMTP server on loopback (a sink or a test double).
+    pub fn relay_on(&self, port: u16, extra: &[&str]) {
+        self.smtp_set(port, "none", extra);
+    }
+
+    /// `panel smtp set` for a relay on 127.0.0.1 with the tests' From and Fallback recipient.
+    fn smtp_set(&self, port: u16, security: &str, extra: &[&str]) {
         let port = port.to_string();
         let mut args = vec![
             "smtp",
@@ -213,35 +229,6 @@ impl Env {
             security,
             "--from",
             "Identity Panel <panel@example.org>",
-            "--fallback-recipient",
-            "ops@example.org",
-            "--command-timeout",
-            "5",
-            "--connect-timeout",
-            "3",
-        ];
-        let ca = lab.ca_file.display().to_string();
-        if security != "none" && !extra.contains(&"--pin-sha256") && !extra.contains(&"--no-ca") {
-            args.extend(["--ca-file", &ca, "--tls-server-name", "localhost"]);
-        }
-        args.extend(extra.iter().filter(|a| **a != "--no-ca"));
-        self.ok(&args);
-    }
-
-    /// Relay settings for a plain SMTP server on loopback (a sink or a test double).
-    pub fn relay_on(&self, port: u16, extra: &[&str]) {
-        let port = port.to_string();
-        let mut args = vec![
-            "smtp",
-            "set",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--security",
-            "none",
-            "--from",
-            "panel@example.org",
             "--fallback-recipient",
             "ops@example.org",
         ];
