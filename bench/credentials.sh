@@ -3,19 +3,11 @@
 # STARTTLS+AUTH port with the password in a file (baseline) and in the credential store (license
 # check, key file read, unwrap and decrypt), alternating, in one run. Not part of the test suite.
 #   bench/credentials.sh [RUNS]      default 30
-set -euo pipefail
-cd "$(dirname "$0")/.."
 RUNS=${1:-30}
-cargo build --release -q -p panel
-cargo build --release -q -p panel-testlab --example lab
-PANEL=$PWD/target/release/panel
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
-
-./target/release/examples/lab > "$WORK/lab.out" 2>&1 &
-for _ in $(seq 100); do grep -q maildir "$WORK/lab.out" && break; sleep 0.1; done
-SUBMISSION=$(awk '/^plain/ {print $4}' "$WORK/lab.out")
-CA=$(awk '/^plain/ {print $8}' "$WORK/lab.out")
+source "$(dirname "$0")/common.sh"
+start_lab
+SUBMISSION=$LAB_SUBMISSION
+CA=$LAB_CA
 PASSWORD=lab-password-not-secret
 
 setup() { # $1: data dir, then the auth options

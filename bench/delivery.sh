@@ -5,29 +5,16 @@
 #   bench/delivery.sh [MESSAGES] [RUNS]      defaults 10000 and 3
 # Needs root, Postfix (smtp-source, smtp-sink, and a private instance as the durable peer), python3,
 # and PostgreSQL on 127.0.0.1:5432 (as in CI).
-set -euo pipefail
-cd "$(dirname "$0")/.."
 N=${1:-10000}
 RUNS=${2:-3}
 CONCURRENCY=${CONCURRENCY:-16}
 PG=${PANEL_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
-cargo build --release -q -p panel --bin panel --example load
-cargo build --release -q -p panel-testlab --example lab
-PANEL=$PWD/target/release/panel
-LOAD=$PWD/target/release/examples/load
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
-
-SINK=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-/usr/sbin/smtp-sink -u nobody "127.0.0.1:$SINK" 256 &
-sleep 0.5
-
+source "$(dirname "$0")/common.sh"
+start_sink
 # The durable peer: a private Postfix that accepts on its plain port, queues with fsync, and
 # relays everything to the same sink.
-./target/release/examples/lab relay "$SINK" > "$WORK/lab.out" 2>&1 &
-for _ in $(seq 100); do grep -q '^conf' "$WORK/lab.out" && break; sleep 0.1; done
-LAB_PORT=$(awk '/^plain/ {print $2}' "$WORK/lab.out")
-LAB_CONF=$(awk '/^conf/ {print $2}' "$WORK/lab.out")
+start_lab relay "$SINK"
+LAB_PORT=$LAB_PLAIN
 
 median() { python3 -c 'import sys, statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
 rate_of() { python3 -c "import sys; print(f'{$N/(float(sys.argv[2])-float(sys.argv[1])):.0f}')" "$1" "$2"; }
@@ -72,7 +59,7 @@ panel_run() { # url services
     pids+=($!)
   done
   sleep 1
-  $LOAD drain "$url" "$N" > "$dir/rate" &
+  $LOAD drain "$url" "$N" "$(date +%s.%N)" > "$dir/rate" &
   drain=$!
   for _ in 1 2 3 4; do $LOAD enqueue "$url" $((N / 4)) > /dev/null & done
   wait $drain

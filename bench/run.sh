@@ -2,18 +2,10 @@
 # Benchmarks against the private Postfix lab (needs root and Postfix, as .ci/run installs).
 # Prints one table. Not part of the test suite.
 #   bench/run.sh [MESSAGES]        default 2000
-set -euo pipefail
-cd "$(dirname "$0")/.."
 N=${1:-2000}
-cargo build --release -q -p panel
-cargo build --release -q -p panel-testlab --example lab
-PANEL=$PWD/target/release/panel
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
-
-./target/release/examples/lab > "$WORK/lab.out" 2>&1 &
-for _ in $(seq 100); do grep -q maildir "$WORK/lab.out" && break; sleep 0.1; done
-PLAIN=$(awk '/^plain/ {print $2}' "$WORK/lab.out")
+source "$(dirname "$0")/common.sh"
+start_lab
+PLAIN=$LAB_PLAIN
 export PANEL_DATA_DIR=$WORK/data
 $PANEL smtp set --host 127.0.0.1 --port "$PLAIN" --security none --from panel@example.org --fallback-recipient ops@example.org > /dev/null
 

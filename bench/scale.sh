@@ -4,17 +4,9 @@
 # with 1,000,000 steps already queued (SQLite, synchronous=FULL). The deep queue is made by
 # copying one enqueued message with SQL (needs the sqlite3 CLI). Not part of the test suite.
 #   bench/scale.sh [DEPTH ...]      default: 1000 1000000
-set -euo pipefail
-cd "$(dirname "$0")/.."
 DEPTHS=${*:-1000 1000000}
-cargo build --release -q -p panel --bin panel --example load
-PANEL=$PWD/target/release/panel
-LOAD=$PWD/target/release/examples/load
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
-SINK=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-/usr/sbin/smtp-sink -u nobody "127.0.0.1:$SINK" 256 &
-sleep 0.5
+source "$(dirname "$0")/common.sh"
+start_sink
 
 printf '\n%-12s %18s %18s %18s\n' "queued" "enqueue msg/s" "claim steps/s" "worker RSS MB"
 for depth in $DEPTHS; do

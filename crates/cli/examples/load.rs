@@ -1,7 +1,10 @@
-//! Benchmark helper (bench/delivery.sh, bench/scale.sh): `load enqueue URL N` puts N 1 KB
-//! messages in the queue through the store, 500 per transaction, and prints enqueues/s; `load drain URL N` waits until
-//! N are delivered and prints the rate since it started; `load claim URL N` claims N steps in
-//! batches of 16 (as a worker does) and prints claims/s. Relay settings must already be saved.
+//! Benchmark helper (bench/delivery.sh, bench/scale.sh):
+//! - `load enqueue URL N`: N 1 KB messages through the store, 500 per transaction; prints enqueues/s.
+//! - `load drain URL N [START]`: waits until N are delivered; prints the rate since START (epoch
+//!   seconds, taken by the caller) or since it started.
+//! - `load claim URL N`: claims N steps in batches of 16, as a worker does; prints claims/s.
+//!
+//! Relay settings must already be saved.
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +16,14 @@ use panel_store::Store;
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (mode, url, n) = match args.as_slice() {
-        [_, mode, url, n] => (mode.as_str(), url.as_str(), n.parse::<usize>().expect("N is a number")),
-        _ => panic!("usage: load enqueue|drain|claim URL N"),
+    let (mode, url, n, since) = match args.as_slice() {
+        [_, mode, url, n, rest @ ..] if rest.len() <= 1 => (
+            mode.as_str(),
+            url.as_str(),
+            n.parse::<usize>().expect("N is a number"),
+            rest.first().map(|t| t.parse::<f64>().expect("START is epoch seconds")),
+        ),
+        _ => panic!("usage: load enqueue|drain|claim URL N [START]"),
     };
     let store = Store::open(url).await.expect("open the store");
     match mode {
@@ -54,7 +62,11 @@ async fn main() {
             println!("{:.0}", claimed as f64 / started.elapsed().as_secs_f64());
         }
         "drain" => {
+            // Timed from START (epoch seconds, taken by the caller before any work began) when
+            // given: opening the store may wait for the write lock while loaders already run.
             let started = Instant::now();
+            let epoch = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+            let origin = since.map(|s| epoch() - s);
             loop {
                 let delivered = store.queue_stats(Utc::now()).await.expect("stats").delivered as usize;
                 if delivered >= n {
@@ -62,7 +74,8 @@ async fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed().as_secs_f64() + origin.unwrap_or(0.0);
+            println!("{:.0}", n as f64 / elapsed);
         }
         other => panic!("unknown mode {other}"),
     }
