@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use lettre::message::{MultiPart, SinglePart, header::ContentType};
+use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart, header::ContentType};
 use serde::{Deserialize, Serialize};
 
 use crate::address::{EmailAddress, Mailbox};
@@ -77,6 +77,24 @@ pub struct Draft {
     pub text: String,
     #[serde(default)]
     pub html: Option<String>,
+    /// Overrides the settings' From address (steps may do so only where the settings allow it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// A text attachment (a CSV report, say), produced by a step from its context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content: String,
+}
+
+/// True for a MIME type such as `text/csv` or `text/plain; charset=utf-8`.
+pub fn is_valid_content_type(value: &str) -> bool {
+    value.parse::<ContentType>().is_ok() && !value.contains(['\r', '\n'])
 }
 
 /// A validated message, ready to be stored and sent.
@@ -92,6 +110,8 @@ pub struct OutgoingMessage {
     pub html: Option<String>,
     pub message_id: String,
     pub date: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
     /// True when the draft named no recipient and the Fallback recipient was used.
     pub used_fallback_recipient: bool,
 }
@@ -121,11 +141,25 @@ impl OutgoingMessage {
         let cc = list("cc", &draft.cc);
         let bcc = list("bcc", &draft.bcc);
         let reply_to = draft.reply_to.as_deref().and_then(|v| errors.take(Mailbox::parse("reply_to", v)));
+        let from = match draft.from.as_deref() {
+            Some(v) => errors.take(Mailbox::parse("from", v)).unwrap_or_else(|| from.clone()),
+            None => from.clone(),
+        };
+        for (i, a) in draft.attachments.iter().enumerate() {
+            errors.take(check_header_safe(&format!("attachments[{i}].filename"), &a.filename));
+            if a.filename.trim().is_empty() {
+                errors.push(format!("attachments[{i}].filename"), "is empty");
+            }
+            if !is_valid_content_type(&a.content_type) {
+                errors.push(format!("attachments[{i}].content_type"), "is not a valid MIME type (e.g. text/csv)");
+            }
+        }
         errors.take(check_header_safe("subject", &draft.subject));
         if draft.subject.len() > 998 {
             errors.push("subject", "is longer than 998 characters; shorten it");
         }
-        if draft.text.len() + draft.html.as_ref().map_or(0, String::len) > MAX_BODY_BYTES {
+        let attached: usize = draft.attachments.iter().map(|a| a.content.len()).sum();
+        if draft.text.len() + draft.html.as_ref().map_or(0, String::len) + attached > MAX_BODY_BYTES {
             errors.push("text", format!("the body is larger than {} MiB", MAX_BODY_BYTES >> 20));
         }
         if draft.text.contains('\0') || draft.html.as_deref().is_some_and(|h| h.contains('\0')) {
@@ -138,8 +172,9 @@ impl OutgoingMessage {
         if no_recipient {
             to.push(fallback.clone().into());
         }
+        let message_id = format!("<{:032x}.{}@{}>", unique, now.timestamp(), from.address.domain());
         Ok(OutgoingMessage {
-            from: from.clone(),
+            from,
             to,
             cc,
             bcc,
@@ -147,8 +182,9 @@ impl OutgoingMessage {
             subject: draft.subject.clone(),
             text: draft.text.clone(),
             html: draft.html.clone(),
-            message_id: format!("<{:032x}.{}@{}>", unique, now.timestamp(), from.address.domain()),
+            message_id,
             date: now,
+            attachments: draft.attachments.clone(),
             used_fallback_recipient: no_recipient,
         })
     }
@@ -187,16 +223,29 @@ impl OutgoingMessage {
             .expect("a prepared message has at least one recipient");
         builder = builder.envelope(envelope);
         let text = SinglePart::builder().header(ContentType::TEXT_PLAIN).body(self.text.clone());
-        let message = match &self.html {
-            None => builder.singlepart(text),
-            Some(html) => builder.multipart(
-                MultiPart::alternative()
-                    .singlepart(text)
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.clone())),
-            ),
+        let message = match (&self.html, self.attachments.is_empty()) {
+            (None, true) => builder.singlepart(text),
+            (Some(html), true) => builder.multipart(alternative(text, html)),
+            (html, false) => {
+                let body = match html {
+                    None => MultiPart::mixed().singlepart(text),
+                    Some(html) => MultiPart::mixed().multipart(alternative(text, html)),
+                };
+                let parts = self.attachments.iter().fold(body, |parts, a| {
+                    let content_type = a.content_type.parse().unwrap_or(ContentType::TEXT_PLAIN);
+                    parts.singlepart(MimeAttachment::new(a.filename.clone()).body(a.content.clone(), content_type))
+                });
+                builder.multipart(parts)
+            }
         };
         message.expect("a prepared message always builds").formatted()
     }
+}
+
+fn alternative(text: SinglePart, html: &str) -> MultiPart {
+    MultiPart::alternative()
+        .singlepart(text)
+        .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.to_string()))
 }
 
 #[cfg(test)]
@@ -280,6 +329,36 @@ mod tests {
         assert!(raw.contains("multipart/alternative"));
         assert!(raw.contains("text/html"));
         assert!(raw.contains("text/plain"));
+    }
+
+    #[test]
+    fn attachments_and_a_from_override_are_carried() {
+        let d = Draft {
+            from: Some("Reports <reports@example.org>".into()),
+            html: Some("<p>see</p>".into()),
+            attachments: vec![Attachment {
+                filename: "users.csv".into(),
+                content_type: "text/csv".into(),
+                content: "name\nann\n".into(),
+            }],
+            ..draft()
+        };
+        let m = prepare(&d).unwrap();
+        assert_eq!(m.from.address.as_str(), "reports@example.org");
+        let raw = String::from_utf8(m.render()).unwrap();
+        assert!(raw.contains("multipart/mixed"), "{raw}");
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("filename=\"users.csv\""), "{raw}");
+        let bad = Draft {
+            attachments: vec![Attachment {
+                filename: "a\r\nb".into(),
+                content_type: "nope".into(),
+                content: "".into(),
+            }],
+            ..draft()
+        };
+        let fields: Vec<_> = prepare(&bad).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["attachments[0].filename", "attachments[0].content_type"]);
     }
 
     #[test]

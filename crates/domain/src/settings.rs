@@ -150,6 +150,9 @@ pub struct SettingsDoc {
     pub tls_server_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_plaintext_auth: Option<bool>,
+    /// Lets schedule and workflow steps set their own From address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_from_override: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +194,7 @@ impl SettingsDoc {
             pin_sha256: s(&self.pin_sha256, &patch.pin_sha256),
             tls_server_name: s(&self.tls_server_name, &patch.tls_server_name),
             allow_plaintext_auth: pick(&self.allow_plaintext_auth, &patch.allow_plaintext_auth, |_| false),
+            allow_from_override: pick(&self.allow_from_override, &patch.allow_from_override, |_| false),
             connect_timeout: s(&self.connect_timeout, &patch.connect_timeout),
             command_timeout: s(&self.command_timeout, &patch.command_timeout),
             retry_schedule: s(&self.retry_schedule, &patch.retry_schedule),
@@ -213,6 +217,7 @@ pub struct RelaySettings {
     pub pin_sha256: Option<[u8; 32]>,
     pub tls_server_name: Option<String>,
     pub allow_plaintext_auth: bool,
+    pub allow_from_override: bool,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub retry: RetryPolicy,
@@ -334,6 +339,7 @@ impl RelaySettings {
                 pin_sha256,
                 tls_server_name,
                 allow_plaintext_auth,
+                allow_from_override: doc.allow_from_override.unwrap_or(false),
                 connect_timeout,
                 command_timeout,
                 retry,

@@ -1,0 +1,13 @@
+//! What turns workflows, schedules and dispatches into messages: sandboxed templates, email
+//! steps, schedule time rules and workflow conditions. Pure rules, no I/O: the service loads
+//! definitions from the store and enqueues what these render.
+
+pub mod definitions;
+pub mod step;
+pub mod template;
+pub mod timing;
+
+pub use definitions::{DispatchDef, ScheduleDef, WorkflowDef, check_name, event_context};
+pub use step::{EmailStep, Step, StepMessage};
+pub use template::{Engine, Rendered, Template, TemplateError, Undefined};
+pub use timing::{CatchUp, Timing, WeeklyRule};

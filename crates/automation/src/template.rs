@@ -1,0 +1,279 @@
+//! Message templates in Jinja syntax, rendered in a sandbox: no file system or network (no
+//! loader is installed), bounded work (fuel), bounded output, strict undefined variables (a
+//! typo is an error, not an empty string) and HTML auto-escaping in the HTML body.
+
+use std::fmt;
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Instructions a single render may execute; stops a template that loops (nearly) forever.
+pub const FUEL: u64 = 2_000_000;
+/// Largest rendered part (subject, text, HTML or attachment).
+pub const MAX_OUTPUT_BYTES: usize = 5 * 1024 * 1024;
+/// Largest template source per part.
+pub const MAX_SOURCE_BYTES: usize = 256 * 1024;
+
+/// A stored or inline message template: subject, text body, optional HTML body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub subject: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+}
+
+/// A template rendered against one context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+    pub html: Option<String>,
+}
+
+/// Which part of a template failed, where, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TemplateError {
+    /// `subject`, `text`, `html`, `to[0]`, `condition`, `attachments[0].content`, ...
+    pub part: String,
+    pub line: Option<usize>,
+    /// The expression the error points at, e.g. `user.nmae`, when known.
+    pub near: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.part)?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(near) = &self.near {
+            write!(f, " (at `{near}`)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+/// How undefined values behave: `Strict` for message text, `Lenient` for recipient fields,
+/// where a missing value means "no recipient" (and the Fallback recipient may apply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undefined {
+    Strict,
+    Lenient,
+}
+
+/// A sandboxed engine. Cheap to build; one per render keeps the fuel per render.
+pub struct Engine {
+    env: Environment<'static>,
+}
+
+impl Engine {
+    pub fn new(undefined: Undefined) -> Engine {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(match undefined {
+            Undefined::Strict => UndefinedBehavior::Strict,
+            Undefined::Lenient => UndefinedBehavior::Chainable,
+        });
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(64);
+        // Only a part named `html` is escaped; subject and text are plain text.
+        env.set_auto_escape_callback(|name| if name == "html" { AutoEscape::Html } else { AutoEscape::None });
+        env.set_keep_trailing_newline(true);
+        Engine { env }
+    }
+
+    /// Renders one part's `source` against `ctx`.
+    pub fn render(&self, part: &str, source: &str, ctx: &Value) -> Result<String, TemplateError> {
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(TemplateError {
+                part: part.into(),
+                line: None,
+                near: None,
+                message: format!("the template is larger than {} KiB", MAX_SOURCE_BYTES >> 10),
+            });
+        }
+        let escape_name = if part == "html" { "html" } else { "plain" };
+        let template = self.env.template_from_named_str(escape_name, source).map_err(|e| error(part, source, &e))?;
+        let mut out = LimitedWriter::default();
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => Ok(String::from_utf8(out.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())),
+            Err(_) if out.overflow => Err(TemplateError {
+                part: part.into(),
+                line: None,
+                near: None,
+                message: format!("the rendered text is larger than {} MiB", MAX_OUTPUT_BYTES >> 20),
+            }),
+            Err(e) => Err(error(part, source, &e)),
+        }
+    }
+
+    /// Checks the syntax of one part without rendering it.
+    pub fn check(&self, part: &str, source: &str) -> Result<(), TemplateError> {
+        self.env.template_from_named_str("check", source).map(|_| ()).map_err(|e| error(part, source, &e))
+    }
+
+    /// Checks a condition's syntax without evaluating it.
+    pub fn condition_syntax(&self, expression: &str) -> Result<(), TemplateError> {
+        self.env.compile_expression(expression).map(|_| ()).map_err(|e| error("condition", expression, &e))
+    }
+
+    /// Evaluates a condition such as `object.department == 'Finance'`.
+    pub fn condition(&self, expression: &str, ctx: &Value) -> Result<bool, TemplateError> {
+        let compiled = self.env.compile_expression(expression).map_err(|e| error("condition", expression, &e))?;
+        let value = compiled.eval(ctx).map_err(|e| error("condition", expression, &e))?;
+        Ok(value.is_true())
+    }
+}
+
+impl Template {
+    /// Checks every part's syntax, reporting all problems.
+    pub fn check(&self) -> Result<(), Vec<TemplateError>> {
+        let engine = Engine::new(Undefined::Strict);
+        let mut errors = Vec::new();
+        for (part, source) in self.parts() {
+            if let Err(e) = engine.check(part, source) {
+                errors.push(e);
+            }
+        }
+        if self.subject.trim().is_empty() {
+            errors.push(TemplateError { part: "subject".into(), line: None, near: None, message: "is empty".into() });
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    pub fn render(&self, ctx: &Value) -> Result<Rendered, TemplateError> {
+        let engine = Engine::new(Undefined::Strict);
+        let subject = engine.render("subject", &self.subject, ctx)?;
+        Ok(Rendered {
+            // A subject is one header line: template newlines are folded into spaces.
+            subject: subject.split(['\r', '\n']).map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" "),
+            text: engine.render("text", &self.text, ctx)?,
+            html: self.html.as_deref().map(|h| engine.render("html", h, ctx)).transpose()?,
+        })
+    }
+
+    fn parts(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [("subject", Some(self.subject.as_str())), ("text", Some(self.text.as_str())), ("html", self.html.as_deref())]
+            .into_iter()
+            .filter_map(|(p, s)| s.map(|s| (p, s)))
+    }
+}
+
+fn error(part: &str, source: &str, e: &minijinja::Error) -> TemplateError {
+    let near = e.range().and_then(|r| source.get(r)).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let message = match e.kind() {
+        minijinja::ErrorKind::UndefinedError => match &near {
+            Some(n) => format!("undefined variable or attribute: {n}"),
+            None => "undefined variable or attribute".to_string(),
+        },
+        minijinja::ErrorKind::OutOfFuel => {
+            "the template ran too long (fuel limit reached); check for loops over huge ranges".to_string()
+        }
+        _ => match e.detail() {
+            Some(d) => format!("{}: {d}", e.kind()),
+            None => e.kind().to_string(),
+        },
+    };
+    TemplateError { part: part.into(), line: e.line(), near, message }
+}
+
+/// Collects output, failing once it passes `MAX_OUTPUT_BYTES`.
+#[derive(Default)]
+struct LimitedWriter {
+    buf: Vec<u8>,
+    overflow: bool,
+}
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > MAX_OUTPUT_BYTES {
+            self.overflow = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tpl(subject: &str, text: &str, html: Option<&str>) -> Template {
+        Template { subject: subject.into(), text: text.into(), html: html.map(Into::into) }
+    }
+
+    #[test]
+    fn renders_every_part_and_escapes_only_html() {
+        let t = tpl("Welcome {{ object.name }}", "Hi {{ object.name }}!\n", Some("<p>Hi {{ object.name }}</p>"));
+        let r = t.render(&json!({"object": {"name": "<b>Ann</b> & co"}})).unwrap();
+        assert_eq!(r.subject, "Welcome <b>Ann</b> & co");
+        assert_eq!(r.text, "Hi <b>Ann</b> & co!\n");
+        assert_eq!(r.html.unwrap(), "<p>Hi &lt;b&gt;Ann&lt;&#x2f;b&gt; &amp; co</p>");
+    }
+
+    #[test]
+    fn a_missing_variable_names_the_line_and_the_expression() {
+        let t = tpl("Hi", "line one\nHello {{ user.nmae }}\n", None);
+        let e = t.render(&json!({"user": {"name": "Ann"}})).unwrap_err();
+        assert_eq!(e.part, "text");
+        assert_eq!(e.line, Some(2));
+        assert!(e.to_string().contains("user.nmae"), "{e}");
+    }
+
+    #[test]
+    fn an_endless_loop_is_stopped_by_the_fuel_limit() {
+        let t =
+            tpl("x", "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}", None);
+        let e = t.render(&json!({})).unwrap_err();
+        assert!(e.message.contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn output_is_bounded() {
+        let t = tpl("x", "{% for i in range(90000) %}{{ big }}{% endfor %}", None);
+        let e = t.render(&json!({"big": "x".repeat(1000)})).unwrap_err();
+        assert!(e.message.contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_are_found_at_save_time_with_their_line() {
+        let errors = tpl("{{ a ", "ok\n{% if x %}\n", None).check().unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].part, "subject");
+        assert_eq!(errors[1].part, "text");
+        assert!(errors[1].line.is_some());
+    }
+
+    #[test]
+    fn templates_cannot_reach_the_file_system() {
+        let e = tpl("x", "{% include '/etc/passwd' %}", None).render(&json!({})).unwrap_err();
+        assert!(e.message.contains("not found") || e.message.contains("template"), "{e}");
+    }
+
+    #[test]
+    fn multi_line_subjects_fold_into_one_line() {
+        let r = tpl("{% if a %}\nHello\n{% endif %}", "", None).render(&json!({"a": true})).unwrap();
+        assert_eq!(r.subject, "Hello");
+    }
+
+    #[test]
+    fn conditions_evaluate_over_the_event() {
+        let e = Engine::new(Undefined::Strict);
+        let ctx = json!({"object": {"department": "Finance"}});
+        assert!(e.condition("object.department == 'Finance'", &ctx).unwrap());
+        assert!(!e.condition("object.department == \"HR\"", &ctx).unwrap());
+        assert!(e.condition("object.dept == 'x'", &ctx).is_err());
+        assert!(e.condition("object.department ==", &ctx).is_err());
+    }
+}
