@@ -170,6 +170,97 @@ impl Store {
         self.backend.audit_log(limit).await
     }
 
+    /// Stores a template, workflow or schedule (audited).
+    pub async fn save_definition(
+        &self,
+        definition: &NewDefinition,
+        mode: SaveMode,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<SaveOutcome> {
+        self.backend.save_definition(definition, mode, by, ms(now)).await
+    }
+
+    pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<Option<DefinitionRow>> {
+        self.backend.definition(kind, name).await
+    }
+
+    pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<DefinitionRow>> {
+        self.backend.definitions(kind).await
+    }
+
+    pub async fn delete_definition(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.backend.delete_definition(kind, name, by, ms(now)).await
+    }
+
+    /// Enables or disables a workflow or schedule; false when there is none by that name.
+    pub async fn set_enabled(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        enabled: bool,
+        next_fire_at: Option<DateTime<Utc>>,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.backend.set_enabled(kind, name, enabled, next_fire_at.map(ms), by, ms(now)).await
+    }
+
+    /// Enabled workflows whose trigger is `event_type`.
+    pub async fn workflows_for(&self, event_type: &str) -> Result<Vec<DefinitionRow>> {
+        self.backend.workflows_for(event_type).await
+    }
+
+    /// Enabled schedules whose next fire time is at or before `now`.
+    pub async fn due_schedules(&self, now: DateTime<Utc>) -> Result<Vec<DefinitionRow>> {
+        self.backend.due_schedules(ms(now)).await
+    }
+
+    /// When the next enabled schedule fires, if any does.
+    pub async fn next_schedule_fire(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(self.backend.next_schedule_fire().await?.map(from_ms))
+    }
+
+    /// Writes a run with its messages in one transaction. With `advance` (a clock-driven fire),
+    /// only the first service to advance the schedule past that fire time writes: the others
+    /// get `None`.
+    pub async fn commit_run(
+        &self,
+        run: NewRun,
+        advance: Option<&ScheduleAdvance>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>> {
+        self.backend.commit_run(run, advance, ms(now)).await
+    }
+
+    /// Stores an event and the workflow runs `plan` makes for it (given the event id) in one
+    /// transaction; a repeated idempotency key returns the first event and runs nothing.
+    pub async fn record_event(
+        &self,
+        event_type: &str,
+        object: &serde_json::Value,
+        idempotency_key: Option<&str>,
+        now: DateTime<Utc>,
+        plan: impl FnOnce(i64) -> Vec<NewRun>,
+    ) -> Result<EventRecord> {
+        self.backend.record_event(event_type, object, idempotency_key, ms(now), plan).await
+    }
+
+    pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
+        self.backend.run(id).await
+    }
+
+    /// The newest runs of one schedule, workflow or dispatch name, newest first.
+    pub async fn runs(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<RunRow>> {
+        self.backend.runs(kind, name, limit).await
+    }
+
     pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
         Ok(self.backend.enqueue(origin, message, ms(now), None).await?.0)
     }

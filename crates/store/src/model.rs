@@ -265,3 +265,135 @@ pub struct Rewrapped {
     pub master_key_id: String,
     pub wrapped_key: Vec<u8>,
 }
+
+/// What a definition row holds: templates, workflows and schedules share one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefinitionKind {
+    Template,
+    Workflow,
+    Schedule,
+}
+
+impl DefinitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefinitionKind::Template => "template",
+            DefinitionKind::Workflow => "workflow",
+            DefinitionKind::Schedule => "schedule",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DefinitionRow {
+    pub kind: DefinitionKind,
+    pub name: String,
+    /// The JSON the user wrote (for a template: subject, text, html).
+    pub doc: serde_json::Value,
+    pub enabled: bool,
+    pub next_fire_at: Option<DateTime<Utc>>,
+    pub last_fire_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+/// A definition to store. `trigger` is a workflow's event type; `next_fire_at` a schedule's.
+#[derive(Debug, Clone)]
+pub struct NewDefinition {
+    pub kind: DefinitionKind,
+    pub name: String,
+    pub doc: serde_json::Value,
+    pub enabled: bool,
+    pub trigger: Option<String>,
+    pub next_fire_at: Option<DateTime<Utc>>,
+}
+
+/// How a definition is saved: `create` refuses an existing name, `update` a missing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveMode {
+    Create,
+    Update,
+    Upsert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    Created,
+    Updated,
+    /// `create` of a name that exists; nothing written.
+    Exists,
+    /// `update` of a name that does not exist; nothing written.
+    Missing,
+}
+
+/// One step of a run about to be committed: its outcome for the history and, when it made
+/// one, the message to enqueue (the store adds `message_id` to the outcome).
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    pub outcome: serde_json::Value,
+    pub message: Option<(Origin, OutgoingMessage)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// `schedule`, `workflow` or `dispatch`.
+    pub kind: &'static str,
+    pub name: String,
+    /// `cron`, `catch_up`, `manual`, `event` or `dispatch`.
+    pub trigger: &'static str,
+    /// Set for clock-driven schedule runs: the store keeps one run per key.
+    pub fire_key: Option<String>,
+    pub fire_time: Option<DateTime<Utc>>,
+    pub event_id: Option<i64>,
+    pub missed: u32,
+    /// `queued` (every step made its message), `partial`, `failed`.
+    pub status: &'static str,
+    pub detail: Option<String>,
+    pub service: String,
+    pub steps: Vec<PlannedStep>,
+}
+
+/// A clock-driven fire: the schedule advances from `expected_next` to `new_next` only if no
+/// other service advanced it first.
+#[derive(Debug, Clone)]
+pub struct ScheduleAdvance {
+    pub name: String,
+    pub expected_next: DateTime<Utc>,
+    pub fire_time: DateTime<Utc>,
+    pub new_next: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunMessage {
+    pub id: i64,
+    pub state: MessageState,
+    pub subject: String,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub kind: String,
+    pub name: String,
+    pub trigger: String,
+    pub fire_time: Option<DateTime<Utc>>,
+    pub event_id: Option<i64>,
+    pub started_at: DateTime<Utc>,
+    pub missed: i64,
+    pub status: String,
+    pub detail: Option<String>,
+    pub service: String,
+    pub steps: serde_json::Value,
+    pub messages: Vec<RunMessage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub id: i64,
+    /// False when the idempotency key was seen before: nothing ran this time.
+    pub created: bool,
+    pub runs: Vec<i64>,
+}

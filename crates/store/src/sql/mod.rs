@@ -16,6 +16,7 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
+mod automation;
 mod secrets;
 
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
@@ -23,6 +24,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/sqlite/0002_licenses_credentials_audit.sql")),
     (3, include_str!("../../migrations/sqlite/0003_metrics.sql")),
     (4, include_str!("../../migrations/sqlite/0004_idempotency.sql")),
+    (5, include_str!("../../migrations/sqlite/0005_automation.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -30,6 +32,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/postgres/0002_licenses_credentials_audit.sql")),
     (3, include_str!("../../migrations/postgres/0003_metrics.sql")),
     (4, include_str!("../../migrations/postgres/0004_idempotency.sql")),
+    (5, include_str!("../../migrations/postgres/0005_automation.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -255,7 +258,7 @@ impl SqlStore {
         key: Option<&str>,
     ) -> Result<(i64, bool)> {
         let mut tx = self.write().await?;
-        let Some(id) = insert_message(&mut tx, origin, m, now, key).await? else {
+        let Some(id) = insert_message(&mut tx, origin, m, now, key, None).await? else {
             let existing: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
                 .bind(key)
                 .fetch_one(&mut *tx)
@@ -272,7 +275,7 @@ impl SqlStore {
         let mut tx = self.write().await?;
         let mut ids = Vec::with_capacity(items.len());
         for (origin, m) in items {
-            ids.push(insert_message(&mut tx, *origin, m, now, None).await?.expect("no key, no conflict"));
+            ids.push(insert_message(&mut tx, *origin, m, now, None, None).await?.expect("no key, no conflict"));
         }
         tx.commit().await?;
         Ok(ids)
@@ -635,11 +638,12 @@ async fn insert_message(
     m: &OutgoingMessage,
     now: i64,
     key: Option<&str>,
+    run_id: Option<i64>,
 ) -> Result<Option<i64>> {
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                               created_at, updated_at, next_attempt_at, window_start, idempotency_key)
-         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8)
+                               created_at, updated_at, next_attempt_at, window_start, idempotency_key, run_id)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8, $9)
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(origin.as_str())
@@ -650,6 +654,7 @@ async fn insert_message(
     .bind(m.used_fallback_recipient)
     .bind(now)
     .bind(key)
+    .bind(run_id)
     .fetch_optional(&mut **tx)
     .await?;
     let Some(id) = inserted else { return Ok(None) };

@@ -1,0 +1,352 @@
+//! Templates, workflows and schedules (one `definitions` table), events, and runs. A run and
+//! the messages its steps made are written in one transaction, so a run is never recorded
+//! without its messages nor messages queued without their run.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{SqlStore, Tx, audit, insert_message, json, parse_state};
+use crate::model::*;
+use crate::{Result, StoreError, from_ms, ms};
+
+fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow> {
+    Ok(DefinitionRow {
+        kind,
+        name: r.get("name"),
+        doc: json(&r.get::<String, _>("doc"))?,
+        enabled: r.get::<i64, _>("enabled") != 0,
+        next_fire_at: r.get::<Option<i64>, _>("next_fire_at").map(from_ms),
+        last_fire_at: r.get::<Option<i64>, _>("last_fire_at").map(from_ms),
+        created_at: from_ms(r.get("created_at")),
+        updated_at: from_ms(r.get("updated_at")),
+        updated_by: r.get("updated_by"),
+    })
+}
+
+impl SqlStore {
+    pub async fn save_definition(&self, d: &NewDefinition, mode: SaveMode, by: &str, now: i64) -> Result<SaveOutcome> {
+        let mut tx = self.write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM definitions WHERE kind = $1 AND name = $2")
+            .bind(d.kind.as_str())
+            .bind(&d.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let outcome = match (mode, exists.is_some()) {
+            (SaveMode::Create, true) => return Ok(SaveOutcome::Exists),
+            (SaveMode::Update, false) => return Ok(SaveOutcome::Missing),
+            (_, true) => SaveOutcome::Updated,
+            (_, false) => SaveOutcome::Created,
+        };
+        let doc = serde_json::to_string(&d.doc).expect("JSON serializes");
+        let next = d.next_fire_at.map(ms);
+        if outcome == SaveOutcome::Created {
+            sqlx::query(
+                "INSERT INTO definitions (kind, name, doc, enabled, trigger, next_fire_at, created_at, updated_at, updated_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
+            )
+            .bind(d.kind.as_str())
+            .bind(&d.name)
+            .bind(doc)
+            .bind(d.enabled as i64)
+            .bind(&d.trigger)
+            .bind(next)
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query(
+                "UPDATE definitions SET doc = $3, enabled = $4, trigger = $5, next_fire_at = $6, updated_at = $7, updated_by = $8
+                 WHERE kind = $1 AND name = $2",
+            )
+            .bind(d.kind.as_str())
+            .bind(&d.name)
+            .bind(doc)
+            .bind(d.enabled as i64)
+            .bind(&d.trigger)
+            .bind(next)
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let action =
+            format!("{}.{}", d.kind.as_str(), if outcome == SaveOutcome::Created { "created" } else { "updated" });
+        let detail = if d.enabled { "enabled" } else { "disabled" };
+        audit(&mut tx, by, now, &[AuditEvent::new(&action, &d.name, detail)]).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<Option<DefinitionRow>> {
+        sqlx::query("SELECT * FROM definitions WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| definition_from_row(kind, &r))
+            .transpose()
+    }
+
+    pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<DefinitionRow>> {
+        sqlx::query("SELECT * FROM definitions WHERE kind = $1 ORDER BY name")
+            .bind(kind.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| definition_from_row(kind, r))
+            .collect()
+    }
+
+    pub async fn delete_definition(&self, kind: DefinitionKind, name: &str, by: &str, now: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let deleted = sqlx::query("DELETE FROM definitions WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if deleted {
+            audit(&mut tx, by, now, &[AuditEvent::new(&format!("{}.deleted", kind.as_str()), name, "")]).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Enables or disables; a schedule being enabled gets `next_fire_at` (fires missed while it
+    /// was disabled are not run).
+    pub async fn set_enabled(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        enabled: bool,
+        next_fire_at: Option<i64>,
+        by: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let changed = sqlx::query(
+            "UPDATE definitions SET enabled = $3, next_fire_at = $4, updated_at = $5, updated_by = $6
+             WHERE kind = $1 AND name = $2",
+        )
+        .bind(kind.as_str())
+        .bind(name)
+        .bind(enabled as i64)
+        .bind(next_fire_at)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if changed {
+            let action = format!("{}.{}", kind.as_str(), if enabled { "enabled" } else { "disabled" });
+            audit(&mut tx, by, now, &[AuditEvent::new(&action, name, "")]).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Enabled workflows started by `trigger`.
+    pub async fn workflows_for(&self, trigger: &str) -> Result<Vec<DefinitionRow>> {
+        sqlx::query("SELECT * FROM definitions WHERE kind = 'workflow' AND trigger = $1 AND enabled = 1 ORDER BY name")
+            .bind(trigger)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| definition_from_row(DefinitionKind::Workflow, r))
+            .collect()
+    }
+
+    /// Enabled schedules whose next fire time has come.
+    pub async fn due_schedules(&self, now: i64) -> Result<Vec<DefinitionRow>> {
+        sqlx::query(
+            "SELECT * FROM definitions WHERE kind = 'schedule' AND enabled = 1 AND next_fire_at <= $1 ORDER BY next_fire_at",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| definition_from_row(DefinitionKind::Schedule, r))
+        .collect()
+    }
+
+    /// The earliest next fire time of any enabled schedule.
+    pub async fn next_schedule_fire(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_fire_at) FROM definitions WHERE kind = 'schedule' AND enabled = 1")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Writes a run and its messages. With `advance`, only if the schedule still waits for
+    /// `expected_next` and no run has the same fire key: `None` when another service fired it.
+    pub async fn commit_run(&self, run: NewRun, advance: Option<&ScheduleAdvance>, now: i64) -> Result<Option<i64>> {
+        let mut tx = self.write().await?;
+        if let Some(a) = advance {
+            // Read committed on PostgreSQL: a second service's UPDATE waits for the first to
+            // commit, re-reads the row, and then matches nothing.
+            let advanced = sqlx::query(
+                "UPDATE definitions SET next_fire_at = $1, last_fire_at = $2
+                 WHERE kind = 'schedule' AND name = $3 AND next_fire_at = $4",
+            )
+            .bind(a.new_next.map(ms))
+            .bind(ms(a.fire_time))
+            .bind(&a.name)
+            .bind(ms(a.expected_next))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if advanced != 1 {
+                return Ok(None);
+            }
+        }
+        let Some(run_id) = write_run(&mut tx, run, now).await? else { return Ok(None) };
+        tx.commit().await?;
+        Ok(Some(run_id))
+    }
+
+    /// Stores an event and the runs `plan` makes for it (given the new event's id), in one
+    /// transaction. A repeated idempotency key returns the first event and runs nothing.
+    pub async fn record_event(
+        &self,
+        event_type: &str,
+        object: &serde_json::Value,
+        key: Option<&str>,
+        now: i64,
+        plan: impl FnOnce(i64) -> Vec<NewRun>,
+    ) -> Result<EventRecord> {
+        let mut tx = self.write().await?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO events (type, object, idempotency_key, received_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(event_type)
+        .bind(serde_json::to_string(object).expect("JSON serializes"))
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(event_id) = inserted else {
+            let id: i64 = sqlx::query_scalar("SELECT id FROM events WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            let runs = sqlx::query_scalar("SELECT id FROM runs WHERE event_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(EventRecord { id, created: false, runs });
+        };
+        let mut runs = Vec::new();
+        for mut run in plan(event_id) {
+            run.event_id = Some(event_id);
+            let run_id = write_run(&mut tx, run, now).await?.expect("event runs have no fire key");
+            runs.push(run_id);
+        }
+        tx.commit().await?;
+        Ok(EventRecord { id: event_id, created: true, runs })
+    }
+
+    pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
+        let Some(r) = sqlx::query("SELECT * FROM runs WHERE id = $1").bind(id).fetch_optional(&self.pool).await? else {
+            return Ok(None);
+        };
+        let mut rows = self.with_messages(vec![r]).await?;
+        Ok(rows.pop())
+    }
+
+    /// The newest `limit` runs of one schedule, workflow or dispatch name, newest first.
+    pub async fn runs(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT * FROM runs WHERE kind = $1 AND name = $2 ORDER BY id DESC LIMIT $3")
+            .bind(kind)
+            .bind(name)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        self.with_messages(rows).await
+    }
+
+    async fn with_messages(&self, rows: Vec<AnyRow>) -> Result<Vec<RunRow>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: i64 = r.get("id");
+            let messages =
+                sqlx::query("SELECT id, state, subject, last_error FROM messages WHERE run_id = $1 ORDER BY id")
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|m| {
+                        Ok(RunMessage {
+                            id: m.get("id"),
+                            state: parse_state(m)?,
+                            subject: m.get("subject"),
+                            last_error: m.get("last_error"),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            out.push(RunRow {
+                id,
+                kind: r.get("kind"),
+                name: r.get("name"),
+                trigger: r.get("trigger"),
+                fire_time: r.get::<Option<i64>, _>("fire_time").map(from_ms),
+                event_id: r.get("event_id"),
+                started_at: from_ms(r.get("started_at")),
+                missed: r.get("missed"),
+                status: r.get("status"),
+                detail: r.get("detail"),
+                service: r.get("service"),
+                steps: json(&r.get::<String, _>("steps"))?,
+                messages,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Writes the run, its steps' messages, and the outcomes with their message ids; `None` (nothing
+/// written) when the fire key is taken, because another service ran this fire time.
+async fn write_run(tx: &mut Tx, run: NewRun, now: i64) -> Result<Option<i64>> {
+    let Some(run_id) = insert_run(tx, &run, now).await? else { return Ok(None) };
+    let mut outcomes = Vec::with_capacity(run.steps.len());
+    for step in run.steps {
+        let mut outcome = step.outcome;
+        if let Some((origin, message)) = &step.message {
+            let id = insert_message(tx, *origin, message, now, None, Some(run_id)).await?.expect("no key, no conflict");
+            outcome["message_id"] = id.into();
+        }
+        outcomes.push(outcome);
+    }
+    sqlx::query("UPDATE runs SET steps = $1 WHERE id = $2")
+        .bind(serde_json::to_string(&outcomes).expect("JSON serializes"))
+        .bind(run_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Some(run_id))
+}
+
+async fn insert_run(tx: &mut Tx, run: &NewRun, now: i64) -> Result<Option<i64>> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO runs (kind, name, trigger, fire_key, fire_time, event_id, started_at, missed, status, detail, service, steps)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, '[]')
+         ON CONFLICT (fire_key) DO NOTHING RETURNING id",
+    )
+    .bind(run.kind)
+    .bind(&run.name)
+    .bind(run.trigger)
+    .bind(&run.fire_key)
+    .bind(run.fire_time.map(ms))
+    .bind(run.event_id)
+    .bind(now)
+    .bind(run.missed as i64)
+    .bind(run.status)
+    .bind(&run.detail)
+    .bind(&run.service)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(StoreError::from)?;
+    Ok(id)
+}

@@ -1,0 +1,133 @@
+//! Schedules, events and runs on both backends: each fire time runs once however many services
+//! race for it, and an event's idempotency key runs its workflows once.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::Backend;
+use panel_domain::message::Draft;
+use panel_domain::{EmailAddress, Mailbox, Origin, OutgoingMessage};
+use panel_store::{DefinitionKind, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance};
+use serde_json::json;
+
+fn message(subject: &str) -> OutgoingMessage {
+    let draft =
+        Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
+    let from = Mailbox::parse("from", "p@example.org").unwrap();
+    let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
+    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
+}
+
+fn run(name: &str, fire_key: Option<String>, service: &str) -> NewRun {
+    NewRun {
+        kind: "schedule",
+        name: name.into(),
+        trigger: "cron",
+        fire_key,
+        fire_time: Some(Utc::now()),
+        event_id: None,
+        missed: 0,
+        status: "queued",
+        detail: None,
+        service: service.into(),
+        steps: vec![PlannedStep {
+            outcome: json!({"step": 0, "status": "queued"}),
+            message: Some((Origin::Schedule, message(name))),
+        }],
+    }
+}
+
+async fn schedule(b: &Backend, name: &str, next: chrono::DateTime<Utc>) {
+    let def = NewDefinition {
+        kind: DefinitionKind::Schedule,
+        name: name.into(),
+        doc: json!({"name": name}),
+        enabled: true,
+        trigger: None,
+        next_fire_at: Some(next),
+    };
+    assert_eq!(b.store.save_definition(&def, SaveMode::Create, "t", Utc::now()).await.unwrap(), SaveOutcome::Created);
+}
+
+async fn each_fire_time_runs_once_when_services_race(b: &Backend) {
+    let due = Utc::now() - Duration::seconds(1);
+    schedule(b, "nightly", due).await;
+    assert_eq!(b.store.due_schedules(Utc::now()).await.unwrap().len(), 1);
+    let advance = ScheduleAdvance {
+        name: "nightly".into(),
+        expected_next: due,
+        fire_time: due,
+        new_next: Some(due + Duration::days(1)),
+    };
+    let key = format!("schedule:nightly@{}", due.timestamp_millis());
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let store = b.store.clone();
+        let (advance, key) = (advance.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store.commit_run(run("nightly", Some(key), &format!("svc{i}")), Some(&advance), Utc::now()).await.unwrap()
+        }));
+    }
+    let mut written = Vec::new();
+    for t in tasks {
+        written.extend(t.await.unwrap());
+    }
+    assert_eq!(written.len(), 1, "one run for one fire time: {written:?}");
+    let runs = b.store.runs("schedule", "nightly", 10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].messages.len(), 1, "the run's message is queued with it");
+    assert_eq!(runs[0].steps[0]["message_id"], runs[0].messages[0].id);
+    assert!(b.store.due_schedules(Utc::now()).await.unwrap().is_empty(), "advanced past the fire time");
+    // The same fire key can never be written twice, even without the compare-and-set.
+    assert!(b.store.commit_run(run("nightly", Some(key), "late"), None, Utc::now()).await.unwrap().is_none());
+}
+
+async fn a_repeated_event_key_runs_nothing_again(b: &Backend) {
+    let object = json!({"id": 7});
+    let first = b
+        .store
+        .record_event("user.created", &object, Some("evt-7"), Utc::now(), |_| vec![run("welcome", None, "s")])
+        .await
+        .unwrap();
+    assert!(first.created);
+    assert_eq!(first.runs.len(), 1);
+    let again = b
+        .store
+        .record_event("user.created", &object, Some("evt-7"), Utc::now(), |_| panic!("must not plan runs again"))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!((again.id, again.runs), (first.id, first.runs.clone()));
+    let r = b.store.run(first.runs[0]).await.unwrap().unwrap();
+    assert_eq!(r.event_id, Some(first.id));
+}
+
+async fn definitions_are_created_updated_and_enabled(b: &Backend) {
+    let def = |enabled| NewDefinition {
+        kind: DefinitionKind::Workflow,
+        name: "welcome".into(),
+        doc: json!({"name": "welcome", "v": 1}),
+        enabled,
+        trigger: Some("user.created".into()),
+        next_fire_at: None,
+    };
+    let s = &b.store;
+    let now = Utc::now();
+    assert_eq!(s.save_definition(&def(true), SaveMode::Update, "t", now).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(s.save_definition(&def(true), SaveMode::Create, "t", now).await.unwrap(), SaveOutcome::Created);
+    assert_eq!(s.save_definition(&def(true), SaveMode::Create, "t", now).await.unwrap(), SaveOutcome::Exists);
+    assert_eq!(s.workflows_for("user.created").await.unwrap().len(), 1);
+    assert!(s.set_enabled(DefinitionKind::Workflow, "welcome", false, None, "t", now).await.unwrap());
+    assert!(s.workflows_for("user.created").await.unwrap().is_empty(), "disabled workflows do not match");
+    assert!(s.workflows_for("user.deleted").await.unwrap().is_empty());
+    let audit: Vec<String> = s.audit_log(10).await.unwrap().into_iter().map(|a| a.action).collect();
+    assert!(audit.contains(&"workflow.created".to_string()) && audit.contains(&"workflow.disabled".to_string()));
+    assert!(s.delete_definition(DefinitionKind::Workflow, "welcome", "t", now).await.unwrap());
+    assert!(s.definition(DefinitionKind::Workflow, "welcome").await.unwrap().is_none());
+}
+
+contract!(
+    each_fire_time_runs_once_when_services_race,
+    a_repeated_event_key_runs_nothing_again,
+    definitions_are_created_updated_and_enabled
+);
