@@ -1,6 +1,7 @@
 //! `panel`: the Panel Service (`serve`), service mode (`worker`) and the admin commands.
 //! Exit codes: 0 ok, 1 the operation failed (e.g. not delivered), 2 bad input.
 
+mod automation;
 mod config;
 mod output;
 mod trust;
@@ -47,7 +48,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the Panel Service: REST API, health endpoints and the step worker.
+    /// Run the Panel Service: REST API, health endpoints, the step worker and the scheduler.
     Serve {
         /// Address to listen on [default: 127.0.0.1:8025]
         #[arg(long, env = "PANEL_LISTEN")]
@@ -55,7 +56,7 @@ enum Command {
         #[command(flatten)]
         worker: WorkerArgs,
     },
-    /// Service mode: run the step worker without the web UI and API.
+    /// Service mode: run the step worker and the scheduler without the web UI and API.
     Worker {
         #[command(flatten)]
         worker: WorkerArgs,
@@ -80,6 +81,23 @@ enum Command {
     /// The audit log of license and credential changes.
     #[command(subcommand)]
     Audit(trust::AuditCommand),
+    /// Message templates (Jinja syntax, sandboxed): set, list, show, delete, render a preview.
+    #[command(subcommand)]
+    Template(automation::TemplateCommand),
+    /// Workflows: steps that run when an event arrives (e.g. user.created).
+    #[command(subcommand)]
+    Workflow(automation::DefinitionCommand),
+    /// Schedules: steps that run at set times (cron or weekly rules, in a time zone).
+    #[command(subcommand)]
+    Schedule(automation::ScheduleCommand),
+    /// Events for workflows.
+    #[command(subcommand)]
+    Event(automation::EventCommand),
+    /// Run inline steps now (for outside tools, e.g. a test runner reporting results).
+    Dispatch(automation::DispatchArgs),
+    /// Runs of schedules, workflows and dispatches.
+    #[command(subcommand)]
+    Run(automation::RunCommand),
     /// Apply pending database migrations and exit (every command applies them on start too).
     Migrate,
 }
@@ -174,6 +192,9 @@ struct SetArgs {
     /// Allow sending the password over an unencrypted connection (true|false) [default: false]
     #[arg(long)]
     allow_plaintext_auth: Option<String>,
+    /// Let schedule and workflow steps set their own From address (true|false) [default: false]
+    #[arg(long)]
+    allow_from_override: Option<String>,
     /// TCP connect timeout, e.g. 10 or 10s [default: 10s]
     #[arg(long)]
     connect_timeout: Option<String>,
@@ -377,6 +398,12 @@ async fn run(cli: Cli) -> CmdResult {
         Command::License(cmd) => trust::license(panel, cmd).await,
         Command::Credential(cmd) => trust::credential(panel, cmd).await,
         Command::Audit(cmd) => trust::audit(panel, cmd).await,
+        Command::Template(cmd) => automation::template(panel, cmd).await,
+        Command::Workflow(cmd) => automation::workflow(panel, cmd).await,
+        Command::Schedule(cmd) => automation::schedule(panel, cmd).await,
+        Command::Event(cmd) => automation::event(panel, cmd).await,
+        Command::Dispatch(args) => automation::dispatch(panel, args).await,
+        Command::Run(cmd) => automation::run(panel, cmd).await,
         Command::Migrate => {
             let (applied, known) = panel.store.schema_version().await?;
             println!(
@@ -453,6 +480,7 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
         waker.clone(),
         stop_rx.clone(),
     ));
+    let scheduler = tokio::spawn(panel_service::run_scheduler(panel.clone(), handle.info.id.clone(), stop_rx.clone()));
     let web = listener.map(|l| {
         let mut rx = stop_rx.clone();
         let panel = panel.clone();
@@ -471,6 +499,7 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = worker.await;
+    let _ = scheduler.await;
     if let Some(w) = web {
         let _ = w.await;
     }
@@ -522,14 +551,17 @@ fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
         .port
         .map(|p| p.trim().parse::<i64>().map_err(|_| bad_input(format!("port: '{p}' is not a number; use 1-65535"))))
         .transpose()?;
-    let allow = a
-        .allow_plaintext_auth
-        .map(|v| match v.to_ascii_lowercase().as_str() {
-            "true" | "yes" | "1" => Ok(true),
-            "false" | "no" | "0" => Ok(false),
-            _ => Err(bad_input(format!("allow_plaintext_auth: '{v}' is not true or false"))),
-        })
-        .transpose()?;
+    let flag = |field: &str, value: Option<String>| {
+        value
+            .map(|v| match v.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "1" => Ok(true),
+                "false" | "no" | "0" => Ok(false),
+                _ => Err(bad_input(format!("{field}: '{v}' is not true or false"))),
+            })
+            .transpose()
+    };
+    let allow = flag("allow_plaintext_auth", a.allow_plaintext_auth)?;
+    let allow_from_override = flag("allow_from_override", a.allow_from_override)?;
     Ok(SettingsDoc {
         host: a.host,
         port,
@@ -549,6 +581,7 @@ fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
         pin_sha256: a.pin_sha256,
         tls_server_name: a.tls_server_name,
         allow_plaintext_auth: allow,
+        allow_from_override,
         connect_timeout: a.connect_timeout,
         command_timeout: a.command_timeout,
         retry_schedule: a.retry_schedule,
@@ -566,7 +599,16 @@ async fn send(panel: Panel, a: SendArgs) -> CmdResult {
         (None, None) => return Err(bad_input("give the body with --text or --text-file")),
     };
     let html = a.html_file.as_ref().map(|f| read(f, "html_file")).transpose()?;
-    let draft = Draft { to: a.to, cc: a.cc, bcc: a.bcc, reply_to: a.reply_to, subject: a.subject, text, html };
+    let draft = Draft {
+        to: a.to,
+        cc: a.cc,
+        bcc: a.bcc,
+        reply_to: a.reply_to,
+        subject: a.subject,
+        text,
+        html,
+        ..Default::default()
+    };
     let (id, created) = panel.enqueue_draft(Origin::MailTester, &draft, a.idempotency_key.as_deref()).await?;
     if !created && !a.json {
         println!("Message {id} already exists for this idempotency key; nothing new was queued.");

@@ -10,7 +10,7 @@ use panel_service::vault::CredentialInfo;
 use panel_store::{AuditRow, MessageDetail, MessageSummary, ServiceRow, StoredSettings};
 use serde_json::json;
 
-fn print_json(v: &impl serde::Serialize) {
+pub fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 

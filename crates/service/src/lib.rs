@@ -1,17 +1,20 @@
 //! The running parts of Panel (worker, heartbeat, wake-ups) and the operations that the CLI and
 //! the REST API share, so both behave the same.
 
+pub mod automation;
 mod credential_source;
 pub mod licensing;
 pub mod metrics;
 pub mod ops;
 pub mod registry;
+pub mod scheduler;
 pub mod vault;
 pub mod wake;
 pub mod worker;
 
 pub use ops::{OpsError, Panel, SettingsUpdate};
 pub use registry::{ServiceHandle, liveness_window};
+pub use scheduler::run_scheduler;
 pub use vault::{CredentialInfo, CredentialInput, SecretsConfig};
 pub use worker::{WorkerConfig, run_worker};
 

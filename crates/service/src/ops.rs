@@ -38,6 +38,12 @@ pub enum OpsError {
     /// The master key file or the encrypted credentials are unusable.
     #[error("{0}")]
     Vault(String),
+    /// A template that does not render (preview): exit code 2, HTTP 400.
+    #[error("the template does not render: {0}")]
+    Template(panel_automation::TemplateError),
+    /// The request conflicts with what is stored (a name taken, a template in use): HTTP 409.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -46,7 +52,11 @@ impl OpsError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            OpsError::Invalid(_) | OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } | OpsError::NotConfigured
+            OpsError::Invalid(_)
+                | OpsError::NotFound(_)
+                | OpsError::NotFoundNamed { .. }
+                | OpsError::NotConfigured
+                | OpsError::Template(_)
         )
     }
 }
@@ -381,6 +391,7 @@ pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
         "pin_sha256": s.pin_sha256.as_ref().map(panel_domain::settings::format_pin),
         "tls_server_name": s.tls_server_name,
         "allow_plaintext_auth": s.allow_plaintext_auth,
+        "allow_from_override": s.allow_from_override,
         "connect_timeout": format(s.connect_timeout),
         "command_timeout": format(s.command_timeout),
         "retry_schedule": format_list(&s.retry.schedule),

@@ -1,6 +1,8 @@
 //! The REST API (`/api/v1/...`) and health endpoints. Handlers only translate HTTP to the
 //! shared operations in `panel_service::ops`; nothing is sent inline from a request.
 
+mod automation;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ pub fn router(panel: Panel) -> Router {
         .route("/api/v1/credentials", get(credentials))
         .route("/api/v1/credentials/{name}", put(set_credential).delete(delete_credential))
         .route("/api/v1/audit", get(audit))
+        .merge(automation::routes())
         .with_state(panel)
 }
 
@@ -69,7 +72,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::NOT_FOUND, json!({"error": self.0.to_string()}))
             }
             OpsError::License(_) => (StatusCode::FORBIDDEN, json!({"error": self.0.to_string()})),
-            OpsError::NotConfigured => (StatusCode::CONFLICT, json!({"error": self.0.to_string()})),
+            OpsError::NotConfigured | OpsError::Conflict(_) => {
+                (StatusCode::CONFLICT, json!({"error": self.0.to_string()}))
+            }
+            OpsError::Template(e) => (StatusCode::BAD_REQUEST, json!({"error": self.0.to_string(), "template": e})),
             _ => {
                 tracing::error!(error = %self.0, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": self.0.to_string()}))

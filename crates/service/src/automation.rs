@@ -1,0 +1,541 @@
+//! Templates, workflows, schedules, events and dispatches: validation on save, and turning a
+//! definition plus a context into a run whose messages are queued in the same transaction.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use panel_automation::{DispatchDef, Rendered, ScheduleDef, Step, Template, Timing, WorkflowDef, event_context};
+use panel_domain::{FieldErrors, Origin, OutgoingMessage, RelaySettings};
+use panel_store::{
+    DefinitionKind, DefinitionRow, EventRecord, NewDefinition, NewRun, PlannedStep, RunRow, SaveMode, SaveOutcome,
+    ScheduleAdvance,
+};
+use serde_json::{Value, json};
+
+use crate::ops::{OpsError, Panel};
+
+/// Fire times up to this late count as on time in the history.
+const LATE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+fn not_found(kind: DefinitionKind, name: &str) -> OpsError {
+    OpsError::NotFoundNamed { what: kind.as_str(), name: name.to_string() }
+}
+
+fn saved(kind: DefinitionKind, name: &str, outcome: SaveOutcome) -> Result<SaveOutcome, OpsError> {
+    match outcome {
+        SaveOutcome::Exists => Err(OpsError::Conflict(format!(
+            "a {} named '{name}' exists already; change it with `update` instead of `create`",
+            kind.as_str()
+        ))),
+        SaveOutcome::Missing => Err(not_found(kind, name)),
+        ok => Ok(ok),
+    }
+}
+
+fn parse_doc<T: serde::de::DeserializeOwned>(row: &DefinitionRow) -> Result<T, OpsError> {
+    serde_json::from_value(row.doc.clone()).map_err(|e| {
+        OpsError::Store(panel_store::StoreError::Corrupt(format!("{} '{}': {e}", row.kind.as_str(), row.name)))
+    })
+}
+
+impl Panel {
+    // ---- templates ----
+
+    pub async fn save_template(
+        &self,
+        name: &str,
+        template: &Template,
+        mode: SaveMode,
+        by: &str,
+    ) -> Result<SaveOutcome, OpsError> {
+        let mut errors = FieldErrors::default();
+        if let Err(e) = panel_automation::check_name(name) {
+            errors.push("name", e);
+        }
+        if let Err(problems) = template.check() {
+            problems.into_iter().for_each(|p| errors.push(p.part.clone(), p.to_string()));
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let def = NewDefinition {
+            kind: DefinitionKind::Template,
+            name: name.into(),
+            doc: serde_json::to_value(template).expect("a template serializes"),
+            enabled: true,
+            trigger: None,
+            next_fire_at: None,
+        };
+        saved(DefinitionKind::Template, name, self.store.save_definition(&def, mode, by, Utc::now()).await?)
+    }
+
+    pub async fn template(&self, name: &str) -> Result<Template, OpsError> {
+        let row = self.definition(DefinitionKind::Template, name).await?;
+        parse_doc(&row)
+    }
+
+    /// Renders a stored template against `data` without sending anything.
+    pub async fn render_template(&self, name: &str, data: &Value) -> Result<Rendered, OpsError> {
+        self.template(name).await?.render(data).map_err(OpsError::Template)
+    }
+
+    // ---- shared by all definitions ----
+
+    pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<DefinitionRow, OpsError> {
+        self.store.definition(kind, name).await?.ok_or_else(|| not_found(kind, name))
+    }
+
+    pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<DefinitionRow>, OpsError> {
+        Ok(self.store.definitions(kind).await?)
+    }
+
+    pub async fn delete_definition(&self, kind: DefinitionKind, name: &str, by: &str) -> Result<(), OpsError> {
+        if kind == DefinitionKind::Template {
+            let users = self.template_users(name).await?;
+            if !users.is_empty() {
+                return Err(OpsError::Conflict(format!(
+                    "template '{name}' is used by {}; change or delete those first",
+                    users.join(", ")
+                )));
+            }
+        }
+        match self.store.delete_definition(kind, name, by, Utc::now()).await? {
+            true => Ok(()),
+            false => Err(not_found(kind, name)),
+        }
+    }
+
+    /// Workflows and schedules whose steps name template `name`.
+    async fn template_users(&self, name: &str) -> Result<Vec<String>, OpsError> {
+        let mut users = Vec::new();
+        for kind in [DefinitionKind::Workflow, DefinitionKind::Schedule] {
+            for row in self.store.definitions(kind).await? {
+                let steps = row.doc.get("steps").cloned().unwrap_or_default();
+                let steps: Vec<Step> = serde_json::from_value(steps).unwrap_or_default();
+                if steps.iter().any(|s| s.template_name() == Some(name)) {
+                    users.push(format!("{} '{}'", kind.as_str(), row.name));
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    pub async fn set_enabled(&self, kind: DefinitionKind, name: &str, enabled: bool, by: &str) -> Result<(), OpsError> {
+        let row = self.definition(kind, name).await?;
+        let next = match kind {
+            // Counting from now: fire times that passed while disabled are not run.
+            DefinitionKind::Schedule if enabled => {
+                parse_doc::<ScheduleDef>(&row)?.validate().map_err(OpsError::Invalid)?.next_after(Utc::now())
+            }
+            DefinitionKind::Schedule => None,
+            _ => row.next_fire_at,
+        };
+        self.store.set_enabled(kind, name, enabled, next, by, Utc::now()).await?;
+        Ok(())
+    }
+
+    /// Every step must name an existing template.
+    async fn check_templates(&self, steps: &[Step]) -> Result<(), OpsError> {
+        let mut errors = FieldErrors::default();
+        for (i, step) in steps.iter().enumerate() {
+            if let Some(t) = step.template_name()
+                && self.store.definition(DefinitionKind::Template, t).await?.is_none()
+            {
+                errors.push(
+                    format!("steps[{i}].template"),
+                    format!("no template is named '{t}'; create it first: panel template set {t} ..."),
+                );
+            }
+        }
+        errors.into_result(|| ()).map_err(OpsError::Invalid)
+    }
+
+    // ---- workflows ----
+
+    pub async fn save_workflow(&self, def: &WorkflowDef, mode: SaveMode, by: &str) -> Result<SaveOutcome, OpsError> {
+        def.validate().map_err(OpsError::Invalid)?;
+        self.check_templates(&def.steps).await?;
+        let row = NewDefinition {
+            kind: DefinitionKind::Workflow,
+            name: def.name.clone(),
+            doc: serde_json::to_value(def).expect("a workflow serializes"),
+            enabled: def.enabled,
+            trigger: Some(def.trigger.clone()),
+            next_fire_at: None,
+        };
+        saved(DefinitionKind::Workflow, &def.name, self.store.save_definition(&row, mode, by, Utc::now()).await?)
+    }
+
+    /// Stores an event, runs every enabled workflow it triggers whose condition holds, and
+    /// queues their messages, all in one transaction.
+    pub async fn post_event(
+        &self,
+        event_type: &str,
+        object: &Value,
+        idempotency_key: Option<&str>,
+        by: &str,
+    ) -> Result<EventRecord, OpsError> {
+        let mut errors = FieldErrors::default();
+        if let Err(e) = panel_automation::check_name(event_type) {
+            errors.push("type", e);
+        }
+        if !object.is_object() {
+            errors.push("object", "must be a JSON object");
+        }
+        if let Some(k) = idempotency_key
+            && (k.trim().is_empty() || k.len() > 200 || k.chars().any(char::is_control))
+        {
+            errors.push("idempotency_key", "must be 1-200 characters without control characters");
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let mut workflows = Vec::new();
+        for row in self.store.workflows_for(event_type).await? {
+            let def: WorkflowDef = parse_doc(&row)?;
+            let templates = self.templates_for(&def.steps).await?;
+            workflows.push((def, templates));
+        }
+        let now = Utc::now();
+        let service = by.to_string();
+        let mut queued = 0;
+        let record = self
+            .store
+            .record_event(event_type, object, idempotency_key.map(str::trim), now, |event_id| {
+                let ctx = event_context(event_id, event_type, object, now);
+                let runs: Vec<NewRun> = workflows
+                    .iter()
+                    .filter_map(|(def, templates)| {
+                        let (status, detail, steps) = match def.matches(&ctx) {
+                            Ok(false) => return None,
+                            Ok(true) => plan_steps(&def.steps, &ctx, templates, &settings, Origin::Workflow, now),
+                            Err(e) => ("failed", Some(format!("the condition could not be evaluated: {e}")), vec![]),
+                        };
+                        Some(NewRun {
+                            kind: "workflow",
+                            name: def.name.clone(),
+                            trigger: "event",
+                            fire_key: None,
+                            fire_time: None,
+                            event_id: Some(event_id),
+                            missed: 0,
+                            status,
+                            detail,
+                            service: service.clone(),
+                            steps,
+                        })
+                    })
+                    .collect();
+                queued = runs.iter().map(messages_in).sum();
+                runs
+            })
+            .await?;
+        if record.created {
+            self.queued(Origin::Workflow, queued).await;
+        }
+        Ok(record)
+    }
+
+    // ---- schedules ----
+
+    pub async fn save_schedule(&self, def: &ScheduleDef, mode: SaveMode, by: &str) -> Result<SaveOutcome, OpsError> {
+        let timing = def.validate().map_err(OpsError::Invalid)?;
+        self.check_templates(&def.steps).await?;
+        let row = NewDefinition {
+            kind: DefinitionKind::Schedule,
+            name: def.name.clone(),
+            doc: serde_json::to_value(def).expect("a schedule serializes"),
+            enabled: def.enabled,
+            trigger: None,
+            next_fire_at: if def.enabled { timing.next_after(Utc::now()) } else { None },
+        };
+        saved(DefinitionKind::Schedule, &def.name, self.store.save_definition(&row, mode, by, Utc::now()).await?)
+    }
+
+    /// The next `count` fire times of a schedule, in its time zone.
+    pub async fn schedule_next(&self, name: &str, count: usize) -> Result<(Timing, Vec<DateTime<Utc>>), OpsError> {
+        let def: ScheduleDef = parse_doc(&self.definition(DefinitionKind::Schedule, name).await?)?;
+        let timing = def.validate().map_err(OpsError::Invalid)?;
+        let times = timing.upcoming(Utc::now(), count.min(1000));
+        Ok((timing, times))
+    }
+
+    /// Runs a schedule now, whatever its time rule (and even when disabled): `panel schedule run`.
+    pub async fn run_schedule(&self, name: &str, by: &str) -> Result<RunRow, OpsError> {
+        let def: ScheduleDef = parse_doc(&self.definition(DefinitionKind::Schedule, name).await?)?;
+        let timing = def.validate().map_err(OpsError::Invalid)?;
+        let now = Utc::now();
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let templates = self.templates_for(&def.steps).await?;
+        let ctx = def.context(now, "manual", &timing);
+        let (status, detail, steps) = plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
+        let run = NewRun {
+            kind: "schedule",
+            name: def.name.clone(),
+            trigger: "manual",
+            fire_key: None,
+            fire_time: Some(now),
+            event_id: None,
+            missed: 0,
+            status,
+            detail,
+            service: by.into(),
+            steps,
+        };
+        self.commit_and_show(run, None, now).await
+    }
+
+    /// Fires every due schedule once. Several services may call this at once: the store lets
+    /// only the first advance each schedule past a fire time. Returns how many runs this call made.
+    pub async fn fire_due_schedules(&self, service_id: &str) -> Result<usize, OpsError> {
+        let now = Utc::now();
+        let due = self.store.due_schedules(now).await?;
+        let mut fired = 0;
+        for row in due {
+            let Some(expected_next) = row.next_fire_at else { continue };
+            match self.fire_schedule(&row, expected_next, now, service_id).await {
+                Ok(true) => fired += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(schedule = %row.name, error = %e, "could not fire the schedule"),
+            }
+        }
+        Ok(fired)
+    }
+
+    async fn fire_schedule(
+        &self,
+        row: &DefinitionRow,
+        expected_next: DateTime<Utc>,
+        now: DateTime<Utc>,
+        service_id: &str,
+    ) -> Result<bool, OpsError> {
+        let def: ScheduleDef = parse_doc(row)?;
+        let (timing, catch_up) = match def.validate() {
+            Ok(t) => {
+                let c = t.catch_up(expected_next, now);
+                (Some(t), c)
+            }
+            Err(_) => (None, panel_automation::CatchUp { fire_time: expected_next, missed: 0 }),
+        };
+        let fire_time = catch_up.fire_time;
+        let late = now - fire_time;
+        let trigger = if catch_up.missed > 0 || late > LATE_AFTER { "catch_up" } else { "cron" };
+        let mut notes = Vec::new();
+        if trigger == "catch_up" {
+            notes.push(format!(
+                "late: ran {}s after its fire time{}; missed fire times are not run again",
+                late.num_seconds(),
+                match catch_up.missed {
+                    0 => String::new(),
+                    n => format!(", {n} earlier fire time(s) passed while no Panel Service was running"),
+                }
+            ));
+        }
+        let (status, steps) = match (&timing, self.settings().await) {
+            (None, _) => {
+                notes.push("the stored schedule is invalid; fix it with panel schedule update".into());
+                ("failed", vec![])
+            }
+            (_, Ok(None)) | (_, Err(_)) => {
+                notes.push("no valid relay settings; configure them with panel smtp set".into());
+                ("failed", vec![])
+            }
+            (Some(t), Ok(Some((_, settings)))) => {
+                let templates = self.templates_for(&def.steps).await?;
+                let ctx = def.context(fire_time, trigger, t);
+                let (status, detail, steps) =
+                    plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
+                notes.extend(detail);
+                (status, steps)
+            }
+        };
+        let advance = ScheduleAdvance {
+            name: row.name.clone(),
+            expected_next,
+            fire_time,
+            new_next: timing.as_ref().and_then(|t| t.next_after(fire_time.max(now))),
+        };
+        let run = NewRun {
+            kind: "schedule",
+            name: row.name.clone(),
+            trigger,
+            fire_key: Some(format!("schedule:{}@{}", row.name, fire_time.timestamp_millis())),
+            fire_time: Some(fire_time),
+            event_id: None,
+            missed: catch_up.missed,
+            status,
+            detail: (!notes.is_empty()).then(|| notes.join("; ")),
+            service: service_id.into(),
+            steps,
+        };
+        let queued = messages_in(&run);
+        let committed = self.store.commit_run(run, Some(&advance), now).await?;
+        if committed.is_some() {
+            self.queued(Origin::Schedule, queued).await;
+        }
+        Ok(committed.is_some())
+    }
+
+    // ---- dispatch and runs ----
+
+    /// An ad-hoc run of inline steps from an outside tool.
+    pub async fn dispatch(&self, def: &DispatchDef, by: &str) -> Result<RunRow, OpsError> {
+        def.validate().map_err(OpsError::Invalid)?;
+        self.check_templates(&def.steps).await?;
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let templates = self.templates_for(&def.steps).await?;
+        let now = Utc::now();
+        let (status, detail, steps) =
+            plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
+        let run = NewRun {
+            kind: "dispatch",
+            name: def.name.clone(),
+            trigger: "dispatch",
+            fire_key: None,
+            fire_time: None,
+            event_id: None,
+            missed: 0,
+            status,
+            detail,
+            service: by.into(),
+            steps,
+        };
+        self.commit_and_show(run, None, now).await
+    }
+
+    async fn commit_and_show(
+        &self,
+        run: NewRun,
+        advance: Option<&ScheduleAdvance>,
+        now: DateTime<Utc>,
+    ) -> Result<RunRow, OpsError> {
+        let origin = match run.kind {
+            "dispatch" => Origin::Dispatch,
+            "workflow" => Origin::Workflow,
+            _ => Origin::Schedule,
+        };
+        let queued = messages_in(&run);
+        let id = self.store.commit_run(run, advance, now).await?.expect("a run without a fire key is always written");
+        self.queued(origin, queued).await;
+        self.run(id).await
+    }
+
+    /// Counts `n` queued messages and wakes the workers for them.
+    async fn queued(&self, origin: Origin, n: usize) {
+        for _ in 0..n {
+            self.metrics.step_enqueued(origin.as_str());
+        }
+        if n > 0 {
+            self.wake_workers().await;
+        }
+    }
+
+    pub async fn run(&self, id: i64) -> Result<RunRow, OpsError> {
+        self.store.run(id).await?.ok_or(OpsError::NotFoundNamed { what: "run", name: id.to_string() })
+    }
+
+    /// The newest runs of a schedule, workflow or dispatch name.
+    pub async fn history(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<RunRow>, OpsError> {
+        Ok(self.store.runs(kind, name, limit).await?)
+    }
+
+    /// The stored templates `steps` name (a missing one makes that step fail when it runs).
+    async fn templates_for(&self, steps: &[Step]) -> Result<HashMap<String, Template>, OpsError> {
+        let mut out = HashMap::new();
+        for name in steps.iter().filter_map(Step::template_name) {
+            if out.contains_key(name) {
+                continue;
+            }
+            if let Some(row) = self.store.definition(DefinitionKind::Template, name).await? {
+                out.insert(name.to_string(), parse_doc(&row)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn messages_in(run: &NewRun) -> usize {
+    run.steps.iter().filter(|s| s.message.is_some()).count()
+}
+
+/// Renders every step against `ctx`. A step that fails (a template error, a recipient that is
+/// not an address) is recorded with its reason and the others still run.
+/// Returns (run status, a note for the run, the planned steps).
+fn plan_steps(
+    steps: &[Step],
+    ctx: &Value,
+    templates: &HashMap<String, Template>,
+    settings: &RelaySettings,
+    origin: Origin,
+    now: DateTime<Utc>,
+) -> (&'static str, Option<String>, Vec<PlannedStep>) {
+    let planned: Vec<PlannedStep> =
+        steps.iter().enumerate().map(|(i, s)| plan_step(i, s, ctx, templates, settings, origin, now)).collect();
+    let queued = planned.iter().filter(|p| p.message.is_some()).count();
+    let status = match queued {
+        n if n == planned.len() => "queued",
+        0 => "failed",
+        _ => "partial",
+    };
+    let detail =
+        (status != "queued").then(|| format!("{} of {} step(s) failed", planned.len() - queued, planned.len()));
+    (status, detail, planned)
+}
+
+fn plan_step(
+    index: usize,
+    step: &Step,
+    ctx: &Value,
+    templates: &HashMap<String, Template>,
+    settings: &RelaySettings,
+    origin: Origin,
+    now: DateTime<Utc>,
+) -> PlannedStep {
+    let failed = |error: String| PlannedStep {
+        outcome: json!({ "step": index, "kind": "email", "status": "failed", "error": error }),
+        message: None,
+    };
+    let Step::Email(email) = step;
+    let template = match &email.template {
+        Some(name) => match templates.get(name) {
+            Some(t) => Some(t),
+            None => return failed(format!("template '{name}' does not exist")),
+        },
+        None => None,
+    };
+    let rendered = match email.render(template, ctx) {
+        Ok(r) => r,
+        Err(e) => return failed(e.to_string()),
+    };
+    if rendered.draft.from.is_some() && !settings.allow_from_override {
+        return failed(
+            "the step sets its own From address, which the relay settings do not allow \
+             (panel smtp set --allow-from-override true)"
+                .into(),
+        );
+    }
+    match OutgoingMessage::prepare(
+        &rendered.draft,
+        &settings.from,
+        &settings.fallback_recipient,
+        now,
+        crate::random_u128(),
+    ) {
+        Ok(message) => {
+            let to: Vec<String> = message.recipients().iter().map(|(_, a)| a.to_string()).collect();
+            PlannedStep {
+                outcome: json!({
+                    "step": index,
+                    "kind": "email",
+                    "status": "queued",
+                    "subject": message.subject,
+                    "recipients": to,
+                    "note": rendered.note,
+                }),
+                message: Some((origin, message)),
+            }
+        }
+        Err(errors) => failed(errors.to_string()),
+    }
+}

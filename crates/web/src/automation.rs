@@ -1,0 +1,208 @@
+//! `/api/v1/templates`, `/workflows`, `/schedules`, `/events`, `/dispatch` and `/runs`: the same
+//! operations as `panel template|workflow|schedule|event|dispatch|run`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
+use panel_service::Panel;
+use panel_store::{DefinitionKind, SaveMode, SaveOutcome};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{API_ACTOR, ApiResult, invalid_body, ok};
+
+pub fn routes() -> Router<Panel> {
+    Router::new()
+        .route("/api/v1/templates", get(list_templates))
+        .route("/api/v1/templates/{name}", get(show_template).put(put_template).delete(delete_template))
+        .route("/api/v1/templates/{name}/render", post(render_template))
+        .route("/api/v1/workflows", get(list_workflows).post(create_workflow))
+        .route("/api/v1/workflows/{name}", get(show_workflow).put(update_workflow).delete(delete_workflow))
+        .route("/api/v1/workflows/{name}/enable", post(enable_workflow))
+        .route("/api/v1/workflows/{name}/disable", post(disable_workflow))
+        .route("/api/v1/workflows/{name}/history", get(workflow_history))
+        .route("/api/v1/schedules", get(list_schedules).post(create_schedule))
+        .route("/api/v1/schedules/{name}", get(show_schedule).put(update_schedule).delete(delete_schedule))
+        .route("/api/v1/schedules/{name}/enable", post(enable_schedule))
+        .route("/api/v1/schedules/{name}/disable", post(disable_schedule))
+        .route("/api/v1/schedules/{name}/history", get(schedule_history))
+        .route("/api/v1/schedules/{name}/run", post(run_schedule))
+        .route("/api/v1/schedules/{name}/next", get(schedule_next))
+        .route("/api/v1/events", post(post_event))
+        .route("/api/v1/dispatch", post(dispatch))
+        .route("/api/v1/runs/{id}", get(show_run))
+}
+
+fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
+    let status = if outcome == SaveOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!({"name": name, "outcome": format!("{outcome:?}").to_lowercase()}))).into_response())
+}
+
+async fn list_templates(State(p): State<Panel>) -> ApiResult {
+    ok(p.definitions(DefinitionKind::Template).await?)
+}
+
+async fn show_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+    ok(p.template(&name).await?)
+}
+
+async fn put_template(
+    State(p): State<Panel>,
+    Path(name): Path<String>,
+    body: Result<Json<Template>, JsonRejection>,
+) -> ApiResult {
+    let Json(t) = body.map_err(invalid_body)?;
+    saved(p.save_template(&name, &t, SaveMode::Upsert, API_ACTOR).await?, &name)
+}
+
+async fn delete_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+    p.delete_definition(DefinitionKind::Template, &name, API_ACTOR).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Body: the context (`{"object": {...}}`); answers the rendered subject, text and HTML.
+async fn render_template(
+    State(p): State<Panel>,
+    Path(name): Path<String>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> ApiResult {
+    let Json(data) = body.map_err(invalid_body)?;
+    ok(p.render_template(&name, &data).await?)
+}
+
+macro_rules! definition_routes {
+    ($kind:expr, $def:ty, $save:ident, $list:ident, $show:ident, $create:ident, $update:ident, $delete:ident,
+     $enable:ident, $disable:ident, $history:ident) => {
+        async fn $list(State(p): State<Panel>) -> ApiResult {
+            ok(p.definitions($kind).await?)
+        }
+
+        async fn $show(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+            ok(p.definition($kind, &name).await?)
+        }
+
+        async fn $create(State(p): State<Panel>, body: Result<Json<$def>, JsonRejection>) -> ApiResult {
+            let Json(def) = body.map_err(invalid_body)?;
+            saved(p.$save(&def, SaveMode::Create, API_ACTOR).await?, &def.name)
+        }
+
+        /// The body's name must be the path's.
+        async fn $update(
+            State(p): State<Panel>,
+            Path(name): Path<String>,
+            body: Result<Json<$def>, JsonRejection>,
+        ) -> ApiResult {
+            let Json(def) = body.map_err(invalid_body)?;
+            if def.name != name {
+                let mut errors = panel_domain::FieldErrors::default();
+                errors.push("name", format!("the body names '{}' but the path '{name}'", def.name));
+                return Err(panel_service::OpsError::Invalid(errors).into());
+            }
+            saved(p.$save(&def, SaveMode::Update, API_ACTOR).await?, &name)
+        }
+
+        async fn $delete(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+            p.delete_definition($kind, &name, API_ACTOR).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+
+        async fn $enable(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+            p.set_enabled($kind, &name, true, API_ACTOR).await?;
+            ok(p.definition($kind, &name).await?)
+        }
+
+        async fn $disable(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+            p.set_enabled($kind, &name, false, API_ACTOR).await?;
+            ok(p.definition($kind, &name).await?)
+        }
+
+        async fn $history(State(p): State<Panel>, Path(name): Path<String>, Query(q): Query<Limit>) -> ApiResult {
+            p.definition($kind, &name).await?;
+            ok(p.history($kind.as_str(), &name, q.limit.unwrap_or(20).min(1000)).await?)
+        }
+    };
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+definition_routes!(
+    DefinitionKind::Workflow,
+    WorkflowDef,
+    save_workflow,
+    list_workflows,
+    show_workflow,
+    create_workflow,
+    update_workflow,
+    delete_workflow,
+    enable_workflow,
+    disable_workflow,
+    workflow_history
+);
+
+definition_routes!(
+    DefinitionKind::Schedule,
+    ScheduleDef,
+    save_schedule,
+    list_schedules,
+    show_schedule,
+    create_schedule,
+    update_schedule,
+    delete_schedule,
+    enable_schedule,
+    disable_schedule,
+    schedule_history
+);
+
+async fn run_schedule(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+    let run = p.run_schedule(&name, API_ACTOR).await?;
+    Ok((StatusCode::ACCEPTED, Json(run)).into_response())
+}
+
+#[derive(Deserialize)]
+struct Count {
+    count: Option<usize>,
+}
+
+async fn schedule_next(State(p): State<Panel>, Path(name): Path<String>, Query(q): Query<Count>) -> ApiResult {
+    let (timing, times) = p.schedule_next(&name, q.count.unwrap_or(5)).await?;
+    let local: Vec<String> = times.iter().map(|t| t.with_timezone(&timing.timezone).to_rfc3339()).collect();
+    ok(json!({"name": name, "rule": timing.describe(), "next": local}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRequest {
+    #[serde(rename = "type")]
+    event_type: String,
+    object: Value,
+    idempotency_key: Option<String>,
+}
+
+/// 202 with the event id and its workflow runs; 200 when the idempotency key was seen before.
+async fn post_event(State(p): State<Panel>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult {
+    let Json(req) = body.map_err(invalid_body)?;
+    let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), API_ACTOR).await?;
+    let mut runs = Vec::with_capacity(record.runs.len());
+    for id in &record.runs {
+        runs.push(p.run(*id).await?);
+    }
+    let status = if record.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(json!({"event_id": record.id, "created": record.created, "runs": runs}))).into_response())
+}
+
+async fn dispatch(State(p): State<Panel>, body: Result<Json<DispatchDef>, JsonRejection>) -> ApiResult {
+    let Json(def) = body.map_err(invalid_body)?;
+    let run = p.dispatch(&def, API_ACTOR).await?;
+    Ok((StatusCode::ACCEPTED, Json(run)).into_response())
+}
+
+async fn show_run(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+    ok(p.run(id).await?)
+}
