@@ -269,21 +269,8 @@ impl Panel {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let ctx = def.context(now, "manual", &timing);
-        let (status, detail, steps) = plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
-        let run = NewRun {
-            kind: "schedule",
-            name: def.name.clone(),
-            trigger: "manual",
-            fire_key: None,
-            fire_time: Some(now),
-            event_id: None,
-            missed: 0,
-            status,
-            detail,
-            service: by.into(),
-            steps,
-        };
-        self.commit_and_show(run, None, now).await
+        let planned = plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
+        self.commit_adhoc(("schedule", "manual"), &def.name, Some(now), planned, by, now).await
     }
 
     /// Fires every due schedule once. Several services may call this at once: the store lets
@@ -386,14 +373,27 @@ impl Panel {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let now = Utc::now();
-        let (status, detail, steps) =
-            plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
+        let planned = plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
+        self.commit_adhoc(("dispatch", "dispatch"), &def.name, None, planned, by, now).await
+    }
+
+    /// Writes a run started by hand or by a tool (no fire key: it always runs) and shows it.
+    async fn commit_adhoc(
+        &self,
+        (kind, trigger): (&'static str, &'static str),
+        name: &str,
+        fire_time: Option<DateTime<Utc>>,
+        (status, detail, steps): Planned,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RunRow, OpsError> {
+        let origin = if kind == "dispatch" { Origin::Dispatch } else { Origin::Schedule };
         let run = NewRun {
-            kind: "dispatch",
-            name: def.name.clone(),
-            trigger: "dispatch",
+            kind,
+            name: name.into(),
+            trigger,
             fire_key: None,
-            fire_time: None,
+            fire_time,
             event_id: None,
             missed: 0,
             status,
@@ -401,22 +401,8 @@ impl Panel {
             service: by.into(),
             steps,
         };
-        self.commit_and_show(run, None, now).await
-    }
-
-    async fn commit_and_show(
-        &self,
-        run: NewRun,
-        advance: Option<&ScheduleAdvance>,
-        now: DateTime<Utc>,
-    ) -> Result<RunRow, OpsError> {
-        let origin = match run.kind {
-            "dispatch" => Origin::Dispatch,
-            "workflow" => Origin::Workflow,
-            _ => Origin::Schedule,
-        };
         let queued = messages_in(&run);
-        let id = self.store.commit_run(run, advance, now).await?.expect("a run without a fire key is always written");
+        let id = self.store.commit_run(run, None, now).await?.expect("a run without a fire key is always written");
         self.queued(origin, queued).await;
         self.run(id).await
     }
@@ -459,6 +445,9 @@ fn messages_in(run: &NewRun) -> usize {
     run.steps.iter().filter(|s| s.message.is_some()).count()
 }
 
+/// (run status, a note for the run, the planned steps).
+type Planned = (&'static str, Option<String>, Vec<PlannedStep>);
+
 /// Renders every step against `ctx`. A step that fails (a template error, a recipient that is
 /// not an address) is recorded with its reason and the others still run.
 /// Returns (run status, a note for the run, the planned steps).
@@ -469,7 +458,7 @@ fn plan_steps(
     settings: &RelaySettings,
     origin: Origin,
     now: DateTime<Utc>,
-) -> (&'static str, Option<String>, Vec<PlannedStep>) {
+) -> Planned {
     let planned: Vec<PlannedStep> =
         steps.iter().enumerate().map(|(i, s)| plan_step(i, s, ctx, templates, settings, origin, now)).collect();
     let queued = planned.iter().filter(|p| p.message.is_some()).count();

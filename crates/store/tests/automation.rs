@@ -4,19 +4,10 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::Backend;
-use panel_domain::message::Draft;
-use panel_domain::{EmailAddress, Mailbox, Origin, OutgoingMessage};
+use common::{Backend, message};
+use panel_domain::Origin;
 use panel_store::{DefinitionKind, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance};
 use serde_json::json;
-
-fn message(subject: &str) -> OutgoingMessage {
-    let draft =
-        Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
-    let from = Mailbox::parse("from", "p@example.org").unwrap();
-    let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
-    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
-}
 
 fn run(name: &str, fire_key: Option<String>, service: &str) -> NewRun {
     NewRun {

@@ -5,22 +5,12 @@ use std::time::Duration;
 mod common;
 
 use chrono::Utc;
-use common::Backend;
+use common::{Backend, message};
 use panel_domain::delivery::{AttemptContext, settle};
-use panel_domain::message::Draft;
 use panel_domain::{
-    ConnectionContext, EmailAddress, Mailbox, Origin, OutgoingMessage, RecipientResult, RetryPolicy, Security,
-    SendReport, SettingsDoc, SmtpReply,
+    ConnectionContext, Origin, RecipientResult, RetryPolicy, Security, SendReport, SettingsDoc, SmtpReply,
 };
 use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
-
-fn message(subject: &str) -> OutgoingMessage {
-    let draft =
-        Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
-    let from = Mailbox::parse("from", "p@example.org").unwrap();
-    let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
-    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
-}
 
 fn delivered() -> panel_domain::Settlement {
     let report = SendReport {

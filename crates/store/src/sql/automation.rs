@@ -39,37 +39,23 @@ impl SqlStore {
         };
         let doc = serde_json::to_string(&d.doc).expect("JSON serializes");
         let next = d.next_fire_at.map(ms);
-        if outcome == SaveOutcome::Created {
-            sqlx::query(
-                "INSERT INTO definitions (kind, name, doc, enabled, trigger, next_fire_at, created_at, updated_at, updated_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
-            )
-            .bind(d.kind.as_str())
-            .bind(&d.name)
-            .bind(doc)
-            .bind(d.enabled as i64)
-            .bind(&d.trigger)
-            .bind(next)
-            .bind(now)
-            .bind(by)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE definitions SET doc = $3, enabled = $4, trigger = $5, next_fire_at = $6, updated_at = $7, updated_by = $8
-                 WHERE kind = $1 AND name = $2",
-            )
-            .bind(d.kind.as_str())
-            .bind(&d.name)
-            .bind(doc)
-            .bind(d.enabled as i64)
-            .bind(&d.trigger)
-            .bind(next)
-            .bind(now)
-            .bind(by)
-            .execute(&mut *tx)
-            .await?;
-        }
+        sqlx::query(
+            "INSERT INTO definitions (kind, name, doc, enabled, trigger, next_fire_at, created_at, updated_at, updated_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
+             ON CONFLICT (kind, name) DO UPDATE SET doc = excluded.doc, enabled = excluded.enabled,
+                 trigger = excluded.trigger, next_fire_at = excluded.next_fire_at,
+                 updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(d.kind.as_str())
+        .bind(&d.name)
+        .bind(doc)
+        .bind(d.enabled as i64)
+        .bind(&d.trigger)
+        .bind(next)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
         let action =
             format!("{}.{}", d.kind.as_str(), if outcome == SaveOutcome::Created { "created" } else { "updated" });
         let detail = if d.enabled { "enabled" } else { "disabled" };

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+use chrono::Utc;
+use panel_domain::message::Draft;
+use panel_domain::{EmailAddress, Mailbox, OutgoingMessage};
 use panel_store::Store;
 use panel_testlab::TestDatabase;
 
@@ -48,4 +51,13 @@ macro_rules! contract {
             })*
         }
     };
+}
+
+/// A valid one-recipient message with `subject`.
+pub fn message(subject: &str) -> OutgoingMessage {
+    let draft =
+        Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
+    let from = Mailbox::parse("from", "p@example.org").unwrap();
+    let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
+    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
 }
