@@ -1,6 +1,7 @@
 //! The running parts of Panel (worker, heartbeat, wake-ups) and the operations that the CLI and
 //! the REST API share, so both behave the same.
 
+pub mod accounts;
 pub mod automation;
 mod credential_source;
 pub mod licensing;

@@ -170,6 +170,60 @@ impl Store {
         self.backend.audit_log(limit).await
     }
 
+    /// Creates an admin account, or replaces its role and password with `replace` (ending its
+    /// sessions); false when it exists and `replace` is off.
+    pub async fn put_admin(
+        &self,
+        name: &str,
+        role: &str,
+        password_hash: &str,
+        replace: bool,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.backend.put_admin(name, role, password_hash, replace, by, ms(now)).await
+    }
+
+    pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
+        self.backend.admin(name).await
+    }
+
+    /// Every account (without password hashes).
+    pub async fn admins(&self) -> Result<Vec<AdminRow>> {
+        self.backend.admins().await
+    }
+
+    pub async fn delete_admin(&self, name: &str, by: &str, now: DateTime<Utc>) -> Result<bool> {
+        self.backend.delete_admin(name, by, ms(now)).await
+    }
+
+    /// Stores a session (`kind` "session", with its CSRF token and expiry) or an API token.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_token(
+        &self,
+        token_hash: &str,
+        kind: &str,
+        admin: &str,
+        label: &str,
+        csrf: Option<&str>,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.backend.add_token(token_hash, kind, admin, label, csrf, expires_at.map(ms), ms(now)).await
+    }
+
+    pub async fn token_owner(&self, token_hash: &str, now: DateTime<Utc>) -> Result<Option<TokenOwner>> {
+        self.backend.token_owner(token_hash, ms(now)).await
+    }
+
+    pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
+        self.backend.delete_token(token_hash).await
+    }
+
+    pub async fn tokens(&self, admin: &str) -> Result<Vec<TokenRow>> {
+        self.backend.tokens(admin).await
+    }
+
     /// Stores a template, workflow or schedule (audited).
     pub async fn save_definition(
         &self,
@@ -340,6 +394,21 @@ impl Store {
     /// Services whose last heartbeat is newer than `fresh_after`; older rows are pruned.
     pub async fn services(&self, fresh_after: DateTime<Utc>) -> Result<Vec<ServiceRow>> {
         self.backend.services(ms(fresh_after)).await
+    }
+
+    /// The message content as queued (what every attempt sends).
+    pub async fn message_content(&self, id: i64) -> Result<Option<OutgoingMessage>> {
+        self.backend.message_content(id).await
+    }
+
+    /// Messages delivered, retrying and failed per hour since `since` (by last update).
+    pub async fn hourly_counts(&self, since: DateTime<Utc>) -> Result<Vec<HourlyCount>> {
+        self.backend.hourly_counts(ms(since)).await
+    }
+
+    /// The newest attempt that did not deliver, and whether one has delivered since.
+    pub async fn last_relay_error(&self) -> Result<Option<RelayError>> {
+        self.backend.last_relay_error().await
     }
 
     pub async fn queue_stats(&self, now: DateTime<Utc>) -> Result<QueueStats> {

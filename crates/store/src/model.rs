@@ -53,6 +53,10 @@ pub struct AttemptMeta {
 pub struct MessageFilter {
     pub state: Option<MessageState>,
     pub origin: Option<Origin>,
+    /// Part of a recipient address (case-insensitive).
+    pub recipient: Option<String>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
     pub limit: u32,
 }
 
@@ -396,4 +400,56 @@ pub struct EventRecord {
     /// False when the idempotency key was seen before: nothing ran this time.
     pub created: bool,
     pub runs: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminRow {
+    pub name: String,
+    pub role: String,
+    #[serde(skip)]
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Who a session or API token belongs to.
+#[derive(Debug, Clone)]
+pub struct TokenOwner {
+    pub admin: String,
+    pub role: String,
+    pub kind: String,
+    /// Sessions only: the CSRF token every state-changing request must carry.
+    pub csrf: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRow {
+    pub admin: String,
+    pub label: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// Messages that reached `state` in one hour (by their last update).
+#[derive(Debug, Clone, Serialize)]
+pub struct HourlyCount {
+    pub hour: DateTime<Utc>,
+    pub state: MessageState,
+    pub count: i64,
+}
+
+/// The newest attempt that did not deliver, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayError {
+    pub message_id: i64,
+    pub at: DateTime<Utc>,
+    pub relay: String,
+    pub outcome: String,
+    pub stage: String,
+    pub code: Option<i64>,
+    pub reply: Option<String>,
+    pub detail: String,
+    pub hint: Option<String>,
+    /// True when no attempt delivered since: the relay (or its configuration) is failing now.
+    pub current: bool,
 }

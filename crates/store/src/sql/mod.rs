@@ -16,6 +16,7 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
+mod accounts;
 mod automation;
 mod secrets;
 
@@ -25,6 +26,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/sqlite/0003_metrics.sql")),
     (4, include_str!("../../migrations/sqlite/0004_idempotency.sql")),
     (5, include_str!("../../migrations/sqlite/0005_automation.sql")),
+    (6, include_str!("../../migrations/sqlite/0006_admins.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -33,6 +35,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/postgres/0003_metrics.sql")),
     (4, include_str!("../../migrations/postgres/0004_idempotency.sql")),
     (5, include_str!("../../migrations/postgres/0005_automation.sql")),
+    (6, include_str!("../../migrations/postgres/0006_admins.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -384,6 +387,8 @@ impl SqlStore {
         let sql = format!(
             "SELECT m.*, (SELECT {} FROM recipients r WHERE r.message_id = m.id) AS rcpts
              FROM messages m WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR origin = $2)
+               AND ($4 IS NULL OR EXISTS (SELECT 1 FROM recipients r2 WHERE r2.message_id = m.id AND lower(r2.address) LIKE $4))
+               AND ($5 IS NULL OR m.created_at >= $5)
              ORDER BY id DESC LIMIT $3",
             self.dialect.concat_addresses()
         );
@@ -391,6 +396,8 @@ impl SqlStore {
             .bind(f.state.map(|s| s.as_str()))
             .bind(f.origin.map(|o| o.as_str()))
             .bind(if f.limit == 0 { 100 } else { f.limit as i64 })
+            .bind(f.recipient.as_ref().map(|r| format!("%{}%", r.trim().to_lowercase().replace(['%', '_'], ""))))
+            .bind(f.since.map(crate::ms))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -415,6 +422,64 @@ impl SqlStore {
                 })
             })
             .collect()
+    }
+
+    /// The message as queued: text, HTML and attachments (what was sent).
+    pub async fn message_content(&self, id: i64) -> Result<Option<OutgoingMessage>> {
+        let content: Option<String> = sqlx::query_scalar("SELECT content FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        content.map(|c| json(&c)).transpose()
+    }
+
+    pub async fn hourly_counts(&self, since: i64) -> Result<Vec<HourlyCount>> {
+        let rows = sqlx::query(
+            "SELECT (updated_at / 3600000) AS hour, state, COUNT(*) AS n FROM messages
+             WHERE updated_at >= $1 AND state IN ('delivered', 'retrying', 'failed')
+             GROUP BY (updated_at / 3600000), state ORDER BY 1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HourlyCount {
+                    hour: from_ms(r.get::<i64, _>("hour") * 3_600_000),
+                    state: parse_state(r)?,
+                    count: r.get("n"),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn last_relay_error(&self) -> Result<Option<RelayError>> {
+        let Some(a) = sqlx::query(
+            "SELECT * FROM attempts WHERE outcome NOT IN ('delivered', 'interrupted') ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let id: i64 = a.get("id");
+        let delivered_since: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM attempts WHERE id > $1 AND outcome = 'delivered' LIMIT 1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(Some(RelayError {
+            message_id: a.get("message_id"),
+            at: from_ms(a.get("finished_at")),
+            relay: a.get("relay"),
+            outcome: a.get("outcome"),
+            stage: a.get("stage"),
+            code: a.get("code"),
+            reply: a.get("reply"),
+            detail: a.get("detail"),
+            hint: a.get("hint"),
+            current: delivered_since.is_none(),
+        }))
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {

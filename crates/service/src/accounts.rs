@@ -1,0 +1,204 @@
+//! Local admin accounts (Argon2id password hashes), browser sessions with CSRF tokens, and API
+//! tokens for scripts. Only SHA-256 digests of session and API tokens are stored.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use panel_domain::{FieldErrors, Secret};
+use panel_store::{AdminRow, TokenRow};
+
+use crate::ops::{OpsError, Panel};
+
+/// A browser session lasts this long after sign-in.
+pub const SESSION_HOURS: i64 = 12;
+pub const MIN_PASSWORD_CHARS: usize = 12;
+
+/// What an account may do: viewers read; operators also send tests, retry messages, run
+/// schedules and post events; admins do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who made a request.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub role: Role,
+    /// Set for a browser session: state-changing requests must carry this token.
+    pub csrf: Option<String>,
+}
+
+impl Actor {
+    /// How the audit log names this actor.
+    pub fn audit_name(&self) -> String {
+        format!("admin:{}", self.name)
+    }
+}
+
+pub struct Session {
+    pub token: String,
+    pub csrf: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn random_token(prefix: &str) -> String {
+    let bytes = crate::random_u128().to_le_bytes().into_iter().chain(crate::random_u128().to_le_bytes());
+    format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.collect::<Vec<u8>>()))
+}
+
+/// The stored form of a session or API token.
+pub fn token_digest(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+}
+
+fn hash_password(password: &Secret) -> String {
+    let salt = SaltString::encode_b64(&crate::random_u128().to_le_bytes()).expect("16 bytes make a salt");
+    Argon2::default().hash_password(password.expose().as_bytes(), &salt).expect("argon2 hashes").to_string()
+}
+
+fn verify_password(password: &Secret, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.expose().as_bytes(), &h).is_ok())
+}
+
+impl Panel {
+    /// Creates an account, or with `replace` sets its role and password (ending its sessions).
+    pub async fn put_admin(
+        &self,
+        name: &str,
+        role: Role,
+        password: &Secret,
+        replace: bool,
+        by: &str,
+    ) -> Result<(), OpsError> {
+        let mut errors = FieldErrors::default();
+        if let Err(e) = panel_automation::check_name(name) {
+            errors.push("name", e);
+        }
+        if password.expose().chars().count() < MIN_PASSWORD_CHARS {
+            errors.push("password", format!("must have at least {MIN_PASSWORD_CHARS} characters"));
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let hash = hash_password(password);
+        if !self.store.put_admin(name, role.as_str(), &hash, replace, by, Utc::now()).await? {
+            return Err(OpsError::Conflict(format!(
+                "an admin named '{name}' exists already; to change the password: panel admin set-password {name}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn admins(&self) -> Result<Vec<AdminRow>, OpsError> {
+        Ok(self.store.admins().await?)
+    }
+
+    pub async fn delete_admin(&self, name: &str, by: &str) -> Result<(), OpsError> {
+        match self.store.delete_admin(name, by, Utc::now()).await? {
+            true => Ok(()),
+            false => Err(OpsError::NotFoundNamed { what: "admin", name: name.into() }),
+        }
+    }
+
+    /// Checks a name and password; `None` for any mismatch (the caller says nothing more).
+    pub async fn sign_in(&self, name: &str, password: &Secret) -> Result<Option<(Session, Role)>, OpsError> {
+        let account = self.store.admin(name.trim()).await?;
+        // Verify against a throwaway hash when the account does not exist, so timing does not tell.
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let dummy = DUMMY.get_or_init(|| hash_password(&Secret::new(random_token(""))));
+        let valid = verify_password(password, account.as_ref().map_or(dummy.as_str(), |a| a.password_hash.as_str()));
+        let Some(account) = account.filter(|_| valid) else { return Ok(None) };
+        let role = Role::parse(&account.role).unwrap_or(Role::Viewer);
+        let session = Session {
+            token: random_token("pns_"),
+            csrf: random_token(""),
+            expires_at: Utc::now() + chrono::Duration::hours(SESSION_HOURS),
+        };
+        self.store
+            .add_token(
+                &token_digest(&session.token),
+                "session",
+                &account.name,
+                "web",
+                Some(&session.csrf),
+                Some(session.expires_at),
+                Utc::now(),
+            )
+            .await?;
+        Ok(Some((session, role)))
+    }
+
+    pub async fn sign_out(&self, token: &str) -> Result<(), OpsError> {
+        Ok(self.store.delete_token(&token_digest(token)).await?)
+    }
+
+    /// The actor behind a session or API token, if it is valid.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<Actor>, OpsError> {
+        let owner = self.store.token_owner(&token_digest(token), Utc::now()).await?;
+        Ok(owner.map(|o| Actor {
+            name: o.admin,
+            role: Role::parse(&o.role).unwrap_or(Role::Viewer),
+            csrf: if o.kind == "session" { o.csrf } else { None },
+        }))
+    }
+
+    /// A new API token for `admin` (shown once; only its digest is stored).
+    pub async fn create_api_token(&self, admin: &str, label: &str) -> Result<String, OpsError> {
+        if self.store.admin(admin).await?.is_none() {
+            return Err(OpsError::NotFoundNamed { what: "admin", name: admin.into() });
+        }
+        let token = random_token("pnl_");
+        self.store.add_token(&token_digest(&token), "token", admin, label, None, None, Utc::now()).await?;
+        Ok(token)
+    }
+
+    pub async fn api_tokens(&self, admin: &str) -> Result<Vec<TokenRow>, OpsError> {
+        Ok(self.store.tokens(admin).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_hash_with_argon2id_and_verify() {
+        let pw = Secret::new("correct horse battery".into());
+        let hash = hash_password(&pw);
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(verify_password(&pw, &hash));
+        assert!(!verify_password(&Secret::new("wrong".into()), &hash));
+        assert_ne!(hash, hash_password(&pw), "salted");
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        assert_eq!(Role::parse("Operator"), Some(Role::Operator));
+        assert_eq!(Role::parse("root"), None);
+    }
+}

@@ -1,0 +1,160 @@
+//! Admin accounts, browser sessions and API tokens (audited where an admin changes them).
+
+use sqlx::Row;
+
+use super::{SqlStore, audit};
+use crate::model::*;
+use crate::{Result, from_ms};
+
+impl SqlStore {
+    /// Creates or (with `replace`) updates an account; false when it exists and `replace` is off.
+    pub async fn put_admin(
+        &self,
+        name: &str,
+        role: &str,
+        hash: &str,
+        replace: bool,
+        by: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM admins WHERE name = $1").bind(name).fetch_optional(&mut *tx).await?;
+        if exists.is_some() && !replace {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO admins (name, role, password_hash, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, password_hash = excluded.password_hash,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(role)
+        .bind(hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if exists.is_some() {
+            // A new password ends every session of the account.
+            sqlx::query("DELETE FROM auth_tokens WHERE admin = $1 AND kind = 'session'")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let action = if exists.is_some() { "admin.updated" } else { "admin.created" };
+        audit(&mut tx, by, now, &[AuditEvent::new(action, name, format!("role {role}"))]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
+        let row = sqlx::query("SELECT * FROM admins WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| AdminRow {
+            name: r.get("name"),
+            role: r.get("role"),
+            password_hash: r.get("password_hash"),
+            created_at: from_ms(r.get("created_at")),
+            updated_at: from_ms(r.get("updated_at")),
+        }))
+    }
+
+    pub async fn admins(&self) -> Result<Vec<AdminRow>> {
+        let rows = sqlx::query("SELECT * FROM admins ORDER BY name").fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| AdminRow {
+                name: r.get("name"),
+                role: r.get("role"),
+                password_hash: String::new(),
+                created_at: from_ms(r.get("created_at")),
+                updated_at: from_ms(r.get("updated_at")),
+            })
+            .collect())
+    }
+
+    pub async fn delete_admin(&self, name: &str, by: &str, now: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM auth_tokens WHERE admin = $1").bind(name).execute(&mut *tx).await?;
+        let deleted = sqlx::query("DELETE FROM admins WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        if deleted.rows_affected() == 1 {
+            audit(&mut tx, by, now, &[AuditEvent::new("admin.deleted", name, "")]).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted.rows_affected() == 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_token(
+        &self,
+        token_hash: &str,
+        kind: &str,
+        admin: &str,
+        label: &str,
+        csrf: Option<&str>,
+        expires_at: Option<i64>,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM auth_tokens WHERE expires_at IS NOT NULL AND expires_at < $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO auth_tokens (token_hash, kind, admin, label, csrf, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(token_hash)
+        .bind(kind)
+        .bind(admin)
+        .bind(label)
+        .bind(csrf)
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        if kind == "token" {
+            audit(&mut tx, admin, now, &[AuditEvent::new("token.created", admin, label.to_string())]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The owner of an unexpired session or token.
+    pub async fn token_owner(&self, token_hash: &str, now: i64) -> Result<Option<TokenOwner>> {
+        let row = sqlx::query(
+            "SELECT t.kind, t.admin, t.csrf, a.role FROM auth_tokens t JOIN admins a ON a.name = t.admin
+             WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| TokenOwner {
+            admin: r.get("admin"),
+            role: r.get("role"),
+            kind: r.get("kind"),
+            csrf: r.get("csrf"),
+        }))
+    }
+
+    pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM auth_tokens WHERE token_hash = $1").bind(token_hash).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn tokens(&self, admin: &str) -> Result<Vec<TokenRow>> {
+        let rows = sqlx::query("SELECT * FROM auth_tokens WHERE admin = $1 AND kind = 'token' ORDER BY created_at")
+            .bind(admin)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TokenRow {
+                admin: r.get("admin"),
+                label: r.get("label"),
+                created_at: from_ms(r.get("created_at")),
+                last_used_at: r.get::<Option<i64>, _>("last_used_at").map(from_ms),
+            })
+            .collect())
+    }
+}
