@@ -1,6 +1,7 @@
 //! `panel`: the Panel Service (`serve`), service mode (`worker`) and the admin commands.
 //! Exit codes: 0 ok, 1 the operation failed (e.g. not delivered), 2 bad input.
 
+mod admin;
 mod automation;
 mod config;
 mod output;
@@ -81,6 +82,9 @@ enum Command {
     /// The audit log of license and credential changes.
     #[command(subcommand)]
     Audit(trust::AuditCommand),
+    /// Admin accounts for the web UI and API, and API tokens for scripts.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Message templates (Jinja syntax, sandboxed): set, list, show, delete, render a preview.
     #[command(subcommand)]
     Template(automation::TemplateCommand),
@@ -398,6 +402,7 @@ async fn run(cli: Cli) -> CmdResult {
         Command::License(cmd) => trust::license(panel, cmd).await,
         Command::Credential(cmd) => trust::credential(panel, cmd).await,
         Command::Audit(cmd) => trust::audit(panel, cmd).await,
+        Command::Admin(cmd) => admin::admin(panel, cmd).await,
         Command::Template(cmd) => automation::template(panel, cmd).await,
         Command::Workflow(cmd) => automation::workflow(panel, cmd).await,
         Command::Schedule(cmd) => automation::schedule(panel, cmd).await,
@@ -465,7 +470,12 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
                 .await
                 .map_err(|e| Failed(1, format!("cannot listen on {addr}: {e}")))?;
             if !panel_web::is_loopback(&parsed) {
-                tracing::warn!(%addr, "the API has no authentication yet; listen on a loopback address or put it behind an authenticating proxy");
+                tracing::warn!(%addr, "the UI and API are served over plain HTTP; put a TLS-terminating proxy in front (it should set X-Forwarded-Proto: https)");
+            }
+            if panel.admins().await?.is_empty() {
+                tracing::warn!(
+                    "no admin account exists yet, so nobody can sign in; create one: panel admin create NAME --role admin"
+                );
             }
             Some(l)
         }
@@ -651,7 +661,10 @@ async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
                     })
                 })
                 .transpose()?;
-            let list = panel.store.list_messages(&MessageFilter { state, origin, limit }).await?;
+            let list = panel
+                .store
+                .list_messages(&MessageFilter { state, origin, recipient: None, since: None, limit })
+                .await?;
             output::message_list(&list, json);
             Ok(ExitCode::SUCCESS)
         }

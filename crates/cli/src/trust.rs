@@ -289,7 +289,7 @@ pub async fn audit(panel: Panel, cmd: AuditCommand) -> CmdResult {
 }
 
 /// The secret from standard input: everything up to the end, without the final line break.
-fn read_stdin() -> Result<Zeroizing<String>, Failed> {
+pub fn read_stdin() -> Result<Zeroizing<String>, Failed> {
     let mut buf = Zeroizing::new(String::new());
     std::io::stdin().read_to_string(&mut buf).map_err(|e| bad_input(format!("cannot read standard input: {e}")))?;
     let trimmed = buf.trim_end_matches(['\r', '\n']).len();

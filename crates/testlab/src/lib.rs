@@ -5,6 +5,7 @@
 //! Without Postfix, `PostfixLab::start` returns `None` after printing a notice, so a laptop's
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
+mod browser;
 mod oauth;
 pub mod postgres;
 mod proxy;
@@ -18,6 +19,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use browser::{Browser, Element};
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use postgres::TestDatabase;
 pub use proxy::Proxy;
@@ -68,7 +70,7 @@ pub fn require(component: &str, present: bool) -> bool {
     false
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

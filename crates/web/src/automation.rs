@@ -13,7 +13,8 @@ use panel_store::{DefinitionKind, SaveMode, SaveOutcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{API_ACTOR, ApiResult, invalid_body, ok};
+use crate::auth::By;
+use crate::{ApiResult, invalid_body, ok};
 
 pub fn routes() -> Router<Panel> {
     Router::new()
@@ -52,15 +53,16 @@ async fn show_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiR
 
 async fn put_template(
     State(p): State<Panel>,
+    By(by): By,
     Path(name): Path<String>,
     body: Result<Json<Template>, JsonRejection>,
 ) -> ApiResult {
     let Json(t) = body.map_err(invalid_body)?;
-    saved(p.save_template(&name, &t, SaveMode::Upsert, API_ACTOR).await?, &name)
+    saved(p.save_template(&name, &t, SaveMode::Upsert, &by).await?, &name)
 }
 
-async fn delete_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-    p.delete_definition(DefinitionKind::Template, &name, API_ACTOR).await?;
+async fn delete_template(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+    p.delete_definition(DefinitionKind::Template, &name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -85,14 +87,15 @@ macro_rules! definition_routes {
             ok(p.definition($kind, &name).await?)
         }
 
-        async fn $create(State(p): State<Panel>, body: Result<Json<$def>, JsonRejection>) -> ApiResult {
+        async fn $create(State(p): State<Panel>, By(by): By, body: Result<Json<$def>, JsonRejection>) -> ApiResult {
             let Json(def) = body.map_err(invalid_body)?;
-            saved(p.$save(&def, SaveMode::Create, API_ACTOR).await?, &def.name)
+            saved(p.$save(&def, SaveMode::Create, &by).await?, &def.name)
         }
 
         /// The body's name must be the path's.
         async fn $update(
             State(p): State<Panel>,
+            By(by): By,
             Path(name): Path<String>,
             body: Result<Json<$def>, JsonRejection>,
         ) -> ApiResult {
@@ -102,21 +105,21 @@ macro_rules! definition_routes {
                 errors.push("name", format!("the body names '{}' but the path '{name}'", def.name));
                 return Err(panel_service::OpsError::Invalid(errors).into());
             }
-            saved(p.$save(&def, SaveMode::Update, API_ACTOR).await?, &name)
+            saved(p.$save(&def, SaveMode::Update, &by).await?, &name)
         }
 
-        async fn $delete(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-            p.delete_definition($kind, &name, API_ACTOR).await?;
+        async fn $delete(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+            p.delete_definition($kind, &name, &by).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
 
-        async fn $enable(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-            p.set_enabled($kind, &name, true, API_ACTOR).await?;
+        async fn $enable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+            p.set_enabled($kind, &name, true, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
-        async fn $disable(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-            p.set_enabled($kind, &name, false, API_ACTOR).await?;
+        async fn $disable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+            p.set_enabled($kind, &name, false, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
@@ -160,8 +163,8 @@ definition_routes!(
     schedule_history
 );
 
-async fn run_schedule(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-    let run = p.run_schedule(&name, API_ACTOR).await?;
+async fn run_schedule(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+    let run = p.run_schedule(&name, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
@@ -186,9 +189,9 @@ struct EventRequest {
 }
 
 /// 202 with the event id and its workflow runs; 200 when the idempotency key was seen before.
-async fn post_event(State(p): State<Panel>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult {
+async fn post_event(State(p): State<Panel>, By(by): By, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult {
     let Json(req) = body.map_err(invalid_body)?;
-    let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), API_ACTOR).await?;
+    let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
     let mut runs = Vec::with_capacity(record.runs.len());
     for id in &record.runs {
         runs.push(p.run(*id).await?);
@@ -197,9 +200,9 @@ async fn post_event(State(p): State<Panel>, body: Result<Json<EventRequest>, Jso
     Ok((status, Json(json!({"event_id": record.id, "created": record.created, "runs": runs}))).into_response())
 }
 
-async fn dispatch(State(p): State<Panel>, body: Result<Json<DispatchDef>, JsonRejection>) -> ApiResult {
+async fn dispatch(State(p): State<Panel>, By(by): By, body: Result<Json<DispatchDef>, JsonRejection>) -> ApiResult {
     let Json(def) = body.map_err(invalid_body)?;
-    let run = p.dispatch(&def, API_ACTOR).await?;
+    let run = p.dispatch(&def, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 

@@ -1,7 +1,11 @@
 //! The REST API (`/api/v1/...`) and health endpoints. Handlers only translate HTTP to the
 //! shared operations in `panel_service::ops`; nothing is sent inline from a request.
 
+mod auth;
 mod automation;
+mod ui;
+
+pub use auth::{ROUTES, openapi};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,6 +19,8 @@ use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin, SettingsDoc};
 use panel_service::ops::effective_view;
 use panel_service::{OpsError, Panel};
+
+use crate::auth::By;
 use panel_store::{MessageFilter, RetryResult};
 use serde::Deserialize;
 use serde_json::json;
@@ -40,6 +46,9 @@ pub fn router(panel: Panel) -> Router {
         .route("/api/v1/credentials/{name}", put(set_credential).delete(delete_credential))
         .route("/api/v1/audit", get(audit))
         .merge(automation::routes())
+        .merge(ui::routes(auth::SignInLimiter::default()))
+        .route("/api/openapi.json", get(|| async { Json(auth::openapi()) }))
+        .layer(axum::middleware::from_fn_with_state(panel.clone(), auth::require_auth))
         .with_state(panel)
 }
 
@@ -49,7 +58,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(panel)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(panel).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 pub fn is_loopback(addr: &SocketAddr) -> bool {
@@ -86,9 +97,6 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
-
-/// Who the audit log names for API changes, until sign-in arrives with the admin UI.
-const API_ACTOR: &str = "api";
 
 /// A body that is not the expected JSON is bad input like any other, reported under `body`.
 fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
@@ -134,10 +142,11 @@ async fn get_settings(State(p): State<Panel>) -> ApiResult {
 
 async fn put_settings(
     State(p): State<Panel>,
+    By(by): By,
     body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(patch) = body.map_err(invalid_body)?;
-    let update = p.update_settings(&patch, API_ACTOR).await?;
+    let update = p.update_settings(&patch, &by).await?;
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
 
@@ -218,6 +227,8 @@ async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
 struct ListQuery {
     state: Option<String>,
     origin: Option<String>,
+    recipient: Option<String>,
+    since: Option<String>,
     limit: Option<u32>,
 }
 
@@ -237,10 +248,18 @@ async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> Ap
         }
         v
     });
+    let since = q.since.as_deref().and_then(|s| match panel_service::ops::parse_since(s) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.0.extend(e.0);
+            None
+        }
+    });
     if !errors.is_empty() {
         return Err(OpsError::Invalid(errors).into());
     }
-    let filter = MessageFilter { state, origin, limit: q.limit.unwrap_or(100).min(1000) };
+    let recipient = q.recipient.filter(|r| !r.trim().is_empty());
+    let filter = MessageFilter { state, origin, recipient, since, limit: q.limit.unwrap_or(100).min(1000) };
     ok(p.store.list_messages(&filter).await.map_err(OpsError::from)?)
 }
 
@@ -297,15 +316,16 @@ struct LicenseRequest {
 
 async fn add_license(
     State(p): State<Panel>,
+    By(by): By,
     body: Result<Json<LicenseRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(req) = body.map_err(invalid_body)?;
-    let license = p.add_license(&req.key, API_ACTOR).await?;
+    let license = p.add_license(&req.key, &by).await?;
     Ok((StatusCode::CREATED, Json(license)).into_response())
 }
 
-async fn remove_license(State(p): State<Panel>, Path(id): Path<String>) -> ApiResult {
-    p.remove_license(&id, API_ACTOR).await?;
+async fn remove_license(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
+    p.remove_license(&id, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -330,7 +350,12 @@ fn default_kind() -> String {
     "password".into()
 }
 
-async fn set_credential(State(p): State<Panel>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult {
+async fn set_credential(
+    State(p): State<Panel>,
+    By(by): By,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     // Parsed here rather than by the Json extractor: serde's messages can quote values, and
     // this body holds a secret. Only the position of a syntax error is reported.
     let req: CredentialRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -368,14 +393,14 @@ async fn set_credential(State(p): State<Panel>, Path(name): Path<String>, body: 
         tenant: req.tenant,
         secret: panel_domain::Secret::from(req.secret),
     };
-    let outcome = p.set_credential(input, API_ACTOR).await?;
+    let outcome = p.set_credential(input, &by).await?;
     let status = if outcome == panel_store::PutOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(json!({"stored": true, "replaced": outcome == panel_store::PutOutcome::Replaced})))
         .into_response())
 }
 
-async fn delete_credential(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
-    p.delete_credential(&name, API_ACTOR).await?;
+async fn delete_credential(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+    p.delete_credential(&name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 
 pub use panel_testlab::{LAB_PASSWORD, LAB_USER, PostfixLab, Proxy, TestDatabase};
 
+/// The password of the accounts the tests create.
+pub const ADMIN_PASSWORD: &str = "test-admin-password-1";
+
+/// API tokens of the services started by `Env::start`, by port.
+static API_TOKENS: std::sync::Mutex<std::collections::BTreeMap<u16, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     children: Vec<Child>,
@@ -139,13 +146,29 @@ impl Env {
         pid
     }
 
-    /// Starts a long-running command and returns at once; see `wait_for_pid`.
+    /// Starts a long-running command and returns at once; see `wait_for_pid`. For `serve
+    /// --listen 127.0.0.1:PORT`, an admin API token is made first, and `http(PORT, ...)` sends it.
     pub fn start(&mut self, args: &[&str]) -> u32 {
+        if args.first() == Some(&"serve")
+            && let Some(port) = args.iter().find_map(|a| a.strip_prefix("127.0.0.1:")).and_then(|p| p.parse().ok())
+        {
+            let token = self.api_token("tester", "admin");
+            API_TOKENS.lock().unwrap().insert(port, token);
+        }
         let log = std::fs::File::create(self.path().join(format!("service-{}.log", self.children.len()))).unwrap();
         let child = self.command(args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn panel");
         let pid = child.id();
         self.children.push(child);
         pid
+    }
+
+    /// An API token of account `name` with `role` (created with a fixed password if new).
+    pub fn api_token(&self, name: &str, role: &str) -> String {
+        if !self.ok(&["admin", "list", "--json"]).stdout.contains(&format!("\"name\": \"{name}\"")) {
+            let r = self.panel_stdin(&["admin", "create", name, "--role", role, "--password-stdin"], ADMIN_PASSWORD);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+        }
+        self.ok(&["admin", "token", name]).stdout.trim().to_string()
     }
 
     /// Waits until the service with process id `pid` heartbeats; returns its service id.
@@ -288,13 +311,23 @@ pub fn id_of(run: &Run) -> i64 {
     run.json()["id"].as_i64().unwrap_or_else(|| panic!("no id in {}", run.stdout))
 }
 
-/// One HTTP/1.1 request to the service on loopback; returns the status and the body.
+/// One HTTP/1.1 request to the service on loopback, with the admin API token `Env::start`
+/// made for that port; returns the status and the body.
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let token = API_TOKENS.lock().unwrap().get(&port).cloned();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let (status, _, body) = http_with(port, method, path, &auth, body);
+    (status, body)
+}
+
+/// A request with extra header lines (each ending in CRLF); returns status, headers and body.
+pub fn http_with(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    std::io::Write::write_fmt(&mut s, format_args!( "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())).unwrap();
+    std::io::Write::write_fmt(&mut s, format_args!( "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())).unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     let status = out[9..12].parse().unwrap();
-    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), body.to_string())
 }

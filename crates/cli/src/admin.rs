@@ -1,0 +1,115 @@
+//! `panel admin`: local accounts for the web UI and API, and API tokens for scripts.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use panel_domain::Secret;
+use panel_service::Panel;
+use panel_service::accounts::Role;
+
+use crate::output::{print_json, time};
+use crate::{CmdResult, Failed, actor, bad_input};
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Create an account. Without --password-stdin a strong password is generated and printed once.
+    Create {
+        name: String,
+        /// admin (everything), operator (send tests, retry messages, run schedules, post events) or viewer (read only)
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// Read the password from standard input (at least 12 characters)
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Set a new password (and optionally a new role); ends the account's browser sessions.
+    SetPassword {
+        name: String,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List accounts and their roles.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        name: String,
+    },
+    /// Create an API token for scripts (sent as `Authorization: Bearer TOKEN`), printed once.
+    Token {
+        name: String,
+        /// What the token is for, e.g. "hr-sync"
+        #[arg(long, default_value = "api")]
+        label: String,
+    },
+}
+
+fn role(value: &str) -> Result<Role, Failed> {
+    Role::parse(value)
+        .ok_or_else(|| bad_input(format!("--role '{value}' is not a role; use admin, operator or viewer")))
+}
+
+/// The password from standard input, or a generated one (printed by the caller).
+fn password(from_stdin: bool) -> Result<(Secret, bool), Failed> {
+    if from_stdin {
+        let text = crate::trust::read_stdin()?;
+        return Ok((Secret::new(text.trim_end_matches(['\r', '\n']).to_string()), false));
+    }
+    let generated = format!("{:032x}", panel_service::random_u128());
+    Ok((Secret::new(generated), true))
+}
+
+pub async fn admin(panel: Panel, cmd: AdminCommand) -> CmdResult {
+    match cmd {
+        AdminCommand::Create { name, role: r, password_stdin } => {
+            let r = role(&r)?;
+            let (pw, generated) = password(password_stdin)?;
+            panel.put_admin(&name, r, &pw, false, &actor()).await?;
+            println!("Admin '{name}' created with role {}.", r.as_str());
+            if generated {
+                println!("Password (shown once; change it with panel admin set-password {name}): {}", pw.expose());
+            }
+        }
+        AdminCommand::SetPassword { name, role: r, password_stdin } => {
+            let current = panel.admins().await?.into_iter().find(|a| a.name == name);
+            let Some(current) = current else {
+                return Err(Failed(2, format!("admin '{name}' not found; create it with panel admin create {name}")));
+            };
+            let r = match r {
+                Some(r) => role(&r)?,
+                None => Role::parse(&current.role).unwrap_or(Role::Viewer),
+            };
+            let (pw, generated) = password(password_stdin)?;
+            panel.put_admin(&name, r, &pw, true, &actor()).await?;
+            println!("Password of '{name}' changed (role {}); its browser sessions ended.", r.as_str());
+            if generated {
+                println!("New password (shown once): {}", pw.expose());
+            }
+        }
+        AdminCommand::List { json } => {
+            let admins = panel.admins().await?;
+            if json {
+                print_json(&admins);
+            } else if admins.is_empty() {
+                println!("No admin accounts. Create one: panel admin create NAME --role admin");
+            } else {
+                for a in admins {
+                    println!("{:<24} {:<9} created {}", a.name, a.role, time(&a.created_at));
+                }
+            }
+        }
+        AdminCommand::Delete { name } => {
+            panel.delete_admin(&name, &actor()).await?;
+            println!("Admin '{name}' deleted; its sessions and tokens no longer work.");
+        }
+        AdminCommand::Token { name, label } => {
+            let token = panel.create_api_token(&name, &label).await?;
+            println!("{token}");
+            eprintln!("API token for '{name}' ({label}); shown once. Send it as: Authorization: Bearer TOKEN");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,272 @@
+//! The admin web UI in Debian's headless Chromium, against a real `panel serve` and the private
+//! Postfix lab: sign in, configure the relay, check it, send the Test Message; roles and CSRF.
+//! Screenshots of the main pages go to target/screenshots/ (test artifacts, not committed).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use panel_testlab::Browser;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn account(env: &Env, name: &str, role: &str) {
+    let r = env.panel_stdin(&["admin", "create", name, "--role", role, "--password-stdin"], ADMIN_PASSWORD);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+fn sign_in(b: &Browser, port: u16, name: &str) {
+    b.goto(&format!("http://127.0.0.1:{port}/settings"));
+    b.find("#name");
+    assert!(b.url().contains("/login?next=%2Fsettings"), "a page needs sign-in first: {}", b.url());
+    b.fill("#name", name);
+    b.fill("#password", ADMIN_PASSWORD);
+    b.click(&b.find("#sign-in"));
+    b.wait_text("#who", 20, |t| t.contains(name));
+}
+
+#[test]
+fn an_admin_signs_in_configures_the_relay_checks_it_and_sends_a_test_message() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    account(&env, "ann", "admin");
+    let port = free_port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    sign_in(&b, port, "ann");
+    assert!(b.url().ends_with("/settings"), "back where sign-in started: {}", b.url());
+    let text = b.page_text();
+    assert!(text.contains("Not configured yet"), "{text}");
+
+    b.fill("#f-host", "127.0.0.1");
+    b.select("#f-security", "none");
+    let placeholder = b.script("return document.getElementById('f-port').placeholder");
+    assert_eq!(placeholder, "25", "the default port follows the security mode");
+    b.fill("#f-port", &lab.plain_port.to_string());
+    b.fill("#f-from", "not an address");
+    b.fill("#f-fallback_recipient", "ops@example.org");
+    b.click(&b.find("#save"));
+    let error = b.wait_text("[data-error-for=from]", 10, |t| !t.is_empty());
+    assert!(error.contains("address"), "the error is shown at its field: {error}");
+    b.fill("#f-from", "Identity Panel <panel@example.org>");
+    b.click(&b.find("#save"));
+    b.wait_text("main > p", 10, |t| t.contains("Version 1"));
+    assert!(b.page_text().contains(&format!("127.0.0.1:{}", lab.plain_port)), "the settings in force are shown");
+
+    b.click(&b.find("#check"));
+    let stages = b.wait_text("#check-stages", 20, |t| t.contains("quit"));
+    for stage in ["tcp", "greeting", "ehlo", "mail", "rcpt"] {
+        assert!(stages.contains(stage), "{stage} in {stages}");
+    }
+    assert!(b.page_text().contains("would accept a message"));
+
+    b.click(&b.find("#test-message"));
+    let status = b.wait_text("#test-status", 40, |t| t.starts_with("delivered") || t.contains("failed"));
+    assert!(status.starts_with("delivered") && status.contains("250"), "{status}");
+    assert_eq!(lab.wait_for_messages("Subject: Panel test message", 1, WAIT).len(), 1, "the message is in the Maildir");
+    b.screenshot(&screenshots().join("settings.png"));
+
+    b.goto(&format!("http://127.0.0.1:{port}/messages"));
+    let table = b.wait_text("#messages", 10, |t| t.contains("test_message"));
+    assert!(table.contains("delivered"), "{table}");
+    b.screenshot(&screenshots().join("messages.png"));
+    b.click(&b.find("#messages a"));
+    let attempts = b.wait_text("#attempts", 10, |t| t.contains("250"));
+    assert!(attempts.contains("delivered"), "{attempts}");
+    b.screenshot(&screenshots().join("message.png"));
+
+    b.goto(&format!("http://127.0.0.1:{port}/"));
+    b.wait_text("main", 10, |t| t.contains("Last hour") && t.contains("1 delivered"));
+    assert!(b.try_find("svg.chart rect.ok").is_some(), "the chart shows the delivered message");
+    b.screenshot(&screenshots().join("dashboard.png"));
+}
+
+#[test]
+fn a_wrong_password_shows_the_relays_535_and_the_hint() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    let pw = env.password_args("wrong-password");
+    let pw: Vec<&str> = pw.iter().map(String::as_str).collect();
+    env.configure(&lab, lab.submission_port, "starttls", &pw);
+    account(&env, "ann", "operator");
+    let port = free_port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    sign_in(&b, port, "ann");
+    assert!(b.try_find("#save").is_none(), "an operator cannot save settings");
+    b.click(&b.find("#test-message"));
+    let status = b.wait_text("#test-status", 40, |t| t.starts_with("failed") || t.starts_with("delivered"));
+    assert!(status.starts_with("failed") && status.contains("auth") && status.contains("535"), "{status}");
+    assert!(status.contains("Hint:"), "{status}");
+    b.screenshot(&screenshots().join("settings-auth-failed.png"));
+    b.goto(&format!("http://127.0.0.1:{port}/"));
+    let banner = b.wait_text("#banner", 10, |t| !t.is_empty());
+    assert!(banner.contains("configuration error") && banner.contains("auth"), "{banner}");
+}
+
+#[test]
+fn a_viewer_cannot_save_settings_in_the_page_or_through_the_api() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    env.relay_on(2525, &[]);
+    account(&env, "vic", "viewer");
+    let port = free_port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    sign_in(&b, port, "vic");
+    assert!(b.try_find("#save").is_none(), "no Save button for a viewer");
+    assert!(b.try_find("#test-message").is_none(), "no Test Message for a viewer");
+    assert_eq!(b.script("return document.getElementById('f-host').readOnly"), true);
+    // The API refuses the same change from the viewer's own session, CSRF token and all.
+    let refused = b.script(
+        "const x = new XMLHttpRequest(); x.open('PUT', '/api/v1/settings/smtp', false);
+         x.setRequestHeader('Content-Type', 'application/json');
+         x.setRequestHeader('X-CSRF-Token', document.querySelector('meta[name=csrf]').content);
+         x.send(JSON.stringify({host: 'evil.example'})); return [x.status, x.responseText];",
+    );
+    assert_eq!(refused[0], 403, "{refused}");
+    assert!(refused[1].as_str().unwrap().contains("viewer"), "{refused}");
+    assert!(env.ok(&["smtp", "show", "--json"]).stdout.contains("127.0.0.1"), "nothing changed");
+}
+
+/// Signs in over HTTP; returns the session cookie and its CSRF token.
+fn session(port: u16, name: &str, password: &str) -> Result<(String, String), u16> {
+    let body = format!("name={name}&password={password}&next=%2F");
+    let (status, head, _) = http_with(port, "POST", "/login", "", &body);
+    if status != 303 {
+        return Err(status);
+    }
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    assert!(head.to_ascii_lowercase().contains("httponly") && head.contains("SameSite=Strict"), "{head}");
+    let (_, _, me) = http_with(port, "GET", "/api/v1/me", &format!("Cookie: {cookie}\r\n"), "");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    Ok((cookie, me["csrf"].as_str().unwrap().to_string()))
+}
+
+#[test]
+fn sessions_need_csrf_tokens_tokens_need_roles_and_sign_in_is_rate_limited() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &[]);
+    account(&env, "ann", "admin");
+    let port = free_port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+
+    let (status, _, body) = http_with(port, "GET", "/api/v1/messages", "", "");
+    assert_eq!(status, 401, "{body}");
+    let (status, head, _) = http_with(port, "GET", "/messages", "", "");
+    assert_eq!(status, 303);
+    assert!(head.to_ascii_lowercase().contains("location: /login?next=%2fmessages"), "{head}");
+    assert_eq!(http_with(port, "GET", "/healthz", "", "").0, 200, "health stays open");
+    let (status, _, openapi) = http_with(port, "GET", "/api/openapi.json", "", "");
+    assert_eq!(status, 200);
+    assert!(openapi.contains("/api/v1/smtp/test") && openapi.contains("\"openapi\":\"3.1.0\""), "{openapi}");
+
+    let (cookie, csrf) = session(port, "ann", ADMIN_PASSWORD).unwrap();
+    let with_cookie = format!("Cookie: {cookie}\r\n");
+    let (status, _, body) = http_with(port, "POST", "/api/v1/smtp/test", &with_cookie, "{}");
+    assert_eq!(status, 403, "a session request without its CSRF token is refused: {body}");
+    assert!(body.contains("CSRF"), "{body}");
+    let (status, _, _) =
+        http_with(port, "POST", "/api/v1/smtp/test", &format!("{with_cookie}X-CSRF-Token: wrong\r\n"), "{}");
+    assert_eq!(status, 403);
+    let (status, _, body) =
+        http_with(port, "POST", "/api/v1/smtp/test", &format!("{with_cookie}X-CSRF-Token: {csrf}\r\n"), "{}");
+    assert_eq!(status, 202, "{body}");
+    let (status, _, _) = http_with(port, "POST", "/logout", &with_cookie, "csrf=wrong");
+    assert_eq!(status, 403, "sign-out needs the token too");
+    let (status, _, _) = http_with(port, "POST", "/logout", &with_cookie, &format!("csrf={csrf}"));
+    assert_eq!(status, 303);
+    assert_eq!(http_with(port, "GET", "/api/v1/me", &with_cookie, "").0, 401, "the session ended");
+
+    let viewer = env.api_token("vic", "viewer");
+    let bearer = format!("Authorization: Bearer {viewer}\r\n");
+    assert_eq!(http_with(port, "GET", "/api/v1/messages", &bearer, "").0, 200);
+    let (status, _, body) = http_with(port, "POST", "/api/v1/smtp/test", &bearer, "{}");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("needs operator"), "{body}");
+    let audit = env.ok(&["audit", "list", "--json"]).stdout;
+    assert!(audit.contains("admin.created"), "{audit}");
+
+    for _ in 0..5 {
+        assert_eq!(session(port, "ann", "wrong-password-123"), Err(401));
+    }
+    assert_eq!(session(port, "ann", ADMIN_PASSWORD), Err(429), "even the right password waits after 5 failures");
+}
+
+#[test]
+fn every_page_works_and_a_schedule_runs_from_the_ui() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &[]);
+    let text = env.write("t.txt", "Hello {{ object.givenName }}\n");
+    env.ok(&[
+        "template",
+        "set",
+        "welcome",
+        "--subject",
+        "Hi {{ object.givenName }}",
+        "--text-file",
+        text.to_str().unwrap(),
+    ]);
+    let wf = env.write(
+        "wf.json",
+        r#"{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["a@example.org"]}]}"#,
+    );
+    env.ok(&["workflow", "create", "--file", wf.to_str().unwrap()]);
+    account(&env, "ann", "admin");
+    let port = free_port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    sign_in(&b, port, "ann");
+
+    let base = format!("http://127.0.0.1:{port}");
+    b.goto(&format!("{base}/schedules"));
+    b.fill("#doc", r#"{"name": "nightly", "timezone": "Europe/Berlin", "cron": "0 2 * * *", "steps": [{"kind": "email", "subject": "s", "text": "t"}]}"#);
+    b.click(&b.find("form[data-api] button[type=submit]"));
+    b.wait_text("table", 10, |t| t.contains("nightly"));
+    b.click(&b.find("button[data-action$='/nightly/run']"));
+    b.wait_text("main", 10, |t| t.contains("manual") && t.contains("message"));
+    assert!(b.page_text().contains("Next fire times"), "{}", b.page_text());
+
+    b.goto(&format!("{base}/schedules"));
+    b.fill("#doc", r#"{"name": "broken", "cron": "99 * * * *", "steps": []}"#);
+    b.click(&b.find("form[data-api] button[type=submit]"));
+    let errors = b.wait_text(".form-errors", 10, |t| !t.is_empty());
+    assert!(errors.contains("cron") && errors.contains("steps"), "validation errors are shown: {errors}");
+
+    b.goto(&format!("{base}/templates"));
+    b.click(&b.find("button[data-load-template=welcome]"));
+    b.wait_text("#t-name", 1, |_| true);
+    b.click(&b.find("#preview-form button"));
+    let preview = b.wait_text("#preview", 10, |t| !t.is_empty());
+    assert!(preview.contains("Subject: Hi Ann"), "{preview}");
+
+    for (path, expect) in [
+        ("/workflows", "welcome"),
+        ("/workflows/welcome", "user.created"),
+        ("/licenses", "No license keys"),
+        ("/credentials", "write-only"),
+        ("/audit", "template.created"),
+        ("/messages?state=delivered&since=1h", "Message log"),
+        ("/messages?since=yesterday", "since"),
+    ] {
+        b.goto(&format!("{base}{path}"));
+        let text = b.wait_text("main", 10, |t| !t.is_empty());
+        assert!(text.contains(expect), "{path}: {text}");
+    }
+}

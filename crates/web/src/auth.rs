@@ -1,0 +1,317 @@
+//! Sign-in and access control for the UI and the API. A browser signs in with a name and
+//! password and gets an HttpOnly, SameSite=Strict session cookie; every state-changing request
+//! from a session must carry its CSRF token in `X-CSRF-Token`. Scripts send an API token as
+//! `Authorization: Bearer ...` (not ambient, so no CSRF token). Each API route names the least
+//! role it needs in `ROUTES`, which also generates the OpenAPI document.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use panel_service::Panel;
+use panel_service::accounts::{Actor, Role};
+use serde_json::json;
+
+pub const SESSION_COOKIE: &str = "panel_session";
+
+/// Every API route: method, path, least role, summary. Requests to API paths not listed here are
+/// answered 404 by the router, after authentication.
+pub const ROUTES: &[(&str, &str, Role, &str)] = &[
+    ("GET", "/api/v1/settings/smtp", Role::Viewer, "The relay settings in force (never a secret)"),
+    ("PUT", "/api/v1/settings/smtp", Role::Admin, "Change relay settings (the fields of panel smtp set)"),
+    ("POST", "/api/v1/smtp/check", Role::Operator, "Connect to the relay stage by stage; sends nothing"),
+    ("POST", "/api/v1/smtp/test", Role::Operator, "Enqueue the Test Message ({\"to\", \"wait\"})"),
+    ("GET", "/api/v1/messages", Role::Viewer, "The message log (?state, origin, recipient, since, limit)"),
+    ("POST", "/api/v1/messages", Role::Operator, "Send an ad-hoc message (the mail tester)"),
+    ("POST", "/api/v1/messages/bulk", Role::Operator, "Send up to 1,000 messages in one transaction"),
+    (
+        "POST",
+        "/api/v1/messages/retry",
+        Role::Operator,
+        "Re-queue failed messages ({\"status\": \"failed\", \"since\"})",
+    ),
+    ("GET", "/api/v1/messages/{id}", Role::Viewer, "A message with every attempt and reply"),
+    ("POST", "/api/v1/messages/{id}/retry", Role::Operator, "Re-queue one failed message"),
+    ("GET", "/api/v1/services", Role::Viewer, "Running Panel Services and workers"),
+    ("GET", "/api/v1/queue", Role::Viewer, "Queue depth and ages"),
+    ("GET", "/api/v1/dashboard", Role::Viewer, "Counts per state (last hour, day), per hour, the last relay error"),
+    ("GET", "/api/v1/licenses", Role::Viewer, "License keys with features, expiry and validity"),
+    ("POST", "/api/v1/licenses", Role::Admin, "Add a license key ({\"key\"})"),
+    ("DELETE", "/api/v1/licenses/{id}", Role::Admin, "Remove a license key"),
+    ("GET", "/api/v1/credentials", Role::Viewer, "Stored credentials (never their secrets)"),
+    ("PUT", "/api/v1/credentials/{name}", Role::Admin, "Store or replace a credential (write-only secret)"),
+    ("DELETE", "/api/v1/credentials/{name}", Role::Admin, "Delete a credential"),
+    ("GET", "/api/v1/audit", Role::Viewer, "The audit log"),
+    ("GET", "/api/v1/templates", Role::Viewer, "Message templates"),
+    ("GET", "/api/v1/templates/{name}", Role::Viewer, "A template"),
+    (
+        "PUT",
+        "/api/v1/templates/{name}",
+        Role::Admin,
+        "Create or replace a template ({\"subject\", \"text\", \"html\"})",
+    ),
+    ("DELETE", "/api/v1/templates/{name}", Role::Admin, "Delete a template"),
+    ("POST", "/api/v1/templates/{name}/render", Role::Viewer, "Preview a template against the body as context"),
+    ("GET", "/api/v1/workflows", Role::Viewer, "Workflows"),
+    ("POST", "/api/v1/workflows", Role::Admin, "Create a workflow"),
+    ("GET", "/api/v1/workflows/{name}", Role::Viewer, "A workflow"),
+    ("PUT", "/api/v1/workflows/{name}", Role::Admin, "Replace a workflow"),
+    ("DELETE", "/api/v1/workflows/{name}", Role::Admin, "Delete a workflow"),
+    ("POST", "/api/v1/workflows/{name}/enable", Role::Admin, "Enable a workflow"),
+    ("POST", "/api/v1/workflows/{name}/disable", Role::Admin, "Disable a workflow"),
+    ("GET", "/api/v1/workflows/{name}/history", Role::Viewer, "A workflow's runs"),
+    ("GET", "/api/v1/schedules", Role::Viewer, "Schedules"),
+    ("POST", "/api/v1/schedules", Role::Admin, "Create a schedule"),
+    ("GET", "/api/v1/schedules/{name}", Role::Viewer, "A schedule"),
+    ("PUT", "/api/v1/schedules/{name}", Role::Admin, "Replace a schedule"),
+    ("DELETE", "/api/v1/schedules/{name}", Role::Admin, "Delete a schedule"),
+    ("POST", "/api/v1/schedules/{name}/enable", Role::Admin, "Enable a schedule"),
+    ("POST", "/api/v1/schedules/{name}/disable", Role::Admin, "Disable a schedule"),
+    ("GET", "/api/v1/schedules/{name}/history", Role::Viewer, "A schedule's runs"),
+    ("POST", "/api/v1/schedules/{name}/run", Role::Operator, "Run a schedule now"),
+    ("GET", "/api/v1/schedules/{name}/next", Role::Viewer, "A schedule's next fire times (?count)"),
+    (
+        "POST",
+        "/api/v1/events",
+        Role::Operator,
+        "Post an event to the workflows ({\"type\", \"object\", \"idempotency_key\"})",
+    ),
+    ("POST", "/api/v1/dispatch", Role::Operator, "Run inline steps now ({\"name\", \"data\", \"steps\"})"),
+    ("GET", "/api/v1/runs/{id}", Role::Viewer, "A run: steps, messages and their states"),
+    ("GET", "/api/v1/me", Role::Viewer, "Who is signed in, with role and CSRF token"),
+];
+
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let (mut p, mut q) = (pattern.split('/'), path.split('/'));
+    loop {
+        match (p.next(), q.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a.starts_with('{') || a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The least role a request needs: from `ROUTES` for the API, viewer for pages.
+pub fn required_role(method: &Method, path: &str) -> Role {
+    ROUTES
+        .iter()
+        .find(|(m, p, _, _)| *m == method.as_str() && path_matches(p, path))
+        .map(|(_, _, r, _)| *r)
+        .unwrap_or(if method == Method::GET { Role::Viewer } else { Role::Admin })
+}
+
+fn is_public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/login" | "/api/openapi.json") || path.starts_with("/static/")
+}
+
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
+}
+
+fn refuse(api: bool, status: StatusCode, message: &str, path: &str) -> Response {
+    if api || status != StatusCode::UNAUTHORIZED {
+        return (status, axum::Json(json!({"error": message}))).into_response();
+    }
+    let next: String = form_urlencoded::byte_serialize(path.as_bytes()).collect();
+    Redirect::to(&format!("/login?next={next}")).into_response()
+}
+
+/// Authenticates, checks the role and the CSRF token, and hands the actor to the handler.
+pub async fn require_auth(State(panel): State<Panel>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if is_public(&path) {
+        return next.run(req).await;
+    }
+    let api = path.starts_with("/api/");
+    let headers = req.headers();
+    let (token, from_cookie) = match bearer(headers) {
+        Some(t) => (Some(t), false),
+        None => (cookie(headers, SESSION_COOKIE), true),
+    };
+    let actor = match token {
+        Some(t) => match panel.authenticate(&t).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check the session");
+                return refuse(true, StatusCode::SERVICE_UNAVAILABLE, "cannot check the session now", &path);
+            }
+        },
+        None => None,
+    };
+    let Some(actor) = actor.filter(|a| from_cookie == a.csrf.is_some()) else {
+        return refuse(
+            api,
+            StatusCode::UNAUTHORIZED,
+            "sign in first (or send an API token as Authorization: Bearer TOKEN)",
+            &path,
+        );
+    };
+    let method = req.method().clone();
+    let changes_state = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // Sign-out is a plain form post; its handler checks the token from the form body.
+    if changes_state
+        && path != "/logout"
+        && let Some(expected) = &actor.csrf
+    {
+        let sent = req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok());
+        if sent != Some(expected.as_str()) {
+            return refuse(
+                true,
+                StatusCode::FORBIDDEN,
+                "missing or wrong CSRF token (X-CSRF-Token); reload the page and try again",
+                &path,
+            );
+        }
+    }
+    let needed = required_role(&method, &path);
+    if actor.role < needed {
+        let message = format!("your role ({}) may not do this; it needs {}", actor.role.as_str(), needed.as_str());
+        return refuse(true, StatusCode::FORBIDDEN, &message, &path);
+    }
+    req.extensions_mut().insert(actor);
+    next.run(req).await
+}
+
+/// The audit name of whoever made the request (set by `require_auth`).
+pub struct By(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for By {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Actor>().map(|a| By(a.audit_name())).ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
+/// Failed sign-ins per account name and per client address: after `MAX_FAILURES` within
+/// `WINDOW`, further attempts are refused until the window passes.
+#[derive(Clone, Default)]
+pub struct SignInLimiter(Arc<Mutex<HashMap<String, Vec<Instant>>>>);
+
+const MAX_FAILURES: usize = 5;
+const WINDOW: Duration = Duration::from_secs(15 * 60);
+
+impl SignInLimiter {
+    fn keys(name: &str, addr: Option<SocketAddr>) -> [String; 2] {
+        [
+            format!("name:{}", name.trim().to_ascii_lowercase()),
+            format!("ip:{}", addr.map(|a| a.ip().to_string()).unwrap_or_default()),
+        ]
+    }
+
+    /// Seconds until another attempt is allowed, if it is not now.
+    pub fn blocked(&self, name: &str, addr: Option<SocketAddr>) -> Option<u64> {
+        let mut map = self.0.lock().expect("limiter lock");
+        let now = Instant::now();
+        Self::keys(name, addr)
+            .iter()
+            .filter_map(|k| {
+                let list = map.get_mut(k)?;
+                list.retain(|t| now.duration_since(*t) < WINDOW);
+                (list.len() >= MAX_FAILURES).then(|| (WINDOW - now.duration_since(list[0])).as_secs() + 1)
+            })
+            .max()
+    }
+
+    pub fn failed(&self, name: &str, addr: Option<SocketAddr>) {
+        let mut map = self.0.lock().expect("limiter lock");
+        for k in Self::keys(name, addr) {
+            map.entry(k).or_default().push(Instant::now());
+        }
+    }
+
+    pub fn succeeded(&self, name: &str) {
+        self.0.lock().expect("limiter lock").remove(&format!("name:{}", name.trim().to_ascii_lowercase()));
+    }
+}
+
+/// The OpenAPI 3.1 document of `ROUTES`.
+pub fn openapi() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, role, summary) in ROUTES {
+        let params: Vec<serde_json::Value> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut op = json!({
+            "summary": summary,
+            "description": format!("Needs the role {} or higher.", role.as_str()),
+            "parameters": params,
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {}}},
+                "400": {"description": "Invalid input: {\"error\", \"fields\": [{\"field\", \"message\"}]}"},
+                "401": {"description": "Not signed in"},
+                "403": {"description": "Role too low, or a session request without its CSRF token"},
+            },
+        });
+        if matches!(*method, "POST" | "PUT") {
+            op["requestBody"] = json!({"content": {"application/json": {"schema": {"type": "object"}}}});
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[method.to_ascii_lowercase()] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Panel API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Everything the Panel web UI does. Authenticate with Authorization: Bearer TOKEN (panel admin token NAME), or a browser session plus X-CSRF-Token."},
+        "components": {"securitySchemes": {
+            "token": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE}
+        }},
+        "security": [{"token": []}, {"session": []}],
+        "paths": paths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_come_from_the_route_table() {
+        assert_eq!(required_role(&Method::PUT, "/api/v1/settings/smtp"), Role::Admin);
+        assert_eq!(required_role(&Method::POST, "/api/v1/smtp/test"), Role::Operator);
+        assert_eq!(required_role(&Method::POST, "/api/v1/messages/17/retry"), Role::Operator);
+        assert_eq!(required_role(&Method::GET, "/api/v1/messages/17"), Role::Viewer);
+        assert_eq!(required_role(&Method::POST, "/api/v1/unknown"), Role::Admin, "unknown changes need admin");
+        assert_eq!(required_role(&Method::GET, "/messages"), Role::Viewer);
+    }
+
+    #[test]
+    fn the_limiter_blocks_after_five_failures() {
+        let l = SignInLimiter::default();
+        for _ in 0..MAX_FAILURES {
+            assert!(l.blocked("ann", None).is_none());
+            l.failed("ann", None);
+        }
+        assert!(l.blocked("ANN", None).is_some());
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc = openapi();
+        assert_eq!(doc["paths"]["/api/v1/messages/{id}/retry"]["post"]["parameters"][0]["name"], "id");
+        let count: usize = doc["paths"].as_object().unwrap().values().map(|v| v.as_object().unwrap().len()).sum();
+        assert_eq!(count, ROUTES.len());
+    }
+}

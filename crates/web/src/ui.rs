@@ -1,0 +1,507 @@
+//! The admin web UI: server-rendered pages (minijinja templates compiled into the binary) and
+//! one small script that calls the documented REST API for every action. No resource comes from
+//! outside the binary.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use chrono::{DateTime, Duration, Timelike, Utc};
+use minijinja::Environment;
+use panel_domain::{MessageState, Origin, Secret};
+use panel_service::accounts::{Actor, Role, SESSION_HOURS};
+use panel_service::ops::effective_view;
+use panel_service::{OpsError, Panel};
+use panel_store::{DefinitionKind, MessageFilter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::{SESSION_COOKIE, SignInLimiter, cookie};
+
+const TEMPLATES: &[(&str, &str)] = &[
+    ("base.html", include_str!("../ui/base.html")),
+    ("login.html", include_str!("../ui/login.html")),
+    ("dashboard.html", include_str!("../ui/dashboard.html")),
+    ("settings.html", include_str!("../ui/settings.html")),
+    ("messages.html", include_str!("../ui/messages.html")),
+    ("message.html", include_str!("../ui/message.html")),
+    ("definitions.html", include_str!("../ui/definitions.html")),
+    ("definition.html", include_str!("../ui/definition.html")),
+    ("templates.html", include_str!("../ui/templates.html")),
+    ("licenses.html", include_str!("../ui/licenses.html")),
+    ("credentials.html", include_str!("../ui/credentials.html")),
+    ("audit.html", include_str!("../ui/audit.html")),
+];
+
+const CSS: &str = include_str!("../ui/static/panel.css");
+const JS: &str = include_str!("../ui/static/panel.js");
+
+fn env() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        for (name, source) in TEMPLATES {
+            env.add_template(name, source).expect("UI templates compile");
+        }
+        env
+    })
+}
+
+pub fn routes(limiter: SignInLimiter) -> Router<Panel> {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/settings", get(settings))
+        .route("/messages", get(messages))
+        .route("/messages/{id}", get(message))
+        .route("/schedules", get(schedules))
+        .route("/schedules/{name}", get(schedule))
+        .route("/workflows", get(workflows))
+        .route("/workflows/{name}", get(workflow))
+        .route("/templates", get(templates))
+        .route("/licenses", get(licenses))
+        .route("/credentials", get(credentials))
+        .route("/audit", get(audit))
+        .route("/static/panel.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
+        .route("/static/panel.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], JS) }))
+        .route("/api/v1/dashboard", get(dashboard_api))
+        .route("/api/v1/me", get(me))
+        .layer(Extension(limiter))
+}
+
+/// A rendered page (boxed: a `Response` is large, and pages travel in `Result`s).
+struct Page(Box<Response>);
+
+impl IntoResponse for Page {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl Page {
+    fn from_response(r: impl IntoResponse) -> Page {
+        Page(Box::new(r.into_response()))
+    }
+}
+
+impl From<OpsError> for Page {
+    fn from(e: OpsError) -> Self {
+        let status = if e.is_bad_input() { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+        Page::from_response(
+            (
+                status,
+                Html(format!(
+                    "<!doctype html><title>Panel</title><p>{}</p><p><a href=\"/\">Back</a>",
+                    escape(&e.to_string())
+                )),
+            )
+                .into_response(),
+        )
+    }
+}
+
+impl From<panel_store::StoreError> for Page {
+    fn from(e: panel_store::StoreError) -> Self {
+        OpsError::from(e).into()
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Renders `name` with `ctx` plus who is signed in and what they may do.
+fn render(name: &str, actor: &Actor, active: &str, mut ctx: Value) -> Result<Page, OpsError> {
+    ctx["me"] = json!({
+        "name": actor.name,
+        "role": actor.role.as_str(),
+        "csrf": actor.csrf,
+        "operator": actor.role >= Role::Operator,
+        "admin": actor.role >= Role::Admin,
+    });
+    ctx["active"] = active.into();
+    ctx["panel_version"] = env!("CARGO_PKG_VERSION").into();
+    let html = env()
+        .get_template(name)
+        .and_then(|t| t.render(&ctx))
+        .map_err(|e| OpsError::Conflict(format!("the page could not be rendered: {e}")))?;
+    Ok(Page::from_response(Html(html)))
+}
+
+type PageResult = Result<Page, Page>;
+
+// ---- sign-in ----
+
+#[derive(Deserialize)]
+struct Next {
+    next: Option<String>,
+}
+
+fn safe_next(next: Option<&str>) -> String {
+    // Only a path on this site: never an absolute or protocol-relative URL.
+    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\')).unwrap_or("/").to_string()
+}
+
+async fn login_page(State(p): State<Panel>, Query(q): Query<Next>) -> PageResult {
+    let no_admin = p.admins().await?.is_empty();
+    login_form(None, safe_next(q.next.as_deref()), no_admin, StatusCode::OK)
+}
+
+fn login_form(error: Option<String>, next: String, no_admin: bool, status: StatusCode) -> PageResult {
+    let html = env()
+        .get_template("login.html")
+        .and_then(|t| t.render(json!({"error": error, "next": next, "no_admin": no_admin})))
+        .map_err(|e| OpsError::Conflict(e.to_string()))?;
+    Ok(Page::from_response((status, Html(html))))
+}
+
+/// Same-origin check for the sign-in form (there is no session, hence no CSRF token, yet).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()), host) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, h)| h == host),
+        (Some(_), None) => false,
+    }
+}
+
+async fn login(
+    State(p): State<Panel>,
+    Extension(limiter): Extension<SignInLimiter>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> PageResult {
+    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let name = form.get("name").cloned().unwrap_or_default();
+    let next = safe_next(form.get("next").map(String::as_str));
+    if !same_origin(&headers) {
+        return login_form(
+            Some("The sign-in came from another site; use this page.".into()),
+            next,
+            false,
+            StatusCode::FORBIDDEN,
+        );
+    }
+    if let Some(wait) = limiter.blocked(&name, Some(addr)) {
+        let msg = format!("Too many failed sign-ins. Try again in {} minute(s).", wait.div_ceil(60));
+        return login_form(Some(msg), next, false, StatusCode::TOO_MANY_REQUESTS);
+    }
+    let password = Secret::new(form.get("password").cloned().unwrap_or_default());
+    match p.sign_in(&name, &password).await? {
+        None => {
+            limiter.failed(&name, Some(addr));
+            tracing::warn!(account = %name, client = %addr.ip(), "sign-in failed");
+            login_form(Some("Wrong name or password.".into()), next, false, StatusCode::UNAUTHORIZED)
+        }
+        Some((session, _)) => {
+            limiter.succeeded(&name);
+            let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
+            let cookie = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+                session.token,
+                SESSION_HOURS * 3600,
+                if secure { "; Secure" } else { "" }
+            );
+            Ok(Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to(&next))))
+        }
+    }
+}
+
+/// Sign-out is a form post: its CSRF token comes in the body.
+async fn logout(
+    State(p): State<Panel>,
+    Extension(actor): Extension<Actor>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> PageResult {
+    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    if actor.csrf.is_none() || form.get("csrf") != actor.csrf.as_ref() {
+        return Err(Page::from_response((StatusCode::FORBIDDEN, "missing or wrong CSRF token")));
+    }
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        p.sign_out(&token).await?;
+    }
+    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    Ok(Page::from_response(([(header::SET_COOKIE, clear)], Redirect::to("/login"))))
+}
+
+async fn me(Extension(actor): Extension<Actor>) -> Response {
+    axum::Json(json!({"name": actor.name, "role": actor.role.as_str(), "csrf": actor.csrf})).into_response()
+}
+
+// ---- dashboard ----
+
+/// What the dashboard shows, also served as `GET /api/v1/dashboard`.
+async fn dashboard_data(p: &Panel) -> Result<Value, OpsError> {
+    let now = Utc::now();
+    let services = p.live_services().await?;
+    let queue = p.store.queue_stats(now).await?;
+    let start = now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).unwrap_or(now)
+        - Duration::hours(23);
+    let counts = p.store.hourly_counts(start).await?;
+    let mut hours: Vec<Value> = (0..24)
+        .map(|i| json!({"hour": start + Duration::hours(i), "delivered": 0, "retrying": 0, "failed": 0}))
+        .collect();
+    let (mut last_hour, mut last_day) =
+        (json!({"delivered": 0, "retrying": 0, "failed": 0}), json!({"delivered": 0, "retrying": 0, "failed": 0}));
+    for c in counts {
+        let i = ((c.hour - start).num_hours()).clamp(0, 23) as usize;
+        let key = c.state.as_str();
+        hours[i][key] = (hours[i][key].as_i64().unwrap_or(0) + c.count).into();
+        last_day[key] = (last_day[key].as_i64().unwrap_or(0) + c.count).into();
+        if i == 23 {
+            last_hour[key] = (last_hour[key].as_i64().unwrap_or(0) + c.count).into();
+        }
+    }
+    let last_error = p.store.last_relay_error().await?;
+    let settings = p.settings().await;
+    let banner = match (&settings, &last_error) {
+        (Ok(None), _) => {
+            Some("No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string())
+        }
+        (Err(e), _) => Some(format!("The relay settings are broken: {e}")),
+        (_, Some(e)) if e.current && e.outcome == "configuration_error" => Some(format!(
+            "Sending is stopped by a configuration error at {}: {}. Fix the relay settings; held messages are sent again automatically.",
+            e.stage,
+            e.reply.clone().unwrap_or_else(|| e.detail.clone())
+        )),
+        (_, Some(e)) if e.current => Some(format!(
+            "The relay is failing: the last attempt ({}) failed at {}: {}. Messages wait and are retried.",
+            e.relay,
+            e.stage,
+            e.reply.clone().unwrap_or_else(|| e.detail.clone())
+        )),
+        _ => None,
+    };
+    Ok(json!({
+        "services": services,
+        "queue": queue,
+        "last_hour": last_hour,
+        "last_day": last_day,
+        "hours": hours,
+        "last_error": last_error,
+        "banner": banner,
+    }))
+}
+
+async fn dashboard_api(State(p): State<Panel>) -> Response {
+    match dashboard_data(&p).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+/// Delivered, retrying and failed per hour as stacked bars, drawn on the server.
+fn chart_svg(hours: &[Value]) -> String {
+    let (w, h, bar) = (720.0, 160.0, 24.0);
+    let max = hours
+        .iter()
+        .map(|v| ["delivered", "retrying", "failed"].iter().map(|k| v[k].as_i64().unwrap_or(0)).sum::<i64>())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let mut svg = format!(
+        r#"<svg viewBox="0 0 {w} {} " role="img" aria-label="Messages per hour over the last day" class="chart">"#,
+        h + 20.0
+    );
+    for (i, v) in hours.iter().enumerate() {
+        let x = i as f64 * (w / 24.0) + 3.0;
+        let mut y = h;
+        for (key, class) in [("delivered", "ok"), ("retrying", "warn"), ("failed", "bad")] {
+            let n = v[key].as_i64().unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let height = n as f64 / max * (h - 10.0);
+            y -= height;
+            svg.push_str(&format!(
+                r#"<rect class="{class}" x="{x:.1}" y="{y:.1}" width="{bar}" height="{height:.1}"><title>{n} {key}</title></rect>"#
+            ));
+        }
+        if i % 3 == 0 {
+            let label = v["hour"]
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.format("%H:00").to_string())
+                .unwrap_or_default();
+            svg.push_str(&format!(r#"<text x="{x:.1}" y="{}">{label}</text>"#, h + 15.0));
+        }
+    }
+    svg.push_str(&format!(r#"<text x="0" y="10">max {max}/h (UTC)</text></svg>"#));
+    svg
+}
+
+async fn dashboard(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let d = dashboard_data(&p).await?;
+    let chart = chart_svg(d["hours"].as_array().map(Vec::as_slice).unwrap_or_default());
+    Ok(render("dashboard.html", &actor, "dashboard", json!({"d": d, "chart": chart}))?)
+}
+
+// ---- relay settings ----
+
+async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let stored = p.stored_settings().await?;
+    let effective = p.settings().await.ok().flatten().map(|(_, s)| effective_view(&s));
+    let credentials = if actor.role >= Role::Viewer { p.credentials().await.unwrap_or_default() } else { vec![] };
+    let names: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
+    Ok(render(
+        "settings.html",
+        &actor,
+        "settings",
+        json!({
+            "stored": stored.as_ref().map(|s| &s.doc),
+            "version": stored.as_ref().map(|s| s.version),
+            "saved_by": stored.as_ref().map(|s| &s.saved_by),
+            "effective": effective,
+            "credentials": names,
+        }),
+    )?)
+}
+
+// ---- messages ----
+
+#[derive(Deserialize)]
+struct MessageQuery {
+    state: Option<String>,
+    origin: Option<String>,
+    recipient: Option<String>,
+    since: Option<String>,
+}
+
+async fn messages(
+    State(p): State<Panel>,
+    Extension(actor): Extension<Actor>,
+    Query(q): Query<MessageQuery>,
+) -> PageResult {
+    let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(String::from);
+    let since = nonempty(&q.since).map(|s| panel_service::ops::parse_since(&s)).transpose();
+    let error = since.as_ref().err().map(|e| e.to_string());
+    let filter = MessageFilter {
+        state: nonempty(&q.state).and_then(|s| MessageState::parse(&s)),
+        origin: nonempty(&q.origin).and_then(|s| Origin::parse(&s)),
+        recipient: nonempty(&q.recipient),
+        since: since.ok().flatten(),
+        limit: 200,
+    };
+    let list = p.store.list_messages(&filter).await?;
+    Ok(render(
+        "messages.html",
+        &actor,
+        "messages",
+        json!({
+            "list": list,
+            "q": {"state": q.state, "origin": q.origin, "recipient": q.recipient, "since": q.since},
+            "states": MessageState::ALL,
+            "origins": Origin::ALL,
+            "error": error,
+        }),
+    )?)
+}
+
+async fn message(State(p): State<Panel>, Extension(actor): Extension<Actor>, Path(id): Path<i64>) -> PageResult {
+    let m = p.store.message(id).await?.ok_or(OpsError::NotFound(id))?;
+    let content = p.store.message_content(id).await?;
+    Ok(render("message.html", &actor, "messages", json!({"m": m, "content": content}))?)
+}
+
+// ---- schedules, workflows, templates ----
+
+async fn definitions_page(p: &Panel, actor: &Actor, kind: DefinitionKind) -> PageResult {
+    let rows = p.definitions(kind).await?;
+    Ok(render("definitions.html", actor, kind.as_str(), json!({"kind": kind.as_str(), "rows": rows}))?)
+}
+
+async fn definition_page(p: &Panel, actor: &Actor, kind: DefinitionKind, name: &str) -> PageResult {
+    let row = p.definition(kind, name).await?;
+    let history = p.history(kind.as_str(), name, 20).await?;
+    let next = match kind {
+        DefinitionKind::Schedule => p
+            .schedule_next(name, 5)
+            .await
+            .map(|(t, times)| times.iter().map(|x| x.with_timezone(&t.timezone).to_rfc3339()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        _ => vec![],
+    };
+    let doc = serde_json::to_string_pretty(&row.doc).unwrap_or_default();
+    Ok(render(
+        "definition.html",
+        actor,
+        kind.as_str(),
+        json!({"kind": kind.as_str(), "row": row, "doc": doc, "history": history, "next": next}),
+    )?)
+}
+
+async fn schedules(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    definitions_page(&p, &actor, DefinitionKind::Schedule).await
+}
+
+async fn schedule(State(p): State<Panel>, Extension(actor): Extension<Actor>, Path(name): Path<String>) -> PageResult {
+    definition_page(&p, &actor, DefinitionKind::Schedule, &name).await
+}
+
+async fn workflows(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    definitions_page(&p, &actor, DefinitionKind::Workflow).await
+}
+
+async fn workflow(State(p): State<Panel>, Extension(actor): Extension<Actor>, Path(name): Path<String>) -> PageResult {
+    definition_page(&p, &actor, DefinitionKind::Workflow, &name).await
+}
+
+async fn templates(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let rows = p.definitions(DefinitionKind::Template).await?;
+    Ok(render("templates.html", &actor, "template", json!({"rows": rows}))?)
+}
+
+// ---- licenses, credentials, audit ----
+
+async fn licenses(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let list = p.licenses().await?;
+    Ok(render("licenses.html", &actor, "licenses", json!({"list": list}))?)
+}
+
+async fn credentials(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let list = p.credentials().await?;
+    Ok(render("credentials.html", &actor, "credentials", json!({"list": list}))?)
+}
+
+async fn audit(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let list = p.store.audit_log(200).await?;
+    Ok(render("audit.html", &actor, "audit", json!({"list": list}))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_page_template_compiles() {
+        for (name, _) in TEMPLATES {
+            env().get_template(name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn the_chart_draws_a_bar_per_state_and_hour() {
+        let hours: Vec<Value> = (0..24)
+            .map(|i| json!({"hour": "2026-11-26T00:00:00Z", "delivered": i, "retrying": 1, "failed": 0}))
+            .collect();
+        let svg = chart_svg(&hours);
+        assert_eq!(svg.matches("class=\"ok\"").count(), 23, "hour 0 delivered none");
+        assert_eq!(svg.matches("class=\"warn\"").count(), 24);
+        assert!(!svg.contains("class=\"bad\""));
+    }
+
+    #[test]
+    fn sign_in_redirects_only_within_the_site() {
+        assert_eq!(safe_next(Some("/messages?state=failed")), "/messages?state=failed");
+        assert_eq!(safe_next(Some("//evil.example/")), "/");
+        assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+}

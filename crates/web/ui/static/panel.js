@@ -1,0 +1,241 @@
+// Panel's admin UI: every action goes through the documented REST API (/api/openapi.json),
+// with the session's CSRF token in X-CSRF-Token. No external resources.
+"use strict";
+
+const csrf = () => (document.querySelector('meta[name="csrf"]') || {}).content || "";
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await res.json(); } catch (_) { /* empty body */ }
+  return { status: res.status, ok: res.ok, data };
+}
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
+  return e;
+}
+
+function then(spec) {
+  if (!spec) return;
+  if (spec === "reload") location.reload();
+  else if (spec.startsWith("goto:")) location.href = spec.slice(5);
+}
+
+function errorText(r) {
+  if (r.data && r.data.fields) return r.data.fields.map(f => `${f.field}: ${f.message}`).join("\n");
+  if (r.data && r.data.error) return r.data.error;
+  return `The request failed (HTTP ${r.status}).`;
+}
+
+function splitSpec(spec) {
+  const i = spec.indexOf(" ");
+  return [spec.slice(0, i), spec.slice(i + 1)];
+}
+
+function formBody(form) {
+  const body = {};
+  let path = null;
+  for (const f of form.querySelectorAll("input[name], select[name], textarea[name]")) {
+    if (f.disabled) continue;
+    const v = f.value;
+    if (f.hasAttribute("data-path-only")) { path = v.trim(); continue; }
+    if (f.type === "number") { if (v !== "") body[f.name] = Number(v); continue; }
+    if (f.tagName === "SELECT" && [...f.options].some(o => o.value === "true")) {
+      if (v !== "") body[f.name] = v === "true";
+      continue;
+    }
+    if (v === "" && f.hasAttribute("data-null-if-empty")) { body[f.name] = null; continue; }
+    body[f.name] = v;
+  }
+  return { body, path };
+}
+
+function clearErrors(form) {
+  form.querySelectorAll("[data-error-for]").forEach(e => { e.textContent = ""; });
+  form.querySelectorAll("[aria-invalid]").forEach(e => e.removeAttribute("aria-invalid"));
+  form.querySelectorAll(".form-errors").forEach(e => { e.textContent = ""; });
+}
+
+function showErrors(form, r) {
+  const general = form.querySelector(".form-errors");
+  if (r.data && r.data.fields) {
+    const rest = [];
+    for (const f of r.data.fields) {
+      const slot = form.querySelector(`[data-error-for="${CSS.escape(f.field)}"]`);
+      const input = form.querySelector(`[name="${CSS.escape(f.field)}"]`);
+      if (slot) slot.textContent = f.message; else rest.push(`${f.field}: ${f.message}`);
+      if (input) input.setAttribute("aria-invalid", "true");
+    }
+    if (general) general.textContent = rest.join("\n");
+  } else if (general) {
+    general.textContent = errorText(r);
+  }
+}
+
+document.addEventListener("submit", async (ev) => {
+  const form = ev.target;
+  if (!form.matches("form[data-api]")) return;
+  ev.preventDefault();
+  clearErrors(form);
+  let [method, path] = splitSpec(form.dataset.api);
+  let body;
+  if (form.dataset.json) {
+    try { body = JSON.parse(form.querySelector(`[name="${form.dataset.json}"]`).value); }
+    catch (e) { form.querySelector(".form-errors").textContent = `Not valid JSON: ${e.message}`; return; }
+    if (path.endsWith("/{name}") || method === "PUT") path = path.replace("{name}", encodeURIComponent(body.name || ""));
+  } else {
+    const collected = formBody(form);
+    body = collected.body;
+    if (collected.path !== null) {
+      if (!collected.path) { form.querySelector(".form-errors").textContent = "Give a name."; return; }
+      path = path.replace("{name}", encodeURIComponent(collected.path));
+    }
+  }
+  const r = await api(method, path, body);
+  const result = form.querySelector("[data-result]");
+  if (r.ok) {
+    const notices = (r.data && r.data.notices) || [];
+    if (result) result.textContent = ["Saved."].concat(notices).join(" ");
+    if (!notices.length) then(form.dataset.then);
+  } else {
+    showErrors(form, r);
+  }
+});
+
+document.addEventListener("click", async (ev) => {
+  const b = ev.target.closest("button[data-action]");
+  if (!b) return;
+  if (b.dataset.confirm && !confirm(b.dataset.confirm)) return;
+  const [method, path] = splitSpec(b.dataset.action);
+  const r = await api(method, path, b.dataset.body ? JSON.parse(b.dataset.body) : undefined);
+  const out = b.parentElement.querySelector("[data-result]");
+  if (r.ok) {
+    if (out) out.textContent = r.data && r.data.requeued !== undefined ? `${r.data.requeued} re-queued.` : "Done.";
+    then(b.dataset.then);
+  } else if (out) {
+    out.textContent = errorText(r);
+  } else {
+    alert(errorText(r));
+  }
+});
+
+// ---- relay settings: default port, check, test message ----
+
+const DEFAULT_PORT = { tls: 465, starttls: 587, "": 587, opportunistic: 25, none: 25 };
+
+function showDefaultPort() {
+  const sec = document.getElementById("f-security");
+  const port = document.getElementById("f-port");
+  if (!sec || !port) return;
+  const p = DEFAULT_PORT[sec.value] || 587;
+  port.placeholder = String(p);
+  const help = document.getElementById("h-port");
+  if (help) help.textContent = `Empty = the default for the security mode: ${p}`;
+}
+
+function replyText(reply) {
+  if (!reply) return "";
+  return `${reply.code}${reply.enhanced ? " " + reply.enhanced : ""} ${reply.text}`;
+}
+
+async function checkConnection() {
+  const out = document.getElementById("check-result");
+  out.replaceChildren(el("p", { role: "status" }, "Checking the relay…"));
+  const r = await api("POST", "/api/v1/smtp/check", {});
+  if (!r.ok) { out.replaceChildren(el("p", { class: "error" }, errorText(r))); return; }
+  const c = r.data;
+  const rows = c.stages.map(s => el("tr", { class: s.ok ? "ok" : "bad" },
+    el("td", {}, s.stage), el("td", {}, s.ok ? "✓" : "✗"), el("td", {}, s.detail), el("td", {}, replyText(s.reply))));
+  const table = el("table", { id: "check-stages" },
+    el("thead", {}, el("tr", {}, el("th", {}, "Stage"), el("th", {}, "OK"), el("th", {}, "Detail"), el("th", {}, "Reply"))),
+    el("tbody", {}, ...rows));
+  const parts = [el("h2", {}, c.ok ? `The relay ${c.relay} would accept a message.` : `The relay ${c.relay} would not accept a message.`),
+    el("div", { class: "scroll" }, table)];
+  if (c.tls) parts.push(el("p", { id: "check-tls" }, `TLS: ${c.tls.protocol}, ${c.tls.cipher_suite}; certificate ${c.tls.subject}, issued by ${c.tls.issuer}, expires ${c.tls.not_after}, SHA-256 ${c.tls.sha256}; ${c.tls.verification}`));
+  if (c.auth_mechanisms && c.auth_mechanisms.length) parts.push(el("p", {}, `AUTH mechanisms offered: ${c.auth_mechanisms.join(" ")}`));
+  if (c.failure) parts.push(el("p", { class: "error", id: "check-failure", role: "alert" },
+    `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint}` : "")));
+  out.replaceChildren(...parts);
+}
+
+async function testMessage() {
+  const out = document.getElementById("test-result");
+  const status = el("p", { id: "test-status", role: "status" }, "Queuing the Test Message…");
+  out.replaceChildren(el("h2", {}, "Test Message"), status);
+  const r = await api("POST", "/api/v1/smtp/test", {});
+  if (!r.ok) { status.textContent = errorText(r); status.className = "error"; return; }
+  const id = r.data.id;
+  const link = el("a", { href: `/messages/${id}` }, `message ${id}`);
+  out.append(el("p", {}, "Follow it in the log: ", link));
+  if (!r.data.service_running) {
+    status.textContent = `Queued (${id}), but no Panel Service is running: the message stays queued until one starts (panel serve or panel worker).`;
+    status.className = "warn";
+    return;
+  }
+  const deadline = Date.now() + 90000;
+  while (Date.now() < deadline) {
+    const m = await api("GET", `/api/v1/messages/${id}`);
+    if (!m.ok) { status.textContent = errorText(m); return; }
+    const last = m.data.attempts[m.data.attempts.length - 1];
+    if (m.data.state === "delivered") {
+      status.textContent = `delivered: relay ${last.relay} said ${last.code || ""} ${last.reply || last.detail}`;
+      status.className = "ok";
+      return;
+    }
+    if (last && (m.data.state === "failed" || m.data.state === "retrying")) {
+      const code = [last.code, last.enhanced_code].filter(Boolean).join(" ");
+      status.textContent = `${m.data.state}: at ${last.stage}, ${code} ${last.reply || last.detail}` + (last.hint ? ` Hint: ${last.hint}` : "");
+      status.className = m.data.state === "failed" ? "error" : "warn";
+      return;
+    }
+    status.textContent = `${m.data.state}…`;
+    await new Promise(res => setTimeout(res, 300));
+  }
+  status.textContent = "Still not sent after 90 s; see the message log.";
+}
+
+// ---- templates: load into the editor, preview ----
+
+async function loadTemplate(name) {
+  const r = await api("GET", `/api/v1/templates/${encodeURIComponent(name)}`);
+  if (!r.ok) return;
+  document.getElementById("t-name").value = name;
+  document.getElementById("t-subject").value = r.data.subject;
+  document.getElementById("t-text").value = r.data.text;
+  document.getElementById("t-html").value = r.data.html || "";
+}
+
+async function preview(ev) {
+  ev.preventDefault();
+  const out = document.getElementById("preview");
+  const name = document.getElementById("t-name").value.trim();
+  if (!name) { out.replaceChildren(el("p", { class: "error" }, "Load or name a saved template first.")); return; }
+  let data;
+  try { data = JSON.parse(document.getElementById("sample").value); }
+  catch (e) { out.replaceChildren(el("p", { class: "error" }, `Sample data is not valid JSON: ${e.message}`)); return; }
+  const r = await api("POST", `/api/v1/templates/${encodeURIComponent(name)}/render`, data);
+  if (!r.ok) { out.replaceChildren(el("p", { class: "error", role: "alert" }, errorText(r))); return; }
+  const parts = [el("h3", {}, `Subject: ${r.data.subject}`), el("pre", {}, r.data.text)];
+  if (r.data.html) parts.push(el("h3", {}, "HTML (source)"), el("pre", {}, r.data.html));
+  out.replaceChildren(...parts);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const sec = document.getElementById("f-security");
+  if (sec) { sec.addEventListener("change", showDefaultPort); showDefaultPort(); }
+  const check = document.getElementById("check");
+  if (check) check.addEventListener("click", checkConnection);
+  const test = document.getElementById("test-message");
+  if (test) test.addEventListener("click", testMessage);
+  document.querySelectorAll("[data-load-template]").forEach(b => b.addEventListener("click", () => loadTemplate(b.dataset.loadTemplate)));
+  const pf = document.getElementById("preview-form");
+  if (pf) pf.addEventListener("submit", preview);
+});
