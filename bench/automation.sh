@@ -2,7 +2,7 @@
 # What a workflow costs over a plain message: POST /api/v1/events (store the event, match the
 # workflow, evaluate its condition, render a text+HTML template and the recipient, queue the
 # message and its run in one transaction) against POST /api/v1/messages (validate and queue),
-# through one keep-alive connection to one Panel Service on SQLite (synchronous=FULL), with the
+# through one keep-alive connection (with an API token) to one Panel Service on SQLite (synchronous=FULL), with the
 # worker delivering to smtp-sink meanwhile. Alternating rounds; medians; ratio to the baseline.
 # Usage: bench/automation.sh [REQUESTS_PER_ROUND] [ROUNDS]
 source "$(dirname "$0")/common.sh"
@@ -20,15 +20,17 @@ cat > "$WORK/wf.json" <<'JSON'
  "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.manager.mail }}"]}]}
 JSON
 $PANEL workflow create --file "$WORK/wf.json" > /dev/null
+echo "bench-password-123" | $PANEL admin create bench --role admin --password-stdin > /dev/null
+TOKEN=$($PANEL admin token bench --label bench 2> /dev/null)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 $PANEL serve --listen "127.0.0.1:$PORT" 2> "$WORK/serve.log" &
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && break; sleep 0.1; done
-python3 - "$PORT" "$N" "$ROUNDS" <<'PY'
+python3 - "$PORT" "$N" "$ROUNDS" "$TOKEN" <<'PY'
 import http.client, json, statistics, sys, time
-port, n, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+port, n, rounds, token = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 conn = http.client.HTTPConnection("127.0.0.1", port)
 def post(path, body):
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     r = conn.getresponse(); r.read()
     assert r.status in (200, 202), (path, r.status)
 def message(i):
