@@ -269,4 +269,23 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
         let text = b.wait_text("main", 10, |t| !t.is_empty());
         assert!(text.contains(expect), "{path}: {text}");
     }
+
+    // On a phone-sized window nothing but the tables' own scroll areas is wider than the screen.
+    b.resize(390, 844);
+    for path in ["/", "/settings", "/messages", "/schedules/nightly", "/templates"] {
+        b.goto(&format!("{base}{path}"));
+        b.find("main");
+        let overflow = b.script("return document.documentElement.scrollWidth - document.documentElement.clientWidth");
+        assert!(overflow.as_i64().unwrap() <= 0, "{path} overflows a phone screen by {overflow}px");
+    }
+    // Every form field has a label.
+    for path in ["/settings", "/messages", "/templates", "/credentials", "/schedules"] {
+        b.goto(&format!("{base}{path}"));
+        b.find("main");
+        let unlabeled = b.script(
+            "return [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+                .filter(e => !(e.id && document.querySelector(`label[for=\"${e.id}\"]`))).map(e => e.name || e.id)",
+        );
+        assert_eq!(unlabeled, serde_json::json!([]), "{path}: fields without a label");
+    }
 }

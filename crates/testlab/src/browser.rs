@@ -160,6 +160,11 @@ impl Browser {
             .unwrap_or_else(|e| panic!("{js}: {e}"))
     }
 
+    /// Sets the window size (CSS pixels), e.g. a phone's 390x844.
+    pub fn resize(&self, width: u32, height: u32) {
+        self.cmd("POST", "/window/rect", Some(json!({"width": width, "height": height}))).unwrap();
+    }
+
     /// Saves a PNG screenshot of the whole page (the window is made as tall as the page first).
     pub fn screenshot(&self, path: &Path) {
         let height = self
