@@ -6,6 +6,16 @@ use super::{SqlStore, audit};
 use crate::model::*;
 use crate::{Result, from_ms};
 
+fn admin_from_row(r: &sqlx::any::AnyRow) -> AdminRow {
+    AdminRow {
+        name: r.get("name"),
+        role: r.get("role"),
+        password_hash: r.get("password_hash"),
+        created_at: from_ms(r.get("created_at")),
+        updated_at: from_ms(r.get("updated_at")),
+    }
+}
+
 impl SqlStore {
     /// Creates or (with `replace`) updates an account; false when it exists and `replace` is off.
     pub async fn put_admin(
@@ -49,27 +59,13 @@ impl SqlStore {
 
     pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
         let row = sqlx::query("SELECT * FROM admins WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| AdminRow {
-            name: r.get("name"),
-            role: r.get("role"),
-            password_hash: r.get("password_hash"),
-            created_at: from_ms(r.get("created_at")),
-            updated_at: from_ms(r.get("updated_at")),
-        }))
+        Ok(row.map(|r| admin_from_row(&r)))
     }
 
     pub async fn admins(&self) -> Result<Vec<AdminRow>> {
         let rows = sqlx::query("SELECT * FROM admins ORDER BY name").fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| AdminRow {
-                name: r.get("name"),
-                role: r.get("role"),
-                password_hash: String::new(),
-                created_at: from_ms(r.get("created_at")),
-                updated_at: from_ms(r.get("updated_at")),
-            })
-            .collect())
+        // Lists never carry password hashes.
+        Ok(rows.iter().map(|r| AdminRow { password_hash: String::new(), ..admin_from_row(r) }).collect())
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str, now: i64) -> Result<bool> {
