@@ -160,7 +160,8 @@ struct SetArgs {
     /// Receives messages without a recipient, and the Test Message
     #[arg(long)]
     fallback_recipient: Option<String>,
-    /// none (the relay allow-lists this host's IP), password, or oauth2 [default: none]
+    /// none (the relay allow-lists this host's IP), password, oauth2, integrated (the service's
+    /// Kerberos identity, SASL GSSAPI), or ntlm (a stored credential) [default: none]
     #[arg(long)]
     auth: Option<String>,
     /// The relay account for --password-file/--password-env, or the mailbox for oauth2
@@ -175,6 +176,15 @@ struct SetArgs {
     /// Override the provider's token endpoint (https, or http to a loopback address)
     #[arg(long)]
     token_endpoint: Option<String>,
+    /// auth integrated: a keytab for --principal, instead of the default credential cache
+    #[arg(long)]
+    keytab: Option<String>,
+    /// auth integrated: the service's principal in the keytab, e.g. panel/host.example.org@EXAMPLE.ORG
+    #[arg(long)]
+    principal: Option<String>,
+    /// auth integrated: the relay's Kerberos service principal [default: smtp/HOST]
+    #[arg(long)]
+    service_principal: Option<String>,
     /// File holding the relay password (read before every connection)
     #[arg(long)]
     password_file: Option<String>,
@@ -582,6 +592,9 @@ fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
         credential_relay: None,
         oauth_provider: a.oauth_provider,
         token_endpoint: a.token_endpoint,
+        keytab: a.keytab,
+        principal: a.principal,
+        service_principal: a.service_principal,
         password_file: a.password_file,
         password_env: a.password_env,
         from: a.from,

@@ -175,6 +175,11 @@ pub enum FailureKind {
     TokenUnavailable,
     /// The relay refused a fresh OAuth2 token for good (see `reply`): permissions or delegation.
     TokenRefusedByRelay,
+    /// Integrated authentication could not get a Kerberos ticket (no ticket, keytab, unknown
+    /// principal, clock skew); the detail names the cause and the fix.
+    Kerberos,
+    /// No KDC answered: retried.
+    KdcUnavailable,
 }
 
 /// A failed stage: the raw facts, before classification.
@@ -269,9 +274,14 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         K::Timeout if failure.stage == Stage::Greeting && ctx.port == 465 && ctx.security != Security::Tls => {
             Configuration
         }
-        K::Timeout | K::Dns | K::ConnectionRefused | K::Io | K::TlsHandshake | K::Protocol | K::TokenUnavailable => {
-            Transient
-        }
+        K::Timeout
+        | K::Dns
+        | K::ConnectionRefused
+        | K::Io
+        | K::TlsHandshake
+        | K::Protocol
+        | K::TokenUnavailable
+        | K::KdcUnavailable => Transient,
         K::TlsModeMismatch
         | K::CertificateUntrusted
         | K::StarttlsNotOffered
@@ -280,7 +290,8 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::LocalConfig
         | K::Credential
         | K::TokenRejected
-        | K::TokenRefusedByRelay => Configuration,
+        | K::TokenRefusedByRelay
+        | K::Kerberos => Configuration,
     };
     Classification { class, hint }
 }
@@ -342,6 +353,10 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         K::TokenUnavailable => {
             h("the identity provider could not be reached or failed; the message is retried with backoff")
         }
+        K::Kerberos => h(
+            "fix the Kerberos cause named above; held messages are sent again when the relay settings are saved (panel smtp set)",
+        ),
+        K::KdcUnavailable => h("no Kerberos KDC answered; the message is retried with backoff"),
         K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
     }
 }

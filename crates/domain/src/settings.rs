@@ -86,6 +86,12 @@ pub enum Auth {
     Stored { credential: String },
     /// SASL XOAUTH2 with a token from the provider; the client secret or key is a stored credential.
     OAuth2 { provider: OAuthProvider, mailbox: EmailAddress, credential: String, token_endpoint: Option<EndpointUrl> },
+    /// SASL GSSAPI with the service's own Kerberos identity: the default credential cache, or
+    /// `keytab` for `principal`. Panel stores no secret. The relay is `service_principal`
+    /// (default `smtp/HOST`).
+    Integrated { keytab: Option<PathBuf>, principal: Option<String>, service_principal: Option<String> },
+    /// SASL NTLM (NTLMv2) with a stored password credential (license-gated like any).
+    Ntlm { credential: String },
 }
 
 impl Auth {
@@ -94,14 +100,18 @@ impl Auth {
             Auth::None => "none",
             Auth::Password { .. } | Auth::Stored { .. } => "password",
             Auth::OAuth2 { .. } => "oauth2",
+            Auth::Integrated { .. } => "integrated",
+            Auth::Ntlm { .. } => "ntlm",
         }
     }
 
     /// The stored credential these settings use, if any.
     pub fn credential(&self) -> Option<&str> {
         match self {
-            Auth::Stored { credential } | Auth::OAuth2 { credential, .. } => Some(credential),
-            Auth::None | Auth::Password { .. } => None,
+            Auth::Stored { credential } | Auth::OAuth2 { credential, .. } | Auth::Ntlm { credential } => {
+                Some(credential)
+            }
+            Auth::None | Auth::Password { .. } | Auth::Integrated { .. } => None,
         }
     }
 }
@@ -136,6 +146,14 @@ pub struct SettingsDoc {
     pub oauth_provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_endpoint: Option<String>,
+    /// `auth = integrated`: a keytab for `principal` instead of the default credential cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keytab: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// `auth = integrated`: the relay's Kerberos service principal [default: smtp/HOST].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_principal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,6 +205,9 @@ impl SettingsDoc {
             credential_relay: self.credential_relay.clone(),
             oauth_provider: s(&self.oauth_provider, &patch.oauth_provider),
             token_endpoint: s(&self.token_endpoint, &patch.token_endpoint),
+            keytab: s(&self.keytab, &patch.keytab),
+            principal: s(&self.principal, &patch.principal),
+            service_principal: s(&self.service_principal, &patch.service_principal),
             from: s(&self.from, &patch.from),
             fallback_recipient: s(&self.fallback_recipient, &patch.fallback_recipient),
             helo_name: s(&self.helo_name, &patch.helo_name),
@@ -360,11 +381,24 @@ fn validate_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
             }
         }
     };
+    let kerberos_set = doc.keytab.is_some() || doc.principal.is_some() || doc.service_principal.is_some();
+    let kerberos_only = |errors: &mut FieldErrors| {
+        for (field, set) in [
+            ("keytab", doc.keytab.is_some()),
+            ("principal", doc.principal.is_some()),
+            ("service_principal", doc.service_principal.is_some()),
+        ] {
+            if set {
+                errors.push(field, "applies only to auth = integrated; clear it with ''");
+            }
+        }
+    };
     let anything_set = has_password_source
         || doc.username.is_some()
         || doc.credential.is_some()
         || doc.oauth_provider.is_some()
-        || doc.token_endpoint.is_some();
+        || doc.token_endpoint.is_some()
+        || kerberos_set;
     match doc.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()) {
         None if !anything_set => Some(Auth::None),
         None => {
@@ -382,14 +416,47 @@ fn validate_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
         }
         Some(a) if a == "password" => {
             oauth_only(errors);
+            kerberos_only(errors);
             match doc.credential.as_deref() {
                 Some(name) => stored_password(doc, name, has_password_source, errors),
                 None => external_password(doc, errors),
             }
         }
-        Some(a) if a == "oauth2" => oauth2(doc, has_password_source, errors),
+        Some(a) if a == "oauth2" => {
+            kerberos_only(errors);
+            oauth2(doc, has_password_source, errors)
+        }
+        Some(a) if a == "integrated" => {
+            oauth_only(errors);
+            integrated(doc, has_password_source, errors)
+        }
+        Some(a) if a == "ntlm" => {
+            oauth_only(errors);
+            kerberos_only(errors);
+            if has_password_source || doc.username.is_some() {
+                errors.push(
+                    "credential",
+                    "auth = ntlm takes its username (DOMAIN\\user) and password from a stored credential; clear --username and password sources",
+                );
+            }
+            match doc.credential.as_deref() {
+                None => {
+                    errors.push(
+                        "credential",
+                        "is required with auth = ntlm: a stored password credential (--credential)",
+                    );
+                    None
+                }
+                Some(c) => {
+                    errors.take(credential::validate_name("credential", c)).map(|credential| Auth::Ntlm { credential })
+                }
+            }
+        }
         Some(other) => {
-            errors.push("auth", format!("'{other}' is not an authentication mode; use none, password or oauth2"));
+            errors.push(
+                "auth",
+                format!("'{other}' is not an authentication mode; use none, password, oauth2, integrated or ntlm"),
+            );
             None
         }
     }
@@ -476,6 +543,40 @@ fn oauth2(doc: &SettingsDoc, has_source: bool, errors: &mut FieldErrors) -> Opti
         credential: credential?,
         token_endpoint: token_endpoint?,
     })
+}
+
+fn integrated(doc: &SettingsDoc, has_source: bool, errors: &mut FieldErrors) -> Option<Auth> {
+    if has_source || doc.username.is_some() || doc.credential.is_some() {
+        errors.push(
+            "auth",
+            "integrated uses the service's own Kerberos identity; clear --username, --credential and password sources",
+        );
+    }
+    let principal_ok = |field: &str, v: &str| -> Result<String, FieldError> {
+        check_header_safe(field, v)?;
+        let v = v.trim();
+        if v.is_empty() || v.contains(char::is_whitespace) {
+            return Err(FieldError::new(
+                field,
+                format!("'{v}' is not a Kerberos principal (e.g. panel/host.example.org@EXAMPLE.ORG)"),
+            ));
+        }
+        Ok(v.to_string())
+    };
+    let keytab = doc
+        .keytab
+        .as_deref()
+        .and_then(|v| errors.take(check_header_safe("keytab", v).map(|_| PathBuf::from(v.trim()))));
+    let principal = doc.principal.as_deref().and_then(|v| errors.take(principal_ok("principal", v)));
+    let service_principal =
+        doc.service_principal.as_deref().and_then(|v| errors.take(principal_ok("service_principal", v)));
+    if keytab.is_some() && principal.is_none() && doc.principal.is_none() {
+        errors.push("principal", "is required with a keytab: the service's principal in it (--principal)");
+    }
+    if keytab.is_none() && doc.principal.is_some() {
+        errors.push("keytab", "is required with a principal; without both, the default credential cache is used");
+    }
+    Some(Auth::Integrated { keytab, principal, service_principal })
 }
 
 fn validate_env_name(v: &str) -> Result<(), FieldError> {
@@ -626,6 +727,41 @@ mod tests {
         let doc = SettingsDoc { password_file: None, ..doc };
         let s = RelaySettings::validate(&doc).unwrap();
         assert_eq!(s.auth, Auth::Password { username: "panel".into(), source: PasswordSource::Env("PW".into()) });
+    }
+
+    #[test]
+    fn integrated_auth_uses_a_keytab_or_the_default_cache() {
+        let doc = SettingsDoc { auth: Some("integrated".into()), ..base() };
+        let s = RelaySettings::validate(&doc).unwrap();
+        assert_eq!(s.auth, Auth::Integrated { keytab: None, principal: None, service_principal: None });
+        assert_eq!(s.auth.credential(), None, "no secret stored, so no license needed");
+        let doc = SettingsDoc {
+            keytab: Some("/etc/panel/panel.keytab".into()),
+            principal: Some("panel/host.example.org@EXAMPLE.ORG".into()),
+            service_principal: Some("smtp/relay.example.org".into()),
+            ..doc
+        };
+        let Auth::Integrated { keytab, principal, service_principal } = RelaySettings::validate(&doc).unwrap().auth
+        else {
+            panic!()
+        };
+        assert_eq!(keytab.unwrap().to_str(), Some("/etc/panel/panel.keytab"));
+        assert_eq!(principal.as_deref(), Some("panel/host.example.org@EXAMPLE.ORG"));
+        assert_eq!(service_principal.as_deref(), Some("smtp/relay.example.org"));
+        let bad = SettingsDoc { principal: None, username: Some("x".into()), ..doc.clone() };
+        assert_eq!(fields(RelaySettings::validate(&bad).unwrap_err()), ["auth", "principal"]);
+        let other = SettingsDoc { auth: Some("password".into()), credential: Some("relay".into()), ..doc };
+        assert_eq!(fields(RelaySettings::validate(&other).unwrap_err()), ["keytab", "principal", "service_principal"]);
+    }
+
+    #[test]
+    fn ntlm_needs_a_stored_credential() {
+        let doc = SettingsDoc { auth: Some("ntlm".into()), credential: Some("exchange".into()), ..base() };
+        let s = RelaySettings::validate(&doc).unwrap();
+        assert_eq!(s.auth, Auth::Ntlm { credential: "exchange".into() });
+        assert_eq!(s.auth.credential(), Some("exchange"), "license-gated like any stored credential");
+        let doc = SettingsDoc { credential: None, ..doc };
+        assert_eq!(fields(RelaySettings::validate(&doc).unwrap_err()), ["credential"]);
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl Relay {
                 ),
             ));
         }
-        auth::authenticate(&mut conn, &s.auth, self.credentials.as_deref(), s.allow_plaintext_auth, t).await?;
+        auth::authenticate(&mut conn, s, self.credentials.as_deref(), t).await?;
         Ok(conn)
     }
 

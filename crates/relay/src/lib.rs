@@ -5,7 +5,9 @@
 pub mod auth;
 pub mod check;
 pub mod connection;
+pub mod gssapi;
 pub mod http;
+pub mod ntlm;
 pub mod oauth;
 pub mod tls;
 pub mod wire;

@@ -132,14 +132,14 @@ impl CredentialSource for StoredCredentials {
     fn resolve(&self, refresh: bool) -> BoxFuture<'_, Result<Resolved, Failure>> {
         Box::pin(async move {
             match &self.auth {
-                Auth::Stored { credential } => {
+                Auth::Stored { credential } | Auth::Ntlm { credential } => {
                     let (row, password) = self.open(Stage::Auth, credential, CredentialKind::Password).await?;
                     Ok(Resolved { secret: AuthSecret::Password { username: row.username, password }, token_note: None })
                 }
                 Auth::OAuth2 { provider, mailbox, credential, token_endpoint } => {
                     self.token(refresh, *provider, mailbox.as_str(), credential, token_endpoint.as_ref()).await
                 }
-                Auth::None | Auth::Password { .. } => {
+                Auth::None | Auth::Password { .. } | Auth::Integrated { .. } => {
                     Err(Failure::new(Stage::Auth, FailureKind::Credential, "these settings use no stored credential"))
                 }
             }

@@ -405,7 +405,12 @@ pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
         Auth::Password { username, source: PasswordSource::Env(v) } => {
             serde_json::json!({ "username": username, "password_env": v })
         }
-        Auth::Stored { credential } => serde_json::json!({ "credential": credential }),
+        Auth::Stored { credential } | Auth::Ntlm { credential } => serde_json::json!({ "credential": credential }),
+        Auth::Integrated { keytab, principal, service_principal } => serde_json::json!({
+            "keytab": keytab.as_ref().map(|p| p.display().to_string()),
+            "principal": principal,
+            "service_principal": service_principal.clone().unwrap_or_else(|| format!("smtp/{}", s.host)),
+        }),
         Auth::OAuth2 { provider, mailbox, credential, token_endpoint } => serde_json::json!({
             "oauth_provider": provider,
             "username": mailbox.as_str(),
@@ -446,7 +451,26 @@ fn prefer_named_source(patch: &SettingsDoc, old: &SettingsDoc) -> SettingsDoc {
         }
         Some("password") => [&mut p.oauth_provider, &mut p.token_endpoint].into_iter().for_each(clear),
         Some("oauth2") => [&mut p.password_file, &mut p.password_env].into_iter().for_each(clear),
+        Some("integrated") => [
+            &mut p.username,
+            &mut p.password_file,
+            &mut p.password_env,
+            &mut p.credential,
+            &mut p.oauth_provider,
+            &mut p.token_endpoint,
+        ]
+        .into_iter()
+        .for_each(clear),
+        Some("ntlm") => {
+            [&mut p.username, &mut p.password_file, &mut p.password_env, &mut p.oauth_provider, &mut p.token_endpoint]
+                .into_iter()
+                .for_each(clear)
+        }
         _ => {}
+    }
+    // The Kerberos fields belong to integrated only.
+    if p.auth.as_deref().is_some_and(|a| !a.trim().eq_ignore_ascii_case("integrated")) {
+        [&mut p.keytab, &mut p.principal, &mut p.service_principal].into_iter().for_each(clear);
     }
     let password_mode =
         p.auth.as_deref().or(old.auth.as_deref()).is_some_and(|a| a.trim().eq_ignore_ascii_case("password"));
