@@ -6,6 +6,7 @@
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
 mod browser;
+pub mod kerberos;
 mod oauth;
 pub mod postgres;
 mod proxy;
@@ -20,6 +21,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use browser::{Browser, Element};
+pub use kerberos::Kdc;
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use postgres::TestDatabase;
 pub use proxy::Proxy;
@@ -74,7 +76,7 @@ pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn run(cmd: &mut Command) {
+pub(crate) fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -91,16 +93,26 @@ fn id_of(flag: &str, name: &str) -> String {
 
 impl PostfixLab {
     pub fn start() -> Option<PostfixLab> {
-        PostfixLab::start_with(None)
+        PostfixLab::start_with(None, None)
     }
 
     /// A lab that relays every accepted message to `127.0.0.1:port` instead of its Maildir:
     /// the durable peer of the benchmarks (accept, queue with fsync, deliver).
     pub fn start_relaying_to(port: u16) -> Option<PostfixLab> {
-        PostfixLab::start_with(Some(port))
+        PostfixLab::start_with(Some(port), None)
     }
 
-    fn start_with(relay_to: Option<u16>) -> Option<PostfixLab> {
+    /// A lab like an Exchange relay: AUTH also offers GSSAPI (Kerberos, accepting with the
+    /// keytab of `smtp/localhost` in `kdc`'s realm) and NTLM (against the lab user's password).
+    pub fn start_exchange_like(kdc: &Kdc) -> Option<PostfixLab> {
+        let gssapi = Path::new("/usr/lib/x86_64-linux-gnu/sasl2/libgssapiv2.so.2").exists();
+        if !require("Cyrus SASL's GSSAPI plugin (libsasl2-modules-gssapi-mit)", gssapi) {
+            return None;
+        }
+        PostfixLab::start_with(None, Some(kdc))
+    }
+
+    fn start_with(relay_to: Option<u16>, kdc: Option<&Kdc>) -> Option<PostfixLab> {
         let installed = Path::new("/usr/sbin/postfix").exists() && Path::new("/usr/sbin/saslpasswd2").exists();
         if !require("Postfix (postfix, sasl2-bin)", installed) {
             return None;
@@ -122,14 +134,30 @@ impl PostfixLab {
         let sasldb = root.join("sasl/sasldb2");
         // Debian's smtpd looks for CONFIG_DIR/sasl/smtpd.conf whatever cyrus_sasl_config_path says.
         fs::create_dir_all(root.join("conf/sasl")).unwrap();
+        let (mechanisms, keytab) = match kdc {
+            None => ("PLAIN LOGIN", String::new()),
+            Some(k) => {
+                let keytab = k.keytab("smtp/localhost");
+                run(Command::new("chown").arg("postfix:postfix").arg(&keytab));
+                ("PLAIN LOGIN NTLM GSSAPI", format!("keytab: {}\n", keytab.display()))
+            }
+        };
         fs::write(
             root.join("conf/sasl/smtpd.conf"),
             format!(
-                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {}\nmech_list: PLAIN LOGIN\n",
+                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {}\nmech_list: {mechanisms}\n{keytab}",
                 sasldb.display()
             ),
         )
         .unwrap();
+        let kerberos_env = match kdc {
+            None => String::new(),
+            Some(k) => format!(
+                "import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C KRB5_CONFIG={} KRB5_KTNAME={}\n",
+                k.krb5_conf.display(),
+                keytab.trim_start_matches("keytab: ").trim()
+            ),
+        };
         let mut child = Command::new("saslpasswd2")
             .args(["-p", "-c", "-f"])
             .arg(&sasldb)
@@ -195,10 +223,16 @@ smtpd_client_connection_rate_limit = 0
 smtpd_error_sleep_time = 0
 smtpd_soft_error_limit = 1000
 smtpd_hard_error_limit = 1000
-"
+{kerberos_env}"
         );
         fs::write(root.join("conf/main.cf"), main_cf).unwrap();
         let auth = "-o smtpd_sasl_auth_enable=yes -o smtpd_relay_restrictions=permit_sasl_authenticated,reject";
+        // With Kerberos the STARTTLS port is smtp/localhost (Cyrus accepts as smtp/MYHOSTNAME);
+        // password users stay in the lab's realm.
+        let auth = match kdc {
+            None => auth.to_string(),
+            Some(_) => format!("{auth} -o myhostname=localhost -o smtpd_sasl_local_domain={LAB_HOSTNAME}"),
+        };
         let master_cf = format!(
             "127.0.0.1:{plain_port} inet n - n - - smtpd
 127.0.0.1:{submission_port} inet n - n - - smtpd -o smtpd_tls_security_level=encrypt -o smtpd_tls_auth_only=yes {auth}

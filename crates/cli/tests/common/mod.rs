@@ -21,6 +21,8 @@ pub struct Env {
     children: Vec<Child>,
     /// Set for an environment on PostgreSQL: every command gets it as PANEL_DATABASE_URL.
     pub database: Option<TestDatabase>,
+    /// Extra environment for every command (e.g. KRB5_CONFIG, KRB5CCNAME).
+    pub vars: Vec<(String, String)>,
 }
 
 pub struct Run {
@@ -45,7 +47,7 @@ impl Env {
             "[worker]\nlease = \"3s\"\npoll = \"200ms\"\nidle_connection = \"1s\"\n",
         )
         .unwrap();
-        Env { dir, children: Vec::new(), database: None }
+        Env { dir, children: Vec::new(), database: None, vars: Vec::new() }
     }
 
     /// Like `new`, on a fresh PostgreSQL database; `None` when no server runs (test skipped).
@@ -66,6 +68,7 @@ impl Env {
         if let Some(db) = &self.database {
             c.env("PANEL_DATABASE_URL", &db.url);
         }
+        c.envs(self.vars.iter().map(|(k, v)| (k, v)));
         c
     }
 
