@@ -437,21 +437,8 @@ fn prefer_named_source(patch: &SettingsDoc, old: &SettingsDoc) -> SettingsDoc {
     };
     // Switching the auth mode drops what does not apply to the new one, unless the patch names it.
     match p.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()).as_deref() {
-        Some("none") => {
-            for f in [
-                &mut p.username,
-                &mut p.password_file,
-                &mut p.password_env,
-                &mut p.credential,
-                &mut p.oauth_provider,
-                &mut p.token_endpoint,
-            ] {
-                clear(f);
-            }
-        }
-        Some("password") => [&mut p.oauth_provider, &mut p.token_endpoint].into_iter().for_each(clear),
-        Some("oauth2") => [&mut p.password_file, &mut p.password_env].into_iter().for_each(clear),
-        Some("integrated") => [
+        // Neither takes a username or any secret.
+        Some("none" | "integrated") => [
             &mut p.username,
             &mut p.password_file,
             &mut p.password_env,
@@ -461,6 +448,8 @@ fn prefer_named_source(patch: &SettingsDoc, old: &SettingsDoc) -> SettingsDoc {
         ]
         .into_iter()
         .for_each(clear),
+        Some("password") => [&mut p.oauth_provider, &mut p.token_endpoint].into_iter().for_each(clear),
+        Some("oauth2") => [&mut p.password_file, &mut p.password_env].into_iter().for_each(clear),
         Some("ntlm") => {
             [&mut p.username, &mut p.password_file, &mut p.password_env, &mut p.oauth_provider, &mut p.token_endpoint]
                 .into_iter()
