@@ -348,7 +348,8 @@ async fn dashboard(State(p): State<Panel>, Extension(actor): Extension<Actor>) -
 async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let stored = p.stored_settings().await?;
     let effective = p.settings().await.ok().flatten().map(|(_, s)| effective_view(&s));
-    let credentials = if actor.role >= Role::Viewer { p.credentials().await.unwrap_or_default() } else { vec![] };
+    // Names only, for the credential field's suggestions (never a secret).
+    let credentials = p.credentials().await.unwrap_or_default();
     let names: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
     Ok(render(
         "settings.html",
