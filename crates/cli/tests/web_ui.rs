@@ -256,6 +256,16 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
     let preview = b.wait_text("#preview", 10, |t| !t.is_empty());
     assert!(preview.contains("Subject: Hi Ann"), "{preview}");
 
+    // Storing a credential needs a license: the form says so and nothing is stored.
+    b.goto(&format!("{base}/credentials"));
+    b.fill("#c-name", "relay");
+    b.fill("#c-username", "panel");
+    b.fill("#c-secret", "not-stored-Secret-1");
+    b.click(&b.find("#credential-form button[type=submit]"));
+    let refused = b.wait_text("#credential-form .form-errors", 10, |t| !t.is_empty());
+    assert!(refused.contains("credential-storage"), "{refused}");
+    assert_eq!(b.script("return document.getElementById('c-secret').type"), "password", "write-only field");
+
     for (path, expect) in [
         ("/workflows", "welcome"),
         ("/workflows/welcome", "user.created"),

@@ -44,7 +44,7 @@ function formBody(form) {
   const body = {};
   let path = null;
   for (const f of form.querySelectorAll("input[name], select[name], textarea[name]")) {
-    if (f.disabled) continue;
+    if (f.disabled || f.type === "file") continue;
     const v = f.value;
     if (f.hasAttribute("data-path-only")) { path = v.trim(); continue; }
     if (f.type === "number") { if (v !== "") body[f.name] = Number(v); continue; }
@@ -53,6 +53,7 @@ function formBody(form) {
       continue;
     }
     if (v === "" && f.hasAttribute("data-null-if-empty")) { body[f.name] = null; continue; }
+    if (v === "" && f.hasAttribute("data-omit-if-empty")) continue;
     body[f.name] = v;
   }
   return { body, path };
@@ -94,6 +95,9 @@ document.addEventListener("submit", async (ev) => {
   } else {
     const collected = formBody(form);
     body = collected.body;
+    // A key file (write-only, like a password field) becomes the secret.
+    const file = form.querySelector("input[type=file][data-secret-file]");
+    if (file && file.files.length) body.secret = await file.files[0].text();
     if (collected.path !== null) {
       if (!collected.path) { form.querySelector(".form-errors").textContent = "Give a name."; return; }
       path = path.replace("{name}", encodeURIComponent(collected.path));
