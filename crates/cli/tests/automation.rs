@@ -305,9 +305,15 @@ fn a_due_schedule_runs_once_per_fire_time_with_two_services() {
     assert!(runs.len() >= 3, "several fire times in 9 s: {runs:?}");
     let times: Vec<chrono::DateTime<chrono::FixedOffset>> =
         runs.iter().map(|r| chrono::DateTime::parse_from_rfc3339(&r.0).unwrap()).collect();
-    for pair in times.windows(2) {
-        assert_eq!(pair[1] - pair[0], chrono::Duration::seconds(2), "no fire time twice, none skipped: {runs:?}");
+    // No fire time runs twice, and none is skipped silently: on a loaded machine a scheduler may
+    // wake late, and then the run says how many fire times it caught up on.
+    for (i, pair) in times.windows(2).enumerate() {
+        let gap = (pair[1] - pair[0]).num_seconds();
+        assert!(gap >= 2 && gap % 2 == 0, "fire times are distinct and on the rule: {runs:?}");
+        let later = &runs[i + 1].2;
+        assert_eq!(later["missed"].as_i64().unwrap(), gap / 2 - 1, "a gap is reported as missed: {later:#}");
     }
+    assert!(runs.iter().filter(|r| r.1 == "cron").count() >= 2, "mostly on time: {runs:?}");
     // Every run's message is delivered, once per fire time.
     for (_, _, run) in &runs {
         delivered(&env, run);
@@ -346,7 +352,10 @@ fn after_downtime_a_missed_schedule_runs_once_and_says_it_was_late() {
     assert_eq!(trigger, "catch_up", "{runs:?}");
     assert!(first["missed"].as_i64().unwrap() >= 2, "{first:#}");
     assert!(first["detail"].as_str().unwrap().contains("late"), "{first:#}");
-    assert!(runs[1..].iter().all(|r| r.1 == "cron"), "after catching up it runs on time: {runs:?}");
+    assert!(runs[1..].iter().any(|r| r.1 == "cron"), "after catching up it runs on time: {runs:?}");
+    let mut fires: Vec<&String> = runs.iter().map(|r| &r.0).collect();
+    fires.dedup();
+    assert_eq!(fires.len(), runs.len(), "no fire time runs twice");
 }
 
 #[test]
