@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::step::Step;
-use crate::template::{Engine, TemplateError, Undefined};
+use crate::template::{Engine, TemplateError};
 use crate::timing::{Timing, WeeklyRule};
 
 pub const MAX_STEPS: usize = 50;
@@ -137,7 +137,7 @@ impl WorkflowDef {
             errors.push("trigger", format!("{e} (an event type such as user.created)"));
         }
         if let Some(c) = &self.condition
-            && let Err(e) = Engine::new(Undefined::Strict).condition_syntax(c)
+            && let Err(e) = Engine::strict().condition_syntax(c)
         {
             errors.push("condition", e.to_string());
         }
@@ -149,7 +149,7 @@ impl WorkflowDef {
     pub fn matches(&self, ctx: &Value) -> Result<bool, TemplateError> {
         match &self.condition {
             None => Ok(true),
-            Some(c) => Engine::new(Undefined::Strict).condition(c, ctx),
+            Some(c) => Engine::strict().condition(c, ctx),
         }
     }
 }

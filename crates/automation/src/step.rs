@@ -6,7 +6,7 @@ use panel_domain::{FieldErrors, Mailbox};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::template::{Engine, Template, TemplateError, Undefined};
+use crate::template::{Engine, Template, TemplateError};
 
 /// Largest total size of a step's attachments.
 pub const MAX_ATTACHMENT_BYTES: usize = 5 * 1024 * 1024;
@@ -103,7 +103,7 @@ impl EmailStep {
         {
             errors.push(format!("{field}.template"), e);
         }
-        let engine = Engine::new(Undefined::Strict);
+        let engine = Engine::strict();
         let mut sources: Vec<(String, &str)> = Vec::new();
         for (part, source) in [("subject", &self.subject), ("text", &self.text), ("html", &self.html)] {
             sources.extend(source.as_deref().map(|s| (part.to_string(), s)));
@@ -146,7 +146,7 @@ impl EmailStep {
             }
         };
         let content = template.render(ctx)?;
-        let lenient = Engine::new(Undefined::Lenient);
+        let lenient = Engine::lenient();
         let mut empty = Vec::new();
         let mut addresses = |kind: &str, list: &[String]| -> Result<Vec<String>, TemplateError> {
             let mut out = Vec::new();
@@ -163,9 +163,9 @@ impl EmailStep {
         let to = addresses("to", &self.to)?;
         let cc = addresses("cc", &self.cc)?;
         let bcc = addresses("bcc", &self.bcc)?;
-        let reply_to = self.optional_address(&lenient, "reply_to", &self.reply_to, ctx)?;
-        let from = self.optional_address(&lenient, "from", &self.from, ctx)?;
-        let strict = Engine::new(Undefined::Strict);
+        let reply_to = self.optional_address(lenient, "reply_to", &self.reply_to, ctx)?;
+        let from = self.optional_address(lenient, "from", &self.from, ctx)?;
+        let strict = Engine::strict();
         let mut attachments = Vec::new();
         let mut total = 0;
         for (i, a) in self.attachments.iter().enumerate() {

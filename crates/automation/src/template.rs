@@ -67,13 +67,26 @@ pub enum Undefined {
     Lenient,
 }
 
-/// A sandboxed engine. Cheap to build; one per render keeps the fuel per render.
+/// A sandboxed engine. Fuel is counted per render, so one shared engine of each kind serves
+/// every render (building an environment per message would repeat its setup on the hot path).
 pub struct Engine {
     env: Environment<'static>,
 }
 
 impl Engine {
-    pub fn new(undefined: Undefined) -> Engine {
+    /// Undefined variables are errors: message text, attachments, conditions.
+    pub fn strict() -> &'static Engine {
+        static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+        ENGINE.get_or_init(|| Engine::new(Undefined::Strict))
+    }
+
+    /// Undefined values render empty: recipient fields.
+    pub fn lenient() -> &'static Engine {
+        static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+        ENGINE.get_or_init(|| Engine::new(Undefined::Lenient))
+    }
+
+    fn new(undefined: Undefined) -> Engine {
         let mut env = Environment::new();
         env.set_undefined_behavior(match undefined {
             Undefined::Strict => UndefinedBehavior::Strict,
@@ -133,7 +146,7 @@ impl Engine {
 impl Template {
     /// Checks every part's syntax, reporting all problems.
     pub fn check(&self) -> Result<(), Vec<TemplateError>> {
-        let engine = Engine::new(Undefined::Strict);
+        let engine = Engine::strict();
         let mut errors = Vec::new();
         for (part, source) in self.parts() {
             if let Err(e) = engine.check(part, source) {
@@ -147,7 +160,7 @@ impl Template {
     }
 
     pub fn render(&self, ctx: &Value) -> Result<Rendered, TemplateError> {
-        let engine = Engine::new(Undefined::Strict);
+        let engine = Engine::strict();
         let subject = engine.render("subject", &self.subject, ctx)?;
         Ok(Rendered {
             // A subject is one header line: template newlines are folded into spaces.
@@ -237,6 +250,8 @@ mod tests {
             tpl("x", "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}", None);
         let e = t.render(&json!({})).unwrap_err();
         assert!(e.message.contains("fuel"), "{e}");
+        let after = tpl("x", "{% for i in range(1000) %}{{ i }}{% endfor %}", None).render(&json!({}));
+        assert!(after.is_ok(), "fuel is counted per render, not per shared engine: {after:?}");
     }
 
     #[test]
@@ -269,7 +284,7 @@ mod tests {
 
     #[test]
     fn conditions_evaluate_over_the_event() {
-        let e = Engine::new(Undefined::Strict);
+        let e = Engine::strict();
         let ctx = json!({"object": {"department": "Finance"}});
         assert!(e.condition("object.department == 'Finance'", &ctx).unwrap());
         assert!(!e.condition("object.department == \"HR\"", &ctx).unwrap());
