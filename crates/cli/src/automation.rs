@@ -287,18 +287,14 @@ pub async fn schedule(panel: Panel, cmd: ScheduleCommand) -> CmdResult {
             Ok(if run.status == "failed" { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         ScheduleCommand::Next { name, count, json } => {
-            let (timing, times) = panel.schedule_next(&name, count).await?;
-            let local: Vec<String> = times.iter().map(|t| t.with_timezone(&timing.timezone).to_rfc3339()).collect();
+            let next = panel.schedule_next(&name, count).await?;
             if json {
-                print_json(&serde_json::json!({ "name": name, "rule": timing.describe(), "next": local }));
-            } else if local.is_empty() {
-                println!(
-                    "Schedule '{name}' has no time rule ({}); run it with panel schedule run {name}",
-                    timing.describe()
-                );
+                print_json(&next);
+            } else if next.next.is_empty() {
+                println!("Schedule '{name}' has no time rule ({}); run it with panel schedule run {name}", next.rule);
             } else {
-                println!("Schedule '{name}': {}", timing.describe());
-                local.iter().for_each(|t| println!("  {t}"));
+                println!("Schedule '{name}': {}", next.rule);
+                next.next.iter().for_each(|t| println!("  {t}"));
             }
             Ok(ExitCode::SUCCESS)
         }

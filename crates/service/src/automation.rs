@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use panel_automation::{DispatchDef, Rendered, ScheduleDef, Step, Template, Timing, WorkflowDef, event_context};
+use panel_automation::{DispatchDef, Rendered, ScheduleDef, Step, Template, WorkflowDef, event_context};
 use panel_domain::{FieldErrors, Origin, OutgoingMessage, RelaySettings};
 use panel_store::{
     DefinitionKind, DefinitionRow, EventRecord, NewDefinition, NewRun, PlannedStep, RunRow, SaveMode, SaveOutcome,
@@ -13,6 +13,15 @@ use panel_store::{
 use serde_json::{Value, json};
 
 use crate::ops::{OpsError, Panel};
+
+/// A schedule's upcoming fire times, as `panel schedule next` and the API show them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScheduleNext {
+    pub name: String,
+    /// The time rule in words, e.g. `cron 0 9 * * MON-FRI (Europe/Berlin)`.
+    pub rule: String,
+    pub next: Vec<String>,
+}
 
 /// Fire times up to this late count as on time in the history.
 const LATE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
@@ -182,11 +191,7 @@ impl Panel {
         if !object.is_object() {
             errors.push("object", "must be a JSON object");
         }
-        if let Some(k) = idempotency_key
-            && (k.trim().is_empty() || k.len() > 200 || k.chars().any(char::is_control))
-        {
-            errors.push("idempotency_key", "must be 1-200 characters without control characters");
-        }
+        let key = idempotency_key.and_then(|k| errors.take(crate::ops::validate_idempotency_key(k)));
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
@@ -202,7 +207,7 @@ impl Panel {
         let mut queued = 0;
         let record = self
             .store
-            .record_event(event_type, object, idempotency_key.map(str::trim), now, |event_id| {
+            .record_event(event_type, object, key, now, |event_id| {
                 let ctx = event_context(event_id, event_type, object, now);
                 let runs: Vec<NewRun> = workflows
                     .iter()
@@ -253,12 +258,16 @@ impl Panel {
         saved(DefinitionKind::Schedule, &def.name, self.store.save_definition(&row, mode, by, Utc::now()).await?)
     }
 
-    /// The next `count` fire times of a schedule, in its time zone.
-    pub async fn schedule_next(&self, name: &str, count: usize) -> Result<(Timing, Vec<DateTime<Utc>>), OpsError> {
+    /// The next `count` fire times of a schedule, as RFC 3339 times in its time zone.
+    pub async fn schedule_next(&self, name: &str, count: usize) -> Result<ScheduleNext, OpsError> {
         let def: ScheduleDef = parse_doc(&self.definition(DefinitionKind::Schedule, name).await?)?;
         let timing = def.validate().map_err(OpsError::Invalid)?;
-        let times = timing.upcoming(Utc::now(), count.min(1000));
-        Ok((timing, times))
+        let next = timing
+            .upcoming(Utc::now(), count.min(1000))
+            .iter()
+            .map(|t| t.with_timezone(&timing.timezone).to_rfc3339())
+            .collect();
+        Ok(ScheduleNext { name: name.into(), rule: timing.describe(), next })
     }
 
     /// Runs a schedule now, whatever its time rule (and even when disabled): `panel schedule run`.

@@ -350,7 +350,7 @@ impl Panel {
 }
 
 /// Idempotency keys are caller-chosen names like `nightly-report@2026-11-26T02:00Z`.
-fn validate_idempotency_key(key: &str) -> Result<&str, panel_domain::FieldError> {
+pub(crate) fn validate_idempotency_key(key: &str) -> Result<&str, panel_domain::FieldError> {
     let k = key.trim();
     if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
         return Err(panel_domain::FieldError::new(

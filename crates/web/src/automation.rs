@@ -174,9 +174,7 @@ struct Count {
 }
 
 async fn schedule_next(State(p): State<Panel>, Path(name): Path<String>, Query(q): Query<Count>) -> ApiResult {
-    let (timing, times) = p.schedule_next(&name, q.count.unwrap_or(5)).await?;
-    let local: Vec<String> = times.iter().map(|t| t.with_timezone(&timing.timezone).to_rfc3339()).collect();
-    ok(json!({"name": name, "rule": timing.describe(), "next": local}))
+    ok(p.schedule_next(&name, q.count.unwrap_or(5)).await?)
 }
 
 #[derive(Deserialize)]

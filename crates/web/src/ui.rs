@@ -422,11 +422,7 @@ async fn definition_page(p: &Panel, actor: &Actor, kind: DefinitionKind, name: &
     let row = p.definition(kind, name).await?;
     let history = p.history(kind.as_str(), name, 20).await?;
     let next = match kind {
-        DefinitionKind::Schedule => p
-            .schedule_next(name, 5)
-            .await
-            .map(|(t, times)| times.iter().map(|x| x.with_timezone(&t.timezone).to_rfc3339()).collect::<Vec<_>>())
-            .unwrap_or_default(),
+        DefinitionKind::Schedule => p.schedule_next(name, 5).await.map(|n| n.next).unwrap_or_default(),
         _ => vec![],
     };
     let doc = serde_json::to_string_pretty(&row.doc).unwrap_or_default();
