@@ -254,25 +254,34 @@ impl SqlStore {
         self.with_messages(rows).await
     }
 
+    /// The runs with their messages, fetched in one query for all of them.
     async fn with_messages(&self, rows: Vec<AnyRow>) -> Result<Vec<RunRow>> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
+        let mut by_run: std::collections::HashMap<i64, Vec<RunMessage>> = std::collections::HashMap::new();
+        if !ids.is_empty() {
+            // Only numbered placeholders are formatted into the statement.
+            let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT run_id, id, state, subject, last_error FROM messages WHERE run_id IN ({}) ORDER BY id",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in &ids {
+                query = query.bind(*id);
+            }
+            for m in query.fetch_all(&self.pool).await? {
+                by_run.entry(m.get("run_id")).or_default().push(RunMessage {
+                    id: m.get("id"),
+                    state: parse_state(&m)?,
+                    subject: m.get("subject"),
+                    last_error: m.get("last_error"),
+                });
+            }
+        }
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let id: i64 = r.get("id");
-            let messages =
-                sqlx::query("SELECT id, state, subject, last_error FROM messages WHERE run_id = $1 ORDER BY id")
-                    .bind(id)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(|m| {
-                        Ok(RunMessage {
-                            id: m.get("id"),
-                            state: parse_state(m)?,
-                            subject: m.get("subject"),
-                            last_error: m.get("last_error"),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            let messages = by_run.remove(&id).unwrap_or_default();
             out.push(RunRow {
                 id,
                 kind: r.get("kind"),
