@@ -17,7 +17,7 @@ use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin, SettingsDoc};
 use panel_service::wake::Waker;
 use panel_service::{OpsError, Panel, SecretsConfig, ServiceHandle, WorkerConfig};
-use panel_store::{MessageFilter, RetryResult, Store};
+use panel_store::{RetryResult, Store};
 use tokio::sync::watch;
 
 use crate::config::FileConfig;
@@ -660,24 +660,9 @@ async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Option<u64>, js
 async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
     match cmd {
         MessagesCommand::List { status, origin, limit, json } => {
-            let state = status
-                .map(|s| {
-                    MessageState::parse(&s).ok_or_else(|| {
-                        bad_input(format!("--status '{s}' is not a state; use one of {}", MessageState::ALL.join(", ")))
-                    })
-                })
-                .transpose()?;
-            let origin = origin
-                .map(|s| {
-                    Origin::parse(&s).ok_or_else(|| {
-                        bad_input(format!("--origin '{s}' is not an origin; use one of {}", Origin::ALL.join(", ")))
-                    })
-                })
-                .transpose()?;
-            let list = panel
-                .store
-                .list_messages(&MessageFilter { state, origin, recipient: None, since: None, limit })
-                .await?;
+            let filter = panel_service::ops::message_filter(status.as_deref(), origin.as_deref(), None, None, limit)
+                .map_err(|e| bad_input(e.to_string()))?;
+            let list = panel.store.list_messages(&filter).await?;
             output::message_list(&list, json);
             Ok(ExitCode::SUCCESS)
         }

@@ -361,6 +361,38 @@ pub(crate) fn validate_idempotency_key(key: &str) -> Result<&str, panel_domain::
     Ok(k)
 }
 
+/// The message log's filter from its text form (API query, UI form, CLI flags). Empty values
+/// mean "any"; every bad field is reported at once.
+pub fn message_filter(
+    state: Option<&str>,
+    origin: Option<&str>,
+    recipient: Option<&str>,
+    since: Option<&str>,
+    limit: u32,
+) -> Result<panel_store::MessageFilter, FieldErrors> {
+    fn given(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let mut errors = FieldErrors::default();
+    let state = given(state).and_then(|s| {
+        let v = MessageState::parse(s);
+        if v.is_none() {
+            errors.push("state", format!("'{s}' is not a state; use one of {}", MessageState::ALL.join(", ")));
+        }
+        v
+    });
+    let origin = given(origin).and_then(|s| {
+        let v = Origin::parse(s);
+        if v.is_none() {
+            errors.push("origin", format!("'{s}' is not an origin; use one of {}", Origin::ALL.join(", ")));
+        }
+        v
+    });
+    let since = given(since).and_then(|s| parse_since(s).map_err(|e| errors.0.extend(e.0)).ok());
+    let recipient = given(recipient).map(String::from);
+    errors.into_result(|| panel_store::MessageFilter { state, origin, recipient, since, limit })
+}
+
 /// A `since` bound: `2h` (that long ago) or an RFC 3339 time.
 pub fn parse_since(value: &str) -> Result<chrono::DateTime<Utc>, FieldErrors> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value.trim()) {

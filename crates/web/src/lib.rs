@@ -16,12 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use panel_domain::message::Draft;
-use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_domain::{Origin, SettingsDoc};
 use panel_service::ops::effective_view;
 use panel_service::{OpsError, Panel};
 
 use crate::auth::By;
-use panel_store::{MessageFilter, RetryResult};
+use panel_store::RetryResult;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -233,33 +233,14 @@ struct ListQuery {
 }
 
 async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> ApiResult {
-    let mut errors = panel_domain::FieldErrors::default();
-    let state = q.state.as_deref().and_then(|s| {
-        let v = MessageState::parse(s);
-        if v.is_none() {
-            errors.push("state", format!("'{s}' is not a state; use one of {}", MessageState::ALL.join(", ")));
-        }
-        v
-    });
-    let origin = q.origin.as_deref().and_then(|s| {
-        let v = Origin::parse(s);
-        if v.is_none() {
-            errors.push("origin", format!("'{s}' is not an origin; use one of {}", Origin::ALL.join(", ")));
-        }
-        v
-    });
-    let since = q.since.as_deref().and_then(|s| match panel_service::ops::parse_since(s) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            errors.0.extend(e.0);
-            None
-        }
-    });
-    if !errors.is_empty() {
-        return Err(OpsError::Invalid(errors).into());
-    }
-    let recipient = q.recipient.filter(|r| !r.trim().is_empty());
-    let filter = MessageFilter { state, origin, recipient, since, limit: q.limit.unwrap_or(100).min(1000) };
+    let filter = panel_service::ops::message_filter(
+        q.state.as_deref(),
+        q.origin.as_deref(),
+        q.recipient.as_deref(),
+        q.since.as_deref(),
+        q.limit.unwrap_or(100).min(1000),
+    )
+    .map_err(OpsError::Invalid)?;
     ok(p.store.list_messages(&filter).await.map_err(OpsError::from)?)
 }
 

@@ -380,16 +380,15 @@ async fn messages(
     Extension(actor): Extension<Actor>,
     Query(q): Query<MessageQuery>,
 ) -> PageResult {
-    let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(String::from);
-    let since = nonempty(&q.since).map(|s| panel_service::ops::parse_since(&s)).transpose();
-    let error = since.as_ref().err().map(|e| e.to_string());
-    let filter = MessageFilter {
-        state: nonempty(&q.state).and_then(|s| MessageState::parse(&s)),
-        origin: nonempty(&q.origin).and_then(|s| Origin::parse(&s)),
-        recipient: nonempty(&q.recipient),
-        since: since.ok().flatten(),
-        limit: 200,
-    };
+    let parsed = panel_service::ops::message_filter(
+        q.state.as_deref(),
+        q.origin.as_deref(),
+        q.recipient.as_deref(),
+        q.since.as_deref(),
+        200,
+    );
+    let error = parsed.as_ref().err().map(|e| e.to_string());
+    let filter = parsed.unwrap_or(MessageFilter { limit: 200, ..Default::default() });
     let list = p.store.list_messages(&filter).await?;
     Ok(render(
         "messages.html",
