@@ -7,66 +7,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::settings::Security;
 
-/// Where in the SMTP conversation something happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Before any network I/O: settings, password source, CA file.
-    Config,
-    Dns,
-    Tcp,
-    Tls,
-    Greeting,
-    Ehlo,
-    Starttls,
-    /// Obtaining an OAuth2 access token from the provider (before AUTH XOAUTH2).
-    Token,
-    Auth,
-    Mail,
-    Rcpt,
-    Data,
-    Quit,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Config => "config",
-            Stage::Dns => "dns",
-            Stage::Tcp => "tcp",
-            Stage::Tls => "tls",
-            Stage::Greeting => "greeting",
-            Stage::Ehlo => "ehlo",
-            Stage::Starttls => "starttls",
-            Stage::Token => "token",
-            Stage::Auth => "auth",
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-            Stage::Quit => "quit",
-        }
+crate::string_enum!(custom_display;
+    /// Where in the SMTP conversation something happened (shown in capitals: `AUTH`, `RCPT`).
+    Stage {
+        /// Before any network I/O: settings, password source, CA file.
+        Config = "config",
+        Dns = "dns",
+        Tcp = "tcp",
+        Tls = "tls",
+        Greeting = "greeting",
+        Ehlo = "ehlo",
+        Starttls = "starttls",
+        /// Obtaining an OAuth2 access token from the provider (before AUTH XOAUTH2).
+        Token = "token",
+        Auth = "auth",
+        Mail = "mail",
+        Rcpt = "rcpt",
+        Data = "data",
+        Quit = "quit",
+        /// Inside Panel, not at the relay: the delivery code failed (a bug), see the detail.
+        Internal = "internal",
     }
-
-    pub fn parse(s: &str) -> Option<Stage> {
-        [
-            Stage::Config,
-            Stage::Dns,
-            Stage::Tcp,
-            Stage::Tls,
-            Stage::Greeting,
-            Stage::Ehlo,
-            Stage::Starttls,
-            Stage::Token,
-            Stage::Auth,
-            Stage::Mail,
-            Stage::Rcpt,
-            Stage::Data,
-            Stage::Quit,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-    }
-}
+);
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,6 +142,10 @@ pub enum FailureKind {
     Kerberos,
     /// No KDC answered: retried.
     KdcUnavailable,
+    /// Panel's own delivery code failed (it panicked): a bug, not the relay. Retried on the
+    /// retry schedule like a temporary failure, so a message that always trips it fails in the
+    /// end instead of coming back after every lease.
+    Internal,
 }
 
 /// A failed stage: the raw facts, before classification.
@@ -218,27 +184,19 @@ impl fmt::Display for Failure {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureClass {
-    /// Try again later (4xx, timeouts, connection and handshake failures).
-    Transient,
-    /// The relay refused for good (5xx for this message or recipient).
-    Permanent,
-    /// Every message would fail the same way until an admin changes the settings or the relay.
-    Configuration,
-}
-
-impl FailureClass {
-    /// The stored and serialized name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureClass::Transient => "transient",
-            FailureClass::Permanent => "permanent",
-            FailureClass::Configuration => "configuration",
-        }
+crate::string_enum!(
+    /// What a failure means for the message: the stored and serialized name.
+    FailureClass {
+        /// Try again later (4xx, timeouts, connection and handshake failures).
+        Transient = "transient",
+        /// The relay refused for good (5xx for this message or recipient).
+        Permanent = "permanent",
+        /// Every message would fail the same way until an admin changes the settings or the relay.
+        Configuration = "configuration",
+        /// Panel itself failed while delivering (a bug): retried on the schedule, then failed.
+        Internal = "internal",
     }
-}
+);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {
@@ -271,9 +229,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
                 }
             }
         }
-        K::Timeout if failure.stage == Stage::Greeting && ctx.port == 465 && ctx.security != Security::Tls => {
-            Configuration
-        }
+        K::Timeout if failure.stage == Stage::Greeting && is_tls_port_without_tls(ctx) => Configuration,
         K::Timeout
         | K::Dns
         | K::ConnectionRefused
@@ -282,6 +238,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::Protocol
         | K::TokenUnavailable
         | K::KdcUnavailable => Transient,
+        K::Internal => Internal,
         K::TlsModeMismatch
         | K::CertificateUntrusted
         | K::StarttlsNotOffered
@@ -294,6 +251,11 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::Kerberos => Configuration,
     };
     Classification { class, hint }
+}
+
+/// Port 465 is implicit TLS by registration (RFC 8314); silence there without TLS is the mode.
+fn is_tls_port_without_tls(ctx: ConnectionContext) -> bool {
+    ctx.port == 465 && ctx.security != Security::Tls
 }
 
 fn is_auth_required(reply: &SmtpReply) -> bool {
@@ -311,9 +273,17 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         )),
         K::Timeout => match failure.stage {
             Stage::Tcp => h("the relay did not accept the TCP connection in time; a firewall may drop the traffic"),
-            Stage::Greeting if port == 465 || ctx.security != Security::Tls => Some(format!(
-                "the relay accepted the connection but sent no greeting; port {port} may expect implicit TLS: set --security tls"
+            // What the hint says must match the class: on 465 without TLS this is a
+            // configuration error; elsewhere it may be load, so it is retried.
+            Stage::Greeting if is_tls_port_without_tls(ctx) => Some(format!(
+                "the relay accepted the connection but sent no greeting: port {port} expects implicit TLS; set --security tls"
             )),
+            Stage::Greeting if ctx.security != Security::Tls => Some(format!(
+                "the relay accepted the connection but sent no greeting in time; the message is retried. If this repeats, port {port} may expect implicit TLS: set --security tls"
+            )),
+            Stage::Greeting => h(
+                "the TLS handshake succeeded but the relay sent no greeting in time; it may be overloaded; the message is retried",
+            ),
             _ => h("the relay stopped answering; it may be overloaded, or a firewall cuts idle connections"),
         },
         K::TlsModeMismatch => Some(match ctx.security {
@@ -357,6 +327,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
             "fix the Kerberos cause named above; held messages are sent again when the relay settings are saved (panel smtp set)",
         ),
         K::KdcUnavailable => h("no Kerberos KDC answered; the message is retried with backoff"),
+        K::Internal => h(
+            "Panel itself failed while delivering this message (a bug, not the relay); it is kept and retried on the retry schedule. Please report the detail with `panel messages show ID`",
+        ),
         K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
     }
 }
@@ -527,5 +500,38 @@ mod tests {
             assert_eq!(Stage::parse(s).unwrap().as_str(), s);
         }
         assert_eq!(Stage::Rcpt.to_string(), "RCPT");
+    }
+
+    #[test]
+    fn a_greeting_timeout_is_classified_as_its_hint_says_on_every_port_and_mode() {
+        let timeout = Failure::new(Stage::Greeting, FailureKind::Timeout, "no greeting within 30s");
+        for port in [25, 465, 587, 2525] {
+            for security in Security::VARIANTS.iter().copied() {
+                let c = classify(&timeout, ConnectionContext { port, security });
+                let hint = c.hint.expect("a greeting timeout always has a hint");
+                match c.class {
+                    FailureClass::Configuration => {
+                        assert_eq!((port, security == Security::Tls), (465, false));
+                        assert!(hint.contains("set --security tls") && !hint.contains("retried"), "{hint}");
+                    }
+                    FailureClass::Transient => {
+                        assert!(hint.contains("retried"), "{port}/{security}: {hint}");
+                        if security == Security::Tls {
+                            assert!(!hint.contains("set --security tls"), "already tls: {hint}");
+                        }
+                    }
+                    other => panic!("{port}/{security}: {other}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_internal_failure_is_its_own_class_with_a_hint() {
+        let f = Failure::new(Stage::Internal, FailureKind::Internal, "panicked: index out of bounds");
+        let c = classify(&f, ConnectionContext { port: 587, security: Security::Starttls });
+        assert_eq!(c.class, FailureClass::Internal);
+        assert!(c.hint.unwrap().contains("a bug, not the relay"));
+        assert_eq!(FailureClass::parse("internal"), Some(FailureClass::Internal));
     }
 }

@@ -1,58 +1,30 @@
 //! Stored credentials: their names and kinds. The secret itself never enters the domain.
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-
 use crate::errors::FieldError;
 use crate::oauth::OAuthProvider;
 
 /// The license feature that allows storing and using secrets.
 pub const CREDENTIAL_STORAGE: &str = "credential-storage";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CredentialKind {
-    /// A relay username and password (AUTH PLAIN / LOGIN).
-    Password,
-    /// A Microsoft Entra app registration: client id (the username), tenant, client secret.
-    MicrosoftClientSecret,
-    /// A Google service account key (JSON) with domain-wide delegation.
-    GoogleServiceAccount,
-}
+crate::string_enum!(
+    /// What a stored credential holds.
+    CredentialKind {
+        /// A relay username and password (AUTH PLAIN / LOGIN).
+        Password = "password",
+        /// A Microsoft Entra app registration: client id (the username), tenant, client secret.
+        MicrosoftClientSecret = "microsoft-client-secret",
+        /// A Google service account key (JSON) with domain-wide delegation.
+        GoogleServiceAccount = "google-service-account",
+    }
+);
 
 impl CredentialKind {
-    pub const ALL: [&'static str; 3] = ["password", "microsoft-client-secret", "google-service-account"];
-
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.trim() {
-            "password" => Some(Self::Password),
-            "microsoft-client-secret" => Some(Self::MicrosoftClientSecret),
-            "google-service-account" => Some(Self::GoogleServiceAccount),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Password => "password",
-            Self::MicrosoftClientSecret => "microsoft-client-secret",
-            Self::GoogleServiceAccount => "google-service-account",
-        }
-    }
-
     /// The kind an OAuth2 provider needs.
     pub fn for_provider(provider: OAuthProvider) -> Self {
         match provider {
             OAuthProvider::Microsoft => Self::MicrosoftClientSecret,
             OAuthProvider::Google => Self::GoogleServiceAccount,
         }
-    }
-}
-
-impl fmt::Display for CredentialKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -90,7 +62,7 @@ mod tests {
     #[test]
     fn kinds_round_trip_and_match_providers() {
         for k in CredentialKind::ALL {
-            assert_eq!(CredentialKind::parse(k).unwrap().as_str(), k);
+            assert_eq!(CredentialKind::parse(k).unwrap().as_str(), *k);
         }
         assert_eq!(CredentialKind::for_provider(OAuthProvider::Google), CredentialKind::GoogleServiceAccount);
     }

@@ -30,7 +30,7 @@ pub struct SendReport {
     pub data_reply: Option<SmtpReply>,
 }
 
-crate::message::string_enum!(
+crate::string_enum!(
     /// How one attempt ended. `interrupted`: the worker holding the step stopped (crash, kill)
     /// before recording an outcome, so the relay may or may not have the message.
     AttemptOutcome {
@@ -90,7 +90,7 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
             },
             (RecipientResult::Rejected(f), _, _) => {
                 let state = match classify(f, ctx.connection).class {
-                    FailureClass::Transient => RecipientState::Pending,
+                    FailureClass::Transient | FailureClass::Internal => RecipientState::Pending,
                     FailureClass::Permanent | FailureClass::Configuration => RecipientState::Failed,
                 };
                 RecipientSettlement { state, reply: Some(f.detail.clone()), stage: Some(f.stage) }
@@ -118,16 +118,22 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     let headline = report.failure.as_ref().or(first_rejection);
     let headline_class = headline.map(|f| classify(f, ctx.connection));
 
+    // An internal failure waits on the retry schedule like a temporary one, under its own name.
+    let retry_class = match tx_class.as_ref().map(|c| c.class) {
+        Some(FailureClass::Internal) => FailureClass::Internal,
+        _ => FailureClass::Transient,
+    };
     let (state, retry_after, failure_class) = match tx_class.as_ref().map(|c| c.class) {
         Some(FailureClass::Configuration) => (MessageState::Failed, None, Some(FailureClass::Configuration)),
         _ if pending > 0 => match ctx.policy.decide(ctx.attempts, ctx.age, ctx.random) {
-            RetryDecision::RetryAfter(d) => (MessageState::Retrying, Some(d), Some(FailureClass::Transient)),
-            RetryDecision::GiveUp => (MessageState::Failed, None, Some(FailureClass::Transient)),
+            RetryDecision::RetryAfter(d) => (MessageState::Retrying, Some(d), Some(retry_class)),
+            RetryDecision::GiveUp => (MessageState::Failed, None, Some(retry_class)),
         },
         _ if delivered == recipients.len() => (MessageState::Delivered, None, None),
         _ => (MessageState::Failed, None, Some(FailureClass::Permanent)),
     };
-    if state == MessageState::Failed && failure_class == Some(FailureClass::Transient) {
+    let gave_up = state == MessageState::Failed && failure_class == Some(retry_class);
+    if gave_up {
         for r in &mut recipients {
             if r.state == RecipientState::Pending {
                 r.state = RecipientState::Failed;
@@ -157,7 +163,7 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     let hint = headline_class.and_then(|c| c.hint);
     let last_error = match state {
         MessageState::Delivered => None,
-        MessageState::Failed if failure_class == Some(FailureClass::Transient) => Some(format!(
+        MessageState::Failed if gave_up => Some(format!(
             "gave up after {} attempts over {}: {} {}",
             ctx.attempts,
             crate::duration::format(Duration::from_secs(ctx.age.as_secs())),
@@ -333,5 +339,24 @@ mod tests {
         assert_eq!(s.state, MessageState::Failed);
         assert_eq!(s.stage, Stage::Data);
         assert_eq!(s.recipients[0].state, RecipientState::Failed);
+    }
+
+    #[test]
+    fn an_internal_failure_is_retried_on_the_schedule_then_fails_as_internal() {
+        let p = RetryPolicy::default();
+        let r = SendReport {
+            recipients: vec![RecipientResult::NotTried; 2],
+            failure: Some(Failure::new(Stage::Internal, FailureKind::Internal, "panicked: boom")),
+            data_reply: None,
+        };
+        let s = settle(&r, ctx(&p, 0));
+        assert_eq!((s.state, s.failure_class), (MessageState::Retrying, Some(FailureClass::Internal)));
+        assert_eq!(s.outcome, AttemptOutcome::TemporaryFailure);
+        assert_eq!(s.stage, Stage::Internal);
+        assert!(s.retry_after.is_some());
+        let late = settle(&r, ctx(&p, 25 * 3600));
+        assert_eq!((late.state, late.failure_class), (MessageState::Failed, Some(FailureClass::Internal)));
+        assert!(late.last_error.unwrap().starts_with("gave up after"));
+        assert!(late.recipients.iter().all(|r| r.state == RecipientState::Failed));
     }
 }

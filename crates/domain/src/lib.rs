@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod classify;
+pub mod closed;
 pub mod credential;
 pub mod delivery;
 pub mod duration;
@@ -22,4 +23,4 @@ pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, R
 pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
 pub use secret::Secret;
-pub use settings::{Auth, PasswordSource, RelaySettings, Security, SettingsDoc};
+pub use settings::{Auth, AuthMode, PasswordSource, RelaySettings, Security, SettingsDoc};

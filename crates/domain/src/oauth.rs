@@ -3,35 +3,17 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OAuthProvider {
-    /// Microsoft 365 / Exchange Online: client-credentials flow of an app registration.
-    Microsoft,
-    /// Google Workspace: a service account with domain-wide delegation (JWT bearer grant).
-    Google,
-}
+crate::string_enum!(
+    /// Who issues the relay's OAuth2 tokens.
+    OAuthProvider {
+        /// Microsoft 365 / Exchange Online: client-credentials flow of an app registration.
+        Microsoft = "microsoft" => "Microsoft 365",
+        /// Google Workspace: a service account with domain-wide delegation (JWT bearer grant).
+        Google = "google" => "Google Workspace",
+    }
+);
 
 impl OAuthProvider {
-    pub const ALL: [&'static str; 2] = ["microsoft", "google"];
-
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "microsoft" => Some(Self::Microsoft),
-            "google" => Some(Self::Google),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Microsoft => "microsoft",
-            Self::Google => "google",
-        }
-    }
-
     /// The scope that grants SMTP submission.
     pub fn scope(self) -> &'static str {
         match self {
@@ -46,12 +28,6 @@ impl OAuthProvider {
             Self::Microsoft => format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
             Self::Google => "https://oauth2.googleapis.com/token".into(),
         }
-    }
-}
-
-impl fmt::Display for OAuthProvider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -2,12 +2,14 @@
 //! validated value (`RelaySettings`) that the relay client uses. One validation function
 //! serves save and load, and reports every problem at once.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub mod patch;
+pub mod table;
+
+pub use table::SettingsDoc;
 
 use crate::address::{EmailAddress, Mailbox};
 use crate::credential;
@@ -16,35 +18,21 @@ use crate::errors::{FieldError, FieldErrors, check_header_safe};
 use crate::oauth::{EndpointUrl, OAuthProvider};
 use crate::retry::RetryPolicy;
 
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Security {
-    /// Implicit TLS from the first byte (SMTPS, usually port 465).
-    Tls,
-    /// STARTTLS required: fail if the relay does not offer it.
-    Starttls,
-    /// STARTTLS when offered, plain otherwise.
-    Opportunistic,
-    /// Plain SMTP.
-    None,
-}
+crate::string_enum!(
+    /// How the connection to the relay is protected.
+    Security {
+        /// Implicit TLS from the first byte (SMTPS, usually port 465).
+        Tls = "tls" => "Implicit TLS",
+        /// STARTTLS required: fail if the relay does not offer it.
+        Starttls = "starttls" => "STARTTLS (required)",
+        /// STARTTLS when offered, plain otherwise.
+        Opportunistic = "opportunistic" => "STARTTLS when offered",
+        /// Plain SMTP.
+        None = "none" => "None",
+    }
+);
 
 impl Security {
-    pub const ALL: [&'static str; 4] = ["tls", "starttls", "opportunistic", "none"];
-
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "tls" => Some(Self::Tls),
-            "starttls" => Some(Self::Starttls),
-            "opportunistic" => Some(Self::Opportunistic),
-            "none" => Some(Self::None),
-            _ => None,
-        }
-    }
-
     pub fn default_port(self) -> u16 {
         match self {
             Self::Tls => 465,
@@ -52,22 +40,18 @@ impl Security {
             Self::Opportunistic | Self::None => 25,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tls => "tls",
-            Self::Starttls => "starttls",
-            Self::Opportunistic => "opportunistic",
-            Self::None => "none",
-        }
-    }
 }
 
-impl fmt::Display for Security {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+crate::string_enum!(
+    /// How Panel proves itself to the relay (the `auth` setting).
+    AuthMode {
+        None = "none" => "None (allow-listed IP)",
+        Password = "password" => "Password",
+        OAuth2 = "oauth2" => "OAuth2",
+        Integrated = "integrated" => "Integrated (Kerberos, the service's identity)",
+        Ntlm = "ntlm" => "NTLM (stored credential)",
     }
-}
+);
 
 /// Where the relay password comes from. Never the password itself: settings are readable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,14 +79,18 @@ pub enum Auth {
 }
 
 impl Auth {
-    pub fn as_str(&self) -> &'static str {
+    pub fn mode(&self) -> AuthMode {
         match self {
-            Auth::None => "none",
-            Auth::Password { .. } | Auth::Stored { .. } => "password",
-            Auth::OAuth2 { .. } => "oauth2",
-            Auth::Integrated { .. } => "integrated",
-            Auth::Ntlm { .. } => "ntlm",
+            Auth::None => AuthMode::None,
+            Auth::Password { .. } | Auth::Stored { .. } => AuthMode::Password,
+            Auth::OAuth2 { .. } => AuthMode::OAuth2,
+            Auth::Integrated { .. } => AuthMode::Integrated,
+            Auth::Ntlm { .. } => AuthMode::Ntlm,
         }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.mode().as_str()
     }
 
     /// The stored credential these settings use, if any.
@@ -112,114 +100,6 @@ impl Auth {
                 Some(credential)
             }
             Auth::None | Auth::Password { .. } | Auth::Integrated { .. } => None,
-        }
-    }
-}
-
-/// The settings document as stored and as edited: every field optional and loosely typed, so
-/// that a patch can name only what changes and validation can report every field's problem.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SettingsDoc {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub security: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auth: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_env: Option<String>,
-    /// A stored credential's name (`auth = password` or `oauth2`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential: Option<String>,
-    /// Set by Panel, never by a patch: the relay endpoint (`host:port/security`) the credential
-    /// was confirmed for. When the endpoint changes the credential is detached until confirmed again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential_relay: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oauth_provider: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_endpoint: Option<String>,
-    /// `auth = integrated`: a keytab for `principal` instead of the default credential cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keytab: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub principal: Option<String>,
-    /// `auth = integrated`: the relay's Kerberos service principal [default: smtp/HOST].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_principal: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback_recipient: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub helo_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pin_sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_server_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_plaintext_auth: Option<bool>,
-    /// Lets schedule and workflow steps set their own From address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_from_override: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connect_timeout: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command_timeout: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_schedule: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub give_up_after: Option<String>,
-}
-
-impl SettingsDoc {
-    /// Applies `patch` on top of `self`: a field the patch names replaces the stored one; an
-    /// empty string clears it back to its default. `credential_relay` is never taken from a patch.
-    pub fn merged(&self, patch: &SettingsDoc) -> SettingsDoc {
-        fn pick<T: Clone>(old: &Option<T>, new: &Option<T>, empty: impl Fn(&T) -> bool) -> Option<T> {
-            match new {
-                Some(v) if empty(v) => None,
-                Some(v) => Some(v.clone()),
-                None => old.clone(),
-            }
-        }
-        let s = |o: &Option<String>, n: &Option<String>| pick(o, n, |v: &String| v.trim().is_empty());
-        SettingsDoc {
-            host: s(&self.host, &patch.host),
-            port: pick(&self.port, &patch.port, |_| false),
-            security: s(&self.security, &patch.security),
-            auth: s(&self.auth, &patch.auth),
-            username: s(&self.username, &patch.username),
-            password_file: s(&self.password_file, &patch.password_file),
-            password_env: s(&self.password_env, &patch.password_env),
-            credential: s(&self.credential, &patch.credential),
-            credential_relay: self.credential_relay.clone(),
-            oauth_provider: s(&self.oauth_provider, &patch.oauth_provider),
-            token_endpoint: s(&self.token_endpoint, &patch.token_endpoint),
-            keytab: s(&self.keytab, &patch.keytab),
-            principal: s(&self.principal, &patch.principal),
-            service_principal: s(&self.service_principal, &patch.service_principal),
-            from: s(&self.from, &patch.from),
-            fallback_recipient: s(&self.fallback_recipient, &patch.fallback_recipient),
-            helo_name: s(&self.helo_name, &patch.helo_name),
-            ca_file: s(&self.ca_file, &patch.ca_file),
-            pin_sha256: s(&self.pin_sha256, &patch.pin_sha256),
-            tls_server_name: s(&self.tls_server_name, &patch.tls_server_name),
-            allow_plaintext_auth: pick(&self.allow_plaintext_auth, &patch.allow_plaintext_auth, |_| false),
-            allow_from_override: pick(&self.allow_from_override, &patch.allow_from_override, |_| false),
-            connect_timeout: s(&self.connect_timeout, &patch.connect_timeout),
-            command_timeout: s(&self.command_timeout, &patch.command_timeout),
-            retry_schedule: s(&self.retry_schedule, &patch.retry_schedule),
-            give_up_after: s(&self.give_up_after, &patch.give_up_after),
         }
     }
 }
@@ -245,6 +125,8 @@ pub struct RelaySettings {
     /// False when the stored credential was confirmed for another host, port or security mode:
     /// it is not sent until the admin confirms it for this endpoint.
     pub credential_attached: bool,
+    /// The document these settings were validated from, for the views the table renders.
+    pub doc: SettingsDoc,
 }
 
 /// The relay endpoint a credential is bound to.
@@ -323,16 +205,17 @@ impl RelaySettings {
             .as_deref()
             .and_then(|v| errors.take(check_header_safe("ca_file", v).map(|_| PathBuf::from(v.trim()))));
         let pin_sha256 = doc.pin_sha256.as_deref().and_then(|v| errors.take(parse_pin(v)));
-        if let (Some(Security::None), true) = (security, pin_sha256.is_some() || ca_file.is_some()) {
+        if let (Some(Security::None), true) =
+            (security, pin_sha256.is_some() || ca_file.is_some() || tls_server_name.is_some())
+        {
             errors.push(
                 "security",
-                "'none' never uses TLS, so ca_file and pin_sha256 would be ignored; use starttls or tls",
+                "'none' never uses TLS, so ca_file, pin_sha256 and tls_server_name would be ignored; \
+                 use starttls or tls, or clear them with ''",
             );
         }
-        let connect_timeout =
-            timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT);
-        let command_timeout =
-            timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT);
+        let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref());
+        let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
 
         match (host, port, security, auth, from, fallback_recipient, connect_timeout, command_timeout, retry) {
@@ -364,6 +247,7 @@ impl RelaySettings {
                 connect_timeout,
                 command_timeout,
                 retry,
+                doc: doc.clone(),
             }),
             _ => Err(errors),
         }
@@ -590,8 +474,10 @@ fn validate_env_name(v: &str) -> Result<(), FieldError> {
     }
 }
 
-fn timeout(errors: &mut FieldErrors, field: &str, value: Option<&str>, default: Duration) -> Option<Duration> {
-    let Some(v) = value else { return Some(default) };
+/// A timeout, or the table's default for it.
+fn timeout(errors: &mut FieldErrors, field: &str, value: Option<&str>) -> Option<Duration> {
+    let default = table::setting(field).map(|s| s.default.text()).unwrap_or_default();
+    let Some(v) = value else { return errors.take(duration::parse(default).map_err(|e| FieldError::new(field, e))) };
     let parsed = duration::parse(v).map_err(|e| FieldError::new(field, e));
     let checked = parsed.and_then(|d| {
         if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
@@ -669,7 +555,7 @@ mod tests {
         assert_eq!(s.security, Security::Starttls);
         assert_eq!(s.port, 587);
         assert_eq!(s.auth, Auth::None);
-        assert_eq!(s.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!((s.connect_timeout, s.command_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
         assert!(!s.allow_plaintext_auth);
     }
 

@@ -133,14 +133,14 @@ document.addEventListener("click", async (ev) => {
 
 // ---- relay settings: default port, check, test message ----
 
-const DEFAULT_PORT = { tls: 465, starttls: 587, "": 587, opportunistic: 25, none: 25 };
-
+// Each security option carries its default port (from the settings schema), so no copy here.
 function showDefaultPort() {
   const sec = document.getElementById("f-security");
   const port = document.getElementById("f-port");
   if (!sec || !port) return;
-  const p = DEFAULT_PORT[sec.value] || 587;
-  port.placeholder = String(p);
+  const p = sec.selectedOptions[0] && sec.selectedOptions[0].dataset.defaultPort;
+  if (!p) return;
+  port.placeholder = p;
   const help = document.getElementById("h-port");
   if (help) help.textContent = `Empty = the default for the security mode: ${p}`;
 }

@@ -1,0 +1,643 @@
+//! The relay settings, each declared once. From this one table come the stored document
+//! (`SettingsDoc`) and its merge, the patch rules (which modes use a field), the `panel smtp
+//! set` flags, the effective view that `smtp show --json` and the API return, the schema at
+//! `GET /api/v1/settings/smtp/schema` that the web form renders from, and the configuration
+//! reference in `docs/configuration.md` (a test compares the two).
+//!
+//! Adding a setting is one row here, its check in `RelaySettings::validate`, and its use.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::{AuthMode, Security, validate_host};
+use crate::address::{EmailAddress, Mailbox};
+use crate::duration;
+use crate::errors::{FieldError, FieldErrors};
+use crate::retry;
+
+crate::string_enum!(
+    /// The fieldsets of the settings form, in their order.
+    Group {
+        Relay = "relay" => "Relay",
+        Authentication = "authentication" => "Authentication",
+        Messages = "messages" => "Messages",
+        Advanced = "advanced" => "Advanced",
+    }
+);
+
+/// What a setting's value is: its JSON type, how a typed value is read, how the form shows it,
+/// and how the effective view writes it (normalised, e.g. a host in lower case).
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Text,
+    /// A file path on the service's machine.
+    Path,
+    /// A DNS name or IP address.
+    Host,
+    /// `Name <address>` or `address`.
+    Mailbox,
+    Address,
+    /// An integer (the port).
+    Number,
+    /// true or false.
+    Flag,
+    Duration,
+    /// A comma-separated list of durations.
+    Durations,
+    /// A SHA-256 fingerprint.
+    Pin,
+    /// The name of a stored credential (the form offers the stored names).
+    CredentialName,
+    /// One of a closed set: its values and labels.
+    Choice(fn() -> Vec<(&'static str, &'static str)>),
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Path => "path",
+            Kind::Host => "host",
+            Kind::Mailbox => "mailbox",
+            Kind::Address => "address",
+            Kind::Number => "number",
+            Kind::Flag => "boolean",
+            Kind::Duration => "duration",
+            Kind::Durations => "durations",
+            Kind::Pin => "sha256",
+            Kind::CredentialName => "credential",
+            Kind::Choice(_) => "choice",
+        }
+    }
+}
+
+/// What an unset setting means.
+#[derive(Debug, Clone, Copy)]
+pub enum Default {
+    /// The first save must give it.
+    Required,
+    /// Unset is unused (or, where the doc line says so, decided at run time).
+    Unset,
+    /// This value.
+    Value(&'static str),
+    /// Derived from other settings: `text` says how, `value` computes it for a document.
+    Derived { text: &'static str, value: fn(&SettingsDoc) -> Option<Value> },
+    /// Decided at run time, as `text` says (e.g. this host's name).
+    Runtime(&'static str),
+}
+
+impl Default {
+    /// The default as the reference, the `--help` text and the form's placeholder say it.
+    pub fn text(self) -> &'static str {
+        match self {
+            Default::Required => "required",
+            Default::Unset => "",
+            Default::Value(v) => v,
+            Default::Derived { text, .. } | Default::Runtime(text) => text,
+        }
+    }
+}
+
+/// Which modes use a setting; empty means every mode. Switching to a mode drops the fields it
+/// does not use.
+#[derive(Debug, Clone, Copy)]
+pub struct Uses {
+    pub auth: &'static [AuthMode],
+    pub security: &'static [Security],
+}
+
+const ANY: Uses = Uses { auth: &[], security: &[] };
+const fn auth(modes: &'static [AuthMode]) -> Uses {
+    Uses { auth: modes, security: &[] }
+}
+const TLS_MODES: Uses = Uses { auth: &[], security: &[Security::Tls, Security::Starttls, Security::Opportunistic] };
+
+impl Uses {
+    pub fn auth_uses(&self, mode: AuthMode) -> bool {
+        self.auth.is_empty() || self.auth.contains(&mode)
+    }
+
+    pub fn security_uses(&self, mode: Security) -> bool {
+        self.security.is_empty() || self.security.contains(&mode)
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The key in the stored document, the API body, `smtp show --json` and the form.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub group: Group,
+    /// The form's label.
+    pub label: &'static str,
+    pub default: Default,
+    pub uses: Uses,
+    /// One line: the `--help` text, the form's help and the reference's meaning.
+    pub doc: &'static str,
+}
+
+/// A value as given: the JSON type a setting stores.
+trait Given: Clone {
+    /// An empty value in a patch clears the stored one back to its default.
+    fn clears(&self) -> bool;
+}
+
+impl Given for String {
+    fn clears(&self) -> bool {
+        self.trim().is_empty()
+    }
+}
+
+impl Given for i64 {
+    fn clears(&self) -> bool {
+        false
+    }
+}
+
+impl Given for bool {
+    fn clears(&self) -> bool {
+        false
+    }
+}
+
+fn pick<T: Given>(old: &Option<T>, new: &Option<T>) -> Option<T> {
+    match new {
+        Some(v) if v.clears() => None,
+        Some(v) => Some(v.clone()),
+        None => old.clone(),
+    }
+}
+
+/// Reads a typed value (a CLI flag) into the JSON type the setting stores.
+trait FromText: Sized {
+    fn from_text(setting: &Setting, raw: &str) -> Result<Self, FieldError>;
+}
+
+impl FromText for String {
+    fn from_text(_: &Setting, raw: &str) -> Result<Self, FieldError> {
+        Ok(raw.to_string())
+    }
+}
+
+impl FromText for i64 {
+    fn from_text(s: &Setting, raw: &str) -> Result<Self, FieldError> {
+        raw.trim().parse().map_err(|_| FieldError::new(s.name, format!("'{raw}' is not a number; use 1-65535")))
+    }
+}
+
+impl FromText for bool {
+    fn from_text(s: &Setting, raw: &str) -> Result<Self, FieldError> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            _ => Err(FieldError::new(s.name, format!("'{raw}' is not true or false"))),
+        }
+    }
+}
+
+macro_rules! settings_table {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty {
+        kind: $kind:expr, group: $group:ident, label: $label:literal, default: $default:expr,
+        uses: $uses:expr, doc: $help:literal $(,)?
+    }),+ $(,)?) => {
+        /// The settings document as stored and as edited: every field optional and loosely typed,
+        /// so that a patch can name only what changes and validation can report every field's
+        /// problem. Generated from the table.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct SettingsDoc {
+            $($(#[$doc])*
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub $name: Option<$ty>,)+
+            /// Set by Panel, never by a patch: the relay endpoint (`host:port/security`) the
+            /// credential was confirmed for. When the endpoint changes the credential is detached
+            /// until confirmed again.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub credential_relay: Option<String>,
+        }
+
+        /// Every relay setting, in the form's order.
+        pub const SETTINGS: &[Setting] = &[$(Setting {
+            name: stringify!($name),
+            kind: $kind,
+            group: Group::$group,
+            label: $label,
+            default: $default,
+            uses: $uses,
+            doc: $help,
+        }),+];
+
+        impl SettingsDoc {
+            /// Applies `patch` on top of `self`: a field the patch names replaces the stored one;
+            /// an empty string clears it back to its default. `credential_relay` is never taken
+            /// from a patch.
+            pub fn merged(&self, patch: &SettingsDoc) -> SettingsDoc {
+                SettingsDoc {
+                    $($name: pick(&self.$name, &patch.$name),)+
+                    credential_relay: self.credential_relay.clone(),
+                }
+            }
+
+            /// The value of setting `name` as JSON, if it is set.
+            pub fn get(&self, name: &str) -> Option<Value> {
+                match name {
+                    $(stringify!($name) => self.$name.as_ref().map(|v| json!(v)),)+
+                    _ => None,
+                }
+            }
+
+            /// Whether a patch names `name` with a value (not the empty value that clears it).
+            pub fn names(&self, name: &str) -> bool {
+                match name {
+                    $(stringify!($name) => self.$name.as_ref().is_some_and(|v| !v.clears()),)+
+                    _ => false,
+                }
+            }
+
+            /// Unsets `name`.
+            pub fn unset(&mut self, name: &str) {
+                match name {
+                    $(stringify!($name) => self.$name = None,)+
+                    _ => {}
+                }
+            }
+
+            /// A patch from typed values (`panel smtp set` flags): every bad value reported at once.
+            pub fn from_texts<'a>(
+                given: impl IntoIterator<Item = (&'a str, &'a str)>,
+            ) -> Result<SettingsDoc, FieldErrors> {
+                let mut doc = SettingsDoc::default();
+                let mut errors = FieldErrors::default();
+                for (name, raw) in given {
+                    let Some(setting) = setting(name) else {
+                        errors.push(name, "is not a relay setting");
+                        continue;
+                    };
+                    match name {
+                        $(stringify!($name) => doc.$name = errors.take(<$ty as FromText>::from_text(setting, raw)),)+
+                        _ => {}
+                    }
+                }
+                errors.into_result(|| doc)
+            }
+        }
+    };
+}
+
+/// The CLI flag of a setting (without `--`): its name with dashes.
+pub fn flag_name(setting: &Setting) -> String {
+    setting.name.replace('_', "-")
+}
+
+pub fn setting(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+fn default_port(doc: &SettingsDoc) -> Option<Value> {
+    let security = doc.security.as_deref().and_then(Security::parse).unwrap_or(Security::Starttls);
+    Some(json!(security.default_port()))
+}
+
+fn default_service_principal(doc: &SettingsDoc) -> Option<Value> {
+    let host = validate_host("host", doc.host.as_deref()?).ok()?;
+    Some(json!(format!("smtp/{host}")))
+}
+
+settings_table! {
+    host: String {
+        kind: Kind::Host, group: Relay, label: "Server", default: Default::Required, uses: ANY,
+        doc: "The relay's DNS name or IP address",
+    },
+    security: String {
+        kind: Kind::Choice(Security::options), group: Relay, label: "Security", default: Default::Value("starttls"),
+        uses: ANY,
+        doc: "tls (implicit TLS), starttls (required), opportunistic (STARTTLS when offered), or none",
+    },
+    port: i64 {
+        kind: Kind::Number, group: Relay, label: "Port",
+        default: Default::Derived { text: "from security: tls 465, starttls 587, opportunistic/none 25", value: default_port },
+        uses: ANY, doc: "The relay's port, 1-65535",
+    },
+    auth: String {
+        kind: Kind::Choice(AuthMode::options), group: Authentication, label: "Authentication",
+        default: Default::Value("none"), uses: ANY,
+        doc: "none (the relay allow-lists this host's IP), password, oauth2 (Microsoft 365, Google Workspace), \
+              integrated (Kerberos with the service's own identity) or ntlm (a stored credential)",
+    },
+    username: String {
+        kind: Kind::Text, group: Authentication, label: "Username", default: Default::Unset,
+        uses: auth(&[AuthMode::Password, AuthMode::OAuth2]),
+        doc: "The relay account for a password file or variable, or the mailbox Panel sends as with oauth2",
+    },
+    password_file: String {
+        kind: Kind::Path, group: Authentication, label: "Password file", default: Default::Unset,
+        uses: auth(&[AuthMode::Password]),
+        doc: "A file holding the relay password, read before every connection, never stored",
+    },
+    password_env: String {
+        kind: Kind::Text, group: Authentication, label: "Password variable", default: Default::Unset,
+        uses: auth(&[AuthMode::Password]),
+        doc: "An environment variable of the service holding the relay password, read before every connection",
+    },
+    /// A stored credential's name (`auth = password`, `oauth2` or `ntlm`).
+    credential: String {
+        kind: Kind::CredentialName, group: Authentication, label: "Stored credential", default: Default::Unset,
+        uses: auth(&[AuthMode::Password, AuthMode::OAuth2, AuthMode::Ntlm]),
+        doc: "A stored credential (panel credential list); naming it confirms it for this relay",
+    },
+    oauth_provider: String {
+        kind: Kind::Choice(crate::oauth::OAuthProvider::options), group: Authentication, label: "OAuth2 provider",
+        default: Default::Unset, uses: auth(&[AuthMode::OAuth2]),
+        doc: "microsoft or google (with auth oauth2)",
+    },
+    token_endpoint: String {
+        kind: Kind::Text, group: Authentication, label: "Token endpoint",
+        default: Default::Runtime("the provider's"), uses: auth(&[AuthMode::OAuth2]),
+        doc: "Overrides the provider's token endpoint (https; plain http only to a loopback address)",
+    },
+    /// `auth = integrated`: a keytab for `principal` instead of the default credential cache.
+    keytab: String {
+        kind: Kind::Path, group: Authentication, label: "Keytab (integrated)",
+        default: Default::Runtime("the default credential cache"), uses: auth(&[AuthMode::Integrated]),
+        doc: "With integrated: a keytab for the principal, instead of the service's default credential cache",
+    },
+    principal: String {
+        kind: Kind::Text, group: Authentication, label: "Principal in the keytab", default: Default::Unset,
+        uses: auth(&[AuthMode::Integrated]),
+        doc: "With integrated: the service's principal in the keytab, e.g. panel/host.example.org@EXAMPLE.ORG",
+    },
+    /// `auth = integrated`: the relay's Kerberos service principal [default: smtp/HOST].
+    service_principal: String {
+        kind: Kind::Text, group: Authentication, label: "Relay's service principal",
+        default: Default::Derived { text: "smtp/HOST", value: default_service_principal },
+        uses: auth(&[AuthMode::Integrated]),
+        doc: "With integrated: the relay's Kerberos service principal",
+    },
+    allow_plaintext_auth: bool {
+        kind: Kind::Flag, group: Authentication, label: "Allow a password without encryption",
+        default: Default::Value("false"), uses: ANY,
+        doc: "Allows sending a password or token over an unencrypted connection",
+    },
+    from: String {
+        kind: Kind::Mailbox, group: Messages, label: "From address", default: Default::Required, uses: ANY,
+        doc: "The sender, Name <address> or address",
+    },
+    fallback_recipient: String {
+        kind: Kind::Address, group: Messages, label: "Fallback recipient", default: Default::Required, uses: ANY,
+        doc: "Gets messages without a recipient, and the Test Message",
+    },
+    /// Lets schedule and workflow steps set their own From address.
+    allow_from_override: bool {
+        kind: Kind::Flag, group: Messages, label: "Steps may set their own From", default: Default::Value("false"),
+        uses: ANY, doc: "Lets schedule and workflow steps set their own From address",
+    },
+    helo_name: String {
+        kind: Kind::Host, group: Advanced, label: "EHLO name", default: Default::Runtime("this host's name"),
+        uses: ANY, doc: "The name sent in EHLO",
+    },
+    ca_file: String {
+        kind: Kind::Path, group: Advanced, label: "CA file", default: Default::Unset, uses: TLS_MODES,
+        doc: "PEM CA certificate(s) added to the system roots for the relay's certificate",
+    },
+    pin_sha256: String {
+        kind: Kind::Pin, group: Advanced, label: "Certificate pin (SHA-256)", default: Default::Unset,
+        uses: TLS_MODES,
+        doc: "Accepts exactly the certificate with this SHA-256 fingerprint (self-signed relays); smtp check prints it",
+    },
+    tls_server_name: String {
+        kind: Kind::Host, group: Advanced, label: "TLS server name", default: Default::Runtime("the host"),
+        uses: TLS_MODES, doc: "The name to verify the certificate against when it differs from the host",
+    },
+    connect_timeout: String {
+        kind: Kind::Duration, group: Advanced, label: "Connect timeout", default: Default::Value("10s"), uses: ANY,
+        doc: "TCP connect and DNS, 1s to 10m",
+    },
+    command_timeout: String {
+        kind: Kind::Duration, group: Advanced, label: "Command timeout", default: Default::Value("30s"), uses: ANY,
+        doc: "Each SMTP reply, the TLS handshake and the end of DATA, 1s to 10m",
+    },
+    retry_schedule: String {
+        kind: Kind::Durations, group: Advanced, label: "Retry schedule", default: Default::Value(retry::DEFAULT_SCHEDULE),
+        uses: ANY, doc: "Delays between retries, the last repeating (with 10% jitter)",
+    },
+    give_up_after: String {
+        kind: Kind::Duration, group: Advanced, label: "Give up after",
+        default: Default::Value(retry::DEFAULT_GIVE_UP_AFTER), uses: ANY,
+        doc: "No attempt starts later than this after enqueue",
+    },
+}
+
+/// The modes a document is in, with their defaults.
+pub fn modes(doc: &SettingsDoc) -> (AuthMode, Security) {
+    let auth = doc.auth.as_deref().and_then(AuthMode::parse).unwrap_or(AuthMode::None);
+    let security = doc.security.as_deref().and_then(Security::parse).unwrap_or(Security::Starttls);
+    (auth, security)
+}
+
+/// The settings in force with every default filled in, as `panel smtp show` and the API show
+/// them: the fields the document's modes use, each normalised by its kind. `doc` must be valid.
+/// Names where a password comes from, never a password.
+pub fn effective(doc: &SettingsDoc) -> Map<String, Value> {
+    let (auth, security) = modes(doc);
+    let mut view = Map::new();
+    for s in SETTINGS.iter().filter(|s| s.uses.auth_uses(auth) && s.uses.security_uses(security)) {
+        let value = match (doc.get(s.name), s.default) {
+            (Some(v), _) => normalise(s.kind, v),
+            (None, Default::Value(v)) => normalise(s.kind, typed_default(s.kind, v)),
+            (None, Default::Derived { value, .. }) => value(doc).unwrap_or(Value::Null),
+            (None, Default::Required | Default::Unset | Default::Runtime(_)) => Value::Null,
+        };
+        view.insert(s.name.to_string(), value);
+    }
+    view
+}
+
+fn typed_default(kind: Kind, text: &str) -> Value {
+    match kind {
+        Kind::Flag => Value::Bool(text == "true"),
+        _ => Value::String(text.to_string()),
+    }
+}
+
+/// A valid value in its canonical text: what validation accepted, written one way.
+fn normalise(kind: Kind, value: Value) -> Value {
+    let Value::String(text) = value else { return value };
+    let t = text.trim();
+    let canonical = match kind {
+        Kind::Host => validate_host("", t).ok(),
+        Kind::Mailbox => Mailbox::parse("", t).ok().map(|m| m.to_string()),
+        Kind::Address => EmailAddress::parse("", t).ok().map(|a| a.to_string()),
+        Kind::Duration => duration::parse(t).ok().map(duration::format),
+        Kind::Durations => duration::parse_list(t).ok().map(|l| duration::format_list(&l)),
+        Kind::Pin => super::parse_pin(t).ok().map(|p| super::format_pin(&p)),
+        Kind::Choice(_) => Some(t.to_ascii_lowercase()),
+        Kind::Text | Kind::Path | Kind::CredentialName | Kind::Number | Kind::Flag => Some(t.to_string()),
+    };
+    Value::String(canonical.unwrap_or_else(|| t.to_string()))
+}
+
+/// The table as JSON, for `GET /api/v1/settings/smtp/schema` and the web form: each setting's
+/// name, type, label, group, default, the modes that use it and, for a choice, its options
+/// (security options carry their default port, so the form's port hint needs no copy of it).
+pub fn schema() -> Value {
+    let settings: Vec<Value> = SETTINGS
+        .iter()
+        .map(|s| {
+            let options = match s.kind {
+                Kind::Choice(options) => Some(
+                    options()
+                        .into_iter()
+                        .map(|(value, label)| {
+                            let mut o = json!({"value": value, "label": label});
+                            if let Some(sec) = Security::parse(value).filter(|_| s.name == "security") {
+                                o["default_port"] = json!(sec.default_port());
+                            }
+                            o
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Kind::Flag => {
+                    Some(vec![json!({"value": "false", "label": "No"}), json!({"value": "true", "label": "Yes"})])
+                }
+                _ => None,
+            };
+            let default = match s.default {
+                Default::Value(v) => Some(typed_default(s.kind, v)),
+                _ => None,
+            };
+            // How a form's empty choice names the default: "default (starttls)", "default (no)".
+            let default_label = match (s.kind, s.default) {
+                (Kind::Flag, Default::Value(v)) => Some(if v == "true" { "yes" } else { "no" }),
+                (_, Default::Value(v)) => Some(v),
+                _ => None,
+            };
+            json!({
+                "name": s.name,
+                "flag": format!("--{}", flag_name(s)),
+                "type": s.kind.as_str(),
+                "group": s.group,
+                "label": s.label,
+                "doc": s.doc,
+                "required": matches!(s.default, Default::Required),
+                "default": default,
+                "default_text": s.default.text(),
+                "default_label": default_label,
+                "options": options,
+                "used_by": {
+                    "auth": s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "security": s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                },
+            })
+        })
+        .collect();
+    let groups: Vec<Value> = Group::VARIANTS.iter().map(|g| json!({"name": g, "label": g.label()})).collect();
+    json!({"groups": groups, "settings": settings})
+}
+
+/// The configuration reference's table of relay settings, as `docs/configuration.md` has it.
+pub fn reference_markdown() -> String {
+    let mut out = String::from("| option | meaning | default | used with |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let default = match s.default {
+            Default::Unset => String::new(),
+            Default::Required => "required".into(),
+            Default::Value(v) => format!("`{v}`"),
+            Default::Derived { text, .. } | Default::Runtime(text) => text.into(),
+        };
+        let mut used = Vec::new();
+        if !s.uses.auth.is_empty() {
+            used.push(format!("auth {}", s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if !s.uses.security.is_empty() {
+            used.push(format!(
+                "security {}",
+                s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let used = if used.is_empty() { "any".to_string() } else { used.join("; ") };
+        out.push_str(&format!("| `--{}` | {} | {default} | {used} |\n", flag_name(s), s.doc));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_has_a_distinct_name_a_label_and_a_doc_line() {
+        let mut names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len());
+        for s in SETTINGS {
+            assert!(!s.label.is_empty() && !s.doc.is_empty() && !s.doc.contains('\n'), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_is_the_table() {
+        let reference = include_str!("../../../../docs/configuration.md");
+        let table = reference_markdown();
+        assert!(
+            reference.contains(&table),
+            "docs/configuration.md disagrees with the settings table; replace its relay settings table with:\n{table}"
+        );
+    }
+
+    #[test]
+    fn typed_values_are_read_into_their_types_and_every_bad_one_is_reported() {
+        let doc = SettingsDoc::from_texts([("port", "2525"), ("allow_plaintext_auth", "yes"), ("host", "r.example")])
+            .unwrap();
+        assert_eq!(
+            (doc.port, doc.allow_plaintext_auth, doc.host.as_deref()),
+            (Some(2525), Some(true), Some("r.example"))
+        );
+        let err = SettingsDoc::from_texts([("port", "x"), ("allow_from_override", "maybe")]).unwrap_err();
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["port", "allow_from_override"]);
+        assert!(err.0[0].message.contains("1-65535"));
+    }
+
+    #[test]
+    fn effective_view_fills_defaults_and_shows_only_the_modes_fields() {
+        let doc = SettingsDoc {
+            host: Some("Relay.Example.org".into()),
+            security: Some("TLS".into()),
+            from: Some("Panel <panel@example.org>".into()),
+            fallback_recipient: Some("ops@example.org".into()),
+            pin_sha256: Some("AB:".repeat(31) + "AB"),
+            ..SettingsDoc::default()
+        };
+        let view = effective(&doc);
+        assert_eq!(view["host"], "relay.example.org");
+        assert_eq!(view["security"], "tls");
+        assert_eq!(view["port"], 465);
+        assert_eq!(view["auth"], "none");
+        assert_eq!(view["connect_timeout"], "10s");
+        assert_eq!(view["allow_plaintext_auth"], false);
+        assert_eq!(view["pin_sha256"], "ab".repeat(32));
+        assert!(!view.contains_key("username") && !view.contains_key("keytab"), "{view:?}");
+        let integrated = SettingsDoc { auth: Some("integrated".into()), security: Some("none".into()), ..doc };
+        let view = effective(&integrated);
+        assert_eq!(view["service_principal"], "smtp/relay.example.org");
+        assert_eq!(view["port"], 25);
+        assert!(!view.contains_key("pin_sha256"), "none uses no TLS: {view:?}");
+    }
+
+    #[test]
+    fn schema_carries_options_defaults_and_modes() {
+        let schema = schema();
+        let settings = schema["settings"].as_array().unwrap();
+        assert_eq!(settings.len(), SETTINGS.len());
+        let security = settings.iter().find(|s| s["name"] == "security").unwrap();
+        let tls = security["options"].as_array().unwrap().iter().find(|o| o["value"] == "tls").unwrap();
+        assert_eq!(tls["default_port"], 465);
+        let keytab = settings.iter().find(|s| s["name"] == "keytab").unwrap();
+        assert_eq!(keytab["used_by"]["auth"], json!(["integrated"]));
+        assert_eq!(keytab["flag"], "--keytab");
+        let timeout = settings.iter().find(|s| s["name"] == "command_timeout").unwrap();
+        assert_eq!(timeout["default"], "30s");
+    }
+}
