@@ -5,6 +5,7 @@ mod admin;
 mod automation;
 mod config;
 mod output;
+mod smtp;
 mod trust;
 
 use std::net::SocketAddr;
@@ -14,7 +15,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use panel_domain::message::Draft;
-use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_domain::{MessageState, Origin};
+use panel_service::supervisor::Supervisor;
 use panel_service::wake::Waker;
 use panel_service::{OpsError, Panel, SecretsConfig, ServiceHandle, WorkerConfig};
 use panel_store::{RetryResult, Store};
@@ -145,82 +147,8 @@ struct JsonFlag {
 
 #[derive(Args)]
 struct SetArgs {
-    /// Relay host name or IP address
-    #[arg(long)]
-    host: Option<String>,
-    /// Relay port, 1-65535 [default: from --security: tls 465, starttls 587, opportunistic/none 25]
-    #[arg(long, allow_hyphen_values = true)]
-    port: Option<String>,
-    /// tls (implicit TLS), starttls (required), opportunistic, or none [default: starttls]
-    #[arg(long)]
-    security: Option<String>,
-    /// Sender, e.g. "Identity Panel <panel@example.org>"
-    #[arg(long)]
-    from: Option<String>,
-    /// Receives messages without a recipient, and the Test Message
-    #[arg(long)]
-    fallback_recipient: Option<String>,
-    /// none (the relay allow-lists this host's IP), password, oauth2, integrated (the service's
-    /// Kerberos identity, SASL GSSAPI), or ntlm (a stored credential) [default: none]
-    #[arg(long)]
-    auth: Option<String>,
-    /// The relay account for --password-file/--password-env, or the mailbox for oauth2
-    #[arg(long)]
-    username: Option<String>,
-    /// A stored credential (panel credential list); naming it confirms it for this relay
-    #[arg(long)]
-    credential: Option<String>,
-    /// microsoft or google (auth oauth2)
-    #[arg(long)]
-    oauth_provider: Option<String>,
-    /// Override the provider's token endpoint (https, or http to a loopback address)
-    #[arg(long)]
-    token_endpoint: Option<String>,
-    /// auth integrated: a keytab for --principal, instead of the default credential cache
-    #[arg(long)]
-    keytab: Option<String>,
-    /// auth integrated: the service's principal in the keytab, e.g. panel/host.example.org@EXAMPLE.ORG
-    #[arg(long)]
-    principal: Option<String>,
-    /// auth integrated: the relay's Kerberos service principal [default: smtp/HOST]
-    #[arg(long)]
-    service_principal: Option<String>,
-    /// File holding the relay password (read before every connection)
-    #[arg(long)]
-    password_file: Option<String>,
-    /// Environment variable holding the relay password, in the service's environment
-    #[arg(long)]
-    password_env: Option<String>,
-    /// PEM file with the CA(s) that issued the relay's certificate, added to the system roots
-    #[arg(long)]
-    ca_file: Option<String>,
-    /// Accept exactly the certificate with this SHA-256 fingerprint (self-signed relays)
-    #[arg(long)]
-    pin_sha256: Option<String>,
-    /// Name to verify the certificate against when it differs from --host
-    #[arg(long)]
-    tls_server_name: Option<String>,
-    /// Name sent in EHLO [default: this host's name]
-    #[arg(long)]
-    helo_name: Option<String>,
-    /// Allow sending the password over an unencrypted connection (true|false) [default: false]
-    #[arg(long)]
-    allow_plaintext_auth: Option<String>,
-    /// Let schedule and workflow steps set their own From address (true|false) [default: false]
-    #[arg(long)]
-    allow_from_override: Option<String>,
-    /// TCP connect timeout, e.g. 10 or 10s [default: 10s]
-    #[arg(long)]
-    connect_timeout: Option<String>,
-    /// Timeout for each SMTP command's reply [default: 30s]
-    #[arg(long)]
-    command_timeout: Option<String>,
-    /// Delays between retries, the last repeating [default: 1m,5m,15m,30m,1h]
-    #[arg(long)]
-    retry_schedule: Option<String>,
-    /// Give up on a message this long after it was enqueued [default: 24h]
-    #[arg(long)]
-    give_up_after: Option<String>,
+    #[command(flatten)]
+    settings: smtp::SettingFlags,
     #[arg(long)]
     json: bool,
 }
@@ -303,7 +231,7 @@ struct Failed(u8, String);
 
 impl From<OpsError> for Failed {
     fn from(e: OpsError) -> Self {
-        Failed(if e.is_bad_input() { 2 } else { 1 }, e.to_string())
+        Failed(e.kind().exit_code(), e.to_string())
     }
 }
 
@@ -493,38 +421,48 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
     let kind = if listen.is_some() { "serve" } else { "worker" };
     let handle = ServiceHandle::register(panel.store.clone(), kind, listen.clone(), Some(wake_port)).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(panel_service::run_worker(
-        panel.clone(),
-        handle.info.id.clone(),
-        config,
-        waker.clone(),
-        stop_rx.clone(),
-    ));
-    let scheduler = tokio::spawn(panel_service::run_scheduler(panel.clone(), handle.info.id.clone(), stop_rx.clone()));
-    let web = listener.map(|l| {
+    let mut tasks = Supervisor::default();
+    let (p, id, w, rx) = (panel.clone(), handle.info.id.clone(), waker.clone(), stop_rx.clone());
+    tasks.spawn("worker", async move {
+        panel_service::run_worker(p, id, config, w, rx).await;
+        Ok(())
+    });
+    let (p, id, rx) = (panel.clone(), handle.info.id.clone(), stop_rx.clone());
+    tasks.spawn("scheduler", async move {
+        panel_service::run_scheduler(p, id, rx).await;
+        Ok(())
+    });
+    if let Some(l) = listener {
         let mut rx = stop_rx.clone();
         let panel = panel.clone();
-        tokio::spawn(async move {
+        tasks.spawn("web server", async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            panel_web::serve(panel, l, shutdown).await
-        })
-    });
+            panel_web::serve(panel, l, shutdown).await.map_err(|e| e.to_string())
+        });
+    }
     match &listen {
         Some(addr) => tracing::info!(service = %handle.info.id, %addr, "Panel Service running"),
         None => tracing::info!(service = %handle.info.id, "Panel worker running (service mode)"),
     }
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    let ended = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = tasks.first_end() => Some(why),
+    };
+    match &ended {
+        None => tracing::info!("shutting down"),
+        Some(why) => tracing::error!(reason = %why, "a task of the service ended; stopping the service"),
+    }
     let _ = stop_tx.send(true);
-    let _ = worker.await;
-    let _ = scheduler.await;
-    if let Some(w) = web {
-        let _ = w.await;
+    for problem in tasks.finish().await {
+        tracing::error!(reason = %problem, "while stopping");
     }
     handle.stop().await;
-    Ok(ExitCode::SUCCESS)
+    match ended {
+        None => Ok(ExitCode::SUCCESS),
+        Some(why) => Err(Failed(1, format!("{why}; the service stopped so that its supervisor (systemd) restarts it"))),
+    }
 }
 
 async fn shutdown_signal() {
@@ -543,7 +481,7 @@ async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
     match cmd {
         SmtpCommand::Set(args) => {
             let json = args.json;
-            let patch = settings_patch(*args)?;
+            let patch = args.settings.patch().map_err(OpsError::Invalid)?;
             let update = panel.update_settings(&patch, &actor()).await?;
             output::settings_saved(&update, json);
             Ok(ExitCode::SUCCESS)
@@ -564,52 +502,6 @@ async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
             after_enqueue(&panel, id, "Test message", wait, json).await
         }
     }
-}
-
-fn settings_patch(a: SetArgs) -> Result<SettingsDoc, Failed> {
-    let port = a
-        .port
-        .map(|p| p.trim().parse::<i64>().map_err(|_| bad_input(format!("port: '{p}' is not a number; use 1-65535"))))
-        .transpose()?;
-    let flag = |field: &str, value: Option<String>| {
-        value
-            .map(|v| match v.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "1" => Ok(true),
-                "false" | "no" | "0" => Ok(false),
-                _ => Err(bad_input(format!("{field}: '{v}' is not true or false"))),
-            })
-            .transpose()
-    };
-    let allow = flag("allow_plaintext_auth", a.allow_plaintext_auth)?;
-    let allow_from_override = flag("allow_from_override", a.allow_from_override)?;
-    Ok(SettingsDoc {
-        host: a.host,
-        port,
-        security: a.security,
-        auth: a.auth,
-        username: a.username,
-        credential: a.credential,
-        credential_relay: None,
-        oauth_provider: a.oauth_provider,
-        token_endpoint: a.token_endpoint,
-        keytab: a.keytab,
-        principal: a.principal,
-        service_principal: a.service_principal,
-        password_file: a.password_file,
-        password_env: a.password_env,
-        from: a.from,
-        fallback_recipient: a.fallback_recipient,
-        helo_name: a.helo_name,
-        ca_file: a.ca_file,
-        pin_sha256: a.pin_sha256,
-        tls_server_name: a.tls_server_name,
-        allow_plaintext_auth: allow,
-        allow_from_override,
-        connect_timeout: a.connect_timeout,
-        command_timeout: a.command_timeout,
-        retry_schedule: a.retry_schedule,
-        give_up_after: a.give_up_after,
-    })
 }
 
 async fn send(panel: Panel, a: SendArgs) -> CmdResult {

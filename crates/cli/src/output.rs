@@ -106,6 +106,7 @@ fn class_name(c: panel_domain::FailureClass) -> &'static str {
         panel_domain::FailureClass::Transient => "temporary; messages are retried",
         panel_domain::FailureClass::Permanent => "permanent",
         panel_domain::FailureClass::Configuration => "configuration error",
+        panel_domain::FailureClass::Internal => "internal error in Panel; messages are retried",
     }
 }
 

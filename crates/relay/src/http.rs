@@ -44,8 +44,7 @@ async fn post(url: &EndpointUrl, form: Zeroizing<String>) -> Result<HttpResponse
         .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
     drop(form);
     if url.tls {
-        let trust = TlsTrust::load(None, None).map_err(|f| f.detail)?;
-        let (config, _) = trust.client_config().map_err(|f| f.detail)?;
+        let (config, _) = TlsTrust::system().client_config().map_err(|f| f.detail)?;
         let name = tls::server_name(&url.host).map_err(|f| f.detail)?;
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)

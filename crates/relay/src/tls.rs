@@ -57,6 +57,13 @@ impl TlsTrust {
         Ok(TlsTrust { roots: Arc::new(roots), pin, provider: Arc::new(ring::default_provider()) })
     }
 
+    /// The system's trust anchors alone (token endpoints), read once per process: reading the
+    /// system store on every token request costs a file scan each time.
+    pub fn system() -> &'static TlsTrust {
+        static SYSTEM: std::sync::OnceLock<TlsTrust> = std::sync::OnceLock::new();
+        SYSTEM.get_or_init(|| TlsTrust::load(None, None).expect("without a CA file, loading cannot fail"))
+    }
+
     /// A client configuration for one connection, with a verifier that remembers the relay's
     /// certificate even when it refuses it (so the admin can see and pin it).
     pub fn client_config(&self) -> Result<(Arc<ClientConfig>, Arc<CapturingVerifier>), Failure> {

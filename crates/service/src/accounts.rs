@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use panel_domain::{FieldErrors, Secret};
 use panel_store::{AdminRow, TokenRow};
 
-use crate::ops::{OpsError, Panel};
+use crate::error::OpsError;
+use crate::ops::Panel;
 
 /// A browser session lasts this long after sign-in.
 pub const SESSION_HOURS: i64 = 12;
@@ -80,6 +81,22 @@ fn hash_password(password: &Secret) -> String {
     Argon2::default().hash_password(password.expose().as_bytes(), &salt).expect("argon2 hashes").to_string()
 }
 
+/// The throwaway hash that unknown names are checked against, made once.
+async fn dummy_hash() -> Result<String, OpsError> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(d) = DUMMY.get() {
+        return Ok(d.clone());
+    }
+    let made = blocking_hash(Secret::new(random_token(""))).await?;
+    Ok(DUMMY.get_or_init(|| made).clone())
+}
+
+async fn blocking_hash(password: Secret) -> Result<String, OpsError> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| OpsError::internal("hashing the password", e))
+}
+
 fn verify_password(password: &Secret, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.expose().as_bytes(), &h).is_ok())
 }
@@ -104,7 +121,7 @@ impl Panel {
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        let hash = hash_password(password);
+        let hash = blocking_hash(password.clone()).await?;
         if !self.store.put_admin(name, role.as_str(), &hash, replace, by, Utc::now()).await? {
             return Err(OpsError::Conflict(format!(
                 "an admin named '{name}' exists already; to change the password: panel admin set-password {name}"
@@ -128,9 +145,16 @@ impl Panel {
     pub async fn sign_in(&self, name: &str, password: &Secret) -> Result<Option<(Session, Role)>, OpsError> {
         let account = self.store.admin(name.trim()).await?;
         // Verify against a throwaway hash when the account does not exist, so timing does not tell.
-        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let dummy = DUMMY.get_or_init(|| hash_password(&Secret::new(random_token(""))));
-        let valid = verify_password(password, account.as_ref().map_or(dummy.as_str(), |a| a.password_hash.as_str()));
+        let hash = match &account {
+            Some(a) => a.password_hash.clone(),
+            None => dummy_hash().await?,
+        };
+        // Argon2 takes tens of milliseconds of CPU on purpose: off the async threads, so a
+        // burst of sign-ins cannot stall the worker or the other requests.
+        let password_copy = password.clone();
+        let valid = tokio::task::spawn_blocking(move || verify_password(&password_copy, &hash))
+            .await
+            .map_err(|e| OpsError::internal("checking the password", e))?;
         let Some(account) = account.filter(|_| valid) else { return Ok(None) };
         let role = Role::parse(&account.role).unwrap_or(Role::Viewer);
         let session = Session {

@@ -12,7 +12,8 @@ use panel_store::{
 };
 use serde_json::{Value, json};
 
-use crate::ops::{OpsError, Panel};
+use crate::error::OpsError;
+use crate::ops::Panel;
 
 /// A schedule's upcoming fire times, as `panel schedule next` and the API show them.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -4,16 +4,19 @@
 pub mod accounts;
 pub mod automation;
 mod credential_source;
+mod error;
 pub mod licensing;
 pub mod metrics;
 pub mod ops;
 pub mod registry;
 pub mod scheduler;
+pub mod supervisor;
 pub mod vault;
 pub mod wake;
 pub mod worker;
 
-pub use ops::{OpsError, Panel, SettingsUpdate};
+pub use error::{ErrorKind, OpsError};
+pub use ops::{Panel, SettingsUpdate};
 pub use registry::{ServiceHandle, liveness_window};
 pub use scheduler::run_scheduler;
 pub use vault::{CredentialInfo, CredentialInput, SecretsConfig};

@@ -7,7 +7,8 @@ use panel_vault::license::{self, LicenseError};
 use panel_vault::{AuthorityPublicKey, License};
 use serde::Serialize;
 
-use crate::ops::{OpsError, Panel};
+use crate::error::OpsError;
+use crate::ops::Panel;
 
 /// A stored key as `panel license list` shows it.
 #[derive(Debug, Clone, Serialize)]

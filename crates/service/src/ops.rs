@@ -5,61 +5,19 @@ use std::time::Duration;
 
 use chrono::Utc;
 use panel_domain::message::Draft;
+use panel_domain::settings::patch::SettingsEvent;
 use panel_domain::{
     Auth, CredentialKind, FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings, SettingsDoc,
 };
 use panel_relay::CheckReport;
-use panel_store::{AuditEvent, MessageDetail, ServiceRow, Store, StoreError, StoredSettings};
+use panel_store::{AuditEvent, MessageDetail, ServiceRow, Store, StoredSettings};
 
 use crate::credential_source::StoredCredentials;
 use crate::metrics::Metrics;
 use crate::vault::{Secrets, SecretsConfig};
 
+use crate::error::OpsError;
 use crate::wake::{self, Waker};
-
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    /// Bad input: exit code 2, HTTP 400.
-    #[error("{0}")]
-    Invalid(FieldErrors),
-    #[error(
-        "no relay settings yet; configure them first: panel smtp set --host HOST --from ADDRESS --fallback-recipient ADDRESS"
-    )]
-    NotConfigured,
-    #[error("the stored relay settings are invalid (version {version}): {errors}; fix them with panel smtp set")]
-    StoredSettingsInvalid { version: i64, errors: FieldErrors },
-    #[error("message {0} not found")]
-    NotFound(i64),
-    #[error("{what} '{name}' not found")]
-    NotFoundNamed { what: &'static str, name: String },
-    /// A license is missing, invalid or refused: exit code 1, HTTP 403.
-    #[error("{0}")]
-    License(String),
-    /// The master key file or the encrypted credentials are unusable.
-    #[error("{0}")]
-    Vault(String),
-    /// A template that does not render (preview): exit code 2, HTTP 400.
-    #[error("the template does not render: {0}")]
-    Template(panel_automation::TemplateError),
-    /// The request conflicts with what is stored (a name taken, a template in use): HTTP 409.
-    #[error("{0}")]
-    Conflict(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl OpsError {
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            OpsError::Invalid(_)
-                | OpsError::NotFound(_)
-                | OpsError::NotFoundNamed { .. }
-                | OpsError::NotConfigured
-                | OpsError::Template(_)
-        )
-    }
-}
 
 /// What the CLI and API hold: the store, the trusted license authorities and master key file,
 /// and a way to wake workers after an enqueue.
@@ -98,62 +56,45 @@ impl Panel {
         Ok(self.store.current_settings().await?)
     }
 
-    /// Applies `patch` to the stored settings. Every field is validated; nothing is stored on error.
-    /// A stored credential is bound to the relay endpoint it was named for: changing the host,
-    /// port or security mode detaches it until the admin names it again.
+    /// Applies `patch` to the stored settings by the patch rules (`settings::patch::apply`: every
+    /// field validated once, nothing stored on error, a credential bound to its relay endpoint),
+    /// then checks what only the service can: the CA file is readable, the credential exists and
+    /// is of the kind the auth mode needs.
     pub async fn update_settings(&self, patch: &SettingsDoc, by: &str) -> Result<SettingsUpdate, OpsError> {
         let current = self.store.current_settings().await?;
-        let (version, old_doc) = match &current {
-            Some(s) => (s.version, s.doc.clone()),
+        let (version, old_doc) = match current {
+            Some(s) => (s.version, s.doc),
             None => (0, SettingsDoc::default()),
         };
-        let mut doc = old_doc.merged(&prefer_named_source(patch, &old_doc));
-        let settings = RelaySettings::validate(&doc).map_err(OpsError::Invalid)?;
+        let applied = panel_domain::settings::patch::apply(patch, &old_doc).map_err(OpsError::Invalid)?;
         let mut errors = FieldErrors::default();
-        if let Some(ca) = &settings.ca_file
+        if let Some(ca) = &applied.settings.ca_file
             && let Err(e) = std::fs::metadata(ca)
         {
             errors.push("ca_file", format!("{} cannot be read: {e}", ca.display()));
         }
-        let mut events = Vec::new();
-        let mut notices = Vec::new();
-        match settings.auth.credential() {
-            None => doc.credential_relay = None,
-            Some(name) => {
-                self.check_credential_kind(&settings.auth, name, &mut errors).await?;
-                let endpoint = settings.endpoint();
-                let named = patch.credential.as_deref().is_some_and(|c| !c.trim().is_empty());
-                let was_attached = RelaySettings::validate(&old_doc).is_ok_and(|s| s.credential_attached);
-                if named {
-                    if doc.credential_relay.as_deref() != Some(&endpoint) || !was_attached {
-                        events.push(AuditEvent::new("credential.attached", name, format!("to relay {endpoint}")));
-                    }
-                    doc.credential_relay = Some(endpoint);
-                } else if doc.credential_relay.as_deref() != Some(&endpoint) {
-                    if was_attached {
-                        let from = doc.credential_relay.clone().unwrap_or_default();
-                        events.push(AuditEvent::new(
-                            "credential.detached",
-                            name,
-                            format!("relay changed from {from} to {endpoint}"),
-                        ));
-                    }
-                    notices.push(format!(
-                        "the stored credential '{name}' is detached: it was confirmed for {}, and the relay is now {endpoint}. \
-                         It is not sent until you confirm it for this relay: panel smtp set --credential {name}",
-                        doc.credential_relay.as_deref().unwrap_or("another relay")
-                    ));
-                }
-            }
+        if let Some(name) = applied.settings.auth.credential() {
+            self.check_credential_kind(&applied.settings.auth, name, &mut errors).await?;
         }
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        let settings = RelaySettings::validate(&doc).map_err(OpsError::Invalid)?;
-        let new_version = self.store.save_settings(version, &doc, by, Utc::now(), &events).await?;
+        let events: Vec<AuditEvent> = applied
+            .events
+            .iter()
+            .map(|e| match e {
+                SettingsEvent::CredentialAttached { credential, relay } => {
+                    AuditEvent::new("credential.attached", credential, format!("to relay {relay}"))
+                }
+                SettingsEvent::CredentialDetached { credential, from, to } => {
+                    AuditEvent::new("credential.detached", credential, format!("relay changed from {from} to {to}"))
+                }
+            })
+            .collect();
+        let new_version = self.store.save_settings(version, &applied.doc, by, Utc::now(), &events).await?;
         // Workers pick the new version up on their next claim; wake them so held messages go now.
         self.wake_workers().await;
-        Ok(SettingsUpdate { version: new_version, settings, notices })
+        Ok(SettingsUpdate { version: new_version, settings: applied.settings, notices: applied.notices })
     }
 
     /// The named credential must exist and be of the kind the auth mode needs.
@@ -406,100 +347,13 @@ pub fn parse_since(value: &str) -> Result<chrono::DateTime<Utc>, FieldErrors> {
     Ok(Utc::now() - chrono::Duration::from_std(d).unwrap_or_default())
 }
 
-/// The settings in force with every default filled in, as shown by `panel smtp show` and the API.
+/// The settings in force with every default filled in, as shown by `panel smtp show` and the API
+/// (the settings table's effective view), with the stored credential's binding state.
 /// Names where the password comes from, never the password.
 pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
-    use panel_domain::PasswordSource;
-    use panel_domain::duration::{format, format_list};
-    let mut view = serde_json::json!({
-        "host": s.host,
-        "port": s.port,
-        "security": s.security,
-        "auth": s.auth.as_str(),
-        "from": s.from.to_string(),
-        "fallback_recipient": s.fallback_recipient.to_string(),
-        "helo_name": s.helo_name,
-        "ca_file": s.ca_file.as_ref().map(|p| p.display().to_string()),
-        "pin_sha256": s.pin_sha256.as_ref().map(panel_domain::settings::format_pin),
-        "tls_server_name": s.tls_server_name,
-        "allow_plaintext_auth": s.allow_plaintext_auth,
-        "allow_from_override": s.allow_from_override,
-        "connect_timeout": format(s.connect_timeout),
-        "command_timeout": format(s.command_timeout),
-        "retry_schedule": format_list(&s.retry.schedule),
-        "give_up_after": format(s.retry.give_up_after),
-    });
-    let extra = match &s.auth {
-        Auth::None => serde_json::json!({}),
-        Auth::Password { username, source: PasswordSource::File(p) } => {
-            serde_json::json!({ "username": username, "password_file": p.display().to_string() })
-        }
-        Auth::Password { username, source: PasswordSource::Env(v) } => {
-            serde_json::json!({ "username": username, "password_env": v })
-        }
-        Auth::Stored { credential } | Auth::Ntlm { credential } => serde_json::json!({ "credential": credential }),
-        Auth::Integrated { keytab, principal, service_principal } => serde_json::json!({
-            "keytab": keytab.as_ref().map(|p| p.display().to_string()),
-            "principal": principal,
-            "service_principal": service_principal.clone().unwrap_or_else(|| format!("smtp/{}", s.host)),
-        }),
-        Auth::OAuth2 { provider, mailbox, credential, token_endpoint } => serde_json::json!({
-            "oauth_provider": provider,
-            "username": mailbox.as_str(),
-            "credential": credential,
-            "token_endpoint": token_endpoint.as_ref().map(|u| u.to_string()),
-        }),
-    };
-    if let (Some(map), serde_json::Value::Object(extra)) = (view.as_object_mut(), extra) {
-        map.extend(extra);
-        if s.auth.credential().is_some() {
-            map.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
-        }
+    let mut view = panel_domain::settings::table::effective(&s.doc);
+    if s.auth.credential().is_some() {
+        view.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
     }
-    view
-}
-
-/// Naming one password source in a patch replaces the other kind: `--credential X` drops a
-/// stored username and password file or variable, and `--password-file` drops a credential.
-fn prefer_named_source(patch: &SettingsDoc, old: &SettingsDoc) -> SettingsDoc {
-    let named = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
-    let mut p = patch.clone();
-    let clear = |field: &mut Option<String>| {
-        field.get_or_insert_with(String::new);
-    };
-    // Switching the auth mode drops what does not apply to the new one, unless the patch names it.
-    match p.auth.as_deref().map(|a| a.trim().to_ascii_lowercase()).as_deref() {
-        // Neither takes a username or any secret.
-        Some("none" | "integrated") => [
-            &mut p.username,
-            &mut p.password_file,
-            &mut p.password_env,
-            &mut p.credential,
-            &mut p.oauth_provider,
-            &mut p.token_endpoint,
-        ]
-        .into_iter()
-        .for_each(clear),
-        Some("password") => [&mut p.oauth_provider, &mut p.token_endpoint].into_iter().for_each(clear),
-        Some("oauth2") => [&mut p.password_file, &mut p.password_env].into_iter().for_each(clear),
-        Some("ntlm") => {
-            [&mut p.username, &mut p.password_file, &mut p.password_env, &mut p.oauth_provider, &mut p.token_endpoint]
-                .into_iter()
-                .for_each(clear)
-        }
-        _ => {}
-    }
-    // The Kerberos fields belong to integrated only.
-    if p.auth.as_deref().is_some_and(|a| !a.trim().eq_ignore_ascii_case("integrated")) {
-        [&mut p.keytab, &mut p.principal, &mut p.service_principal].into_iter().for_each(clear);
-    }
-    let password_mode =
-        p.auth.as_deref().or(old.auth.as_deref()).is_some_and(|a| a.trim().eq_ignore_ascii_case("password"));
-    if password_mode && named(&p.credential) {
-        [&mut p.username, &mut p.password_file, &mut p.password_env].into_iter().for_each(clear);
-    }
-    if named(&p.password_file) || named(&p.password_env) {
-        clear(&mut p.credential);
-    }
-    p
+    serde_json::Value::Object(view)
 }

@@ -13,8 +13,9 @@ use panel_store::{AuditEvent, CredentialRow, DeleteOutcome, NewCredential, PutOu
 use panel_vault::{AuthorityPublicKey, KeyFileError, Keyring, Sealed, envelope};
 use serde::Serialize;
 
+use crate::error::OpsError;
 use crate::licensing::Grant;
-use crate::ops::{OpsError, Panel};
+use crate::ops::Panel;
 
 /// Largest secret accepted (a Google service account key is about 2.4 KB).
 const MAX_SECRET: usize = 64 * 1024;

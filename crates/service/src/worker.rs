@@ -31,6 +31,9 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// An idle relay connection is closed after this long.
     pub idle_connection: Duration,
+    /// A test hook, called with each message right before it is sent; tests make it panic to
+    /// prove that a failing delivery is recorded. Always `None` outside tests.
+    pub before_send: Option<fn(&panel_domain::OutgoingMessage)>,
 }
 
 impl Default for WorkerConfig {
@@ -40,6 +43,7 @@ impl Default for WorkerConfig {
             lease: Duration::from_secs(60),
             poll: Duration::from_secs(1),
             idle_connection: Duration::from_secs(15),
+            before_send: None,
         }
     }
 }
@@ -161,7 +165,7 @@ pub async fn run_worker(
                     let permit = slots.clone().acquire_owned().await.expect("semaphore open");
                     let (shared, state) = (shared.clone(), state.clone());
                     tasks.spawn(async move {
-                        deliver(&shared, &state, c).await;
+                        deliver_supervised(shared, state, c).await;
                         drop(permit);
                     });
                 }
@@ -255,16 +259,84 @@ fn prune_idle(shared: &Shared) {
         .retain(|(v, at, _)| Some(*v) == serial && at.elapsed() < shared.config.idle_connection);
 }
 
+/// What the record of an attempt needs from its claim, kept apart from the claim itself so that
+/// an attempt whose delivery panicked can still be recorded.
+#[derive(Clone, Copy)]
+struct ClaimInfo {
+    reference: panel_store::ClaimRef,
+    origin: panel_domain::Origin,
+    attempts: i64,
+    created_at: DateTime<Utc>,
+    recipients: usize,
+}
+
+/// Delivers `claim` in a task of its own. A panic in the delivery code is recorded as a failed
+/// attempt of class `internal` with the panic's message, so the message follows its retry
+/// schedule and fails in the end, instead of losing the attempt and coming back after every
+/// lease forever.
+async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: Claim) {
+    let info = ClaimInfo {
+        reference: claim.reference,
+        origin: claim.origin,
+        attempts: claim.attempts,
+        created_at: claim.created_at,
+        recipients: claim.pending.len(),
+    };
+    let started = Utc::now();
+    let inner = tokio::spawn({
+        let (shared, state) = (shared.clone(), state.clone());
+        async move { deliver(&shared, &state, claim).await }
+    });
+    let Err(e) = inner.await else { return };
+    if !e.is_panic() {
+        return; // Cancelled at shutdown: the lease runs out and another worker takes it.
+    }
+    let payload = e.into_panic();
+    let why = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    tracing::error!(message_id = info.reference.id, panic = %why, "delivering the message panicked; recorded as an internal failure");
+    let report = SendReport {
+        recipients: vec![RecipientResult::NotTried; info.recipients],
+        failure: Some(Failure::new(
+            panel_domain::Stage::Internal,
+            panel_domain::FailureKind::Internal,
+            format!("Panel failed while delivering: {why}"),
+        )),
+        data_reply: None,
+    };
+    let ctx = ConnectionContext { port: 0, security: panel_domain::Security::None };
+    settle_and_record(&shared, &state, info, started, report, String::new(), ctx).await;
+}
+
+/// Stops the lease renewal when the delivery ends, also when it ends by a panic.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     let started = Utc::now();
     let id = claim.reference.id;
+    let info = ClaimInfo {
+        reference: claim.reference,
+        origin: claim.origin,
+        attempts: claim.attempts,
+        created_at: claim.created_at,
+        recipients: claim.pending.len(),
+    };
     let lease = Arc::new(Lease {
         store: shared.store.clone(),
         reference: claim.reference,
         length: shared.config.lease,
         renewed: Mutex::new(Instant::now()),
     });
-    let renewer = tokio::spawn(lease.clone().keep_renewed());
+    let renewal = Renewal(tokio::spawn(lease.clone().keep_renewed()));
     let recipients: Vec<String> = claim.pending.iter().map(|p| p.address.clone()).collect();
     let (report, relay_addr, ctx) = match &state.relay {
         Err(f) => (
@@ -278,8 +350,11 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         ),
         Ok(relay) => {
             let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
+            if let Some(hook) = shared.config.before_send {
+                hook(&claim.message);
+            }
             let Some(report) = send(shared, state.serial, relay, &claim, &recipients, &lease).await else {
-                renewer.abort();
+                drop(renewal);
                 tracing::warn!(
                     message_id = id,
                     "lease lost before sending (this worker was paused or cut off); another worker owns the message; nothing sent"
@@ -289,7 +364,22 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
             (report, relay.address(), ctx)
         }
     };
-    renewer.abort();
+    drop(renewal);
+    settle_and_record(shared, state, info, started, report, relay_addr, ctx).await;
+}
+
+/// Settles an attempt (the pure rules of `settle`), logs and counts it, moves the relay-wide
+/// backoff, and hands it to the group-committing recorder.
+async fn settle_and_record(
+    shared: &Shared,
+    state: &RelayState,
+    claim: ClaimInfo,
+    started: DateTime<Utc>,
+    report: SendReport,
+    relay_addr: String,
+    ctx: ConnectionContext,
+) {
+    let id = claim.reference.id;
     let policy = state.relay.as_ref().map(|r| r.settings.retry.clone()).unwrap_or_default();
     let attempts = claim.attempts as u32 + 1;
     let age = (Utc::now() - claim.created_at).to_std().unwrap_or_default();

@@ -29,6 +29,14 @@ pub enum StoreError {
     MasterKeyChanged { current: String },
 }
 
+impl StoreError {
+    /// The database cannot be reached or written right now (I/O, a full pool), as opposed to a
+    /// query or a row that is wrong: trying again later may work.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed))
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A handle to the store; cheap to clone (it wraps a connection pool).

@@ -18,74 +18,9 @@ use panel_service::Panel;
 use panel_service::accounts::{Actor, Role};
 use serde_json::json;
 
-pub const SESSION_COOKIE: &str = "panel_session";
+use crate::routes::ROUTES;
 
-/// Every API route: method, path, least role, summary. Requests to API paths not listed here are
-/// answered 404 by the router, after authentication.
-pub const ROUTES: &[(&str, &str, Role, &str)] = &[
-    ("GET", "/api/v1/settings/smtp", Role::Viewer, "The relay settings in force (never a secret)"),
-    ("PUT", "/api/v1/settings/smtp", Role::Admin, "Change relay settings (the fields of panel smtp set)"),
-    ("POST", "/api/v1/smtp/check", Role::Operator, "Connect to the relay stage by stage; sends nothing"),
-    ("POST", "/api/v1/smtp/test", Role::Operator, "Enqueue the Test Message ({\"to\", \"wait\"})"),
-    ("GET", "/api/v1/messages", Role::Viewer, "The message log (?state, origin, recipient, since, limit)"),
-    ("POST", "/api/v1/messages", Role::Operator, "Send an ad-hoc message (the mail tester)"),
-    ("POST", "/api/v1/messages/bulk", Role::Operator, "Send up to 1,000 messages in one transaction"),
-    (
-        "POST",
-        "/api/v1/messages/retry",
-        Role::Operator,
-        "Re-queue failed messages ({\"status\": \"failed\", \"since\"})",
-    ),
-    ("GET", "/api/v1/messages/{id}", Role::Viewer, "A message with every attempt and reply"),
-    ("POST", "/api/v1/messages/{id}/retry", Role::Operator, "Re-queue one failed message"),
-    ("GET", "/api/v1/services", Role::Viewer, "Running Panel Services and workers"),
-    ("GET", "/api/v1/queue", Role::Viewer, "Queue depth and ages"),
-    ("GET", "/api/v1/dashboard", Role::Viewer, "Counts per state (last hour, day), per hour, the last relay error"),
-    ("GET", "/api/v1/licenses", Role::Viewer, "License keys with features, expiry and validity"),
-    ("POST", "/api/v1/licenses", Role::Admin, "Add a license key ({\"key\"})"),
-    ("DELETE", "/api/v1/licenses/{id}", Role::Admin, "Remove a license key"),
-    ("GET", "/api/v1/credentials", Role::Viewer, "Stored credentials (never their secrets)"),
-    ("PUT", "/api/v1/credentials/{name}", Role::Admin, "Store or replace a credential (write-only secret)"),
-    ("DELETE", "/api/v1/credentials/{name}", Role::Admin, "Delete a credential"),
-    ("GET", "/api/v1/audit", Role::Viewer, "The audit log"),
-    ("GET", "/api/v1/templates", Role::Viewer, "Message templates"),
-    ("GET", "/api/v1/templates/{name}", Role::Viewer, "A template"),
-    (
-        "PUT",
-        "/api/v1/templates/{name}",
-        Role::Admin,
-        "Create or replace a template ({\"subject\", \"text\", \"html\"})",
-    ),
-    ("DELETE", "/api/v1/templates/{name}", Role::Admin, "Delete a template"),
-    ("POST", "/api/v1/templates/{name}/render", Role::Viewer, "Preview a template against the body as context"),
-    ("GET", "/api/v1/workflows", Role::Viewer, "Workflows"),
-    ("POST", "/api/v1/workflows", Role::Admin, "Create a workflow"),
-    ("GET", "/api/v1/workflows/{name}", Role::Viewer, "A workflow"),
-    ("PUT", "/api/v1/workflows/{name}", Role::Admin, "Replace a workflow"),
-    ("DELETE", "/api/v1/workflows/{name}", Role::Admin, "Delete a workflow"),
-    ("POST", "/api/v1/workflows/{name}/enable", Role::Admin, "Enable a workflow"),
-    ("POST", "/api/v1/workflows/{name}/disable", Role::Admin, "Disable a workflow"),
-    ("GET", "/api/v1/workflows/{name}/history", Role::Viewer, "A workflow's runs"),
-    ("GET", "/api/v1/schedules", Role::Viewer, "Schedules"),
-    ("POST", "/api/v1/schedules", Role::Admin, "Create a schedule"),
-    ("GET", "/api/v1/schedules/{name}", Role::Viewer, "A schedule"),
-    ("PUT", "/api/v1/schedules/{name}", Role::Admin, "Replace a schedule"),
-    ("DELETE", "/api/v1/schedules/{name}", Role::Admin, "Delete a schedule"),
-    ("POST", "/api/v1/schedules/{name}/enable", Role::Admin, "Enable a schedule"),
-    ("POST", "/api/v1/schedules/{name}/disable", Role::Admin, "Disable a schedule"),
-    ("GET", "/api/v1/schedules/{name}/history", Role::Viewer, "A schedule's runs"),
-    ("POST", "/api/v1/schedules/{name}/run", Role::Operator, "Run a schedule now"),
-    ("GET", "/api/v1/schedules/{name}/next", Role::Viewer, "A schedule's next fire times (?count)"),
-    (
-        "POST",
-        "/api/v1/events",
-        Role::Operator,
-        "Post an event to the workflows ({\"type\", \"object\", \"idempotency_key\"})",
-    ),
-    ("POST", "/api/v1/dispatch", Role::Operator, "Run inline steps now ({\"name\", \"data\", \"steps\"})"),
-    ("GET", "/api/v1/runs/{id}", Role::Viewer, "A run: steps, messages and their states"),
-    ("GET", "/api/v1/me", Role::Viewer, "Who is signed in, with role and CSRF token"),
-];
+pub const SESSION_COOKIE: &str = "panel_session";
 
 fn path_matches(pattern: &str, path: &str) -> bool {
     let (mut p, mut q) = (pattern.split('/'), path.split('/'));

@@ -1,12 +1,11 @@
 //! `/api/v1/templates`, `/workflows`, `/schedules`, `/events`, `/dispatch` and `/runs`: the same
 //! operations as `panel template|workflow|schedule|event|dispatch|run`.
 
+use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
 use panel_service::Panel;
 use panel_store::{DefinitionKind, SaveMode, SaveOutcome};
@@ -16,42 +15,20 @@ use serde_json::{Value, json};
 use crate::auth::By;
 use crate::{ApiResult, invalid_body, ok};
 
-pub fn routes() -> Router<Panel> {
-    Router::new()
-        .route("/api/v1/templates", get(list_templates))
-        .route("/api/v1/templates/{name}", get(show_template).put(put_template).delete(delete_template))
-        .route("/api/v1/templates/{name}/render", post(render_template))
-        .route("/api/v1/workflows", get(list_workflows).post(create_workflow))
-        .route("/api/v1/workflows/{name}", get(show_workflow).put(update_workflow).delete(delete_workflow))
-        .route("/api/v1/workflows/{name}/enable", post(enable_workflow))
-        .route("/api/v1/workflows/{name}/disable", post(disable_workflow))
-        .route("/api/v1/workflows/{name}/history", get(workflow_history))
-        .route("/api/v1/schedules", get(list_schedules).post(create_schedule))
-        .route("/api/v1/schedules/{name}", get(show_schedule).put(update_schedule).delete(delete_schedule))
-        .route("/api/v1/schedules/{name}/enable", post(enable_schedule))
-        .route("/api/v1/schedules/{name}/disable", post(disable_schedule))
-        .route("/api/v1/schedules/{name}/history", get(schedule_history))
-        .route("/api/v1/schedules/{name}/run", post(run_schedule))
-        .route("/api/v1/schedules/{name}/next", get(schedule_next))
-        .route("/api/v1/events", post(post_event))
-        .route("/api/v1/dispatch", post(dispatch))
-        .route("/api/v1/runs/{id}", get(show_run))
-}
-
 fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
     let status = if outcome == SaveOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(json!({"name": name, "outcome": format!("{outcome:?}").to_lowercase()}))).into_response())
 }
 
-async fn list_templates(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn list_templates(State(p): State<Panel>) -> ApiResult {
     ok(p.definitions(DefinitionKind::Template).await?)
 }
 
-async fn show_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn show_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
     ok(p.template(&name).await?)
 }
 
-async fn put_template(
+pub(crate) async fn put_template(
     State(p): State<Panel>,
     By(by): By,
     Path(name): Path<String>,
@@ -61,13 +38,13 @@ async fn put_template(
     saved(p.save_template(&name, &t, SaveMode::Upsert, &by).await?, &name)
 }
 
-async fn delete_template(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn delete_template(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
     p.delete_definition(DefinitionKind::Template, &name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Body: the context (`{"object": {...}}`); answers the rendered subject, text and HTML.
-async fn render_template(
+pub(crate) async fn render_template(
     State(p): State<Panel>,
     Path(name): Path<String>,
     body: Result<Json<Value>, JsonRejection>,
@@ -79,21 +56,25 @@ async fn render_template(
 macro_rules! definition_routes {
     ($kind:expr, $def:ty, $save:ident, $list:ident, $show:ident, $create:ident, $update:ident, $delete:ident,
      $enable:ident, $disable:ident, $history:ident) => {
-        async fn $list(State(p): State<Panel>) -> ApiResult {
+        pub(crate) async fn $list(State(p): State<Panel>) -> ApiResult {
             ok(p.definitions($kind).await?)
         }
 
-        async fn $show(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $show(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
             ok(p.definition($kind, &name).await?)
         }
 
-        async fn $create(State(p): State<Panel>, By(by): By, body: Result<Json<$def>, JsonRejection>) -> ApiResult {
+        pub(crate) async fn $create(
+            State(p): State<Panel>,
+            By(by): By,
+            body: Result<Json<$def>, JsonRejection>,
+        ) -> ApiResult {
             let Json(def) = body.map_err(invalid_body)?;
             saved(p.$save(&def, SaveMode::Create, &by).await?, &def.name)
         }
 
         /// The body's name must be the path's.
-        async fn $update(
+        pub(crate) async fn $update(
             State(p): State<Panel>,
             By(by): By,
             Path(name): Path<String>,
@@ -108,22 +89,26 @@ macro_rules! definition_routes {
             saved(p.$save(&def, SaveMode::Update, &by).await?, &name)
         }
 
-        async fn $delete(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $delete(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
             p.delete_definition($kind, &name, &by).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
 
-        async fn $enable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $enable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
             p.set_enabled($kind, &name, true, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
-        async fn $disable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $disable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
             p.set_enabled($kind, &name, false, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
-        async fn $history(State(p): State<Panel>, Path(name): Path<String>, Query(q): Query<Limit>) -> ApiResult {
+        pub(crate) async fn $history(
+            State(p): State<Panel>,
+            Path(name): Path<String>,
+            Query(q): Query<Limit>,
+        ) -> ApiResult {
             p.definition($kind, &name).await?;
             ok(p.history($kind.as_str(), &name, q.limit.unwrap_or(20).min(1000)).await?)
         }
@@ -131,7 +116,7 @@ macro_rules! definition_routes {
 }
 
 #[derive(Deserialize)]
-struct Limit {
+pub(crate) struct Limit {
     limit: Option<u32>,
 }
 
@@ -163,23 +148,27 @@ definition_routes!(
     schedule_history
 );
 
-async fn run_schedule(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn run_schedule(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
     let run = p.run_schedule(&name, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
 #[derive(Deserialize)]
-struct Count {
+pub(crate) struct Count {
     count: Option<usize>,
 }
 
-async fn schedule_next(State(p): State<Panel>, Path(name): Path<String>, Query(q): Query<Count>) -> ApiResult {
+pub(crate) async fn schedule_next(
+    State(p): State<Panel>,
+    Path(name): Path<String>,
+    Query(q): Query<Count>,
+) -> ApiResult {
     ok(p.schedule_next(&name, q.count.unwrap_or(5)).await?)
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EventRequest {
+pub(crate) struct EventRequest {
     #[serde(rename = "type")]
     event_type: String,
     object: Value,
@@ -187,7 +176,11 @@ struct EventRequest {
 }
 
 /// 202 with the event id and its workflow runs; 200 when the idempotency key was seen before.
-async fn post_event(State(p): State<Panel>, By(by): By, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult {
+pub(crate) async fn post_event(
+    State(p): State<Panel>,
+    By(by): By,
+    body: Result<Json<EventRequest>, JsonRejection>,
+) -> ApiResult {
     let Json(req) = body.map_err(invalid_body)?;
     let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
     let mut runs = Vec::with_capacity(record.runs.len());
@@ -198,12 +191,16 @@ async fn post_event(State(p): State<Panel>, By(by): By, body: Result<Json<EventR
     Ok((status, Json(json!({"event_id": record.id, "created": record.created, "runs": runs}))).into_response())
 }
 
-async fn dispatch(State(p): State<Panel>, By(by): By, body: Result<Json<DispatchDef>, JsonRejection>) -> ApiResult {
+pub(crate) async fn dispatch(
+    State(p): State<Panel>,
+    By(by): By,
+    body: Result<Json<DispatchDef>, JsonRejection>,
+) -> ApiResult {
     let Json(def) = body.map_err(invalid_body)?;
     let run = p.dispatch(&def, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
-async fn show_run(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn show_run(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
     ok(p.run(id).await?)
 }

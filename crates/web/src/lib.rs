@@ -3,9 +3,11 @@
 
 mod auth;
 mod automation;
+mod routes;
 mod ui;
 
-pub use auth::{ROUTES, openapi};
+pub use auth::openapi;
+pub use routes::ROUTES;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,12 +15,12 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use panel_domain::message::Draft;
 use panel_domain::{Origin, SettingsDoc};
 use panel_service::ops::effective_view;
-use panel_service::{OpsError, Panel};
+use panel_service::{ErrorKind, OpsError, Panel};
 
 use crate::auth::By;
 use panel_store::RetryResult;
@@ -30,22 +32,7 @@ pub fn router(panel: Panel) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .route("/api/v1/settings/smtp", get(get_settings).put(put_settings))
-        .route("/api/v1/smtp/check", post(check))
-        .route("/api/v1/smtp/test", post(test_message))
-        .route("/api/v1/messages", get(list_messages).post(send_message))
-        .route("/api/v1/messages/retry", post(retry_failed))
-        .route("/api/v1/messages/bulk", post(send_bulk))
-        .route("/api/v1/messages/{id}", get(show_message))
-        .route("/api/v1/messages/{id}/retry", post(retry_message))
-        .route("/api/v1/services", get(services))
-        .route("/api/v1/queue", get(queue))
-        .route("/api/v1/licenses", get(licenses).post(add_license))
-        .route("/api/v1/licenses/{id}", delete(remove_license))
-        .route("/api/v1/credentials", get(credentials))
-        .route("/api/v1/credentials/{name}", put(set_credential).delete(delete_credential))
-        .route("/api/v1/audit", get(audit))
-        .merge(automation::routes())
+        .merge(routes::api_router())
         .merge(ui::routes(auth::SignInLimiter::default()))
         .route("/api/openapi.json", get(|| async { Json(auth::openapi()) }))
         .layer(axum::middleware::from_fn_with_state(panel.clone(), auth::require_auth))
@@ -67,7 +54,7 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
-struct ApiError(OpsError);
+pub(crate) struct ApiError(OpsError);
 
 impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
@@ -77,26 +64,21 @@ impl From<OpsError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self.0 {
-            OpsError::Invalid(errors) => (StatusCode::BAD_REQUEST, json!({"error": "invalid input", "fields": errors})),
-            OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => {
-                (StatusCode::NOT_FOUND, json!({"error": self.0.to_string()}))
-            }
-            OpsError::License(_) => (StatusCode::FORBIDDEN, json!({"error": self.0.to_string()})),
-            OpsError::NotConfigured | OpsError::Conflict(_) => {
-                (StatusCode::CONFLICT, json!({"error": self.0.to_string()}))
-            }
-            OpsError::Template(e) => (StatusCode::BAD_REQUEST, json!({"error": self.0.to_string(), "template": e})),
-            _ => {
-                tracing::error!(error = %self.0, "request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": self.0.to_string()}))
-            }
+        let kind = self.0.kind();
+        let status = StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = match &self.0 {
+            OpsError::Invalid(errors) => json!({"error": "invalid input", "fields": errors}),
+            OpsError::Template(e) => json!({"error": self.0.to_string(), "template": e}),
+            _ => json!({"error": self.0.to_string()}),
         };
+        if matches!(kind, ErrorKind::Internal | ErrorKind::Unavailable) {
+            tracing::error!(error = %self.0, "request failed");
+        }
         (status, Json(body)).into_response()
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// A body that is not the expected JSON is bad input like any other, reported under `body`.
 fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
@@ -130,7 +112,7 @@ async fn metrics(State(p): State<Panel>) -> ApiResult {
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
-async fn get_settings(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn get_settings(State(p): State<Panel>) -> ApiResult {
     let Some(stored) = p.stored_settings().await? else {
         return Ok((StatusCode::NOT_FOUND, Json(json!({"error": OpsError::NotConfigured.to_string()}))).into_response());
     };
@@ -140,7 +122,11 @@ async fn get_settings(State(p): State<Panel>) -> ApiResult {
     )
 }
 
-async fn put_settings(
+pub(crate) async fn settings_schema() -> Json<serde_json::Value> {
+    Json(panel_domain::settings::table::schema())
+}
+
+pub(crate) async fn put_settings(
     State(p): State<Panel>,
     By(by): By,
     body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
@@ -150,25 +136,25 @@ async fn put_settings(
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
 
-async fn check(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn check(State(p): State<Panel>) -> ApiResult {
     ok(p.check().await?)
 }
 
 #[derive(Deserialize, Default)]
-struct TestRequest {
+pub(crate) struct TestRequest {
     to: Option<String>,
     /// Seconds to wait for the outcome before answering.
     wait: Option<u64>,
 }
 
-async fn test_message(State(p): State<Panel>, body: Option<Json<TestRequest>>) -> ApiResult {
+pub(crate) async fn test_message(State(p): State<Panel>, body: Option<Json<TestRequest>>) -> ApiResult {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let id = p.enqueue_test(req.to.as_deref()).await?;
     enqueued(&p, id, req.wait).await
 }
 
 #[derive(Deserialize)]
-struct SendRequest {
+pub(crate) struct SendRequest {
     #[serde(flatten)]
     draft: Draft,
     wait: Option<u64>,
@@ -176,7 +162,7 @@ struct SendRequest {
     idempotency_key: Option<String>,
 }
 
-async fn send_message(
+pub(crate) async fn send_message(
     State(p): State<Panel>,
     body: Result<Json<SendRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
@@ -195,12 +181,12 @@ const BULK_LIMIT: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BulkRequest {
+pub(crate) struct BulkRequest {
     messages: Vec<Draft>,
 }
 
 /// `{"messages": [draft, ...]}`: all stored in one transaction, or none (400 names the index).
-async fn send_bulk(
+pub(crate) async fn send_bulk(
     State(p): State<Panel>,
     body: Result<Json<BulkRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
@@ -224,7 +210,7 @@ async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     state: Option<String>,
     origin: Option<String>,
     recipient: Option<String>,
@@ -232,7 +218,7 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> ApiResult {
+pub(crate) async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> ApiResult {
     let filter = panel_service::ops::message_filter(
         q.state.as_deref(),
         q.origin.as_deref(),
@@ -244,11 +230,11 @@ async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> Ap
     ok(p.store.list_messages(&filter).await.map_err(OpsError::from)?)
 }
 
-async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
     ok(p.store.message(id).await.map_err(OpsError::from)?.ok_or(OpsError::NotFound(id))?)
 }
 
-async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
     match p.retry(id).await? {
         RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
         r @ RetryResult::NotFailed { .. } => Ok((StatusCode::CONFLICT, Json(r)).into_response()),
@@ -258,13 +244,13 @@ async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BulkRetry {
+pub(crate) struct BulkRetry {
     status: String,
     since: Option<String>,
 }
 
 /// The dead-letter bulk retry: `{"status": "failed", "since": "2h"}`.
-async fn retry_failed(
+pub(crate) async fn retry_failed(
     State(p): State<Panel>,
     body: Result<Json<BulkRetry>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
@@ -278,24 +264,24 @@ async fn retry_failed(
     ok(json!({"requeued": p.retry_failed(since).await?}))
 }
 
-async fn services(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn services(State(p): State<Panel>) -> ApiResult {
     ok(p.live_services().await?)
 }
 
-async fn queue(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn queue(State(p): State<Panel>) -> ApiResult {
     ok(p.store.queue_stats(chrono::Utc::now()).await.map_err(OpsError::from)?)
 }
 
-async fn licenses(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn licenses(State(p): State<Panel>) -> ApiResult {
     ok(p.licenses().await?)
 }
 
 #[derive(Deserialize)]
-struct LicenseRequest {
+pub(crate) struct LicenseRequest {
     key: String,
 }
 
-async fn add_license(
+pub(crate) async fn add_license(
     State(p): State<Panel>,
     By(by): By,
     body: Result<Json<LicenseRequest>, axum::extract::rejection::JsonRejection>,
@@ -305,19 +291,19 @@ async fn add_license(
     Ok((StatusCode::CREATED, Json(license)).into_response())
 }
 
-async fn remove_license(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
+pub(crate) async fn remove_license(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
     p.remove_license(&id, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn credentials(State(p): State<Panel>) -> ApiResult {
+pub(crate) async fn credentials(State(p): State<Panel>) -> ApiResult {
     ok(p.credentials().await?)
 }
 
 /// Write-only: the secret goes in, and nothing in any answer ever carries it back.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CredentialRequest {
+pub(crate) struct CredentialRequest {
     #[serde(default = "default_kind")]
     kind: String,
     username: Option<String>,
@@ -331,7 +317,7 @@ fn default_kind() -> String {
     "password".into()
 }
 
-async fn set_credential(
+pub(crate) async fn set_credential(
     State(p): State<Panel>,
     By(by): By,
     Path(name): Path<String>,
@@ -380,16 +366,16 @@ async fn set_credential(
         .into_response())
 }
 
-async fn delete_credential(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
     p.delete_credential(&name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
-struct AuditQuery {
+pub(crate) struct AuditQuery {
     limit: Option<u32>,
 }
 
-async fn audit(State(p): State<Panel>, Query(q): Query<AuditQuery>) -> ApiResult {
+pub(crate) async fn audit(State(p): State<Panel>, Query(q): Query<AuditQuery>) -> ApiResult {
     ok(p.store.audit_log(q.limit.unwrap_or(100).min(1000)).await.map_err(OpsError::from)?)
 }

@@ -69,13 +69,11 @@ pub fn routes(limiter: SignInLimiter) -> Router<Panel> {
         .route("/audit", get(audit))
         .route("/static/panel.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route("/static/panel.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], JS) }))
-        .route("/api/v1/dashboard", get(dashboard_api))
-        .route("/api/v1/me", get(me))
         .layer(Extension(limiter))
 }
 
 /// A rendered page (boxed: a `Response` is large, and pages travel in `Result`s).
-struct Page(Box<Response>);
+pub(crate) struct Page(Box<Response>);
 
 impl IntoResponse for Page {
     fn into_response(self) -> Response {
@@ -91,7 +89,7 @@ impl Page {
 
 impl From<OpsError> for Page {
     fn from(e: OpsError) -> Self {
-        let status = if e.is_bad_input() { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+        let status = StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Page::from_response(
             (
                 status,
@@ -129,7 +127,7 @@ fn render(name: &str, actor: &Actor, active: &str, mut ctx: Value) -> Result<Pag
     let html = env()
         .get_template(name)
         .and_then(|t| t.render(&ctx))
-        .map_err(|e| OpsError::Conflict(format!("the page could not be rendered: {e}")))?;
+        .map_err(|e| OpsError::internal("rendering the page", e))?;
     Ok(Page::from_response(Html(html)))
 }
 
@@ -138,7 +136,7 @@ type PageResult = Result<Page, Page>;
 // ---- sign-in ----
 
 #[derive(Deserialize)]
-struct Next {
+pub(crate) struct Next {
     next: Option<String>,
 }
 
@@ -156,7 +154,7 @@ fn login_form(error: Option<String>, next: String, no_admin: bool, status: Statu
     let html = env()
         .get_template("login.html")
         .and_then(|t| t.render(json!({"error": error, "next": next, "no_admin": no_admin})))
-        .map_err(|e| OpsError::Conflict(e.to_string()))?;
+        .map_err(|e| OpsError::internal("rendering the page", e))?;
     Ok(Page::from_response((status, Html(html))))
 }
 
@@ -231,7 +229,7 @@ async fn logout(
     Ok(Page::from_response(([(header::SET_COOKIE, clear)], Redirect::to("/login"))))
 }
 
-async fn me(Extension(actor): Extension<Actor>) -> Response {
+pub(crate) async fn me(Extension(actor): Extension<Actor>) -> Response {
     axum::Json(json!({"name": actor.name, "role": actor.role.as_str(), "csrf": actor.csrf})).into_response()
 }
 
@@ -290,7 +288,7 @@ async fn dashboard_data(p: &Panel) -> Result<Value, OpsError> {
     }))
 }
 
-async fn dashboard_api(State(p): State<Panel>) -> Response {
+pub(crate) async fn dashboard_api(State(p): State<Panel>) -> Response {
     match dashboard_data(&p).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response(),
@@ -361,6 +359,7 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
             "saved_by": stored.as_ref().map(|s| &s.saved_by),
             "effective": effective,
             "credentials": names,
+            "schema": panel_domain::settings::table::schema(),
         }),
     )?)
 }
@@ -368,7 +367,7 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
 // ---- messages ----
 
 #[derive(Deserialize)]
-struct MessageQuery {
+pub(crate) struct MessageQuery {
     state: Option<String>,
     origin: Option<String>,
     recipient: Option<String>,

@@ -1,0 +1,127 @@
+//! One error type for every operation the CLI, the API and the UI call, and one mapping of its
+//! kind to exit codes and HTTP statuses.
+
+use panel_domain::FieldErrors;
+use panel_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Bad input: exit code 2, HTTP 400.
+    #[error("{0}")]
+    Invalid(FieldErrors),
+    #[error(
+        "no relay settings yet; configure them first: panel smtp set --host HOST --from ADDRESS --fallback-recipient ADDRESS"
+    )]
+    NotConfigured,
+    #[error("the stored relay settings are invalid (version {version}): {errors}; fix them with panel smtp set")]
+    StoredSettingsInvalid { version: i64, errors: FieldErrors },
+    #[error("message {0} not found")]
+    NotFound(i64),
+    #[error("{what} '{name}' not found")]
+    NotFoundNamed { what: &'static str, name: String },
+    /// A license is missing, invalid or refused: exit code 1, HTTP 403.
+    #[error("{0}")]
+    License(String),
+    /// The master key file or the encrypted credentials are unusable.
+    #[error("{0}")]
+    Vault(String),
+    /// A template that does not render (preview): exit code 2, HTTP 400.
+    #[error("the template does not render: {0}")]
+    Template(panel_automation::TemplateError),
+    /// The request conflicts with what is stored (a name taken, a template in use): HTTP 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// Panel failed inside (a task died, a page template broke): HTTP 500, named as such.
+    #[error("{what} failed inside Panel: {cause}")]
+    Internal { what: &'static str, cause: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl OpsError {
+    /// The kind, from which the exit code, the HTTP status and the page follow.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OpsError::Invalid(_) | OpsError::Template(_) => ErrorKind::Invalid,
+            OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => ErrorKind::NotFound,
+            OpsError::License(_) => ErrorKind::Forbidden,
+            OpsError::NotConfigured | OpsError::Conflict(_) => ErrorKind::Conflict,
+            OpsError::Store(StoreError::SettingsConflict { .. } | StoreError::MasterKeyChanged { .. }) => {
+                ErrorKind::Conflict
+            }
+            OpsError::Store(StoreError::Conflict(_)) => ErrorKind::Conflict,
+            OpsError::Store(e) if e.is_unavailable() => ErrorKind::Unavailable,
+            OpsError::StoredSettingsInvalid { .. } | OpsError::Vault(_) | OpsError::Internal { .. } => {
+                ErrorKind::Internal
+            }
+            OpsError::Store(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A failure from inside Panel (a task that died), with its cause.
+    pub fn internal(what: &'static str, cause: impl std::fmt::Display) -> OpsError {
+        OpsError::Internal { what, cause: cause.to_string() }
+    }
+}
+
+/// What kind of failure an operation had. Mapped here, once, to the CLI's exit code and the
+/// HTTP status that the API and the UI pages answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input: every field's problem is named.
+    Invalid,
+    NotFound,
+    /// A license or role does not allow it.
+    Forbidden,
+    /// The request conflicts with what is stored (a name taken, nothing configured yet).
+    Conflict,
+    /// The database cannot be reached now; trying again later may work.
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    /// 2 for what the user typed, 1 for an operation that failed.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Invalid | ErrorKind::NotFound => 2,
+            ErrorKind::Forbidden | ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Internal => 1,
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_one_exit_code_and_one_status() {
+        let cases = [
+            (OpsError::Invalid(FieldErrors::default()), 2, 400),
+            (OpsError::NotFound(7), 2, 404),
+            (OpsError::License("no license".into()), 1, 403),
+            (OpsError::NotConfigured, 1, 409),
+            (OpsError::Conflict("taken".into()), 1, 409),
+            (OpsError::Store(StoreError::Corrupt("messages.state".into())), 1, 500),
+            (OpsError::internal("rendering the page", "syntax error"), 1, 500),
+        ];
+        for (e, code, status) in cases {
+            assert_eq!((e.kind().exit_code(), e.kind().http_status()), (code, status), "{e}");
+        }
+        assert_eq!(
+            OpsError::internal("rendering the page", "syntax error").to_string(),
+            "rendering the page failed inside Panel: syntax error"
+        );
+    }
+}

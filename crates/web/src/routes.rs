@@ -1,0 +1,148 @@
+//! The API's one route table: each route's method, path, least role, summary and handler. The
+//! router, the role check and the OpenAPI document are all made from it, so a route cannot be
+//! served without a role or left out of the document.
+
+use axum::Router;
+use axum::routing::{MethodFilter, on};
+use panel_service::Panel;
+use panel_service::accounts::Role;
+
+#[allow(clippy::wildcard_imports)]
+use crate::*;
+use crate::{automation, ui};
+
+macro_rules! api_routes {
+    ($($method:ident $path:literal => $role:ident, $handler:expr, $summary:literal;)+) => {
+        /// Every API route: method, path, least role, summary. Requests to API paths not listed
+        /// here are answered 404 by the router, after authentication.
+        pub const ROUTES: &[(&str, &str, Role, &str)] = &[$((stringify!($method), $path, Role::$role, $summary)),+];
+
+        /// The API routes, each with its handler, exactly as `ROUTES` lists them.
+        pub(crate) fn api_router() -> Router<Panel> {
+            Router::new()$(.route($path, on(MethodFilter::$method, $handler)))+
+        }
+    };
+}
+
+api_routes! {
+    GET "/api/v1/settings/smtp" => Viewer, get_settings, "The relay settings in force (never a secret)";
+    PUT "/api/v1/settings/smtp" => Admin, put_settings, "Change relay settings (the fields of panel smtp set)";
+    GET "/api/v1/settings/smtp/schema" => Viewer, settings_schema, "The relay settings table: every field's type, label, default, options and the modes that use it";
+    POST "/api/v1/smtp/check" => Operator, check, "Connect to the relay stage by stage; sends nothing";
+    POST "/api/v1/smtp/test" => Operator, test_message, "Enqueue the Test Message ({\"to\", \"wait\"})";
+    GET "/api/v1/messages" => Viewer, list_messages, "The message log (?state, origin, recipient, since, limit)";
+    POST "/api/v1/messages" => Operator, send_message, "Send an ad-hoc message (the mail tester)";
+    POST "/api/v1/messages/bulk" => Operator, send_bulk, "Send up to 1,000 messages in one transaction";
+    POST "/api/v1/messages/retry" => Operator, retry_failed, "Re-queue failed messages ({\"status\": \"failed\", \"since\"})";
+    GET "/api/v1/messages/{id}" => Viewer, show_message, "A message with every attempt and reply";
+    POST "/api/v1/messages/{id}/retry" => Operator, retry_message, "Re-queue one failed message";
+    GET "/api/v1/services" => Viewer, services, "Running Panel Services and workers";
+    GET "/api/v1/queue" => Viewer, queue, "Queue depth and ages";
+    GET "/api/v1/dashboard" => Viewer, ui::dashboard_api, "Counts per state (last hour, day), per hour, the last relay error";
+    GET "/api/v1/licenses" => Viewer, licenses, "License keys with features, expiry and validity";
+    POST "/api/v1/licenses" => Admin, add_license, "Add a license key ({\"key\"})";
+    DELETE "/api/v1/licenses/{id}" => Admin, remove_license, "Remove a license key";
+    GET "/api/v1/credentials" => Viewer, credentials, "Stored credentials (never their secrets)";
+    PUT "/api/v1/credentials/{name}" => Admin, set_credential, "Store or replace a credential (write-only secret)";
+    DELETE "/api/v1/credentials/{name}" => Admin, delete_credential, "Delete a credential";
+    GET "/api/v1/audit" => Viewer, audit, "The audit log";
+    GET "/api/v1/templates" => Viewer, automation::list_templates, "Message templates";
+    GET "/api/v1/templates/{name}" => Viewer, automation::show_template, "A template";
+    PUT "/api/v1/templates/{name}" => Admin, automation::put_template, "Create or replace a template ({\"subject\", \"text\", \"html\"})";
+    DELETE "/api/v1/templates/{name}" => Admin, automation::delete_template, "Delete a template";
+    POST "/api/v1/templates/{name}/render" => Viewer, automation::render_template, "Preview a template against the body as context";
+    GET "/api/v1/workflows" => Viewer, automation::list_workflows, "Workflows";
+    POST "/api/v1/workflows" => Admin, automation::create_workflow, "Create a workflow";
+    GET "/api/v1/workflows/{name}" => Viewer, automation::show_workflow, "A workflow";
+    PUT "/api/v1/workflows/{name}" => Admin, automation::update_workflow, "Replace a workflow";
+    DELETE "/api/v1/workflows/{name}" => Admin, automation::delete_workflow, "Delete a workflow";
+    POST "/api/v1/workflows/{name}/enable" => Admin, automation::enable_workflow, "Enable a workflow";
+    POST "/api/v1/workflows/{name}/disable" => Admin, automation::disable_workflow, "Disable a workflow";
+    GET "/api/v1/workflows/{name}/history" => Viewer, automation::workflow_history, "A workflow's runs";
+    GET "/api/v1/schedules" => Viewer, automation::list_schedules, "Schedules";
+    POST "/api/v1/schedules" => Admin, automation::create_schedule, "Create a schedule";
+    GET "/api/v1/schedules/{name}" => Viewer, automation::show_schedule, "A schedule";
+    PUT "/api/v1/schedules/{name}" => Admin, automation::update_schedule, "Replace a schedule";
+    DELETE "/api/v1/schedules/{name}" => Admin, automation::delete_schedule, "Delete a schedule";
+    POST "/api/v1/schedules/{name}/enable" => Admin, automation::enable_schedule, "Enable a schedule";
+    POST "/api/v1/schedules/{name}/disable" => Admin, automation::disable_schedule, "Disable a schedule";
+    GET "/api/v1/schedules/{name}/history" => Viewer, automation::schedule_history, "A schedule's runs";
+    POST "/api/v1/schedules/{name}/run" => Operator, automation::run_schedule, "Run a schedule now";
+    GET "/api/v1/schedules/{name}/next" => Viewer, automation::schedule_next, "A schedule's next fire times (?count)";
+    POST "/api/v1/events" => Operator, automation::post_event, "Post an event to the workflows ({\"type\", \"object\", \"idempotency_key\"})";
+    POST "/api/v1/dispatch" => Operator, automation::dispatch, "Run inline steps now ({\"name\", \"data\", \"steps\"})";
+    GET "/api/v1/runs/{id}" => Viewer, automation::show_run, "A run: steps, messages and their states";
+    GET "/api/v1/me" => Viewer, ui::me, "Who is signed in, with role and CSRF token";
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use panel_domain::Secret;
+    use panel_service::SecretsConfig;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Every route in the table is served by its handler (the router's own 404 and 405 have no
+    /// body), a path outside it is not, and no module registers an API route of its own.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        let store = panel_store::Store::open(&url).await.unwrap();
+        let config = SecretsConfig { authorities: Vec::new(), master_key_file: dir.path().join("master.key") };
+        let panel = Panel::new(store, config);
+        panel
+            .put_admin("root", Role::Admin, &Secret::new("a long enough password".into()), false, "test")
+            .await
+            .unwrap();
+        let token = panel.create_api_token("root", "test").await.unwrap();
+        let app = crate::router(panel);
+        let call = |method: &str, path: String| {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                (status, response.into_body().collect().await.unwrap().to_bytes())
+            }
+        };
+        for (method, path, _, _) in ROUTES {
+            let concrete = path.replace("{id}", "1").replace("{name}", "x");
+            let (status, body) = call(method, concrete).await;
+            let routed =
+                status != StatusCode::METHOD_NOT_ALLOWED && !(status == StatusCode::NOT_FOUND && body.is_empty());
+            assert!(routed, "{method} {path}: {status} without a handler");
+        }
+        let (status, body) = call("GET", "/api/v1/nothing-here".into()).await;
+        assert_eq!((status, body.len()), (StatusCode::NOT_FOUND, 0));
+
+        for (file, source) in [
+            ("lib.rs", include_str!("lib.rs")),
+            ("ui.rs", include_str!("ui.rs")),
+            ("automation.rs", include_str!("automation.rs")),
+        ] {
+            let outside: Vec<&str> = source.lines().filter(|l| l.contains(".route(\"/api/v1")).collect();
+            assert!(outside.is_empty(), "{file} serves API routes outside the table: {outside:?}");
+        }
+    }
+
+    #[test]
+    fn every_route_has_a_role_and_an_openapi_entry() {
+        let doc = crate::openapi();
+        for (method, path, role, _) in ROUTES {
+            let op = &doc["paths"][path][method.to_ascii_lowercase()];
+            let description = op["description"].as_str().unwrap_or_default();
+            assert!(description.contains(role.as_str()), "{method} {path}: {op}");
+        }
+    }
+}
