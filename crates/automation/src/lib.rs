@@ -3,11 +3,13 @@
 //! definitions from the store and enqueues what these render.
 
 pub mod definitions;
+pub mod plan;
 pub mod step;
 pub mod template;
 pub mod timing;
 
 pub use definitions::{DispatchDef, ScheduleDef, WorkflowDef, check_name, event_context};
+pub use plan::{Plan, PlannedStep, RunStatus, Sender, StepOutcome, StepStatus, plan_steps};
 pub use step::{EmailStep, Step, StepMessage};
 pub use template::{Engine, Rendered, Template, TemplateError, Undefined};
 pub use timing::{CatchUp, Timing, WeeklyRule};

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
 use panel_service::Panel;
-use panel_store::{DefinitionKind, DefinitionRow, RunRow, SaveMode, SaveOutcome};
+use panel_service::views::{Definition, DefinitionKind, Run, SaveMode, SaveOutcome};
 use serde_json::Value;
 
 use crate::output::{print_json, time};
@@ -239,7 +239,7 @@ enum Kind {
 }
 
 impl Kind {
-    fn store(self) -> DefinitionKind {
+    fn definition_kind(self) -> DefinitionKind {
         match self {
             Kind::Workflow => DefinitionKind::Workflow,
             Kind::Schedule => DefinitionKind::Schedule,
@@ -315,7 +315,7 @@ async fn definitions(panel: Panel, kind: Kind, cmd: DefinitionCommand) -> CmdRes
             saved_line(title, &name, outcome);
         }
         DefinitionCommand::List { json } => {
-            let rows = panel.definitions(kind.store()).await?;
+            let rows = panel.definitions(kind.definition_kind()).await?;
             if json {
                 print_json(&rows);
             } else if rows.is_empty() {
@@ -328,22 +328,22 @@ async fn definitions(panel: Panel, kind: Kind, cmd: DefinitionCommand) -> CmdRes
                 rows.iter().for_each(|r| println!("{}", list_line(kind, r)));
             }
         }
-        DefinitionCommand::Show { name } => print_json(&panel.definition(kind.store(), &name).await?.doc),
+        DefinitionCommand::Show { name } => print_json(&panel.definition(kind.definition_kind(), &name).await?.doc),
         DefinitionCommand::Delete { name } => {
-            panel.delete_definition(kind.store(), &name, &actor()).await?;
+            panel.delete_definition(kind.definition_kind(), &name, &actor()).await?;
             println!("{title} '{name}' deleted.");
         }
         DefinitionCommand::Enable { name } => {
-            panel.set_enabled(kind.store(), &name, true, &actor()).await?;
+            panel.set_enabled(kind.definition_kind(), &name, true, &actor()).await?;
             println!("{title} '{name}' enabled.");
         }
         DefinitionCommand::Disable { name } => {
-            panel.set_enabled(kind.store(), &name, false, &actor()).await?;
+            panel.set_enabled(kind.definition_kind(), &name, false, &actor()).await?;
             println!("{title} '{name}' disabled.");
         }
         DefinitionCommand::History { name, limit, json } => {
-            panel.definition(kind.store(), &name).await?;
-            let runs = panel.history(kind.store().as_str(), &name, limit.min(1000)).await?;
+            panel.definition(kind.definition_kind(), &name).await?;
+            let runs = panel.history(kind.definition_kind().as_str(), &name, limit.min(1000)).await?;
             if runs.is_empty() && !json {
                 println!("{title} '{name}' has not run yet.");
             } else {
@@ -351,7 +351,8 @@ async fn definitions(panel: Panel, kind: Kind, cmd: DefinitionCommand) -> CmdRes
             }
         }
         DefinitionCommand::Export { out } => {
-            let docs: Vec<Value> = panel.definitions(kind.store()).await?.into_iter().map(|r| r.doc).collect();
+            let docs: Vec<Value> =
+                panel.definitions(kind.definition_kind()).await?.into_iter().map(|r| r.doc).collect();
             let text = serde_json::to_string_pretty(&docs).expect("JSON serializes");
             match out {
                 Some(path) => {
@@ -377,7 +378,7 @@ async fn definitions(panel: Panel, kind: Kind, cmd: DefinitionCommand) -> CmdRes
     Ok(ExitCode::SUCCESS)
 }
 
-fn list_line(kind: Kind, r: &DefinitionRow) -> String {
+fn list_line(kind: Kind, r: &Definition) -> String {
     let state = if r.enabled { "enabled" } else { "disabled" };
     let what = match kind {
         Kind::Workflow => {
@@ -434,7 +435,7 @@ pub async fn run(panel: Panel, cmd: RunCommand) -> CmdResult {
 }
 
 /// Runs as text: one header line each, then a line per step with its message's current state.
-fn print_runs(runs: &[RunRow], json: bool) {
+fn print_runs(runs: &[Run], json: bool) {
     if json {
         print_json(&runs);
         return;

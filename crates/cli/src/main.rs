@@ -17,9 +17,9 @@ use clap::{Args, Parser, Subcommand};
 use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin};
 use panel_service::supervisor::Supervisor;
+use panel_service::views::RetryResult;
 use panel_service::wake::Waker;
-use panel_service::{OpsError, Panel, SecretsConfig, ServiceHandle, WorkerConfig};
-use panel_store::{RetryResult, Store};
+use panel_service::{OpsError, Panel, SecretsConfig, WorkerConfig};
 use tokio::sync::watch;
 
 use crate::config::FileConfig;
@@ -235,12 +235,6 @@ impl From<OpsError> for Failed {
     }
 }
 
-impl From<panel_store::StoreError> for Failed {
-    fn from(e: panel_store::StoreError) -> Self {
-        Failed(1, e.to_string())
-    }
-}
-
 fn bad_input(msg: impl Into<String>) -> Failed {
     Failed(2, msg.into())
 }
@@ -320,14 +314,13 @@ async fn run(cli: Cli) -> CmdResult {
         log_level.as_deref().unwrap_or(if is_service { "info" } else { "warn" }),
         log_format.as_deref().unwrap_or("text"),
     )?;
-    let store = Store::open(&resolved.database_url).await.map_err(|e| {
-        Failed(1, format!("cannot open the database {}: {e}", panel_store::redact_url(&resolved.database_url)))
-    })?;
     let secrets = SecretsConfig {
         authorities: trust::authorities(&resolved.file.license.authorities)?,
-        master_key_file: resolved.master_key_file,
+        master_key_file: resolved.master_key_file.clone(),
     };
-    let panel = Panel::new(store, secrets);
+    let panel = Panel::open(&resolved.database_url, secrets).await.map_err(|e| {
+        Failed(1, format!("cannot open the database {}: {e}", panel_service::redact_url(&resolved.database_url)))
+    })?;
     match cli.command {
         Command::Serve { listen, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
@@ -348,10 +341,10 @@ async fn run(cli: Cli) -> CmdResult {
         Command::Dispatch(args) => automation::dispatch(panel, args).await,
         Command::Run(cmd) => automation::run(panel, cmd).await,
         Command::Migrate => {
-            let (applied, known) = panel.store.schema_version().await?;
+            let (applied, known) = panel.schema_version().await?;
             println!(
                 "Database {} is at schema version {applied} of {known}; migrations are current.",
-                panel_store::redact_url(&resolved.database_url)
+                panel_service::redact_url(&resolved.database_url)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -395,7 +388,8 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
     let waker = Waker::default();
     panel.local_waker = Some(waker.clone());
     let wake_port = waker.listen().await.map_err(|e| Failed(1, format!("cannot open the wake-up socket: {e}")))?;
-    panel_service::wake::listen_shared(&panel.store, waker.clone())
+    panel
+        .listen_for_wakes(waker.clone())
         .await
         .map_err(|e| Failed(1, format!("cannot listen for wake-ups on the database: {e}")))?;
     let listener = match &listen {
@@ -419,7 +413,7 @@ async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -
         }
     };
     let kind = if listen.is_some() { "serve" } else { "worker" };
-    let handle = ServiceHandle::register(panel.store.clone(), kind, listen.clone(), Some(wake_port)).await?;
+    let handle = panel.register_service(kind, listen.clone(), Some(wake_port)).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Supervisor::default();
     let (p, id, w, rx) = (panel.clone(), handle.info.id.clone(), waker.clone(), stop_rx.clone());
@@ -554,12 +548,12 @@ async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
         MessagesCommand::List { status, origin, limit, json } => {
             let filter = panel_service::ops::message_filter(status.as_deref(), origin.as_deref(), None, None, limit)
                 .map_err(|e| bad_input(e.to_string()))?;
-            let list = panel.store.list_messages(&filter).await?;
+            let list = panel.messages(&filter).await?;
             output::message_list(&list, json);
             Ok(ExitCode::SUCCESS)
         }
         MessagesCommand::Show { id, json } => {
-            let detail = panel.store.message(id).await?.ok_or(OpsError::NotFound(id))?;
+            let detail = panel.message(id).await?;
             output::message(&detail, json);
             Ok(ExitCode::SUCCESS)
         }

@@ -7,7 +7,7 @@ use panel_service::SettingsUpdate;
 use panel_service::licensing::LicenseStatus;
 use panel_service::ops::effective_view;
 use panel_service::vault::CredentialInfo;
-use panel_store::{AuditRow, MessageDetail, MessageSummary, ServiceRow, StoredSettings};
+use panel_service::views::{AuditEntry, MessageDetail, MessageSummary, Service, StoredSettings};
 use serde_json::json;
 
 pub fn print_json(v: &impl serde::Serialize) {
@@ -263,7 +263,7 @@ pub fn message(m: &MessageDetail, json: bool) {
     }
 }
 
-pub fn services(list: &[ServiceRow], json: bool) {
+pub fn services(list: &[Service], json: bool) {
     if json {
         print_json(&list);
         return;
@@ -277,7 +277,7 @@ pub fn services(list: &[ServiceRow], json: bool) {
         "KIND", "HOST", "PID", "VERSION", "STARTED", "LAST HEARTBEAT"
     );
     for s in list {
-        let i = &s.info;
+        let i = s;
         println!(
             "{:<8} {:<20} {:>8} {:<8} {:<24} {:<24} {}",
             i.kind,
@@ -345,7 +345,7 @@ pub fn credentials(list: &[CredentialInfo], json: bool) {
     }
 }
 
-pub fn audit(list: &[AuditRow], json: bool) {
+pub fn audit(list: &[AuditEntry], json: bool) {
     if json {
         return print_json(&list);
     }

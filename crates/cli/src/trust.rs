@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use panel_domain::{CredentialKind, Secret};
+use panel_service::views::PutOutcome;
 use panel_service::{CredentialInput, Panel};
-use panel_store::PutOutcome;
 use panel_vault::license::{self, IssuedTo};
 use panel_vault::{AuthorityKeyPair, AuthorityPublicKey};
 use zeroize::Zeroizing;
@@ -284,7 +284,7 @@ pub async fn credential(panel: Panel, cmd: CredentialCommand) -> CmdResult {
 
 pub async fn audit(panel: Panel, cmd: AuditCommand) -> CmdResult {
     let AuditCommand::List { limit, json } = cmd;
-    output::audit(&panel.store.audit_log(limit.clamp(1, 10_000)).await?, json);
+    output::audit(&panel.audit_log(limit.clamp(1, 10_000)).await?, json);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,10 +6,10 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use panel_domain::{FieldErrors, Secret};
-use panel_store::{AdminRow, TokenRow};
 
 use crate::error::OpsError;
 use crate::ops::Panel;
+use crate::views::{Admin, ApiToken};
 
 /// A browser session lasts this long after sign-in.
 pub const SESSION_HOURS: i64 = 12;
@@ -130,8 +130,8 @@ impl Panel {
         Ok(())
     }
 
-    pub async fn admins(&self) -> Result<Vec<AdminRow>, OpsError> {
-        Ok(self.store.admins().await?)
+    pub async fn admins(&self) -> Result<Vec<Admin>, OpsError> {
+        Ok(self.store.admins().await?.into_iter().map(Into::into).collect())
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str) -> Result<(), OpsError> {
@@ -200,8 +200,8 @@ impl Panel {
         Ok(token)
     }
 
-    pub async fn api_tokens(&self, admin: &str) -> Result<Vec<TokenRow>, OpsError> {
-        Ok(self.store.tokens(admin).await?)
+    pub async fn api_tokens(&self, admin: &str) -> Result<Vec<ApiToken>, OpsError> {
+        Ok(self.store.tokens(admin).await?.into_iter().map(Into::into).collect())
     }
 }
 

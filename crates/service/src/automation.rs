@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use panel_automation::{DispatchDef, Rendered, ScheduleDef, Step, Template, WorkflowDef, event_context};
-use panel_domain::{FieldErrors, Origin, OutgoingMessage, RelaySettings};
+use panel_automation::{DispatchDef, Rendered, ScheduleDef, Sender, Step, Template, WorkflowDef, event_context};
+use panel_domain::{FieldErrors, Origin, RelaySettings};
 use panel_store::{
-    DefinitionKind, DefinitionRow, EventRecord, NewDefinition, NewRun, PlannedStep, RunRow, SaveMode, SaveOutcome,
-    ScheduleAdvance,
+    DefinitionKind, DefinitionRow, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::error::OpsError;
 use crate::ops::Panel;
+use crate::views::{Definition, Run};
 
 /// A schedule's upcoming fire times, as `panel schedule next` and the API show them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -80,7 +80,7 @@ impl Panel {
     }
 
     pub async fn template(&self, name: &str) -> Result<Template, OpsError> {
-        let row = self.definition(DefinitionKind::Template, name).await?;
+        let row = self.definition_row(DefinitionKind::Template, name).await?;
         parse_doc(&row)
     }
 
@@ -91,12 +91,16 @@ impl Panel {
 
     // ---- shared by all definitions ----
 
-    pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<DefinitionRow, OpsError> {
+    pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<Definition, OpsError> {
+        Ok(self.definition_row(kind, name).await?.into())
+    }
+
+    async fn definition_row(&self, kind: DefinitionKind, name: &str) -> Result<DefinitionRow, OpsError> {
         self.store.definition(kind, name).await?.ok_or_else(|| not_found(kind, name))
     }
 
-    pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<DefinitionRow>, OpsError> {
-        Ok(self.store.definitions(kind).await?)
+    pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<Definition>, OpsError> {
+        Ok(self.store.definitions(kind).await?.into_iter().map(Into::into).collect())
     }
 
     pub async fn delete_definition(&self, kind: DefinitionKind, name: &str, by: &str) -> Result<(), OpsError> {
@@ -131,7 +135,7 @@ impl Panel {
     }
 
     pub async fn set_enabled(&self, kind: DefinitionKind, name: &str, enabled: bool, by: &str) -> Result<(), OpsError> {
-        let row = self.definition(kind, name).await?;
+        let row = self.definition_row(kind, name).await?;
         let next = match kind {
             // Counting from now: fire times that passed while disabled are not run.
             DefinitionKind::Schedule if enabled => {
@@ -184,7 +188,7 @@ impl Panel {
         object: &Value,
         idempotency_key: Option<&str>,
         by: &str,
-    ) -> Result<EventRecord, OpsError> {
+    ) -> Result<crate::views::Event, OpsError> {
         let mut errors = FieldErrors::default();
         if let Err(e) = panel_automation::check_name(event_type) {
             errors.push("type", e);
@@ -240,7 +244,7 @@ impl Panel {
         if record.created {
             self.queued(Origin::Workflow, queued).await;
         }
-        Ok(record)
+        Ok(record.into())
     }
 
     // ---- schedules ----
@@ -261,7 +265,7 @@ impl Panel {
 
     /// The next `count` fire times of a schedule, as RFC 3339 times in its time zone.
     pub async fn schedule_next(&self, name: &str, count: usize) -> Result<ScheduleNext, OpsError> {
-        let def: ScheduleDef = parse_doc(&self.definition(DefinitionKind::Schedule, name).await?)?;
+        let def: ScheduleDef = parse_doc(&self.definition_row(DefinitionKind::Schedule, name).await?)?;
         let timing = def.validate().map_err(OpsError::Invalid)?;
         let next = timing
             .upcoming(Utc::now(), count.min(1000))
@@ -272,8 +276,8 @@ impl Panel {
     }
 
     /// Runs a schedule now, whatever its time rule (and even when disabled): `panel schedule run`.
-    pub async fn run_schedule(&self, name: &str, by: &str) -> Result<RunRow, OpsError> {
-        let def: ScheduleDef = parse_doc(&self.definition(DefinitionKind::Schedule, name).await?)?;
+    pub async fn run_schedule(&self, name: &str, by: &str) -> Result<Run, OpsError> {
+        let def: ScheduleDef = parse_doc(&self.definition_row(DefinitionKind::Schedule, name).await?)?;
         let timing = def.validate().map_err(OpsError::Invalid)?;
         let now = Utc::now();
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
@@ -377,7 +381,7 @@ impl Panel {
     // ---- dispatch and runs ----
 
     /// An ad-hoc run of inline steps from an outside tool.
-    pub async fn dispatch(&self, def: &DispatchDef, by: &str) -> Result<RunRow, OpsError> {
+    pub async fn dispatch(&self, def: &DispatchDef, by: &str) -> Result<Run, OpsError> {
         def.validate().map_err(OpsError::Invalid)?;
         self.check_templates(&def.steps).await?;
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
@@ -396,7 +400,7 @@ impl Panel {
         (status, detail, steps): Planned,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<RunRow, OpsError> {
+    ) -> Result<Run, OpsError> {
         let origin = if kind == "dispatch" { Origin::Dispatch } else { Origin::Schedule };
         let run = NewRun {
             kind,
@@ -427,13 +431,13 @@ impl Panel {
         }
     }
 
-    pub async fn run(&self, id: i64) -> Result<RunRow, OpsError> {
-        self.store.run(id).await?.ok_or(OpsError::NotFoundNamed { what: "run", name: id.to_string() })
+    pub async fn run(&self, id: i64) -> Result<Run, OpsError> {
+        Ok(self.store.run(id).await?.ok_or(OpsError::NotFoundNamed { what: "run", name: id.to_string() })?.into())
     }
 
     /// The newest runs of a schedule, workflow or dispatch name.
-    pub async fn history(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<RunRow>, OpsError> {
-        Ok(self.store.runs(kind, name, limit).await?)
+    pub async fn history(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<Run>, OpsError> {
+        Ok(self.store.runs(kind, name, limit).await?.into_iter().map(Into::into).collect())
     }
 
     /// The stored templates `steps` name (a missing one makes that step fail when it runs).
@@ -458,9 +462,8 @@ fn messages_in(run: &NewRun) -> usize {
 /// (run status, a note for the run, the planned steps).
 type Planned = (&'static str, Option<String>, Vec<PlannedStep>);
 
-/// Renders every step against `ctx`. A step that fails (a template error, a recipient that is
-/// not an address) is recorded with its reason and the others still run.
-/// Returns (run status, a note for the run, the planned steps).
+/// The pure plan (`panel_automation::plan_steps`: every step rendered, failures recorded with
+/// their reason) in the shape the store commits, each message tagged with its origin.
 fn plan_steps(
     steps: &[Step],
     ctx: &Value,
@@ -469,72 +472,19 @@ fn plan_steps(
     origin: Origin,
     now: DateTime<Utc>,
 ) -> Planned {
-    let planned: Vec<PlannedStep> =
-        steps.iter().enumerate().map(|(i, s)| plan_step(i, s, ctx, templates, settings, origin, now)).collect();
-    let queued = planned.iter().filter(|p| p.message.is_some()).count();
-    let status = match queued {
-        n if n == planned.len() => "queued",
-        0 => "failed",
-        _ => "partial",
+    let sender = Sender {
+        from: &settings.from,
+        fallback_recipient: &settings.fallback_recipient,
+        allow_from_override: settings.allow_from_override,
     };
-    let detail =
-        (status != "queued").then(|| format!("{} of {} step(s) failed", planned.len() - queued, planned.len()));
-    (status, detail, planned)
-}
-
-fn plan_step(
-    index: usize,
-    step: &Step,
-    ctx: &Value,
-    templates: &HashMap<String, Template>,
-    settings: &RelaySettings,
-    origin: Origin,
-    now: DateTime<Utc>,
-) -> PlannedStep {
-    let failed = |error: String| PlannedStep {
-        outcome: json!({ "step": index, "kind": "email", "status": "failed", "error": error }),
-        message: None,
-    };
-    let Step::Email(email) = step;
-    let template = match &email.template {
-        Some(name) => match templates.get(name) {
-            Some(t) => Some(t),
-            None => return failed(format!("template '{name}' does not exist")),
-        },
-        None => None,
-    };
-    let rendered = match email.render(template, ctx) {
-        Ok(r) => r,
-        Err(e) => return failed(e.to_string()),
-    };
-    if rendered.draft.from.is_some() && !settings.allow_from_override {
-        return failed(
-            "the step sets its own From address, which the relay settings do not allow \
-             (panel smtp set --allow-from-override true)"
-                .into(),
-        );
-    }
-    match OutgoingMessage::prepare(
-        &rendered.draft,
-        &settings.from,
-        &settings.fallback_recipient,
-        now,
-        crate::random_u128(),
-    ) {
-        Ok(message) => {
-            let to: Vec<String> = message.recipients().iter().map(|(_, a)| a.to_string()).collect();
-            PlannedStep {
-                outcome: json!({
-                    "step": index,
-                    "kind": "email",
-                    "status": "queued",
-                    "subject": message.subject,
-                    "recipients": to,
-                    "note": rendered.note,
-                }),
-                message: Some((origin, message)),
-            }
-        }
-        Err(errors) => failed(errors.to_string()),
-    }
+    let plan = panel_automation::plan_steps(steps, ctx, templates, sender, now, &mut crate::random_u128);
+    let planned = plan
+        .steps
+        .into_iter()
+        .map(|p| PlannedStep {
+            outcome: serde_json::to_value(&p.outcome).expect("a step outcome serializes"),
+            message: p.message.map(|m| (origin, m)),
+        })
+        .collect();
+    (plan.status.as_str(), plan.detail, planned)
 }

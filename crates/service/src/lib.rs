@@ -12,11 +12,13 @@ pub mod registry;
 pub mod scheduler;
 pub mod supervisor;
 pub mod vault;
+pub mod views;
 pub mod wake;
 pub mod worker;
 
 pub use error::{ErrorKind, OpsError};
 pub use ops::{Panel, SettingsUpdate};
+pub use panel_store::redact_url;
 pub use registry::{ServiceHandle, liveness_window};
 pub use scheduler::run_scheduler;
 pub use vault::{CredentialInfo, CredentialInput, SecretsConfig};

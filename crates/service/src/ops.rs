@@ -10,20 +10,26 @@ use panel_domain::{
     Auth, CredentialKind, FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings, SettingsDoc,
 };
 use panel_relay::CheckReport;
-use panel_store::{AuditEvent, MessageDetail, ServiceRow, Store, StoredSettings};
+use panel_store::{AuditEvent, ServiceRow, Store};
 
 use crate::credential_source::StoredCredentials;
 use crate::metrics::Metrics;
 use crate::vault::{Secrets, SecretsConfig};
 
 use crate::error::OpsError;
+use crate::registry::ServiceHandle;
+use crate::views::{
+    AuditEntry, Dashboard, MessageDetail, MessageFilter, MessageSummary, QueueStats, RetryResult, Service,
+    StoredSettings,
+};
 use crate::wake::{self, Waker};
 
 /// What the CLI and API hold: the store, the trusted license authorities and master key file,
 /// and a way to wake workers after an enqueue.
 #[derive(Clone)]
 pub struct Panel {
-    pub store: Store,
+    /// Only the service reaches the store: the web and CLI crates go through operations.
+    pub(crate) store: Store,
     pub(crate) secrets: Arc<Secrets>,
     /// What this process did, for /metrics.
     pub metrics: Arc<Metrics>,
@@ -44,6 +50,94 @@ impl Panel {
         Panel { store, secrets: Arc::new(Secrets::new(secrets)), metrics: Arc::default(), local_waker: None }
     }
 
+    /// Opens (creating if needed) the database at `url`, applies pending migrations, and
+    /// returns the Panel on it.
+    pub async fn open(url: &str, secrets: SecretsConfig) -> Result<Panel, OpsError> {
+        Ok(Panel::new(Store::open(url).await?, secrets))
+    }
+
+    /// The schema version the database has, and the one this build needs.
+    pub async fn schema_version(&self) -> Result<(i64, i64), OpsError> {
+        Ok(self.store.schema_version().await?)
+    }
+
+    /// True when several services share the database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    /// Registers this process as a running service and keeps its heartbeat going.
+    pub async fn register_service(
+        &self,
+        kind: &str,
+        listen: Option<String>,
+        wake_port: Option<u16>,
+    ) -> Result<ServiceHandle, OpsError> {
+        Ok(ServiceHandle::register(self.store.clone(), kind, listen, wake_port).await?)
+    }
+
+    /// Wakes `waker` when another service enqueues on a shared database (PostgreSQL NOTIFY).
+    pub async fn listen_for_wakes(&self, waker: Waker) -> Result<(), OpsError> {
+        Ok(wake::listen_shared(&self.store, waker).await?)
+    }
+
+    /// The message log, newest first.
+    pub async fn messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>, OpsError> {
+        Ok(self.store.list_messages(filter).await?.into_iter().map(Into::into).collect())
+    }
+
+    /// A message with every recipient and attempt.
+    pub async fn message(&self, id: i64) -> Result<MessageDetail, OpsError> {
+        Ok(self.store.message(id).await?.ok_or(OpsError::NotFound(id))?.into())
+    }
+
+    /// The message as queued (headers, text, HTML, attachments), to show what was sent.
+    pub async fn message_content(&self, id: i64) -> Result<Option<OutgoingMessage>, OpsError> {
+        Ok(self.store.message_content(id).await?)
+    }
+
+    pub async fn queue(&self) -> Result<QueueStats, OpsError> {
+        Ok(self.store.queue_stats(Utc::now()).await?.into())
+    }
+
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, OpsError> {
+        Ok(self.store.audit_log(limit).await?.into_iter().map(Into::into).collect())
+    }
+
+    /// Services, the queue, counts per hour over the last day, the last relay error, and the
+    /// banner the admin must see first.
+    pub async fn dashboard(&self) -> Result<Dashboard, OpsError> {
+        use chrono::Timelike;
+        let now = Utc::now();
+        let services = self.live_services().await?;
+        let queue = self.queue().await?;
+        let start = now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).unwrap_or(now)
+            - chrono::Duration::hours(23);
+        let counts = self.store.hourly_counts(start).await?;
+        let (hours, last_hour, last_day) = Dashboard::tally(start, &counts);
+        let last_error: Option<crate::views::RelayError> = self.store.last_relay_error().await?.map(Into::into);
+        let settings = self.settings().await;
+        let banner = match (&settings, &last_error) {
+            (Ok(None), _) => Some(
+                "No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string(),
+            ),
+            (Err(e), _) => Some(format!("The relay settings are broken: {e}")),
+            (_, Some(e)) if e.current && e.outcome == "configuration_error" => Some(format!(
+                "Sending is stopped by a configuration error at {}: {}. Fix the relay settings; held messages are sent again automatically.",
+                e.stage,
+                e.reply.clone().unwrap_or_else(|| e.detail.clone())
+            )),
+            (_, Some(e)) if e.current => Some(format!(
+                "The relay is failing: the last attempt ({}) failed at {}: {}. Messages wait and are retried.",
+                e.relay,
+                e.stage,
+                e.reply.clone().unwrap_or_else(|| e.detail.clone())
+            )),
+            _ => None,
+        };
+        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner })
+    }
+
     /// The settings in force, validated; `None` before the first save.
     pub async fn settings(&self) -> Result<Option<(i64, RelaySettings)>, OpsError> {
         let Some(stored) = self.store.current_settings().await? else { return Ok(None) };
@@ -53,7 +147,7 @@ impl Panel {
     }
 
     pub async fn stored_settings(&self) -> Result<Option<StoredSettings>, OpsError> {
-        Ok(self.store.current_settings().await?)
+        Ok(self.store.current_settings().await?.map(Into::into))
     }
 
     /// Applies `patch` to the stored settings by the patch rules (`settings::patch::apply`: every
@@ -220,9 +314,9 @@ impl Panel {
         Ok((id, created))
     }
 
-    pub async fn retry(&self, id: i64) -> Result<panel_store::RetryResult, OpsError> {
+    pub async fn retry(&self, id: i64) -> Result<RetryResult, OpsError> {
         let result = self.store.retry_message(id, Utc::now()).await?;
-        if result == panel_store::RetryResult::Requeued {
+        if result == RetryResult::Requeued {
             self.wake_workers().await;
         }
         Ok(result)
@@ -246,7 +340,11 @@ impl Panel {
     }
 
     /// Services whose heartbeat is recent.
-    pub async fn live_services(&self) -> Result<Vec<ServiceRow>, OpsError> {
+    pub async fn live_services(&self) -> Result<Vec<Service>, OpsError> {
+        Ok(self.live_service_rows().await?.into_iter().map(Into::into).collect())
+    }
+
+    async fn live_service_rows(&self) -> Result<Vec<ServiceRow>, OpsError> {
         let now = Utc::now();
         let rows = self.store.services(now - chrono::Duration::hours(1)).await?;
         Ok(rows.into_iter().filter(|s| s.heartbeat_at >= now - crate::liveness_window()).collect())
@@ -263,7 +361,7 @@ impl Panel {
             return;
         }
         let local_host = panel_relay::local_hostname();
-        if let Ok(services) = self.live_services().await {
+        if let Ok(services) = self.live_service_rows().await {
             wake::poke(services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port))
                 .await;
         }
@@ -278,7 +376,7 @@ impl Panel {
             let settled = matches!(state, MessageState::Delivered | MessageState::Failed)
                 || (state == MessageState::Retrying && self.has_attempt(id).await?);
             if settled || tokio::time::Instant::now() >= deadline {
-                return self.store.message(id).await?.ok_or(OpsError::NotFound(id));
+                return self.message(id).await;
             }
             tokio::time::sleep(delay.min(deadline - tokio::time::Instant::now())).await;
             delay = (delay * 2).min(Duration::from_millis(100));
@@ -310,7 +408,7 @@ pub fn message_filter(
     recipient: Option<&str>,
     since: Option<&str>,
     limit: u32,
-) -> Result<panel_store::MessageFilter, FieldErrors> {
+) -> Result<MessageFilter, FieldErrors> {
     fn given(v: Option<&str>) -> Option<&str> {
         v.map(str::trim).filter(|v| !v.is_empty())
     }
@@ -331,7 +429,7 @@ pub fn message_filter(
     });
     let since = given(since).and_then(|s| parse_since(s).map_err(|e| errors.0.extend(e.0)).ok());
     let recipient = given(recipient).map(String::from);
-    errors.into_result(|| panel_store::MessageFilter { state, origin, recipient, since, limit })
+    errors.into_result(|| MessageFilter { state, origin, recipient, since, limit })
 }
 
 /// A `since` bound: `2h` (that long ago) or an RFC 3339 time.

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use panel_domain::message::Draft;
 use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_service::views::MessageDetail;
 use panel_service::wake::Waker;
 use panel_service::{Panel, SecretsConfig, WorkerConfig};
-use panel_store::{MessageDetail, Store};
 use panel_testlab::RecordingSink;
 use tokio::sync::watch;
 
@@ -25,11 +25,9 @@ struct Harness {
 impl Harness {
     async fn start(config: WorkerConfig, settings: &[(&str, &str)]) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}", dir.path().join("panel.db").display())).await.unwrap();
-        let panel = Panel::new(
-            store,
-            SecretsConfig { authorities: Vec::new(), master_key_file: dir.path().join("master.key") },
-        );
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        let secrets = SecretsConfig { authorities: Vec::new(), master_key_file: dir.path().join("master.key") };
+        let panel = Panel::open(&url, secrets).await.unwrap();
         let sink = RecordingSink::start();
         let port = sink.port.to_string();
         let mut given = vec![
@@ -62,7 +60,7 @@ impl Harness {
     async fn wait_for(&self, id: i64, state: MessageState, limit: Duration) -> MessageDetail {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let m = self.panel.store.message(id).await.unwrap().unwrap();
+            let m = self.panel.message(id).await.unwrap();
             if m.state == state {
                 return m;
             }

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
 use panel_service::Panel;
-use panel_store::{DefinitionKind, SaveMode, SaveOutcome};
+use panel_service::views::{DefinitionKind, SaveMode, SaveOutcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
 

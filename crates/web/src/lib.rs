@@ -23,7 +23,7 @@ use panel_service::ops::effective_view;
 use panel_service::{ErrorKind, OpsError, Panel};
 
 use crate::auth::By;
-use panel_store::RetryResult;
+use panel_service::views::{PutOutcome, RetryResult};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -96,7 +96,7 @@ async fn ready(State(p): State<Panel>) -> Response {
     let unavailable = |why: String| {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": why}))).into_response()
     };
-    match p.store.schema_version().await {
+    match p.schema_version().await {
         Ok((applied, known)) if applied == known => {
             Json(json!({"status": "ready", "schema_version": applied})).into_response()
         }
@@ -227,11 +227,11 @@ pub(crate) async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQu
         q.limit.unwrap_or(100).min(1000),
     )
     .map_err(OpsError::Invalid)?;
-    ok(p.store.list_messages(&filter).await.map_err(OpsError::from)?)
+    ok(p.messages(&filter).await?)
 }
 
 pub(crate) async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
-    ok(p.store.message(id).await.map_err(OpsError::from)?.ok_or(OpsError::NotFound(id))?)
+    ok(p.message(id).await?)
 }
 
 pub(crate) async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
@@ -269,7 +269,7 @@ pub(crate) async fn services(State(p): State<Panel>) -> ApiResult {
 }
 
 pub(crate) async fn queue(State(p): State<Panel>) -> ApiResult {
-    ok(p.store.queue_stats(chrono::Utc::now()).await.map_err(OpsError::from)?)
+    ok(p.queue().await?)
 }
 
 pub(crate) async fn licenses(State(p): State<Panel>) -> ApiResult {
@@ -361,9 +361,8 @@ pub(crate) async fn set_credential(
         secret: panel_domain::Secret::from(req.secret),
     };
     let outcome = p.set_credential(input, &by).await?;
-    let status = if outcome == panel_store::PutOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({"stored": true, "replaced": outcome == panel_store::PutOutcome::Replaced})))
-        .into_response())
+    let status = if outcome == PutOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!({"stored": true, "replaced": outcome == PutOutcome::Replaced}))).into_response())
 }
 
 pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
@@ -377,5 +376,5 @@ pub(crate) struct AuditQuery {
 }
 
 pub(crate) async fn audit(State(p): State<Panel>, Query(q): Query<AuditQuery>) -> ApiResult {
-    ok(p.store.audit_log(q.limit.unwrap_or(100).min(1000)).await.map_err(OpsError::from)?)
+    ok(p.audit_log(q.limit.unwrap_or(100).min(1000)).await?)
 }

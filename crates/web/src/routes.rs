@@ -92,9 +92,8 @@ mod tests {
     async fn the_router_serves_exactly_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-        let store = panel_store::Store::open(&url).await.unwrap();
         let config = SecretsConfig { authorities: Vec::new(), master_key_file: dir.path().join("master.key") };
-        let panel = Panel::new(store, config);
+        let panel = Panel::open(&url, config).await.unwrap();
         panel
             .put_admin("root", Role::Admin, &Secret::new("a long enough password".into()), false, "test")
             .await

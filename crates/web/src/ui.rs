@@ -10,13 +10,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use chrono::{DateTime, Duration, Timelike, Utc};
+use chrono::DateTime;
 use minijinja::Environment;
 use panel_domain::{MessageState, Origin, Secret};
 use panel_service::accounts::{Actor, Role, SESSION_HOURS};
 use panel_service::ops::effective_view;
+use panel_service::views::DefinitionKind;
 use panel_service::{OpsError, Panel};
-use panel_store::{DefinitionKind, MessageFilter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -100,12 +100,6 @@ impl From<OpsError> for Page {
             )
                 .into_response(),
         )
-    }
-}
-
-impl From<panel_store::StoreError> for Page {
-    fn from(e: panel_store::StoreError) -> Self {
-        OpsError::from(e).into()
     }
 }
 
@@ -235,57 +229,9 @@ pub(crate) async fn me(Extension(actor): Extension<Actor>) -> Response {
 
 // ---- dashboard ----
 
-/// What the dashboard shows, also served as `GET /api/v1/dashboard`.
+/// What the dashboard shows (the service's typed view), as the page template reads it.
 async fn dashboard_data(p: &Panel) -> Result<Value, OpsError> {
-    let now = Utc::now();
-    let services = p.live_services().await?;
-    let queue = p.store.queue_stats(now).await?;
-    let start = now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).unwrap_or(now)
-        - Duration::hours(23);
-    let counts = p.store.hourly_counts(start).await?;
-    let mut hours: Vec<Value> = (0..24)
-        .map(|i| json!({"hour": start + Duration::hours(i), "delivered": 0, "retrying": 0, "failed": 0}))
-        .collect();
-    let (mut last_hour, mut last_day) =
-        (json!({"delivered": 0, "retrying": 0, "failed": 0}), json!({"delivered": 0, "retrying": 0, "failed": 0}));
-    for c in counts {
-        let i = ((c.hour - start).num_hours()).clamp(0, 23) as usize;
-        let key = c.state.as_str();
-        hours[i][key] = (hours[i][key].as_i64().unwrap_or(0) + c.count).into();
-        last_day[key] = (last_day[key].as_i64().unwrap_or(0) + c.count).into();
-        if i == 23 {
-            last_hour[key] = (last_hour[key].as_i64().unwrap_or(0) + c.count).into();
-        }
-    }
-    let last_error = p.store.last_relay_error().await?;
-    let settings = p.settings().await;
-    let banner = match (&settings, &last_error) {
-        (Ok(None), _) => {
-            Some("No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string())
-        }
-        (Err(e), _) => Some(format!("The relay settings are broken: {e}")),
-        (_, Some(e)) if e.current && e.outcome == "configuration_error" => Some(format!(
-            "Sending is stopped by a configuration error at {}: {}. Fix the relay settings; held messages are sent again automatically.",
-            e.stage,
-            e.reply.clone().unwrap_or_else(|| e.detail.clone())
-        )),
-        (_, Some(e)) if e.current => Some(format!(
-            "The relay is failing: the last attempt ({}) failed at {}: {}. Messages wait and are retried.",
-            e.relay,
-            e.stage,
-            e.reply.clone().unwrap_or_else(|| e.detail.clone())
-        )),
-        _ => None,
-    };
-    Ok(json!({
-        "services": services,
-        "queue": queue,
-        "last_hour": last_hour,
-        "last_day": last_day,
-        "hours": hours,
-        "last_error": last_error,
-        "banner": banner,
-    }))
+    Ok(serde_json::to_value(p.dashboard().await?).expect("the dashboard serializes"))
 }
 
 pub(crate) async fn dashboard_api(State(p): State<Panel>) -> Response {
@@ -387,8 +333,11 @@ async fn messages(
         200,
     );
     let error = parsed.as_ref().err().map(|e| e.to_string());
-    let filter = parsed.unwrap_or(MessageFilter { limit: 200, ..Default::default() });
-    let list = p.store.list_messages(&filter).await?;
+    // A filter that does not parse lists nothing, next to its error; never everything.
+    let list = match parsed {
+        Ok(filter) => p.messages(&filter).await?,
+        Err(_) => Vec::new(),
+    };
     Ok(render(
         "messages.html",
         &actor,
@@ -404,8 +353,8 @@ async fn messages(
 }
 
 async fn message(State(p): State<Panel>, Extension(actor): Extension<Actor>, Path(id): Path<i64>) -> PageResult {
-    let m = p.store.message(id).await?.ok_or(OpsError::NotFound(id))?;
-    let content = p.store.message_content(id).await?;
+    let m = p.message(id).await?;
+    let content = p.message_content(id).await?;
     Ok(render("message.html", &actor, "messages", json!({"m": m, "content": content}))?)
 }
 
@@ -466,7 +415,7 @@ async fn credentials(State(p): State<Panel>, Extension(actor): Extension<Actor>)
 }
 
 async fn audit(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
-    let list = p.store.audit_log(200).await?;
+    let list = p.audit_log(200).await?;
     Ok(render("audit.html", &actor, "audit", json!({"list": list}))?)
 }
 

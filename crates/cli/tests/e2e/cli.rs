@@ -1,8 +1,6 @@
 //! The CLI and API contract without a relay: exit codes, bad input, health endpoints.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn configured() -> Env {
     let env = Env::new();

@@ -1,10 +1,8 @@
 //! Schedules, events and runs on both backends: each fire time runs once however many services
 //! race for it, and an event's idempotency key runs its workflows once.
 
-mod common;
-
+use crate::common::{Backend, message};
 use chrono::{Duration, Utc};
-use common::{Backend, message};
 use panel_domain::Origin;
 use panel_store::{DefinitionKind, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance};
 use serde_json::json;

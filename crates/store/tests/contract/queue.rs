@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-mod common;
-
+use crate::common::{Backend, message};
 use chrono::Utc;
-use common::{Backend, message};
 use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::{
     ConnectionContext, Origin, RecipientResult, RetryPolicy, Security, SendReport, SettingsDoc, SmtpReply,

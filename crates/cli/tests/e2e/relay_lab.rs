@@ -1,11 +1,9 @@
 //! End-to-end tests: the `panel` binary against a real, private Postfix relay on loopback.
 //! Each test starts its own lab and data directory, so they run in parallel without sharing state.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -2,12 +2,10 @@
 //! chaos run of three services on PostgreSQL with one killed every few seconds. The relay is a
 //! recording sink that counts every copy of every Message-ID.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use chrono::Utc;
-use common::*;
 use panel_domain::message::Draft;
 use panel_domain::{EmailAddress, Mailbox, Origin, OutgoingMessage};
 use panel_testlab::RecordingSink;

@@ -1,11 +1,9 @@
 //! Templates, workflows, schedules and dispatch, end to end: the `panel` binary as a user runs
 //! it, a worker delivering through a private Postfix, the Maildir checked.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -2,12 +2,10 @@
 //! Postfix lab: sign in, configure the relay, check it, send the Test Message; roles and CSRF.
 //! Screenshots of the main pages go to target/screenshots/ (test artifacts, not committed).
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use panel_testlab::Browser;
 
 const WAIT: Duration = Duration::from_secs(30);

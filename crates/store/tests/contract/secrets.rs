@@ -1,10 +1,8 @@
 //! Licenses, credentials and the audit log on both backends: every change audited in
 //! its own transaction, generations bumped, and the master-key guard against racing a rotation.
 
-mod common;
-
+use crate::common::Backend;
 use chrono::Utc;
-use common::Backend;
 use panel_domain::SettingsDoc;
 use panel_store::{AuditEvent, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, StoreError};
 

@@ -1,10 +1,8 @@
 //! Several Panel Services on one PostgreSQL database, end to end against the Postfix lab.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -3,12 +3,10 @@
 //! Exchange relay). Panel authenticates with its own Kerberos identity (a keytab, or the
 //! default credential cache after kinit), or with NTLM and a stored credential.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use panel_testlab::Kdc;
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -1,11 +1,9 @@
 //! OAuth2 (XOAUTH2) end to end: the `panel` binary, a token endpoint and an SMTP server on
 //! loopback that accepts only live tokens that endpoint issued.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use panel_testlab::{ServiceAccount, TokenServer, XOAuthSmtp};
 
 const MAILBOX: &str = "panel@contoso.com";

@@ -1,11 +1,9 @@
 //! License keys and stored credentials, end to end: the `panel` binary, a real Postfix relay
 //! with SASL on loopback, and searches for the secret wherever it could leak.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 

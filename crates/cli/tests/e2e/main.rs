@@ -1,0 +1,15 @@
+//! The end-to-end tests in one binary (one link instead of nine): the `panel` binary against
+//! real Postfix, PostgreSQL, an MIT KDC and headless Chromium, one module per area. Each test
+//! starts the components it needs; `common` has the shared helpers.
+
+mod common;
+
+mod automation;
+mod cli;
+mod credentials;
+mod faults;
+mod integrated_auth;
+mod oauth;
+mod postgres;
+mod relay_lab;
+mod web_ui;

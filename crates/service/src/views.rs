@@ -1,0 +1,362 @@
+//! What the CLI's `--json`, the API's bodies and the UI's pages show: the service's own types,
+//! made from the store's rows, so that renaming a column is not an API break, and the web and
+//! CLI crates never see the store. Also the vocabulary of the operations' parameters and
+//! outcomes, re-exported so that callers need no store types.
+
+use chrono::{DateTime, Utc};
+use panel_domain::{MessageState, Origin, SettingsDoc};
+use serde::Serialize;
+
+pub use panel_store::{DefinitionKind, MessageFilter, PutOutcome, RetryResult, SaveMode, SaveOutcome};
+
+/// `view!(Name from panel_store::Row { field: Type, ... })`: a serializable view with the
+/// listed fields, taken one by one from the row.
+macro_rules! view {
+    ($(#[$m:meta])* $name:ident from $row:path { $($(#[$fm:meta])* $field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Serialize)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty,)+
+        }
+
+        impl From<$row> for $name {
+            fn from(row: $row) -> $name {
+                $name { $($field: row.$field.into(),)+ }
+            }
+        }
+    };
+}
+
+view!(
+    /// One line of the message log.
+    MessageSummary from panel_store::MessageSummary {
+        id: i64,
+        state: MessageState,
+        origin: Origin,
+        from: String,
+        to: Vec<String>,
+        subject: String,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        attempt_count: i64,
+        next_attempt_at: Option<DateTime<Utc>>,
+        failure_class: Option<String>,
+        last_error: Option<String>,
+    }
+);
+
+view!(
+    /// One recipient of a message with its state and the relay's last reply for it.
+    Recipient from panel_store::RecipientRow {
+        kind: String,
+        address: String,
+        state: String,
+        reply: Option<String>,
+    }
+);
+
+view!(
+    /// One delivery attempt with the relay's words.
+    Attempt from panel_store::AttemptRow {
+        at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+        outcome: String,
+        stage: String,
+        code: Option<i64>,
+        enhanced_code: Option<String>,
+        reply: Option<String>,
+        detail: String,
+        hint: Option<String>,
+        relay: String,
+        service_id: String,
+        settings_version: i64,
+        recipients: serde_json::Value,
+    }
+);
+
+/// A message with every recipient and attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageDetail {
+    pub id: i64,
+    pub state: MessageState,
+    pub origin: Origin,
+    pub from: String,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub message_id: String,
+    pub used_fallback_recipient: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub failure_class: Option<String>,
+    pub last_error: Option<String>,
+    /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
+    pub interrupted: i64,
+    pub recipients: Vec<Recipient>,
+    pub attempts: Vec<Attempt>,
+}
+
+impl From<panel_store::MessageDetail> for MessageDetail {
+    fn from(m: panel_store::MessageDetail) -> MessageDetail {
+        MessageDetail {
+            id: m.id,
+            state: m.state,
+            origin: m.origin,
+            from: m.from,
+            to: m.to,
+            cc: m.cc,
+            bcc: m.bcc,
+            reply_to: m.reply_to,
+            subject: m.subject,
+            message_id: m.message_id,
+            used_fallback_recipient: m.used_fallback_recipient,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            next_attempt_at: m.next_attempt_at,
+            failure_class: m.failure_class,
+            last_error: m.last_error,
+            interrupted: m.interrupted,
+            recipients: m.recipients.into_iter().map(Into::into).collect(),
+            attempts: m.attempts.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+view!(
+    /// A saved relay settings version, as the admin wrote it.
+    StoredSettings from panel_store::StoredSettings {
+        version: i64,
+        doc: SettingsDoc,
+        saved_at: DateTime<Utc>,
+        saved_by: String,
+    }
+);
+
+view!(
+    /// Queue depth by state, and the wait of the oldest due message.
+    QueueStats from panel_store::QueueStats {
+        queued: i64,
+        retrying: i64,
+        sending: i64,
+        delivered: i64,
+        failed: i64,
+        oldest_due_age_secs: Option<i64>,
+    }
+);
+
+view!(
+    AuditEntry from panel_store::AuditRow {
+        id: i64,
+        at: DateTime<Utc>,
+        actor: String,
+        action: String,
+        subject: String,
+        detail: String,
+    }
+);
+
+/// A running Panel Service or worker, with its last heartbeat.
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub id: String,
+    /// `serve` (Panel Service) or `worker` (service mode).
+    pub kind: String,
+    pub host: String,
+    pub pid: i64,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub listen: Option<String>,
+    pub wake_port: Option<u16>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+impl From<panel_store::ServiceRow> for Service {
+    fn from(s: panel_store::ServiceRow) -> Service {
+        let i = s.info;
+        Service {
+            id: i.id,
+            kind: i.kind,
+            host: i.host,
+            pid: i.pid,
+            version: i.version,
+            started_at: i.started_at,
+            listen: i.listen,
+            wake_port: i.wake_port,
+            heartbeat_at: s.heartbeat_at,
+        }
+    }
+}
+
+view!(
+    /// A template, workflow or schedule as the admin wrote it, with its state.
+    Definition from panel_store::DefinitionRow {
+        kind: DefinitionKind,
+        name: String,
+        doc: serde_json::Value,
+        enabled: bool,
+        next_fire_at: Option<DateTime<Utc>>,
+        last_fire_at: Option<DateTime<Utc>>,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        updated_by: String,
+    }
+);
+
+view!(
+    RunMessage from panel_store::RunMessage {
+        id: i64,
+        state: MessageState,
+        subject: String,
+        last_error: Option<String>,
+    }
+);
+
+/// One run of a workflow, a schedule or a dispatch: its steps and their messages.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: i64,
+    pub kind: String,
+    pub name: String,
+    pub trigger: String,
+    pub fire_time: Option<DateTime<Utc>>,
+    pub event_id: Option<i64>,
+    pub started_at: DateTime<Utc>,
+    pub missed: i64,
+    pub status: String,
+    pub detail: Option<String>,
+    pub service: String,
+    pub steps: serde_json::Value,
+    pub messages: Vec<RunMessage>,
+}
+
+impl From<panel_store::RunRow> for Run {
+    fn from(r: panel_store::RunRow) -> Run {
+        Run {
+            id: r.id,
+            kind: r.kind,
+            name: r.name,
+            trigger: r.trigger,
+            fire_time: r.fire_time,
+            event_id: r.event_id,
+            started_at: r.started_at,
+            missed: r.missed,
+            status: r.status,
+            detail: r.detail,
+            service: r.service,
+            steps: r.steps,
+            messages: r.messages.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+view!(
+    /// A posted event: its id, whether it was new, and the workflow runs it started.
+    Event from panel_store::EventRecord {
+        id: i64,
+        /// False when the idempotency key was seen before: nothing ran this time.
+        created: bool,
+        runs: Vec<i64>,
+    }
+);
+
+view!(
+    /// An admin account (never its password hash).
+    Admin from panel_store::AdminRow {
+        name: String,
+        role: String,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+    }
+);
+
+view!(
+    /// An API token's label and use (never the token).
+    ApiToken from panel_store::TokenRow {
+        admin: String,
+        label: String,
+        created_at: DateTime<Utc>,
+        last_used_at: Option<DateTime<Utc>>,
+    }
+);
+
+view!(
+    /// The newest attempt that did not deliver.
+    RelayError from panel_store::RelayError {
+        message_id: i64,
+        at: DateTime<Utc>,
+        relay: String,
+        outcome: String,
+        stage: String,
+        code: Option<i64>,
+        reply: Option<String>,
+        detail: String,
+        hint: Option<String>,
+        /// True when no attempt delivered since: the relay (or its configuration) is failing now.
+        current: bool,
+    }
+);
+
+/// Messages that reached each final or waiting state in one period.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counts {
+    pub delivered: i64,
+    pub retrying: i64,
+    pub failed: i64,
+}
+
+impl Counts {
+    fn add(&mut self, state: MessageState, n: i64) {
+        match state {
+            MessageState::Delivered => self.delivered += n,
+            MessageState::Retrying => self.retrying += n,
+            MessageState::Failed => self.failed += n,
+            MessageState::Queued | MessageState::Sending => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HourCounts {
+    pub hour: DateTime<Utc>,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+/// What the dashboard shows, also served as `GET /api/v1/dashboard`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dashboard {
+    pub services: Vec<Service>,
+    pub queue: QueueStats,
+    pub last_hour: Counts,
+    pub last_day: Counts,
+    /// The last 24 hours, oldest first, the current hour last.
+    pub hours: Vec<HourCounts>,
+    pub last_error: Option<RelayError>,
+    /// What the admin must see first: no settings, broken settings, a failing relay.
+    pub banner: Option<String>,
+}
+
+impl Dashboard {
+    /// Sorts hourly counts into the 24 hours from `start`.
+    pub(crate) fn tally(
+        start: DateTime<Utc>,
+        counts: &[panel_store::HourlyCount],
+    ) -> (Vec<HourCounts>, Counts, Counts) {
+        let mut hours: Vec<HourCounts> = (0..24)
+            .map(|i| HourCounts { hour: start + chrono::Duration::hours(i), counts: Counts::default() })
+            .collect();
+        let (mut last_hour, mut last_day) = (Counts::default(), Counts::default());
+        for c in counts {
+            let i = ((c.hour - start).num_hours()).clamp(0, 23) as usize;
+            hours[i].counts.add(c.state, c.count);
+            last_day.add(c.state, c.count);
+            if i == 23 {
+                last_hour.add(c.state, c.count);
+            }
+        }
+        (hours, last_hour, last_day)
+    }
+}

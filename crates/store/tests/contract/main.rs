@@ -1,0 +1,9 @@
+//! The store's contract tests in one binary: each `contract!` test runs once on SQLite and once
+//! on PostgreSQL.
+
+#[macro_use]
+mod common;
+
+mod automation;
+mod queue;
+mod secrets;
