@@ -1,19 +1,17 @@
 //! Admin accounts, browser sessions and API tokens (audited where an admin changes them).
 
-use sqlx::Row;
-
-use super::{SqlStore, audit};
+use super::{SqlStore, audit, cell};
 use crate::model::*;
 use crate::{Result, from_ms};
 
-fn admin_from_row(r: &sqlx::any::AnyRow) -> AdminRow {
-    AdminRow {
-        name: r.get("name"),
-        role: r.get("role"),
-        password_hash: r.get("password_hash"),
-        created_at: from_ms(r.get("created_at")),
-        updated_at: from_ms(r.get("updated_at")),
-    }
+fn admin_from_row(r: &sqlx::any::AnyRow) -> Result<AdminRow> {
+    Ok(AdminRow {
+        name: cell(r, "admins", "name")?,
+        role: cell(r, "admins", "role")?,
+        password_hash: cell(r, "admins", "password_hash")?,
+        created_at: from_ms(cell(r, "admins", "created_at")?),
+        updated_at: from_ms(cell(r, "admins", "updated_at")?),
+    })
 }
 
 impl SqlStore {
@@ -59,13 +57,13 @@ impl SqlStore {
 
     pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
         let row = sqlx::query("SELECT * FROM admins WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| admin_from_row(&r)))
+        row.map(|r| admin_from_row(&r)).transpose()
     }
 
     pub async fn admins(&self) -> Result<Vec<AdminRow>> {
         let rows = sqlx::query("SELECT * FROM admins ORDER BY name").fetch_all(&self.pool).await?;
         // Lists never carry password hashes.
-        Ok(rows.iter().map(|r| AdminRow { password_hash: String::new(), ..admin_from_row(r) }).collect())
+        rows.iter().map(|r| Ok(AdminRow { password_hash: String::new(), ..admin_from_row(r)? })).collect()
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str, now: i64) -> Result<bool> {
@@ -125,12 +123,15 @@ impl SqlStore {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| TokenOwner {
-            admin: r.get("admin"),
-            role: r.get("role"),
-            kind: r.get("kind"),
-            csrf: r.get("csrf"),
-        }))
+        row.map(|r| {
+            Ok(TokenOwner {
+                admin: cell(&r, "auth_tokens", "admin")?,
+                role: cell(&r, "admins", "role")?,
+                kind: cell(&r, "auth_tokens", "kind")?,
+                csrf: cell(&r, "auth_tokens", "csrf")?,
+            })
+        })
+        .transpose()
     }
 
     pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
@@ -143,14 +144,15 @@ impl SqlStore {
             .bind(admin)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| TokenRow {
-                admin: r.get("admin"),
-                label: r.get("label"),
-                created_at: from_ms(r.get("created_at")),
-                last_used_at: r.get::<Option<i64>, _>("last_used_at").map(from_ms),
+        rows.iter()
+            .map(|r| {
+                Ok(TokenRow {
+                    admin: cell(r, "auth_tokens", "admin")?,
+                    label: cell(r, "auth_tokens", "label")?,
+                    created_at: from_ms(cell(r, "auth_tokens", "created_at")?),
+                    last_used_at: cell::<Option<i64>>(r, "auth_tokens", "last_used_at")?.map(from_ms),
+                })
             })
-            .collect())
+            .collect()
     }
 }

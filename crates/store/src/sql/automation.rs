@@ -2,24 +2,23 @@
 //! the messages its steps made are written in one transaction, so a run is never recorded
 //! without its messages nor messages queued without their run.
 
-use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlStore, Tx, audit, insert_message, json, parse_state};
+use super::{SqlStore, Tx, audit, cell, insert_message, json, parse_state};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
 
 fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow> {
     Ok(DefinitionRow {
         kind,
-        name: r.get("name"),
-        doc: json(&r.get::<String, _>("doc"))?,
-        enabled: r.get::<i64, _>("enabled") != 0,
-        next_fire_at: r.get::<Option<i64>, _>("next_fire_at").map(from_ms),
-        last_fire_at: r.get::<Option<i64>, _>("last_fire_at").map(from_ms),
-        created_at: from_ms(r.get("created_at")),
-        updated_at: from_ms(r.get("updated_at")),
-        updated_by: r.get("updated_by"),
+        name: cell(r, "definitions", "name")?,
+        doc: json(&cell::<String>(r, "definitions", "doc")?)?,
+        enabled: cell::<i64>(r, "definitions", "enabled")? != 0,
+        next_fire_at: cell::<Option<i64>>(r, "definitions", "next_fire_at")?.map(from_ms),
+        last_fire_at: cell::<Option<i64>>(r, "definitions", "last_fire_at")?.map(from_ms),
+        created_at: from_ms(cell(r, "definitions", "created_at")?),
+        updated_at: from_ms(cell(r, "definitions", "updated_at")?),
+        updated_by: cell(r, "definitions", "updated_by")?,
     })
 }
 
@@ -256,7 +255,7 @@ impl SqlStore {
 
     /// The runs with their messages, fetched in one query for all of them.
     async fn with_messages(&self, rows: Vec<AnyRow>) -> Result<Vec<RunRow>> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| cell(r, "runs", "id")).collect::<Result<_>>()?;
         let mut by_run: std::collections::HashMap<i64, Vec<RunMessage>> = std::collections::HashMap::new();
         if !ids.is_empty() {
             // Only numbered placeholders are formatted into the statement.
@@ -270,31 +269,31 @@ impl SqlStore {
                 query = query.bind(*id);
             }
             for m in query.fetch_all(&self.pool).await? {
-                by_run.entry(m.get("run_id")).or_default().push(RunMessage {
-                    id: m.get("id"),
+                by_run.entry(cell(&m, "messages", "run_id")?).or_default().push(RunMessage {
+                    id: cell(&m, "messages", "id")?,
                     state: parse_state(&m)?,
-                    subject: m.get("subject"),
-                    last_error: m.get("last_error"),
+                    subject: cell(&m, "messages", "subject")?,
+                    last_error: cell(&m, "messages", "last_error")?,
                 });
             }
         }
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let id: i64 = r.get("id");
+            let id: i64 = cell(&r, "runs", "id")?;
             let messages = by_run.remove(&id).unwrap_or_default();
             out.push(RunRow {
                 id,
-                kind: r.get("kind"),
-                name: r.get("name"),
-                trigger: r.get("trigger"),
-                fire_time: r.get::<Option<i64>, _>("fire_time").map(from_ms),
-                event_id: r.get("event_id"),
-                started_at: from_ms(r.get("started_at")),
-                missed: r.get("missed"),
-                status: r.get("status"),
-                detail: r.get("detail"),
-                service: r.get("service"),
-                steps: json(&r.get::<String, _>("steps"))?,
+                kind: cell(&r, "runs", "kind")?,
+                name: cell(&r, "runs", "name")?,
+                trigger: cell(&r, "runs", "trigger")?,
+                fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
+                event_id: cell(&r, "runs", "event_id")?,
+                started_at: from_ms(cell(&r, "runs", "started_at")?),
+                missed: cell(&r, "runs", "missed")?,
+                status: cell(&r, "runs", "status")?,
+                detail: cell(&r, "runs", "detail")?,
+                service: cell(&r, "runs", "service")?,
+                steps: json(&cell::<String>(&r, "runs", "steps")?)?,
                 messages,
             });
         }

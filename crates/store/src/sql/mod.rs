@@ -16,6 +16,16 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
+/// Reads `column` of a row from `table`: a column that is missing, NULL where a value is
+/// needed, or of another type is a store error naming both, never a panic (in the worker, a
+/// panic would stop delivery for every message).
+pub(crate) fn cell<'r, T>(row: &'r AnyRow, table: &'static str, column: &'static str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(column).map_err(|e| StoreError::Corrupt(format!("{table}.{column}: {e}")))
+}
+
 mod accounts;
 mod automation;
 mod secrets;
@@ -198,10 +208,10 @@ impl SqlStore {
                 .await?;
         row.map(|r| {
             Ok(StoredSettings {
-                version: r.get("version"),
-                doc: json(&r.get::<String, _>("doc"))?,
-                saved_at: from_ms(r.get("saved_at")),
-                saved_by: r.get("saved_by"),
+                version: cell(&r, "relay_settings", "version")?,
+                doc: json(&cell::<String>(&r, "relay_settings", "doc")?)?,
+                saved_at: from_ms(cell(&r, "relay_settings", "saved_at")?),
+                saved_by: cell(&r, "relay_settings", "saved_by")?,
             })
         })
         .transpose()
@@ -294,8 +304,8 @@ impl SqlStore {
         );
         let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut *tx).await?;
         for row in &expired {
-            let id: i64 = row.get("id");
-            let previous: Option<String> = row.get("lease_owner");
+            let id: i64 = cell(row, "messages", "id")?;
+            let previous: Option<String> = cell(row, "messages", "lease_owner")?;
             let taken = sqlx::query(
                 "UPDATE messages SET state = 'retrying', interrupted = interrupted + 1, attempts = attempts + 1,
                         lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $2, updated_at = $2
@@ -348,9 +358,12 @@ impl SqlStore {
             );
             let pending = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
             for row in pending {
-                let id: i64 = row.get("message_id");
+                let id: i64 = cell(&row, "recipients", "message_id")?;
                 if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
-                    c.pending.push(PendingRecipient { position: row.get("position"), address: row.get("address") });
+                    c.pending.push(PendingRecipient {
+                        position: cell(&row, "recipients", "position")?,
+                        address: cell(&row, "recipients", "address")?,
+                    });
                 }
             }
         }
@@ -404,21 +417,24 @@ impl SqlStore {
             .map(|r| {
                 let state = parse_state(r)?;
                 Ok(MessageSummary {
-                    id: r.get("id"),
+                    id: cell(r, "messages", "id")?,
                     state,
                     origin: parse_origin(r)?,
-                    from: r.get("from_addr"),
-                    to: r
-                        .get::<Option<String>, _>("rcpts")
+                    from: cell(r, "messages", "from_addr")?,
+                    to: cell::<Option<String>>(r, "messages", "rcpts")?
                         .map(|s| s.split(',').map(String::from).collect())
                         .unwrap_or_default(),
-                    subject: r.get("subject"),
-                    created_at: from_ms(r.get("created_at")),
-                    updated_at: from_ms(r.get("updated_at")),
-                    attempt_count: r.get("attempts"),
-                    next_attempt_at: waiting(state).then(|| from_ms(r.get("next_attempt_at"))),
-                    failure_class: r.get("failure_class"),
-                    last_error: r.get("last_error"),
+                    subject: cell(r, "messages", "subject")?,
+                    created_at: from_ms(cell(r, "messages", "created_at")?),
+                    updated_at: from_ms(cell(r, "messages", "updated_at")?),
+                    attempt_count: cell(r, "messages", "attempts")?,
+                    next_attempt_at: if waiting(state) {
+                        Some(from_ms(cell(r, "messages", "next_attempt_at")?))
+                    } else {
+                        None
+                    },
+                    failure_class: cell(r, "messages", "failure_class")?,
+                    last_error: cell(r, "messages", "last_error")?,
                 })
             })
             .collect()
@@ -445,9 +461,9 @@ impl SqlStore {
         rows.iter()
             .map(|r| {
                 Ok(HourlyCount {
-                    hour: from_ms(r.get::<i64, _>("hour") * 3_600_000),
+                    hour: from_ms(cell::<i64>(r, "messages", "hour")? * 3_600_000),
                     state: parse_state(r)?,
-                    count: r.get("n"),
+                    count: cell(r, "messages", "n")?,
                 })
             })
             .collect()
@@ -462,22 +478,22 @@ impl SqlStore {
         else {
             return Ok(None);
         };
-        let id: i64 = a.get("id");
+        let id: i64 = cell(&a, "attempts", "id")?;
         let delivered_since: Option<i64> =
             sqlx::query_scalar("SELECT id FROM attempts WHERE id > $1 AND outcome = 'delivered' LIMIT 1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(Some(RelayError {
-            message_id: a.get("message_id"),
-            at: from_ms(a.get("finished_at")),
-            relay: a.get("relay"),
-            outcome: a.get("outcome"),
-            stage: a.get("stage"),
-            code: a.get("code"),
-            reply: a.get("reply"),
-            detail: a.get("detail"),
-            hint: a.get("hint"),
+            message_id: cell(&a, "attempts", "message_id")?,
+            at: from_ms(cell(&a, "attempts", "finished_at")?),
+            relay: cell(&a, "attempts", "relay")?,
+            outcome: cell(&a, "attempts", "outcome")?,
+            stage: cell(&a, "attempts", "stage")?,
+            code: cell(&a, "attempts", "code")?,
+            reply: cell(&a, "attempts", "reply")?,
+            detail: cell(&a, "attempts", "detail")?,
+            hint: cell(&a, "attempts", "hint")?,
             current: delivered_since.is_none(),
         }))
     }
@@ -487,7 +503,7 @@ impl SqlStore {
         else {
             return Ok(None);
         };
-        let content: OutgoingMessage = json(&r.get::<String, _>("content"))?;
+        let content: OutgoingMessage = json(&cell::<String>(&r, "messages", "content")?)?;
         let names = |list: &[panel_domain::Mailbox]| list.iter().map(|m| m.to_string()).collect::<Vec<_>>();
         let recipients =
             sqlx::query("SELECT kind, address, state, reply FROM recipients WHERE message_id = $1 ORDER BY position")
@@ -495,13 +511,15 @@ impl SqlStore {
                 .fetch_all(&self.pool)
                 .await?
                 .into_iter()
-                .map(|r| RecipientRow {
-                    kind: r.get("kind"),
-                    address: r.get("address"),
-                    state: r.get("state"),
-                    reply: r.get("reply"),
+                .map(|r| {
+                    Ok(RecipientRow {
+                        kind: cell(&r, "recipients", "kind")?,
+                        address: cell(&r, "recipients", "address")?,
+                        state: cell(&r, "recipients", "state")?,
+                        reply: cell(&r, "recipients", "reply")?,
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<_>>>()?;
         let attempts = sqlx::query("SELECT * FROM attempts WHERE message_id = $1 ORDER BY id")
             .bind(id)
             .fetch_all(&self.pool)
@@ -509,19 +527,19 @@ impl SqlStore {
             .into_iter()
             .map(|a| {
                 Ok(AttemptRow {
-                    at: from_ms(a.get("started_at")),
-                    finished_at: from_ms(a.get("finished_at")),
-                    outcome: a.get("outcome"),
-                    stage: a.get("stage"),
-                    code: a.get("code"),
-                    enhanced_code: a.get("enhanced_code"),
-                    reply: a.get("reply"),
-                    detail: a.get("detail"),
-                    hint: a.get("hint"),
-                    relay: a.get("relay"),
-                    service_id: a.get("service_id"),
-                    settings_version: a.get("settings_version"),
-                    recipients: json(&a.get::<String, _>("recipients"))?,
+                    at: from_ms(cell(&a, "attempts", "started_at")?),
+                    finished_at: from_ms(cell(&a, "attempts", "finished_at")?),
+                    outcome: cell(&a, "attempts", "outcome")?,
+                    stage: cell(&a, "attempts", "stage")?,
+                    code: cell(&a, "attempts", "code")?,
+                    enhanced_code: cell(&a, "attempts", "enhanced_code")?,
+                    reply: cell(&a, "attempts", "reply")?,
+                    detail: cell(&a, "attempts", "detail")?,
+                    hint: cell(&a, "attempts", "hint")?,
+                    relay: cell(&a, "attempts", "relay")?,
+                    service_id: cell(&a, "attempts", "service_id")?,
+                    settings_version: cell(&a, "attempts", "settings_version")?,
+                    recipients: json(&cell::<String>(&a, "attempts", "recipients")?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -538,12 +556,16 @@ impl SqlStore {
             subject: content.subject.clone(),
             message_id: content.message_id.clone(),
             used_fallback_recipient: content.used_fallback_recipient,
-            created_at: from_ms(r.get("created_at")),
-            updated_at: from_ms(r.get("updated_at")),
-            next_attempt_at: waiting(state).then(|| from_ms(r.get("next_attempt_at"))),
-            failure_class: r.get("failure_class"),
-            last_error: r.get("last_error"),
-            interrupted: r.get("interrupted"),
+            created_at: from_ms(cell(&r, "messages", "created_at")?),
+            updated_at: from_ms(cell(&r, "messages", "updated_at")?),
+            next_attempt_at: if waiting(state) {
+                Some(from_ms(cell(&r, "messages", "next_attempt_at")?))
+            } else {
+                None
+            },
+            failure_class: cell(&r, "messages", "failure_class")?,
+            last_error: cell(&r, "messages", "last_error")?,
+            interrupted: cell(&r, "messages", "interrupted")?,
             recipients,
             attempts,
         }))
@@ -624,22 +646,24 @@ impl SqlStore {
     pub async fn services(&self, prune_before: i64) -> Result<Vec<ServiceRow>> {
         sqlx::query("DELETE FROM services WHERE heartbeat_at < $1").bind(prune_before).execute(&self.pool).await?;
         let rows = sqlx::query("SELECT * FROM services ORDER BY started_at").fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ServiceRow {
-                info: ServiceInfo {
-                    id: r.get("id"),
-                    kind: r.get("kind"),
-                    host: r.get("host"),
-                    pid: r.get("pid"),
-                    version: r.get("version"),
-                    started_at: from_ms(r.get("started_at")),
-                    listen: r.get("listen"),
-                    wake_port: r.get::<Option<i64>, _>("wake_port").and_then(|p| u16::try_from(p).ok()),
-                },
-                heartbeat_at: from_ms(r.get("heartbeat_at")),
+        rows.into_iter()
+            .map(|r| {
+                Ok(ServiceRow {
+                    info: ServiceInfo {
+                        id: cell(&r, "services", "id")?,
+                        kind: cell(&r, "services", "kind")?,
+                        host: cell(&r, "services", "host")?,
+                        pid: cell(&r, "services", "pid")?,
+                        version: cell(&r, "services", "version")?,
+                        started_at: from_ms(cell(&r, "services", "started_at")?),
+                        listen: cell(&r, "services", "listen")?,
+                        wake_port: cell::<Option<i64>>(&r, "services", "wake_port")?
+                            .and_then(|p| u16::try_from(p).ok()),
+                    },
+                    heartbeat_at: from_ms(cell(&r, "services", "heartbeat_at")?),
+                })
             })
-            .collect())
+            .collect()
     }
 
     pub async fn queue_stats(&self, now: i64) -> Result<QueueStats> {
@@ -682,11 +706,11 @@ impl SqlStore {
 
 fn claim_from_row(r: &AnyRow) -> Result<Claim> {
     Ok(Claim {
-        reference: ClaimRef { id: r.get("id"), token: r.get("claim_token") },
+        reference: ClaimRef { id: cell(r, "messages", "id")?, token: cell(r, "messages", "claim_token")? },
         origin: parse_origin(r)?,
-        message: json(&r.get::<String, _>("content"))?,
-        attempts: r.get("attempts"),
-        created_at: from_ms(r.get("window_start")),
+        message: json(&cell::<String>(r, "messages", "content")?)?,
+        attempts: cell(r, "messages", "attempts")?,
+        created_at: from_ms(cell(r, "messages", "window_start")?),
         pending: Vec::new(),
     })
 }
@@ -838,13 +862,13 @@ async fn audit(tx: &mut Tx, actor: &str, now: i64, events: &[AuditEvent]) -> Res
 }
 
 fn parse_state(r: &AnyRow) -> Result<MessageState> {
-    let s: String = r.get("state");
-    MessageState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message state '{s}'")))
+    let s: String = cell(r, "messages", "state")?;
+    MessageState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("messages.state: unknown message state '{s}'")))
 }
 
 fn parse_origin(r: &AnyRow) -> Result<Origin> {
-    let s: String = r.get("origin");
-    Origin::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown message origin '{s}'")))
+    let s: String = cell(r, "messages", "origin")?;
+    Origin::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("messages.origin: unknown message origin '{s}'")))
 }
 
 fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {

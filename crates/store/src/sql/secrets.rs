@@ -1,10 +1,9 @@
 //! License keys, stored credentials and the audit log. Every change writes its audit entry in
 //! the same transaction and bumps the secrets generation, so workers rebuild their relay state.
 
-use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, SqlStore, Tx, audit, json, requeue_configuration_failures};
+use super::{Dialect, SqlStore, Tx, audit, cell, json, requeue_configuration_failures};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms};
 
@@ -47,19 +46,19 @@ async fn set_master_key_id(tx: &mut Tx, key_id: &str) -> Result<()> {
 
 fn credential_from_row(r: &AnyRow) -> Result<CredentialRow> {
     Ok(CredentialRow {
-        id: r.get("id"),
-        name: r.get("name"),
-        kind: r.get("kind"),
-        username: r.get("username"),
-        attributes: json(&r.get::<String, _>("attributes"))?,
-        master_key_id: r.get("master_key_id"),
-        wrapped_key: r.get("wrapped_key"),
-        ciphertext: r.get("ciphertext"),
-        created_at: from_ms(r.get("created_at")),
-        created_by: r.get("created_by"),
-        updated_at: from_ms(r.get("updated_at")),
-        updated_by: r.get("updated_by"),
-        first_used_at: r.get::<Option<i64>, _>("first_used_at").map(from_ms),
+        id: cell(r, "credentials", "id")?,
+        name: cell(r, "credentials", "name")?,
+        kind: cell(r, "credentials", "kind")?,
+        username: cell(r, "credentials", "username")?,
+        attributes: json(&cell::<String>(r, "credentials", "attributes")?)?,
+        master_key_id: cell(r, "credentials", "master_key_id")?,
+        wrapped_key: cell(r, "credentials", "wrapped_key")?,
+        ciphertext: cell(r, "credentials", "ciphertext")?,
+        created_at: from_ms(cell(r, "credentials", "created_at")?),
+        created_by: cell(r, "credentials", "created_by")?,
+        updated_at: from_ms(cell(r, "credentials", "updated_at")?),
+        updated_by: cell(r, "credentials", "updated_by")?,
+        first_used_at: cell::<Option<i64>>(r, "credentials", "first_used_at")?.map(from_ms),
     })
 }
 
@@ -93,15 +92,16 @@ impl SqlStore {
         let rows = sqlx::query("SELECT id, key, added_at, added_by FROM licenses ORDER BY added_at, id")
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| LicenseRow {
-                id: r.get("id"),
-                key: r.get("key"),
-                added_at: from_ms(r.get("added_at")),
-                added_by: r.get("added_by"),
+        rows.iter()
+            .map(|r| {
+                Ok(LicenseRow {
+                    id: cell(r, "licenses", "id")?,
+                    key: cell(r, "licenses", "key")?,
+                    added_at: from_ms(cell(r, "licenses", "added_at")?),
+                    added_by: cell(r, "licenses", "added_by")?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     pub async fn remove_license(&self, id: &str, by: &str, now: i64) -> Result<bool> {
@@ -283,16 +283,17 @@ impl SqlStore {
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
                 .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditRow {
-                id: r.get("id"),
-                at: from_ms(r.get("at")),
-                actor: r.get("actor"),
-                action: r.get("action"),
-                subject: r.get("subject"),
-                detail: r.get("detail"),
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    id: cell(r, "audit_log", "id")?,
+                    at: from_ms(cell(r, "audit_log", "at")?),
+                    actor: cell(r, "audit_log", "actor")?,
+                    action: cell(r, "audit_log", "action")?,
+                    subject: cell(r, "audit_log", "subject")?,
+                    detail: cell(r, "audit_log", "detail")?,
+                })
             })
-            .collect())
+            .collect()
     }
 }

@@ -182,7 +182,33 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
     assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
 }
 
+/// A row the store cannot read is an error that names the table and the column, never a panic
+/// (in the worker a panic would stop delivery); the other messages stay readable.
+async fn a_corrupt_row_is_an_error_naming_its_table_and_column(b: &Backend) {
+    let s = &b.store;
+    let bad = s.enqueue(Origin::MailTester, &message("corrupt"), Utc::now()).await.unwrap();
+    let good = s.enqueue(Origin::MailTester, &message("fine"), Utc::now()).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&b.url).await.unwrap();
+    sqlx::query("UPDATE messages SET state = 'exploded' WHERE id = $1").bind(bad).execute(&pool).await.unwrap();
+    let err = s.message(bad).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    assert!(err.to_string().contains("messages.state"), "{err}");
+    assert_eq!(s.message(good).await.unwrap().unwrap().subject, "fine");
+    if b.url.starts_with("sqlite") {
+        // SQLite keeps bytes that are not UTF-8 in a text column: the read names the column.
+        sqlx::query("UPDATE messages SET state = 'queued', last_error = x'ff00fe' WHERE id = $1")
+            .bind(bad)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = s.message(bad).await.unwrap_err().to_string();
+        assert!(err.contains("messages.last_error"), "{err}");
+    }
+    pool.close().await;
+}
+
 contract!(
+    a_corrupt_row_is_an_error_naming_its_table_and_column,
     a_bulk_enqueue_stores_every_message_in_one_transaction,
     a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped,
     an_idempotency_key_enqueued_concurrently_creates_one_step,
