@@ -9,7 +9,8 @@ pub mod template;
 pub mod timing;
 
 pub use definitions::{DispatchDef, ScheduleDef, WorkflowDef, check_name, event_context};
-pub use plan::{Plan, PlannedStep, RunStatus, Sender, StepOutcome, StepStatus, plan_steps};
+pub use panel_domain::run::RunStatus;
+pub use plan::{Plan, PlannedStep, Sender, StepOutcome, StepStatus, plan_steps};
 pub use step::{EmailStep, Step, StepMessage};
 pub use template::{Engine, Rendered, Template, TemplateError, Undefined};
 pub use timing::{CatchUp, Timing, WeeklyRule};

@@ -5,24 +5,13 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use panel_domain::run::RunStatus;
 use panel_domain::{EmailAddress, Mailbox, OutgoingMessage};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::step::Step;
 use crate::template::Template;
-
-panel_domain::string_enum!(
-    /// How a run's steps came out.
-    RunStatus {
-        /// Every step queued its message.
-        Queued = "queued",
-        /// Some steps failed; the others queued their messages.
-        Partial = "partial",
-        /// No step queued a message.
-        Failed = "failed",
-    }
-);
 
 panel_domain::string_enum!(
     /// How one step came out.

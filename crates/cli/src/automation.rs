@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
+use panel_domain::run::RunStatus;
 use panel_service::Panel;
 use panel_service::views::{Definition, DefinitionKind, Run, SaveMode, SaveOutcome};
 use serde_json::Value;
@@ -284,7 +285,7 @@ pub async fn schedule(panel: Panel, cmd: ScheduleCommand) -> CmdResult {
         ScheduleCommand::Run { name, json } => {
             let run = panel.run_schedule(&name, &actor()).await?;
             print_runs(std::slice::from_ref(&run), json);
-            Ok(if run.status == "failed" { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if run.status == RunStatus::Failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         ScheduleCommand::Next { name, count, json } => {
             let next = panel.schedule_next(&name, count).await?;
@@ -425,7 +426,7 @@ pub async fn dispatch(panel: Panel, args: DispatchArgs) -> CmdResult {
     let def: DispatchDef = read_json(&args.file)?;
     let run = panel.dispatch(&def, &actor()).await?;
     print_runs(std::slice::from_ref(&run), args.json);
-    Ok(if run.status == "failed" { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if run.status == RunStatus::Failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 pub async fn run(panel: Panel, cmd: RunCommand) -> CmdResult {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::Security;
+use crate::security::Security;
 
 crate::string_enum!(custom_display;
     /// Where in the SMTP conversation something happened (shown in capitals: `AUTH`, `RCPT`).

@@ -4,7 +4,7 @@
 
 /// `string_enum!(/// doc  Name { Variant = "text" => "Label", ... })`: the enum, `ALL` (the
 /// texts), `VARIANTS`, `as_str`, `parse` (trimmed, ASCII case-insensitive), `label` (for forms;
-/// the text when none is given), `Display`, and serde as the text.
+/// the text when none is given), `Display`, serde as the text, and an order (declaration order).
 #[macro_export]
 macro_rules! string_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal $(=> $label:literal)?),+ $(,)? }) => {
@@ -19,7 +19,7 @@ macro_rules! string_enum {
     // The same without `Display`, for a set that shows itself otherwise (stages in capitals).
     (custom_display; $(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal $(=> $label:literal)?),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub enum $name { $($(#[$vm])* $variant),+ }
 
         impl $name {

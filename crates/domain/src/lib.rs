@@ -11,7 +11,9 @@ pub mod errors;
 pub mod message;
 pub mod oauth;
 pub mod retry;
+pub mod run;
 pub mod secret;
+pub mod security;
 pub mod settings;
 
 pub use address::{EmailAddress, Mailbox};

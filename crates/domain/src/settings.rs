@@ -18,29 +18,7 @@ use crate::errors::{FieldError, FieldErrors, check_header_safe};
 use crate::oauth::{EndpointUrl, OAuthProvider};
 use crate::retry::RetryPolicy;
 
-crate::string_enum!(
-    /// How the connection to the relay is protected.
-    Security {
-        /// Implicit TLS from the first byte (SMTPS, usually port 465).
-        Tls = "tls" => "Implicit TLS",
-        /// STARTTLS required: fail if the relay does not offer it.
-        Starttls = "starttls" => "STARTTLS (required)",
-        /// STARTTLS when offered, plain otherwise.
-        Opportunistic = "opportunistic" => "STARTTLS when offered",
-        /// Plain SMTP.
-        None = "none" => "None",
-    }
-);
-
-impl Security {
-    pub fn default_port(self) -> u16 {
-        match self {
-            Self::Tls => 465,
-            Self::Starttls => 587,
-            Self::Opportunistic | Self::None => 25,
-        }
-    }
-}
+pub use crate::security::Security;
 
 crate::string_enum!(
     /// How Panel proves itself to the relay (the `auth` setting).

@@ -8,7 +8,8 @@ use panel_domain::{Failure, FailureClass, RelaySettings, Stage};
 use serde::Serialize;
 
 use crate::auth::CredentialSource;
-use crate::connection::{Relay, StageEvent, Transcript};
+use crate::connection::{StageEvent, Transcript};
+use crate::relay::Relay;
 use crate::tls::TlsInfo;
 
 #[derive(Debug, Clone, Serialize)]

@@ -9,10 +9,12 @@ pub mod gssapi;
 pub mod http;
 pub mod ntlm;
 pub mod oauth;
+pub mod relay;
 pub mod tls;
 pub mod wire;
 
 pub use auth::{AuthSecret, BoxFuture, CredentialSource, Resolved};
 pub use check::{CheckFailure, CheckReport, check};
-pub use connection::{Connection, Relay, StageEvent, Transcript, local_hostname};
+pub use connection::{Connection, StageEvent, Transcript, local_hostname};
+pub use relay::Relay;
 pub use tls::TlsInfo;

@@ -15,34 +15,11 @@ use crate::views::{Admin, ApiToken};
 pub const SESSION_HOURS: i64 = 12;
 pub const MIN_PASSWORD_CHARS: usize = 12;
 
-/// What an account may do: viewers read; operators also send tests, retry messages, run
-/// schedules and post events; admins do everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
+panel_domain::string_enum!(
+    /// What an account may do, least first: viewers read; operators also send tests, retry
+    /// messages, run schedules and post events; admins do everything.
+    Role { Viewer = "viewer", Operator = "operator", Admin = "admin" }
+);
 
 /// Who made a request.
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use panel_automation::{DispatchDef, Rendered, ScheduleDef, Sender, Step, Template, WorkflowDef, event_context};
+use panel_domain::run::{RunKind, RunStatus, Trigger};
 use panel_domain::{FieldErrors, Origin, RelaySettings};
 use panel_store::{
     DefinitionKind, DefinitionRow, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance,
@@ -220,12 +221,14 @@ impl Panel {
                         let (status, detail, steps) = match def.matches(&ctx) {
                             Ok(false) => return None,
                             Ok(true) => plan_steps(&def.steps, &ctx, templates, &settings, Origin::Workflow, now),
-                            Err(e) => ("failed", Some(format!("the condition could not be evaluated: {e}")), vec![]),
+                            Err(e) => {
+                                (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![])
+                            }
                         };
                         Some(NewRun {
-                            kind: "workflow",
+                            kind: RunKind::Workflow,
                             name: def.name.clone(),
-                            trigger: "event",
+                            trigger: Trigger::Event,
                             fire_key: None,
                             fire_time: None,
                             event_id: Some(event_id),
@@ -284,7 +287,7 @@ impl Panel {
         let templates = self.templates_for(&def.steps).await?;
         let ctx = def.context(now, "manual", &timing);
         let planned = plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
-        self.commit_adhoc(("schedule", "manual"), &def.name, Some(now), planned, by, now).await
+        self.commit_adhoc((RunKind::Schedule, Trigger::Manual), &def.name, Some(now), planned, by, now).await
     }
 
     /// Fires every due schedule once. Several services may call this at once: the store lets
@@ -321,9 +324,9 @@ impl Panel {
         };
         let fire_time = catch_up.fire_time;
         let late = now - fire_time;
-        let trigger = if catch_up.missed > 0 || late > LATE_AFTER { "catch_up" } else { "cron" };
+        let trigger = if catch_up.missed > 0 || late > LATE_AFTER { Trigger::CatchUp } else { Trigger::Cron };
         let mut notes = Vec::new();
-        if trigger == "catch_up" {
+        if trigger == Trigger::CatchUp {
             notes.push(format!(
                 "late: ran {}s after its fire time{}; missed fire times are not run again",
                 late.num_seconds(),
@@ -336,15 +339,15 @@ impl Panel {
         let (status, steps) = match (&timing, self.settings().await) {
             (None, _) => {
                 notes.push("the stored schedule is invalid; fix it with panel schedule update".into());
-                ("failed", vec![])
+                (RunStatus::Failed, vec![])
             }
             (_, Ok(None)) | (_, Err(_)) => {
                 notes.push("no valid relay settings; configure them with panel smtp set".into());
-                ("failed", vec![])
+                (RunStatus::Failed, vec![])
             }
             (Some(t), Ok(Some((_, settings)))) => {
                 let templates = self.templates_for(&def.steps).await?;
-                let ctx = def.context(fire_time, trigger, t);
+                let ctx = def.context(fire_time, trigger.as_str(), t);
                 let (status, detail, steps) =
                     plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
                 notes.extend(detail);
@@ -358,7 +361,7 @@ impl Panel {
             new_next: timing.as_ref().and_then(|t| t.next_after(fire_time.max(now))),
         };
         let run = NewRun {
-            kind: "schedule",
+            kind: RunKind::Schedule,
             name: row.name.clone(),
             trigger,
             fire_key: Some(format!("schedule:{}@{}", row.name, fire_time.timestamp_millis())),
@@ -388,20 +391,20 @@ impl Panel {
         let templates = self.templates_for(&def.steps).await?;
         let now = Utc::now();
         let planned = plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
-        self.commit_adhoc(("dispatch", "dispatch"), &def.name, None, planned, by, now).await
+        self.commit_adhoc((RunKind::Dispatch, Trigger::Dispatch), &def.name, None, planned, by, now).await
     }
 
     /// Writes a run started by hand or by a tool (no fire key: it always runs) and shows it.
     async fn commit_adhoc(
         &self,
-        (kind, trigger): (&'static str, &'static str),
+        (kind, trigger): (RunKind, Trigger),
         name: &str,
         fire_time: Option<DateTime<Utc>>,
         (status, detail, steps): Planned,
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<Run, OpsError> {
-        let origin = if kind == "dispatch" { Origin::Dispatch } else { Origin::Schedule };
+        let origin = if kind == RunKind::Dispatch { Origin::Dispatch } else { Origin::Schedule };
         let run = NewRun {
             kind,
             name: name.into(),
@@ -460,7 +463,7 @@ fn messages_in(run: &NewRun) -> usize {
 }
 
 /// (run status, a note for the run, the planned steps).
-type Planned = (&'static str, Option<String>, Vec<PlannedStep>);
+type Planned = (RunStatus, Option<String>, Vec<PlannedStep>);
 
 /// The pure plan (`panel_automation::plan_steps`: every step rendered, failures recorded with
 /// their reason) in the shape the store commits, each message tagged with its origin.
@@ -486,5 +489,5 @@ fn plan_steps(
             message: p.message.map(|m| (origin, m)),
         })
         .collect();
-    (plan.status.as_str(), plan.detail, planned)
+    (plan.status, plan.detail, planned)
 }

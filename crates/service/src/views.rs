@@ -4,6 +4,7 @@
 //! outcomes, re-exported so that callers need no store types.
 
 use chrono::{DateTime, Utc};
+use panel_domain::run::{RunKind, RunStatus, Trigger};
 use panel_domain::{MessageState, Origin, SettingsDoc};
 use serde::Serialize;
 
@@ -218,14 +219,14 @@ view!(
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     pub id: i64,
-    pub kind: String,
+    pub kind: RunKind,
     pub name: String,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub fire_time: Option<DateTime<Utc>>,
     pub event_id: Option<i64>,
     pub started_at: DateTime<Utc>,
     pub missed: i64,
-    pub status: String,
+    pub status: RunStatus,
     pub detail: Option<String>,
     pub service: String,
     pub steps: serde_json::Value,

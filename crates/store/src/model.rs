@@ -1,6 +1,7 @@
 //! The shapes the store reads and writes. Serialized as the CLI's `--json` and the API's bodies.
 
 use chrono::{DateTime, Utc};
+use panel_domain::run::{RunKind, RunStatus, Trigger};
 use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc};
 use serde::Serialize;
 
@@ -270,24 +271,10 @@ pub struct Rewrapped {
     pub wrapped_key: Vec<u8>,
 }
 
-/// What a definition row holds: templates, workflows and schedules share one table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DefinitionKind {
-    Template,
-    Workflow,
-    Schedule,
-}
-
-impl DefinitionKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DefinitionKind::Template => "template",
-            DefinitionKind::Workflow => "workflow",
-            DefinitionKind::Schedule => "schedule",
-        }
-    }
-}
+panel_domain::string_enum!(
+    /// What a definition row holds: templates, workflows and schedules share one table.
+    DefinitionKind { Template = "template", Workflow = "workflow", Schedule = "schedule" }
+);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DefinitionRow {
@@ -342,18 +329,15 @@ pub struct PlannedStep {
 
 #[derive(Debug, Clone)]
 pub struct NewRun {
-    /// `schedule`, `workflow` or `dispatch`.
-    pub kind: &'static str,
+    pub kind: RunKind,
     pub name: String,
-    /// `cron`, `catch_up`, `manual`, `event` or `dispatch`.
-    pub trigger: &'static str,
+    pub trigger: Trigger,
     /// Set for clock-driven schedule runs: the store keeps one run per key.
     pub fire_key: Option<String>,
     pub fire_time: Option<DateTime<Utc>>,
     pub event_id: Option<i64>,
     pub missed: u32,
-    /// `queued` (every step made its message), `partial`, `failed`.
-    pub status: &'static str,
+    pub status: RunStatus,
     pub detail: Option<String>,
     pub service: String,
     pub steps: Vec<PlannedStep>,
@@ -380,14 +364,14 @@ pub struct RunMessage {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunRow {
     pub id: i64,
-    pub kind: String,
+    pub kind: RunKind,
     pub name: String,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub fire_time: Option<DateTime<Utc>>,
     pub event_id: Option<i64>,
     pub started_at: DateTime<Utc>,
     pub missed: i64,
-    pub status: String,
+    pub status: RunStatus,
     pub detail: Option<String>,
     pub service: String,
     pub steps: serde_json::Value,

@@ -7,6 +7,13 @@ use sqlx::any::AnyRow;
 use super::{SqlStore, Tx, audit, cell, insert_message, json, parse_state};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
+use panel_domain::run::{RunKind, RunStatus, Trigger};
+
+/// A column of `runs` that holds one of a closed set.
+fn closed<T>(r: &AnyRow, column: &'static str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    let text: String = cell(r, "runs", column)?;
+    parse(&text).ok_or_else(|| StoreError::Corrupt(format!("runs.{column}: '{text}' is not one this build knows")))
+}
 
 fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow> {
     Ok(DefinitionRow {
@@ -283,14 +290,14 @@ impl SqlStore {
             let messages = by_run.remove(&id).unwrap_or_default();
             out.push(RunRow {
                 id,
-                kind: cell(&r, "runs", "kind")?,
+                kind: closed(&r, "kind", RunKind::parse)?,
                 name: cell(&r, "runs", "name")?,
-                trigger: cell(&r, "runs", "trigger")?,
+                trigger: closed(&r, "trigger", Trigger::parse)?,
                 fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
                 event_id: cell(&r, "runs", "event_id")?,
                 started_at: from_ms(cell(&r, "runs", "started_at")?),
                 missed: cell(&r, "runs", "missed")?,
-                status: cell(&r, "runs", "status")?,
+                status: closed(&r, "status", RunStatus::parse)?,
                 detail: cell(&r, "runs", "detail")?,
                 service: cell(&r, "runs", "service")?,
                 steps: json(&cell::<String>(&r, "runs", "steps")?)?,
@@ -328,15 +335,15 @@ async fn insert_run(tx: &mut Tx, run: &NewRun, now: i64) -> Result<Option<i64>> 
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, '[]')
          ON CONFLICT (fire_key) DO NOTHING RETURNING id",
     )
-    .bind(run.kind)
+    .bind(run.kind.as_str())
     .bind(&run.name)
-    .bind(run.trigger)
+    .bind(run.trigger.as_str())
     .bind(&run.fire_key)
     .bind(run.fire_time.map(ms))
     .bind(run.event_id)
     .bind(now)
     .bind(run.missed as i64)
-    .bind(run.status)
+    .bind(run.status.as_str())
     .bind(&run.detail)
     .bind(&run.service)
     .fetch_optional(&mut **tx)

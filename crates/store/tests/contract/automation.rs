@@ -4,19 +4,20 @@
 use crate::common::{Backend, message};
 use chrono::{Duration, Utc};
 use panel_domain::Origin;
+use panel_domain::run::{RunKind, RunStatus, Trigger};
 use panel_store::{DefinitionKind, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance};
 use serde_json::json;
 
 fn run(name: &str, fire_key: Option<String>, service: &str) -> NewRun {
     NewRun {
-        kind: "schedule",
+        kind: RunKind::Schedule,
         name: name.into(),
-        trigger: "cron",
+        trigger: Trigger::Cron,
         fire_key,
         fire_time: Some(Utc::now()),
         event_id: None,
         missed: 0,
-        status: "queued",
+        status: RunStatus::Queued,
         detail: None,
         service: service.into(),
         steps: vec![PlannedStep {
