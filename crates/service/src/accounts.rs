@@ -99,7 +99,7 @@ impl Panel {
             return Err(OpsError::Invalid(errors));
         }
         let hash = blocking_hash(password.clone()).await?;
-        if !self.store.put_admin(name, role.as_str(), &hash, replace, by, Utc::now()).await? {
+        if !self.store.put_admin(name, role.as_str(), &hash, replace, by, self.now()).await? {
             return Err(OpsError::Conflict(format!(
                 "an admin named '{name}' exists already; to change the password: panel admin set-password {name}"
             )));
@@ -112,7 +112,7 @@ impl Panel {
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str) -> Result<(), OpsError> {
-        match self.store.delete_admin(name, by, Utc::now()).await? {
+        match self.store.delete_admin(name, by, self.now()).await? {
             true => Ok(()),
             false => Err(OpsError::NotFoundNamed { what: "admin", name: name.into() }),
         }
@@ -137,7 +137,7 @@ impl Panel {
         let session = Session {
             token: random_token("pns_"),
             csrf: random_token(""),
-            expires_at: Utc::now() + chrono::Duration::hours(SESSION_HOURS),
+            expires_at: self.now() + chrono::Duration::hours(SESSION_HOURS),
         };
         self.store
             .add_token(
@@ -147,7 +147,7 @@ impl Panel {
                 "web",
                 Some(&session.csrf),
                 Some(session.expires_at),
-                Utc::now(),
+                self.now(),
             )
             .await?;
         Ok(Some((session, role)))
@@ -159,7 +159,7 @@ impl Panel {
 
     /// The actor behind a session or API token, if it is valid.
     pub async fn authenticate(&self, token: &str) -> Result<Option<Actor>, OpsError> {
-        let owner = self.store.token_owner(&token_digest(token), Utc::now()).await?;
+        let owner = self.store.token_owner(&token_digest(token), self.now()).await?;
         Ok(owner.map(|o| Actor {
             name: o.admin,
             role: Role::parse(&o.role).unwrap_or(Role::Viewer),
@@ -173,7 +173,7 @@ impl Panel {
             return Err(OpsError::NotFoundNamed { what: "admin", name: admin.into() });
         }
         let token = random_token("pnl_");
-        self.store.add_token(&token_digest(&token), "token", admin, label, None, None, Utc::now()).await?;
+        self.store.add_token(&token_digest(&token), "token", admin, label, None, None, self.now()).await?;
         Ok(token)
     }
 

@@ -77,7 +77,7 @@ impl Panel {
             trigger: None,
             next_fire_at: None,
         };
-        saved(DefinitionKind::Template, name, self.store.save_definition(&def, mode, by, Utc::now()).await?)
+        saved(DefinitionKind::Template, name, self.store.save_definition(&def, mode, by, self.now()).await?)
     }
 
     pub async fn template(&self, name: &str) -> Result<Template, OpsError> {
@@ -114,7 +114,7 @@ impl Panel {
                 )));
             }
         }
-        match self.store.delete_definition(kind, name, by, Utc::now()).await? {
+        match self.store.delete_definition(kind, name, by, self.now()).await? {
             true => Ok(()),
             false => Err(not_found(kind, name)),
         }
@@ -140,12 +140,12 @@ impl Panel {
         let next = match kind {
             // Counting from now: fire times that passed while disabled are not run.
             DefinitionKind::Schedule if enabled => {
-                parse_doc::<ScheduleDef>(&row)?.validate().map_err(OpsError::Invalid)?.next_after(Utc::now())
+                parse_doc::<ScheduleDef>(&row)?.validate().map_err(OpsError::Invalid)?.next_after(self.now())
             }
             DefinitionKind::Schedule => None,
             _ => row.next_fire_at,
         };
-        self.store.set_enabled(kind, name, enabled, next, by, Utc::now()).await?;
+        self.store.set_enabled(kind, name, enabled, next, by, self.now()).await?;
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl Panel {
             trigger: Some(def.trigger.clone()),
             next_fire_at: None,
         };
-        saved(DefinitionKind::Workflow, &def.name, self.store.save_definition(&row, mode, by, Utc::now()).await?)
+        saved(DefinitionKind::Workflow, &def.name, self.store.save_definition(&row, mode, by, self.now()).await?)
     }
 
     /// Stores an event, runs every enabled workflow it triggers whose condition holds, and
@@ -208,7 +208,7 @@ impl Panel {
             let templates = self.templates_for(&def.steps).await?;
             workflows.push((def, templates));
         }
-        let now = Utc::now();
+        let now = self.now();
         let service = by.to_string();
         let mut queued = 0;
         let record = self
@@ -261,9 +261,9 @@ impl Panel {
             doc: serde_json::to_value(def).expect("a schedule serializes"),
             enabled: def.enabled,
             trigger: None,
-            next_fire_at: if def.enabled { timing.next_after(Utc::now()) } else { None },
+            next_fire_at: if def.enabled { timing.next_after(self.now()) } else { None },
         };
-        saved(DefinitionKind::Schedule, &def.name, self.store.save_definition(&row, mode, by, Utc::now()).await?)
+        saved(DefinitionKind::Schedule, &def.name, self.store.save_definition(&row, mode, by, self.now()).await?)
     }
 
     /// The next `count` fire times of a schedule, as RFC 3339 times in its time zone.
@@ -271,7 +271,7 @@ impl Panel {
         let def: ScheduleDef = parse_doc(&self.definition_row(DefinitionKind::Schedule, name).await?)?;
         let timing = def.validate().map_err(OpsError::Invalid)?;
         let next = timing
-            .upcoming(Utc::now(), count.min(1000))
+            .upcoming(self.now(), count.min(1000))
             .iter()
             .map(|t| t.with_timezone(&timing.timezone).to_rfc3339())
             .collect();
@@ -282,7 +282,7 @@ impl Panel {
     pub async fn run_schedule(&self, name: &str, by: &str) -> Result<Run, OpsError> {
         let def: ScheduleDef = parse_doc(&self.definition_row(DefinitionKind::Schedule, name).await?)?;
         let timing = def.validate().map_err(OpsError::Invalid)?;
-        let now = Utc::now();
+        let now = self.now();
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let ctx = def.context(now, "manual", &timing);
@@ -293,7 +293,7 @@ impl Panel {
     /// Fires every due schedule once. Several services may call this at once: the store lets
     /// only the first advance each schedule past a fire time. Returns how many runs this call made.
     pub async fn fire_due_schedules(&self, service_id: &str) -> Result<usize, OpsError> {
-        let now = Utc::now();
+        let now = self.now();
         let due = self.store.due_schedules(now).await?;
         let mut fired = 0;
         for row in due {
@@ -389,7 +389,7 @@ impl Panel {
         self.check_templates(&def.steps).await?;
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
-        let now = Utc::now();
+        let now = self.now();
         let planned = plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
         self.commit_adhoc((RunKind::Dispatch, Trigger::Dispatch), &def.name, None, planned, by, now).await
     }

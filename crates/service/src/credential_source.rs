@@ -66,7 +66,7 @@ impl StoredCredentials {
         endpoint: Option<&panel_domain::EndpointUrl>,
     ) -> Result<Resolved, Failure> {
         let mut cache = self.token.lock().await;
-        let now = Utc::now();
+        let now = self.panel.now();
         // The license is checked at every use, cached token or not.
         let (row, secret) = self.open(Stage::Token, name, CredentialKind::for_provider(provider)).await?;
         if !refresh
@@ -151,7 +151,7 @@ impl CredentialSource for StoredCredentials {
             let Some((id, name)) = self.opened.lock().expect("not poisoned").clone() else { return };
             let event =
                 AuditEvent::new("credential.first_used", &name, "first successful authentication with the relay");
-            if let Err(e) = self.panel.store.mark_credential_used(&id, &self.actor, Utc::now(), &event).await {
+            if let Err(e) = self.panel.store.mark_credential_used(&id, &self.actor, self.panel.now(), &event).await {
                 tracing::warn!(error = %e, credential = %name, "recording the credential's first use failed");
             }
         })

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod automation;
+pub mod clock;
 mod credential_source;
 mod error;
 pub mod licensing;

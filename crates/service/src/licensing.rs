@@ -56,13 +56,13 @@ impl Panel {
             ));
         }
         let license =
-            license::check(text, self.authorities(), Utc::now()).map_err(|e| OpsError::License(e.to_string()))?;
+            license::check(text, self.authorities(), self.now()).map_err(|e| OpsError::License(e.to_string()))?;
         let event = AuditEvent::new(
             "license.added",
             &license.id,
             format!("issued to {}, features {}", label(&license), license.features.join(",")),
         );
-        if !self.store.add_license(&license.id, text.trim(), by, Utc::now(), &event).await? {
+        if !self.store.add_license(&license.id, text.trim(), by, self.now(), &event).await? {
             return Err(OpsError::License(format!("license key {} is already added", license.id)));
         }
         self.wake_workers().await;
@@ -70,7 +70,7 @@ impl Panel {
     }
 
     pub async fn remove_license(&self, id: &str, by: &str) -> Result<(), OpsError> {
-        if self.store.remove_license(id, by, Utc::now()).await? {
+        if self.store.remove_license(id, by, self.now()).await? {
             Ok(())
         } else {
             Err(OpsError::NotFoundNamed { what: "license key", name: id.to_string() })
@@ -79,7 +79,7 @@ impl Panel {
 
     pub async fn licenses(&self) -> Result<Vec<LicenseStatus>, OpsError> {
         let from_domain = self.sender_domain().await;
-        let now = Utc::now();
+        let now = self.now();
         let rows = self.store.licenses().await?;
         Ok(rows.iter().map(|row| self.status(row, now, from_domain.as_deref())).collect())
     }

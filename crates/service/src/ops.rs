@@ -16,6 +16,7 @@ use crate::credential_source::StoredCredentials;
 use crate::metrics::Metrics;
 use crate::vault::{Secrets, SecretsConfig};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::OpsError;
 use crate::registry::ServiceHandle;
 use crate::views::{
@@ -35,6 +36,8 @@ pub struct Panel {
     pub metrics: Arc<Metrics>,
     /// Set inside a Panel Service: wakes its own worker without a round trip.
     pub local_waker: Option<Waker>,
+    /// The time every operation uses (a test moves its own).
+    clock: Arc<dyn Clock>,
 }
 
 /// A saved settings version, with what the admin must know about it (e.g. a detached credential).
@@ -47,7 +50,28 @@ pub struct SettingsUpdate {
 
 impl Panel {
     pub fn new(store: Store, secrets: SecretsConfig) -> Panel {
-        Panel { store, secrets: Arc::new(Secrets::new(secrets)), metrics: Arc::default(), local_waker: None }
+        Panel {
+            store,
+            secrets: Arc::new(Secrets::new(secrets)),
+            metrics: Arc::default(),
+            local_waker: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same Panel on another clock (the in-process tests' `ManualClock`).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Panel {
+        self.clock = clock;
+        self
+    }
+
+    pub(crate) fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// Now, by this Panel's clock.
+    pub fn now(&self) -> chrono::DateTime<Utc> {
+        self.clock.now()
     }
 
     /// Opens (creating if needed) the database at `url`, applies pending migrations, and
@@ -97,7 +121,7 @@ impl Panel {
     }
 
     pub async fn queue(&self) -> Result<QueueStats, OpsError> {
-        Ok(self.store.queue_stats(Utc::now()).await?.into())
+        Ok(self.store.queue_stats(self.now()).await?.into())
     }
 
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, OpsError> {
@@ -108,7 +132,7 @@ impl Panel {
     /// banner the admin must see first.
     pub async fn dashboard(&self) -> Result<Dashboard, OpsError> {
         use chrono::Timelike;
-        let now = Utc::now();
+        let now = self.now();
         let services = self.live_services().await?;
         let queue = self.queue().await?;
         let start = now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)).unwrap_or(now)
@@ -185,7 +209,7 @@ impl Panel {
                 }
             })
             .collect();
-        let new_version = self.store.save_settings(version, &applied.doc, by, Utc::now(), &events).await?;
+        let new_version = self.store.save_settings(version, &applied.doc, by, self.now(), &events).await?;
         // Workers pick the new version up on their next claim; wake them so held messages go now.
         self.wake_workers().await;
         Ok(SettingsUpdate { version: new_version, settings: applied.settings, notices: applied.notices })
@@ -224,7 +248,7 @@ impl Panel {
     /// Enqueues the Test Message: to the Fallback recipient, or to `to` instead.
     pub async fn enqueue_test(&self, to: Option<&str>) -> Result<i64, OpsError> {
         let (version, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        let now = Utc::now();
+        let now = self.now();
         let draft = Draft {
             to: to.map(|t| vec![t.to_string()]).unwrap_or_default(),
             subject: "Panel test message".into(),
@@ -263,7 +287,7 @@ impl Panel {
     /// validated first and errors name their index; then one transaction stores them all.
     pub async fn enqueue_drafts(&self, origin: Origin, drafts: &[Draft]) -> Result<Vec<i64>, OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        let now = Utc::now();
+        let now = self.now();
         let mut errors = FieldErrors::default();
         let mut messages = Vec::with_capacity(drafts.len());
         for (i, draft) in drafts.iter().enumerate() {
@@ -299,7 +323,7 @@ impl Panel {
         settings: &RelaySettings,
         key: Option<&str>,
     ) -> Result<(i64, bool), OpsError> {
-        let now = Utc::now();
+        let now = self.now();
         let message =
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
                 .map_err(OpsError::Invalid)?;
@@ -315,7 +339,7 @@ impl Panel {
     }
 
     pub async fn retry(&self, id: i64) -> Result<RetryResult, OpsError> {
-        let result = self.store.retry_message(id, Utc::now()).await?;
+        let result = self.store.retry_message(id, self.now()).await?;
         if result == RetryResult::Requeued {
             self.wake_workers().await;
         }
@@ -325,7 +349,7 @@ impl Panel {
     /// Re-queues every failed message that failed at or after `since` (all of them without it).
     pub async fn retry_failed(&self, since: Option<chrono::DateTime<Utc>>) -> Result<u64, OpsError> {
         let since = since.unwrap_or(chrono::DateTime::UNIX_EPOCH);
-        let n = self.store.retry_failed(since, Utc::now()).await?;
+        let n = self.store.retry_failed(since, self.now()).await?;
         if n > 0 {
             self.wake_workers().await;
         }
@@ -334,7 +358,7 @@ impl Panel {
 
     /// The Prometheus exposition: this process's counters and the shared queue's gauges.
     pub async fn metrics_text(&self) -> Result<String, OpsError> {
-        let stats = self.store.queue_stats(Utc::now()).await?;
+        let stats = self.store.queue_stats(self.now()).await?;
         let interrupted = self.store.interrupted_attempts().await?;
         Ok(self.metrics.render(&stats, interrupted))
     }
@@ -345,7 +369,7 @@ impl Panel {
     }
 
     async fn live_service_rows(&self) -> Result<Vec<ServiceRow>, OpsError> {
-        let now = Utc::now();
+        let now = self.now();
         let rows = self.store.services(now - chrono::Duration::hours(1)).await?;
         Ok(rows.into_iter().filter(|s| s.heartbeat_at >= now - crate::liveness_window()).collect())
     }

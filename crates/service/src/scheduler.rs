@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::ops::Panel;
@@ -18,7 +17,7 @@ pub async fn run_scheduler(panel: Panel, service_id: String, mut shutdown: watch
             tracing::warn!(error = %e, "scheduler: could not read the schedules; trying again");
         }
         let sleep = match panel.store.next_schedule_fire().await {
-            Ok(Some(next)) => (next - Utc::now()).to_std().unwrap_or_default().min(MAX_SLEEP),
+            Ok(Some(next)) => (next - panel.now()).to_std().unwrap_or_default().min(MAX_SLEEP),
             _ => MAX_SLEEP,
         };
         tokio::select! {

@@ -190,7 +190,7 @@ impl Panel {
                 wrapped_key: sealed.wrapped_key,
                 ciphertext: sealed.ciphertext,
             };
-            match self.store.put_credential(&new, by, Utc::now()).await {
+            match self.store.put_credential(&new, by, self.now()).await {
                 Err(StoreError::MasterKeyChanged { .. }) => continue,
                 Err(e) => return Err(e.into()),
                 Ok(outcome) => {
@@ -233,7 +233,7 @@ impl Panel {
     }
 
     pub async fn delete_credential(&self, name: &str, by: &str) -> Result<(), OpsError> {
-        match self.store.delete_credential(name, by, Utc::now()).await? {
+        match self.store.delete_credential(name, by, self.now()).await? {
             DeleteOutcome::Deleted => Ok(()),
             DeleteOutcome::NotFound => Err(OpsError::NotFoundNamed { what: "credential", name: name.into() }),
             DeleteOutcome::InUse => Err(OpsError::Invalid(FieldErrors(vec![FieldError::new(
@@ -284,7 +284,7 @@ impl Panel {
                 &new_id,
                 format!("from {}; {} credential(s) re-wrapped", old.join(","), updates.len()),
             );
-            match self.store.rewrap_credentials(&updates, &new_id, by, Utc::now(), &event).await {
+            match self.store.rewrap_credentials(&updates, &new_id, by, self.now(), &event).await {
                 Ok(n) => {
                     moved = n;
                     done = true;

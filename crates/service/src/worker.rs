@@ -198,7 +198,7 @@ async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Option<(Arc<R
     let Some(state) = current_relay(shared).await? else {
         return Ok(None); // Not configured yet: messages wait, nothing is lost.
     };
-    let claims = shared.store.claim(&shared.owner, Utc::now(), shared.config.lease, limit).await?;
+    let claims = shared.store.claim(&shared.owner, shared.panel.now(), shared.config.lease, limit).await?;
     Ok(Some((state, claims)))
 }
 
@@ -210,7 +210,7 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
     }
     if let Some(state) = shared.relay.lock().expect("not poisoned").as_ref()
         && state.generation == generation
-        && state.licensed_until.is_none_or(|until| Utc::now() < until)
+        && state.licensed_until.is_none_or(|until| shared.panel.now() < until)
     {
         return Ok(Some(state.clone()));
     }
@@ -227,7 +227,7 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
         Some(_) => match shared.panel.grant(CREDENTIAL_STORAGE).await {
             Ok(Grant::Yes { until }) => until,
             // Not licensed: connecting fails with the reason; check again in a minute.
-            _ => Some(Utc::now() + chrono::Duration::minutes(1)),
+            _ => Some(shared.panel.now() + chrono::Duration::minutes(1)),
         },
     };
     let credentials = StoredCredentials::for_settings(&shared.panel, &settings, &shared.owner);
@@ -282,7 +282,7 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
         created_at: claim.created_at,
         recipients: claim.pending.len(),
     };
-    let started = Utc::now();
+    let started = shared.panel.now();
     let inner = tokio::spawn({
         let (shared, state) = (shared.clone(), state.clone());
         async move { deliver(&shared, &state, claim).await }
@@ -321,7 +321,7 @@ impl Drop for Renewal {
 }
 
 async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
-    let started = Utc::now();
+    let started = shared.panel.now();
     let id = claim.reference.id;
     let info = ClaimInfo {
         reference: claim.reference,
@@ -332,6 +332,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     };
     let lease = Arc::new(Lease {
         store: shared.store.clone(),
+        clock: shared.panel.clock(),
         reference: claim.reference,
         length: shared.config.lease,
         renewed: Mutex::new(Instant::now()),
@@ -382,14 +383,14 @@ async fn settle_and_record(
     let id = claim.reference.id;
     let policy = state.relay.as_ref().map(|r| r.settings.retry.clone()).unwrap_or_default();
     let attempts = claim.attempts as u32 + 1;
-    let age = (Utc::now() - claim.created_at).to_std().unwrap_or_default();
+    let age = (shared.panel.now() - claim.created_at).to_std().unwrap_or_default();
     let settlement = settle(
         &report,
         AttemptContext { connection: ctx, policy: &policy, attempts, age, random: crate::random_u128() as u64 },
     );
     let meta = AttemptMeta {
         started_at: started,
-        finished_at: Utc::now(),
+        finished_at: shared.panel.now(),
         service_id: shared.owner.clone(),
         relay: relay_addr.clone(),
         settings_version: state.version(),
@@ -409,7 +410,7 @@ async fn settle_and_record(
     let code = settlement.reply.as_ref().map(|r| r.code);
     metrics.attempt(claim.origin.as_str(), settlement.outcome.as_str(), class, code, settlement.state.as_str());
     if settlement.state == panel_domain::MessageState::Delivered {
-        metrics.delivered_after((Utc::now() - claim.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        metrics.delivered_after((shared.panel.now() - claim.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
     }
     if is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
         metrics.connection_error(settlement.stage.as_str());
@@ -449,6 +450,7 @@ async fn settle_and_record(
 /// step taken by another worker and sends nothing. The claim token fences its record as well.
 struct Lease {
     store: Store,
+    clock: Arc<dyn crate::clock::Clock>,
     reference: panel_store::ClaimRef,
     length: Duration,
     renewed: Mutex<Instant>,
@@ -458,7 +460,7 @@ impl Lease {
     async fn keep_renewed(self: Arc<Self>) {
         loop {
             tokio::time::sleep(self.length / 3).await;
-            match self.store.renew_lease(&self.reference, Utc::now(), self.length).await {
+            match self.store.renew_lease(&self.reference, self.clock.now(), self.length).await {
                 Ok(true) => *self.renewed.lock().expect("not poisoned") = Instant::now(),
                 Ok(false) => break,
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
@@ -471,7 +473,7 @@ impl Lease {
         if self.renewed.lock().expect("not poisoned").elapsed() < self.length / 2 {
             return true;
         }
-        match self.store.renew_lease(&self.reference, Utc::now(), self.length).await {
+        match self.store.renew_lease(&self.reference, self.clock.now(), self.length).await {
             Ok(true) => {
                 *self.renewed.lock().expect("not poisoned") = Instant::now();
                 true

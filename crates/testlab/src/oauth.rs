@@ -214,6 +214,7 @@ pub struct XOAuthSmtp {
     pub port: u16,
     received: Arc<Mutex<Vec<String>>>,
     rejections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
 }
 
 impl XOAuthSmtp {
@@ -222,14 +223,34 @@ impl XOAuthSmtp {
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
         let rejections = Arc::new(AtomicUsize::new(0));
-        let (r, j, t, m) = (received.clone(), rejections.clone(), tokens.clone(), mailbox.to_string());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (r, j, t, m, o) = (received.clone(), rejections.clone(), tokens.clone(), mailbox.to_string(), open.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (r, j, t, m) = (r.clone(), j.clone(), t.clone(), m.clone());
-                std::thread::spawn(move || session(stream, &t, &m, &r, &j));
+                let (r, j, t, m, o) = (r.clone(), j.clone(), t.clone(), m.clone(), o.clone());
+                o.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    session(stream, &t, &m, &r, &j);
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
-        XOAuthSmtp { port, received, rejections }
+        XOAuthSmtp { port, received, rejections, open }
+    }
+
+    /// Sessions open now (a client's pooled connection counts until it is closed).
+    pub fn open_sessions(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no session is open: the client closed its idle connection, so its next
+    /// message starts a new one (and authenticates again).
+    pub fn wait_until_idle(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.open_sessions() > 0 {
+            assert!(std::time::Instant::now() < deadline, "a session stayed open for {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Messages accepted, as received after DATA.

@@ -90,12 +90,12 @@ fn microsoft_tokens_deliver_are_cached_and_a_revoked_one_is_refreshed_once() {
     env.spawn(&["worker"]);
     assert_eq!(state(&env.ok(&["smtp", "test", "--wait", "20", "--json"]).json()), "delivered");
     assert_eq!(tokens.issued(), 2, "the service fetched its own token");
-    std::thread::sleep(Duration::from_millis(1500)); // past idle_connection: a new connection
+    smtp.wait_until_idle(Duration::from_secs(10)); // past idle_connection: a new connection
     assert_eq!(state(&env.ok(&["smtp", "test", "--wait", "20", "--json"]).json()), "delivered");
     assert_eq!(tokens.issued(), 2, "the cached token was reused");
 
     tokens.revoke_all();
-    std::thread::sleep(Duration::from_millis(1500));
+    smtp.wait_until_idle(Duration::from_secs(10));
     assert_eq!(state(&env.ok(&["smtp", "test", "--wait", "20", "--json"]).json()), "delivered");
     assert_eq!(smtp.rejections(), 1, "one rejected token");
     assert_eq!(tokens.issued(), 3, "then exactly one refresh");
@@ -107,7 +107,9 @@ fn short_lived_tokens_are_refreshed_before_they_expire() {
     let (mut env, tokens, smtp) = microsoft(Duration::from_secs(2));
     env.spawn(&["worker"]);
     assert_eq!(state(&env.ok(&["smtp", "test", "--wait", "20", "--json"]).json()), "delivered");
-    std::thread::sleep(Duration::from_millis(2300));
+    // The token is used at AUTH: once the idle connection is closed (after 1 s), the next message
+    // authenticates again, with the token past half its 2 s lifetime.
+    smtp.wait_until_idle(Duration::from_secs(10));
     assert_eq!(state(&env.ok(&["smtp", "test", "--wait", "20", "--json"]).json()), "delivered");
     assert_eq!(tokens.issued(), 2);
     assert_eq!(smtp.rejections(), 0, "the stale token was replaced before use, not after a rejection");

@@ -226,7 +226,9 @@ fn kill_9_of_the_worker_mid_queue_loses_nothing() {
     let Some(lab) = lab() else { return };
     let mut env = Env::new();
     env.configure(&lab, lab.plain_port, "none", &[]);
-    const N: usize = 60;
+    // Enough that the kill lands mid-queue even when Postfix's Maildir lags behind its 250s
+    // on a loaded machine (the tests run six at a time).
+    const N: usize = 150;
     let mut ids = Vec::new();
     for i in 0..N {
         ids.push(id_of(&env.ok(&[
@@ -242,7 +244,7 @@ fn kill_9_of_the_worker_mid_queue_loses_nothing() {
     }
     let pid = env.spawn(&["worker", "--concurrency", "2"]);
     let deadline = std::time::Instant::now() + WAIT;
-    while lab.messages_with("bulk-kill9").len() < 5 {
+    while lab.messages_with("bulk-kill9").len() < 3 {
         assert!(std::time::Instant::now() < deadline, "worker delivered nothing");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -394,13 +396,16 @@ fn while_the_relay_is_down_the_worker_backs_off_instead_of_trying_every_message(
         })
         .collect();
     env.spawn(&["worker"]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Until the worker has backed off three times (1 s, 2 s, 4 s): by then it probed about
+    // three times, not once per queued message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.service_logs().matches("relay unreachable; backing off").count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no backoff: {}", env.service_logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let list = env.ok(&["messages", "list", "--json"]).json();
     let attempts: i64 = list.as_array().unwrap().iter().map(|m| m["attempt_count"].as_i64().unwrap()).sum();
-    // Backoff 1 s, 2 s, 4 s: about three probes in four seconds, not one per queued message.
     assert!((1..=5).contains(&attempts), "{attempts} attempts while the relay was down");
-    let logs = env.service_logs();
-    assert!(logs.contains("relay unreachable; backing off"), "{logs}");
 
     rt.block_on(proxy.start());
     for id in ids {

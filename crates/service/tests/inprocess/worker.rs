@@ -1,0 +1,47 @@
+//! The worker in process: claims, delivery against the recording sink, recorded attempts.
+
+use std::time::Duration;
+
+use panel_domain::MessageState;
+use panel_service::WorkerConfig;
+
+use crate::harness::Harness;
+
+fn fast() -> WorkerConfig {
+    WorkerConfig { poll: Duration::from_millis(50), ..WorkerConfig::default() }
+}
+
+fn panic_on_boom(m: &panel_domain::OutgoingMessage) {
+    if m.subject == "boom" {
+        panic!("the delivery code tripped over message 'boom'");
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_that_panics_is_an_internal_failure_retried_on_its_schedule_then_failed() {
+    let h = Harness::start(
+        Some(WorkerConfig { before_send: Some(panic_on_boom), ..fast() }),
+        &[("retry_schedule", "1s"), ("give_up_after", "1s")],
+    )
+    .await;
+    let boom = h.send("boom").await;
+    let fine = h.send("fine").await;
+    // The worker survives the panic and delivers the other message.
+    h.wait_for(fine, MessageState::Delivered, Duration::from_secs(10)).await;
+    assert_eq!(h.sink.total(), 1);
+    // The first attempt panicked and the message waits for its retry time: move the clock there.
+    let first = h.wait_for(boom, MessageState::Retrying, Duration::from_secs(10)).await;
+    assert_eq!(first.failure_class.as_deref(), Some("internal"));
+    h.clock.advance(chrono::Duration::milliseconds(1200));
+    let m = h.wait_for(boom, MessageState::Failed, Duration::from_secs(10)).await;
+    assert_eq!(m.failure_class.as_deref(), Some("internal"));
+    assert!(m.attempts.len() >= 2, "retried on the schedule before failing: {:#?}", m.attempts);
+    for a in &m.attempts {
+        assert_eq!((a.stage.as_str(), a.outcome.as_str()), ("internal", "temporary_failure"));
+        assert!(a.detail.contains("tripped over message 'boom'"), "{}", a.detail);
+        assert!(a.hint.as_deref().unwrap_or_default().contains("a bug, not the relay"));
+    }
+    assert!(m.last_error.unwrap().starts_with("gave up after"));
+    assert_eq!(h.sink.total(), 1, "nothing of the panicking message reached the relay");
+    h.stop().await;
+}
