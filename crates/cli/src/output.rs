@@ -133,7 +133,7 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
         print_json(m);
         return;
     }
-    let last = m.attempts.iter().rev().find(|a| a.outcome != "interrupted");
+    let last = m.attempts.iter().rev().find(|a| a.outcome != panel_domain::AttemptOutcome::Interrupted);
     match (m.state, last) {
         (panel_domain::MessageState::Delivered, Some(a)) => {
             println!(
@@ -144,12 +144,7 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
             );
         }
         (_, Some(a)) => {
-            println!(
-                "Not delivered ({}): {} at {}",
-                m.state,
-                a.outcome.replace('_', " "),
-                a.stage.to_ascii_uppercase()
-            );
+            println!("Not delivered ({}): {} at {}", m.state, a.outcome.as_str().replace('_', " "), a.stage);
             println!("  relay {} said: {}", a.relay, reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail));
             if let Some(h) = &a.hint {
                 println!("  hint: {h}");
@@ -232,7 +227,7 @@ pub fn message(m: &MessageDetail, json: bool) {
     if let Some(e) = &m.last_error {
         println!("  Last error: {e}");
     }
-    if m.failure_class.as_deref() == Some("configuration") {
+    if m.failure_class == Some(panel_domain::FailureClass::Configuration) {
         println!(
             "  (configuration error: sent again automatically when the relay settings change, or with `panel messages retry {}`)",
             m.id
@@ -254,7 +249,7 @@ pub fn message(m: &MessageDetail, json: bool) {
             a.outcome,
             if a.relay.is_empty() { "-" } else { &a.relay },
             if a.code.is_some() { "reply" } else { "failure" },
-            a.stage.to_ascii_uppercase(),
+            a.stage,
             reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
         );
         if let Some(h) = &a.hint {

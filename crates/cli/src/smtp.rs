@@ -1,9 +1,15 @@
-//! `panel smtp set`: its flags come from the relay settings table, one per setting, so a new
-//! setting needs no edit here.
+//! `panel smtp set|show|check|test`. The flags of `set` come from the relay settings table,
+//! one per setting, so a new setting needs no edit here.
 
-use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
+use std::process::ExitCode;
+
+use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Subcommand};
 use panel_domain::SettingsDoc;
 use panel_domain::settings::table::{Default, Kind, SETTINGS, flag_name};
+use panel_service::{OpsError, Panel};
+
+use crate::messages::after_enqueue;
+use crate::{CmdResult, JsonFlag, actor, output};
 
 /// The settings named on the command line, as typed.
 pub struct SettingFlags(Vec<(&'static str, String)>);
@@ -56,5 +62,63 @@ impl Args for SettingFlags {
 
     fn augment_args_for_update(cmd: Command) -> Command {
         Self::augment_args(cmd)
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SmtpCommand {
+    /// Store relay settings. Only the fields given change; '' clears a field. The first call needs
+    /// --host, --from and --fallback-recipient.
+    Set(Box<SetArgs>),
+    /// Print the relay settings in force.
+    Show(JsonFlag),
+    /// Connect to the relay now and report every stage; sends nothing. Exit 0 only when a
+    /// message to the Fallback recipient would be accepted.
+    Check(JsonFlag),
+    /// Enqueue the Test Message to the Fallback recipient (or --to) and print its id.
+    Test {
+        /// Send the test to this address instead of the Fallback recipient
+        #[arg(long)]
+        to: Option<String>,
+        /// Wait up to SECS for the outcome; exit 0 only when delivered
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct SetArgs {
+    #[command(flatten)]
+    settings: SettingFlags,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
+    match cmd {
+        SmtpCommand::Set(args) => {
+            let json = args.json;
+            let patch = args.settings.patch().map_err(OpsError::Invalid)?;
+            let update = panel.update_settings(&patch, &actor()).await?;
+            output::settings_saved(&update, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::Show(f) => {
+            let stored = panel.stored_settings().await?.ok_or(OpsError::NotConfigured)?;
+            let effective = panel.settings().await?.map(|(_, s)| s);
+            output::settings(&stored, effective.as_ref(), f.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::Check(f) => {
+            let report = panel.check().await?;
+            output::check(&report, f.json);
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        SmtpCommand::Test { to, wait, json } => {
+            let id = panel.enqueue_test(to.as_deref()).await?;
+            after_enqueue(&panel, id, "Test message", wait, json).await
+        }
     }
 }

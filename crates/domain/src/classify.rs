@@ -27,12 +27,14 @@ crate::string_enum!(custom_display;
         Quit = "quit",
         /// Inside Panel, not at the relay: the delivery code failed (a bug), see the detail.
         Internal = "internal",
+        /// Not known: the worker holding the message stopped before recording where it was.
+        Unknown = "unknown",
     }
 );
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.as_str().to_ascii_uppercase())
+        f.pad(&self.as_str().to_ascii_uppercase())
     }
 }
 

@@ -12,7 +12,8 @@ macro_rules! string_enum {
 
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                // `pad`, so that `{:<9}` lines columns up as it does for a string.
+                f.pad(self.as_str())
             }
         }
     };

@@ -510,17 +510,23 @@ pub fn format_pin(pin: &[u8; 32]) -> String {
     hex::encode(pin)
 }
 
+/// The smallest valid settings, for the tests of the settings modules.
+#[cfg(test)]
+pub(crate) fn example_doc() -> SettingsDoc {
+    SettingsDoc {
+        host: Some("relay.example.org".into()),
+        from: Some("Identity Panel <panel@example.org>".into()),
+        fallback_recipient: Some("ops@example.org".into()),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn base() -> SettingsDoc {
-        SettingsDoc {
-            host: Some("relay.example.org".into()),
-            from: Some("Identity Panel <panel@example.org>".into()),
-            fallback_recipient: Some("ops@example.org".into()),
-            ..Default::default()
-        }
+        example_doc()
     }
 
     fn fields(err: FieldErrors) -> Vec<String> {

@@ -46,17 +46,20 @@ impl Supervisor {
             Ok((id, Err(e))) => format!("the {} failed: {e}", name(id)),
             Err(e) if e.is_panic() => {
                 let id = e.id();
-                let payload = e.into_panic();
-                let why = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
-                format!("the {} panicked: {why}", name(id))
+                format!("the {} panicked: {}", name(id), panic_message(e.into_panic()))
             }
             Err(e) => format!("the {} was cancelled", name(e.id())),
         }
     }
+}
+
+/// What a panic said: its message when it has one.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 
 use chrono::{DateTime, Utc};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
-use panel_domain::{MessageState, Origin, SettingsDoc};
+use panel_domain::{
+    AttemptOutcome, FailureClass, MessageState, Origin, RecipientKind, RecipientState, SettingsDoc, Stage,
+};
 use serde::Serialize;
 
 pub use panel_store::{DefinitionKind, MessageFilter, PutOutcome, RetryResult, SaveMode, SaveOutcome};
@@ -41,7 +43,7 @@ view!(
         updated_at: DateTime<Utc>,
         attempt_count: i64,
         next_attempt_at: Option<DateTime<Utc>>,
-        failure_class: Option<String>,
+        failure_class: Option<FailureClass>,
         last_error: Option<String>,
     }
 );
@@ -49,9 +51,9 @@ view!(
 view!(
     /// One recipient of a message with its state and the relay's last reply for it.
     Recipient from panel_store::RecipientRow {
-        kind: String,
+        kind: RecipientKind,
         address: String,
-        state: String,
+        state: RecipientState,
         reply: Option<String>,
     }
 );
@@ -61,8 +63,8 @@ view!(
     Attempt from panel_store::AttemptRow {
         at: DateTime<Utc>,
         finished_at: DateTime<Utc>,
-        outcome: String,
-        stage: String,
+        outcome: AttemptOutcome,
+        stage: Stage,
         code: Option<i64>,
         enhanced_code: Option<String>,
         reply: Option<String>,
@@ -92,7 +94,7 @@ pub struct MessageDetail {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub failure_class: Option<String>,
+    pub failure_class: Option<FailureClass>,
     pub last_error: Option<String>,
     /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
     pub interrupted: i64,
@@ -289,8 +291,8 @@ view!(
         message_id: i64,
         at: DateTime<Utc>,
         relay: String,
-        outcome: String,
-        stage: String,
+        outcome: AttemptOutcome,
+        stage: Stage,
         code: Option<i64>,
         reply: Option<String>,
         detail: String,

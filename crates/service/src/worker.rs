@@ -270,18 +270,24 @@ struct ClaimInfo {
     recipients: usize,
 }
 
+impl ClaimInfo {
+    fn of(claim: &Claim) -> ClaimInfo {
+        ClaimInfo {
+            reference: claim.reference,
+            origin: claim.origin,
+            attempts: claim.attempts,
+            created_at: claim.created_at,
+            recipients: claim.pending.len(),
+        }
+    }
+}
+
 /// Delivers `claim` in a task of its own. A panic in the delivery code is recorded as a failed
 /// attempt of class `internal` with the panic's message, so the message follows its retry
 /// schedule and fails in the end, instead of losing the attempt and coming back after every
 /// lease forever.
 async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: Claim) {
-    let info = ClaimInfo {
-        reference: claim.reference,
-        origin: claim.origin,
-        attempts: claim.attempts,
-        created_at: claim.created_at,
-        recipients: claim.pending.len(),
-    };
+    let info = ClaimInfo::of(&claim);
     let started = shared.panel.now();
     let inner = tokio::spawn({
         let (shared, state) = (shared.clone(), state.clone());
@@ -291,12 +297,7 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
     if !e.is_panic() {
         return; // Cancelled at shutdown: the lease runs out and another worker takes it.
     }
-    let payload = e.into_panic();
-    let why = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into());
+    let why = crate::supervisor::panic_message(e.into_panic());
     tracing::error!(message_id = info.reference.id, panic = %why, "delivering the message panicked; recorded as an internal failure");
     let report = SendReport {
         recipients: vec![RecipientResult::NotTried; info.recipients],
@@ -323,13 +324,7 @@ impl Drop for Renewal {
 async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     let started = shared.panel.now();
     let id = claim.reference.id;
-    let info = ClaimInfo {
-        reference: claim.reference,
-        origin: claim.origin,
-        attempts: claim.attempts,
-        created_at: claim.created_at,
-        recipients: claim.pending.len(),
-    };
+    let info = ClaimInfo::of(&claim);
     let lease = Arc::new(Lease {
         store: shared.store.clone(),
         clock: shared.panel.clock(),

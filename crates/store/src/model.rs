@@ -2,7 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
-use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc};
+use panel_domain::{
+    AttemptOutcome, FailureClass, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState, SettingsDoc,
+    Stage,
+};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,15 +76,15 @@ pub struct MessageSummary {
     pub updated_at: DateTime<Utc>,
     pub attempt_count: i64,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub failure_class: Option<String>,
+    pub failure_class: Option<FailureClass>,
     pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RecipientRow {
-    pub kind: String,
+    pub kind: RecipientKind,
     pub address: String,
-    pub state: String,
+    pub state: RecipientState,
     pub reply: Option<String>,
 }
 
@@ -89,8 +92,8 @@ pub struct RecipientRow {
 pub struct AttemptRow {
     pub at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
-    pub outcome: String,
-    pub stage: String,
+    pub outcome: AttemptOutcome,
+    pub stage: Stage,
     pub code: Option<i64>,
     pub enhanced_code: Option<String>,
     pub reply: Option<String>,
@@ -118,7 +121,7 @@ pub struct MessageDetail {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub failure_class: Option<String>,
+    pub failure_class: Option<FailureClass>,
     pub last_error: Option<String>,
     /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
     pub interrupted: i64,
@@ -428,8 +431,8 @@ pub struct RelayError {
     pub message_id: i64,
     pub at: DateTime<Utc>,
     pub relay: String,
-    pub outcome: String,
-    pub stage: String,
+    pub outcome: AttemptOutcome,
+    pub stage: Stage,
     pub code: Option<i64>,
     pub reply: Option<String>,
     pub detail: String,

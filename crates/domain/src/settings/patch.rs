@@ -127,14 +127,7 @@ mod tests {
     use super::*;
     use crate::settings::Auth;
 
-    fn base() -> SettingsDoc {
-        SettingsDoc {
-            host: Some("relay.example.org".into()),
-            from: Some("Identity Panel <panel@example.org>".into()),
-            fallback_recipient: Some("ops@example.org".into()),
-            ..Default::default()
-        }
-    }
+    use crate::settings::example_doc as base;
 
     fn patch(pairs: &[(&str, &str)]) -> SettingsDoc {
         SettingsDoc::from_texts(pairs.iter().copied()).unwrap()

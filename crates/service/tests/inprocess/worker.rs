@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use panel_domain::MessageState;
+use panel_domain::{FailureClass, MessageState};
 use panel_service::WorkerConfig;
 
 use crate::harness::Harness;
@@ -31,10 +31,10 @@ async fn a_delivery_that_panics_is_an_internal_failure_retried_on_its_schedule_t
     assert_eq!(h.sink.total(), 1);
     // The first attempt panicked and the message waits for its retry time: move the clock there.
     let first = h.wait_for(boom, MessageState::Retrying, Duration::from_secs(10)).await;
-    assert_eq!(first.failure_class.as_deref(), Some("internal"));
+    assert_eq!(first.failure_class, Some(FailureClass::Internal));
     h.clock.advance(chrono::Duration::milliseconds(1200));
     let m = h.wait_for(boom, MessageState::Failed, Duration::from_secs(10)).await;
-    assert_eq!(m.failure_class.as_deref(), Some("internal"));
+    assert_eq!(m.failure_class, Some(FailureClass::Internal));
     assert!(m.attempts.len() >= 2, "retried on the schedule before failing: {:#?}", m.attempts);
     for a in &m.attempts {
         assert_eq!((a.stage.as_str(), a.outcome.as_str()), ("internal", "temporary_failure"));

@@ -4,16 +4,10 @@
 
 use sqlx::any::AnyRow;
 
-use super::{SqlStore, Tx, audit, cell, insert_message, json, parse_state};
+use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
-
-/// A column of `runs` that holds one of a closed set.
-fn closed<T>(r: &AnyRow, column: &'static str, parse: fn(&str) -> Option<T>) -> Result<T> {
-    let text: String = cell(r, "runs", column)?;
-    parse(&text).ok_or_else(|| StoreError::Corrupt(format!("runs.{column}: '{text}' is not one this build knows")))
-}
 
 fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow> {
     Ok(DefinitionRow {
@@ -290,14 +284,14 @@ impl SqlStore {
             let messages = by_run.remove(&id).unwrap_or_default();
             out.push(RunRow {
                 id,
-                kind: closed(&r, "kind", RunKind::parse)?,
+                kind: closed_cell(&r, "runs", "kind", RunKind::parse)?,
                 name: cell(&r, "runs", "name")?,
-                trigger: closed(&r, "trigger", Trigger::parse)?,
+                trigger: closed_cell(&r, "runs", "trigger", Trigger::parse)?,
                 fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
                 event_id: cell(&r, "runs", "event_id")?,
                 started_at: from_ms(cell(&r, "runs", "started_at")?),
                 missed: cell(&r, "runs", "missed")?,
-                status: closed(&r, "status", RunStatus::parse)?,
+                status: closed_cell(&r, "runs", "status", RunStatus::parse)?,
                 detail: cell(&r, "runs", "detail")?,
                 service: cell(&r, "runs", "service")?,
                 steps: json(&cell::<String>(&r, "runs", "steps")?)?,

@@ -1,0 +1,166 @@
+//! `panel send` and `panel messages`: the mail tester and the message log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use panel_domain::message::Draft;
+use panel_domain::{MessageState, Origin};
+use panel_service::views::RetryResult;
+use panel_service::{OpsError, Panel};
+
+use std::process::ExitCode;
+
+use crate::{CmdResult, bad_input, output};
+
+#[derive(Args)]
+pub(crate) struct SendArgs {
+    /// Recipient (repeat for more); with no recipient at all the Fallback recipient is used
+    #[arg(long)]
+    to: Vec<String>,
+    #[arg(long)]
+    cc: Vec<String>,
+    #[arg(long)]
+    bcc: Vec<String>,
+    #[arg(long)]
+    reply_to: Option<String>,
+    #[arg(long)]
+    subject: String,
+    /// Plain-text body
+    #[arg(long, conflicts_with = "text_file", required_unless_present = "text_file")]
+    text: Option<String>,
+    /// File with the plain-text body
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// File with an HTML alternative body
+    #[arg(long)]
+    html_file: Option<PathBuf>,
+    /// Create the message once per KEY: sending again with the same key returns the same message
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// Wait up to SECS for the outcome; exit 0 only when delivered
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum MessagesCommand {
+    /// List messages, newest first.
+    List {
+        /// queued, sending, retrying, delivered or failed
+        #[arg(long)]
+        status: Option<String>,
+        /// test_message, mail_tester, schedule, workflow or dispatch
+        #[arg(long)]
+        origin: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message with its recipients and every attempt.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed message back in the queue, or every failed one with --status failed.
+    Retry {
+        /// The message to retry
+        #[arg(required_unless_present = "status", conflicts_with_all = ["status", "since"])]
+        id: Option<i64>,
+        /// Bulk retry of the dead letters: only `failed` is accepted
+        #[arg(long)]
+        status: Option<String>,
+        /// With --status failed: only messages that failed within this long (e.g. 2h) or since this RFC 3339 time
+        #[arg(long, requires = "status")]
+        since: Option<String>,
+    },
+}
+
+pub(crate) async fn send(panel: Panel, a: SendArgs) -> CmdResult {
+    let read = |p: &PathBuf, field: &str| {
+        std::fs::read_to_string(p).map_err(|e| bad_input(format!("{field}: cannot read {}: {e}", p.display())))
+    };
+    let text = match (&a.text, &a.text_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => read(f, "text_file")?,
+        (None, None) => return Err(bad_input("give the body with --text or --text-file")),
+    };
+    let html = a.html_file.as_ref().map(|f| read(f, "html_file")).transpose()?;
+    let draft = Draft {
+        to: a.to,
+        cc: a.cc,
+        bcc: a.bcc,
+        reply_to: a.reply_to,
+        subject: a.subject,
+        text,
+        html,
+        ..Default::default()
+    };
+    let (id, created) = panel.enqueue_draft(Origin::MailTester, &draft, a.idempotency_key.as_deref()).await?;
+    if !created && !a.json {
+        println!("Message {id} already exists for this idempotency key; nothing new was queued.");
+    }
+    after_enqueue(&panel, id, "Message", a.wait, a.json).await
+}
+
+/// Prints the id, warns when nothing will process the queue, and optionally waits for the outcome.
+pub(crate) async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Option<u64>, json: bool) -> CmdResult {
+    let running = !panel.live_services().await?.is_empty();
+    let Some(secs) = wait else {
+        output::enqueued(id, what, running, json);
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !json {
+        println!("{what} {id} queued.");
+        if !running {
+            output::no_service_notice();
+        }
+    }
+    let detail = panel.wait_for(id, Duration::from_secs(secs)).await?;
+    output::outcome(&detail, running, json);
+    Ok(if detail.state == MessageState::Delivered { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
+    match cmd {
+        MessagesCommand::List { status, origin, limit, json } => {
+            let filter = panel_service::ops::message_filter(status.as_deref(), origin.as_deref(), None, None, limit)
+                .map_err(|e| bad_input(e.to_string()))?;
+            let list = panel.messages(&filter).await?;
+            output::message_list(&list, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Show { id, json } => {
+            let detail = panel.message(id).await?;
+            output::message(&detail, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Retry { id: None, status, since } => {
+            if status.as_deref() != Some("failed") {
+                return Err(bad_input("--status: only failed messages can be retried; use --status failed"));
+            }
+            let since = since
+                .as_deref()
+                .map(panel_service::ops::parse_since)
+                .transpose()
+                .map_err(|e| bad_input(e.to_string()))?;
+            let n = panel.retry_failed(since).await?;
+            println!("{n} failed message(s) queued again.");
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Retry { id: Some(id), .. } => match panel.retry(id).await? {
+            RetryResult::Requeued => {
+                println!("Message {id} is queued again.");
+                Ok(ExitCode::SUCCESS)
+            }
+            RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
+            RetryResult::NotFailed { state } => {
+                Err(bad_input(format!("message {id} is {state}; only failed messages can be retried")))
+            }
+        },
+    }
+}

@@ -1,0 +1,220 @@
+//! The queue's operations: enqueue (the Test Message, ad-hoc messages, bulk), retry, wait for an
+//! outcome, and read the message log. Every enqueue is validated first and woken after commit.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use panel_domain::message::Draft;
+use panel_domain::{FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings};
+
+use crate::error::OpsError;
+use crate::ops::Panel;
+use crate::views::{MessageDetail, MessageFilter, MessageSummary, QueueStats, RetryResult};
+
+impl Panel {
+    /// Enqueues the Test Message: to the Fallback recipient, or to `to` instead.
+    pub async fn enqueue_test(&self, to: Option<&str>) -> Result<i64, OpsError> {
+        let (version, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let now = self.now();
+        let draft = Draft {
+            to: to.map(|t| vec![t.to_string()]).unwrap_or_default(),
+            subject: "Panel test message".into(),
+            text: format!(
+                "This is a test message from Panel.\n\n\
+                 It was enqueued at {} and sent through the relay {}:{} ({}), relay settings version {}.\n\
+                 If you can read this, Panel can deliver mail.\n",
+                now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                settings.host,
+                settings.port,
+                settings.security,
+                version
+            ),
+            ..Default::default()
+        };
+        Ok(self.enqueue(Origin::TestMessage, &draft, &settings, None).await?.0)
+    }
+
+    /// The mail tester and any other ad-hoc message. With an idempotency key the step is created
+    /// once, however often (and from however many services) it is enqueued: (id, created).
+    pub async fn enqueue_draft(
+        &self,
+        origin: Origin,
+        draft: &Draft,
+        idempotency_key: Option<&str>,
+    ) -> Result<(i64, bool), OpsError> {
+        let key = idempotency_key
+            .map(validate_idempotency_key)
+            .transpose()
+            .map_err(|e| OpsError::Invalid(FieldErrors(vec![e])))?;
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        self.enqueue(origin, draft, &settings, key).await
+    }
+
+    /// Many messages at once (a dispatching tool, a run over many users): every draft is
+    /// validated first and errors name their index; then one transaction stores them all.
+    pub async fn enqueue_drafts(&self, origin: Origin, drafts: &[Draft]) -> Result<Vec<i64>, OpsError> {
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let now = self.now();
+        let mut errors = FieldErrors::default();
+        let mut messages = Vec::with_capacity(drafts.len());
+        for (i, draft) in drafts.iter().enumerate() {
+            match OutgoingMessage::prepare(
+                draft,
+                &settings.from,
+                &settings.fallback_recipient,
+                now,
+                crate::random_u128(),
+            ) {
+                Ok(m) => messages.push((origin, m)),
+                Err(e) => errors.0.extend(e.0.into_iter().map(|f| panel_domain::FieldError {
+                    field: format!("messages[{i}].{}", f.field),
+                    message: f.message,
+                })),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let ids = self.store.enqueue_many(&messages, now).await?;
+        for _ in &ids {
+            self.metrics.step_enqueued(origin.as_str());
+        }
+        self.wake_workers().await;
+        Ok(ids)
+    }
+
+    async fn enqueue(
+        &self,
+        origin: Origin,
+        draft: &Draft,
+        settings: &RelaySettings,
+        key: Option<&str>,
+    ) -> Result<(i64, bool), OpsError> {
+        let now = self.now();
+        let message =
+            OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
+                .map_err(OpsError::Invalid)?;
+        let (id, created) = match key {
+            Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
+            None => (self.store.enqueue(origin, &message, now).await?, true),
+        };
+        if created {
+            self.metrics.step_enqueued(origin.as_str());
+            self.wake_workers().await;
+        }
+        Ok((id, created))
+    }
+
+    pub async fn retry(&self, id: i64) -> Result<RetryResult, OpsError> {
+        let result = self.store.retry_message(id, self.now()).await?;
+        if result == RetryResult::Requeued {
+            self.wake_workers().await;
+        }
+        Ok(result)
+    }
+
+    /// Re-queues every failed message that failed at or after `since` (all of them without it).
+    pub async fn retry_failed(&self, since: Option<chrono::DateTime<Utc>>) -> Result<u64, OpsError> {
+        let since = since.unwrap_or(chrono::DateTime::UNIX_EPOCH);
+        let n = self.store.retry_failed(since, self.now()).await?;
+        if n > 0 {
+            self.wake_workers().await;
+        }
+        Ok(n)
+    }
+
+    /// Waits until message `id` is delivered or failed, or `limit` passes; returns its last state.
+    pub async fn wait_for(&self, id: i64, limit: Duration) -> Result<MessageDetail, OpsError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            let state = self.store.message_state(id).await?.ok_or(OpsError::NotFound(id))?;
+            let settled = matches!(state, MessageState::Delivered | MessageState::Failed)
+                || (state == MessageState::Retrying && self.has_attempt(id).await?);
+            if settled || tokio::time::Instant::now() >= deadline {
+                return self.message(id).await;
+            }
+            tokio::time::sleep(delay.min(deadline - tokio::time::Instant::now())).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn has_attempt(&self, id: i64) -> Result<bool, OpsError> {
+        Ok(self.store.message(id).await?.is_some_and(|m| !m.attempts.is_empty()))
+    }
+    /// The message log, newest first.
+    pub async fn messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>, OpsError> {
+        Ok(self.store.list_messages(filter).await?.into_iter().map(Into::into).collect())
+    }
+
+    /// A message with every recipient and attempt.
+    pub async fn message(&self, id: i64) -> Result<MessageDetail, OpsError> {
+        Ok(self.store.message(id).await?.ok_or(OpsError::NotFound(id))?.into())
+    }
+
+    /// The message as queued (headers, text, HTML, attachments), to show what was sent.
+    pub async fn message_content(&self, id: i64) -> Result<Option<OutgoingMessage>, OpsError> {
+        Ok(self.store.message_content(id).await?)
+    }
+
+    pub async fn queue(&self) -> Result<QueueStats, OpsError> {
+        Ok(self.store.queue_stats(self.now()).await?.into())
+    }
+}
+
+/// Idempotency keys are caller-chosen names like `nightly-report@2026-11-26T02:00Z`.
+pub(crate) fn validate_idempotency_key(key: &str) -> Result<&str, panel_domain::FieldError> {
+    let k = key.trim();
+    if k.is_empty() || k.len() > 200 || k.chars().any(char::is_control) {
+        return Err(panel_domain::FieldError::new(
+            "idempotency_key",
+            "must be 1-200 characters without control characters",
+        ));
+    }
+    Ok(k)
+}
+
+/// The message log's filter from its text form (API query, UI form, CLI flags). Empty values
+/// mean "any"; every bad field is reported at once.
+pub fn message_filter(
+    state: Option<&str>,
+    origin: Option<&str>,
+    recipient: Option<&str>,
+    since: Option<&str>,
+    limit: u32,
+) -> Result<MessageFilter, FieldErrors> {
+    fn given(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let mut errors = FieldErrors::default();
+    let state = given(state).and_then(|s| {
+        let v = MessageState::parse(s);
+        if v.is_none() {
+            errors.push("state", format!("'{s}' is not a state; use one of {}", MessageState::ALL.join(", ")));
+        }
+        v
+    });
+    let origin = given(origin).and_then(|s| {
+        let v = Origin::parse(s);
+        if v.is_none() {
+            errors.push("origin", format!("'{s}' is not an origin; use one of {}", Origin::ALL.join(", ")));
+        }
+        v
+    });
+    let since = given(since).and_then(|s| parse_since(s).map_err(|e| errors.0.extend(e.0)).ok());
+    let recipient = given(recipient).map(String::from);
+    errors.into_result(|| MessageFilter { state, origin, recipient, since, limit })
+}
+
+/// A `since` bound: `2h` (that long ago) or an RFC 3339 time.
+pub fn parse_since(value: &str) -> Result<chrono::DateTime<Utc>, FieldErrors> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = panel_domain::duration::parse(value).map_err(|e| {
+        let mut errors = FieldErrors::default();
+        errors.push("since", format!("'{value}': {e}; or give an RFC 3339 time"));
+        errors
+    })?;
+    Ok(Utc::now() - chrono::Duration::from_std(d).unwrap_or_default())
+}

@@ -1,0 +1,110 @@
+//! The relay settings operations: read the settings in force, save a change by the patch rules,
+//! check the relay stage by stage, and the effective view the CLI and the API show.
+
+use std::sync::Arc;
+
+use panel_domain::settings::patch::SettingsEvent;
+use panel_domain::{Auth, CredentialKind, FieldErrors, RelaySettings, SettingsDoc};
+use panel_relay::CheckReport;
+use panel_store::AuditEvent;
+
+use crate::credential_source::StoredCredentials;
+use crate::error::OpsError;
+use crate::ops::{Panel, SettingsUpdate};
+use crate::views::StoredSettings;
+
+impl Panel {
+    /// The settings in force, validated; `None` before the first save.
+    pub async fn settings(&self) -> Result<Option<(i64, RelaySettings)>, OpsError> {
+        let Some(stored) = self.store.current_settings().await? else { return Ok(None) };
+        RelaySettings::validate(&stored.doc)
+            .map(|s| Some((stored.version, s)))
+            .map_err(|errors| OpsError::StoredSettingsInvalid { version: stored.version, errors })
+    }
+
+    pub async fn stored_settings(&self) -> Result<Option<StoredSettings>, OpsError> {
+        Ok(self.store.current_settings().await?.map(Into::into))
+    }
+
+    /// Applies `patch` to the stored settings by the patch rules (`settings::patch::apply`: every
+    /// field validated once, nothing stored on error, a credential bound to its relay endpoint),
+    /// then checks what only the service can: the CA file is readable, the credential exists and
+    /// is of the kind the auth mode needs.
+    pub async fn update_settings(&self, patch: &SettingsDoc, by: &str) -> Result<SettingsUpdate, OpsError> {
+        let current = self.store.current_settings().await?;
+        let (version, old_doc) = match current {
+            Some(s) => (s.version, s.doc),
+            None => (0, SettingsDoc::default()),
+        };
+        let applied = panel_domain::settings::patch::apply(patch, &old_doc).map_err(OpsError::Invalid)?;
+        let mut errors = FieldErrors::default();
+        if let Some(ca) = &applied.settings.ca_file
+            && let Err(e) = std::fs::metadata(ca)
+        {
+            errors.push("ca_file", format!("{} cannot be read: {e}", ca.display()));
+        }
+        if let Some(name) = applied.settings.auth.credential() {
+            self.check_credential_kind(&applied.settings.auth, name, &mut errors).await?;
+        }
+        if !errors.is_empty() {
+            return Err(OpsError::Invalid(errors));
+        }
+        let events: Vec<AuditEvent> = applied
+            .events
+            .iter()
+            .map(|e| match e {
+                SettingsEvent::CredentialAttached { credential, relay } => {
+                    AuditEvent::new("credential.attached", credential, format!("to relay {relay}"))
+                }
+                SettingsEvent::CredentialDetached { credential, from, to } => {
+                    AuditEvent::new("credential.detached", credential, format!("relay changed from {from} to {to}"))
+                }
+            })
+            .collect();
+        let new_version = self.store.save_settings(version, &applied.doc, by, self.now(), &events).await?;
+        // Workers pick the new version up on their next claim; wake them so held messages go now.
+        self.wake_workers().await;
+        Ok(SettingsUpdate { version: new_version, settings: applied.settings, notices: applied.notices })
+    }
+
+    /// The named credential must exist and be of the kind the auth mode needs.
+    async fn check_credential_kind(&self, auth: &Auth, name: &str, errors: &mut FieldErrors) -> Result<(), OpsError> {
+        let wanted = match auth {
+            Auth::OAuth2 { provider, .. } => CredentialKind::for_provider(*provider),
+            _ => CredentialKind::Password,
+        };
+        match self.store.credential(name).await? {
+            None => errors.push(
+                "credential",
+                format!("no stored credential is named '{name}'; store it first: panel credential set {name} ..."),
+            ),
+            Some(c) if c.kind != wanted.as_str() => errors.push(
+                "credential",
+                format!(
+                    "'{name}' is a {} credential, but auth = {} needs a {wanted} credential",
+                    c.kind,
+                    auth.as_str()
+                ),
+            ),
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    pub async fn check(&self) -> Result<CheckReport, OpsError> {
+        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
+        Ok(panel_relay::check(Arc::new(settings), credentials).await)
+    }
+}
+
+/// The settings in force with every default filled in, as shown by `panel smtp show` and the API
+/// (the settings table's effective view), with the stored credential's binding state.
+/// Names where the password comes from, never the password.
+pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
+    let mut view = panel_domain::settings::table::effective(&s.doc);
+    if s.auth.credential().is_some() {
+        view.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
+    }
+    serde_json::Value::Object(view)
+}

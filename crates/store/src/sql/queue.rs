@@ -1,0 +1,316 @@
+//! The queue: enqueue (one, many, once per idempotency key), claim under a lease with a claim
+//! token, renew, record attempts in batches fenced by the token, retry.
+
+use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, Settlement};
+use sqlx::any::AnyRow;
+
+use super::*;
+use crate::{Result, StoreError, from_ms};
+
+impl SqlStore {
+    pub async fn enqueue(
+        &self,
+        origin: Origin,
+        m: &OutgoingMessage,
+        now: i64,
+        key: Option<&str>,
+    ) -> Result<(i64, bool)> {
+        let mut tx = self.write().await?;
+        let Some(id) = insert_message(&mut tx, origin, m, now, key, None).await? else {
+            let existing: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok((existing, false));
+        };
+        tx.commit().await?;
+        Ok((id, true))
+    }
+
+    /// Many messages in one transaction: one commit (one fsync) for the whole batch.
+    pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
+        let mut tx = self.write().await?;
+        let mut ids = Vec::with_capacity(items.len());
+        for (origin, m) in items {
+            ids.push(insert_message(&mut tx, *origin, m, now, None, None).await?.expect("no key, no conflict"));
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
+        let mut tx = self.write().await?;
+        // Several services may look at once: each takes the expired leases it can lock.
+        let sql = format!(
+            "SELECT id, lease_owner FROM messages{} WHERE state = 'sending' AND lease_expires_at < $1{}",
+            self.dialect.use_index("messages_leased"),
+            self.dialect.skip_locked()
+        );
+        let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut *tx).await?;
+        for row in &expired {
+            let id: i64 = cell(row, "messages", "id")?;
+            let previous: Option<String> = cell(row, "messages", "lease_owner")?;
+            let taken = sqlx::query(
+                "UPDATE messages SET state = 'retrying', interrupted = interrupted + 1, attempts = attempts + 1,
+                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $2, updated_at = $2
+                 WHERE id = $1 AND state = 'sending'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if taken.rows_affected() == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version,
+                                       outcome, stage, detail, hint, recipients)
+                 VALUES ($1, $2, $2, $3, '', 0, 'interrupted', 'unknown', $4, $5, '[]')",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(previous.unwrap_or_default())
+            .bind("the worker holding this message stopped before recording an outcome")
+            .bind("the relay may already have accepted it; a duplicate delivery is possible")
+            .execute(&mut *tx)
+            .await?;
+        }
+        // SKIP LOCKED (PostgreSQL): N services claiming at once each get different steps, no waiting.
+        let sql = format!(
+            "UPDATE messages SET state = 'sending', lease_owner = $1, lease_expires_at = $2,
+                    claim_token = claim_token + 1, updated_at = $3
+             WHERE id IN (SELECT id FROM messages{} WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $3
+                          ORDER BY next_attempt_at, id LIMIT $4{})
+             RETURNING id, origin, content, claim_token, attempts, window_start",
+            self.dialect.use_index("messages_due"),
+            self.dialect.skip_locked()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+        if !claims.is_empty() {
+            // The ids are integers read from the database: safe to list in the statement.
+            let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
+            let sql = format!(
+                "SELECT message_id, position, address FROM recipients
+                 WHERE message_id IN ({ids}) AND state = 'pending' ORDER BY message_id, position"
+            );
+            let pending = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
+            for row in pending {
+                let id: i64 = cell(&row, "recipients", "message_id")?;
+                if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
+                    c.pending.push(PendingRecipient {
+                        position: cell(&row, "recipients", "position")?,
+                        address: cell(&row, "recipients", "address")?,
+                    });
+                }
+            }
+        }
+        tx.commit().await?;
+        claims.sort_by_key(|c| c.reference.id);
+        Ok(claims)
+    }
+
+    pub async fn renew_lease(&self, claim: &ClaimRef, until: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET lease_expires_at = $1 WHERE id = $2 AND claim_token = $3 AND state = 'sending'",
+        )
+        .bind(until)
+        .bind(claim.id)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records several attempts in one transaction (one commit, one fsync, for all of them).
+    /// Each is fenced by its claim token on its own: a stale one is skipped, the others kept.
+    pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+        let mut tx = self.write().await?;
+        let mut recorded = Vec::with_capacity(batch.len());
+        for (claim, meta, s) in batch {
+            recorded.push(record_one(&mut tx, claim, meta, s).await?);
+        }
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    pub async fn retry_message(&self, id: i64, now: i64) -> Result<RetryResult> {
+        let mut tx = self.write().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
+        let Some(state) = state else { return Ok(RetryResult::NotFound) };
+        let state = MessageState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state '{state}'")))?;
+        if state != MessageState::Failed {
+            return Ok(RetryResult::NotFailed { state });
+        }
+        sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = $1 AND state = 'failed'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
+                    failure_class = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RetryResult::Requeued)
+    }
+
+    pub async fn retry_failed(&self, since: i64, now: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE recipients SET state = 'pending' WHERE state = 'failed'
+             AND message_id IN (SELECT id FROM messages WHERE state = 'failed' AND updated_at >= $1)",
+        )
+        .bind(since)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
+                    failure_class = NULL WHERE state = 'failed' AND updated_at >= $1",
+        )
+        .bind(since)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(state.and_then(|s| MessageState::parse(&s)))
+    }
+}
+
+fn claim_from_row(r: &AnyRow) -> Result<Claim> {
+    Ok(Claim {
+        reference: ClaimRef { id: cell(r, "messages", "id")?, token: cell(r, "messages", "claim_token")? },
+        origin: parse_origin(r)?,
+        message: json(&cell::<String>(r, "messages", "content")?)?,
+        attempts: cell(r, "messages", "attempts")?,
+        created_at: from_ms(cell(r, "messages", "window_start")?),
+        pending: Vec::new(),
+    })
+}
+
+/// Inserts a message and its recipients; `None` when `key` is already taken (nothing written).
+/// With a key, a concurrent insert of the same key waits for the other and then does nothing.
+pub(super) async fn insert_message(
+    tx: &mut Tx,
+    origin: Origin,
+    m: &OutgoingMessage,
+    now: i64,
+    key: Option<&str>,
+    run_id: Option<i64>,
+) -> Result<Option<i64>> {
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
+                               created_at, updated_at, next_attempt_at, window_start, idempotency_key, run_id)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8, $9)
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(origin.as_str())
+    .bind(serde_json::to_string(m).expect("message serializes"))
+    .bind(m.from.to_string())
+    .bind(&m.subject)
+    .bind(&m.message_id)
+    .bind(m.used_fallback_recipient)
+    .bind(now)
+    .bind(key)
+    .bind(run_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(id) = inserted else { return Ok(None) };
+    for (position, (kind, address)) in m.recipients().into_iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO recipients (message_id, position, kind, address, state) VALUES ($1, $2, $3, $4, 'pending')",
+        )
+        .bind(id)
+        .bind(position as i64)
+        .bind(kind.as_str())
+        .bind(address.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Some(id))
+}
+
+/// One attempt's outcome, fenced by the claim token: false (nothing written) when another
+/// worker has claimed the message since.
+async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
+    let finished = meta.finished_at.timestamp_millis();
+    let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
+    let updated = sqlx::query(
+        "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
+                next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                failure_class = $4, last_error = $5
+         WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
+    )
+    .bind(s.state.as_str())
+    .bind(finished)
+    .bind(next)
+    .bind(s.failure_class.map(FailureClass::as_str))
+    .bind(&s.last_error)
+    .bind(claim.id)
+    .bind(claim.token)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let pending: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT position, address FROM recipients WHERE message_id = $1 AND state = 'pending' ORDER BY position",
+    )
+    .bind(claim.id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut per_recipient = Vec::with_capacity(pending.len());
+    for ((position, address), r) in pending.iter().zip(&s.recipients) {
+        sqlx::query(
+            "UPDATE recipients SET state = $1, reply = COALESCE($2, reply) WHERE message_id = $3 AND position = $4",
+        )
+        .bind(r.state.as_str())
+        .bind(&r.reply)
+        .bind(claim.id)
+        .bind(position)
+        .execute(&mut **tx)
+        .await?;
+        per_recipient.push(serde_json::json!({
+            "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
+        }));
+    }
+    sqlx::query(
+        "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
+                               stage, code, enhanced_code, reply, detail, hint, recipients)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(claim.id)
+    .bind(meta.started_at.timestamp_millis())
+    .bind(finished)
+    .bind(&meta.service_id)
+    .bind(&meta.relay)
+    .bind(meta.settings_version)
+    .bind(s.outcome.as_str())
+    .bind(s.stage.as_str())
+    .bind(s.reply.as_ref().map(|r| r.code as i64))
+    .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
+    .bind(s.reply.as_ref().map(|r| r.text.clone()))
+    .bind(&s.detail)
+    .bind(&s.hint)
+    .bind(serde_json::Value::Array(per_recipient).to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}

@@ -1,0 +1,89 @@
+//! The relay settings, versioned: the current version, the generation workers compare before
+//! each claim, and a save that fails on a concurrent change instead of overwriting it.
+
+use panel_domain::{FailureClass, RetryPolicy, SettingsDoc};
+
+use super::*;
+use crate::{Result, StoreError, from_ms};
+
+impl SqlStore {
+    pub async fn current_settings(&self) -> Result<Option<StoredSettings>> {
+        let row =
+            sqlx::query("SELECT version, doc, saved_at, saved_by FROM relay_settings ORDER BY version DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(StoredSettings {
+                version: cell(&r, "relay_settings", "version")?,
+                doc: json(&cell::<String>(&r, "relay_settings", "doc")?)?,
+                saved_at: from_ms(cell(&r, "relay_settings", "saved_at")?),
+                saved_by: cell(&r, "relay_settings", "saved_by")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn config_generation(&self) -> Result<ConfigGeneration> {
+        let (settings, secrets): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(version), 0) FROM relay_settings),
+                    (SELECT value FROM generations WHERE name = 'secrets')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ConfigGeneration { settings, secrets })
+    }
+
+    pub async fn save_settings(
+        &self,
+        expected: i64,
+        doc: &SettingsDoc,
+        by: &str,
+        now: i64,
+        events: &[AuditEvent],
+    ) -> Result<i64> {
+        let mut tx = self.write().await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_settings").fetch_one(&mut *tx).await?;
+        if current != expected {
+            return Err(StoreError::SettingsConflict { current });
+        }
+        let version = current + 1;
+        sqlx::query("INSERT INTO relay_settings (version, doc, saved_at, saved_by) VALUES ($1, $2, $3, $4)")
+            .bind(version)
+            .bind(serde_json::to_string(doc).expect("settings serialize"))
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                // Another service saved the same version first (PostgreSQL; SQLite's write lock
+                // makes this impossible there).
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StoreError::SettingsConflict { current: version }
+                }
+                _ => e.into(),
+            })?;
+        audit(&mut tx, by, now, events).await?;
+        requeue_configuration_failures(&mut tx, doc, now).await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+}
+
+/// Messages stopped by a configuration error get another chance after the configuration changed
+/// (settings saved, license added, credential stored), within their retry window.
+pub(super) async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64) -> Result<u64> {
+    let window = RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref())
+        .unwrap_or_default()
+        .give_up_after;
+    let done = sqlx::query(
+        "UPDATE messages SET state = 'retrying', next_attempt_at = $1, updated_at = $1, failure_class = NULL
+         WHERE state = 'failed' AND failure_class = $2 AND window_start >= $3",
+    )
+    .bind(now)
+    .bind(FailureClass::Configuration.as_str())
+    .bind(now - window.as_millis() as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
