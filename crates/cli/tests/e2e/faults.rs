@@ -93,7 +93,9 @@ fn an_acknowledged_step_survives_sigkill_of_every_process_on_postgres() {
 
 #[test]
 fn chaos_three_services_on_postgres_lose_nothing_while_workers_are_killed_throughout() {
-    const MESSAGES: usize = 5000;
+    // Eight or more kills land during the run however fast the machine is (one per eighth
+    // delivered), so a smaller run proves the same as a larger one.
+    const MESSAGES: usize = 2500;
     let Some(mut env) = Env::postgres() else { return };
     let sink = RecordingSink::start();
     configure_sink(&env, &sink);
@@ -157,5 +159,5 @@ fn chaos_three_services_on_postgres_lose_nothing_while_workers_are_killed_throug
     );
     assert_eq!(lost, 0);
     assert!(duplicates <= kills, "{duplicates} duplicates for {kills} kills");
-    assert!(kills >= 3, "the run was long enough to kill a service several times");
+    assert!(kills >= 5, "workers were killed all through the run: {kills}");
 }
