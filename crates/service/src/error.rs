@@ -22,9 +22,18 @@ pub enum OpsError {
     /// A license is missing, invalid or refused: exit code 1, HTTP 403.
     #[error("{0}")]
     License(String),
-    /// The master key file or the encrypted credentials are unusable.
+    /// The master key file or the encrypted credentials are unusable (Panel's own words).
     #[error("{0}")]
     Vault(String),
+    /// A license key that does not verify: its cause kept as it is.
+    #[error(transparent)]
+    LicenseKey(#[from] panel_vault::LicenseError),
+    /// The master key file cannot be read or written: its cause kept as it is.
+    #[error(transparent)]
+    KeyFile(#[from] panel_vault::KeyFileError),
+    /// A stored credential does not open: its cause kept as it is.
+    #[error(transparent)]
+    Sealed(#[from] panel_vault::VaultError),
     /// A template that does not render (preview): exit code 2, HTTP 400.
     #[error("the template does not render: {0}")]
     Template(panel_automation::TemplateError),
@@ -44,16 +53,18 @@ impl OpsError {
         match self {
             OpsError::Invalid(_) | OpsError::Template(_) => ErrorKind::Invalid,
             OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => ErrorKind::NotFound,
-            OpsError::License(_) => ErrorKind::Forbidden,
+            OpsError::License(_) | OpsError::LicenseKey(_) => ErrorKind::Forbidden,
             OpsError::NotConfigured | OpsError::Conflict(_) => ErrorKind::Conflict,
             OpsError::Store(StoreError::SettingsConflict { .. } | StoreError::MasterKeyChanged { .. }) => {
                 ErrorKind::Conflict
             }
             OpsError::Store(StoreError::Conflict(_)) => ErrorKind::Conflict,
             OpsError::Store(e) if e.is_unavailable() => ErrorKind::Unavailable,
-            OpsError::StoredSettingsInvalid { .. } | OpsError::Vault(_) | OpsError::Internal { .. } => {
-                ErrorKind::Internal
-            }
+            OpsError::StoredSettingsInvalid { .. }
+            | OpsError::Vault(_)
+            | OpsError::KeyFile(_)
+            | OpsError::Sealed(_)
+            | OpsError::Internal { .. } => ErrorKind::Internal,
             OpsError::Store(_) => ErrorKind::Internal,
         }
     }

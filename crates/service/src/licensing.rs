@@ -55,8 +55,7 @@ impl Panel {
                     .into(),
             ));
         }
-        let license =
-            license::check(text, self.authorities(), self.now()).map_err(|e| OpsError::License(e.to_string()))?;
+        let license = license::check(text, self.authorities(), self.now())?;
         let event = AuditEvent::new(
             "license.added",
             &license.id,

@@ -73,8 +73,9 @@ fn sealed(row: &CredentialRow) -> Sealed {
     }
 }
 
-fn vault_error(e: impl std::fmt::Display) -> OpsError {
-    OpsError::Vault(e.to_string())
+/// A vault problem in Panel's own words (a typed cause converts with `?` instead).
+fn vault_error(why: impl Into<String>) -> OpsError {
+    OpsError::Vault(why.into())
 }
 
 impl Panel {
@@ -87,7 +88,7 @@ impl Panel {
     pub async fn open_vault(&self) -> Result<String, OpsError> {
         let path = &self.secrets.master_key_file;
         let rows = self.store.credentials().await?;
-        let ring = match Keyring::load(path).map_err(vault_error)? {
+        let ring = match Keyring::load(path)? {
             Some(ring) => ring,
             None if rows.is_empty() => match Keyring::create(path) {
                 Ok(ring) => {
@@ -95,10 +96,9 @@ impl Panel {
                     ring
                 }
                 // Another process starting at the same moment created it: use theirs.
-                Err(KeyFileError::Exists { .. }) => Keyring::load(path)
-                    .map_err(vault_error)?
+                Err(KeyFileError::Exists { .. }) => Keyring::load(path)?
                     .ok_or_else(|| vault_error(format!("{} vanished while starting", path.display())))?,
-                Err(e) => return Err(vault_error(e)),
+                Err(e) => return Err(e.into()),
             },
             None => {
                 return Err(OpsError::Vault(format!(
@@ -112,14 +112,12 @@ impl Panel {
             }
         };
         for row in &rows {
-            let key = ring.find(&row.master_key_id).ok_or_else(|| {
-                vault_error(panel_vault::VaultError::UnknownMasterKey {
-                    credential: row.name.clone(),
-                    expected: row.master_key_id.clone(),
-                    available: ring.ids().join(", "),
-                })
+            let key = ring.find(&row.master_key_id).ok_or_else(|| panel_vault::VaultError::UnknownMasterKey {
+                credential: row.name.clone(),
+                expected: row.master_key_id.clone(),
+                available: ring.ids().join(", "),
             })?;
-            envelope::open(key, &row.id, &sealed(row)).map_err(vault_error)?;
+            envelope::open(key, &row.id, &sealed(row))?;
         }
         let current = ring.current().id().to_string();
         if rows.is_empty() && self.store.current_master_key_id().await?.as_deref() != Some(&current) {
@@ -139,7 +137,7 @@ impl Panel {
             return Ok(ring);
         }
         let path = &self.secrets.master_key_file;
-        let ring = Keyring::load(path).map_err(vault_error)?.ok_or_else(|| {
+        let ring = Keyring::load(path)?.ok_or_else(|| {
             OpsError::Vault(format!(
                 "the master key file {} does not exist; start the Panel Service once to create it, or restore it",
                 path.display()
@@ -252,10 +250,9 @@ impl Panel {
     pub async fn rotate_master_key(&self, by: &str) -> Result<(Vec<String>, String, u64), OpsError> {
         self.open_vault().await?;
         let path = self.secrets.master_key_file.clone();
-        let mut ring =
-            Keyring::load(&path).map_err(vault_error)?.ok_or_else(|| vault_error("the master key file vanished"))?;
+        let mut ring = Keyring::load(&path)?.ok_or_else(|| vault_error("the master key file vanished"))?;
         let old: Vec<String> = ring.ids().into_iter().map(String::from).collect();
-        let new_id = ring.begin_rotation().map_err(vault_error)?.id().to_string();
+        let new_id = ring.begin_rotation()?.id().to_string();
         let mut moved = 0;
         let mut done = false;
         for _ in 0..5 {
@@ -271,7 +268,7 @@ impl Panel {
                     ))
                 })?;
                 let new_key = ring.current();
-                let rewrapped = envelope::rewrap(old_key, new_key, &row.id, &sealed(row)).map_err(vault_error)?;
+                let rewrapped = envelope::rewrap(old_key, new_key, &row.id, &sealed(row))?;
                 updates.push(Rewrapped {
                     id: row.id.clone(),
                     old_master_key_id: row.master_key_id.clone(),
@@ -300,7 +297,7 @@ impl Panel {
                     .into(),
             ));
         }
-        ring.finish_rotation().map_err(vault_error)?;
+        ring.finish_rotation()?;
         *self.secrets.keyring.lock().expect("not poisoned") = None;
         self.wake_workers().await;
         Ok((old, new_id, moved))
