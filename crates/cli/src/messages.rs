@@ -141,7 +141,9 @@ pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
         }
         MessagesCommand::Retry { id: None, status, since } => {
             if status.as_deref() != Some("failed") {
-                return Err(bad_input("--status: only failed messages can be retried; use --status failed"));
+                return Err(bad_input(
+                    "--status: only failed messages can be retried (partly failed ones included); use --status failed",
+                ));
             }
             let since = since
                 .as_deref()

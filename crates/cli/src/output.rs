@@ -143,6 +143,14 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
                 reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
             );
         }
+        (panel_domain::MessageState::PartlyFailed, _) => {
+            let delivered = m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Delivered).count();
+            println!("Partly delivered: {delivered} of {} recipients; refused for good:", m.recipients.len());
+            for r in m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed) {
+                println!("  {}: {}", r.address, r.reply.as_deref().unwrap_or("(no reply recorded)"));
+            }
+            println!("  retry sends to these only: panel messages retry {}", m.id);
+        }
         (_, Some(a)) => {
             println!("Not delivered ({}): {} at {}", m.state, a.outcome.as_str().replace('_', " "), a.stage);
             println!("  relay {} said: {}", a.relay, reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail));
@@ -235,7 +243,19 @@ pub fn message(m: &MessageDetail, json: bool) {
     }
     println!("  Recipients:");
     for r in &m.recipients {
-        println!("    {:<3} {:<32} {:<9} {}", r.kind, r.address, r.state, r.reply.as_deref().unwrap_or(""));
+        let decided = r.decided_by.map(|n| format!("attempt {n}")).unwrap_or_default();
+        let state = match (r.state, m.state) {
+            (panel_domain::RecipientState::Pending, panel_domain::MessageState::Failed) => "held".to_string(),
+            (s, _) => s.to_string(),
+        };
+        println!(
+            "    {:<3} {:<32} {:<9} {:<10} {}",
+            r.kind,
+            r.address,
+            state,
+            decided,
+            r.reply.as_deref().unwrap_or("")
+        );
     }
     println!("  Attempts:");
     if m.attempts.is_empty() {

@@ -144,6 +144,9 @@ pub enum FailureKind {
     Kerberos,
     /// No KDC answered: retried.
     KdcUnavailable,
+    /// The relay ended the TLS handshake with an alert of its own (an internal error, not a
+    /// version refusal): its TLS setup is failing. Retried.
+    TlsAlert,
     /// Panel's own delivery code failed (it panicked): a bug, not the relay. Retried on the
     /// retry schedule like a temporary failure, so a message that always trips it fails in the
     /// end instead of coming back after every lease.
@@ -237,6 +240,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::ConnectionRefused
         | K::Io
         | K::TlsHandshake
+        | K::TlsAlert
         | K::Protocol
         | K::TokenUnavailable
         | K::KdcUnavailable => Transient,
@@ -329,6 +333,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
             "fix the Kerberos cause named above; held messages are sent again when the relay settings are saved (panel smtp set)",
         ),
         K::KdcUnavailable => h("no Kerberos KDC answered; the message is retried with backoff"),
+        K::TlsAlert => h(
+            "the relay's TLS setup failed (see the alert above): check its certificate, key and TLS configuration in the relay's log; the message is retried",
+        ),
         K::Internal => h(
             "Panel itself failed while delivering this message (a bug, not the relay); it is kept and retried on the retry schedule. Please report the detail with `panel messages show ID`",
         ),

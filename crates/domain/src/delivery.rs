@@ -76,6 +76,18 @@ pub struct AttemptContext<'a> {
     /// Time since the message was enqueued.
     pub age: Duration,
     pub random: u64,
+    /// The recipients earlier attempts settled (an attempt only sends to the pending ones).
+    pub earlier: &'a Earlier,
+}
+
+/// What earlier attempts decided for the recipients this attempt does not send to, so that
+/// the message's state follows all its recipients whatever order their outcomes came in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Earlier {
+    pub delivered: u32,
+    pub failed: u32,
+    /// The first recipient refused for good, with the relay's reply: `addr: 550 5.1.1 ...`.
+    pub refusal: Option<String>,
 }
 
 pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
@@ -129,7 +141,7 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
             RetryDecision::RetryAfter(d) => (MessageState::Retrying, Some(d), Some(retry_class)),
             RetryDecision::GiveUp => (MessageState::Failed, None, Some(retry_class)),
         },
-        _ if delivered == recipients.len() => (MessageState::Delivered, None, None),
+        _ if delivered == recipients.len() && ctx.earlier.failed == 0 => (MessageState::Delivered, None, None),
         _ => (MessageState::Failed, None, Some(FailureClass::Permanent)),
     };
     let gave_up = state == MessageState::Failed && failure_class == Some(retry_class);
@@ -141,6 +153,16 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
         }
     }
 
+    // A final state follows every recipient, this attempt's and the earlier ones': some
+    // delivered and the others refused for good is partly failed, never hidden as delivered or
+    // as failed. A configuration error holds the message (failed, re-queued by the fix).
+    let anyone_delivered = delivered as u32 + ctx.earlier.delivered > 0;
+    let state = match state {
+        MessageState::Failed if failure_class != Some(FailureClass::Configuration) && anyone_delivered => {
+            MessageState::PartlyFailed
+        }
+        s => s,
+    };
     let outcome = match (state, delivered) {
         (MessageState::Delivered, _) => AttemptOutcome::Delivered,
         (_, d) if d > 0 => AttemptOutcome::PartiallyDelivered,
@@ -163,14 +185,14 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     let hint = headline_class.and_then(|c| c.hint);
     let last_error = match state {
         MessageState::Delivered => None,
-        MessageState::Failed if gave_up => Some(format!(
+        MessageState::Failed | MessageState::PartlyFailed if gave_up => Some(format!(
             "gave up after {} attempts over {}: {} {}",
             ctx.attempts,
             crate::duration::format(Duration::from_secs(ctx.age.as_secs())),
             headline.map_or(Stage::Data, |f| f.stage),
             headline.map(|f| f.detail.as_str()).unwrap_or("")
         )),
-        _ => headline.map(|f| f.to_string()),
+        _ => headline.map(|f| f.to_string()).or_else(|| ctx.earlier.refusal.clone()),
     };
     Settlement { outcome, stage, reply, detail, hint, recipients, state, retry_after, failure_class, last_error }
 }
@@ -188,8 +210,11 @@ mod tests {
             attempts: 1,
             age: Duration::from_secs(age_secs),
             random: 0,
+            earlier: &NONE_EARLIER,
         }
     }
+
+    static NONE_EARLIER: Earlier = Earlier { delivered: 0, failed: 0, refusal: None };
 
     fn rejected(code: u16, line: &str) -> RecipientResult {
         RecipientResult::Rejected(Failure::reply(Stage::Rcpt, SmtpReply::from_lines(code, &[line])))
@@ -222,12 +247,54 @@ mod tests {
             data_reply: ok_data(),
         };
         let s = settle(&r, ctx(&p, 0));
-        assert_eq!(s.state, MessageState::Failed);
+        assert_eq!(s.state, MessageState::PartlyFailed, "some delivered, one refused for good");
+        assert_eq!(s.failure_class, Some(FailureClass::Permanent));
         assert_eq!(s.outcome, AttemptOutcome::PartiallyDelivered);
         assert_eq!(s.recipients[0].state, RecipientState::Delivered);
         assert_eq!(s.recipients[1].state, RecipientState::Failed);
         assert!(s.recipients[1].reply.as_deref().unwrap().contains("550 5.1.1"));
         assert!(s.last_error.unwrap().contains("nobody@x.org"));
+    }
+
+    /// Three recipients: one delivered, one refused for good (550), one deferred (451) and
+    /// then delivered or refused. Whatever order the outcomes come in, the final state follows
+    /// all three: partly failed, with the refusal in the last error.
+    #[test]
+    fn the_final_state_follows_every_recipient_in_any_order() {
+        let p = RetryPolicy::default();
+        let ok = || RecipientResult::Accepted;
+        let refused = || rejected(550, "550 5.1.1 <gone@x.org>: Recipient address rejected");
+        let deferred = || rejected(451, "451 4.3.0 <later@x.org>: try again");
+        let attempt = |recipients: Vec<RecipientResult>, earlier: &Earlier| {
+            let r = SendReport { recipients, failure: None, data_reply: ok_data() };
+            settle(&r, AttemptContext { earlier, ..ctx(&p, 0) })
+        };
+        let tally = |s: &Settlement, e: &Earlier| Earlier {
+            delivered: e.delivered
+                + s.recipients.iter().filter(|r| r.state == RecipientState::Delivered).count() as u32,
+            failed: e.failed + s.recipients.iter().filter(|r| r.state == RecipientState::Failed).count() as u32,
+            refusal: e.refusal.clone().or_else(|| {
+                s.recipients.iter().find(|r| r.state == RecipientState::Failed).and_then(|r| r.reply.clone())
+            }),
+        };
+        let none = Earlier::default();
+        // The refusal first, the deferred one delivered on the retry: was `delivered` before.
+        let first = attempt(vec![ok(), refused(), deferred()], &none);
+        assert_eq!(first.state, MessageState::Retrying);
+        let second = attempt(vec![ok()], &tally(&first, &none));
+        assert_eq!(second.state, MessageState::PartlyFailed);
+        assert!(second.last_error.as_deref().unwrap().contains("gone@x.org"), "{:?}", second.last_error);
+        // The deferral first, the refusal on the retry.
+        let first = attempt(vec![ok(), deferred()], &none);
+        let second = attempt(vec![refused()], &tally(&first, &none));
+        assert_eq!(second.state, MessageState::PartlyFailed);
+        // All in one attempt.
+        assert_eq!(attempt(vec![ok(), refused(), ok()], &none).state, MessageState::PartlyFailed);
+        // Nobody delivered is failed; everybody delivered is delivered, in any order.
+        let first = attempt(vec![refused(), deferred()], &none);
+        assert_eq!(attempt(vec![refused()], &tally(&first, &none)).state, MessageState::Failed);
+        let first = attempt(vec![ok(), deferred()], &none);
+        assert_eq!(attempt(vec![ok()], &tally(&first, &none)).state, MessageState::Delivered);
     }
 
     #[test]
@@ -295,6 +362,7 @@ mod tests {
                 attempts,
                 age: Duration::from_secs(age),
                 random: 0, // the low edge of the ±10% jitter
+                earlier: &NONE_EARLIER,
             };
             settle(&r, c)
         };

@@ -19,7 +19,7 @@ pub mod settings;
 pub use address::{EmailAddress, Mailbox};
 pub use classify::{Classification, ConnectionContext, Failure, FailureClass, FailureKind, SmtpReply, Stage, classify};
 pub use credential::CredentialKind;
-pub use delivery::{AttemptOutcome, RecipientResult, SendReport, Settlement, settle};
+pub use delivery::{AttemptOutcome, Earlier, RecipientResult, SendReport, Settlement, settle};
 pub use errors::{FieldError, FieldErrors};
 pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState};
 pub use oauth::{EndpointUrl, OAuthProvider};

@@ -14,10 +14,31 @@ use crate::string_enum;
 
 string_enum!(
     /// Where a message is in its life. `Queued` and `Retrying` wait for a worker; `Sending` is
-    /// held under a worker's lease; `Delivered` and `Failed` are final (a failed one can be retried
-    /// by hand).
-    MessageState { Queued = "queued", Sending = "sending", Retrying = "retrying", Delivered = "delivered", Failed = "failed" }
+    /// held under a worker's lease; `Delivered`, `PartlyFailed` and `Failed` are final, and
+    /// follow the recipients: all delivered, some delivered and the others refused for good, or
+    /// none delivered. A partly failed or failed message can be retried by hand (to the refused
+    /// recipients only).
+    MessageState {
+        Queued = "queued",
+        Sending = "sending",
+        Retrying = "retrying",
+        Delivered = "delivered",
+        PartlyFailed = "partly_failed",
+        Failed = "failed",
+    }
 );
+
+impl MessageState {
+    /// Final and not delivered to every recipient: what "Retry all failed" takes.
+    pub fn is_refused(self) -> bool {
+        matches!(self, MessageState::Failed | MessageState::PartlyFailed)
+    }
+
+    /// No worker will touch it again by itself.
+    pub fn is_final(self) -> bool {
+        matches!(self, MessageState::Delivered | MessageState::PartlyFailed | MessageState::Failed)
+    }
+}
 
 string_enum!(
     /// What created the message.

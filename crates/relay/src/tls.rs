@@ -203,6 +203,23 @@ pub fn handshake_failure(error: &std::io::Error, verifier: &CapturingVerifier, i
             FailureKind::TlsModeMismatch,
             "the relay answered in plain text instead of a TLS handshake".to_string(),
         ),
+        // The relay's own alert: a version or cipher refusal may mean an older TLS; anything
+        // else (an internal error, a bad certificate of its own) is the relay's TLS setup failing.
+        Some(rustls::Error::AlertReceived(alert)) => {
+            use rustls::AlertDescription as A;
+            match alert {
+                A::ProtocolVersion | A::InsufficientSecurity | A::HandshakeFailure => Failure::new(
+                    Stage::Tls,
+                    FailureKind::TlsHandshake,
+                    format!("TLS handshake failed: the relay sent the alert {alert:?}"),
+                ),
+                other => Failure::new(
+                    Stage::Tls,
+                    FailureKind::TlsAlert,
+                    format!("the relay ended the TLS handshake with the alert {other:?}: its TLS setup failed"),
+                ),
+            }
+        }
         Some(e) => Failure::new(Stage::Tls, FailureKind::TlsHandshake, format!("TLS handshake failed: {e}")),
         None if error.kind() == std::io::ErrorKind::UnexpectedEof => Failure::new(
             Stage::Tls,
@@ -223,6 +240,48 @@ fn describe_cert_error(e: &rustls::CertificateError) -> String {
         C::Expired | C::ExpiredContext { .. } => "it has expired".into(),
         C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet (check this host's clock)".into(),
         C::Revoked => "it has been revoked".into(),
+        // webpki's words for a CA certificate presented as the server's own: self-signed.
+        other if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "the relay's certificate is self-signed; set --pin-sha256 to its fingerprint, or --ca-file".into()
+        }
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(e: rustls::Error) -> Failure {
+        let (_, verifier) = TlsTrust::system().client_config().expect("the system roots load");
+        handshake_failure(&std::io::Error::new(std::io::ErrorKind::InvalidData, e), &verifier, false)
+    }
+
+    #[test]
+    fn the_relays_own_alert_is_named_and_only_version_alerts_suggest_an_older_tls() {
+        let internal = failure(rustls::Error::AlertReceived(rustls::AlertDescription::InternalError));
+        assert_eq!(internal.kind, FailureKind::TlsAlert);
+        assert!(internal.detail.contains("InternalError") && internal.detail.contains("TLS setup failed"));
+        let version = failure(rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion));
+        assert_eq!(version.kind, FailureKind::TlsHandshake);
+        assert!(version.detail.contains("ProtocolVersion"), "{}", version.detail);
+    }
+
+    #[test]
+    fn a_self_signed_certificate_is_called_so_with_the_fix() {
+        #[derive(Debug)]
+        struct CaUsedAsEndEntity;
+        impl std::fmt::Display for CaUsedAsEndEntity {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CaUsedAsEndEntity")
+            }
+        }
+        impl std::error::Error for CaUsedAsEndEntity {}
+        let other = rustls::CertificateError::Other(rustls::OtherError(Arc::new(CaUsedAsEndEntity)));
+        let text = describe_cert_error(&other);
+        assert!(text.contains("self-signed") && text.contains("--pin-sha256"), "{text}");
+        let f = failure(rustls::Error::InvalidCertificate(other));
+        assert_eq!(f.kind, FailureKind::CertificateUntrusted);
+        assert!(!f.detail.contains("Other(") && f.detail.contains("self-signed"), "{}", f.detail);
     }
 }

@@ -68,7 +68,7 @@ impl Metrics {
             label(outcome),
             label(class.unwrap_or("none"))
         ));
-        if matches!(final_state, "delivered" | "failed") {
+        if matches!(final_state, "delivered" | "partly_failed" | "failed") {
             self.finished.add(format!("origin=\"{}\",state=\"{}\"", label(origin), label(final_state)));
         }
     }
@@ -134,6 +134,7 @@ impl Metrics {
             ("retrying", queue.retrying),
             ("sending", queue.sending),
             ("delivered", queue.delivered),
+            ("partly_failed", queue.partly_failed),
             ("failed", queue.failed),
         ] {
             let _ = writeln!(out, "panel_messages{{state=\"{state}\"}} {n}");

@@ -129,8 +129,7 @@ impl Panel {
         let mut delay = Duration::from_millis(5);
         loop {
             let state = self.store.message_state(id).await?.ok_or(OpsError::NotFound(id))?;
-            let settled = matches!(state, MessageState::Delivered | MessageState::Failed)
-                || (state == MessageState::Retrying && self.has_attempt(id).await?);
+            let settled = state.is_final() || (state == MessageState::Retrying && self.has_attempt(id).await?);
             if settled || tokio::time::Instant::now() >= deadline {
                 return self.message(id).await;
             }

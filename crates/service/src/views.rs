@@ -48,15 +48,16 @@ view!(
     }
 );
 
-view!(
-    /// One recipient of a message with its state and the relay's last reply for it.
-    Recipient from panel_store::RecipientRow {
-        kind: RecipientKind,
-        address: String,
-        state: RecipientState,
-        reply: Option<String>,
-    }
-);
+/// One recipient of a message: its state, the relay's last reply for it, and the attempt
+/// (1-based) that decided it; none while it waits (or is held by a configuration error).
+#[derive(Debug, Clone, Serialize)]
+pub struct Recipient {
+    pub kind: RecipientKind,
+    pub address: String,
+    pub state: RecipientState,
+    pub reply: Option<String>,
+    pub decided_by: Option<usize>,
+}
 
 view!(
     /// One delivery attempt with the relay's words.
@@ -122,10 +123,36 @@ impl From<panel_store::MessageDetail> for MessageDetail {
             failure_class: m.failure_class,
             last_error: m.last_error,
             interrupted: m.interrupted,
-            recipients: m.recipients.into_iter().map(Into::into).collect(),
+            recipients: m
+                .recipients
+                .into_iter()
+                .map(|r| Recipient {
+                    decided_by: deciding_attempt(&m.attempts, &r.address, r.state),
+                    kind: r.kind,
+                    address: r.address,
+                    state: r.state,
+                    reply: r.reply,
+                })
+                .collect(),
             attempts: m.attempts.into_iter().map(Into::into).collect(),
         }
     }
+}
+
+/// The last attempt that settled `address` as it stands now (each attempt lists its recipients
+/// with the state it gave them).
+fn deciding_attempt(attempts: &[panel_store::AttemptRow], address: &str, state: RecipientState) -> Option<usize> {
+    if state == RecipientState::Pending {
+        return None;
+    }
+    attempts
+        .iter()
+        .rposition(|a| {
+            a.recipients.as_array().is_some_and(|list| {
+                list.iter().any(|r| r["address"] == address && r["state"] == serde_json::json!(state))
+            })
+        })
+        .map(|i| i + 1)
 }
 
 view!(
@@ -145,6 +172,7 @@ view!(
         retrying: i64,
         sending: i64,
         delivered: i64,
+        partly_failed: i64,
         failed: i64,
         oldest_due_age_secs: Option<i64>,
     }
@@ -307,6 +335,7 @@ view!(
 pub struct Counts {
     pub delivered: i64,
     pub retrying: i64,
+    pub partly_failed: i64,
     pub failed: i64,
 }
 
@@ -316,6 +345,7 @@ impl Counts {
             MessageState::Delivered => self.delivered += n,
             MessageState::Retrying => self.retrying += n,
             MessageState::Failed => self.failed += n,
+            MessageState::PartlyFailed => self.partly_failed += n,
             MessageState::Queued | MessageState::Sending => {}
         }
     }

@@ -261,13 +261,14 @@ fn prune_idle(shared: &Shared) {
 
 /// What the record of an attempt needs from its claim, kept apart from the claim itself so that
 /// an attempt whose delivery panicked can still be recorded.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct ClaimInfo {
     reference: panel_store::ClaimRef,
     origin: panel_domain::Origin,
     attempts: i64,
     created_at: DateTime<Utc>,
     recipients: usize,
+    earlier: panel_domain::Earlier,
 }
 
 impl ClaimInfo {
@@ -278,6 +279,7 @@ impl ClaimInfo {
             attempts: claim.attempts,
             created_at: claim.created_at,
             recipients: claim.pending.len(),
+            earlier: claim.earlier.clone(),
         }
     }
 }
@@ -381,7 +383,14 @@ async fn settle_and_record(
     let age = (shared.panel.now() - claim.created_at).to_std().unwrap_or_default();
     let settlement = settle(
         &report,
-        AttemptContext { connection: ctx, policy: &policy, attempts, age, random: crate::random_u128() as u64 },
+        AttemptContext {
+            connection: ctx,
+            policy: &policy,
+            attempts,
+            age,
+            random: crate::random_u128() as u64,
+            earlier: &claim.earlier,
+        },
     );
     let meta = AttemptMeta {
         started_at: started,

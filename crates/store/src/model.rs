@@ -40,6 +40,8 @@ pub struct Claim {
     pub created_at: DateTime<Utc>,
     /// The recipients not yet delivered or failed, in position order.
     pub pending: Vec<PendingRecipient>,
+    /// What earlier attempts settled for the other recipients.
+    pub earlier: panel_domain::Earlier,
 }
 
 /// Facts about an attempt that the settlement does not carry.
@@ -164,6 +166,7 @@ pub struct QueueStats {
     pub retrying: i64,
     pub sending: i64,
     pub delivered: i64,
+    pub partly_failed: i64,
     pub failed: i64,
     /// Seconds the oldest due message has waited.
     pub oldest_due_age_secs: Option<i64>,

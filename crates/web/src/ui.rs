@@ -246,7 +246,9 @@ fn chart_svg(hours: &[Value]) -> String {
     let (w, h, bar) = (720.0, 160.0, 24.0);
     let max = hours
         .iter()
-        .map(|v| ["delivered", "retrying", "failed"].iter().map(|k| v[k].as_i64().unwrap_or(0)).sum::<i64>())
+        .map(|v| {
+            ["delivered", "retrying", "partly_failed", "failed"].iter().map(|k| v[k].as_i64().unwrap_or(0)).sum::<i64>()
+        })
         .max()
         .unwrap_or(0)
         .max(1) as f64;
@@ -257,7 +259,8 @@ fn chart_svg(hours: &[Value]) -> String {
     for (i, v) in hours.iter().enumerate() {
         let x = i as f64 * (w / 24.0) + 3.0;
         let mut y = h;
-        for (key, class) in [("delivered", "ok"), ("retrying", "warn"), ("failed", "bad")] {
+        for (key, class) in [("delivered", "ok"), ("retrying", "warn"), ("partly_failed", "partial"), ("failed", "bad")]
+        {
             let n = v[key].as_i64().unwrap_or(0);
             if n == 0 {
                 continue;

@@ -51,7 +51,7 @@ fn commands_before_configuration_say_what_to_do() {
     assert!(r.stderr.contains("panel smtp set --host"), "{}", r.stderr);
     let r = env.panel(&["messages", "list", "--status", "lost"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("queued, sending, retrying, delivered, failed"), "{}", r.stderr);
+    assert!(r.stderr.contains("queued, sending, retrying, delivered, partly_failed, failed"), "{}", r.stderr);
 }
 
 #[test]

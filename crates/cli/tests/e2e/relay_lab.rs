@@ -150,7 +150,7 @@ fn a_550_recipient_fails_at_once_and_the_others_are_delivered() {
     ]);
     assert_eq!(run.code, 1);
     let m = run.json();
-    assert_eq!(state(&m), "failed");
+    assert_eq!(state(&m), "partly_failed", "one delivered, one refused for good");
     assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "no retry for a 5xx");
     assert_eq!(m["attempts"][0]["outcome"], "partially_delivered");
     let rcpts = m["recipients"].as_array().unwrap();
@@ -163,6 +163,94 @@ fn a_550_recipient_fails_at_once_and_the_others_are_delivered() {
     assert!(mails[0].contains("Delivered-To: alice@example.org"), "{}", mails[0]);
     let shown = env.ok(&["messages", "show", &m["id"].to_string()]).stdout;
     assert!(shown.contains("reject-nobody@example.org") && shown.contains("550"), "{shown}");
+}
+
+/// The refusal is not hidden by what happens to another recipient: a 550 for one recipient and
+/// a 451 for another that is then delivered ends `partly_failed` (it ended `delivered`), seen
+/// the same way by the CLI's exit code, the API, the dashboard and /metrics; a retry resends
+/// to the refused recipient only.
+#[test]
+fn a_refusal_stays_visible_when_another_recipient_is_delivered_on_a_retry() {
+    let Some(lab) = lab() else { return };
+    let mut env = Env::new();
+    env.configure(&lab, lab.plain_port, "none", &["--retry-schedule", "1s"]);
+    lab.defer("later@example.org");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let id = id_of(&env.ok(&[
+        "send",
+        "--to",
+        "alice@example.org",
+        "--to",
+        "reject-gone@example.org",
+        "--to",
+        "later@example.org",
+        "--subject",
+        "three recipients",
+        "--text",
+        "x",
+        "--json",
+    ]));
+    let m = env.wait_message(id, WAIT, |m| m["attempts"].as_array().unwrap().len() >= 2);
+    assert_eq!(state(&m), "retrying", "later@ waits for its retry: {m:#}");
+    lab.undefer("later@example.org");
+    let m = env.wait_message(id, WAIT, |m| state(m) != "retrying" && state(m) != "sending");
+    assert_eq!(state(&m), "partly_failed", "{m:#}");
+    let by_address = |m: &serde_json::Value, a: &str| {
+        m["recipients"].as_array().unwrap().iter().find(|r| r["address"] == a).unwrap()["state"].clone()
+    };
+    assert_eq!(by_address(&m, "alice@example.org"), "delivered");
+    assert_eq!(by_address(&m, "later@example.org"), "delivered");
+    assert_eq!(by_address(&m, "reject-gone@example.org"), "failed");
+    assert!(m["last_error"].as_str().unwrap().contains("reject-gone@example.org"), "{m:#}");
+    // Each recipient names the attempt that decided it.
+    let decided =
+        |a: &str| m["recipients"].as_array().unwrap().iter().find(|r| r["address"] == a).unwrap()["decided_by"].clone();
+    assert_eq!((decided("alice@example.org"), decided("reject-gone@example.org")), (1.into(), 1.into()));
+    let attempts = m["attempts"].as_array().unwrap().len();
+    assert!(attempts >= 2);
+    assert_eq!(decided("later@example.org"), attempts, "delivered by the last retry");
+
+    // The CLI: not delivered to everyone is exit 1, with the refused recipient and its reply.
+    let shown = env.panel(&[
+        "send",
+        "--to",
+        "reject-x@example.org",
+        "--to",
+        "bob@example.org",
+        "--subject",
+        "s",
+        "--text",
+        "x",
+        "--wait",
+        "20",
+    ]);
+    assert_eq!(shown.code, 1, "{}", shown.stdout);
+    assert!(shown.stdout.contains("reject-x@example.org: 550 5.1.1"), "{}", shown.stdout);
+    // The API and the message log's filter, the dashboard, /metrics.
+    let (status, body) = http(port, "GET", "/api/v1/messages?state=partly_failed", "");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed:#}");
+    let (_, body) = http(port, "GET", "/api/v1/dashboard", "");
+    let dashboard: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dashboard["last_hour"]["partly_failed"], 2, "{dashboard:#}");
+    assert_eq!(dashboard["queue"]["partly_failed"], 2, "{dashboard:#}");
+    let (_, metrics) = http(port, "GET", "/metrics", "");
+    assert!(metrics.contains("panel_messages{state=\"partly_failed\"} 2"), "{metrics}");
+
+    // Retry all failed takes it, and resends to the refused recipient only.
+    let (status, body) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "failed"}"#);
+    assert_eq!(status, 200, "{body}");
+    let m = env.wait_message(id, WAIT, |m| m["attempts"].as_array().unwrap().len() > attempts);
+    let last = m["attempts"].as_array().unwrap().last().unwrap().clone();
+    let sent_to: Vec<&str> =
+        last["recipients"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
+    assert_eq!(sent_to, ["reject-gone@example.org"], "{last:#}");
+    let m = env.wait_message(id, WAIT, |m| state(m) == "partly_failed");
+    let message_id = m["message_id"].as_str().unwrap();
+    assert_eq!(lab.wait_for_messages(message_id, 2, WAIT).len(), 2);
+    assert_eq!(lab.messages_with(message_id).len(), 2, "one copy for each delivered recipient, none again");
 }
 
 #[test]

@@ -64,7 +64,7 @@ impl SqlStore {
     pub async fn hourly_counts(&self, since: i64) -> Result<Vec<HourlyCount>> {
         let rows = sqlx::query(
             "SELECT (updated_at / 3600000) AS hour, state, COUNT(*) AS n FROM messages
-             WHERE updated_at >= $1 AND state IN ('delivered', 'retrying', 'failed')
+             WHERE updated_at >= $1 AND state IN ('delivered', 'retrying', 'partly_failed', 'failed')
              GROUP BY (updated_at / 3600000), state ORDER BY 1",
         )
         .bind(since)
@@ -195,6 +195,7 @@ impl SqlStore {
                 "sending" => stats.sending = n,
                 "delivered" => stats.delivered = n,
                 "failed" => stats.failed = n,
+                "partly_failed" => stats.partly_failed = n,
                 _ => {}
             }
         }

@@ -1,7 +1,7 @@
 //! The queue: enqueue (one, many, once per idempotency key), claim under a lease with a claim
 //! token, renew, record attempts in batches fenced by the token, retry.
 
-use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, Settlement};
+use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, RecipientState, Settlement};
 use sqlx::any::AnyRow;
 
 use super::*;
@@ -98,11 +98,30 @@ impl SqlStore {
             // The ids are integers read from the database: safe to list in the statement.
             let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
             let sql = format!(
-                "SELECT message_id, position, address FROM recipients
-                 WHERE message_id IN ({ids}) AND state = 'pending' ORDER BY message_id, position"
+                "SELECT message_id, position, address, state, reply FROM recipients
+                 WHERE message_id IN ({ids}) ORDER BY message_id, position"
             );
-            let pending = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
-            for row in pending {
+            let recipients = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
+            for row in recipients {
+                let state = closed_cell(&row, "recipients", "state", RecipientState::parse)?;
+                if state != RecipientState::Pending {
+                    // Settled by an earlier attempt: counted, so the state follows every recipient.
+                    let id: i64 = cell(&row, "recipients", "message_id")?;
+                    if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
+                        match state {
+                            RecipientState::Delivered => c.earlier.delivered += 1,
+                            _ => {
+                                c.earlier.failed += 1;
+                                if c.earlier.refusal.is_none() {
+                                    let address: String = cell(&row, "recipients", "address")?;
+                                    let reply: Option<String> = cell(&row, "recipients", "reply")?;
+                                    c.earlier.refusal = Some(format!("{address}: {}", reply.unwrap_or_default()));
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let id: i64 = cell(&row, "recipients", "message_id")?;
                 if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
                     c.pending.push(PendingRecipient {
@@ -147,7 +166,7 @@ impl SqlStore {
             sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
         let Some(state) = state else { return Ok(RetryResult::NotFound) };
         let state = MessageState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state '{state}'")))?;
-        if state != MessageState::Failed {
+        if !state.is_refused() {
             return Ok(RetryResult::NotFailed { state });
         }
         sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = $1 AND state = 'failed'")
@@ -170,14 +189,14 @@ impl SqlStore {
         let mut tx = self.write().await?;
         sqlx::query(
             "UPDATE recipients SET state = 'pending' WHERE state = 'failed'
-             AND message_id IN (SELECT id FROM messages WHERE state = 'failed' AND updated_at >= $1)",
+             AND message_id IN (SELECT id FROM messages WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1)",
         )
         .bind(since)
         .execute(&mut *tx)
         .await?;
         let done = sqlx::query(
             "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
-                    failure_class = NULL WHERE state = 'failed' AND updated_at >= $1",
+                    failure_class = NULL WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1",
         )
         .bind(since)
         .bind(now)
@@ -202,6 +221,7 @@ fn claim_from_row(r: &AnyRow) -> Result<Claim> {
         attempts: cell(r, "messages", "attempts")?,
         created_at: from_ms(cell(r, "messages", "window_start")?),
         pending: Vec::new(),
+        earlier: Default::default(),
     })
 }
 

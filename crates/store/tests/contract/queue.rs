@@ -25,6 +25,7 @@ fn delivered() -> panel_domain::Settlement {
             attempts: 1,
             age: Duration::ZERO,
             random: 0,
+            earlier: &Default::default(),
         },
     )
 }

@@ -194,6 +194,12 @@ async function testMessage() {
       status.className = "ok";
       return;
     }
+    if (m.data.state === "partly_failed") {
+      const refused = m.data.recipients.filter(r => r.state === "failed").map(r => `${r.address}: ${r.reply || ""}`);
+      status.textContent = `partly failed: refused ${refused.join("; ")}`;
+      status.className = "error";
+      return;
+    }
     if (last && (m.data.state === "failed" || m.data.state === "retrying")) {
       const code = [last.code, last.enhanced_code].filter(Boolean).join(" ");
       status.textContent = `${m.data.state}: at ${last.stage}, ${code} ${last.reply || last.detail}` + (last.hint ? ` Hint: ${last.hint}` : "");
