@@ -205,11 +205,11 @@ impl OutgoingMessage {
             .message_id(Some(self.message_id.clone()))
             .date(SystemTime::UNIX_EPOCH + Duration::from_secs(self.date.timestamp().max(0) as u64))
             .user_agent(format!("Panel/{}", env!("CARGO_PKG_VERSION")));
-        for m in &self.to {
-            builder = builder.to(m.to_lettre());
+        if !self.to.is_empty() {
+            builder = builder.raw_header(address_list("To", &self.to));
         }
-        for m in &self.cc {
-            builder = builder.cc(m.to_lettre());
+        if !self.cc.is_empty() {
+            builder = builder.raw_header(address_list("Cc", &self.cc));
         }
         if let Some(r) = &self.reply_to {
             builder = builder.reply_to(r.to_lettre());
@@ -236,6 +236,50 @@ impl OutgoingMessage {
         };
         message.expect("a prepared message always builds").formatted()
     }
+}
+
+/// A `To` or `Cc` header whose lines break between addresses, never inside a display name:
+/// each mailbox is encoded on its own by lettre (quoting and RFC 2047 encoded words), and the
+/// list starts a new line wherever the next mailbox would pass 78 characters (RFC 5322 2.1.1).
+fn address_list(name: &'static str, list: &[Mailbox]) -> lettre::message::header::HeaderValue {
+    use lettre::message::Mailboxes;
+    use lettre::message::header::{Cc, HeaderName, HeaderValue, Headers, To};
+    let encoded_one = |m: &Mailbox| {
+        let mut headers = Headers::new();
+        let one = Mailboxes::from(m.to_lettre());
+        if name == "To" {
+            headers.set(To::from(one))
+        } else {
+            headers.set(Cc::from(one))
+        }
+        let line = headers.to_string();
+        line.trim_end_matches("\r\n").split_once(": ").map(|(_, v)| v.to_string()).unwrap_or_default()
+    };
+    let mut encoded = String::new();
+    let mut column = name.len() + 2;
+    for (i, m) in list.iter().enumerate() {
+        let piece = encoded_one(m);
+        let first_line = piece.split("\r\n").next().unwrap_or_default().len();
+        if i > 0 {
+            encoded.push(',');
+            column += 1;
+            // A piece that lettre folded itself (a very long name) starts a line of its own.
+            if column + 1 + first_line > 78 || piece.contains("\r\n") {
+                encoded.push_str("\r\n ");
+                column = 1;
+            } else {
+                encoded.push(' ');
+                column += 1;
+            }
+        }
+        encoded.push_str(&piece);
+        column = match piece.rsplit_once("\r\n") {
+            Some((_, last)) => last.len(),
+            None => column + piece.len(),
+        };
+    }
+    let raw = list.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ");
+    HeaderValue::dangerous_new_pre_encoded(HeaderName::new_from_ascii_str(name), raw, encoded)
 }
 
 fn alternative(text: SinglePart, html: &str) -> MultiPart {
@@ -364,5 +408,34 @@ mod tests {
         }
         assert_eq!(Origin::parse("test_message"), Some(Origin::TestMessage));
         assert_eq!(Origin::parse("nope"), None);
+    }
+
+    #[test]
+    fn a_long_to_header_folds_between_addresses_never_inside_a_name() {
+        let to: Vec<String> =
+            (0..6).map(|i| format!("Directory Person Number {i} Of Finance <person{i}@example.org>")).collect();
+        let draft = Draft { to, cc: vec!["Ops Team <ops@example.org>".into()], ..draft() };
+        let m = OutgoingMessage::prepare(&draft, &from(), &fallback(), Utc::now(), 1).unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
+        let header: Vec<&str> = text
+            .split("\r\n")
+            .skip_while(|l| !l.starts_with("To: "))
+            .take_while(|l| l.starts_with("To: ") || l.starts_with(' '))
+            .collect();
+        assert!(header.len() > 1, "six long names need several lines: {header:?}");
+        for line in &header {
+            assert!(line.len() <= 78, "{line:?}");
+            assert_eq!(line.matches('"').count() % 2, 0, "a line breaks inside a quoted name: {line:?}");
+            assert!(line.trim_end().ends_with('>') || line.trim_end().ends_with(">,"), "{line:?}");
+        }
+        let unfolded = header.join("");
+        for i in 0..6 {
+            assert!(unfolded.contains(&format!("\"Directory Person Number {i} Of Finance\" <person{i}@example.org>")));
+        }
+        assert!(
+            text.contains("\r\nCc: \"Ops Team\" <ops@example.org>\r\n")
+                || text.contains("\r\nCc: Ops Team <ops@example.org>\r\n"),
+            "{text}"
+        );
     }
 }
