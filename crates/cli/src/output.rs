@@ -157,6 +157,14 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
             if let Some(h) = &a.hint {
                 println!("  hint: {h}");
             }
+            let refused: Vec<_> =
+                m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed).collect();
+            if refused.len() > 1 {
+                println!("  refused for good:");
+                for r in refused {
+                    println!("    {}: {}", r.address, r.reply.as_deref().unwrap_or("(no reply recorded)"));
+                }
+            }
             if let Some(next) = &m.next_attempt_at {
                 println!("  next attempt at {}", time(next));
             }

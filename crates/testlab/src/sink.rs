@@ -15,6 +15,8 @@ struct State {
     total: AtomicUsize,
     connections: AtomicUsize,
     greeting_delay_ms: AtomicU64,
+    /// Scripted RCPT replies per address, used one per RCPT (then 250).
+    rcpt_script: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
 }
 
 #[derive(Clone)]
@@ -35,6 +37,13 @@ impl RecordingSink {
             }
         });
         sink
+    }
+
+    /// Answers the next RCPTs for `address` with `replies` in turn (e.g. `451 4.3.0 later`,
+    /// then `550 5.1.1 gone`); once they are used up, RCPT for it is accepted.
+    pub fn script_rcpt(&self, address: &str, replies: &[&str]) {
+        let mut script = self.state.rcpt_script.lock().unwrap();
+        script.entry(address.to_ascii_lowercase()).or_default().extend(replies.iter().map(|r| r.to_string()));
     }
 
     /// Delays the 220 greeting of new connections.
@@ -72,6 +81,8 @@ fn session(stream: TcpStream, state: &State) {
         return;
     }
     let mut line = String::new();
+    // Recipients accepted in this transaction: DATA without one is refused (RFC 2920 3.1).
+    let mut accepted = 0;
     loop {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -80,7 +91,10 @@ fn session(stream: TcpStream, state: &State) {
         let upper = line.trim_end().to_ascii_uppercase();
         let ok = if upper.starts_with("EHLO") {
             say("250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME")
+        } else if upper == "DATA" && accepted == 0 {
+            say("554 5.5.1 no valid recipients")
         } else if upper == "DATA" {
+            accepted = 0;
             say("354 go ahead");
             let Some(data) = read_data(&mut reader) else { return };
             let message_id = data
@@ -94,7 +108,18 @@ fn session(stream: TcpStream, state: &State) {
         } else if upper == "QUIT" {
             say("221 2.0.0 bye");
             return;
-        } else if upper.starts_with("MAIL") || upper.starts_with("RCPT") || upper == "RSET" || upper == "NOOP" {
+        } else if upper.starts_with("RCPT") {
+            let address = upper.split(['<', '>']).nth(1).unwrap_or_default().to_ascii_lowercase();
+            let scripted = state.rcpt_script.lock().unwrap().get_mut(&address).and_then(|q| q.pop_front());
+            let reply = scripted.unwrap_or_else(|| "250 2.1.5 Ok".into());
+            if reply.starts_with('2') {
+                accepted += 1;
+            }
+            say(&reply)
+        } else if upper.starts_with("MAIL") || upper == "RSET" {
+            accepted = 0;
+            say("250 2.0.0 Ok")
+        } else if upper == "NOOP" {
             say("250 2.0.0 Ok")
         } else {
             say("502 5.5.2 command not recognized")

@@ -67,6 +67,17 @@ impl Harness {
         Panel::open(&self.url, secrets).await.unwrap().with_clock(Arc::new(self.clock.clone()))
     }
 
+    /// A message to `to`, through the mail tester's path.
+    pub async fn send_to(&self, subject: &str, to: &[&str]) -> i64 {
+        let draft = Draft {
+            to: to.iter().map(|a| a.to_string()).collect(),
+            subject: subject.into(),
+            text: "Hello.".into(),
+            ..Default::default()
+        };
+        self.panel.enqueue_draft(Origin::MailTester, &draft, None).await.unwrap().0
+    }
+
     pub async fn send(&self, subject: &str) -> i64 {
         let draft = Draft { subject: subject.into(), text: "Hello.".into(), ..Default::default() };
         self.panel.enqueue_draft(Origin::MailTester, &draft, None).await.unwrap().0

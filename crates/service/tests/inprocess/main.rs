@@ -4,5 +4,6 @@
 
 mod harness;
 
+mod recipients;
 mod schedules;
 mod worker;
