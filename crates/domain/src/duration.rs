@@ -2,7 +2,19 @@
 
 use std::time::Duration;
 
+/// The longest duration anyone means (ten years): longer ones are refused here, so that no
+/// caller overflows a date computed from them (`since=99999999999d`).
+pub const MAX: Duration = Duration::from_secs(10 * 366 * 86_400);
+
 pub fn parse(value: &str) -> Result<Duration, String> {
+    let d = parse_any(value)?;
+    if d > MAX {
+        return Err(format!("'{}' is longer than ten years; give a shorter duration", value.trim()));
+    }
+    Ok(d)
+}
+
+fn parse_any(value: &str) -> Result<Duration, String> {
     let value = value.trim();
     if value.is_empty() {
         return Err("is empty; write a duration like 30s, 5m, 1h or 1d".into());
@@ -91,5 +103,13 @@ mod tests {
             assert_eq!(format(parse(s).unwrap()), s);
         }
         assert_eq!(format_list(&parse_list("1m, 5m,1h").unwrap()), "1m,5m,1h");
+    }
+
+    #[test]
+    fn durations_longer_than_ten_years_are_refused_instead_of_overflowing_later() {
+        assert!(parse("3650d").is_ok());
+        for v in ["99999999999d", "18446744073709551615", "4000d"] {
+            assert!(parse(v).unwrap_err().contains("ten years"), "{v}");
+        }
     }
 }

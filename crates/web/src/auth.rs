@@ -35,6 +35,8 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 
 /// The least role a request needs: from `ROUTES` for the API, viewer for pages.
 pub fn required_role(method: &Method, path: &str) -> Role {
+    // HEAD is GET without the body: it needs what GET needs.
+    let method = if method == Method::HEAD { &Method::GET } else { method };
     ROUTES
         .iter()
         .find(|(m, p, _, _)| *m == method.as_str() && path_matches(p, path))
@@ -225,6 +227,7 @@ mod tests {
     #[test]
     fn roles_come_from_the_route_table() {
         assert_eq!(required_role(&Method::PUT, "/api/v1/settings/smtp"), Role::Admin);
+        assert_eq!(required_role(&Method::HEAD, "/api/v1/messages"), Role::Viewer, "HEAD follows GET");
         assert_eq!(required_role(&Method::POST, "/api/v1/smtp/test"), Role::Operator);
         assert_eq!(required_role(&Method::POST, "/api/v1/messages/17/retry"), Role::Operator);
         assert_eq!(required_role(&Method::GET, "/api/v1/messages/17"), Role::Viewer);

@@ -125,6 +125,15 @@ mod tests {
         let (status, body) = call("GET", "/api/v1/nothing-here".into()).await;
         assert_eq!((status, body.len()), (StatusCode::NOT_FOUND, 0));
 
+        // Every answer, pages and API alike, carries the security headers.
+        let response =
+            app.clone().oneshot(Request::builder().uri("/login").body(Body::empty()).unwrap()).await.unwrap();
+        let h = response.headers();
+        assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["referrer-policy"], "same-origin");
+
         for (file, source) in [
             ("lib.rs", include_str!("lib.rs")),
             ("ui.rs", include_str!("ui.rs")),

@@ -135,8 +135,12 @@ pub(crate) struct Next {
 }
 
 fn safe_next(next: Option<&str>) -> String {
-    // Only a path on this site: never an absolute or protocol-relative URL.
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\')).unwrap_or("/").to_string()
+    // Only a path on this site: never an absolute or protocol-relative URL. Browsers drop tab,
+    // CR and LF from a Location and read a backslash as a slash (`/\t/evil` is `//evil`), so
+    // any control character, backslash or second leading slash refuses the whole `next`.
+    next.filter(|n| n.starts_with('/') && !n[1..].starts_with('/') && !n.chars().any(|c| c.is_control() || c == '\\'))
+        .unwrap_or("/")
+        .to_string()
 }
 
 async fn login_page(State(p): State<Panel>, Query(q): Query<Next>) -> PageResult {
@@ -449,6 +453,10 @@ mod tests {
         assert_eq!(safe_next(Some("/messages?state=failed")), "/messages?state=failed");
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        // What a browser reads as //evil.example once it drops tab, CR and LF.
+        for bad in ["/\t/evil.example", "/\n/evil.example", "/\r/evil.example", "/\u{b}/evil.example", "/\\evil"] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
         assert_eq!(safe_next(None), "/");
     }
 }
