@@ -128,6 +128,13 @@ pub fn enqueued(id: i64, what: &str, service_running: bool, json: bool) {
     }
 }
 
+/// Each recipient refused for good, with the relay's reply.
+fn print_refused(m: &MessageDetail, indent: &str) {
+    for r in m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed) {
+        println!("{indent}{}: {}", r.address, r.reply.as_deref().unwrap_or("(no reply recorded)"));
+    }
+}
+
 pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
     if json {
         print_json(m);
@@ -146,9 +153,7 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
         (panel_domain::MessageState::PartlyFailed, _) => {
             let delivered = m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Delivered).count();
             println!("Partly delivered: {delivered} of {} recipients; refused for good:", m.recipients.len());
-            for r in m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed) {
-                println!("  {}: {}", r.address, r.reply.as_deref().unwrap_or("(no reply recorded)"));
-            }
+            print_refused(m, "  ");
             println!("  retry sends to these only: panel messages retry {}", m.id);
         }
         (_, Some(a)) => {
@@ -157,13 +162,9 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
             if let Some(h) = &a.hint {
                 println!("  hint: {h}");
             }
-            let refused: Vec<_> =
-                m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed).collect();
-            if refused.len() > 1 {
+            if m.recipients.iter().filter(|r| r.state == panel_domain::RecipientState::Failed).count() > 1 {
                 println!("  refused for good:");
-                for r in refused {
-                    println!("    {}: {}", r.address, r.reply.as_deref().unwrap_or("(no reply recorded)"));
-                }
+                print_refused(m, "    ");
             }
             if let Some(next) = &m.next_attempt_at {
                 println!("  next attempt at {}", time(next));

@@ -254,13 +254,17 @@ async fn audit(tx: &mut Tx, actor: &str, now: i64, events: &[AuditEvent]) -> Res
 }
 
 fn parse_state(r: &AnyRow) -> Result<MessageState> {
-    let s: String = cell(r, "messages", "state")?;
-    MessageState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("messages.state: unknown message state '{s}'")))
+    closed_cell(r, "messages", "state", MessageState::parse)
 }
 
 fn parse_origin(r: &AnyRow) -> Result<Origin> {
-    let s: String = cell(r, "messages", "origin")?;
-    Origin::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("messages.origin: unknown message origin '{s}'")))
+    closed_cell(r, "messages", "origin", Origin::parse)
+}
+
+/// A `messages.state` read on its own (a scalar query): the same rule as `closed_cell`.
+fn known_state(text: &str) -> Result<MessageState> {
+    MessageState::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("messages.state: '{text}' is not one this build knows")))
 }
 
 fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
