@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Subcommand};
 use panel_domain::SettingsDoc;
+use panel_domain::settings::patch::Channel;
 use panel_domain::settings::table::{Default, Kind, SETTINGS, flag_name};
 use panel_service::{OpsError, Panel};
 
@@ -101,7 +102,7 @@ pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
         SmtpCommand::Set(args) => {
             let json = args.json;
             let patch = args.settings.patch().map_err(OpsError::Invalid)?;
-            let update = panel.update_settings(&patch, &actor()).await?;
+            let update = panel.update_settings(&patch, &actor(), Channel::Local).await?;
             output::settings_saved(&update, json);
             Ok(ExitCode::SUCCESS)
         }

@@ -107,14 +107,24 @@ pub struct RelaySettings {
     pub doc: SettingsDoc,
 }
 
-/// The relay endpoint a credential is bound to.
-pub fn endpoint_key(host: &str, port: u16, security: Security) -> String {
-    format!("{host}:{port}/{security}")
+/// Where a stored secret goes, as the credential's binding records it: the relay endpoint
+/// (`host:port/security`) and, when the token endpoint is overridden, the URL the OAuth client
+/// secret is posted to. Every setting that can send a secret somewhere else is part of it, so
+/// changing any of them detaches the credential.
+pub fn endpoint_key(host: &str, port: u16, security: Security, token_endpoint: Option<&EndpointUrl>) -> String {
+    match token_endpoint {
+        None => format!("{host}:{port}/{security}"),
+        Some(url) => format!("{host}:{port}/{security} with token endpoint {url}"),
+    }
 }
 
 impl RelaySettings {
     pub fn endpoint(&self) -> String {
-        endpoint_key(&self.host, self.port, self.security)
+        let token_endpoint = match &self.auth {
+            Auth::OAuth2 { token_endpoint, .. } => token_endpoint.as_ref(),
+            _ => None,
+        };
+        endpoint_key(&self.host, self.port, self.security, token_endpoint)
     }
 
     /// The name the relay's certificate must carry.
@@ -207,26 +217,31 @@ impl RelaySettings {
                 Some(connect_timeout),
                 Some(command_timeout),
                 Some(retry),
-            ) if errors.is_empty() => Ok(RelaySettings {
-                credential_attached: auth.credential().is_none()
-                    || doc.credential_relay.as_deref() == Some(endpoint_key(&host, port, security).as_str()),
-                host,
-                port,
-                security,
-                auth,
-                from,
-                fallback_recipient,
-                helo_name,
-                ca_file,
-                pin_sha256,
-                tls_server_name,
-                allow_plaintext_auth,
-                allow_from_override: doc.allow_from_override.unwrap_or(false),
-                connect_timeout,
-                command_timeout,
-                retry,
-                doc: doc.clone(),
-            }),
+            ) if errors.is_empty() => {
+                let mut settings = RelaySettings {
+                    credential_attached: false,
+                    host,
+                    port,
+                    security,
+                    auth,
+                    from,
+                    fallback_recipient,
+                    helo_name,
+                    ca_file,
+                    pin_sha256,
+                    tls_server_name,
+                    allow_plaintext_auth,
+                    allow_from_override: doc.allow_from_override.unwrap_or(false),
+                    connect_timeout,
+                    command_timeout,
+                    retry,
+                    doc: doc.clone(),
+                };
+                // The binding is computed from the validated settings, token endpoint included.
+                settings.credential_attached = settings.auth.credential().is_none()
+                    || doc.credential_relay.as_deref() == Some(settings.endpoint().as_str());
+                Ok(settings)
+            }
             _ => Err(errors),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use panel_domain::settings::patch::SettingsEvent;
+use panel_domain::settings::patch::{Channel, SettingsEvent};
 use panel_domain::{Auth, CredentialKind, FieldErrors, RelaySettings, SettingsDoc};
 use panel_relay::CheckReport;
 use panel_store::AuditEvent;
@@ -30,13 +30,18 @@ impl Panel {
     /// field validated once, nothing stored on error, a credential bound to its relay endpoint),
     /// then checks what only the service can: the CA file is readable, the credential exists and
     /// is of the kind the auth mode needs.
-    pub async fn update_settings(&self, patch: &SettingsDoc, by: &str) -> Result<SettingsUpdate, OpsError> {
+    pub async fn update_settings(
+        &self,
+        patch: &SettingsDoc,
+        by: &str,
+        channel: Channel,
+    ) -> Result<SettingsUpdate, OpsError> {
         let current = self.store.current_settings().await?;
         let (version, old_doc) = match current {
             Some(s) => (s.version, s.doc),
             None => (0, SettingsDoc::default()),
         };
-        let applied = panel_domain::settings::patch::apply(patch, &old_doc).map_err(OpsError::Invalid)?;
+        let applied = panel_domain::settings::patch::apply(patch, &old_doc, channel).map_err(OpsError::Invalid)?;
         let mut errors = FieldErrors::default();
         if let Some(ca) = &applied.settings.ca_file
             && let Err(e) = std::fs::metadata(ca)

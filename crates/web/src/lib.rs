@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use panel_domain::message::Draft;
+use panel_domain::settings::patch::Channel;
 use panel_domain::{Origin, SettingsDoc};
 use panel_service::ops::effective_view;
 use panel_service::{ErrorKind, OpsError, Panel};
@@ -154,7 +155,7 @@ pub(crate) async fn put_settings(
     body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let Json(patch) = body.map_err(invalid_body)?;
-    let update = p.update_settings(&patch, &by).await?;
+    let update = p.update_settings(&patch, &by, Channel::Remote).await?;
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
 

@@ -92,3 +92,26 @@ fn the_service_answers_health_and_validates_api_input() {
     assert_eq!(services[0]["kind"], "serve");
     assert_eq!(services[0]["listen"], format!("127.0.0.1:{port}"));
 }
+
+#[test]
+fn the_api_cannot_point_the_relay_password_at_a_local_file_or_variable() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    for body in [
+        r#"{"auth": "password", "username": "x", "password_file": "/etc/passwd", "host": "evil.example.net"}"#,
+        r#"{"auth": "password", "username": "x", "password_env": "HOME"}"#,
+    ] {
+        let (status, answer) = http(port, "PUT", "/api/v1/settings/smtp", body);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("set only on the service's machine"), "{answer}");
+    }
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 1, "nothing stored");
+    // Set where it may be, the password source stays; the API may not move the relay under it.
+    env.ok(&["smtp", "set", "--auth", "password", "--username", "x", "--password-env", "RELAY_PW"]);
+    let (status, answer) = http(port, "PUT", "/api/v1/settings/smtp", r#"{"host": "evil.example.net"}"#);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains(r#""field":"host""#), "{answer}");
+    let shown = env.ok(&["smtp", "show", "--json"]).json();
+    assert_eq!((shown["version"].as_i64(), shown["effective"]["host"].as_str()), (Some(2), Some("relay.example.org")));
+}

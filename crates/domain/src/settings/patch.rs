@@ -3,7 +3,7 @@
 //! must be told, and what the audit log records. The one validation of a save runs here.
 
 use super::table::{SETTINGS, SettingsDoc, modes};
-use super::{AuthMode, RelaySettings, Security, endpoint_key, validate_host};
+use super::{AuthMode, RelaySettings, Security};
 use crate::errors::FieldErrors;
 
 /// A saved change, before it is stored.
@@ -25,16 +25,27 @@ pub enum SettingsEvent {
     CredentialDetached { credential: String, from: String, to: String },
 }
 
+/// Who saves a change: the local CLI (and the config file) on the service's machine, or the API
+/// and the web UI, which anyone holding an admin token or session reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Local,
+    Remote,
+}
+
 /// Applies `patch` to `current`:
 /// - a field the patch names replaces the stored one, `''` clears it;
 /// - naming a mode (`auth`, `security`) drops the stored fields that mode does not use (the
 ///   table's `uses`), unless the patch names them too, with a notice;
 /// - naming one password source replaces the other kind (`credential` vs. a file or variable);
 /// - a stored credential is bound to the relay endpoint it was named for: changing the host,
-///   port or security detaches it (a notice and an audit event) until it is named again.
+///   port, security or token endpoint detaches it (a notice and an audit event) until it is
+///   named again;
+/// - through the `Remote` channel, the settings that make the service read a local file or
+///   variable and send it are refused (`check_channel`).
 ///
 /// Every problem of the result is reported at once; nothing is applied on error.
-pub fn apply(patch: &SettingsDoc, current: &SettingsDoc) -> Result<Applied, FieldErrors> {
+pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Result<Applied, FieldErrors> {
     let mut doc = current.merged(patch);
     let mut notices = Vec::new();
     let (auth, security) = modes(&doc);
@@ -57,6 +68,13 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc) -> Result<Applied, Fiel
     }
 
     let mut settings = RelaySettings::validate(&doc)?;
+    if channel == Channel::Remote {
+        let mut errors = FieldErrors::default();
+        check_channel(patch, current, &settings, &mut errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+    }
     let mut events = Vec::new();
     match settings.auth.credential().map(String::from) {
         None => doc.credential_relay = None,
@@ -111,15 +129,43 @@ fn drop_fields(
     }
 }
 
-/// The endpoint a stored (valid) document names, without validating the rest of it.
+/// Where a stored document sends its secrets (`RelaySettings::endpoint`); `None` before the
+/// first save.
 fn endpoint_of(doc: &SettingsDoc) -> Option<String> {
-    let host = validate_host("host", doc.host.as_deref()?).ok()?;
-    let (_, security) = modes(doc);
-    let port = match doc.port {
-        Some(p) => u16::try_from(p).ok()?,
-        None => security.default_port(),
-    };
-    Some(endpoint_key(&host, port, security))
+    RelaySettings::validate(doc).ok().map(|s| s.endpoint())
+}
+
+/// Refuses what only someone on the service's machine may do. `password_file` names a file and
+/// `password_env` a variable that the service reads and sends to the relay as its password:
+/// through the API they would let a token holder read any file or variable Panel can (its own
+/// master key) and send it to a relay of their choosing. So a remote patch may clear them but
+/// not set or change them, and may not move the relay (or the token endpoint) while the password
+/// comes from one of them.
+fn check_channel(patch: &SettingsDoc, current: &SettingsDoc, result: &RelaySettings, errors: &mut FieldErrors) {
+    for s in SETTINGS.iter().filter(|s| s.local_only) {
+        if patch.names(s.name) && patch.get(s.name) != current.get(s.name) {
+            errors.push(
+                s.name,
+                format!(
+                    "is set only on the service's machine (panel smtp set --{} ...): it names what the service \
+                     reads and sends as the relay password; through the API or web UI use a stored credential",
+                    super::table::flag_name(s)
+                ),
+            );
+        }
+    }
+    let was = endpoint_of(current);
+    if let (super::Auth::Password { .. }, Some(was)) = (&result.auth, &was)
+        && *was != result.endpoint()
+    {
+        errors.push(
+            "host",
+            format!(
+                "the relay password comes from a file or variable set on the service's machine, so the relay \
+                 ({was}) is changed only there (panel smtp set), or switch to a stored credential"
+            ),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -142,12 +188,12 @@ mod tests {
             tls_server_name: Some("relay.internal".into()),
             ..base()
         };
-        let a = apply(&patch(&[("security", "none")]), &current).unwrap();
+        let a = apply(&patch(&[("security", "none")]), &current, Channel::Local).unwrap();
         assert_eq!((a.doc.ca_file, a.doc.pin_sha256, a.doc.tls_server_name), (None, None, None));
         assert_eq!(a.settings.security, Security::None);
         assert_eq!(a.notices, ["ca_file, pin_sha256, tls_server_name cleared: not used with security none"]);
         // Naming a TLS field together with none is still refused: the admin asked for both.
-        let err = apply(&patch(&[("security", "none"), ("ca_file", "/ca.pem")]), &current).unwrap_err();
+        let err = apply(&patch(&[("security", "none"), ("ca_file", "/ca.pem")]), &current, Channel::Local).unwrap_err();
         assert_eq!(err.0[0].field, "security");
     }
 
@@ -159,12 +205,12 @@ mod tests {
             password_env: Some("PW".into()),
             ..base()
         };
-        let a = apply(&patch(&[("auth", "integrated")]), &current).unwrap();
+        let a = apply(&patch(&[("auth", "integrated")]), &current, Channel::Local).unwrap();
         assert_eq!((a.doc.username, a.doc.password_env), (None, None));
         assert_eq!(a.settings.auth, Auth::Integrated { keytab: None, principal: None, service_principal: None });
         assert_eq!(a.notices, ["username, password_env cleared: not used with auth integrated"]);
         // The same mode again drops nothing.
-        let same = apply(&patch(&[("auth", "password")]), &current).unwrap();
+        let same = apply(&patch(&[("auth", "password")]), &current, Channel::Local).unwrap();
         assert_eq!(same.doc, current);
         assert!(same.notices.is_empty());
     }
@@ -177,11 +223,11 @@ mod tests {
             password_file: Some("/etc/panel/pw".into()),
             ..base()
         };
-        let a = apply(&patch(&[("credential", "relay")]), &current).unwrap();
+        let a = apply(&patch(&[("credential", "relay")]), &current, Channel::Local).unwrap();
         assert_eq!((a.doc.username.as_deref(), a.doc.password_file.as_deref()), (None, None));
         assert_eq!(a.settings.auth, Auth::Stored { credential: "relay".into() });
         assert!(a.settings.credential_attached);
-        let back = apply(&patch(&[("username", "panel"), ("password_env", "PW")]), &a.doc).unwrap();
+        let back = apply(&patch(&[("username", "panel"), ("password_env", "PW")]), &a.doc, Channel::Local).unwrap();
         assert_eq!(back.doc.credential, None);
         assert_eq!(back.doc.credential_relay, None, "no credential, no binding");
     }
@@ -189,7 +235,7 @@ mod tests {
     #[test]
     fn a_credential_is_bound_to_its_relay_and_detached_when_the_relay_changes() {
         let current = base();
-        let named = apply(&patch(&[("auth", "password"), ("credential", "relay")]), &current).unwrap();
+        let named = apply(&patch(&[("auth", "password"), ("credential", "relay")]), &current, Channel::Local).unwrap();
         assert_eq!(named.doc.credential_relay.as_deref(), Some("relay.example.org:587/starttls"));
         assert_eq!(
             named.events,
@@ -198,7 +244,7 @@ mod tests {
                 relay: "relay.example.org:587/starttls".into()
             }]
         );
-        let moved = apply(&patch(&[("host", "evil.example.net")]), &named.doc).unwrap();
+        let moved = apply(&patch(&[("host", "evil.example.net")]), &named.doc, Channel::Local).unwrap();
         assert!(!moved.settings.credential_attached);
         assert!(moved.notices[0].contains("detached"), "{:?}", moved.notices);
         assert_eq!(
@@ -210,17 +256,71 @@ mod tests {
             }]
         );
         // Moving again while detached tells the admin again but records no second detach.
-        let again = apply(&patch(&[("port", "2525")]), &moved.doc).unwrap();
+        let again = apply(&patch(&[("port", "2525")]), &moved.doc, Channel::Local).unwrap();
         assert!(again.events.is_empty() && !again.notices.is_empty());
         // Naming it again attaches it to the new relay.
-        let confirmed = apply(&patch(&[("credential", "relay")]), &again.doc).unwrap();
+        let confirmed = apply(&patch(&[("credential", "relay")]), &again.doc, Channel::Local).unwrap();
         assert!(confirmed.settings.credential_attached);
         assert_eq!(confirmed.doc.credential_relay.as_deref(), Some("evil.example.net:2525/starttls"));
     }
 
     #[test]
+    fn changing_the_token_endpoint_detaches_the_client_secret() {
+        let current = SettingsDoc {
+            auth: Some("oauth2".into()),
+            oauth_provider: Some("microsoft".into()),
+            username: Some("panel@example.org".into()),
+            ..base()
+        };
+        let named = apply(&patch(&[("credential", "m365")]), &current, Channel::Local).unwrap();
+        assert!(named.settings.credential_attached);
+        // The issue's attack: only the endpoint the secret is posted to changes.
+        let moved = apply(&patch(&[("token_endpoint", "https://idp.evil.example/token")]), &named.doc, Channel::Remote)
+            .unwrap();
+        assert!(!moved.settings.credential_attached, "the secret must not go to the new endpoint");
+        assert!(moved.notices[0].contains("with token endpoint https://idp.evil.example/token"), "{:?}", moved.notices);
+        assert!(matches!(&moved.events[..], [SettingsEvent::CredentialDetached { .. }]), "{:?}", moved.events);
+        // Back to the provider's own endpoint: the binding it was confirmed for holds again.
+        let back = apply(&patch(&[("token_endpoint", "")]), &moved.doc, Channel::Remote).unwrap();
+        assert!(back.settings.credential_attached);
+    }
+
+    #[test]
+    fn a_password_file_or_variable_is_set_only_on_the_services_machine() {
+        let current = base();
+        for (field, value) in [("password_file", "/var/lib/panel/master.key"), ("password_env", "PANEL_MASTER")] {
+            let p = patch(&[("auth", "password"), ("username", "x"), (field, value), ("host", "evil.example.net")]);
+            let err = apply(&p, &current, Channel::Remote).unwrap_err();
+            assert_eq!(err.0.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), [field, "host"], "{err:?}");
+            assert!(err.0[0].message.contains("stored credential"), "{err:?}");
+            assert!(apply(&p, &current, Channel::Local).is_ok(), "the CLI on the machine may");
+        }
+        let local = apply(
+            &patch(&[("auth", "password"), ("username", "x"), ("password_file", "/etc/panel/pw")]),
+            &current,
+            Channel::Local,
+        )
+        .unwrap()
+        .doc;
+        // The web form sends every field back unchanged: that is not a change.
+        let same = patch(&[("password_file", "/etc/panel/pw"), ("from", "Panel <p@example.org>")]);
+        assert!(apply(&same, &local, Channel::Remote).is_ok());
+        // Moving the relay would send the local password to it: refused remotely, with the way.
+        let err = apply(&patch(&[("host", "evil.example.net")]), &local, Channel::Remote).unwrap_err();
+        assert_eq!(err.0[0].field, "host");
+        assert!(err.0[0].message.contains("relay.example.org:587/starttls"), "{err:?}");
+        assert!(apply(&patch(&[("port", "2525")]), &local, Channel::Remote).is_err());
+        assert!(apply(&patch(&[("host", "relay2.example.org")]), &local, Channel::Local).is_ok());
+        // Clearing it (for a stored credential) and moving in one remote save is allowed.
+        let switched =
+            apply(&patch(&[("credential", "relay"), ("host", "relay2.example.org")]), &local, Channel::Remote);
+        assert_eq!(switched.unwrap().doc.password_file, None);
+    }
+
+    #[test]
     fn an_invalid_result_reports_every_field_and_applies_nothing() {
-        let err = apply(&patch(&[("port", "70000"), ("from", "nobody"), ("security", "ssl")]), &base()).unwrap_err();
+        let err = apply(&patch(&[("port", "70000"), ("from", "nobody"), ("security", "ssl")]), &base(), Channel::Local)
+            .unwrap_err();
         let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["security", "port", "from"]);
     }

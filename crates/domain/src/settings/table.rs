@@ -135,6 +135,9 @@ pub struct Setting {
     pub uses: Uses,
     /// One line: the `--help` text, the form's help and the reference's meaning.
     pub doc: &'static str,
+    /// Settable only on the service's machine (the CLI), never through the API or the web UI:
+    /// the setting makes the service read something local and send it (`patch::Channel`).
+    pub local_only: bool,
 }
 
 /// A value as given: the JSON type a setting stores.
@@ -199,7 +202,7 @@ impl FromText for bool {
 macro_rules! settings_table {
     ($($(#[$doc:meta])* $name:ident: $ty:ty {
         kind: $kind:expr, group: $group:ident, label: $label:literal, default: $default:expr,
-        uses: $uses:expr, doc: $help:literal $(,)?
+        uses: $uses:expr, $(local_only: $local:literal,)? doc: $help:literal $(,)?
     }),+ $(,)?) => {
         /// The settings document as stored and as edited: every field optional and loosely typed,
         /// so that a patch can name only what changes and validation can report every field's
@@ -226,6 +229,7 @@ macro_rules! settings_table {
             default: $default,
             uses: $uses,
             doc: $help,
+            local_only: false $(|| $local)?,
         }),+];
 
         impl SettingsDoc {
@@ -332,13 +336,15 @@ settings_table! {
     },
     password_file: String {
         kind: Kind::Path, group: Authentication, label: "Password file", default: Default::Unset,
-        uses: auth(&[AuthMode::Password]),
-        doc: "A file holding the relay password, read before every connection, never stored",
+        uses: auth(&[AuthMode::Password]), local_only: true,
+        doc: "A file holding the relay password, read before every connection, never stored; \
+              set only with the CLI on the service's machine",
     },
     password_env: String {
         kind: Kind::Text, group: Authentication, label: "Password variable", default: Default::Unset,
-        uses: auth(&[AuthMode::Password]),
-        doc: "An environment variable of the service holding the relay password, read before every connection",
+        uses: auth(&[AuthMode::Password]), local_only: true,
+        doc: "An environment variable of the service holding the relay password, read before every connection; \
+              set only with the CLI on the service's machine",
     },
     /// A stored credential's name (`auth = password`, `oauth2` or `ntlm`).
     credential: String {
@@ -524,6 +530,7 @@ pub fn schema() -> Value {
                 "default_text": s.default.text(),
                 "default_label": default_label,
                 "options": options,
+                "local_only": s.local_only,
                 "used_by": {
                     "auth": s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "security": s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>(),

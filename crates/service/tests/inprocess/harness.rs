@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use panel_domain::message::Draft;
+use panel_domain::settings::patch::Channel;
 use panel_domain::{MessageState, Origin, SettingsDoc};
 use panel_service::clock::ManualClock;
 use panel_service::views::MessageDetail;
@@ -47,7 +48,7 @@ impl Harness {
         ];
         given.extend_from_slice(settings);
         let patch = SettingsDoc::from_texts(given).unwrap();
-        panel.update_settings(&patch, "test").await.unwrap();
+        panel.update_settings(&patch, "test", Channel::Local).await.unwrap();
         let (stop, stop_rx) = watch::channel(false);
         let worker = config.map(|config| {
             tokio::spawn(panel_service::run_worker(
