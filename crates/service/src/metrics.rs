@@ -90,7 +90,7 @@ impl Metrics {
     }
 
     /// The exposition text: this process's counters, then the store's gauges.
-    pub fn render(&self, queue: &QueueStats, interrupted: i64) -> String {
+    pub fn render(&self, queue: &QueueStats, interrupted: i64, writable: bool) -> String {
         let mut out = String::new();
         self.enqueued.render(&mut out, "panel_steps_enqueued_total", "Steps enqueued by this process, by origin.");
         self.claimed.render(
@@ -153,6 +153,11 @@ impl Metrics {
             out,
             "# HELP panel_lease_expiries_total Steps taken over after their worker's lease expired (all services).\n# TYPE panel_lease_expiries_total counter\npanel_lease_expiries_total {interrupted}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP panel_storage_writable 0 while this process's writes to the database fail (a full disk), else 1.\n# TYPE panel_storage_writable gauge\npanel_storage_writable {}",
+            u8::from(writable)
+        );
         out
     }
 }
@@ -172,7 +177,7 @@ mod tests {
         m.delivered_after(0.04);
         let stats =
             QueueStats { queued: 2, retrying: 1, delivered: 5, oldest_due_age_secs: Some(7), ..Default::default() };
-        let text = m.render(&stats, 3);
+        let text = m.render(&stats, 3, true);
         for line in [
             "panel_steps_enqueued_total{origin=\"test_message\"} 1",
             "panel_attempts_total{outcome=\"delivered\",class=\"none\",code=\"250\"} 1",

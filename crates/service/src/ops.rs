@@ -119,7 +119,14 @@ impl Panel {
         let (hours, last_hour, last_day) = Dashboard::tally(start, &counts);
         let last_error: Option<crate::views::RelayError> = self.store.last_relay_error().await?.map(Into::into);
         let settings = self.settings().await;
+        let storage = self.storage_fault();
         let banner = match (&settings, &last_error) {
+            _ if let Some(f) = &storage => Some(format!(
+                "The database cannot be written since {}: {}. New mail is refused (503) and nothing acknowledged \
+                 is lost; free space on the data directory's disk and Panel resumes by itself.",
+                f.since.format("%Y-%m-%d %H:%M:%S UTC"),
+                f.reason
+            )),
             (Ok(None), _) => Some(
                 "No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string(),
             ),
@@ -146,7 +153,14 @@ impl Panel {
     pub async fn metrics_text(&self) -> Result<String, OpsError> {
         let stats = self.store.queue_stats(self.now()).await?;
         let interrupted = self.store.interrupted_attempts().await?;
-        Ok(self.metrics.render(&stats, interrupted))
+        Ok(self.metrics.render(&stats, interrupted, self.storage_fault().is_none()))
+    }
+
+    /// Set while this process's writes to the database fail (a full disk, an I/O error): new
+    /// mail is refused with 503 and `/readyz` says why. Clears by itself a few seconds after the
+    /// last failed write (`STORAGE_FAULT_HOLD`).
+    pub fn storage_fault(&self) -> Option<panel_store::StorageFault> {
+        self.store.storage_fault()
     }
 
     /// Services whose heartbeat is recent.

@@ -30,10 +30,71 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The database cannot be reached or written right now (I/O, a full pool), as opposed to a
-    /// query or a row that is wrong: trying again later may work.
+    /// The database cannot be reached or written right now (I/O, a full disk, a full pool), as
+    /// opposed to a query or a row that is wrong: trying again later may work.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed))
+            || self.storage_fault().is_some()
+    }
+
+    /// Why the database cannot be written, when that is what went wrong: the disk is full, the
+    /// file system failed or went read-only. `None` for every other error.
+    pub fn storage_fault(&self) -> Option<String> {
+        let StoreError::Database(e) = self else { return None };
+        match e {
+            sqlx::Error::Io(io) => Some(io.to_string()),
+            sqlx::Error::Database(db) => {
+                let code = db.code()?;
+                let fault = if code.len() == 5 {
+                    // PostgreSQL's SQLSTATE: 53 insufficient resources (53100 disk full), 58 system
+                    // error (58030 I/O error).
+                    code.starts_with("53") || code.starts_with("58")
+                } else {
+                    // SQLite's (extended) result code: its low byte is the primary code. 8
+                    // READONLY, 10 IOERR, 13 FULL, 14 CANTOPEN.
+                    matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(8 | 10 | 13 | 14))
+                };
+                fault.then(|| db.message().to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How long after its last failed write a store counts as not writable. Long enough that writes
+/// which happen to succeed in between (SQLite reuses its WAL's space) do not flap readiness;
+/// short enough that the service reports itself ready within seconds of space returning.
+pub const STORAGE_FAULT_HOLD: Duration = Duration::from_secs(10);
+
+/// Writes to the database are failing (as this process saw them): since when, the last time,
+/// and the database's own words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageFault {
+    pub since: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Health {
+    fault: std::sync::Mutex<Option<StorageFault>>,
+}
+
+impl Health {
+    fn failed(&self, reason: String) {
+        let now = Utc::now();
+        let mut fault = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        let since = fault.as_ref().map_or(now, |f| f.since);
+        *fault = Some(StorageFault { since, last: now, reason });
+    }
+
+    fn current(&self) -> Option<StorageFault> {
+        let mut fault = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        let held = chrono::Duration::from_std(STORAGE_FAULT_HOLD).unwrap_or_default();
+        if fault.as_ref().is_some_and(|f| f.last + held < Utc::now()) {
+            *fault = None;
+        }
+        fault.clone()
     }
 }
 
@@ -43,6 +104,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone)]
 pub struct Store {
     backend: sql::SqlStore,
+    health: std::sync::Arc<Health>,
 }
 
 impl Store {
@@ -55,7 +117,22 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        Ok(Store { backend: sql::SqlStore::open(url, dialect).await? })
+        Ok(Store { backend: sql::SqlStore::open(url, dialect).await?, health: Default::default() })
+    }
+
+    /// Writes to the database failed within `STORAGE_FAULT_HOLD`: not ready (`/readyz`).
+    pub fn storage_fault(&self) -> Option<StorageFault> {
+        self.health.current()
+    }
+
+    /// Every operation's result passes here, so a full disk is noticed wherever it shows.
+    fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result
+            && let Some(reason) = e.storage_fault()
+        {
+            self.health.failed(reason);
+        }
+        result
     }
 
     /// True on PostgreSQL: several services on several hosts may share this store.
@@ -65,29 +142,29 @@ impl Store {
 
     /// (applied, known) schema versions: equal when the migrations are current.
     pub async fn schema_version(&self) -> Result<(i64, i64)> {
-        self.backend.schema_version().await
+        self.observe(self.backend.schema_version().await)
     }
 
     /// Wake-ups from every service sharing this store: `None` on SQLite (one host; services
     /// there are woken directly). Each `next()` returns when some service enqueued work.
     pub async fn subscribe_wakes(&self) -> Result<Option<WakeSubscription>> {
-        Ok(self.backend.listen_wakes().await?.map(|listener| WakeSubscription { listener }))
+        Ok(self.observe(self.backend.listen_wakes().await)?.map(|listener| WakeSubscription { listener }))
     }
 
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
     /// SQLite, whose services are woken on this host directly).
     pub async fn notify_wake(&self) -> Result<()> {
-        self.backend.notify_wake().await
+        self.observe(self.backend.notify_wake().await)
     }
 
     pub async fn current_settings(&self) -> Result<Option<StoredSettings>> {
-        self.backend.current_settings().await
+        self.observe(self.backend.current_settings().await)
     }
 
     /// The settings version in force (0 before the first save) and the secrets generation.
     /// Cheap: checked before every claim.
     pub async fn config_generation(&self) -> Result<ConfigGeneration> {
-        self.backend.config_generation().await
+        self.observe(self.backend.config_generation().await)
     }
 
     /// Saves a new version if the stored one is still `expected_version` (optimistic locking),
@@ -101,7 +178,7 @@ impl Store {
         now: DateTime<Utc>,
         events: &[AuditEvent],
     ) -> Result<i64> {
-        self.backend.save_settings(expected_version, doc, by, ms(now), events).await
+        self.observe(self.backend.save_settings(expected_version, doc, by, ms(now), events).await)
     }
 
     /// Adds a verified license key; false when a key with this id is already there.
@@ -113,32 +190,32 @@ impl Store {
         now: DateTime<Utc>,
         event: &AuditEvent,
     ) -> Result<bool> {
-        self.backend.add_license(id, key, by, ms(now), event).await
+        self.observe(self.backend.add_license(id, key, by, ms(now), event).await)
     }
 
     pub async fn licenses(&self) -> Result<Vec<LicenseRow>> {
-        self.backend.licenses().await
+        self.observe(self.backend.licenses().await)
     }
 
     pub async fn remove_license(&self, id: &str, by: &str, now: DateTime<Utc>) -> Result<bool> {
-        self.backend.remove_license(id, by, ms(now)).await
+        self.observe(self.backend.remove_license(id, by, ms(now)).await)
     }
 
     pub async fn credential(&self, name: &str) -> Result<Option<CredentialRow>> {
-        self.backend.credential(name).await
+        self.observe(self.backend.credential(name).await)
     }
 
     pub async fn credentials(&self) -> Result<Vec<CredentialRow>> {
-        self.backend.credentials().await
+        self.observe(self.backend.credentials().await)
     }
 
     /// Stores or replaces a sealed credential and audits it.
     pub async fn put_credential(&self, credential: &NewCredential, by: &str, now: DateTime<Utc>) -> Result<PutOutcome> {
-        self.backend.put_credential(credential, by, ms(now)).await
+        self.observe(self.backend.put_credential(credential, by, ms(now)).await)
     }
 
     pub async fn delete_credential(&self, name: &str, by: &str, now: DateTime<Utc>) -> Result<DeleteOutcome> {
-        self.backend.delete_credential(name, by, ms(now)).await
+        self.observe(self.backend.delete_credential(name, by, ms(now)).await)
     }
 
     /// Moves every credential to `new_master_key_id` in one transaction; `MasterKeyChanged` if
@@ -151,16 +228,16 @@ impl Store {
         now: DateTime<Utc>,
         event: &AuditEvent,
     ) -> Result<u64> {
-        self.backend.rewrap_credentials(updates, new_master_key_id, by, ms(now), event).await
+        self.observe(self.backend.rewrap_credentials(updates, new_master_key_id, by, ms(now), event).await)
     }
 
     /// The master key id stored credentials are wrapped with; `None` before the first credential.
     pub async fn current_master_key_id(&self) -> Result<Option<String>> {
-        self.backend.current_master_key_id().await
+        self.observe(self.backend.current_master_key_id().await)
     }
 
     pub async fn adopt_master_key_id(&self, key_id: &str) -> Result<()> {
-        self.backend.adopt_master_key_id(key_id).await
+        self.observe(self.backend.adopt_master_key_id(key_id).await)
     }
 
     pub async fn mark_credential_used(
@@ -170,12 +247,12 @@ impl Store {
         now: DateTime<Utc>,
         event: &AuditEvent,
     ) -> Result<bool> {
-        self.backend.mark_credential_used(id, by, ms(now), event).await
+        self.observe(self.backend.mark_credential_used(id, by, ms(now), event).await)
     }
 
     /// The newest `limit` audit entries, newest first.
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
-        self.backend.audit_log(limit).await
+        self.observe(self.backend.audit_log(limit).await)
     }
 
     /// Creates an admin account, or replaces its role and password with `replace` (ending its
@@ -189,20 +266,20 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        self.backend.put_admin(name, role, password_hash, replace, by, ms(now)).await
+        self.observe(self.backend.put_admin(name, role, password_hash, replace, by, ms(now)).await)
     }
 
     pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
-        self.backend.admin(name).await
+        self.observe(self.backend.admin(name).await)
     }
 
     /// Every account (without password hashes).
     pub async fn admins(&self) -> Result<Vec<AdminRow>> {
-        self.backend.admins().await
+        self.observe(self.backend.admins().await)
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str, now: DateTime<Utc>) -> Result<bool> {
-        self.backend.delete_admin(name, by, ms(now)).await
+        self.observe(self.backend.delete_admin(name, by, ms(now)).await)
     }
 
     /// Stores a session (`kind` "session", with its CSRF token and expiry) or an API token.
@@ -217,19 +294,19 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        self.backend.add_token(token_hash, kind, admin, label, csrf, expires_at.map(ms), ms(now)).await
+        self.observe(self.backend.add_token(token_hash, kind, admin, label, csrf, expires_at.map(ms), ms(now)).await)
     }
 
     pub async fn token_owner(&self, token_hash: &str, now: DateTime<Utc>) -> Result<Option<TokenOwner>> {
-        self.backend.token_owner(token_hash, ms(now)).await
+        self.observe(self.backend.token_owner(token_hash, ms(now)).await)
     }
 
     pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
-        self.backend.delete_token(token_hash).await
+        self.observe(self.backend.delete_token(token_hash).await)
     }
 
     pub async fn tokens(&self, admin: &str) -> Result<Vec<TokenRow>> {
-        self.backend.tokens(admin).await
+        self.observe(self.backend.tokens(admin).await)
     }
 
     /// Stores a template, workflow or schedule (audited).
@@ -240,15 +317,15 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<SaveOutcome> {
-        self.backend.save_definition(definition, mode, by, ms(now)).await
+        self.observe(self.backend.save_definition(definition, mode, by, ms(now)).await)
     }
 
     pub async fn definition(&self, kind: DefinitionKind, name: &str) -> Result<Option<DefinitionRow>> {
-        self.backend.definition(kind, name).await
+        self.observe(self.backend.definition(kind, name).await)
     }
 
     pub async fn definitions(&self, kind: DefinitionKind) -> Result<Vec<DefinitionRow>> {
-        self.backend.definitions(kind).await
+        self.observe(self.backend.definitions(kind).await)
     }
 
     pub async fn delete_definition(
@@ -258,7 +335,7 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        self.backend.delete_definition(kind, name, by, ms(now)).await
+        self.observe(self.backend.delete_definition(kind, name, by, ms(now)).await)
     }
 
     /// Enables or disables a workflow or schedule; false when there is none by that name.
@@ -271,22 +348,22 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        self.backend.set_enabled(kind, name, enabled, next_fire_at.map(ms), by, ms(now)).await
+        self.observe(self.backend.set_enabled(kind, name, enabled, next_fire_at.map(ms), by, ms(now)).await)
     }
 
     /// Enabled workflows whose trigger is `event_type`.
     pub async fn workflows_for(&self, event_type: &str) -> Result<Vec<DefinitionRow>> {
-        self.backend.workflows_for(event_type).await
+        self.observe(self.backend.workflows_for(event_type).await)
     }
 
     /// Enabled schedules whose next fire time is at or before `now`.
     pub async fn due_schedules(&self, now: DateTime<Utc>) -> Result<Vec<DefinitionRow>> {
-        self.backend.due_schedules(ms(now)).await
+        self.observe(self.backend.due_schedules(ms(now)).await)
     }
 
     /// When the next enabled schedule fires, if any does.
     pub async fn next_schedule_fire(&self) -> Result<Option<DateTime<Utc>>> {
-        Ok(self.backend.next_schedule_fire().await?.map(from_ms))
+        Ok(self.observe(self.backend.next_schedule_fire().await)?.map(from_ms))
     }
 
     /// Writes a run with its messages in one transaction. With `advance` (a clock-driven fire),
@@ -298,7 +375,7 @@ impl Store {
         advance: Option<&ScheduleAdvance>,
         now: DateTime<Utc>,
     ) -> Result<Option<i64>> {
-        self.backend.commit_run(run, advance, ms(now)).await
+        self.observe(self.backend.commit_run(run, advance, ms(now)).await)
     }
 
     /// Stores an event and the workflow runs `plan` makes for it (given the event id) in one
@@ -311,25 +388,25 @@ impl Store {
         now: DateTime<Utc>,
         plan: impl FnOnce(i64) -> Vec<NewRun>,
     ) -> Result<EventRecord> {
-        self.backend.record_event(event_type, object, idempotency_key, ms(now), plan).await
+        self.observe(self.backend.record_event(event_type, object, idempotency_key, ms(now), plan).await)
     }
 
     pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
-        self.backend.run(id).await
+        self.observe(self.backend.run(id).await)
     }
 
     /// The newest runs of one schedule, workflow or dispatch name, newest first.
     pub async fn runs(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<RunRow>> {
-        self.backend.runs(kind, name, limit).await
+        self.observe(self.backend.runs(kind, name, limit).await)
     }
 
     pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
-        Ok(self.backend.enqueue(origin, message, ms(now), None).await?.0)
+        Ok(self.observe(self.backend.enqueue(origin, message, ms(now), None).await)?.0)
     }
 
     /// Enqueues many messages in one transaction (one commit for all; all or none).
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: DateTime<Utc>) -> Result<Vec<i64>> {
-        self.backend.enqueue_many(items, ms(now)).await
+        self.observe(self.backend.enqueue_many(items, ms(now)).await)
     }
 
     /// Enqueues once per `key`: the first call creates the step, any later or concurrent call
@@ -341,18 +418,18 @@ impl Store {
         now: DateTime<Utc>,
         key: &str,
     ) -> Result<(i64, bool)> {
-        self.backend.enqueue(origin, message, ms(now), Some(key)).await
+        self.observe(self.backend.enqueue(origin, message, ms(now), Some(key)).await)
     }
 
     /// Takes up to `limit` due messages under a lease for `owner`. Messages whose lease expired
     /// (their worker died) are first recorded as interrupted and become due again.
     pub async fn claim(&self, owner: &str, now: DateTime<Utc>, lease: Duration, limit: u32) -> Result<Vec<Claim>> {
-        self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit).await
+        self.observe(self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit).await)
     }
 
     /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
     pub async fn renew_lease(&self, claim: &ClaimRef, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
-        self.backend.renew_lease(claim, ms(now) + lease.as_millis() as i64).await
+        self.observe(self.backend.renew_lease(claim, ms(now) + lease.as_millis() as i64).await)
     }
 
     /// Records one attempt and the message's new state, fenced by the claim token: false (and
@@ -363,73 +440,73 @@ impl Store {
         attempt: &AttemptMeta,
         settlement: &Settlement,
     ) -> Result<bool> {
-        Ok(self.backend.record_attempts(&[(*claim, attempt.clone(), settlement.clone())]).await?[0])
+        Ok(self.observe(self.backend.record_attempts(&[(*claim, attempt.clone(), settlement.clone())]).await)?[0])
     }
 
     /// `record_attempt` for several attempts in one transaction: what a busy worker does to
     /// pay one commit (one fsync on SQLite) for many messages. One result per attempt.
     pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
-        self.backend.record_attempts(batch).await
+        self.observe(self.backend.record_attempts(batch).await)
     }
 
     pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {
-        self.backend.list_messages(filter).await
+        self.observe(self.backend.list_messages(filter).await)
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
-        self.backend.message(id).await
+        self.observe(self.backend.message(id).await)
     }
 
     /// Puts a failed message back in the queue, its failed recipients pending again.
     pub async fn retry_message(&self, id: i64, now: DateTime<Utc>) -> Result<RetryResult> {
-        self.backend.retry_message(id, ms(now)).await
+        self.observe(self.backend.retry_message(id, ms(now)).await)
     }
 
     /// The dead-letter bulk retry: every failed message whose last change is at or after
     /// `since` goes back in the queue, its failed recipients pending again. Returns how many.
     pub async fn retry_failed(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64> {
-        self.backend.retry_failed(ms(since), ms(now)).await
+        self.observe(self.backend.retry_failed(ms(since), ms(now)).await)
     }
 
     pub async fn heartbeat(&self, service: &ServiceInfo, now: DateTime<Utc>) -> Result<()> {
-        self.backend.heartbeat(service, ms(now)).await
+        self.observe(self.backend.heartbeat(service, ms(now)).await)
     }
 
     pub async fn deregister(&self, service_id: &str) -> Result<()> {
-        self.backend.deregister(service_id).await
+        self.observe(self.backend.deregister(service_id).await)
     }
 
     /// Services whose last heartbeat is newer than `fresh_after`; older rows are pruned.
     pub async fn services(&self, fresh_after: DateTime<Utc>) -> Result<Vec<ServiceRow>> {
-        self.backend.services(ms(fresh_after)).await
+        self.observe(self.backend.services(ms(fresh_after)).await)
     }
 
     /// The message content as queued (what every attempt sends).
     pub async fn message_content(&self, id: i64) -> Result<Option<OutgoingMessage>> {
-        self.backend.message_content(id).await
+        self.observe(self.backend.message_content(id).await)
     }
 
     /// Messages delivered, retrying and failed per hour since `since` (by last update).
     pub async fn hourly_counts(&self, since: DateTime<Utc>) -> Result<Vec<HourlyCount>> {
-        self.backend.hourly_counts(ms(since)).await
+        self.observe(self.backend.hourly_counts(ms(since)).await)
     }
 
     /// The newest attempt that did not deliver, and whether one has delivered since.
     pub async fn last_relay_error(&self) -> Result<Option<RelayError>> {
-        self.backend.last_relay_error().await
+        self.observe(self.backend.last_relay_error().await)
     }
 
     pub async fn queue_stats(&self, now: DateTime<Utc>) -> Result<QueueStats> {
-        self.backend.queue_stats(ms(now)).await
+        self.observe(self.backend.queue_stats(ms(now)).await)
     }
 
     /// Attempts recorded as interrupted (a worker's lease expired), across all services.
     pub async fn interrupted_attempts(&self) -> Result<i64> {
-        self.backend.interrupted_attempts().await
+        self.observe(self.backend.interrupted_attempts().await)
     }
 
     pub async fn message_state(&self, id: i64) -> Result<Option<MessageState>> {
-        self.backend.message_state(id).await
+        self.observe(self.backend.message_state(id).await)
     }
 }
 

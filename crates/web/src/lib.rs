@@ -114,11 +114,18 @@ fn ok(value: impl serde::Serialize) -> ApiResult {
     Ok(Json(value).into_response())
 }
 
-/// Ready when the database answers and its schema is the one this build expects.
+/// Ready when the database answers, can be written, and its schema is the one this build expects.
 async fn ready(State(p): State<Panel>) -> Response {
     let unavailable = |why: String| {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": why}))).into_response()
     };
+    if let Some(f) = p.storage_fault() {
+        return unavailable(format!(
+            "the database cannot be written since {}: {}",
+            f.since.format("%Y-%m-%d %H:%M:%S UTC"),
+            f.reason
+        ));
+    }
     match p.schema_version().await {
         Ok((applied, known)) if applied == known => {
             Json(json!({"status": "ready", "schema_version": applied})).into_response()

@@ -161,3 +161,69 @@ fn chaos_three_services_on_postgres_lose_nothing_while_workers_are_killed_throug
     assert!(duplicates <= kills, "{duplicates} duplicates for {kills} kills");
     assert!(kills >= 5, "workers were killed all through the run: {kills}");
 }
+
+/// Fills the file system under `dir` until a write fails; returns the file to delete.
+fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).and_then(|_| f.sync_data()).is_ok() {}
+    path
+}
+
+#[test]
+fn a_full_disk_refuses_new_mail_cleanly_and_the_service_recovers_when_space_returns() {
+    let Some(mut env) = Env::on_tmpfs(8 * 1024) else { return };
+    let sink = RecordingSink::start();
+    configure_sink(&env, &sink);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let send = |i: usize| {
+        let body =
+            format!(r#"{{"to": ["user{i}@example.org"], "subject": "disk {i}", "text": "{}"}}"#, "x".repeat(2000));
+        http(port, "POST", "/api/v1/messages", &body)
+    };
+    let mut accepted = vec![];
+    // Held at the relay's greeting, so that messages are queued when the disk fills.
+    sink.set_greeting_delay(Duration::from_secs(3600));
+    let filler = fill_disk(env.data_dir());
+    let mut refusal = None;
+    for i in 0..500 {
+        match send(i) {
+            (202, body) => {
+                accepted.push(serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap())
+            }
+            other => {
+                refusal = Some(other);
+                break;
+            }
+        }
+    }
+    let (status, body) = refusal.expect("the disk never filled");
+    assert_eq!(status, 503, "a full disk is 'try again later', not a bug: {body}");
+    assert!(body.contains("full"), "{body}");
+    let (status, body) = http(port, "GET", "/readyz", "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot be written") && body.contains("full"), "{body}");
+    let (_, metrics) = http(port, "GET", "/metrics", "");
+    assert!(metrics.contains("panel_storage_writable 0"), "{metrics}");
+
+    // Space returns: the service notices by itself, delivers what it acknowledged, takes new mail.
+    std::fs::remove_file(filler).unwrap();
+    sink.set_greeting_delay(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http(port, "GET", "/readyz", "").0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again: {}", env.service_logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = send(1000);
+    assert_eq!(status, 202, "{body}");
+    accepted.push(serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap());
+    for id in &accepted {
+        env.wait_message(*id, Duration::from_secs(30), |m| m["state"] == "delivered");
+    }
+    assert_eq!(sink.distinct(), accepted.len(), "every acknowledged message, once");
+    let (_, metrics) = http(port, "GET", "/metrics", "");
+    assert!(metrics.contains("panel_storage_writable 1"), "{metrics}");
+}

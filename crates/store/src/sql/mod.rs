@@ -140,6 +140,25 @@ pub struct SqlStore {
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
+/// Whether a connection coming back to the pool may be used again: only when it is outside any
+/// transaction. A transaction whose COMMIT failed (SQLite's "database or disk is full" rolls the
+/// transaction back itself, so the ROLLBACK sqlx sends on drop fails too) leaves sqlx counting
+/// the connection as still inside it, and every later BEGIN on it would fail ("attempted to
+/// call begin_with at non-zero transaction depth") long after space returned. Such a connection
+/// is closed instead, and the pool opens a fresh one.
+async fn outside_transaction(conn: &mut sqlx::AnyConnection) -> std::result::Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // A dropped transaction's ROLLBACK is queued, not yet run: let the connection run it, then
+    // look again. This round trip happens only after a failed transaction.
+    if conn.ping().await.is_err() {
+        return Ok(false);
+    }
+    Ok(!conn.is_in_transaction())
+}
+
 impl SqlStore {
     /// Opens `url` (`sqlite://PATH` or `postgres://...`) and applies pending migrations.
     pub async fn open(url: &str, dialect: Dialect) -> Result<SqlStore> {
@@ -150,6 +169,7 @@ impl SqlStore {
                 let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
                 AnyPoolOptions::new()
                     .max_connections(4)
+                    .after_release(|conn, _| Box::pin(outside_transaction(conn)))
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             conn.execute(
@@ -168,6 +188,7 @@ impl SqlStore {
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(15))
+                    .after_release(|conn, _| Box::pin(outside_transaction(conn)))
                     .connect_with(options)
                     .await?
             }

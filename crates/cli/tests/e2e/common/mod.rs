@@ -23,6 +23,8 @@ pub struct Env {
     pub database: Option<TestDatabase>,
     /// Extra environment for every command (e.g. KRB5_CONFIG, KRB5CCNAME).
     pub vars: Vec<(String, String)>,
+    /// A data directory on its own small tmpfs (`on_tmpfs`), unmounted when the test ends.
+    tmpfs: Option<PathBuf>,
 }
 
 pub struct Run {
@@ -47,7 +49,7 @@ impl Env {
             "[worker]\nlease = \"3s\"\npoll = \"200ms\"\nidle_connection = \"1s\"\n",
         )
         .unwrap();
-        Env { dir, children: Vec::new(), database: None, vars: Vec::new() }
+        Env { dir, children: Vec::new(), database: None, vars: Vec::new(), tmpfs: None }
     }
 
     /// Like `new`, on a fresh PostgreSQL database; `None` when no server runs (test skipped).
@@ -58,13 +60,43 @@ impl Env {
         Some(env)
     }
 
+    /// Like `new`, with the data directory on a tmpfs of `kib` KiB of its own, so a test can fill
+    /// the disk under the database. Mounting needs root (CAP_SYS_ADMIN), as CI has; elsewhere the
+    /// test is skipped, or fails under PANEL_TEST_REAL=1.
+    pub fn on_tmpfs(kib: u64) -> Option<Env> {
+        let mut env = Env::new();
+        let data = env.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k,mode=0700"), "tmpfs"])
+            .arg(&data)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !mounted {
+            assert!(std::env::var_os("PANEL_TEST_REAL").is_none(), "PANEL_TEST_REAL=1 but tmpfs cannot be mounted");
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        env.tmpfs = Some(data);
+        Some(env)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The data directory (PANEL_DATA_DIR): `path()`, or the tmpfs below it.
+    pub fn data_dir(&self) -> &Path {
+        self.tmpfs.as_deref().unwrap_or(self.dir.path())
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_panel"));
-        c.args(args).env("PANEL_DATA_DIR", self.path()).env_remove("PANEL_DATABASE_URL").env_remove("PANEL_CONFIG");
+        c.args(args)
+            .env("PANEL_DATA_DIR", self.data_dir())
+            .env("PANEL_CONFIG", self.path().join("panel.toml"))
+            .env_remove("PANEL_DATABASE_URL");
         if let Some(db) = &self.database {
             c.env("PANEL_DATABASE_URL", &db.url);
         }
@@ -306,6 +338,9 @@ impl Drop for Env {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(data) = &self.tmpfs {
+            let _ = Command::new("umount").arg(data).status();
         }
     }
 }
