@@ -20,6 +20,17 @@ pub struct FileConfig {
     pub worker: WorkerSection,
     #[serde(default)]
     pub license: LicenseSection,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// `[http]`: how many clients the web server serves at once, and how long it waits for them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub header_timeout: Option<String>,
 }
 
 /// `[license]`: the authorities whose keys this installation accepts. Only here or in

@@ -18,8 +18,9 @@ use panel_service::{OpsError, Panel, SecretsConfig};
 
 use crate::config::FileConfig;
 use crate::messages::{MessagesCommand, SendArgs, messages, send};
-use crate::serve::{WorkerArgs, serve, worker_config};
+use crate::serve::{WorkerArgs, http_limits, serve, worker_config};
 use crate::smtp::{SmtpCommand, smtp};
+use panel_web::HttpLimits;
 
 #[derive(Parser)]
 #[command(name = "panel", version, about = "Delivers identity workflow and schedule email through your SMTP relay.")]
@@ -216,9 +217,13 @@ async fn run(cli: Cli) -> CmdResult {
     match cli.command {
         Command::Serve { listen, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
-            serve(panel, Some(listen), worker_config(&worker, &resolved.file)?).await
+            let config = worker_config(&worker, &resolved.file)?;
+            let http = http_limits(&resolved.file, &config)?;
+            serve(panel, Some(listen), config, http).await
         }
-        Command::Worker { worker } => serve(panel, None, worker_config(&worker, &resolved.file)?).await,
+        Command::Worker { worker } => {
+            serve(panel, None, worker_config(&worker, &resolved.file)?, HttpLimits::default()).await
+        }
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,
         Command::Messages(cmd) => messages(panel, cmd).await,

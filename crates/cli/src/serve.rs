@@ -8,6 +8,7 @@ use clap::Args;
 use panel_service::supervisor::Supervisor;
 use panel_service::wake::Waker;
 use panel_service::{Panel, WorkerConfig};
+use panel_web::HttpLimits;
 use tokio::sync::watch;
 
 use std::process::ExitCode;
@@ -47,7 +48,42 @@ pub(crate) fn worker_config(args: &WorkerArgs, file: &FileConfig) -> Result<Work
     Ok(c)
 }
 
-pub(crate) async fn serve(mut panel: Panel, listen: Option<String>, config: WorkerConfig) -> CmdResult {
+/// The web server's limits from `[http]`, fitted into this process's descriptor limit (raised to
+/// its hard limit first).
+pub(crate) fn http_limits(file: &FileConfig, worker: &WorkerConfig) -> Result<HttpLimits, Failed> {
+    let mut limits = HttpLimits::default();
+    let section = &file.http;
+    for (name, value, field) in [
+        ("max_connections", section.max_connections, &mut limits.max_connections),
+        ("max_connections_per_ip", section.max_connections_per_ip, &mut limits.max_per_ip),
+    ] {
+        if let Some(n) = value {
+            if !(1..=100_000).contains(&n) {
+                return Err(bad_input(format!("http.{name} {n} is out of range; use 1-100000")));
+            }
+            *field = n;
+        }
+    }
+    if let Some(t) = &section.header_timeout {
+        let d = panel_domain::duration::parse(t).map_err(|e| bad_input(format!("http.header_timeout: {e}")))?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d) {
+            return Err(bad_input(format!("http.header_timeout {t} is out of range; use 1s-10m")));
+        }
+        limits.header_timeout = d;
+    }
+    let (limits, lowered) = limits.fitted(panel_web::raise_descriptor_limit(), worker.concurrency);
+    if let Some(why) = lowered {
+        tracing::warn!("{why}");
+    }
+    Ok(limits)
+}
+
+pub(crate) async fn serve(
+    mut panel: Panel,
+    listen: Option<String>,
+    config: WorkerConfig,
+    http: HttpLimits,
+) -> CmdResult {
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
     tracing::info!(file = %panel.master_key_file().display(), key, "master key loaded");
@@ -99,7 +135,7 @@ pub(crate) async fn serve(mut panel: Panel, listen: Option<String>, config: Work
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            panel_web::serve(panel, l, shutdown).await.map_err(|e| e.to_string())
+            panel_web::serve(panel, l, http, shutdown).await.map_err(|e| e.to_string())
         });
     }
     match &listen {

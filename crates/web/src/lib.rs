@@ -4,10 +4,12 @@
 mod auth;
 mod automation;
 mod routes;
+mod server;
 mod ui;
 
 pub use auth::openapi;
 pub use routes::ROUTES;
+pub use server::{HttpLimits, raise_descriptor_limit};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -62,15 +64,14 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     response
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, under `limits` (`server.rs`).
 pub async fn serve(
     panel: Panel,
     listener: tokio::net::TcpListener,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(panel).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(router(panel), listener, limits, shutdown).await
 }
 
 pub fn is_loopback(addr: &SocketAddr) -> bool {

@@ -115,3 +115,17 @@ fn the_api_cannot_point_the_relay_password_at_a_local_file_or_variable() {
     let shown = env.ok(&["smtp", "show", "--json"]).json();
     assert_eq!((shown["version"].as_i64(), shown["effective"]["host"].as_str()), (Some(2), Some("relay.example.org")));
 }
+
+#[test]
+fn bad_http_limits_in_the_config_file_stop_serve_with_the_key_named() {
+    let env = configured();
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    for (section, key) in
+        [("max_connections = 0", "http.max_connections"), ("header_timeout = \"0s\"", "http.header_timeout")]
+    {
+        env.write("panel.toml", &format!("{config}[http]\n{section}\n"));
+        let r = env.panel(&["serve", "--listen", "127.0.0.1:0"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(key), "{}", r.stderr);
+    }
+}

@@ -227,3 +227,60 @@ fn a_full_disk_refuses_new_mail_cleanly_and_the_service_recovers_when_space_retu
     let (_, metrics) = http(port, "GET", "/metrics", "");
     assert!(metrics.contains("panel_storage_writable 1"), "{metrics}");
 }
+
+#[test]
+fn a_flood_of_slow_http_clients_leaves_health_the_api_and_delivery_working() {
+    const SLOW_CLIENTS: usize = 1100;
+    let mut env = Env::new();
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("panel.toml", &format!("{config}[http]\nheader_timeout = \"2s\"\n"));
+    let sink = RecordingSink::start();
+    configure_sink(&env, &sink);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // systemd's default for a service: 1,024 open files.
+    env.nofile = Some(1024);
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    assert_eq!(http(port, "GET", "/healthz", "").0, 200);
+    // A kept-alive connection left idle is closed after the header timeout too.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut idle, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut idle, &mut answer);
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open: {closed:?}");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+
+    // Slow clients from 29 addresses (under the per-address cap): each sends part of a request
+    // line and stalls, and none lets go.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut flood = rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut flood = Vec::new();
+        for i in 0..SLOW_CLIENTS {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("127.0.0.{}:0", 2 + i % 29).parse().unwrap()).unwrap();
+            let mut stream = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
+            stream.write_all(b"GET /healthz HTT").await.unwrap();
+            flood.push(stream);
+        }
+        flood
+    });
+
+    // While they hold on, health, the API and delivery work (`http` gives up after 10 s).
+    assert_eq!(http(port, "GET", "/healthz", "").0, 200);
+    let (status, body) =
+        http(port, "POST", "/api/v1/messages", r#"{"to": ["a@example.org"], "subject": "flood", "text": "x"}"#);
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap();
+    env.wait_message(id, Duration::from_secs(30), |m| m["state"] == "delivered");
+    // The slow clients were cut off by the header timeout, not served forever.
+    let cut_off = rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 512];
+        let read = flood[0].read(&mut buf);
+        matches!(tokio::time::timeout(Duration::from_secs(10), read).await, Ok(Ok(_) | Err(_)))
+    });
+    assert!(cut_off, "a client that never finished its headers is still connected");
+    assert!(!env.service_logs().contains("Too many open files"), "{}", env.service_logs());
+    drop(flood);
+}

@@ -25,6 +25,9 @@ pub struct Env {
     pub vars: Vec<(String, String)>,
     /// A data directory on its own small tmpfs (`on_tmpfs`), unmounted when the test ends.
     tmpfs: Option<PathBuf>,
+    /// When set, every command runs with at most this many open files (soft and hard), as
+    /// under systemd's default limit.
+    pub nofile: Option<u64>,
 }
 
 pub struct Run {
@@ -49,7 +52,7 @@ impl Env {
             "[worker]\nlease = \"3s\"\npoll = \"200ms\"\nidle_connection = \"1s\"\n",
         )
         .unwrap();
-        Env { dir, children: Vec::new(), database: None, vars: Vec::new(), tmpfs: None }
+        Env { dir, children: Vec::new(), database: None, vars: Vec::new(), tmpfs: None, nofile: None }
     }
 
     /// Like `new`, on a fresh PostgreSQL database; `None` when no server runs (test skipped).
@@ -92,7 +95,14 @@ impl Env {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_panel"));
+        let mut c = match self.nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_panel")),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(env!("CARGO_BIN_EXE_panel"));
+                c
+            }
+        };
         c.args(args)
             .env("PANEL_DATA_DIR", self.data_dir())
             .env("PANEL_CONFIG", self.path().join("panel.toml"))
