@@ -5,7 +5,10 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use std::net::IpAddr;
+
 use panel_domain::{FieldErrors, Secret};
+use panel_store::SignInReservation;
 
 use crate::error::OpsError;
 use crate::ops::Panel;
@@ -35,6 +38,24 @@ impl Actor {
     pub fn audit_name(&self) -> String {
         format!("admin:{}", self.name)
     }
+}
+
+/// Failed sign-ins allowed per account name and per client address within `SIGN_IN_WINDOW`.
+pub const SIGN_IN_MAX_FAILURES: i64 = 5;
+pub const SIGN_IN_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
+
+/// What a sign-in attempt came to.
+pub enum SignIn {
+    Accepted {
+        session: Session,
+        role: Role,
+    },
+    /// Wrong name or password.
+    Refused,
+    /// Too many failures; the password was not checked.
+    Blocked {
+        retry_after_secs: u64,
+    },
 }
 
 pub struct Session {
@@ -118,8 +139,32 @@ impl Panel {
         }
     }
 
-    /// Checks a name and password; `None` for any mismatch (the caller says nothing more).
-    pub async fn sign_in(&self, name: &str, password: &Secret) -> Result<Option<(Session, Role)>, OpsError> {
+    /// Checks a name and password from `client`, under the lockout: after `SIGN_IN_MAX_FAILURES`
+    /// failures within `SIGN_IN_WINDOW` for the account name or the client address, attempts are
+    /// refused unchecked. Each attempt is counted before the password is checked (the store
+    /// reserves it atomically, for every service sharing the database), so parallel guesses
+    /// cannot get more checks; a right password gives its reservation back. A mismatch says
+    /// nothing more than `Refused`.
+    pub async fn sign_in(&self, name: &str, password: &Secret, client: Option<IpAddr>) -> Result<SignIn, OpsError> {
+        let now = self.now();
+        let keys = [
+            format!("name:{}", name.trim().to_ascii_lowercase()),
+            format!("ip:{}", client.map(|ip| ip.to_string()).unwrap_or_default()),
+        ];
+        let reserved = match self.store.reserve_sign_in(&keys, now - SIGN_IN_WINDOW, SIGN_IN_MAX_FAILURES, now).await? {
+            SignInReservation::Reserved(ids) => ids,
+            SignInReservation::Blocked { oldest } => {
+                let wait = (oldest + SIGN_IN_WINDOW - now).num_seconds().max(1);
+                return Ok(SignIn::Blocked { retry_after_secs: wait as u64 });
+            }
+        };
+        let Some((session, role)) = self.check_password(name, password).await? else { return Ok(SignIn::Refused) };
+        self.store.forgive_sign_in(&reserved, &keys[0]).await?;
+        Ok(SignIn::Accepted { session, role })
+    }
+
+    /// Checks a name and password and opens a session; `None` for any mismatch.
+    async fn check_password(&self, name: &str, password: &Secret) -> Result<Option<(Session, Role)>, OpsError> {
         let account = self.store.admin(name.trim()).await?;
         // Verify against a throwaway hash when the account does not exist, so timing does not tell.
         let hash = match &account {

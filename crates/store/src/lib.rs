@@ -309,6 +309,23 @@ impl Store {
         self.observe(self.backend.tokens(admin).await)
     }
 
+    /// Counts a sign-in attempt under every key before the password is checked, unless one of
+    /// them has `max` attempts since `since` (atomic across every service).
+    pub async fn reserve_sign_in(
+        &self,
+        keys: &[String],
+        since: DateTime<Utc>,
+        max: i64,
+        now: DateTime<Utc>,
+    ) -> Result<SignInReservation> {
+        self.observe(self.backend.reserve_sign_in(keys, ms(since), max, ms(now)).await)
+    }
+
+    /// A sign-in succeeded: its reserved attempts and the account's failures no longer count.
+    pub async fn forgive_sign_in(&self, reserved: &[i64], account_key: &str) -> Result<()> {
+        self.observe(self.backend.forgive_sign_in(reserved, account_key).await)
+    }
+
     /// Stores a template, workflow or schedule (audited).
     pub async fn save_definition(
         &self,

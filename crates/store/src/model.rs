@@ -420,6 +420,15 @@ pub struct TokenRow {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// The outcome of reserving a sign-in attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignInReservation {
+    /// Counted; the ids are given back with `forgive_sign_in` when the password was right.
+    Reserved(Vec<i64>),
+    /// Too many attempts; the oldest counted one, from which the wait follows.
+    Blocked { oldest: DateTime<Utc> },
+}
+
 /// Messages that reached `state` in one hour (by their last update).
 #[derive(Debug, Clone, Serialize)]
 pub struct HourlyCount {

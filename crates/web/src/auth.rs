@@ -4,11 +4,6 @@
 //! `Authorization: Bearer ...` (not ambient, so no CSRF token). Each API route names the least
 //! role it needs in `ROUTES`, which also generates the OpenAPI document.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -139,48 +134,6 @@ impl<S: Send + Sync> FromRequestParts<S> for By {
     }
 }
 
-/// Failed sign-ins per account name and per client address: after `MAX_FAILURES` within
-/// `WINDOW`, further attempts are refused until the window passes.
-#[derive(Clone, Default)]
-pub struct SignInLimiter(Arc<Mutex<HashMap<String, Vec<Instant>>>>);
-
-const MAX_FAILURES: usize = 5;
-const WINDOW: Duration = Duration::from_secs(15 * 60);
-
-impl SignInLimiter {
-    fn keys(name: &str, addr: Option<SocketAddr>) -> [String; 2] {
-        [
-            format!("name:{}", name.trim().to_ascii_lowercase()),
-            format!("ip:{}", addr.map(|a| a.ip().to_string()).unwrap_or_default()),
-        ]
-    }
-
-    /// Seconds until another attempt is allowed, if it is not now.
-    pub fn blocked(&self, name: &str, addr: Option<SocketAddr>) -> Option<u64> {
-        let mut map = self.0.lock().expect("limiter lock");
-        let now = Instant::now();
-        Self::keys(name, addr)
-            .iter()
-            .filter_map(|k| {
-                let list = map.get_mut(k)?;
-                list.retain(|t| now.duration_since(*t) < WINDOW);
-                (list.len() >= MAX_FAILURES).then(|| (WINDOW - now.duration_since(list[0])).as_secs() + 1)
-            })
-            .max()
-    }
-
-    pub fn failed(&self, name: &str, addr: Option<SocketAddr>) {
-        let mut map = self.0.lock().expect("limiter lock");
-        for k in Self::keys(name, addr) {
-            map.entry(k).or_default().push(Instant::now());
-        }
-    }
-
-    pub fn succeeded(&self, name: &str) {
-        self.0.lock().expect("limiter lock").remove(&format!("name:{}", name.trim().to_ascii_lowercase()));
-    }
-}
-
 /// The OpenAPI 3.1 document of `ROUTES`.
 pub fn openapi() -> serde_json::Value {
     let mut paths = serde_json::Map::new();
@@ -233,16 +186,6 @@ mod tests {
         assert_eq!(required_role(&Method::GET, "/api/v1/messages/17"), Role::Viewer);
         assert_eq!(required_role(&Method::POST, "/api/v1/unknown"), Role::Admin, "unknown changes need admin");
         assert_eq!(required_role(&Method::GET, "/messages"), Role::Viewer);
-    }
-
-    #[test]
-    fn the_limiter_blocks_after_five_failures() {
-        let l = SignInLimiter::default();
-        for _ in 0..MAX_FAILURES {
-            assert!(l.blocked("ann", None).is_none());
-            l.failed("ann", None);
-        }
-        assert!(l.blocked("ANN", None).is_some());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn router(panel: Panel) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .merge(routes::api_router())
-        .merge(ui::routes(auth::SignInLimiter::default()))
+        .merge(ui::routes())
         .route("/api/openapi.json", get(|| async { Json(auth::openapi()) }))
         .layer(axum::middleware::from_fn_with_state(panel.clone(), auth::require_auth))
         .layer(axum::middleware::from_fn(security_headers))

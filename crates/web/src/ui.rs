@@ -13,14 +13,14 @@ use axum::{Extension, Router};
 use chrono::DateTime;
 use minijinja::Environment;
 use panel_domain::{MessageState, Origin, Secret};
-use panel_service::accounts::{Actor, Role, SESSION_HOURS};
+use panel_service::accounts::{Actor, Role, SESSION_HOURS, SignIn};
 use panel_service::ops::effective_view;
 use panel_service::views::DefinitionKind;
 use panel_service::{OpsError, Panel};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{SESSION_COOKIE, SignInLimiter, cookie};
+use crate::auth::{SESSION_COOKIE, cookie};
 
 const TEMPLATES: &[(&str, &str)] = &[
     ("base.html", include_str!("../ui/base.html")),
@@ -51,7 +51,7 @@ fn env() -> &'static Environment<'static> {
     })
 }
 
-pub fn routes(limiter: SignInLimiter) -> Router<Panel> {
+pub fn routes() -> Router<Panel> {
     Router::new()
         .route("/", get(dashboard))
         .route("/login", get(login_page).post(login))
@@ -69,7 +69,6 @@ pub fn routes(limiter: SignInLimiter) -> Router<Panel> {
         .route("/audit", get(audit))
         .route("/static/panel.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route("/static/panel.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], JS) }))
-        .layer(Extension(limiter))
 }
 
 /// A rendered page (boxed: a `Response` is large, and pages travel in `Result`s).
@@ -168,7 +167,6 @@ fn same_origin(headers: &HeaderMap) -> bool {
 
 async fn login(
     State(p): State<Panel>,
-    Extension(limiter): Extension<SignInLimiter>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: axum::body::Bytes,
@@ -184,19 +182,17 @@ async fn login(
             StatusCode::FORBIDDEN,
         );
     }
-    if let Some(wait) = limiter.blocked(&name, Some(addr)) {
-        let msg = format!("Too many failed sign-ins. Try again in {} minute(s).", wait.div_ceil(60));
-        return login_form(Some(msg), next, false, StatusCode::TOO_MANY_REQUESTS);
-    }
     let password = Secret::new(form.get("password").cloned().unwrap_or_default());
-    match p.sign_in(&name, &password).await? {
-        None => {
-            limiter.failed(&name, Some(addr));
+    match p.sign_in(&name, &password, Some(addr.ip())).await? {
+        SignIn::Blocked { retry_after_secs } => {
+            let msg = format!("Too many failed sign-ins. Try again in {} minute(s).", retry_after_secs.div_ceil(60));
+            login_form(Some(msg), next, false, StatusCode::TOO_MANY_REQUESTS)
+        }
+        SignIn::Refused => {
             tracing::warn!(account = %name, client = %addr.ip(), "sign-in failed");
             login_form(Some("Wrong name or password.".into()), next, false, StatusCode::UNAUTHORIZED)
         }
-        Some((session, _)) => {
-            limiter.succeeded(&name);
+        SignIn::Accepted { session, .. } => {
             let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
             let cookie = format!(
                 "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod accounts;
 mod recipients;
 mod schedules;
 mod worker;

@@ -155,4 +155,51 @@ impl SqlStore {
             })
             .collect()
     }
+
+    /// Reserves one sign-in attempt under each of `keys` (the account name, the client address)
+    /// unless one of them already has `max` attempts at or after `since`; then returns
+    /// `Blocked` with the oldest of that key's attempts. Counting and reserving are one
+    /// serialized transaction (SQLite's write lock; an advisory lock on PostgreSQL), so parallel
+    /// attempts cannot all pass the check before any is counted, on any number of services.
+    pub async fn reserve_sign_in(&self, keys: &[String], since: i64, max: i64, now: i64) -> Result<SignInReservation> {
+        let mut tx = self.write().await?;
+        if self.dialect == super::Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(7215014)").execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM sign_in_attempts WHERE at < $1").bind(since).execute(&mut *tx).await?;
+        for key in keys {
+            let (count, oldest): (i64, Option<i64>) =
+                sqlx::query_as("SELECT COUNT(*), MIN(at) FROM sign_in_attempts WHERE key = $1")
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if count >= max {
+                tx.commit().await?;
+                return Ok(SignInReservation::Blocked { oldest: from_ms(oldest.unwrap_or(now)) });
+            }
+        }
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys {
+            let id: i64 = sqlx::query_scalar("INSERT INTO sign_in_attempts (key, at) VALUES ($1, $2) RETURNING id")
+                .bind(key)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(SignInReservation::Reserved(ids))
+    }
+
+    /// After a successful sign-in: its reserved attempts are not failures, and the account's
+    /// earlier failures are forgiven (the client address's stay counted).
+    pub async fn forgive_sign_in(&self, reserved: &[i64], account_key: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        for id in reserved {
+            sqlx::query("DELETE FROM sign_in_attempts WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM sign_in_attempts WHERE key = $1").bind(account_key).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }

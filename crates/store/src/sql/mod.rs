@@ -70,6 +70,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/sqlite/0004_idempotency.sql")),
     (5, include_str!("../../migrations/sqlite/0005_automation.sql")),
     (6, include_str!("../../migrations/sqlite/0006_admins.sql")),
+    (7, include_str!("../../migrations/sqlite/0007_sign_in_attempts.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -79,6 +80,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/postgres/0004_idempotency.sql")),
     (5, include_str!("../../migrations/postgres/0005_automation.sql")),
     (6, include_str!("../../migrations/postgres/0006_admins.sql")),
+    (7, include_str!("../../migrations/postgres/0007_sign_in_attempts.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

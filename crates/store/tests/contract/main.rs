@@ -4,6 +4,7 @@
 #[macro_use]
 mod common;
 
+mod accounts;
 mod automation;
 mod queue;
 mod secrets;

@@ -1,0 +1,45 @@
+//! Accounts: the sign-in lockout's reservations hold for the installation.
+
+use crate::common::Backend;
+use chrono::{Duration, Utc};
+use panel_store::{SignInReservation, Store};
+
+/// Thirty parallel attempts from two services (two pools on one database): five are counted,
+/// the rest are refused before any password would be checked.
+async fn parallel_sign_ins_from_two_services_reserve_at_most_the_limit(b: &Backend) {
+    let other = Store::open(&b.url).await.unwrap();
+    let now = Utc::now();
+    let keys = ["name:ann".to_string(), "ip:192.0.2.7".to_string()];
+    let attempts = (0..30).map(|i| {
+        let store = if i % 2 == 0 { b.store.clone() } else { other.clone() };
+        let keys = keys.clone();
+        tokio::spawn(async move { store.reserve_sign_in(&keys, now - Duration::minutes(15), 5, now).await.unwrap() })
+    });
+    let mut reserved = Vec::new();
+    let mut blocked = 0;
+    for a in attempts {
+        match a.await.unwrap() {
+            SignInReservation::Reserved(ids) => reserved.push(ids),
+            SignInReservation::Blocked { oldest } => {
+                assert_eq!(oldest.timestamp_millis(), now.timestamp_millis());
+                blocked += 1;
+            }
+        }
+    }
+    assert_eq!((reserved.len(), blocked), (5, 25));
+
+    // A success gives its own reservation back and forgives the account, not the address:
+    // the address has four failures left, so one more attempt is counted and then it is blocked.
+    b.store.forgive_sign_in(&reserved[0], &keys[0]).await.unwrap();
+    let since = now - Duration::minutes(15);
+    assert!(matches!(b.store.reserve_sign_in(&keys, since, 5, now).await.unwrap(), SignInReservation::Reserved(_)));
+    let other_address = ["name:bob".to_string(), "ip:192.0.2.7".to_string()];
+    let r = b.store.reserve_sign_in(&other_address, since, 5, now).await.unwrap();
+    assert!(matches!(r, SignInReservation::Blocked { .. }), "the address is blocked for every name: {r:?}");
+    // Outside the window, nothing counts any more.
+    let later = now + Duration::minutes(16);
+    let r = b.store.reserve_sign_in(&keys, later - Duration::minutes(15), 5, later).await.unwrap();
+    assert!(matches!(r, SignInReservation::Reserved(_)), "{r:?}");
+}
+
+contract!(parallel_sign_ins_from_two_services_reserve_at_most_the_limit);
