@@ -38,13 +38,37 @@ pub enum AdminCommand {
     Delete {
         name: String,
     },
-    /// Create an API token for scripts (sent as `Authorization: Bearer TOKEN`), printed once.
+    /// API tokens for scripts (sent as `Authorization: Bearer TOKEN`): `token NAME` creates one
+    /// for account NAME and prints it once; `token list`, `token revoke ID`.
+    #[command(args_conflicts_with_subcommands = true)]
     Token {
+        #[command(subcommand)]
+        action: Option<TokenAction>,
+        /// The account to create a token for (the same as `token create NAME`)
+        name: Option<String>,
+        /// What the token is for, e.g. "hr-sync"
+        #[arg(long, default_value = "api")]
+        label: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Create a token for account NAME, printed once.
+    Create {
         name: String,
         /// What the token is for, e.g. "hr-sync"
         #[arg(long, default_value = "api")]
         label: String,
     },
+    /// List API tokens (id, account, label, last use; never the token), of NAME or of everyone.
+    List {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by the id `token list` shows; it stops working at once on every service.
+    Revoke { id: String },
 }
 
 fn role(value: &str) -> Result<Role, Failed> {
@@ -105,11 +129,37 @@ pub async fn admin(panel: Panel, cmd: AdminCommand) -> CmdResult {
             panel.delete_admin(&name, &actor()).await?;
             println!("Admin '{name}' deleted; its sessions and tokens no longer work.");
         }
-        AdminCommand::Token { name, label } => {
-            let token = panel.create_api_token(&name, &label).await?;
-            println!("{token}");
-            eprintln!("API token for '{name}' ({label}); shown once. Send it as: Authorization: Bearer TOKEN");
-        }
+        AdminCommand::Token { action, name, label } => match (action, name) {
+            (Some(TokenAction::Create { name, label }), _) => create_token(&panel, &name, &label).await?,
+            (None, Some(name)) => create_token(&panel, &name, &label).await?,
+            (Some(TokenAction::List { name, json }), _) => {
+                let tokens = panel.api_tokens(name.as_deref()).await?;
+                if json {
+                    print_json(&tokens);
+                } else if tokens.is_empty() {
+                    println!("No API tokens. Create one: panel admin token NAME --label WHAT");
+                } else {
+                    for t in tokens {
+                        let used = t.last_used_at.as_ref().map(time).unwrap_or_else(|| "never used".into());
+                        println!("{}  {:<20} {:<20} created {}, {used}", t.id, t.admin, t.label, time(&t.created_at));
+                    }
+                }
+            }
+            (Some(TokenAction::Revoke { id }), _) => {
+                let t = panel.revoke_api_token(&id, &actor()).await?;
+                println!("API token {} of '{}' ({}) revoked.", t.id, t.admin, t.label);
+            }
+            (None, None) => {
+                return Err(bad_input("give an account (panel admin token NAME) or a command: create, list, revoke"));
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn create_token(panel: &Panel, name: &str, label: &str) -> Result<(), Failed> {
+    let token = panel.create_api_token(name, label).await?;
+    println!("{token}");
+    eprintln!("API token for '{name}' ({label}); shown once. Send it as: Authorization: Bearer TOKEN");
+    Ok(())
 }

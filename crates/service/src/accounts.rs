@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use std::net::IpAddr;
 
 use panel_domain::{FieldErrors, Secret};
-use panel_store::SignInReservation;
+use panel_store::{SignInReservation, TOKEN_ID_CHARS};
 
 use crate::error::OpsError;
 use crate::ops::Panel;
@@ -222,8 +222,32 @@ impl Panel {
         Ok(token)
     }
 
-    pub async fn api_tokens(&self, admin: &str) -> Result<Vec<ApiToken>, OpsError> {
+    /// API tokens (labels and use, never the tokens) of `admin`, or of every account.
+    pub async fn api_tokens(&self, admin: Option<&str>) -> Result<Vec<ApiToken>, OpsError> {
+        if let Some(name) = admin
+            && self.store.admin(name).await?.is_none()
+        {
+            return Err(OpsError::NotFoundNamed { what: "admin", name: name.into() });
+        }
         Ok(self.store.tokens(admin).await?.into_iter().map(Into::into).collect())
+    }
+
+    /// Revokes an API token by its id (from `api_tokens`); at once on every service, since every
+    /// request looks its token up. Audited.
+    pub async fn revoke_api_token(&self, id: &str, by: &str) -> Result<ApiToken, OpsError> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() != TOKEN_ID_CHARS || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut errors = FieldErrors::default();
+            errors.push(
+                "id",
+                format!("'{id}' is not a token id: {TOKEN_ID_CHARS} hex digits, as panel admin token list shows"),
+            );
+            return Err(OpsError::Invalid(errors));
+        }
+        match self.store.revoke_token(&id, by, self.now()).await? {
+            Some(t) => Ok(t.into()),
+            None => Err(OpsError::NotFoundNamed { what: "API token", name: id }),
+        }
     }
 }
 

@@ -306,6 +306,8 @@ view!(
 view!(
     /// An API token's label and use (never the token).
     ApiToken from panel_store::TokenRow {
+        /// Names the token for `panel admin token revoke ID` (the start of its digest).
+        id: String,
         admin: String,
         label: String,
         created_at: DateTime<Utc>,

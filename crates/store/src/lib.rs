@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc, Settlement};
 
 pub use model::*;
+pub use sql::TOKEN_ID_CHARS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -305,8 +306,14 @@ impl Store {
         self.observe(self.backend.delete_token(token_hash).await)
     }
 
-    pub async fn tokens(&self, admin: &str) -> Result<Vec<TokenRow>> {
+    /// API tokens of `admin`, or of every account.
+    pub async fn tokens(&self, admin: Option<&str>) -> Result<Vec<TokenRow>> {
         self.observe(self.backend.tokens(admin).await)
+    }
+
+    /// Revokes the API token with `id` (audited); `None` when there is none.
+    pub async fn revoke_token(&self, id: &str, by: &str, now: DateTime<Utc>) -> Result<Option<TokenRow>> {
+        self.observe(self.backend.revoke_token(id, by, ms(now)).await)
     }
 
     /// Counts a sign-in attempt under every key before the password is checked, unless one of

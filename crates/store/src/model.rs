@@ -414,6 +414,8 @@ pub struct TokenOwner {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenRow {
+    /// The start of the token's digest: names it for `revoke_token`, tells nothing about it.
+    pub id: String,
     pub admin: String,
     pub label: String,
     pub created_at: DateTime<Utc>,

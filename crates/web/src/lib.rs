@@ -401,6 +401,14 @@ pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, Path(n
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+pub(crate) async fn api_tokens(State(p): State<Panel>) -> ApiResult {
+    ok(p.api_tokens(None).await?)
+}
+
+pub(crate) async fn revoke_api_token(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
+    ok(p.revoke_api_token(&id, &by).await?)
+}
+
 #[derive(Deserialize)]
 pub(crate) struct AuditQuery {
     limit: Option<u32>,

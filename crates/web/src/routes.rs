@@ -45,6 +45,8 @@ api_routes! {
     GET "/api/v1/credentials" => Viewer, credentials, "Stored credentials (never their secrets)";
     PUT "/api/v1/credentials/{name}" => Admin, set_credential, "Store or replace a credential (write-only secret)";
     DELETE "/api/v1/credentials/{name}" => Admin, delete_credential, "Delete a credential";
+    GET "/api/v1/tokens" => Admin, api_tokens, "API tokens of every account: id, account, label, last use (never a token)";
+    DELETE "/api/v1/tokens/{id}" => Admin, revoke_api_token, "Revoke an API token; it stops working at once on every service";
     GET "/api/v1/audit" => Viewer, audit, "The audit log";
     GET "/api/v1/templates" => Viewer, automation::list_templates, "Message templates";
     GET "/api/v1/templates/{name}" => Viewer, automation::show_template, "A template";

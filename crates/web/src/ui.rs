@@ -34,6 +34,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("templates.html", include_str!("../ui/templates.html")),
     ("licenses.html", include_str!("../ui/licenses.html")),
     ("credentials.html", include_str!("../ui/credentials.html")),
+    ("tokens.html", include_str!("../ui/tokens.html")),
     ("audit.html", include_str!("../ui/audit.html")),
 ];
 
@@ -66,6 +67,7 @@ pub fn routes() -> Router<Panel> {
         .route("/templates", get(templates))
         .route("/licenses", get(licenses))
         .route("/credentials", get(credentials))
+        .route("/tokens", get(tokens))
         .route("/audit", get(audit))
         .route("/static/panel.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], CSS) }))
         .route("/static/panel.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], JS) }))
@@ -415,6 +417,12 @@ async fn licenses(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
 async fn credentials(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let list = p.credentials().await?;
     Ok(render("credentials.html", &actor, "credentials", json!({"list": list}))?)
+}
+
+/// API tokens are listed to admins only, as the API does.
+async fn tokens(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    let list = if actor.role >= Role::Admin { Some(p.api_tokens(None).await?) } else { None };
+    Ok(render("tokens.html", &actor, "tokens", json!({"list": list}))?)
 }
 
 async fn audit(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {

@@ -129,3 +129,44 @@ fn bad_http_limits_in_the_config_file_stop_serve_with_the_key_named() {
         assert!(r.stderr.contains(key), "{}", r.stderr);
     }
 }
+
+#[test]
+fn api_tokens_are_listed_revoked_at_once_and_ended_by_a_new_password() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let hr = env.ok(&["admin", "token", "create", "tester", "--label", "hr-sync"]).stdout.trim().to_string();
+    let ci = env.ok(&["admin", "token", "tester", "--label", "ci"]).stdout.trim().to_string();
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer(&hr), "").0, 200);
+
+    let listed = env.ok(&["admin", "token", "list", "--json"]).json();
+    let id_of_label = |label: &str| {
+        let t = listed.as_array().unwrap().iter().find(|t| t["label"] == label).unwrap();
+        t["id"].as_str().unwrap().to_string()
+    };
+    let hr_id = id_of_label("hr-sync");
+    assert_ne!(id_of_label("ci"), hr_id);
+    assert_eq!(hr_id.len(), 12);
+    assert!(!listed.to_string().contains(&hr), "a list never shows a token");
+    assert!(listed.as_array().unwrap().iter().any(|t| t["label"] == "hr-sync" && !t["last_used_at"].is_null()));
+
+    // Revoked through the API: the next request with it fails.
+    let (status, body) = http(port, "DELETE", &format!("/api/v1/tokens/{hr_id}"), "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer(&hr), "").0, 401);
+    assert_eq!(http(port, "DELETE", &format!("/api/v1/tokens/{hr_id}"), "").0, 404, "gone");
+    assert_eq!(http(port, "DELETE", "/api/v1/tokens/not-an-id", "").0, 400);
+    let r = env.panel(&["admin", "token", "revoke", &hr_id]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // A new password ends every token of the account.
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer(&ci), "").0, 200);
+    let r = env.panel_stdin(&["admin", "set-password", "tester", "--password-stdin"], "another-long-password-2");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer(&ci), "").0, 401);
+    assert!(env.ok(&["admin", "token", "list"]).stdout.contains("No API tokens"));
+    let audit = env.ok(&["audit", "list"]).stdout;
+    assert!(audit.contains("token.revoked") && audit.contains(&format!("token {hr_id} (hr-sync)")), "{audit}");
+    assert!(audit.contains("sessions and API tokens ended"), "{audit}");
+}

@@ -264,6 +264,17 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
     assert!(refused.contains("credential-storage"), "{refused}");
     assert_eq!(b.script("return document.getElementById('c-secret').type"), "password", "write-only field");
 
+    // An API token is revoked from its page, and stops working at once.
+    let token = env.ok(&["admin", "token", "ann", "--label", "ui-revoke"]).stdout.trim().to_string();
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer, "").0, 200);
+    b.goto(&format!("{base}/tokens"));
+    b.wait_text("main", 10, |t| t.contains("ui-revoke"));
+    b.script("window.confirm = () => true; return 1");
+    b.click(&b.find("button[data-confirm*='ui-revoke']"));
+    b.wait_text("main", 10, |t| !t.contains("ui-revoke"));
+    assert_eq!(http_with(port, "GET", "/api/v1/queue", &bearer, "").0, 401);
+
     for (path, expect) in [
         ("/workflows", "welcome"),
         ("/workflows/welcome", "user.created"),

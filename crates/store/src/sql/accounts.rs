@@ -14,6 +14,21 @@ fn admin_from_row(r: &sqlx::any::AnyRow) -> Result<AdminRow> {
     })
 }
 
+/// A token's id: the start of its stored digest. It names the token in lists and revocations
+/// and tells nothing about the token itself.
+pub const TOKEN_ID_CHARS: usize = 12;
+
+fn token_from_row(r: &sqlx::any::AnyRow) -> Result<TokenRow> {
+    let hash: String = cell(r, "auth_tokens", "token_hash")?;
+    Ok(TokenRow {
+        id: hash.chars().take(TOKEN_ID_CHARS).collect(),
+        admin: cell(r, "auth_tokens", "admin")?,
+        label: cell(r, "auth_tokens", "label")?,
+        created_at: from_ms(cell(r, "auth_tokens", "created_at")?),
+        last_used_at: cell::<Option<i64>>(r, "auth_tokens", "last_used_at")?.map(from_ms),
+    })
+}
+
 impl SqlStore {
     /// Creates or (with `replace`) updates an account; false when it exists and `replace` is off.
     pub async fn put_admin(
@@ -42,15 +57,15 @@ impl SqlStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let mut detail = format!("role {role}");
         if exists.is_some() {
-            // A new password ends every session of the account.
-            sqlx::query("DELETE FROM auth_tokens WHERE admin = $1 AND kind = 'session'")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
+            // A new password ends every session and API token of the account: whoever had the
+            // old password may have made one.
+            let ended = sqlx::query("DELETE FROM auth_tokens WHERE admin = $1").bind(name).execute(&mut *tx).await?;
+            detail.push_str(&format!("; {} sessions and API tokens ended", ended.rows_affected()));
         }
         let action = if exists.is_some() { "admin.updated" } else { "admin.created" };
-        audit(&mut tx, by, now, &[AuditEvent::new(action, name, format!("role {role}"))]).await?;
+        audit(&mut tx, by, now, &[AuditEvent::new(action, name, detail)]).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -116,13 +131,27 @@ impl SqlStore {
     /// The owner of an unexpired session or token.
     pub async fn token_owner(&self, token_hash: &str, now: i64) -> Result<Option<TokenOwner>> {
         let row = sqlx::query(
-            "SELECT t.kind, t.admin, t.csrf, a.role FROM auth_tokens t JOIN admins a ON a.name = t.admin
+            "SELECT t.kind, t.admin, t.csrf, t.last_used_at, a.role FROM auth_tokens t JOIN admins a ON a.name = t.admin
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
         )
         .bind(token_hash)
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
+        if let Some(r) = &row {
+            // An API token's last use, for the list an admin revokes from: written at most once a
+            // minute per token, and only best-effort, so that reading a token never depends on
+            // being able to write.
+            let kind: String = cell(r, "auth_tokens", "kind")?;
+            let last: Option<i64> = cell(r, "auth_tokens", "last_used_at")?;
+            if kind == "token" && last.is_none_or(|t| t < now - 60_000) {
+                let _ = sqlx::query("UPDATE auth_tokens SET last_used_at = $1 WHERE token_hash = $2")
+                    .bind(now)
+                    .bind(token_hash)
+                    .execute(&self.pool)
+                    .await;
+            }
+        }
         row.map(|r| {
             Ok(TokenOwner {
                 admin: cell(&r, "auth_tokens", "admin")?,
@@ -139,21 +168,35 @@ impl SqlStore {
         Ok(())
     }
 
-    pub async fn tokens(&self, admin: &str) -> Result<Vec<TokenRow>> {
-        let rows = sqlx::query("SELECT * FROM auth_tokens WHERE admin = $1 AND kind = 'token' ORDER BY created_at")
-            .bind(admin)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TokenRow {
-                    admin: cell(r, "auth_tokens", "admin")?,
-                    label: cell(r, "auth_tokens", "label")?,
-                    created_at: from_ms(cell(r, "auth_tokens", "created_at")?),
-                    last_used_at: cell::<Option<i64>>(r, "auth_tokens", "last_used_at")?.map(from_ms),
-                })
-            })
-            .collect()
+    /// API tokens (not sessions), of `admin` or of every account, oldest first.
+    pub async fn tokens(&self, admin: Option<&str>) -> Result<Vec<TokenRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM auth_tokens WHERE kind = 'token' AND ($1 IS NULL OR admin = $1) ORDER BY created_at, admin",
+        )
+        .bind(admin)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    /// Deletes the API token whose id (`TokenRow::id`) is `id` and audits it; `None` when no
+    /// token has that id. The next request with it fails on every service: each request looks
+    /// its token up.
+    pub async fn revoke_token(&self, id: &str, by: &str, now: i64) -> Result<Option<TokenRow>> {
+        let mut tx = self.write().await?;
+        let sql = format!(
+            "SELECT * FROM auth_tokens WHERE kind = 'token' AND substr(token_hash, 1, {TOKEN_ID_CHARS}) = $1{}",
+            self.dialect.lock_rows()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_all(&mut *tx).await?;
+        let [row] = &rows[..] else { return Ok(None) };
+        let token = token_from_row(row)?;
+        let hash: String = cell(row, "auth_tokens", "token_hash")?;
+        sqlx::query("DELETE FROM auth_tokens WHERE token_hash = $1").bind(&hash).execute(&mut *tx).await?;
+        let detail = format!("token {} ({})", token.id, token.label);
+        audit(&mut tx, by, now, &[AuditEvent::new("token.revoked", &token.admin, detail)]).await?;
+        tx.commit().await?;
+        Ok(Some(token))
     }
 
     /// Reserves one sign-in attempt under each of `keys` (the account name, the client address)

@@ -53,6 +53,7 @@ pub(crate) fn optional_closed_cell<T>(
 }
 
 mod accounts;
+pub use accounts::TOKEN_ID_CHARS;
 mod automation;
 mod log;
 mod queue;

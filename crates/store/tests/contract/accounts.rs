@@ -42,4 +42,28 @@ async fn parallel_sign_ins_from_two_services_reserve_at_most_the_limit(b: &Backe
     assert!(matches!(r, SignInReservation::Reserved(_)), "{r:?}");
 }
 
-contract!(parallel_sign_ins_from_two_services_reserve_at_most_the_limit);
+/// API tokens are listed per account or for all, by an id that is not the token, and revoked
+/// by it with an audit entry.
+async fn api_tokens_are_listed_and_revoked_by_id(b: &Backend) {
+    let now = Utc::now();
+    for admin in ["ann", "bob"] {
+        b.store.put_admin(admin, "admin", "$argon2id$x", false, "test", now).await.unwrap();
+    }
+    b.store.add_token(&"a".repeat(64), "token", "ann", "hr-sync", None, None, now).await.unwrap();
+    b.store.add_token(&"b".repeat(64), "token", "bob", "ci", None, None, now).await.unwrap();
+    b.store.add_token(&"c".repeat(64), "session", "ann", "web", Some("csrf"), None, now).await.unwrap();
+    let all = b.store.tokens(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|t| (t.id.as_str(), t.label.as_str())).collect::<Vec<_>>(),
+        [("aaaaaaaaaaaa", "hr-sync"), ("bbbbbbbbbbbb", "ci")]
+    );
+    assert_eq!(b.store.tokens(Some("bob")).await.unwrap().len(), 1);
+    assert!(b.store.revoke_token("cccccccccccc", "test", now).await.unwrap().is_none(), "sessions are not API tokens");
+    let revoked = b.store.revoke_token("aaaaaaaaaaaa", "root", now).await.unwrap().unwrap();
+    assert_eq!(revoked.admin, "ann");
+    assert!(b.store.token_owner(&"a".repeat(64), now).await.unwrap().is_none());
+    let audit = b.store.audit_log(10).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "token.revoked" && e.actor == "root" && e.subject == "ann"), "{audit:?}");
+}
+
+contract!(parallel_sign_ins_from_two_services_reserve_at_most_the_limit, api_tokens_are_listed_and_revoked_by_id);
