@@ -10,7 +10,7 @@ mod serve;
 mod smtp;
 mod trust;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -140,6 +140,10 @@ fn actor() -> String {
 type CmdResult = Result<ExitCode, Failed>;
 
 fn main() -> ExitCode {
+    // Everything Panel creates (the database and its WAL, the master key, the data directory)
+    // holds password hashes, sealed credentials or message content: its own user only.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
@@ -155,6 +159,32 @@ struct Resolved {
     database_url: String,
     master_key_file: PathBuf,
     file: FileConfig,
+    /// Permissions tightened on an existing data directory, to log once logging runs.
+    tightened: Vec<String>,
+}
+
+/// Makes the data directory 0700 and the SQLite files in it 0600 when they are looser (an
+/// installation from before Panel set its umask, or a directory made by hand or by systemd's
+/// StateDirectory=), and says what it changed.
+fn tighten_data_dir(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut changed = Vec::new();
+    let files = ["panel.db", "panel.db-wal", "panel.db-shm"].map(|f| (dir.join(f), 0o600));
+    for (path, wanted) in std::iter::once((dir.to_path_buf(), 0o700)).chain(files) {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted)) {
+            Ok(()) => changed.push(format!("{} was mode {mode:o}, now {wanted:o}", path.display())),
+            Err(e) => changed.push(format!(
+                "{} is mode {mode:o} (readable by other users) and cannot be changed: {e}",
+                path.display()
+            )),
+        }
+    }
+    changed
 }
 
 fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
@@ -165,11 +195,13 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         None => FileConfig::default(),
     };
     let data_dir = cli.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or(default_dir);
+    let mut tightened = Vec::new();
     let database_url = match cli.database_url.clone().or_else(|| file.database_url.clone()) {
         Some(url) => url,
         None => {
             std::fs::create_dir_all(&data_dir)
                 .map_err(|e| Failed(1, format!("cannot create data directory {}: {e}", data_dir.display())))?;
+            tightened = tighten_data_dir(&data_dir);
             format!("sqlite://{}", data_dir.join("panel.db").display())
         }
     };
@@ -178,7 +210,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         .clone()
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
-    Ok(Resolved { database_url, master_key_file, file })
+    Ok(Resolved { database_url, master_key_file, file, tightened })
 }
 
 fn init_logging(filter: &str, format: &str) -> Result<(), Failed> {
@@ -207,6 +239,9 @@ async fn run(cli: Cli) -> CmdResult {
         log_level.as_deref().unwrap_or(if is_service { "info" } else { "warn" }),
         log_format.as_deref().unwrap_or("text"),
     )?;
+    for change in &resolved.tightened {
+        tracing::warn!("data directory permissions: {change}");
+    }
     let secrets = SecretsConfig {
         authorities: trust::authorities(&resolved.file.license.authorities)?,
         master_key_file: resolved.master_key_file.clone(),

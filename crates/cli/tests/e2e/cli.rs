@@ -170,3 +170,26 @@ fn api_tokens_are_listed_revoked_at_once_and_ended_by_a_new_password() {
     assert!(audit.contains("token.revoked") && audit.contains(&format!("token {hr_id} (hr-sync)")), "{audit}");
     assert!(audit.contains("sessions and API tokens ended"), "{audit}");
 }
+
+#[test]
+fn the_data_directory_and_database_are_readable_by_panels_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // A new data directory is made private, and so is everything in it.
+    let env = configured();
+    assert_eq!(mode(env.path()), 0o700);
+    for f in ["panel.db", "panel.db-wal", "panel.db-shm"] {
+        let path = env.path().join(f);
+        if path.exists() {
+            assert_eq!(mode(&path), 0o600, "{f}");
+        }
+    }
+    assert!(env.path().join("panel.db").exists());
+    // One left open by an older install (or StateDirectory=) is tightened at start, and said so.
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(env.path().join("panel.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = env.panel(&["smtp", "show"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("was mode 755, now 700"), "{}", r.stderr);
+    assert_eq!((mode(env.path()), mode(&env.path().join("panel.db"))), (0o700, 0o600));
+}
