@@ -216,13 +216,43 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
 fn init_logging(filter: &str, format: &str) -> Result<(), Failed> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::fmt::Write as _;
+    use tracing_subscriber::field::MakeExt as _;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
-        "text" => builder.init(),
+        // Values from outside (a sign-in name, a relay's reply) are written with their control
+        // characters escaped, so none can end the line and forge the next one.
+        "text" => builder
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                    if field.name() != "message" {
+                        write!(w, "{field}=")?;
+                    }
+                    write!(Escaped(w), "{value:?}")
+                })
+                .delimited(" "),
+            )
+            .init(),
         "json" => builder.json().flatten_event(true).with_current_span(false).init(),
         other => return Err(bad_input(format!("--log-format '{other}' is not a log format; use text or json"))),
     }
     Ok(())
+}
+
+/// Writes text with control characters (other than tab) as escapes: `\n`, `\r`, `\u{1b}`.
+struct Escaped<'a, W: std::fmt::Write>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            match c {
+                '\t' => self.0.write_char(c)?,
+                c if c.is_control() => write!(self.0, "{}", c.escape_default())?,
+                c => self.0.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn run(cli: Cli) -> CmdResult {

@@ -193,3 +193,21 @@ fn the_data_directory_and_database_are_readable_by_panels_user_only() {
     assert!(r.stderr.contains("was mode 755, now 700"), "{}", r.stderr);
     assert_eq!((mode(env.path()), mode(&env.path().join("panel.db"))), (0o700, 0o600));
 }
+
+#[test]
+fn a_sign_in_name_cannot_forge_a_log_line() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let forged = "2026-12-03T00:00:00.000000Z  INFO panel: admin root signed in";
+    let body = format!("name=mallory%0A{}&password=x&next=%2F", forged.replace(' ', "+"));
+    assert_eq!(http_with(port, "POST", "/login", "", &body).0, 401);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !env.service_logs().contains("sign-in failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", env.service_logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let logs = env.service_logs();
+    assert!(!logs.lines().any(|l| l.starts_with(forged)), "a forged line: {logs}");
+    assert!(logs.contains(r"mallory\n2026-12-03"), "the newline is escaped: {logs}");
+}
