@@ -115,6 +115,14 @@ pub struct OutgoingMessage {
 /// Largest body accepted into the queue; relays commonly refuse much less.
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 
+impl Draft {
+    /// What counts against `MAX_BODY_BYTES`: the text, the HTML and the attachments' content.
+    pub fn content_bytes(&self) -> usize {
+        let attached: usize = self.attachments.iter().map(|a| a.content.len()).sum();
+        self.text.len() + self.html.as_ref().map_or(0, String::len) + attached
+    }
+}
+
 impl OutgoingMessage {
     /// Validates `draft`, reporting every bad field at once. `unique` makes the Message-ID unique
     /// (random bits from the caller keep this crate free of I/O).
@@ -154,8 +162,7 @@ impl OutgoingMessage {
         if draft.subject.len() > 998 {
             errors.push("subject", "is longer than 998 characters; shorten it");
         }
-        let attached: usize = draft.attachments.iter().map(|a| a.content.len()).sum();
-        if draft.text.len() + draft.html.as_ref().map_or(0, String::len) + attached > MAX_BODY_BYTES {
+        if draft.content_bytes() > MAX_BODY_BYTES {
             errors.push("text", format!("the body is larger than {} MiB", MAX_BODY_BYTES >> 20));
         }
         if draft.text.contains('\0') || draft.html.as_deref().is_some_and(|h| h.contains('\0')) {

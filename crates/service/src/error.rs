@@ -37,6 +37,9 @@ pub enum OpsError {
     /// A template that does not render (preview): exit code 2, HTTP 400.
     #[error("the template does not render: {0}")]
     Template(panel_automation::TemplateError),
+    /// A message or request larger than Panel takes: exit code 2, HTTP 413.
+    #[error("{0}")]
+    TooLarge(String),
     /// The request conflicts with what is stored (a name taken, a template in use): HTTP 409.
     #[error("{0}")]
     Conflict(String),
@@ -52,6 +55,7 @@ impl OpsError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             OpsError::Invalid(_) | OpsError::Template(_) => ErrorKind::Invalid,
+            OpsError::TooLarge(_) => ErrorKind::TooLarge,
             OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => ErrorKind::NotFound,
             OpsError::License(_) | OpsError::LicenseKey(_) => ErrorKind::Forbidden,
             OpsError::NotConfigured | OpsError::Conflict(_) => ErrorKind::Conflict,
@@ -81,6 +85,8 @@ impl OpsError {
 pub enum ErrorKind {
     /// Bad input: every field's problem is named.
     Invalid,
+    /// Larger than the one size limit (`MAX_BODY_BYTES` of content per message).
+    TooLarge,
     NotFound,
     /// A license or role does not allow it.
     Forbidden,
@@ -95,7 +101,7 @@ impl ErrorKind {
     /// 2 for what the user typed, 1 for an operation that failed.
     pub fn exit_code(self) -> u8 {
         match self {
-            ErrorKind::Invalid | ErrorKind::NotFound => 2,
+            ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::NotFound => 2,
             ErrorKind::Forbidden | ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Internal => 1,
         }
     }
@@ -103,6 +109,7 @@ impl ErrorKind {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorKind::Invalid => 400,
+            ErrorKind::TooLarge => 413,
             ErrorKind::NotFound => 404,
             ErrorKind::Forbidden => 403,
             ErrorKind::Conflict => 409,
@@ -121,6 +128,7 @@ mod tests {
         let cases = [
             (OpsError::Invalid(FieldErrors::default()), 2, 400),
             (OpsError::NotFound(7), 2, 404),
+            (OpsError::TooLarge("11 MiB".into()), 2, 413),
             (OpsError::License("no license".into()), 1, 403),
             (OpsError::NotConfigured, 1, 409),
             (OpsError::Conflict("taken".into()), 1, 409),

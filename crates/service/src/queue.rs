@@ -58,6 +58,7 @@ impl Panel {
         let mut errors = FieldErrors::default();
         let mut messages = Vec::with_capacity(drafts.len());
         for (i, draft) in drafts.iter().enumerate() {
+            check_size(draft, &format!("messages[{i}]: "))?;
             match OutgoingMessage::prepare(
                 draft,
                 &settings.from,
@@ -90,6 +91,7 @@ impl Panel {
         settings: &RelaySettings,
         key: Option<&str>,
     ) -> Result<(i64, bool), OpsError> {
+        check_size(draft, "")?;
         let now = self.now();
         let message =
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
@@ -216,4 +218,19 @@ pub fn parse_since(value: &str) -> Result<chrono::DateTime<Utc>, FieldErrors> {
         errors
     })?;
     Ok(Utc::now() - chrono::Duration::from_std(d).unwrap_or_default())
+}
+
+/// The one size limit of a message, the same from the CLI, the API and the UI: its content (text,
+/// HTML and attachments) up to `MAX_BODY_BYTES`. Larger is `TooLarge` (413, exit 2).
+fn check_size(draft: &Draft, which: &str) -> Result<(), OpsError> {
+    use panel_domain::message::MAX_BODY_BYTES;
+    let size = draft.content_bytes();
+    if size <= MAX_BODY_BYTES {
+        return Ok(());
+    }
+    Err(OpsError::TooLarge(format!(
+        "{which}the message's text, HTML and attachments are {:.1} MiB; at most {} MiB is sent",
+        size as f64 / 1048576.0,
+        MAX_BODY_BYTES >> 20
+    )))
 }

@@ -39,8 +39,33 @@ pub fn router(panel: Panel) -> Router {
         .merge(ui::routes())
         .route("/api/openapi.json", get(|| async { Json(auth::openapi()) }))
         .layer(axum::middleware::from_fn_with_state(panel.clone(), auth::require_auth))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(axum::middleware::from_fn(announced_size))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(panel)
+}
+
+/// The largest request body: room for one message at the size limit (`MAX_BODY_BYTES` of
+/// content) written as JSON, whose escapes can double it, or a bulk request of the same size.
+pub const MAX_REQUEST_BYTES: usize = 2 * panel_domain::message::MAX_BODY_BYTES + (1 << 20);
+
+fn too_large() -> OpsError {
+    OpsError::TooLarge(format!(
+        "the request is larger than {} MiB; a message's text, HTML and attachments may be {} MiB",
+        MAX_REQUEST_BYTES >> 20,
+        panel_domain::message::MAX_BODY_BYTES >> 20
+    ))
+}
+
+/// A request announcing a body over the limit is answered 413 at once, before anything waits
+/// for (or signs in with) a body that will not be read. Bodies without a length are cut off at
+/// the same limit while they are read (`DefaultBodyLimit`).
+async fn announced_size(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+    if announced.and_then(|v| v.trim().parse::<u64>().ok()).is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
+        return ApiError(too_large()).into_response();
+    }
+    next.run(req).await
 }
 
 /// Headers every answer carries: the UI has no inline script or style and loads nothing from
@@ -106,6 +131,9 @@ pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// A body that is not the expected JSON is bad input like any other, reported under `body`.
 fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return too_large();
+    }
     let mut errors = panel_domain::FieldErrors::default();
     errors.push("body", e.body_text());
     OpsError::Invalid(errors)

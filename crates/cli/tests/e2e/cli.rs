@@ -211,3 +211,37 @@ fn a_sign_in_name_cannot_forge_a_log_line() {
     assert!(!logs.lines().any(|l| l.starts_with(forged)), "a forged line: {logs}");
     assert!(logs.contains(r"mallory\n2026-12-03"), "the newline is escaped: {logs}");
 }
+
+#[test]
+fn one_message_size_limit_everywhere_answered_with_413() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let message =
+        |mib: usize| format!(r#"{{"to": ["a@example.org"], "subject": "big", "text": "{}"}}"#, "x".repeat(mib << 20));
+    // 3 MiB is within the documented 10 MiB (the old 2 MB body limit refused it).
+    let (status, body) = http(port, "POST", "/api/v1/messages", &message(3));
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = http(port, "POST", "/api/v1/messages", &message(11));
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("at most 10 MiB"), "{body}");
+    let bulk = format!(r#"{{"messages": [{}, {}]}}"#, message(1), message(11));
+    let (status, body) = http(port, "POST", "/api/v1/messages/bulk", &bulk);
+    assert_eq!((status, body.contains("messages[1]")), (413, true), "{body}");
+    // A body announced far over the limit is refused at once, not waited for.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{",
+    )
+    .unwrap();
+    let mut answer = [0u8; 12];
+    std::io::Read::read_exact(&mut s, &mut answer).expect("an answer, not a wait");
+    assert_eq!(&answer, b"HTTP/1.1 413");
+    // The CLI applies the same limit, as bad input.
+    let big = env.write("big.txt", &"x".repeat(11 << 20));
+    let r = env.panel(&["send", "--to", "a@example.org", "--subject", "big", "--text-file", big.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("at most 10 MiB"), "{}", r.stderr);
+}
