@@ -64,7 +64,8 @@ impl Mailbox {
         let trimmed = value.trim();
         match (trimmed.rfind('<'), trimmed.ends_with('>')) {
             (Some(open), true) => {
-                let name = trimmed[..open].trim().trim_matches('"').trim();
+                let name = crate::header::unquote(trimmed[..open].trim());
+                let name = name.trim();
                 let address = EmailAddress::parse(field, &trimmed[open + 1..trimmed.len() - 1])?;
                 if name.contains(['<', '>']) {
                     return Err(FieldError::new(field, format!("'{trimmed}' has a malformed display name")));
@@ -81,10 +82,6 @@ impl Mailbox {
             )),
         }
     }
-
-    pub(crate) fn to_lettre(&self) -> lettre::message::Mailbox {
-        lettre::message::Mailbox::new(self.name.clone(), self.address.as_lettre().clone())
-    }
 }
 
 impl From<EmailAddress> for Mailbox {
@@ -96,6 +93,11 @@ impl From<EmailAddress> for Mailbox {
 impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.name {
+            // A name that would read back otherwise (one that is itself in quotes) is written
+            // as a quoted-string, so that the text parses to the same mailbox.
+            Some(name) if crate::header::unquote(name) != *name => {
+                write!(f, "\"{}\" <{}>", name.replace('\\', "\\\\").replace('"', "\\\""), self.address)
+            }
             Some(name) => write!(f, "{name} <{}>", self.address),
             None => write!(f, "{}", self.address),
         }

@@ -64,5 +64,10 @@ pub fn check_header_safe(field: &str, value: &str) -> Result<(), FieldError> {
             format!("contains {name}; header values and addresses must be a single line"),
         ));
     }
+    // Other control characters (vertical tab, form feed, escape, ...) have no place in a
+    // header either: readers treat them differently, some as line breaks.
+    if let Some(c) = value.chars().find(|c| c.is_control() && *c != '\t') {
+        return Err(FieldError::new(field, format!("contains the control character U+{:04X}; remove it", c as u32)));
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod credential;
 pub mod delivery;
 pub mod duration;
 pub mod errors;
+pub mod header;
 pub mod message;
 pub mod oauth;
 pub mod retry;

@@ -207,8 +207,7 @@ impl OutgoingMessage {
     /// envelope only, never in the headers.
     pub fn render(&self) -> Vec<u8> {
         let mut builder = lettre::Message::builder()
-            .from(self.from.to_lettre())
-            .subject(self.subject.clone())
+            .raw_header(address_list("From", std::slice::from_ref(&self.from)))
             .message_id(Some(self.message_id.clone()))
             .date(SystemTime::UNIX_EPOCH + Duration::from_secs(self.date.timestamp().max(0) as u64))
             .user_agent(format!("Panel/{}", env!("CARGO_PKG_VERSION")));
@@ -219,8 +218,19 @@ impl OutgoingMessage {
             builder = builder.raw_header(address_list("Cc", &self.cc));
         }
         if let Some(r) = &self.reply_to {
-            builder = builder.reply_to(r.to_lettre());
+            builder = builder.raw_header(address_list("Reply-To", std::slice::from_ref(r)));
         }
+        // Plain ASCII subjects go as lettre writes them; others (and text that looks like an
+        // encoded word) as encoded words, so that readers show exactly the text given.
+        builder = match crate::header::unstructured(&self.subject) {
+            None => builder.subject(self.subject.clone()),
+            Some(words) => {
+                use lettre::message::header::{HeaderName, HeaderValue};
+                let encoded = crate::header::fold("Subject", &words);
+                let name = HeaderName::new_from_ascii_str("Subject");
+                builder.raw_header(HeaderValue::dangerous_new_pre_encoded(name, self.subject.clone(), encoded))
+            }
+        };
         let envelope_to: Vec<lettre::Address> = self.recipients().iter().map(|(_, a)| a.as_lettre().clone()).collect();
         let envelope = lettre::address::Envelope::new(Some(self.from.address.as_lettre().clone()), envelope_to)
             .expect("a prepared message has at least one recipient");
@@ -235,7 +245,7 @@ impl OutgoingMessage {
                     Some(html) => MultiPart::mixed().multipart(alternative(text, html)),
                 };
                 let parts = self.attachments.iter().fold(body, |parts, a| {
-                    let content_type = a.content_type.parse().unwrap_or(ContentType::TEXT_PLAIN);
+                    let content_type = with_charset(&a.content_type).parse().unwrap_or(ContentType::TEXT_PLAIN);
                     parts.singlepart(MimeAttachment::new(a.filename.clone()).body(a.content.clone(), content_type))
                 });
                 builder.multipart(parts)
@@ -245,48 +255,41 @@ impl OutgoingMessage {
     }
 }
 
-/// A `To` or `Cc` header whose lines break between addresses, never inside a display name:
-/// each mailbox is encoded on its own by lettre (quoting and RFC 2047 encoded words), and the
-/// list starts a new line wherever the next mailbox would pass 78 characters (RFC 5322 2.1.1).
+/// An address header (From, To, Cc, Reply-To) written by Panel, not lettre: each display name
+/// is an RFC 5322 phrase (`header::phrase`: atoms, a quoted-string, or encoded words outside
+/// quotes), and lines break between words and addresses, never inside a quoted name or an
+/// encoded word. lettre is given the bare addresses to parse (its From check); the wire gets
+/// the encoded text.
 fn address_list(name: &'static str, list: &[Mailbox]) -> lettre::message::header::HeaderValue {
-    use lettre::message::Mailboxes;
-    use lettre::message::header::{Cc, HeaderName, HeaderValue, Headers, To};
-    let encoded_one = |m: &Mailbox| {
-        let mut headers = Headers::new();
-        let one = Mailboxes::from(m.to_lettre());
-        if name == "To" {
-            headers.set(To::from(one))
-        } else {
-            headers.set(Cc::from(one))
-        }
-        let line = headers.to_string();
-        line.trim_end_matches("\r\n").split_once(": ").map(|(_, v)| v.to_string()).unwrap_or_default()
-    };
-    let mut encoded = String::new();
-    let mut column = name.len() + 2;
+    use lettre::message::header::{HeaderName, HeaderValue};
+    // A mailbox that fits on a line is one unit (never broken inside its name); a longer one
+    // breaks between its words.
+    let mut words = Vec::new();
     for (i, m) in list.iter().enumerate() {
-        let piece = encoded_one(m);
-        let first_line = piece.split("\r\n").next().unwrap_or_default().len();
-        if i > 0 {
-            encoded.push(',');
-            column += 1;
-            // A piece that lettre folded itself (a very long name) starts a line of its own.
-            if column + 1 + first_line > 78 || piece.contains("\r\n") {
-                encoded.push_str("\r\n ");
-                column = 1;
-            } else {
-                encoded.push(' ');
-                column += 1;
-            }
+        let mut mailbox = m.name.as_deref().map(crate::header::phrase).unwrap_or_default();
+        let comma = if i + 1 == list.len() { "" } else { "," };
+        mailbox.push(match m.name {
+            Some(_) => format!("<{}>{comma}", m.address),
+            None => format!("{}{comma}", m.address),
+        });
+        let whole = mailbox.join(" ");
+        if whole.len() <= 76 {
+            words.push(whole);
+        } else {
+            words.extend(mailbox);
         }
-        encoded.push_str(&piece);
-        column = match piece.rsplit_once("\r\n") {
-            Some((_, last)) => last.len(),
-            None => column + piece.len(),
-        };
     }
-    let raw = list.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ");
+    let encoded = crate::header::fold(name, &words);
+    let raw = list.iter().map(|m| m.address.to_string()).collect::<Vec<_>>().join(", ");
     HeaderValue::dangerous_new_pre_encoded(HeaderName::new_from_ascii_str(name), raw, encoded)
+}
+
+/// An attachment's content is text Panel rendered (UTF-8): a `text/*` type without a charset
+/// gets `charset=utf-8`, or readers guess (and show `??` for every non-ASCII letter).
+fn with_charset(content_type: &str) -> String {
+    let t = content_type.trim();
+    let is_text = t.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"));
+    if is_text && !t.to_ascii_lowercase().contains("charset=") { format!("{t}; charset=utf-8") } else { t.to_string() }
 }
 
 fn alternative(text: SinglePart, html: &str) -> MultiPart {
@@ -346,8 +349,8 @@ mod tests {
         let raw = String::from_utf8(m.render()).unwrap();
         assert!(raw.contains(&format!("Message-ID: {}", m.message_id)), "{raw}");
         assert!(m.message_id.ends_with("@example.org>"));
-        assert!(raw.contains("Subject: Passwort =?utf-8?b?"), "subject must use an encoded word: {raw}");
-        assert!(raw.contains("From: \"Identity Panel\" <panel@example.org>"), "{raw}");
+        assert!(raw.contains("Subject: =?utf-8?b?"), "subject must use an encoded word: {raw}");
+        assert!(raw.contains("From: Identity Panel <panel@example.org>"), "{raw}");
         assert!(raw.contains("<joerg@example.org>"));
         assert!(raw.contains("Date: "));
         assert!(!raw.contains("Jörg"), "non-ASCII in headers must be encoded");
@@ -437,12 +440,78 @@ mod tests {
         }
         let unfolded = header.join("");
         for i in 0..6 {
-            assert!(unfolded.contains(&format!("\"Directory Person Number {i} Of Finance\" <person{i}@example.org>")));
+            assert!(unfolded.contains(&format!("Directory Person Number {i} Of Finance <person{i}@example.org>")));
         }
         assert!(
             text.contains("\r\nCc: \"Ops Team\" <ops@example.org>\r\n")
                 || text.contains("\r\nCc: Ops Team <ops@example.org>\r\n"),
             "{text}"
         );
+    }
+
+    /// What a reader shows: the rendered message parsed back by a mail parser.
+    fn read_back(m: &OutgoingMessage) -> mail_parser::Message<'static> {
+        mail_parser::MessageParser::default().parse(&m.render()).expect("parses").into_owned()
+    }
+
+    #[test]
+    fn display_names_and_subjects_read_back_exactly_as_given() {
+        let names = [
+            r#"Doe, John (Ops) "JD""#,
+            r"Back\slash Person",
+            "Jörg Müller",
+            "O'Brien, Siobhán",
+            "ops@example.org",
+            "=?utf-8?q?not_an_encoded_word?=",
+            "Dr. Ana María Pérez-González de la Fuente, Head of Identity (EMEA)",
+            "李小龍",
+        ];
+        for name in names {
+            let to = format!("\"{}\" <x@example.org>", name.replace('\\', "\\\\").replace('"', "\\\""));
+            let subject = format!("Re: {name}");
+            let d = Draft { to: vec![to], subject: subject.clone(), ..draft() };
+            let m = prepare(&d).unwrap();
+            assert_eq!(m.to[0].name.as_deref(), Some(name), "parsed as typed");
+            let raw = String::from_utf8(m.render()).unwrap();
+            for line in raw.split("\r\n").take_while(|l| !l.is_empty()) {
+                assert!(line.len() <= 78 && line.is_ascii(), "{line:?}");
+            }
+            let read = read_back(&m);
+            let shown = read.to().and_then(|a| a.first()).and_then(|a| a.name.as_deref()).map(String::from);
+            assert_eq!(shown.as_deref(), Some(name), "{raw}");
+            assert_eq!(read.subject(), Some(subject.as_str()), "{raw}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_word_typed_as_text_is_not_decoded_into_a_line_break() {
+        let subject = "=?utf-8?q?Reset=0D=0ABcc:_victim@example.org?=";
+        let m = prepare(&Draft { subject: subject.into(), ..draft() }).unwrap();
+        let read = read_back(&m);
+        assert_eq!(read.subject(), Some(subject), "shown as typed, not decoded");
+        for bad in ["a\u{b}b", "a\u{c}b", "a\u{1b}[31mb"] {
+            let e = prepare(&Draft { subject: bad.into(), ..draft() }).unwrap_err();
+            assert!(e.0[0].message.contains("control character"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_ascii_text_attachment_says_its_charset() {
+        let attachments = vec![Attachment {
+            filename: "users.csv".into(),
+            content_type: "text/csv".into(),
+            content: "name\nJörg Müller\n".into(),
+        }];
+        let m = prepare(&Draft { attachments, ..draft() }).unwrap();
+        let read = read_back(&m);
+        let part = read.attachment(0).expect("the attachment");
+        use mail_parser::MimeHeaders;
+        let ct = part.content_type().unwrap();
+        assert_eq!((ct.ctype(), ct.subtype()), ("text", Some("csv")));
+        assert_eq!(ct.attribute("charset").map(|c| c.to_ascii_lowercase()).as_deref(), Some("utf-8"));
+        // Text travels with CRLF line ends; the letters arrive as written.
+        assert_eq!(part.text_contents().map(|t| t.replace("\r\n", "\n")).as_deref(), Some("name\nJörg Müller\n"));
+        assert_eq!(with_charset("text/plain; charset=iso-8859-1"), "text/plain; charset=iso-8859-1");
+        assert_eq!(with_charset("application/pdf"), "application/pdf");
     }
 }

@@ -35,7 +35,7 @@ fn test_message_is_delivered_on_the_plain_port_with_from_and_to_as_configured() 
     let mails = lab.wait_for_messages(message_id, 1, WAIT);
     assert_eq!(mails.len(), 1, "exactly one copy in the Maildir");
     let mail = &mails[0];
-    assert!(mail.contains("From: \"Identity Panel\" <panel@example.org>"), "{mail}");
+    assert!(mail.contains("From: Identity Panel <panel@example.org>"), "{mail}");
     assert!(mail.contains("To: ops@example.org"), "{mail}");
     assert!(mail.contains("Subject: Panel test message"), "{mail}");
     assert!(mail.contains("Return-Path: <panel@example.org>"), "envelope sender: {mail}");
@@ -466,7 +466,7 @@ fn dot_lines_utf8_and_html_arrive_intact() {
     let mail = &mails[0];
     assert!(mail.contains("\n.\n.leading dot\n") || mail.contains("multipart/alternative"), "{mail}");
     assert!(mail.contains("multipart/alternative"));
-    assert!(mail.contains("Subject: Passwort =?utf-8?"), "{mail}");
+    assert!(mail.contains("Subject: =?utf-8?b?"), "{mail}");
     assert!(!mail.to_ascii_lowercase().contains("bcc:"), "Bcc never in headers");
 }
 
