@@ -14,7 +14,7 @@ use tokio::time::timeout;
 use zeroize::Zeroizing;
 
 use crate::tls::TlsInfo;
-use crate::wire::{self, Extensions, ReadError};
+use crate::wire::{self, Extensions, ReadError, truncate};
 
 /// One stage of the conversation as it happened, for `panel smtp check` and debugging.
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +70,9 @@ pub fn local_hostname() -> String {
     .clone()
 }
 
+/// How long ending a session may take (QUIT's reply, the TLS close).
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Connection {
     pub(crate) io: BufReader<Stream>,
     pub(crate) timeout: Duration,
@@ -100,6 +103,11 @@ impl Connection {
         let result = match timeout(limit, wire::read_reply(&mut self.io)).await {
             Err(_) => Err(Failure::new(stage, FailureKind::Timeout, format!("no reply within {}s", limit.as_secs()))),
             Ok(Err(ReadError::Closed)) => Err(Failure::new(stage, FailureKind::Io, "the relay closed the connection")),
+            Ok(Err(ReadError::ClosedMidLine(sent))) => Err(Failure::new(
+                stage,
+                FailureKind::Io,
+                format!("the relay closed the connection in the middle of a reply (after {:?})", truncate(&sent, 80)),
+            )),
             Ok(Err(ReadError::Io(e))) => Err(Failure::new(stage, FailureKind::Io, format!("connection error: {e}"))),
             Ok(Err(ReadError::Malformed(m))) => Err(Failure::new(stage, FailureKind::Protocol, m)),
             Ok(Ok(r)) => {
@@ -283,12 +291,18 @@ impl Connection {
         }
     }
 
+    /// Ends the session politely: QUIT (unless the conversation is broken), then the TLS
+    /// close_notify and the TCP shutdown, each within a few seconds, so that relays log a
+    /// clean end rather than "non-properly terminated" sessions.
     pub async fn quit(mut self, t: Option<&mut Transcript>) {
-        if let Ok(reply) = self.command(Stage::Quit, "QUIT").await
+        self.timeout = self.timeout.min(QUIT_TIMEOUT);
+        if !self.broken
+            && let Ok(reply) = self.command(Stage::Quit, "QUIT").await
             && let Some(t) = t
         {
             t.ok(Stage::Quit, reply.one_line(), Some(&reply));
         }
+        let _ = timeout(QUIT_TIMEOUT, self.io.get_mut().shutdown()).await;
     }
 }
 

@@ -105,6 +105,20 @@ impl Relay {
         if s.security == Security::Tls {
             conn = self.handshake(conn, true, t).await?;
         }
+        // A session that fails after it opened (a refused password, no STARTTLS) still ends
+        // with QUIT and a clean close.
+        match self.session(&mut conn, t).await {
+            Ok(()) => Ok(conn),
+            Err(f) => {
+                conn.quit(None).await;
+                Err(f)
+            }
+        }
+    }
+
+    /// Greeting, EHLO, STARTTLS and authentication on an open connection.
+    async fn session(&self, conn: &mut Connection, t: &mut Transcript) -> Result<(), Failure> {
+        let s = &self.settings;
         let greeting = conn.read(Stage::Greeting).await?;
         if greeting.code != 220 {
             return Err(Failure::reply(Stage::Greeting, greeting));
@@ -135,7 +149,10 @@ impl Relay {
                     ));
                 }
                 t.ok(Stage::Starttls, reply.one_line(), Some(&reply));
-                conn = self.handshake(conn, false, t).await?;
+                // Until the handshake gives the connection back, a failure leaves nothing to QUIT.
+                let gone = Connection { broken: true, ..Connection::closed(s.command_timeout) };
+                let plain = std::mem::replace(conn, gone);
+                *conn = self.handshake(plain, false, t).await?;
                 conn.ehlo(&self.helo, t).await?;
             }
             _ => {}
@@ -151,8 +168,7 @@ impl Relay {
                 ),
             ));
         }
-        auth::authenticate(&mut conn, s, self.credentials.as_deref(), t).await?;
-        Ok(conn)
+        auth::authenticate(conn, s, self.credentials.as_deref(), t).await
     }
 
     async fn handshake(&self, conn: Connection, implicit: bool, t: &mut Transcript) -> Result<Connection, Failure> {

@@ -12,6 +12,8 @@ const MAX_LINES: usize = 256;
 pub enum ReadError {
     Io(std::io::Error),
     Closed,
+    /// The relay closed the connection in the middle of a reply line (what it sent so far).
+    ClosedMidLine(String),
     Malformed(String),
 }
 
@@ -25,6 +27,10 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<SmtpR
             return Err(ReadError::Closed);
         }
         if raw.last() != Some(&b'\n') {
+            // Short of the limit without a line end: the relay closed in the middle of a line.
+            if n < MAX_LINE {
+                return Err(ReadError::ClosedMidLine(String::from_utf8_lossy(&raw).into_owned()));
+            }
             return Err(ReadError::Malformed(format!("reply line longer than {MAX_LINE} bytes")));
         }
         let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_string();
@@ -54,7 +60,7 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<SmtpR
     Ok(SmtpReply::from_lines(code, &refs))
 }
 
-fn truncate(s: &str, n: usize) -> &str {
+pub(crate) fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -150,6 +156,12 @@ mod tests {
         assert!(matches!(read_reply(&mut input).await, Err(ReadError::Closed)));
         let mut input: &[u8] = b"";
         assert!(matches!(read_reply(&mut input).await, Err(ReadError::Closed)));
+        // Closed in the middle of the greeting: said so, not taken for an over-long line.
+        let mut input: &[u8] = b"220 mail.example.org ESMTP rea";
+        assert!(matches!(read_reply(&mut input).await, Err(ReadError::ClosedMidLine(t)) if t.ends_with("rea")));
+        let long = vec![b'2'; MAX_LINE + 10];
+        let mut input: &[u8] = &long;
+        assert!(matches!(read_reply(&mut input).await, Err(ReadError::Malformed(m)) if m.contains("longer")));
     }
 
     #[test]

@@ -246,17 +246,35 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
 
 fn take_connection(shared: &Shared, serial: u64) -> Option<Connection> {
     let mut pool = shared.pool.lock().expect("not poisoned");
-    pool.retain(|(v, at, _)| *v == serial && at.elapsed() < shared.config.idle_connection);
+    retire(drop_stale(&mut pool, Some(serial), shared.config.idle_connection));
     pool.pop().map(|(_, _, c)| c)
 }
 
 fn prune_idle(shared: &Shared) {
     let serial = shared.relay.lock().expect("not poisoned").as_ref().map(|s| s.serial);
-    shared
-        .pool
-        .lock()
-        .expect("not poisoned")
-        .retain(|(v, at, _)| Some(*v) == serial && at.elapsed() < shared.config.idle_connection);
+    let mut pool = shared.pool.lock().expect("not poisoned");
+    retire(drop_stale(&mut pool, serial, shared.config.idle_connection));
+}
+
+/// Takes out of the pool the connections idle too long or made for other relay settings.
+fn drop_stale(pool: &mut Vec<(u64, Instant, Connection)>, serial: Option<u64>, idle: Duration) -> Vec<Connection> {
+    let (keep, stale): (Vec<_>, Vec<_>) =
+        pool.drain(..).partition(|(v, at, _)| Some(*v) == serial && at.elapsed() < idle);
+    *pool = keep;
+    stale.into_iter().map(|(_, _, c)| c).collect()
+}
+
+/// Ends connections leaving the pool with QUIT and a clean (TLS) close, off the delivery path:
+/// relays log a dropped session as an error, and some count them against the client.
+fn retire(connections: Vec<Connection>) {
+    if connections.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for c in connections {
+            c.quit(None).await;
+        }
+    });
 }
 
 /// What the record of an attempt needs from its claim, kept apart from the claim itself so that
@@ -513,6 +531,7 @@ async fn send(
             give_back(shared, serial, conn);
             return Some(report);
         }
+        retire(vec![conn]);
     }
     let mut transcript = Transcript::default();
     match relay.connect(&mut transcript).await {
@@ -536,5 +555,7 @@ async fn send(
 fn give_back(shared: &Shared, serial: u64, conn: Connection) {
     if conn.is_reusable() {
         shared.pool.lock().expect("not poisoned").push((serial, Instant::now(), conn));
+    } else {
+        retire(vec![conn]);
     }
 }

@@ -14,6 +14,7 @@ struct State {
     received: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
     connections: AtomicUsize,
+    quits: AtomicUsize,
     greeting_delay_ms: AtomicU64,
     /// Scripted RCPT replies per address, used one per RCPT (then 250).
     rcpt_script: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
@@ -53,6 +54,11 @@ impl RecordingSink {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Sessions the client ended with QUIT.
+    pub fn quits(&self) -> usize {
+        self.state.quits.load(Ordering::SeqCst)
     }
 
     /// Messages received, duplicates included.
@@ -106,6 +112,7 @@ fn session(stream: TcpStream, state: &State) {
             let n = state.total.fetch_add(1, Ordering::SeqCst) + 1;
             say(&format!("250 2.0.0 Ok: queued as S{n}"))
         } else if upper == "QUIT" {
+            state.quits.fetch_add(1, Ordering::SeqCst);
             say("221 2.0.0 bye");
             return;
         } else if upper.starts_with("RCPT") {

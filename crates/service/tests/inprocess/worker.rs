@@ -45,3 +45,29 @@ async fn a_delivery_that_panics_is_an_internal_failure_retried_on_its_schedule_t
     assert_eq!(h.sink.total(), 1, "nothing of the panicking message reached the relay");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn connections_leaving_the_pool_end_with_quit() {
+    let idle = WorkerConfig { idle_connection: Duration::from_millis(300), ..fast() };
+    let h = Harness::start(Some(idle), &[]).await;
+    let id = h.send("pooled").await;
+    h.wait_for(id, MessageState::Delivered, Duration::from_secs(10)).await;
+    assert_eq!(h.sink.connections(), 1);
+    // Idle past its time, the pooled connection is retired with QUIT, not dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.sink.quits() < 1 {
+        assert!(std::time::Instant::now() < deadline, "the idle connection was never ended with QUIT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A connection still pooled when the worker stops is ended with QUIT too.
+    let id = h.send("second").await;
+    h.wait_for(id, MessageState::Delivered, Duration::from_secs(10)).await;
+    let sink = h.sink.clone();
+    h.stop().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.quits() < sink.connections() {
+        assert!(std::time::Instant::now() < deadline, "{} connections, {} QUITs", sink.connections(), sink.quits());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.connections(), 2);
+}
