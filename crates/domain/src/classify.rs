@@ -147,6 +147,10 @@ pub enum FailureKind {
     /// The relay ended the TLS handshake with an alert of its own (an internal error, not a
     /// version refusal): its TLS setup is failing. Retried.
     TlsAlert,
+    /// The message is larger than the relay's declared SIZE limit: refused before sending.
+    TooLarge,
+    /// An address needs SMTPUTF8 and the relay does not offer it: refused before sending.
+    NeedsSmtputf8,
     /// Panel's own delivery code failed (it panicked): a bug, not the relay. Retried on the
     /// retry schedule like a temporary failure, so a message that always trips it fails in the
     /// end instead of coming back after every lease.
@@ -245,6 +249,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::TokenUnavailable
         | K::KdcUnavailable => Transient,
         K::Internal => Internal,
+        K::TooLarge | K::NeedsSmtputf8 => Permanent,
         K::TlsModeMismatch
         | K::CertificateUntrusted
         | K::StarttlsNotOffered
@@ -338,6 +343,12 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         ),
         K::Internal => h(
             "Panel itself failed while delivering this message (a bug, not the relay); it is kept and retried on the retry schedule. Please report the detail with `panel messages show ID`",
+        ),
+        K::TooLarge => h(
+            "the relay refuses messages this large; send less (smaller attachments), or raise the relay's message size limit",
+        ),
+        K::NeedsSmtputf8 => h(
+            "this relay cannot carry internationalized (UTF-8) addresses; use an ASCII address for this recipient, or a relay that offers SMTPUTF8",
         ),
         K::Reply => reply_hint(failure.stage, failure.reply.as_ref()?),
     }

@@ -216,8 +216,40 @@ impl Connection {
         message: &[u8],
         report: &mut SendReport,
     ) -> Result<(), Failure> {
-        let needs_utf8 = !from.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-        let params = if needs_utf8 && self.extensions.has("SMTPUTF8") { " SMTPUTF8" } else { "" };
+        // Never 8-bit bytes to a relay that did not offer to take them: Panel encodes every
+        // header and body it can, so only an address (a UTF-8 mailbox name) can need SMTPUTF8.
+        let needs_utf8 = !from.is_ascii() || recipients.iter().any(|r| !r.is_ascii()) || !message.is_ascii();
+        if needs_utf8 && !self.extensions.has("SMTPUTF8") {
+            let addresses: Vec<&str> =
+                std::iter::once(from).chain(recipients.iter().map(String::as_str)).filter(|a| !a.is_ascii()).collect();
+            return Err(Failure::new(
+                Stage::Mail,
+                FailureKind::NeedsSmtputf8,
+                format!(
+                    "the relay does not offer SMTPUTF8, which the address {} needs; nothing was sent",
+                    addresses.join(", ")
+                ),
+            ));
+        }
+        let data = wire::encode_data(message);
+        let mut params = String::new();
+        if let Some(limit) = self.extensions.size_limit() {
+            // RFC 1870: declare the size, and do not transfer what the relay said it refuses.
+            if limit > 0 && data.len() as u64 > limit {
+                return Err(Failure::new(
+                    Stage::Mail,
+                    FailureKind::TooLarge,
+                    format!(
+                        "the message is {} bytes and the relay accepts at most {limit} (its SIZE); nothing was sent",
+                        data.len()
+                    ),
+                ));
+            }
+            params.push_str(&format!(" SIZE={}", data.len()));
+        }
+        if needs_utf8 {
+            params.push_str(" SMTPUTF8");
+        }
         let mail = format!("MAIL FROM:<{from}>{params}");
         let data_reply = if self.extensions.has("PIPELINING") {
             // RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order. Two
@@ -275,7 +307,7 @@ impl Connection {
         if data_reply.code != 354 {
             return Err(Failure::reply(Stage::Data, data_reply));
         }
-        self.write(Stage::Data, &wire::encode_data(message)).await?;
+        self.write(Stage::Data, &data).await?;
         let reply = self.read(Stage::Data).await?;
         if !reply.is_positive() {
             return Err(Failure::reply(Stage::Data, reply));

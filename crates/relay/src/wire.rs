@@ -119,6 +119,16 @@ impl Extensions {
         self.list.iter().any(|l| l.split_whitespace().next().is_some_and(|k| k.eq_ignore_ascii_case(keyword)))
     }
 
+    /// The largest message the relay declared it accepts (RFC 1870 `SIZE n`): `Some(0)` when it
+    /// offers SIZE without a limit, `None` when it does not offer SIZE.
+    pub fn size_limit(&self) -> Option<u64> {
+        self.list.iter().find_map(|l| {
+            let mut words = l.split_whitespace();
+            let keyword = words.next()?;
+            keyword.eq_ignore_ascii_case("SIZE").then(|| words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
+        })
+    }
+
     pub fn auth_mechanisms(&self) -> Vec<String> {
         self.list
             .iter()

@@ -16,6 +16,10 @@ struct State {
     connections: AtomicUsize,
     quits: AtomicUsize,
     greeting_delay_ms: AtomicU64,
+    /// Announced as `SIZE n` in EHLO when set (0: no limit); bigger messages are refused.
+    size_limit: Mutex<Option<u64>>,
+    /// Every MAIL command received, as sent.
+    mail_commands: Mutex<Vec<String>>,
     /// Scripted RCPT replies per address, used one per RCPT (then 250).
     rcpt_script: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
 }
@@ -54,6 +58,16 @@ impl RecordingSink {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Announces `SIZE limit` in EHLO from now on (`None`: no SIZE extension).
+    pub fn set_size_limit(&self, limit: Option<u64>) {
+        *self.state.size_limit.lock().unwrap() = limit;
+    }
+
+    /// Every MAIL command received so far, as sent.
+    pub fn mail_commands(&self) -> Vec<String> {
+        self.state.mail_commands.lock().unwrap().clone()
     }
 
     /// Sessions the client ended with QUIT.
@@ -96,7 +110,10 @@ fn session(stream: TcpStream, state: &State) {
         }
         let upper = line.trim_end().to_ascii_uppercase();
         let ok = if upper.starts_with("EHLO") {
-            say("250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME")
+            match *state.size_limit.lock().unwrap() {
+                Some(n) => say(&format!("250-sink.test\r\n250-PIPELINING\r\n250-SIZE {n}\r\n250 8BITMIME")),
+                None => say("250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME"),
+            }
         } else if upper == "DATA" && accepted == 0 {
             say("554 5.5.1 no valid recipients")
         } else if upper == "DATA" {
@@ -124,6 +141,9 @@ fn session(stream: TcpStream, state: &State) {
             }
             say(&reply)
         } else if upper.starts_with("MAIL") || upper == "RSET" {
+            if upper.starts_with("MAIL") {
+                state.mail_commands.lock().unwrap().push(line.trim_end().to_string());
+            }
             accepted = 0;
             say("250 2.0.0 Ok")
         } else if upper == "NOOP" {

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use panel_domain::{FailureClass, MessageState};
+use panel_domain::message::Draft;
+use panel_domain::{FailureClass, MessageState, Origin};
 use panel_service::WorkerConfig;
 
 use crate::harness::Harness;
@@ -70,4 +71,38 @@ async fn connections_leaving_the_pool_end_with_quit() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(sink.connections(), 2);
+}
+
+#[tokio::test]
+async fn the_relays_size_limit_is_declared_and_a_bigger_message_is_refused_before_it_is_sent() {
+    let h = Harness::start(Some(fast()), &[]).await;
+    h.sink.set_size_limit(Some(4000));
+    let big = Draft { subject: "big".into(), text: "x".repeat(6000), ..Default::default() };
+    let id = h.panel.enqueue_draft(Origin::MailTester, &big, None).await.unwrap().0;
+    let m = h.wait_for(id, MessageState::Failed, Duration::from_secs(10)).await;
+    let error = m.last_error.unwrap_or_default();
+    assert!(error.contains("accepts at most 4000 (its SIZE)"), "{error}");
+    assert_eq!(m.failure_class, Some(FailureClass::Permanent));
+    assert!(h.sink.mail_commands().is_empty(), "nothing was transferred: {:?}", h.sink.mail_commands());
+    let small = h.send("small").await;
+    h.wait_for(small, MessageState::Delivered, Duration::from_secs(10)).await;
+    let mail = h.sink.mail_commands().pop().unwrap();
+    assert!(mail.contains(" SIZE="), "MAIL declares the size (RFC 1870): {mail}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_utf8_address_is_not_sent_to_a_relay_without_smtputf8() {
+    let h = Harness::start(Some(fast()), &[]).await;
+    let id = h.send_to("grüße", &["jörg@example.org"]).await;
+    let m = h.wait_for(id, MessageState::Failed, Duration::from_secs(10)).await;
+    let error = m.last_error.unwrap_or_default();
+    assert!(error.contains("does not offer SMTPUTF8") && error.contains("jörg@example.org"), "{error}");
+    assert_eq!(h.sink.total(), 0);
+    assert!(h.sink.mail_commands().is_empty());
+    // ASCII addresses with a non-ASCII subject and body need nothing: all of it is encoded.
+    let ok = h.send_to("grüße", &["joerg@example.org"]).await;
+    h.wait_for(ok, MessageState::Delivered, Duration::from_secs(10)).await;
+    assert!(!h.sink.mail_commands()[0].contains("SMTPUTF8"));
+    h.stop().await;
 }
