@@ -147,6 +147,10 @@ pub enum FailureKind {
     /// The relay ended the TLS handshake with an alert of its own (an internal error, not a
     /// version refusal): its TLS setup is failing. Retried.
     TlsAlert,
+    /// No reply to the end of the message (a timeout or a closed connection after the final
+    /// dot): the relay may have accepted it. Retried, and recorded as interrupted, since the
+    /// retry may deliver a second copy.
+    UnknownOutcome,
     /// The message is larger than the relay's declared SIZE limit: refused before sending.
     TooLarge,
     /// An address needs SMTPUTF8 and the relay does not offer it: refused before sending.
@@ -247,6 +251,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::TlsAlert
         | K::Protocol
         | K::TokenUnavailable
+        | K::UnknownOutcome
         | K::KdcUnavailable => Transient,
         K::Internal => Internal,
         K::TooLarge | K::NeedsSmtputf8 => Permanent,
@@ -343,6 +348,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         ),
         K::Internal => h(
             "Panel itself failed while delivering this message (a bug, not the relay); it is kept and retried on the retry schedule. Please report the detail with `panel messages show ID`",
+        ),
+        K::UnknownOutcome => h(
+            "the relay got the whole message but did not answer in time (content scanning can take minutes; see --data-timeout); it may have accepted it, so the retry can deliver a second copy: check the relay's log for this Message-ID",
         ),
         K::TooLarge => h(
             "the relay refuses messages this large; send less (smaller attachments), or raise the relay's message size limit",

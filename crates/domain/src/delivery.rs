@@ -163,8 +163,11 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
         }
         s => s,
     };
+    let unknown = report.failure.as_ref().is_some_and(|f| f.kind == crate::FailureKind::UnknownOutcome);
     let outcome = match (state, delivered) {
         (MessageState::Delivered, _) => AttemptOutcome::Delivered,
+        // Counted with the attempts a worker abandoned under its lease: a copy may have gone.
+        _ if unknown => AttemptOutcome::Interrupted,
         (_, d) if d > 0 => AttemptOutcome::PartiallyDelivered,
         _ => match headline_class.as_ref().map(|c| c.class) {
             Some(FailureClass::Configuration) => AttemptOutcome::ConfigurationError,

@@ -99,6 +99,9 @@ pub struct RelaySettings {
     pub allow_from_override: bool,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// The wait for the relay's reply after the whole message (RFC 5321 4.5.3.2: 10 minutes);
+    /// a message that gets no reply in time has an unknown outcome.
+    pub data_timeout: Duration,
     pub retry: RetryPolicy,
     /// False when the stored credential was confirmed for another host, port or security mode:
     /// it is not sent until the admin confirms it for this endpoint.
@@ -204,9 +207,11 @@ impl RelaySettings {
         }
         let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref());
         let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
+        let data_timeout = timeout(&mut errors, "data_timeout", doc.data_timeout.as_deref());
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
 
-        match (host, port, security, auth, from, fallback_recipient, connect_timeout, command_timeout, retry) {
+        let timeouts = connect_timeout.zip(command_timeout).zip(data_timeout);
+        match (host, port, security, auth, from, fallback_recipient, timeouts, retry) {
             (
                 Some(host),
                 Some(port),
@@ -214,8 +219,7 @@ impl RelaySettings {
                 Some(auth),
                 Some(from),
                 Some(fallback_recipient),
-                Some(connect_timeout),
-                Some(command_timeout),
+                Some(((connect_timeout, command_timeout), data_timeout)),
                 Some(retry),
             ) if errors.is_empty() => {
                 let mut settings = RelaySettings {
@@ -234,6 +238,7 @@ impl RelaySettings {
                     allow_from_override: doc.allow_from_override.unwrap_or(false),
                     connect_timeout,
                     command_timeout,
+                    data_timeout,
                     retry,
                     doc: doc.clone(),
                 };

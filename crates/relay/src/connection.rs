@@ -76,6 +76,8 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Connection {
     pub(crate) io: BufReader<Stream>,
     pub(crate) timeout: Duration,
+    /// The wait for the reply to the end of the message (`data_timeout`).
+    pub(crate) data_timeout: Duration,
     pub encrypted: bool,
     pub extensions: Extensions,
     pub(crate) broken: bool,
@@ -87,6 +89,7 @@ impl Connection {
         Connection {
             io: BufReader::new(Stream::Closed),
             timeout,
+            data_timeout: timeout,
             encrypted: false,
             extensions: Extensions::default(),
             broken: false,
@@ -99,7 +102,10 @@ impl Connection {
     }
 
     pub(crate) async fn read(&mut self, stage: Stage) -> Result<SmtpReply, Failure> {
-        let limit = self.timeout;
+        self.read_within(stage, self.timeout).await
+    }
+
+    async fn read_within(&mut self, stage: Stage, limit: Duration) -> Result<SmtpReply, Failure> {
         let result = match timeout(limit, wire::read_reply(&mut self.io)).await {
             Err(_) => Err(Failure::new(stage, FailureKind::Timeout, format!("no reply within {}s", limit.as_secs()))),
             Ok(Err(ReadError::Closed)) => Err(Failure::new(stage, FailureKind::Io, "the relay closed the connection")),
@@ -308,7 +314,19 @@ impl Connection {
             return Err(Failure::reply(Stage::Data, data_reply));
         }
         self.write(Stage::Data, &data).await?;
-        let reply = self.read(Stage::Data).await?;
+        // After the final dot the relay may have taken the message even if its reply never
+        // comes: that is an unknown outcome, not a plain failure (a retry may deliver twice).
+        let reply = match self.read_within(Stage::Data, self.data_timeout).await {
+            Ok(r) => r,
+            Err(f) if matches!(f.kind, FailureKind::Timeout | FailureKind::Io) => {
+                return Err(Failure::new(
+                    Stage::Data,
+                    FailureKind::UnknownOutcome,
+                    format!("{} after the whole message was sent; the relay may have accepted it", f.detail),
+                ));
+            }
+            Err(f) => return Err(f),
+        };
         if !reply.is_positive() {
             return Err(Failure::reply(Stage::Data, reply));
         }

@@ -100,8 +100,11 @@ impl Relay {
         stream.set_nodelay(true).ok();
         t.ok(Stage::Tcp, format!("connected to {addr}"), None);
 
-        let mut conn =
-            Connection { io: BufReader::new(Stream::Plain(stream)), ..Connection::closed(s.command_timeout) };
+        let mut conn = Connection {
+            io: BufReader::new(Stream::Plain(stream)),
+            data_timeout: s.data_timeout,
+            ..Connection::closed(s.command_timeout)
+        };
         if s.security == Security::Tls {
             conn = self.handshake(conn, true, t).await?;
         }
@@ -219,6 +222,7 @@ impl Relay {
         Ok(Connection {
             io: BufReader::new(Stream::Tls(Box::new(stream))),
             encrypted: true,
+            data_timeout: conn.data_timeout,
             ..Connection::closed(conn.timeout)
         })
     }

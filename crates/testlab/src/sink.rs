@@ -16,6 +16,8 @@ struct State {
     connections: AtomicUsize,
     quits: AtomicUsize,
     greeting_delay_ms: AtomicU64,
+    /// Held before the reply to the end of DATA (content scanning).
+    data_reply_delay_ms: AtomicU64,
     /// Announced as `SIZE n` in EHLO when set (0: no limit); bigger messages are refused.
     size_limit: Mutex<Option<u64>>,
     /// Every MAIL command received, as sent.
@@ -58,6 +60,11 @@ impl RecordingSink {
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Holds the reply to the end of DATA this long (the message counts as received before).
+    pub fn set_data_reply_delay(&self, delay: Duration) {
+        self.state.data_reply_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Announces `SIZE limit` in EHLO from now on (`None`: no SIZE extension).
@@ -127,6 +134,7 @@ fn session(stream: TcpStream, state: &State) {
             let id = message_id.unwrap_or_default();
             *state.received.lock().unwrap().entry(id).or_default() += 1;
             let n = state.total.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(state.data_reply_delay_ms.load(Ordering::SeqCst)));
             say(&format!("250 2.0.0 Ok: queued as S{n}"))
         } else if upper == "QUIT" {
             state.quits.fetch_add(1, Ordering::SeqCst);

@@ -421,7 +421,13 @@ settings_table! {
     },
     command_timeout: String {
         kind: Kind::Duration, group: Advanced, label: "Command timeout", default: Default::Value("30s"), uses: ANY,
-        doc: "Each SMTP reply, the TLS handshake and the end of DATA, 1s to 10m",
+        doc: "Each SMTP reply and the TLS handshake, 1s to 10m",
+    },
+    data_timeout: String {
+        kind: Kind::Duration, group: Advanced, label: "End-of-message timeout", default: Default::Value("10m"),
+        uses: ANY,
+        doc: "The relay's reply after the whole message (RFC 5321: 10 minutes; content scanning takes time), 1s to 10m; \
+              no reply in time is an unknown outcome",
     },
     retry_schedule: String {
         kind: Kind::Durations, group: Advanced, label: "Retry schedule", default: Default::Value(retry::DEFAULT_SCHEDULE),

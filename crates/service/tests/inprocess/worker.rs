@@ -106,3 +106,29 @@ async fn a_utf8_address_is_not_sent_to_a_relay_without_smtputf8() {
     assert!(!h.sink.mail_commands()[0].contains("SMTPUTF8"));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_end_of_data_is_waited_for_and_no_reply_at_all_is_an_unknown_outcome() {
+    // The case: content scanning answers the final dot after longer than the command
+    // timeout. The end of DATA has its own, longer timeout: one attempt, one copy.
+    let h = Harness::start(Some(fast()), &[("command_timeout", "1s"), ("data_timeout", "20s")]).await;
+    h.sink.set_data_reply_delay(Duration::from_millis(2500));
+    let id = h.send("scanned").await;
+    let m = h.wait_for(id, MessageState::Delivered, Duration::from_secs(15)).await;
+    assert_eq!((m.attempts.len(), h.sink.total()), (1, 1));
+    h.stop().await;
+
+    // No reply within data_timeout: recorded as interrupted (a copy may exist), then retried.
+    let h = Harness::start(Some(fast()), &[("data_timeout", "1s"), ("retry_schedule", "5s")]).await;
+    h.sink.set_data_reply_delay(Duration::from_secs(3));
+    let id = h.send("unknown").await;
+    let m = h.wait_for(id, MessageState::Retrying, Duration::from_secs(15)).await;
+    assert_eq!(m.attempts[0].outcome, panel_domain::AttemptOutcome::Interrupted, "{m:#?}");
+    assert_eq!(m.interrupted, 1);
+    assert!(m.last_error.as_deref().unwrap_or_default().contains("may have accepted it"), "{m:#?}");
+    h.sink.set_data_reply_delay(Duration::ZERO);
+    h.clock.advance(chrono::Duration::seconds(6));
+    let m = h.wait_for(id, MessageState::Delivered, Duration::from_secs(15)).await;
+    assert_eq!(m.attempts.len(), 2);
+    h.stop().await;
+}

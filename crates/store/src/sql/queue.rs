@@ -276,7 +276,7 @@ async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settl
     let updated = sqlx::query(
         "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
                 next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                failure_class = $4, last_error = $5
+                failure_class = $4, last_error = $5, interrupted = interrupted + $8
          WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
     )
     .bind(s.state.as_str())
@@ -286,6 +286,8 @@ async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settl
     .bind(&s.last_error)
     .bind(claim.id)
     .bind(claim.token)
+    // An attempt with an unknown outcome counts like one a worker abandoned: a copy may exist.
+    .bind(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted))
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() != 1 {
