@@ -17,6 +17,15 @@ use crate::tls::{self, TlsTrust};
 /// Token answers are small; anything larger is not a token endpoint.
 const MAX_BODY: usize = 256 * 1024;
 
+/// A secret-carrying buffer as `Bytes`: zeroized when the last reference is dropped.
+struct WipedBytes(Zeroizing<String>);
+
+impl AsRef<[u8]> for WipedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 pub struct HttpResponse {
     pub status: u16,
     pub body: Zeroizing<Vec<u8>>,
@@ -40,9 +49,10 @@ async fn post(url: &EndpointUrl, form: Zeroizing<String>) -> Result<HttpResponse
         .header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(hyper::header::ACCEPT, "application/json")
         .header(hyper::header::USER_AGENT, concat!("panel/", env!("CARGO_PKG_VERSION")))
-        .body(Full::new(Bytes::from(form.as_bytes().to_vec())))
+        // The request owns the wiping buffer itself (no copy): it is zeroed when hyper drops
+        // the body after writing it.
+        .body(Full::new(Bytes::from_owner(WipedBytes(form))))
         .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
-    drop(form);
     if url.tls {
         let (config, _) = TlsTrust::system().client_config().map_err(|f| f.detail)?;
         let name = tls::server_name(&url.host).map_err(|f| f.detail)?;

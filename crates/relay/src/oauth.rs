@@ -98,8 +98,12 @@ struct TokenAnswer {
     error_description: Option<String>,
 }
 
+/// The encoded form, in a buffer that is wiped when dropped. It is allocated once at its largest
+/// possible size (every byte percent-encoded, plus the separators), so the serializer never
+/// grows it and leaves no copy of the secret behind in freed memory.
 fn form(pairs: &[(&str, &str)]) -> Zeroizing<String> {
-    let mut s = form_urlencoded::Serializer::new(String::new());
+    let bound: usize = pairs.iter().map(|(k, v)| 3 * (k.len() + v.len()) + 2).sum();
+    let mut s = form_urlencoded::Serializer::new(String::with_capacity(bound));
     for (k, v) in pairs {
         s.append_pair(k, v);
     }
@@ -156,4 +160,20 @@ pub async fn fetch_token(client: &TokenClient, limit: Duration) -> Result<TokenG
         expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
     Ok(TokenGrant { access_token: Secret::new(token.to_string()), expires_at, endpoint: endpoint.to_string(), note })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_form_with_the_secret_is_built_in_one_allocation() {
+        // A grown String leaves its old buffer (holding the secret) in freed memory unwiped.
+        let secret = "s3cr3t&=/+ with spaces and ü".repeat(20);
+        let pairs = [("grant_type", "client_credentials"), ("client_secret", secret.as_str())];
+        let bound: usize = pairs.iter().map(|(k, v)| 3 * (k.len() + v.len()) + 2).sum();
+        let encoded = form(&pairs);
+        assert_eq!(encoded.capacity(), bound, "never reallocated");
+        assert!(encoded.contains("client_secret=s3cr3t%26%3D%2F%2B+with"), "{}", &encoded[..60]);
+    }
 }
