@@ -22,6 +22,18 @@ pub struct FileConfig {
     pub license: LicenseSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+/// `[retention]`: how long message content, messages (with runs and events) and audit entries
+/// are kept; each a duration or "never".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    pub content: Option<String>,
+    pub messages: Option<String>,
+    pub audit: Option<String>,
 }
 
 /// `[http]`: how many clients the web server serves at once, and how long it waits for them.

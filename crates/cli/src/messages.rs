@@ -163,6 +163,11 @@ pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
             RetryResult::NotFailed { state } => {
                 Err(bad_input(format!("message {id} is {state}; only failed messages can be retried")))
             }
+            RetryResult::ContentRemoved { at } => Err(OpsError::Conflict(format!(
+                "message {id}'s content was removed by retention on {}; there is nothing to send again",
+                crate::output::time(&at)
+            ))
+            .into()),
         },
     }
 }

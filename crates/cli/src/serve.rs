@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use panel_service::retention::RetentionPolicy;
 use panel_service::supervisor::Supervisor;
 use panel_service::wake::Waker;
 use panel_service::{Panel, WorkerConfig};
@@ -78,11 +79,38 @@ pub(crate) fn http_limits(file: &FileConfig, worker: &WorkerConfig) -> Result<Ht
     Ok(limits)
 }
 
+/// `[retention]`: each a duration of at least a day, or "never".
+pub(crate) fn retention_policy(file: &FileConfig) -> Result<RetentionPolicy, Failed> {
+    let mut policy = RetentionPolicy::default();
+    let section = &file.retention;
+    for (name, value, field) in [
+        ("content", &section.content, &mut policy.content),
+        ("messages", &section.messages, &mut policy.messages),
+        ("audit", &section.audit, &mut policy.audit),
+    ] {
+        let Some(v) = value else { continue };
+        if v.trim().eq_ignore_ascii_case("never") {
+            *field = None;
+            continue;
+        }
+        let d =
+            panel_domain::duration::parse(v).map_err(|e| bad_input(format!("retention.{name}: {e}; or \"never\"")))?;
+        if d < Duration::from_secs(86_400) {
+            return Err(bad_input(format!(
+                "retention.{name} '{v}' is shorter than a day; use 1d or more, or \"never\""
+            )));
+        }
+        *field = Some(d);
+    }
+    Ok(policy)
+}
+
 pub(crate) async fn serve(
     mut panel: Panel,
     listen: Option<String>,
     config: WorkerConfig,
     http: HttpLimits,
+    retention: RetentionPolicy,
 ) -> CmdResult {
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
@@ -126,6 +154,11 @@ pub(crate) async fn serve(
     let (p, id, rx) = (panel.clone(), handle.info.id.clone(), stop_rx.clone());
     tasks.spawn("scheduler", async move {
         panel_service::run_scheduler(p, id, rx).await;
+        Ok(())
+    });
+    let (p, rx) = (panel.clone(), stop_rx.clone());
+    tasks.spawn("retention janitor", async move {
+        panel_service::retention::run_janitor(p, retention, rx).await;
         Ok(())
     });
     if let Some(l) = listener {

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod ops;
 mod queue;
 pub mod registry;
+pub mod retention;
 pub mod scheduler;
 mod settings;
 pub mod supervisor;

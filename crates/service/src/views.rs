@@ -99,6 +99,8 @@ pub struct MessageDetail {
     pub last_error: Option<String>,
     /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
     pub interrupted: i64,
+    /// When retention removed the text, HTML and attachments (headers and attempts stay).
+    pub content_removed_at: Option<DateTime<Utc>>,
     pub recipients: Vec<Recipient>,
     pub attempts: Vec<Attempt>,
 }
@@ -123,6 +125,7 @@ impl From<panel_store::MessageDetail> for MessageDetail {
             failure_class: m.failure_class,
             last_error: m.last_error,
             interrupted: m.interrupted,
+            content_removed_at: m.content_removed_at,
             recipients: m
                 .recipients
                 .into_iter()

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc, Settlement};
 
 pub use model::*;
-pub use sql::TOKEN_ID_CHARS;
+pub use sql::{RetainedTable, TOKEN_ID_CHARS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -304,6 +304,21 @@ impl Store {
 
     pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
         self.observe(self.backend.delete_token(token_hash).await)
+    }
+
+    /// Retention: strips the content of up to `limit` messages finished before `before`.
+    pub async fn remove_content(&self, before: DateTime<Utc>, now: DateTime<Utc>, limit: i64) -> Result<u64> {
+        self.observe(self.backend.remove_content(ms(before), ms(now), limit).await)
+    }
+
+    /// Retention: deletes up to `limit` messages finished before `before`, with their attempts.
+    pub async fn delete_finished(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
+        self.observe(self.backend.delete_finished(ms(before), limit).await)
+    }
+
+    /// Retention: deletes up to `limit` rows of `table` older than `before`.
+    pub async fn delete_older(&self, table: RetainedTable, before: DateTime<Utc>, limit: i64) -> Result<u64> {
+        self.observe(self.backend.delete_older(table, ms(before), limit).await)
     }
 
     /// API tokens of `admin`, or of every account.

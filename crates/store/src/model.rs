@@ -127,6 +127,8 @@ pub struct MessageDetail {
     pub last_error: Option<String>,
     /// Times a worker stopped while holding this message (a duplicate delivery is possible then).
     pub interrupted: i64,
+    /// When retention removed the text, HTML and attachments (headers and attempts stay).
+    pub content_removed_at: Option<DateTime<Utc>>,
     pub recipients: Vec<RecipientRow>,
     pub attempts: Vec<AttemptRow>,
 }
@@ -136,7 +138,13 @@ pub struct MessageDetail {
 pub enum RetryResult {
     Requeued,
     NotFound,
-    NotFailed { state: MessageState },
+    NotFailed {
+        state: MessageState,
+    },
+    /// Retention removed its content: there is nothing to send again.
+    ContentRemoved {
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

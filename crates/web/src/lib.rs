@@ -296,7 +296,9 @@ pub(crate) async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) ->
 pub(crate) async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
     match p.retry(id).await? {
         RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
-        r @ RetryResult::NotFailed { .. } => Ok((StatusCode::CONFLICT, Json(r)).into_response()),
+        r @ (RetryResult::NotFailed { .. } | RetryResult::ContentRemoved { .. }) => {
+            Ok((StatusCode::CONFLICT, Json(r)).into_response())
+        }
         r => ok(r),
     }
 }

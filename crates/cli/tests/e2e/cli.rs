@@ -245,3 +245,15 @@ fn one_message_size_limit_everywhere_answered_with_413() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("at most 10 MiB"), "{}", r.stderr);
 }
+
+#[test]
+fn bad_retention_in_the_config_file_stops_the_service_with_the_key_named() {
+    let env = configured();
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    for (line, key) in [("content = \"1h\"", "retention.content"), ("messages = \"soon\"", "retention.messages")] {
+        env.write("panel.toml", &format!("{config}[retention]\n{line}\n"));
+        let r = env.panel(&["worker"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(key), "{}", r.stderr);
+    }
+}

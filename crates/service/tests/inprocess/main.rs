@@ -6,5 +6,6 @@ mod harness;
 
 mod accounts;
 mod recipients;
+mod retention;
 mod schedules;
 mod worker;

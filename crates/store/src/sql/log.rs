@@ -178,6 +178,7 @@ impl SqlStore {
             failure_class: optional_closed_cell(&r, "messages", "failure_class", FailureClass::parse)?,
             last_error: cell(&r, "messages", "last_error")?,
             interrupted: cell(&r, "messages", "interrupted")?,
+            content_removed_at: cell::<Option<i64>>(&r, "messages", "content_removed_at")?.map(from_ms),
             recipients,
             attempts,
         }))

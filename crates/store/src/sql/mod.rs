@@ -53,7 +53,9 @@ pub(crate) fn optional_closed_cell<T>(
 }
 
 mod accounts;
+mod retention;
 pub use accounts::TOKEN_ID_CHARS;
+pub use retention::RetainedTable;
 mod automation;
 mod log;
 mod queue;
@@ -72,6 +74,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/sqlite/0005_automation.sql")),
     (6, include_str!("../../migrations/sqlite/0006_admins.sql")),
     (7, include_str!("../../migrations/sqlite/0007_sign_in_attempts.sql")),
+    (8, include_str!("../../migrations/sqlite/0008_retention.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -82,6 +85,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/postgres/0005_automation.sql")),
     (6, include_str!("../../migrations/postgres/0006_admins.sql")),
     (7, include_str!("../../migrations/postgres/0007_sign_in_attempts.sql")),
+    (8, include_str!("../../migrations/postgres/0008_retention.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -162,12 +162,18 @@ impl SqlStore {
 
     pub async fn retry_message(&self, id: i64, now: i64) -> Result<RetryResult> {
         let mut tx = self.write().await?;
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
-        let Some(state) = state else { return Ok(RetryResult::NotFound) };
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT state, content_removed_at FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state, removed)) = row else { return Ok(RetryResult::NotFound) };
         let state = known_state(&state)?;
         if !state.is_refused() {
             return Ok(RetryResult::NotFailed { state });
+        }
+        if let Some(at) = removed {
+            return Ok(RetryResult::ContentRemoved { at: crate::from_ms(at) });
         }
         sqlx::query("UPDATE recipients SET state = 'pending' WHERE message_id = $1 AND state = 'failed'")
             .bind(id)
@@ -189,14 +195,16 @@ impl SqlStore {
         let mut tx = self.write().await?;
         sqlx::query(
             "UPDATE recipients SET state = 'pending' WHERE state = 'failed'
-             AND message_id IN (SELECT id FROM messages WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1)",
+             AND message_id IN (SELECT id FROM messages WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1
+                                AND content_removed_at IS NULL)",
         )
         .bind(since)
         .execute(&mut *tx)
         .await?;
         let done = sqlx::query(
             "UPDATE messages SET state = 'retrying', next_attempt_at = $2, updated_at = $2, window_start = $2,
-                    failure_class = NULL WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1",
+                    failure_class = NULL WHERE state IN ('failed', 'partly_failed') AND updated_at >= $1
+                    AND content_removed_at IS NULL",
         )
         .bind(since)
         .bind(now)

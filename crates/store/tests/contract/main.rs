@@ -7,4 +7,5 @@ mod common;
 mod accounts;
 mod automation;
 mod queue;
+mod retention;
 mod secrets;
