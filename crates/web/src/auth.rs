@@ -138,24 +138,44 @@ impl<S: Send + Sync> FromRequestParts<S> for By {
 pub fn openapi() -> serde_json::Value {
     let mut paths = serde_json::Map::new();
     for (method, path, role, summary) in ROUTES {
+        // Messages and runs are numbered; tokens, licenses and named definitions are not.
+        let numbered = path.starts_with("/api/v1/messages/") || path.starts_with("/api/v1/runs/");
         let params: Vec<serde_json::Value> = path
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| {
+                let kind =
+                    if name == "id" && numbered { json!({"type": "integer"}) } else { json!({"type": "string"}) };
+                json!({"name": name, "in": "path", "required": true, "schema": kind})
+            })
             .collect();
+        let error = |text: &str| json!({"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        let mut responses = json!({
+            "2XX": {"description": "Done: 200 with the answer, 202 when work was queued (a message, an event), 204 without a body"},
+            "400": error("Invalid input, every field's problem named"),
+            "401": error("Not signed in"),
+            "403": error("Role too low, a license missing, or a session request without its CSRF token"),
+            "409": error("In conflict with what is stored (a name taken, nothing configured yet, not failed)"),
+            "500": error("Panel failed inside"),
+            "503": error("The database cannot be reached or written now"),
+        });
+        if !params.is_empty() {
+            responses["404"] = error("No such item");
+        }
         let mut op = json!({
             "summary": summary,
             "description": format!("Needs the role {} or higher.", role.as_str()),
             "parameters": params,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {}}},
-                "400": {"description": "Invalid input: {\"error\", \"fields\": [{\"field\", \"message\"}]}"},
-                "401": {"description": "Not signed in"},
-                "403": {"description": "Role too low, or a session request without its CSRF token"},
-            },
+            "responses": responses,
         });
         if matches!(*method, "POST" | "PUT") {
-            op["requestBody"] = json!({"content": {"application/json": {"schema": {"type": "object"}}}});
+            let schema = if *path == "/api/v1/settings/smtp" {
+                json!({"$ref": "#/components/schemas/SettingsPatch"})
+            } else {
+                json!({"type": "object"})
+            };
+            op["requestBody"] = json!({"content": {"application/json": {"schema": schema}}});
+            op["responses"]["413"] = error("The body is larger than the size limit");
         }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
         entry[method.to_ascii_lowercase()] = op;
@@ -164,13 +184,49 @@ pub fn openapi() -> serde_json::Value {
         "openapi": "3.1.0",
         "info": {"title": "Panel API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Everything the Panel web UI does. Authenticate with Authorization: Bearer TOKEN (panel admin token NAME), or a browser session plus X-CSRF-Token."},
-        "components": {"securitySchemes": {
-            "token": {"type": "http", "scheme": "bearer"},
-            "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE}
-        }},
+        "components": {
+            "securitySchemes": {
+                "token": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE}
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "fields": {"type": "array", "items": {
+                            "type": "object", "required": ["field", "message"],
+                            "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
+                        }}
+                    }
+                },
+                "SettingsPatch": settings_patch_schema(),
+            }
+        },
         "security": [{"token": []}, {"session": []}],
         "paths": paths,
     })
+}
+
+/// The relay settings a PUT may name, from the settings table: each field's JSON type; `''`
+/// clears a text field; nothing else is accepted.
+fn settings_patch_schema() -> serde_json::Value {
+    use panel_domain::settings::table::{Kind, SETTINGS};
+    let properties: serde_json::Map<String, serde_json::Value> = SETTINGS
+        .iter()
+        .map(|s| {
+            let kind = match s.kind {
+                Kind::Number => json!({"type": "integer", "minimum": 1, "maximum": 65535}),
+                Kind::Flag => json!({"type": "boolean"}),
+                _ => json!({"type": "string"}),
+            };
+            let mut field = kind;
+            field["description"] = json!(s.doc);
+            (s.name.to_string(), field)
+        })
+        .collect();
+    json!({"type": "object", "additionalProperties": false, "properties": properties})
 }
 
 #[cfg(test)]
@@ -192,6 +248,14 @@ mod tests {
     fn the_openapi_document_lists_every_route() {
         let doc = openapi();
         assert_eq!(doc["paths"]["/api/v1/messages/{id}/retry"]["post"]["parameters"][0]["name"], "id");
+        let id = &doc["paths"]["/api/v1/messages/{id}"]["get"]["parameters"][0]["schema"]["type"];
+        assert_eq!(id, "integer", "message ids are numbers");
+        assert_eq!(doc["paths"]["/api/v1/tokens/{id}"]["delete"]["parameters"][0]["schema"]["type"], "string");
+        let put = &doc["paths"]["/api/v1/settings/smtp"]["put"];
+        assert!(put["responses"]["413"].is_object() && put["responses"]["409"].is_object());
+        let settings = &doc["components"]["schemas"]["SettingsPatch"];
+        assert_eq!(settings["properties"]["port"]["type"], "integer");
+        assert_eq!(settings["additionalProperties"], false);
         let count: usize = doc["paths"].as_object().unwrap().values().map(|v| v.as_object().unwrap().len()).sum();
         assert_eq!(count, ROUTES.len());
     }

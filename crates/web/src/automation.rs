@@ -2,7 +2,6 @@
 //! operations as `panel template|workflow|schedule|event|dispatch|run`.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -13,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::By;
-use crate::{ApiResult, invalid_body, ok};
+use crate::{ApiResult, JsonObject, ok};
 
 fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
     let status = if outcome == SaveOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
@@ -32,9 +31,9 @@ pub(crate) async fn put_template(
     State(p): State<Panel>,
     By(by): By,
     Path(name): Path<String>,
-    body: Result<Json<Template>, JsonRejection>,
+    JsonObject(body): JsonObject<Template>,
 ) -> ApiResult {
-    let Json(t) = body.map_err(invalid_body)?;
+    let t = body;
     saved(p.save_template(&name, &t, SaveMode::Upsert, &by).await?, &name)
 }
 
@@ -47,9 +46,9 @@ pub(crate) async fn delete_template(State(p): State<Panel>, By(by): By, Path(nam
 pub(crate) async fn render_template(
     State(p): State<Panel>,
     Path(name): Path<String>,
-    body: Result<Json<Value>, JsonRejection>,
+    JsonObject(body): JsonObject<Value>,
 ) -> ApiResult {
-    let Json(data) = body.map_err(invalid_body)?;
+    let data = body;
     ok(p.render_template(&name, &data).await?)
 }
 
@@ -67,9 +66,9 @@ macro_rules! definition_routes {
         pub(crate) async fn $create(
             State(p): State<Panel>,
             By(by): By,
-            body: Result<Json<$def>, JsonRejection>,
+            JsonObject(body): JsonObject<$def>,
         ) -> ApiResult {
-            let Json(def) = body.map_err(invalid_body)?;
+            let def = body;
             saved(p.$save(&def, SaveMode::Create, &by).await?, &def.name)
         }
 
@@ -78,9 +77,9 @@ macro_rules! definition_routes {
             State(p): State<Panel>,
             By(by): By,
             Path(name): Path<String>,
-            body: Result<Json<$def>, JsonRejection>,
+            JsonObject(body): JsonObject<$def>,
         ) -> ApiResult {
-            let Json(def) = body.map_err(invalid_body)?;
+            let def = body;
             if def.name != name {
                 let mut errors = panel_domain::FieldErrors::default();
                 errors.push("name", format!("the body names '{}' but the path '{name}'", def.name));
@@ -179,9 +178,9 @@ pub(crate) struct EventRequest {
 pub(crate) async fn post_event(
     State(p): State<Panel>,
     By(by): By,
-    body: Result<Json<EventRequest>, JsonRejection>,
+    JsonObject(body): JsonObject<EventRequest>,
 ) -> ApiResult {
-    let Json(req) = body.map_err(invalid_body)?;
+    let req = body;
     let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
     let mut runs = Vec::with_capacity(record.runs.len());
     for id in &record.runs {
@@ -194,9 +193,9 @@ pub(crate) async fn post_event(
 pub(crate) async fn dispatch(
     State(p): State<Panel>,
     By(by): By,
-    body: Result<Json<DispatchDef>, JsonRejection>,
+    JsonObject(body): JsonObject<DispatchDef>,
 ) -> ApiResult {
-    let Json(def) = body.map_err(invalid_body)?;
+    let def = body;
     let run = p.dispatch(&def, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }

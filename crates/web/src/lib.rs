@@ -139,6 +139,43 @@ fn invalid_body(e: axum::extract::rejection::JsonRejection) -> OpsError {
     OpsError::Invalid(errors)
 }
 
+/// A JSON request body that must be an object, as every body of this API is: serde would
+/// otherwise read an array as the struct's fields in order (`[null, null]` stored a new
+/// settings version). Any other body is bad input under `body`.
+pub(crate) struct JsonObject<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonObject<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let body_error = |message: String| {
+            let mut errors = panel_domain::FieldErrors::default();
+            errors.push("body", message);
+            ApiError(OpsError::Invalid(errors))
+        };
+        let Json(value) =
+            Json::<serde_json::Value>::from_request(req, state).await.map_err(|e| ApiError(invalid_body(e)))?;
+        if !value.is_object() {
+            return Err(body_error(format!(
+                "must be a JSON object ({{\"field\": value, ...}}), not {}",
+                json_kind(&value)
+            )));
+        }
+        serde_json::from_value(value).map(JsonObject).map_err(|e| body_error(e.to_string()))
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 fn ok(value: impl serde::Serialize) -> ApiResult {
     Ok(Json(value).into_response())
 }
@@ -188,9 +225,9 @@ pub(crate) async fn settings_schema() -> Json<serde_json::Value> {
 pub(crate) async fn put_settings(
     State(p): State<Panel>,
     By(by): By,
-    body: Result<Json<SettingsDoc>, axum::extract::rejection::JsonRejection>,
+    JsonObject(body): JsonObject<SettingsDoc>,
 ) -> ApiResult {
-    let Json(patch) = body.map_err(invalid_body)?;
+    let patch = body;
     let update = p.update_settings(&patch, &by, Channel::Remote).await?;
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
@@ -221,11 +258,8 @@ pub(crate) struct SendRequest {
     idempotency_key: Option<String>,
 }
 
-pub(crate) async fn send_message(
-    State(p): State<Panel>,
-    body: Result<Json<SendRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
-    let Json(req) = body.map_err(invalid_body)?;
+pub(crate) async fn send_message(State(p): State<Panel>, JsonObject(body): JsonObject<SendRequest>) -> ApiResult {
+    let req = body;
     let (id, created) = p.enqueue_draft(Origin::MailTester, &req.draft, req.idempotency_key.as_deref()).await?;
     let mut response = enqueued(&p, id, req.wait).await?;
     if !created {
@@ -245,11 +279,8 @@ pub(crate) struct BulkRequest {
 }
 
 /// `{"messages": [draft, ...]}`: all stored in one transaction, or none (400 names the index).
-pub(crate) async fn send_bulk(
-    State(p): State<Panel>,
-    body: Result<Json<BulkRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
-    let Json(req) = body.map_err(invalid_body)?;
+pub(crate) async fn send_bulk(State(p): State<Panel>, JsonObject(body): JsonObject<BulkRequest>) -> ApiResult {
+    let req = body;
     if req.messages.is_empty() || req.messages.len() > BULK_LIMIT {
         let mut errors = panel_domain::FieldErrors::default();
         errors.push("messages", format!("give 1 to {BULK_LIMIT} messages per request"));
@@ -311,11 +342,8 @@ pub(crate) struct BulkRetry {
 }
 
 /// The dead-letter bulk retry: `{"status": "failed", "since": "2h"}`.
-pub(crate) async fn retry_failed(
-    State(p): State<Panel>,
-    body: Result<Json<BulkRetry>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
-    let Json(req) = body.map_err(invalid_body)?;
+pub(crate) async fn retry_failed(State(p): State<Panel>, JsonObject(body): JsonObject<BulkRetry>) -> ApiResult {
+    let req = body;
     if req.status != "failed" {
         let mut errors = panel_domain::FieldErrors::default();
         errors.push("status", "only failed messages can be retried; use \"failed\"");
@@ -345,9 +373,9 @@ pub(crate) struct LicenseRequest {
 pub(crate) async fn add_license(
     State(p): State<Panel>,
     By(by): By,
-    body: Result<Json<LicenseRequest>, axum::extract::rejection::JsonRejection>,
+    JsonObject(body): JsonObject<LicenseRequest>,
 ) -> ApiResult {
-    let Json(req) = body.map_err(invalid_body)?;
+    let req = body;
     let license = p.add_license(&req.key, &by).await?;
     Ok((StatusCode::CREATED, Json(license)).into_response())
 }

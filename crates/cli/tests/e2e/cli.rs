@@ -64,6 +64,15 @@ fn the_service_answers_health_and_validates_api_input() {
     let (status, body) = http(port, "PUT", "/api/v1/settings/smtp", r#"{"port": 70000}"#);
     assert_eq!(status, 400);
     assert!(body.contains("\"field\":\"port\""), "{body}");
+    // A body that is not an object is refused, and stores nothing (an array once made a version).
+    for not_an_object in ["[null,null]", "\"relay\"", "42", "null"] {
+        let (status, body) = http(port, "PUT", "/api/v1/settings/smtp", not_an_object);
+        assert_eq!(status, 400, "{not_an_object}: {body}");
+        assert!(body.contains("must be a JSON object"), "{body}");
+        let (status, _) = http(port, "POST", "/api/v1/messages", not_an_object);
+        assert_eq!(status, 400, "{not_an_object}");
+    }
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 1, "nothing stored");
     let (status, body) = http(port, "POST", "/api/v1/smtp/test", "{}");
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("\"service_running\":true"), "{body}");
