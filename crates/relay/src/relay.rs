@@ -68,55 +68,79 @@ impl Relay {
             None,
         );
 
+        self.connect_to(&addrs, t).await
+    }
+
+    async fn connect_to(&self, addrs: &[std::net::SocketAddr], t: &mut Transcript) -> Result<Connection, Failure> {
+        let s = &self.settings;
+        // RFC 5321 5.1: each address of the name in order, within this one attempt, until one
+        // greets; a refused or silent connection, or a greeting that fails (421 on one address
+        // of a dual-stack name), moves on to the next.
         let mut last = None;
-        let mut tcp = None;
-        for addr in &addrs {
-            match timeout(s.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    tcp = Some((stream, *addr));
-                    break;
-                }
+        for (i, addr) in addrs.iter().enumerate() {
+            let more = i + 1 < addrs.len();
+            let stream = match timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => stream,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    last = Some(Failure::new(
-                        Stage::Tcp,
-                        FailureKind::ConnectionRefused,
-                        format!("{addr}: connection refused"),
-                    ));
+                    let f =
+                        Failure::new(Stage::Tcp, FailureKind::ConnectionRefused, format!("{addr}: connection refused"));
+                    last = Some(self.next_address(f, more, t));
+                    continue;
                 }
-                Ok(Err(e)) => last = Some(Failure::new(Stage::Tcp, FailureKind::Io, format!("{addr}: {e}"))),
+                Ok(Err(e)) => {
+                    last = Some(self.next_address(
+                        Failure::new(Stage::Tcp, FailureKind::Io, format!("{addr}: {e}")),
+                        more,
+                        t,
+                    ));
+                    continue;
+                }
                 Err(_) => {
-                    last = Some(Failure::new(
+                    let f = Failure::new(
                         Stage::Tcp,
                         FailureKind::Timeout,
                         format!("{addr}: no answer within {}s", s.connect_timeout.as_secs()),
-                    ));
+                    );
+                    last = Some(self.next_address(f, more, t));
+                    continue;
+                }
+            };
+            stream.set_nodelay(true).ok();
+            t.ok(Stage::Tcp, format!("connected to {addr}"), None);
+
+            let mut conn = Connection {
+                io: BufReader::new(Stream::Plain(stream)),
+                data_timeout: s.data_timeout,
+                ..Connection::closed(s.command_timeout)
+            };
+            if s.security == Security::Tls {
+                conn = self.handshake(conn, true, t).await?;
+            }
+            // A session that fails after it opened (a refused password, no STARTTLS) still ends
+            // with QUIT and a clean close.
+            match self.session(&mut conn, t).await {
+                Ok(()) => return Ok(conn),
+                Err(f) => {
+                    conn.quit(None).await;
+                    if f.stage != Stage::Greeting || !more {
+                        return Err(f);
+                    }
+                    let detail = format!("{addr}: {}", f.detail);
+                    last = Some(self.next_address(Failure { detail, ..f }, more, t));
                 }
             }
         }
-        let Some((stream, addr)) = tcp else {
-            return Err(last
-                .unwrap_or_else(|| Failure::new(Stage::Dns, FailureKind::Dns, format!("{} has no address", s.host))));
-        };
-        stream.set_nodelay(true).ok();
-        t.ok(Stage::Tcp, format!("connected to {addr}"), None);
+        Err(last.unwrap_or_else(|| Failure::new(Stage::Dns, FailureKind::Dns, format!("{} has no address", s.host))))
+    }
 
-        let mut conn = Connection {
-            io: BufReader::new(Stream::Plain(stream)),
-            data_timeout: s.data_timeout,
-            ..Connection::closed(s.command_timeout)
-        };
-        if s.security == Security::Tls {
-            conn = self.handshake(conn, true, t).await?;
+    /// Records a failure on one address in the transcript when another address follows.
+    fn next_address(&self, f: Failure, more: bool, t: &mut Transcript) -> Failure {
+        if more {
+            let mut shown = f.clone();
+            shown.detail = format!("{}; trying the next address", f.detail);
+            t.failed(&shown);
         }
-        // A session that fails after it opened (a refused password, no STARTTLS) still ends
-        // with QUIT and a clean close.
-        match self.session(&mut conn, t).await {
-            Ok(()) => Ok(conn),
-            Err(f) => {
-                conn.quit(None).await;
-                Err(f)
-            }
-        }
+        f
     }
 
     /// Greeting, EHLO, STARTTLS and authentication on an open connection.
@@ -225,5 +249,65 @@ impl Relay {
             data_timeout: conn.data_timeout,
             ..Connection::closed(conn.timeout)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use panel_domain::SettingsDoc;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    /// A one-connection SMTP double on `ip`: greets with `greeting`, answers EHLO and QUIT.
+    async fn double(ip: &str, greeting: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            let mut heard = Vec::new();
+            write.write_all(format!("{greeting}\r\n").as_bytes()).await.unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                heard.push(line.clone());
+                let reply = if line.starts_with("EHLO") { "250 double.test" } else { "221 bye" };
+                let _ = write.write_all(format!("{reply}\r\n").as_bytes()).await;
+                if line == "QUIT" {
+                    break;
+                }
+            }
+            heard
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_421_greeting_on_the_first_address_moves_on_to_the_next_within_one_attempt() {
+        // A dual-stack name's first address says 421; the next one greets.
+        let (busy, busy_heard) = double("127.0.0.2", "421 4.3.2 too busy, try another").await;
+        let (good, _) = double("127.0.0.1", "220 double.test ESMTP").await;
+        let doc = SettingsDoc {
+            host: Some("relay.test".into()),
+            security: Some("none".into()),
+            from: Some("p@example.org".into()),
+            fallback_recipient: Some("o@example.org".into()),
+            ..SettingsDoc::default()
+        };
+        let relay = Relay::new(Arc::new(RelaySettings::validate(&doc).unwrap()), None).unwrap();
+        let mut t = Transcript::default();
+        let conn = relay.connect_to(&[busy, good], &mut t).await.expect("the second address greets");
+        assert!(conn.is_reusable());
+        let failed: Vec<_> = t.events.iter().filter(|e| !e.ok).map(|e| e.detail.clone()).collect();
+        assert_eq!(failed.len(), 1, "{t:#?}");
+        assert!(
+            failed[0].starts_with(&format!("{busy}: ")) && failed[0].ends_with("trying the next address"),
+            "{failed:?}"
+        );
+        assert!(t.events.iter().any(|e| e.ok && e.detail == format!("connected to {good}")), "{t:#?}");
+        assert_eq!(busy_heard.await.unwrap(), ["QUIT"], "the refusing address is left with QUIT");
+        // With no address left, the last failure is the attempt's.
+        let (busy, _) = double("127.0.0.2", "421 4.3.2 too busy").await;
+        let f = relay.connect_to(&[busy], &mut Transcript::default()).await.err().expect("nothing greets");
+        assert_eq!((f.stage, f.reply.map(|r| r.code)), (Stage::Greeting, Some(421)));
     }
 }
