@@ -4,30 +4,11 @@ use std::time::Duration;
 
 use crate::common::{Backend, message};
 use chrono::Utc;
-use panel_domain::delivery::{AttemptContext, settle};
-use panel_domain::{
-    ConnectionContext, Origin, RecipientResult, RetryPolicy, Security, SendReport, SettingsDoc, SmtpReply,
-};
+use panel_domain::{Origin, SettingsDoc};
 use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
 
 fn delivered() -> panel_domain::Settlement {
-    let report = SendReport {
-        recipients: vec![RecipientResult::Accepted],
-        failure: None,
-        data_reply: Some(SmtpReply::from_lines(250, &["250 2.0.0 Ok: queued as X"])),
-    };
-    let policy = RetryPolicy::default();
-    settle(
-        &report,
-        AttemptContext {
-            connection: ConnectionContext { port: 25, security: Security::None },
-            policy: &policy,
-            attempts: 1,
-            age: Duration::ZERO,
-            random: 0,
-            earlier: &Default::default(),
-        },
-    )
+    crate::common::settled(true)
 }
 
 fn meta() -> AttemptMeta {

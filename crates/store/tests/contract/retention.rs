@@ -2,36 +2,10 @@
 
 use std::time::Duration;
 
-use crate::common::{Backend, message};
+use crate::common::{Backend, message, settled};
 use chrono::Utc;
-use panel_domain::delivery::{AttemptContext, settle};
-use panel_domain::{ConnectionContext, Origin, RecipientResult, RetryPolicy, Security, SendReport, SmtpReply};
+use panel_domain::Origin;
 use panel_store::{AttemptMeta, RetainedTable, RetryResult};
-
-fn settled(accepted: bool) -> panel_domain::Settlement {
-    let report = SendReport {
-        recipients: vec![if accepted {
-            RecipientResult::Accepted
-        } else {
-            RecipientResult::Rejected(panel_domain::Failure::reply(
-                panel_domain::Stage::Rcpt,
-                SmtpReply::from_lines(550, &["550 5.1.1 no such user"]),
-            ))
-        }],
-        failure: None,
-        data_reply: accepted.then(|| SmtpReply::from_lines(250, &["250 ok"])),
-    };
-    let policy = RetryPolicy::default();
-    let ctx = AttemptContext {
-        connection: ConnectionContext { port: 25, security: Security::None },
-        policy: &policy,
-        attempts: 1,
-        age: Duration::ZERO,
-        random: 0,
-        earlier: &Default::default(),
-    };
-    settle(&report, ctx)
-}
 
 async fn content_is_removed_then_finished_messages_deleted_and_queued_ones_kept(b: &Backend) {
     let s = &b.store;

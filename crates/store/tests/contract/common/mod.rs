@@ -61,3 +61,31 @@ pub fn message(subject: &str) -> OutgoingMessage {
     let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
     OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
 }
+
+/// The settlement of one attempt at a one-recipient message: delivered, or refused with a 550.
+pub fn settled(accepted: bool) -> panel_domain::Settlement {
+    use panel_domain::delivery::{AttemptContext, settle};
+    use panel_domain::{
+        ConnectionContext, Failure, RecipientResult, RetryPolicy, Security, SendReport, SmtpReply, Stage,
+    };
+    let recipient = if accepted {
+        RecipientResult::Accepted
+    } else {
+        RecipientResult::Rejected(Failure::reply(Stage::Rcpt, SmtpReply::from_lines(550, &["550 5.1.1 no such user"])))
+    };
+    let report = SendReport {
+        recipients: vec![recipient],
+        failure: None,
+        data_reply: accepted.then(|| SmtpReply::from_lines(250, &["250 2.0.0 Ok: queued as X"])),
+    };
+    let policy = RetryPolicy::default();
+    let ctx = AttemptContext {
+        connection: ConnectionContext { port: 25, security: Security::None },
+        policy: &policy,
+        attempts: 1,
+        age: std::time::Duration::ZERO,
+        random: 0,
+        earlier: &Default::default(),
+    };
+    settle(&report, ctx)
+}
