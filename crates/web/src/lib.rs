@@ -148,21 +148,32 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let body_error = |message: String| {
-            let mut errors = panel_domain::FieldErrors::default();
-            errors.push("body", message);
-            ApiError(OpsError::Invalid(errors))
-        };
         let Json(value) =
             Json::<serde_json::Value>::from_request(req, state).await.map_err(|e| ApiError(invalid_body(e)))?;
-        if !value.is_object() {
-            return Err(body_error(format!(
-                "must be a JSON object ({{\"field\": value, ...}}), not {}",
-                json_kind(&value)
-            )));
-        }
-        serde_json::from_value(value).map(JsonObject).map_err(|e| body_error(e.to_string()))
+        from_object(value).map(JsonObject)
     }
+}
+
+fn body_error(message: String) -> ApiError {
+    let mut errors = panel_domain::FieldErrors::default();
+    errors.push("body", message);
+    ApiError(OpsError::Invalid(errors))
+}
+
+/// `bytes` as the JSON object `T` (for a handler that reads its body itself).
+fn object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = serde_json::from_slice(bytes).map_err(|e| body_error(format!("is not JSON: {e}")))?;
+    from_object(value)
+}
+
+fn from_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(body_error(format!(
+            "must be a JSON object ({{\"field\": value, ...}}), not {}",
+            json_kind(&value)
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| body_error(e.to_string()))
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -243,8 +254,10 @@ pub(crate) struct TestRequest {
     wait: Option<u64>,
 }
 
-pub(crate) async fn test_message(State(p): State<Panel>, body: Option<Json<TestRequest>>) -> ApiResult {
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+pub(crate) async fn test_message(State(p): State<Panel>, body: axum::body::Bytes) -> ApiResult {
+    // The body is optional: none means the fallback recipient, at once.
+    let req: TestRequest =
+        if body.iter().all(u8::is_ascii_whitespace) { TestRequest::default() } else { object(&body)? };
     let id = p.enqueue_test(req.to.as_deref()).await?;
     enqueued(&p, id, req.wait).await
 }

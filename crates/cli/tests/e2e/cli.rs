@@ -266,3 +266,38 @@ fn bad_retention_in_the_config_file_stops_the_service_with_the_key_named() {
         assert!(r.stderr.contains(key), "{}", r.stderr);
     }
 }
+
+#[test]
+fn every_route_answers_only_statuses_its_openapi_entry_documents() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let (status, doc) = http(port, "GET", "/api/openapi.json", "");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let numbered = op["parameters"].as_array().unwrap().iter().any(|p| p["schema"]["type"] == "integer");
+            let concrete =
+                path.replace("{id}", if numbered { "999999" } else { "0123456789ab" }).replace("{name}", "nope");
+            let bodies: &[&str] =
+                if matches!(method.as_str(), "post" | "put") { &["{}", "[1]", "not json"] } else { &[""] };
+            for body in bodies {
+                let (status, answer) = http(port, &method.to_ascii_uppercase(), &concrete, body);
+                let documented = op["responses"].as_object().unwrap();
+                let ok = documented.contains_key(&status.to_string())
+                    || ((200..300).contains(&status) && documented.contains_key("2XX"));
+                assert!(ok, "{method} {concrete} with {body:?} answered {status}, not documented: {answer}");
+                if status >= 400 {
+                    let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap_or_else(|e| {
+                        panic!("{method} {concrete}: an error body that is not JSON ({e}): {answer}")
+                    });
+                    assert!(parsed["error"].is_string(), "{method} {concrete}: no error text: {answer}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 60, "{checked}");
+}
