@@ -145,6 +145,13 @@ fn main() -> ExitCode {
     // SAFETY: umask only sets the process's file mode mask.
     unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
+    // A command whose output goes into a closed pipe (`panel smtp show | head -1`) ends quietly,
+    // as Unix tools do, instead of panicking on the failed write. Not the services: they must
+    // never die of a peer that went away.
+    if !matches!(cli.command, Command::Serve { .. } | Command::Worker { .. }) {
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
@@ -218,7 +225,9 @@ fn init_logging(filter: &str, format: &str) -> Result<(), Failed> {
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::fmt::Write as _;
     use tracing_subscriber::field::MakeExt as _;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match format {
         // Values from outside (a sign-in name, a relay's reply) are written with their control
         // characters escaped, so none can end the line and forge the next one.

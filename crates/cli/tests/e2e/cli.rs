@@ -301,3 +301,26 @@ fn every_route_answers_only_statuses_its_openapi_entry_documents() {
     }
     assert!(checked > 60, "{checked}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_and_logs_to_a_file_have_no_colour_codes() {
+    let mut env = configured();
+    for _ in 0..3 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_panel"))
+            .args(["smtp", "show"])
+            .env("PANEL_DATA_DIR", env.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let logs = env.service_logs();
+    assert!(logs.contains("Panel Service running"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "no ANSI codes in a log file: {logs:?}");
+}
