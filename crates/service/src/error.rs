@@ -19,6 +19,9 @@ pub enum OpsError {
     NotFound(i64),
     #[error("{what} '{name}' not found")]
     NotFoundNamed { what: &'static str, name: String },
+    /// The actor's role does not allow this use of an operation: exit code 1, HTTP 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// A license is missing, invalid or refused: exit code 1, HTTP 403.
     #[error("{0}")]
     License(String),
@@ -57,7 +60,7 @@ impl OpsError {
             OpsError::Invalid(_) | OpsError::Template(_) => ErrorKind::Invalid,
             OpsError::TooLarge(_) => ErrorKind::TooLarge,
             OpsError::NotFound(_) | OpsError::NotFoundNamed { .. } => ErrorKind::NotFound,
-            OpsError::License(_) | OpsError::LicenseKey(_) => ErrorKind::Forbidden,
+            OpsError::License(_) | OpsError::LicenseKey(_) | OpsError::Forbidden(_) => ErrorKind::Forbidden,
             OpsError::NotConfigured | OpsError::Conflict(_) => ErrorKind::Conflict,
             OpsError::Store(StoreError::SettingsConflict { .. } | StoreError::MasterKeyChanged { .. }) => {
                 ErrorKind::Conflict

@@ -101,6 +101,20 @@ impl Panel {
         let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
         Ok(panel_relay::check(Arc::new(settings), credentials).await)
     }
+
+    /// Checks the settings as a form shows them before Save: `patch` applied to the stored
+    /// settings by the same rules as a save from `channel` (so a draft cannot do what a save
+    /// may not), and nothing stored. A stored credential goes only where a save would send it.
+    pub async fn check_draft(&self, patch: &SettingsDoc, channel: Channel) -> Result<CheckReport, OpsError> {
+        let current = self.store.current_settings().await?.map(|s| s.doc).unwrap_or_default();
+        let applied = panel_domain::settings::patch::apply(patch, &current, channel).map_err(OpsError::Invalid)?;
+        let mut settings = applied.settings;
+        // Naming the credential in a draft does not confirm it for a new relay: only a save does.
+        settings.credential_attached = settings.auth.credential().is_none()
+            || current.credential_relay.as_deref() == Some(settings.endpoint().as_str());
+        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
+        Ok(panel_relay::check(Arc::new(settings), credentials).await)
+    }
 }
 
 /// The settings in force with every default filled in, as shown by `panel smtp show` and the API

@@ -243,8 +243,28 @@ pub(crate) async fn put_settings(
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
 }
 
-pub(crate) async fn check(State(p): State<Panel>) -> ApiResult {
-    ok(p.check().await?)
+/// Without a body (or with `{}`), checks the saved settings; with fields, the settings as they
+/// would be after saving them (the form's unsaved edits), storing nothing. The answer says
+/// which (`draft`).
+pub(crate) async fn check(
+    State(p): State<Panel>,
+    axum::Extension(actor): axum::Extension<panel_service::accounts::Actor>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let patch: SettingsDoc =
+        if body.iter().all(u8::is_ascii_whitespace) { SettingsDoc::default() } else { object(&body)? };
+    let draft = patch != SettingsDoc::default();
+    // A draft can point Panel at any server: as much as a save, which needs an admin.
+    if draft && actor.role < panel_service::accounts::Role::Admin {
+        return Err(OpsError::Forbidden(
+            "checking unsaved settings needs the admin role; an operator checks the saved settings (no body)".into(),
+        )
+        .into());
+    }
+    let report = if draft { p.check_draft(&patch, Channel::Remote).await? } else { p.check().await? };
+    let mut answer = serde_json::to_value(report).map_err(|e| OpsError::internal("writing the check report", e))?;
+    answer["draft"] = json!(draft);
+    ok(answer)
 }
 
 #[derive(Deserialize, Default)]

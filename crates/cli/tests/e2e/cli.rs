@@ -324,3 +324,30 @@ fn output_into_a_closed_pipe_ends_quietly_and_logs_to_a_file_have_no_colour_code
     assert!(logs.contains("Panel Service running"), "{logs}");
     assert!(!logs.contains('\u{1b}'), "no ANSI codes in a log file: {logs:?}");
 }
+
+#[test]
+fn check_connection_checks_unsaved_settings_without_storing_them() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let check = |body: &str| {
+        let (status, answer) = http(port, "POST", "/api/v1/smtp/check", body);
+        assert_eq!(status, 200, "{answer}");
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()
+    };
+    let saved = check("");
+    assert_eq!((saved["ok"].as_bool(), saved["draft"].as_bool()), (Some(true), Some(false)), "{saved:#}");
+    // The issue's case: a port typed into the form, not saved, is what gets checked.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let draft = check(&format!(r#"{{"port": {closed}}}"#));
+    assert_eq!((draft["ok"].as_bool(), draft["draft"].as_bool()), (Some(false), Some(true)), "{draft:#}");
+    assert_eq!(draft["failure"]["stage"], "tcp", "{draft:#}");
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 1, "nothing stored");
+    // An operator checks what is saved; a draft can point Panel anywhere, as a save can.
+    let operator = env.api_token("olga", "operator");
+    let bearer = format!("Authorization: Bearer {operator}\r\n");
+    assert_eq!(http_with(port, "POST", "/api/v1/smtp/check", &bearer, "").0, 200);
+    assert_eq!(http_with(port, "POST", "/api/v1/smtp/check", &bearer, r#"{"port": 25}"#).0, 403);
+}

@@ -153,7 +153,10 @@ function replyText(reply) {
 async function checkConnection() {
   const out = document.getElementById("check-result");
   out.replaceChildren(el("p", { role: "status" }, "Checking the relay…"));
-  const r = await api("POST", "/api/v1/smtp/check", {});
+  // The form as it stands, saved or not: the service checks it without storing it.
+  // (Admins only: an operator's check is of the saved settings.)
+  const form = document.getElementById("save") && document.getElementById("settings-form");
+  const r = await api("POST", "/api/v1/smtp/check", form ? formBody(form).body : {});
   if (!r.ok) { out.replaceChildren(el("p", { class: "error" }, errorText(r))); return; }
   const c = r.data;
   const rows = c.stages.map(s => el("tr", { class: s.ok ? "ok" : "bad" },
@@ -161,7 +164,8 @@ async function checkConnection() {
   const table = el("table", { id: "check-stages" },
     el("thead", {}, el("tr", {}, el("th", {}, "Stage"), el("th", {}, "OK"), el("th", {}, "Detail"), el("th", {}, "Reply"))),
     el("tbody", {}, ...rows));
-  const parts = [el("h2", {}, c.ok ? `The relay ${c.relay} would accept a message.` : `The relay ${c.relay} would not accept a message.`),
+  const which = c.draft ? " (checked as the form shows it; not saved)" : "";
+  const parts = [el("h2", {}, (c.ok ? `The relay ${c.relay} would accept a message.` : `The relay ${c.relay} would not accept a message.`) + which),
     el("div", { class: "scroll" }, table)];
   if (c.tls) parts.push(el("p", { id: "check-tls" }, `TLS: ${c.tls.protocol}, ${c.tls.cipher_suite}; certificate ${c.tls.subject}, issued by ${c.tls.issuer}, expires ${c.tls.not_after}, SHA-256 ${c.tls.sha256}; ${c.tls.verification}`));
   if (c.auth_mechanisms && c.auth_mechanisms.length) parts.push(el("p", {}, `AUTH mechanisms offered: ${c.auth_mechanisms.join(" ")}`));
