@@ -6,6 +6,7 @@
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
 mod browser;
+mod exim;
 pub mod kerberos;
 mod oauth;
 pub mod postgres;
@@ -21,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use browser::{Browser, Element};
+pub use exim::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab};
 pub use kerberos::Kdc;
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use postgres::TestDatabase;

@@ -9,6 +9,7 @@ mod cli;
 mod credentials;
 mod faults;
 mod integrated_auth;
+mod interop;
 mod oauth;
 mod postgres;
 mod relay_lab;
