@@ -49,14 +49,7 @@ impl EximLab {
             fs::create_dir_all(d.join(sub)).unwrap();
         }
         let ca_file = make_certificates(&d.join("tls"));
-        let passwd = fs::read_to_string("/etc/passwd").unwrap();
-        fs::write(
-            d.join("passwd"),
-            format!("{passwd}Debian-exim:x:{EXIM_ID}:{EXIM_ID}::/nonexistent:/usr/sbin/nologin\n"),
-        )
-        .unwrap();
-        let group = fs::read_to_string("/etc/group").unwrap();
-        fs::write(d.join("group"), format!("{group}Debian-exim:x:{EXIM_ID}:\n")).unwrap();
+        with_users(d, &[("Debian-exim", EXIM_ID)]);
         let (plain_port, submission_port, smtps_port) = (free_port(), free_port(), free_port());
         fs::write(d.join("exim.conf"), config(d, plain_port, submission_port, smtps_port)).unwrap();
         fs::set_permissions(d.join("exim.conf"), fs::Permissions::from_mode(0o644)).unwrap();
@@ -124,7 +117,20 @@ impl Drop for EximLab {
     }
 }
 
-fn maildir_messages(dir: &Path) -> Vec<String> {
+/// Copies of /etc/passwd and /etc/group in `dir` with `users` (each with its own group) added,
+/// to be bind-mounted over the originals inside a daemon's private mount namespace.
+pub(crate) fn with_users(dir: &Path, users: &[(&str, u32)]) {
+    let mut passwd = fs::read_to_string("/etc/passwd").unwrap();
+    let mut group = fs::read_to_string("/etc/group").unwrap();
+    for (name, id) in users {
+        passwd.push_str(&format!("{name}:x:{id}:{id}::/nonexistent:/usr/sbin/nologin\n"));
+        group.push_str(&format!("{name}:x:{id}:\n"));
+    }
+    fs::write(dir.join("passwd"), passwd).unwrap();
+    fs::write(dir.join("group"), group).unwrap();
+}
+
+pub(crate) fn maildir_messages(dir: &Path) -> Vec<String> {
     ["new", "cur"]
         .iter()
         .filter_map(|sub| fs::read_dir(dir.join(sub)).ok())

@@ -1,11 +1,12 @@
 //! Beyond Postfix: the same deliveries against a private Exim 4.96 (plain relay, opportunistic
 //! and required STARTTLS with AUTH, implicit TLS), its real `452` past `recipients_max` and its
-//! SIZE limit; and every session ends cleanly (Exim logs a dropped or unterminated one).
+//! SIZE limit; OpenSMTPD 6.8 as a plain relay on IPv4 and IPv6; and every session ends cleanly
+//! (both log a session that ended without QUIT).
 
 use std::time::Duration;
 
 use crate::common::*;
-use panel_testlab::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab};
+use panel_testlab::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab, OpenSmtpdLab};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -117,4 +118,47 @@ fn exims_recipient_limit_and_size_limit_are_real_replies_handled_per_recipient()
     let m = env.wait_message(id, WAIT, |m| m["state"] == "failed");
     assert!(m["last_error"].as_str().unwrap().contains(&format!("at most {EXIM_SIZE_LIMIT}")), "{m:#}");
     assert!(!lab.log().contains("big"), "nothing was transferred: {}", lab.log());
+}
+
+#[test]
+fn opensmtpd_relays_on_ipv4_and_ipv6_and_every_session_ends_with_quit() {
+    let Some(lab) = OpenSmtpdLab::start() else { return };
+    let mut env = Env::new();
+    env.spawn(&["worker"]);
+    for host in ["127.0.0.1", "::1"] {
+        let port = lab.port.to_string();
+        env.ok(&[
+            "smtp",
+            "set",
+            "--host",
+            host,
+            "--port",
+            &port,
+            "--security",
+            "none",
+            "--from",
+            "Doe, John (Ops) <panel@example.org>",
+            "--fallback-recipient",
+            "ops@example.org",
+        ]);
+        assert_eq!(env.panel(&["smtp", "check"]).code, 0, "{}", lab.log());
+        let m = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
+        assert_eq!(m["state"], "delivered", "{host}: {m:#}\n{}", lab.log());
+        let id = m["message_id"].as_str().unwrap().trim_matches(['<', '>']).to_string();
+        let mails = lab.wait_for_messages(&id, 1, WAIT);
+        assert_eq!(mails.len(), 1, "{host}: {}", lab.log());
+        assert!(mails[0].contains("From: \"Doe, John (Ops)\" <panel@example.org>"), "{}", mails[0]);
+        eprintln!("opensmtpd 6.8 | {host} port {port}, none | delivered");
+    }
+    // Every session OpenSMTPD saw ended with QUIT (the pool's after idle_connection).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let log = lab.log();
+        let (opened, quit) = (log.matches("smtp connected").count(), log.matches("disconnected reason=quit").count());
+        if opened > 0 && quit == opened {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{quit} of {opened} sessions ended with QUIT:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
