@@ -102,7 +102,11 @@ pub(crate) async fn send(panel: Panel, a: SendArgs) -> CmdResult {
     };
     let (id, created) = panel.enqueue_draft(Origin::MailTester, &draft, a.idempotency_key.as_deref()).await?;
     if !created && !a.json {
-        println!("Message {id} already exists for this idempotency key; nothing new was queued.");
+        // The same message again: say so once, not also "queued".
+        println!("Message {id} already exists for this idempotency key, with this content; nothing new was queued.");
+        if a.wait.is_none() {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     after_enqueue(&panel, id, "Message", a.wait, a.json).await
 }

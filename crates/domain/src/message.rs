@@ -193,6 +193,17 @@ impl OutgoingMessage {
     }
 
     /// Every envelope recipient once, in To, Cc, Bcc order.
+    /// Whether `other` carries the same message: everything but what Panel gives each enqueue
+    /// (its Message-ID and Date). A repeated idempotency key must bring the same content.
+    pub fn same_content(&self, other: &OutgoingMessage) -> bool {
+        let comparable = |m: &OutgoingMessage| OutgoingMessage {
+            message_id: String::new(),
+            date: DateTime::<Utc>::UNIX_EPOCH,
+            ..m.clone()
+        };
+        comparable(self) == comparable(other)
+    }
+
     pub fn recipients(&self) -> Vec<(RecipientKind, &EmailAddress)> {
         let mut seen = std::collections::HashSet::new();
         let kinds = [(RecipientKind::To, &self.to), (RecipientKind::Cc, &self.cc), (RecipientKind::Bcc, &self.bcc)];

@@ -351,3 +351,28 @@ fn check_connection_checks_unsaved_settings_without_storing_them() {
     assert_eq!(http_with(port, "POST", "/api/v1/smtp/check", &bearer, "").0, 200);
     assert_eq!(http_with(port, "POST", "/api/v1/smtp/check", &bearer, r#"{"port": 25}"#).0, 403);
 }
+
+#[test]
+fn a_reused_idempotency_key_with_other_content_is_a_conflict_not_a_dropped_message() {
+    let mut env = configured();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let body = |subject: &str| {
+        format!(r#"{{"to": ["a@example.org"], "subject": "{subject}", "text": "x", "idempotency_key": "k-1"}}"#)
+    };
+    let (status, first) = http(port, "POST", "/api/v1/messages", &body("reset"));
+    assert_eq!(status, 202, "{first}");
+    let id = serde_json::from_str::<serde_json::Value>(&first).unwrap()["id"].as_i64().unwrap();
+    let (status, again) = http(port, "POST", "/api/v1/messages", &body("reset"));
+    assert_eq!(status, 200, "the same message again: {again}");
+    let (status, other) = http(port, "POST", "/api/v1/messages", &body("another reset"));
+    assert_eq!(status, 409, "{other}");
+    assert!(other.contains(&format!("message {id} with different content")), "{other}");
+    let r =
+        env.panel(&["send", "--to", "a@example.org", "--subject", "third", "--text", "x", "--idempotency-key", "k-1"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("different content"), "{}", r.stderr);
+    let r = env.ok(&["send", "--to", "a@example.org", "--subject", "reset", "--text", "x", "--idempotency-key", "k-1"]);
+    assert!(r.stdout.contains("already exists") && r.stdout.lines().count() == 1, "one answer, not two: {}", r.stdout);
+    assert_eq!(env.ok(&["messages", "list", "--json"]).json().as_array().unwrap().len(), 1);
+}

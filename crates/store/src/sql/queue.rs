@@ -17,11 +17,22 @@ impl SqlStore {
     ) -> Result<(i64, bool)> {
         let mut tx = self.write().await?;
         let Some(id) = insert_message(&mut tx, origin, m, now, key, None).await? else {
-            let existing: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
+            let (existing, content): (i64, String) =
+                sqlx::query_as("SELECT id, content FROM messages WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
             tx.commit().await?;
+            // The same key means the same message: with other content it is a mistake to say,
+            // never a new message silently dropped.
+            let earlier: OutgoingMessage = super::json(&content)?;
+            if !earlier.same_content(m) {
+                return Err(crate::StoreError::Conflict(format!(
+                    "the idempotency key '{}' was used for message {existing} with different content; \
+                     use a new key for a new message",
+                    key.unwrap_or_default()
+                )));
+            }
             return Ok((existing, false));
         };
         tx.commit().await?;
