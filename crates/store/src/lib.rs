@@ -182,6 +182,11 @@ impl Store {
         self.observe(self.backend.save_settings(expected_version, doc, by, ms(now), events).await)
     }
 
+    /// Re-queues the messages held by a configuration error, without a new settings version.
+    pub async fn release_held(&self, doc: &SettingsDoc, now: DateTime<Utc>) -> Result<u64> {
+        self.observe(self.backend.release_held(doc, ms(now)).await)
+    }
+
     /// Adds a verified license key; false when a key with this id is already there.
     pub async fn add_license(
         &self,

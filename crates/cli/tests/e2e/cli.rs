@@ -376,3 +376,16 @@ fn a_reused_idempotency_key_with_other_content_is_a_conflict_not_a_dropped_messa
     assert!(r.stdout.contains("already exists") && r.stdout.lines().count() == 1, "one answer, not two: {}", r.stdout);
     assert_eq!(env.ok(&["messages", "list", "--json"]).json().as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_save_that_changes_nothing_stores_no_version_and_every_change_is_audited_with_its_fields() {
+    let env = configured();
+    let r = env.ok(&["smtp", "set", "--port", "2525"]);
+    assert!(!r.stdout.contains("nothing changed"), "{}", r.stdout);
+    let r = env.ok(&["smtp", "set", "--port", "2525"]);
+    assert!(r.stdout.contains("nothing changed; version 2 stays in force"), "{}{}", r.stdout, r.stderr);
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 2);
+    let audit = env.ok(&["audit", "list"]).stdout;
+    assert!(audit.contains("settings.saved") && audit.contains("port: (default) -> 2525"), "{audit}");
+    assert!(audit.contains("host: (default) -> relay.example.org"), "the first save too: {audit}");
+}

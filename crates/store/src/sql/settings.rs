@@ -70,6 +70,17 @@ impl SqlStore {
     }
 }
 
+impl SqlStore {
+    /// Gives messages held by a configuration error another chance without a new settings
+    /// version (a save that changed nothing, after the admin fixed what lies outside Panel).
+    pub async fn release_held(&self, doc: &SettingsDoc, now: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let n = requeue_configuration_failures(&mut tx, doc, now).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
 /// Messages stopped by a configuration error get another chance after the configuration changed
 /// (settings saved, license added, credential stored), within their retry window.
 pub(super) async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64) -> Result<u64> {
