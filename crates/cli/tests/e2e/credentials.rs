@@ -74,7 +74,7 @@ fn license_keys_are_verified_on_add_with_a_precise_reason() {
     assert_eq!(r.code, 2);
     let audit = env.ok(&["audit", "list", "--json"]).json();
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["license.removed", "license.added"]);
+    assert_eq!(actions, ["license.removed", "settings.saved", "license.added"], "the settings save is audited too");
 }
 
 #[test]

@@ -251,14 +251,15 @@ fn a_flood_of_slow_http_clients_leaves_health_the_api_and_delivery_working() {
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 
     // Slow clients from 29 addresses (under the per-address cap): each sends part of a request
-    // line and stalls, and none lets go.
+    // line and stalls, and none lets go. Their ports are below the ephemeral range, so that the
+    // other tests' free ports (bound on every address) do not collide with 1,100 of ours.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut flood = rt.block_on(async {
         use tokio::io::AsyncWriteExt;
         let mut flood = Vec::new();
         for i in 0..SLOW_CLIENTS {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(format!("127.0.0.{}:0", 2 + i % 29).parse().unwrap()).unwrap();
+            socket.bind(format!("127.0.0.{}:{}", 2 + i % 29, 21_000 + i).parse().unwrap()).unwrap();
             let mut stream = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
             stream.write_all(b"GET /healthz HTT").await.unwrap();
             flood.push(stream);

@@ -116,10 +116,11 @@ async fn concurrent_settings_saves_conflict_instead_of_overwriting(b: &Backend) 
 
 async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) {
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..8 {
+    for _ in 0..8 {
         let s = b.store.clone();
         tasks.spawn(async move {
-            s.enqueue_once(Origin::Schedule, &message(&format!("run {i}")), Utc::now(), "nightly@2026-11-26T02:00Z")
+            // The same message from eight enqueuers at once (other content would be a conflict).
+            s.enqueue_once(Origin::Schedule, &message("nightly report"), Utc::now(), "nightly@2026-11-26T02:00Z")
                 .await
                 .unwrap()
         });
@@ -133,6 +134,10 @@ async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) 
     b.store.enqueue_once(Origin::Schedule, &message("other"), Utc::now(), "nightly@2026-11-27T02:00Z").await.unwrap();
     b.store.enqueue(Origin::Schedule, &message("free"), Utc::now()).await.unwrap();
     assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 3);
+    // The key again with other content: a conflict naming the message, nothing dropped silently.
+    let other =
+        b.store.enqueue_once(Origin::Schedule, &message("another"), Utc::now(), "nightly@2026-11-26T02:00Z").await;
+    assert!(matches!(&other, Err(StoreError::Conflict(m)) if m.contains(&format!("message {id}"))), "{other:?}");
 }
 
 async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: &Backend) {
