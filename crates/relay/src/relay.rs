@@ -133,6 +133,30 @@ impl Relay {
         Err(last.unwrap_or_else(|| Failure::new(Stage::Dns, FailureKind::Dns, format!("{} has no address", s.host))))
     }
 
+    /// Whether the server on this (silent, plain) connection speaks TLS: a ClientHello gets TLS
+    /// back (a handshake, or an alert or certificate Panel would refuse) rather than SMTP text
+    /// or nothing. Used only to name a failure; the connection is spent afterwards.
+    async fn answers_tls(&self, conn: &mut Connection) -> bool {
+        let spent = Connection { broken: true, ..Connection::closed(self.settings.command_timeout) };
+        let Stream::Plain(tcp) = std::mem::replace(conn, spent).io.into_inner() else { return false };
+        let Ok((config, _)) = TlsTrust::system().client_config() else { return false };
+        let Ok(name) = tls::server_name(self.settings.tls_name()) else { return false };
+        let probe = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        match timeout(std::time::Duration::from_secs(5), probe).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|e| {
+                matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::AlertReceived(_)
+                        | rustls::Error::PeerIncompatible(_)
+                        | rustls::Error::PeerMisbehaved(_)
+                )
+            }),
+            Err(_) => false,
+        }
+    }
+
     /// Records a failure on one address in the transcript when another address follows.
     fn next_address(&self, f: Failure, more: bool, t: &mut Transcript) -> Failure {
         if more {
@@ -146,7 +170,21 @@ impl Relay {
     /// Greeting, EHLO, STARTTLS and authentication on an open connection.
     async fn session(&self, conn: &mut Connection, t: &mut Transcript) -> Result<(), Failure> {
         let s = &self.settings;
-        let greeting = conn.read(Stage::Greeting).await?;
+        let greeting = match conn.read(Stage::Greeting).await {
+            Ok(g) => g,
+            // Silence where a greeting belongs may be a server waiting for our TLS ClientHello.
+            Err(f) if f.kind == FailureKind::Timeout && s.security != Security::Tls => {
+                return Err(match self.answers_tls(conn).await {
+                    true => Failure::new(
+                        Stage::Greeting,
+                        FailureKind::TlsModeMismatch,
+                        format!("{}; the port answers a TLS handshake instead: it expects implicit TLS", f.detail),
+                    ),
+                    false => f,
+                });
+            }
+            Err(f) => return Err(f),
+        };
         if greeting.code != 220 {
             return Err(Failure::reply(Stage::Greeting, greeting));
         }

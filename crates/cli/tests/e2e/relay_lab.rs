@@ -288,6 +288,9 @@ fn wrong_security_mode_for_the_port_gives_the_fix() {
     let f = &check.json()["failure"];
     assert_eq!(f["stage"], "greeting");
     assert!(f["hint"].as_str().unwrap().contains("--security tls"), "{f}");
+    // Not a relay that is slow to greet, retried for a day: the port answered a TLS handshake.
+    assert_eq!(f["class"], "configuration", "{f}");
+    assert!(f["detail"].as_str().unwrap().contains("answers a TLS handshake"), "{f}");
 }
 
 #[test]
