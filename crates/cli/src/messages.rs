@@ -49,12 +49,18 @@ pub(crate) struct SendArgs {
 pub(crate) enum MessagesCommand {
     /// List messages, newest first.
     List {
-        /// queued, sending, retrying, delivered or failed
+        /// queued, sending, retrying, delivered, partly_failed or failed
         #[arg(long)]
         status: Option<String>,
         /// test_message, mail_tester, schedule, workflow or dispatch
         #[arg(long)]
         origin: Option<String>,
+        /// Only messages to an address containing this ("where is alice's reset mail?")
+        #[arg(long)]
+        recipient: Option<String>,
+        /// Only messages changed since then: 2h, 1d, or an RFC 3339 time
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
@@ -131,9 +137,15 @@ pub(crate) async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Opti
 
 pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
     match cmd {
-        MessagesCommand::List { status, origin, limit, json } => {
-            let filter = panel_service::ops::message_filter(status.as_deref(), origin.as_deref(), None, None, limit)
-                .map_err(|e| bad_input(e.to_string()))?;
+        MessagesCommand::List { status, origin, recipient, since, limit, json } => {
+            let filter = panel_service::ops::message_filter(
+                status.as_deref(),
+                origin.as_deref(),
+                recipient.as_deref(),
+                since.as_deref(),
+                limit,
+            )
+            .map_err(|e| bad_input(e.to_string()))?;
             let list = panel.messages(&filter).await?;
             output::message_list(&list, json);
             Ok(ExitCode::SUCCESS)

@@ -389,3 +389,20 @@ fn a_save_that_changes_nothing_stores_no_version_and_every_change_is_audited_wit
     assert!(audit.contains("settings.saved") && audit.contains("port: (default) -> 2525"), "{audit}");
     assert!(audit.contains("host: (default) -> relay.example.org"), "the first save too: {audit}");
 }
+
+#[test]
+fn messages_list_finds_a_recipients_mail_since_a_time() {
+    let env = configured();
+    for to in ["alice@example.org", "bob@example.org"] {
+        env.ok(&["send", "--to", to, "--subject", "reset", "--text", "x"]);
+    }
+    let found = env.ok(&["messages", "list", "--recipient", "alice", "--since", "1h", "--json"]).json();
+    let found = found.as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["to"][0], "alice@example.org");
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    assert!(env.ok(&["messages", "list", "--since", &later, "--json"]).json().as_array().unwrap().is_empty());
+    let r = env.panel(&["messages", "list", "--since", "a while"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("since"), "{}", r.stderr);
+}
