@@ -50,6 +50,16 @@ fn an_admin_signs_in_configures_the_relay_checks_it_and_sends_a_test_message() {
     b.select("#f-security", "none");
     let placeholder = b.script("return document.getElementById('f-port').placeholder");
     assert_eq!(placeholder, "25", "the default port follows the security mode");
+    // Only the fields of the chosen modes are shown: none of TLS with security none, none of a
+    // password with auth none (the default); choosing password shows its fields.
+    let hidden = |id: &str| {
+        b.script(&format!("return document.getElementById('{id}').closest('.field').hidden")) == serde_json::json!(true)
+    };
+    assert!(hidden("f-ca_file") && hidden("f-username") && hidden("f-token_endpoint"), "mode fields shown");
+    assert!(!hidden("f-host") && !hidden("f-from"));
+    b.select("#f-auth", "password");
+    assert!(!hidden("f-username") && !hidden("f-credential") && hidden("f-keytab"), "password fields hidden");
+    b.select("#f-auth", "none");
     b.fill("#f-port", &lab.plain_port.to_string());
     b.fill("#f-from", "not an address");
     b.fill("#f-fallback_recipient", "ops@example.org");

@@ -145,6 +145,23 @@ function showDefaultPort() {
   if (help) help.textContent = `Empty = the default for the security mode: ${p}`;
 }
 
+// Only the fields the chosen modes use are shown (each field carries the settings table's
+// used_by); hidden ones are disabled too, so the form never sends a field the modes refuse.
+function showModeFields() {
+  const mode = (id) => {
+    const e = document.getElementById(id);
+    return e ? (e.value || e.dataset.default || "") : "";
+  };
+  const auth = mode("f-auth"), security = mode("f-security");
+  for (const f of document.querySelectorAll("#settings-form .field[data-auth]")) {
+    const a = f.dataset.auth.split(" ").filter(Boolean), s = f.dataset.security.split(" ").filter(Boolean);
+    const used = (!a.length || a.includes(auth)) && (!s.length || s.includes(security));
+    f.hidden = !used;
+    if (f.hasAttribute("data-local-only")) continue;
+    f.querySelectorAll("input, select").forEach(i => { i.disabled = !used || i.dataset.viewer === "1"; });
+  }
+}
+
 function replyText(reply) {
   if (!reply) return "";
   return `${reply.code}${reply.enhanced ? " " + reply.enhanced : ""} ${reply.text}`;
@@ -245,6 +262,11 @@ async function preview(ev) {
 document.addEventListener("DOMContentLoaded", () => {
   const sec = document.getElementById("f-security");
   if (sec) { sec.addEventListener("change", showDefaultPort); showDefaultPort(); }
+  for (const id of ["f-auth", "f-security"]) {
+    const e = document.getElementById(id);
+    if (e) e.addEventListener("change", showModeFields);
+  }
+  if (document.getElementById("settings-form")) showModeFields();
   const check = document.getElementById("check");
   if (check) check.addEventListener("click", checkConnection);
   const test = document.getElementById("test-message");
