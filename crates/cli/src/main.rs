@@ -206,6 +206,23 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
     let database_url = match cli.database_url.clone().or_else(|| file.database_url.clone()) {
         Some(url) => url,
         None => {
+            // Only a command that sets Panel up (or runs it) makes a new data directory: a read
+            // in the wrong directory must not answer from a fresh, empty database.
+            if !data_dir.exists() && !sets_up(&cli.command) {
+                let local_config = Path::new("panel.toml")
+                    .exists()
+                    .then_some(" (./panel.toml is not read from here: give --config panel.toml)")
+                    .unwrap_or_default();
+                return Err(Failed(
+                    1,
+                    format!(
+                        "no Panel data directory at {}: nothing is set up here. Run this where Panel's data is, or \
+                         give --data-dir or PANEL_DATA_DIR{local_config}; a new installation starts with panel \
+                         smtp set or panel serve",
+                        data_dir.display()
+                    ),
+                ));
+            }
             std::fs::create_dir_all(&data_dir)
                 .map_err(|e| Failed(1, format!("cannot create data directory {}: {e}", data_dir.display())))?;
             tightened = tighten_data_dir(&data_dir);
@@ -218,6 +235,20 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
     Ok(Resolved { database_url, master_key_file, file, tightened })
+}
+
+/// The commands that may create a new installation's data directory.
+fn sets_up(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Serve { .. }
+            | Command::Worker { .. }
+            | Command::Migrate
+            | Command::Smtp(smtp::SmtpCommand::Set(_))
+            | Command::Admin(admin::AdminCommand::Create { .. })
+            | Command::License(trust::LicenseCommand::Add { .. })
+            | Command::Credential(trust::CredentialCommand::Set(_))
+    )
 }
 
 fn init_logging(filter: &str, format: &str) -> Result<(), Failed> {

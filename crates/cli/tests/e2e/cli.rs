@@ -406,3 +406,35 @@ fn messages_list_finds_a_recipients_mail_since_a_time() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("since"), "{}", r.stderr);
 }
+
+#[test]
+fn a_read_in_a_directory_without_panel_data_says_so_instead_of_creating_an_empty_database() {
+    let env = Env::new();
+    let elsewhere = env.path().join("not-here");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_panel"))
+            .args(args)
+            .env("PANEL_DATA_DIR", &elsewhere)
+            .env_remove("PANEL_CONFIG")
+            .env_remove("PANEL_DATABASE_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, stderr) = run(&["messages", "list"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no Panel data directory") && stderr.contains("not-here"), "{stderr}");
+    assert!(!elsewhere.exists(), "nothing was created");
+    let (code, stderr) = run(&[
+        "smtp",
+        "set",
+        "--host",
+        "relay.example.org",
+        "--from",
+        "p@example.org",
+        "--fallback-recipient",
+        "o@example.org",
+    ]);
+    assert_eq!(code, Some(0), "setting Panel up creates it: {stderr}");
+    assert!(elsewhere.join("panel.db").exists());
+}
