@@ -209,10 +209,11 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
             // Only a command that sets Panel up (or runs it) makes a new data directory: a read
             // in the wrong directory must not answer from a fresh, empty database.
             if !data_dir.exists() && !sets_up(&cli.command) {
-                let local_config = Path::new("panel.toml")
-                    .exists()
-                    .then_some(" (./panel.toml is not read from here: give --config panel.toml)")
-                    .unwrap_or_default();
+                let local_config = if Path::new("panel.toml").exists() {
+                    " (./panel.toml is not read from here: give --config panel.toml)"
+                } else {
+                    ""
+                };
                 return Err(Failed(
                     1,
                     format!(
