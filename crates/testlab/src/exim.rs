@@ -95,17 +95,19 @@ impl EximLab {
 
     /// Waits until `count` delivered messages contain `needle`.
     pub fn wait_for_messages(&self, needle: &str, count: usize, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found: Vec<String> = maildir_messages(&self.dir.path().join("mail/inbox"))
-                .into_iter()
-                .filter(|m| m.contains(needle))
-                .collect();
-            if found.len() >= count || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        wait_for_maildir(&self.dir.path().join("mail/inbox"), needle, count, timeout)
+    }
+}
+
+/// Waits until `count` messages in the Maildir `dir` contain `needle` (or `timeout` passes).
+pub(crate) fn wait_for_maildir(dir: &Path, needle: &str, count: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found: Vec<String> = maildir_messages(dir).into_iter().filter(|m| m.contains(needle)).collect();
+        if found.len() >= count || Instant::now() > deadline {
+            return found;
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::exim::{maildir_messages, with_users};
+use crate::exim::{wait_for_maildir, with_users};
 use crate::{free_port, require};
 
 pub struct OpenSmtpdLab {
@@ -95,17 +95,7 @@ impl OpenSmtpdLab {
 
     /// Waits until `count` delivered messages contain `needle`.
     pub fn wait_for_messages(&self, needle: &str, count: usize, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found: Vec<String> = maildir_messages(&self.dir.path().join("mail/inbox"))
-                .into_iter()
-                .filter(|m| m.contains(needle))
-                .collect();
-            if found.len() >= count || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_maildir(&self.dir.path().join("mail/inbox"), needle, count, timeout)
     }
 }
 

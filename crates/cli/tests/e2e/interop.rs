@@ -11,26 +11,8 @@ use panel_testlab::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab, OpenSmtpdLab}
 const WAIT: Duration = Duration::from_secs(20);
 
 fn relay(env: &Env, lab: &EximLab, host: &str, port: u16, security: &str, auth: bool) {
-    let port = port.to_string();
     let ca = lab.ca_file.display().to_string();
-    let mut args = vec![
-        "smtp",
-        "set",
-        "--host",
-        host,
-        "--port",
-        &port,
-        "--security",
-        security,
-        "--from",
-        "Identity Panel <panel@example.org>",
-        "--fallback-recipient",
-        "ops@example.org",
-        "--command-timeout",
-        "5",
-        "--retry-schedule",
-        "1h",
-    ];
+    let mut args = vec!["--command-timeout", "5", "--retry-schedule", "1h"];
     if security != "none" {
         args.extend(["--ca-file", &ca, "--tls-server-name", "localhost"]);
     }
@@ -40,7 +22,7 @@ fn relay(env: &Env, lab: &EximLab, host: &str, port: u16, security: &str, auth: 
     } else {
         args.extend(["--auth", "none"]);
     }
-    env.ok(&args);
+    env.smtp_set_on(host, port, security, &args);
 }
 
 #[test]
@@ -127,20 +109,8 @@ fn opensmtpd_relays_on_ipv4_and_ipv6_and_every_session_ends_with_quit() {
     env.spawn(&["worker"]);
     for host in ["127.0.0.1", "::1"] {
         let port = lab.port.to_string();
-        env.ok(&[
-            "smtp",
-            "set",
-            "--host",
-            host,
-            "--port",
-            &port,
-            "--security",
-            "none",
-            "--from",
-            "Doe, John (Ops) <panel@example.org>",
-            "--fallback-recipient",
-            "ops@example.org",
-        ]);
+        env.smtp_set_on(host, lab.port, "none", &[]);
+        env.ok(&["smtp", "set", "--from", "Doe, John (Ops) <panel@example.org>"]);
         assert_eq!(env.panel(&["smtp", "check"]).code, 0, "{}", lab.log());
         let m = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
         assert_eq!(m["state"], "delivered", "{host}: {m:#}\n{}", lab.log());

@@ -285,12 +285,17 @@ impl Env {
 
     /// `panel smtp set` for a relay on 127.0.0.1 with the tests' From and Fallback recipient.
     fn smtp_set(&self, port: u16, security: &str, extra: &[&str]) {
+        self.smtp_set_on("127.0.0.1", port, security, extra);
+    }
+
+    /// `panel smtp set` for a relay at `host` with the tests' From and Fallback recipient.
+    pub fn smtp_set_on(&self, host: &str, port: u16, security: &str, extra: &[&str]) {
         let port = port.to_string();
         let mut args = vec![
             "smtp",
             "set",
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             &port,
             "--security",
