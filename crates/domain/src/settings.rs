@@ -130,6 +130,13 @@ impl RelaySettings {
         endpoint_key(&self.host, self.port, self.security, token_endpoint)
     }
 
+    /// Whether a stored credential may be sent under these settings when it was confirmed for
+    /// `binding` (a document's `credential_relay`): always without one, else only to where it was
+    /// confirmed (`endpoint`, token endpoint included).
+    pub fn bound_to(&self, binding: Option<&str>) -> bool {
+        self.auth.credential().is_none() || binding == Some(self.endpoint().as_str())
+    }
+
     /// The name the relay's certificate must carry.
     pub fn tls_name(&self) -> &str {
         self.tls_server_name.as_deref().unwrap_or(&self.host)
@@ -243,8 +250,7 @@ impl RelaySettings {
                     doc: doc.clone(),
                 };
                 // The binding is computed from the validated settings, token endpoint included.
-                settings.credential_attached = settings.auth.credential().is_none()
-                    || doc.credential_relay.as_deref() == Some(settings.endpoint().as_str());
+                settings.credential_attached = settings.bound_to(doc.credential_relay.as_deref());
                 Ok(settings)
             }
             _ => Err(errors),

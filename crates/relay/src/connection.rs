@@ -96,6 +96,12 @@ impl Connection {
         }
     }
 
+    /// What is left of a connection whose stream was taken (for a TLS handshake, or a probe):
+    /// nothing to QUIT, nothing to reuse.
+    pub(crate) fn spent(timeout: Duration) -> Connection {
+        Connection { broken: true, ..Connection::closed(timeout) }
+    }
+
     /// False after a network error or timeout: the conversation state is unknown.
     pub fn is_reusable(&self) -> bool {
         !self.broken

@@ -137,7 +137,7 @@ impl Relay {
     /// back (a handshake, or an alert or certificate Panel would refuse) rather than SMTP text
     /// or nothing. Used only to name a failure; the connection is spent afterwards.
     async fn answers_tls(&self, conn: &mut Connection) -> bool {
-        let spent = Connection { broken: true, ..Connection::closed(self.settings.command_timeout) };
+        let spent = Connection::spent(self.settings.command_timeout);
         let Stream::Plain(tcp) = std::mem::replace(conn, spent).io.into_inner() else { return false };
         let Ok((config, _)) = TlsTrust::system().client_config() else { return false };
         let Ok(name) = tls::server_name(self.settings.tls_name()) else { return false };
@@ -215,8 +215,7 @@ impl Relay {
                 }
                 t.ok(Stage::Starttls, reply.one_line(), Some(&reply));
                 // Until the handshake gives the connection back, a failure leaves nothing to QUIT.
-                let gone = Connection { broken: true, ..Connection::closed(s.command_timeout) };
-                let plain = std::mem::replace(conn, gone);
+                let plain = std::mem::replace(conn, Connection::spent(s.command_timeout));
                 *conn = self.handshake(plain, false, t).await?;
                 conn.ehlo(&self.helo, t).await?;
             }

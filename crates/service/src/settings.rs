@@ -55,8 +55,7 @@ impl Panel {
             return Err(OpsError::Invalid(errors));
         }
         // A save that changes nothing stores nothing: no new version, no audit entry.
-        let changed = changed_fields(&old_doc, &applied.doc);
-        if version > 0 && changed.is_empty() {
+        if version > 0 && applied.changes.is_empty() {
             // Saving again is also how an admin says "I fixed it outside Panel" (a password
             // file, a keytab): held messages get their next chance all the same.
             let released = self.store.release_held(&applied.doc, self.now()).await?;
@@ -80,7 +79,7 @@ impl Panel {
                 }
             })
             .collect();
-        events.insert(0, AuditEvent::new("settings.saved", "relay settings", changed.join("; ")));
+        events.insert(0, AuditEvent::new("settings.saved", "relay settings", applied.changes.join("; ")));
         let new_version = self.store.save_settings(version, &applied.doc, by, self.now(), &events).await?;
         // Workers pick the new version up on their next claim; wake them so held messages go now.
         self.wake_workers().await;
@@ -125,8 +124,7 @@ impl Panel {
         let applied = panel_domain::settings::patch::apply(patch, &current, channel).map_err(OpsError::Invalid)?;
         let mut settings = applied.settings;
         // Naming the credential in a draft does not confirm it for a new relay: only a save does.
-        settings.credential_attached = settings.auth.credential().is_none()
-            || current.credential_relay.as_deref() == Some(settings.endpoint().as_str());
+        settings.credential_attached = settings.bound_to(current.credential_relay.as_deref());
         let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
         Ok(panel_relay::check(Arc::new(settings), credentials).await)
     }
@@ -141,23 +139,4 @@ pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
         view.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
     }
     serde_json::Value::Object(view)
-}
-
-/// What a save changes, field by field, for the audit log: `port: 587 -> 2525`. Settings hold
-/// no secret (a password is named by its file, variable or stored credential, never given).
-fn changed_fields(old: &SettingsDoc, new: &SettingsDoc) -> Vec<String> {
-    let shown = |v: Option<serde_json::Value>| match v {
-        None => "(default)".to_string(),
-        Some(serde_json::Value::String(s)) => s,
-        Some(v) => v.to_string(),
-    };
-    let mut changed: Vec<String> = panel_domain::settings::table::SETTINGS
-        .iter()
-        .filter(|s| old.get(s.name) != new.get(s.name))
-        .map(|s| format!("{}: {} -> {}", s.name, shown(old.get(s.name)), shown(new.get(s.name))))
-        .collect();
-    if old.credential_relay != new.credential_relay && changed.is_empty() {
-        changed.push("credential confirmed for this relay".into());
-    }
-    changed
 }

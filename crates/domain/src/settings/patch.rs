@@ -13,6 +13,9 @@ pub struct Applied {
     pub settings: RelaySettings,
     /// What the admin must know: dropped fields, a detached credential.
     pub notices: Vec<String>,
+    /// What the save changes, field by field (`port: 587 -> 2525`), for the audit log; empty
+    /// when it changes nothing.
+    pub changes: Vec<String>,
     pub events: Vec<SettingsEvent>,
 }
 
@@ -68,9 +71,11 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
     }
 
     let mut settings = RelaySettings::validate(&doc)?;
+    // Where the stored settings send secrets now, validated once for both uses below.
+    let was = endpoint_of(current);
     if channel == Channel::Remote {
         let mut errors = FieldErrors::default();
-        check_channel(patch, current, &settings, &mut errors);
+        check_channel(patch, current, was.as_deref(), &settings, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -80,9 +85,8 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
         None => doc.credential_relay = None,
         Some(name) => {
             let endpoint = settings.endpoint();
-            let was_attached = current.credential.is_some()
-                && current.credential_relay.is_some()
-                && current.credential_relay == endpoint_of(current);
+            let was_attached =
+                current.credential.is_some() && current.credential_relay.is_some() && current.credential_relay == was;
             if patch.names("credential") {
                 if doc.credential_relay.as_deref() != Some(&endpoint) || !was_attached {
                     events.push(SettingsEvent::CredentialAttached { credential: name, relay: endpoint.clone() });
@@ -101,10 +105,10 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
             }
         }
     }
-    settings.credential_attached =
-        settings.auth.credential().is_none() || doc.credential_relay.as_deref() == Some(settings.endpoint().as_str());
+    settings.credential_attached = settings.bound_to(doc.credential_relay.as_deref());
     settings.doc = doc.clone();
-    Ok(Applied { doc, settings, notices, events })
+    let changes = changes(current, &doc);
+    Ok(Applied { doc, settings, notices, changes, events })
 }
 
 /// Unsets the stored fields `unused` selects that the patch does not name, and says which.
@@ -141,7 +145,13 @@ fn endpoint_of(doc: &SettingsDoc) -> Option<String> {
 /// master key) and send it to a relay of their choosing. So a remote patch may clear them but
 /// not set or change them, and may not move the relay (or the token endpoint) while the password
 /// comes from one of them.
-fn check_channel(patch: &SettingsDoc, current: &SettingsDoc, result: &RelaySettings, errors: &mut FieldErrors) {
+fn check_channel(
+    patch: &SettingsDoc,
+    current: &SettingsDoc,
+    was: Option<&str>,
+    result: &RelaySettings,
+    errors: &mut FieldErrors,
+) {
     for s in SETTINGS.iter().filter(|s| s.local_only) {
         if patch.names(s.name) && patch.get(s.name) != current.get(s.name) {
             errors.push(
@@ -154,9 +164,8 @@ fn check_channel(patch: &SettingsDoc, current: &SettingsDoc, result: &RelaySetti
             );
         }
     }
-    let was = endpoint_of(current);
-    if let (super::Auth::Password { .. }, Some(was)) = (&result.auth, &was)
-        && *was != result.endpoint()
+    if let (super::Auth::Password { .. }, Some(was)) = (&result.auth, was)
+        && was != result.endpoint()
     {
         errors.push(
             "host",
@@ -166,6 +175,25 @@ fn check_channel(patch: &SettingsDoc, current: &SettingsDoc, result: &RelaySetti
             ),
         );
     }
+}
+
+/// What a save changes, field by field, for the audit log: `port: 587 -> 2525`. Settings hold
+/// no secret (a password is named by its file, variable or stored credential, never given).
+fn changes(old: &SettingsDoc, new: &SettingsDoc) -> Vec<String> {
+    let shown = |v: Option<serde_json::Value>| match v {
+        None => "(default)".to_string(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(v) => v.to_string(),
+    };
+    let mut changed: Vec<String> = SETTINGS
+        .iter()
+        .filter(|s| old.get(s.name) != new.get(s.name))
+        .map(|s| format!("{}: {} -> {}", s.name, shown(old.get(s.name)), shown(new.get(s.name))))
+        .collect();
+    if old.credential_relay != new.credential_relay && changed.is_empty() {
+        changed.push("credential confirmed for this relay".into());
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -315,6 +343,13 @@ mod tests {
         let switched =
             apply(&patch(&[("credential", "relay"), ("host", "relay2.example.org")]), &local, Channel::Remote);
         assert_eq!(switched.unwrap().doc.password_file, None);
+    }
+
+    #[test]
+    fn a_save_says_what_it_changes_field_by_field() {
+        let a = apply(&patch(&[("port", "2525"), ("security", "starttls")]), &base(), Channel::Local).unwrap();
+        assert_eq!(a.changes, ["security: (default) -> starttls", "port: (default) -> 2525"], "in the table's order");
+        assert!(apply(&patch(&[("port", "2525")]), &a.doc, Channel::Local).unwrap().changes.is_empty());
     }
 
     #[test]

@@ -39,26 +39,18 @@ impl SqlStore {
     }
 
     /// Deletes up to `limit` messages finished before `before`, with their recipients and
-    /// attempts. Returns how many.
+    /// attempts (the foreign keys cascade; SQLite's are on for every connection). One statement.
     pub async fn delete_finished(&self, before: i64, limit: i64) -> Result<u64> {
         let mut tx = self.write().await?;
         let sql = format!(
-            "SELECT id FROM messages{} WHERE {FINISHED} AND updated_at < $1 ORDER BY updated_at LIMIT $2{}",
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages{} WHERE {FINISHED} AND updated_at < $1
+             ORDER BY updated_at LIMIT $2{})",
             self.dialect.use_index("messages_finished"),
             self.dialect.skip_locked()
         );
-        let ids: Vec<i64> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(before).bind(limit).fetch_all(&mut *tx).await?;
-        for id in &ids {
-            // Children first: PostgreSQL cascades, and SQLite does only with foreign keys on.
-            for table in ["attempts", "recipients"] {
-                let sql = format!("DELETE FROM {table} WHERE message_id = $1");
-                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx).await?;
-            }
-            sqlx::query("DELETE FROM messages WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        }
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(before).bind(limit).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(ids.len() as u64)
+        Ok(done.rows_affected())
     }
 
     /// Deletes up to `limit` rows of `table` (runs, events, audit_log) whose `column` time is
