@@ -61,20 +61,12 @@ impl EximLab {
             .unwrap();
         assert!(chown.success());
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
-        let script = format!(
-            "mount --bind {p} /etc/passwd && mount --bind {g} /etc/group && mount --bind {sbin} /usr/sbin \
-             && exec /usr/sbin/exim4 -C {conf} -bdf -q1m",
-            p = d.join("passwd").display(),
-            g = d.join("group").display(),
-            sbin = sbin.display(),
-            conf = d.join("exim.conf").display(),
+        let daemon = spawn_private(
+            d,
+            &format!("mount --bind {} /usr/sbin", sbin.display()),
+            &format!("/usr/sbin/exim4 -C {} -bdf -q1m", d.join("exim.conf").display()),
+            &d.join("daemon.log"),
         );
-        let daemon = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("daemon.log")).unwrap())
-            .spawn()
-            .expect("unshare runs");
         let lab = EximLab { dir, daemon, plain_port, submission_port, smtps_port, ca_file };
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready when the daemon says it listens (a probe connection would be logged as a
@@ -117,6 +109,23 @@ impl Drop for EximLab {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
+}
+
+/// Starts `command` in a private mount namespace where `dir`'s passwd and group copies (see
+/// `with_users`) stand for the host's, after the daemon's own `mounts`; its standard error goes
+/// to `log`. `sh` execs the daemon, so the child is the daemon itself.
+pub(crate) fn spawn_private(dir: &Path, mounts: &str, command: &str, log: &Path) -> Child {
+    let script = format!(
+        "mount --bind {p} /etc/passwd && mount --bind {g} /etc/group && {mounts} && exec {command}",
+        p = dir.join("passwd").display(),
+        g = dir.join("group").display(),
+    );
+    Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .expect("unshare runs")
 }
 
 /// Copies of /etc/passwd and /etc/group in `dir` with `users` (each with its own group) added,

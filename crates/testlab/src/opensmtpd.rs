@@ -8,10 +8,10 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::exim::{wait_for_maildir, with_users};
+use crate::exim::{spawn_private, wait_for_maildir, with_users};
 use crate::{free_port, require};
 
 pub struct OpenSmtpdLab {
@@ -53,22 +53,16 @@ impl OpenSmtpdLab {
         )
         .unwrap();
         fs::set_permissions(d.join("smtpd.conf"), fs::Permissions::from_mode(0o644)).unwrap();
-        let script = format!(
-            "mount --bind {p} /etc/passwd && mount --bind {g} /etc/group && mount -t tmpfs tmpfs /var/spool \
-             && mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var/lib && mkdir -p /var/lib/opensmtpd/empty \
-             && mount --bind {libexec} /usr/libexec && exec {smtpd} -d -f {conf}",
-            p = d.join("passwd").display(),
-            g = d.join("group").display(),
-            libexec = root.join("usr/libexec").display(),
-            smtpd = root.join("usr/sbin/smtpd").display(),
-            conf = d.join("smtpd.conf").display(),
+        let daemon = spawn_private(
+            d,
+            &format!(
+                "mount -t tmpfs tmpfs /var/spool && mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var/lib \
+                 && mkdir -p /var/lib/opensmtpd/empty && mount --bind {} /usr/libexec",
+                root.join("usr/libexec").display()
+            ),
+            &format!("{} -d -f {}", root.join("usr/sbin/smtpd").display(), d.join("smtpd.conf").display()),
+            &d.join("smtpd.log"),
         );
-        let daemon = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("smtpd.log")).unwrap())
-            .spawn()
-            .expect("unshare runs");
         let lab = OpenSmtpdLab { dir, daemon, port };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lab.log().contains("starting") {
@@ -76,12 +70,8 @@ impl OpenSmtpdLab {
             std::thread::sleep(Duration::from_millis(50));
         }
         // It logs "starting" before it listens: wait for the port without opening a session.
-        while std::process::Command::new("sh")
-            .args(["-c", &format!("grep -q ':{:04X} ' /proc/net/tcp", port)])
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-        {
+        let listening = || fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&format!(":{port:04X} ")));
+        while !listening() {
             assert!(Instant::now() < deadline, "OpenSMTPD does not listen: {}", lab.log());
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -332,8 +332,7 @@ fn the_api_takes_events_dispatches_and_templates() {
     let Some(lab) = PostfixLab::start() else { return };
     let mut env = Env::new();
     env.configure(&lab, lab.plain_port, "none", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
 
     let (status, body) =
         http(port, "PUT", "/api/v1/templates/welcome", r#"{"subject": "Hi {{ object.name }}", "text": "Welcome"}"#);

@@ -177,8 +177,7 @@ fn a_full_disk_refuses_new_mail_cleanly_and_the_service_recovers_when_space_retu
     let Some(mut env) = Env::on_tmpfs(8 * 1024) else { return };
     let sink = RecordingSink::start();
     configure_sink(&env, &sink);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     let send = |i: usize| {
         let body =
             format!(r#"{{"to": ["user{i}@example.org"], "subject": "disk {i}", "text": "{}"}}"#, "x".repeat(2000));

@@ -43,8 +43,7 @@ fn a_test_message_on_postgres_is_delivered_and_the_schema_is_reported_current() 
     let r = env.ok(&["migrate"]);
     assert!(r.stdout.contains("migrations are current") && r.stdout.contains("postgres://"), "{}", r.stdout);
     env.configure(&lab, lab.plain_port, "none", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     let (status, body) = http(port, "GET", "/readyz", "");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"schema_version\""), "{body}");

@@ -175,8 +175,7 @@ fn a_refusal_stays_visible_when_another_recipient_is_delivered_on_a_retry() {
     let mut env = Env::new();
     env.configure(&lab, lab.plain_port, "none", &["--retry-schedule", "1s"]);
     lab.defer("later@example.org");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     let id = id_of(&env.ok(&[
         "send",
         "--to",
@@ -561,8 +560,7 @@ fn metrics_count_attempts_and_show_the_queue_and_the_delivery_time() {
     let Some(lab) = lab() else { return };
     let mut env = Env::new();
     env.configure(&lab, lab.plain_port, "none", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     let (status, body) = http(port, "POST", "/api/v1/smtp/test", r#"{"wait": 20}"#);
     assert_eq!(status, 202, "{body}");
     let (status, body) = http(

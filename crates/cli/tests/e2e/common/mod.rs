@@ -207,6 +207,14 @@ impl Env {
         pid
     }
 
+    /// Starts `panel serve` on a free loopback port and waits until it runs; returns the port
+    /// (`http(port, ...)` sends the admin token `start` made for it).
+    pub fn serve(&mut self) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        self.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        port
+    }
+
     /// An API token of account `name` with `role` (created with a fixed password if new).
     pub fn api_token(&self, name: &str, role: &str) -> String {
         if !self.ok(&["admin", "list", "--json"]).stdout.contains(&format!("\"name\": \"{name}\"")) {
