@@ -14,10 +14,6 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn account(env: &Env, name: &str, role: &str) {
     let r = env.panel_stdin(&["admin", "create", name, "--role", role, "--password-stdin"], ADMIN_PASSWORD);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -39,8 +35,7 @@ fn an_admin_signs_in_configures_the_relay_checks_it_and_sends_a_test_message() {
     let Some(b) = Browser::start() else { return };
     let mut env = Env::new();
     account(&env, "ann", "admin");
-    let port = free_port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     sign_in(&b, port, "ann");
     assert!(b.url().ends_with("/settings"), "back where sign-in started: {}", b.url());
     let text = b.page_text();
@@ -108,8 +103,7 @@ fn a_wrong_password_shows_the_relays_535_and_the_hint() {
     let pw: Vec<&str> = pw.iter().map(String::as_str).collect();
     env.configure(&lab, lab.submission_port, "starttls", &pw);
     account(&env, "ann", "operator");
-    let port = free_port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     sign_in(&b, port, "ann");
     assert!(b.try_find("#save").is_none(), "an operator cannot save settings");
     b.click(&b.find("#test-message"));
@@ -128,8 +122,7 @@ fn a_viewer_cannot_save_settings_in_the_page_or_through_the_api() {
     let mut env = Env::new();
     env.relay_on(2525, &[]);
     account(&env, "vic", "viewer");
-    let port = free_port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     sign_in(&b, port, "vic");
     assert!(b.try_find("#save").is_none(), "no Save button for a viewer");
     assert!(b.try_find("#test-message").is_none(), "no Test Message for a viewer");
@@ -171,8 +164,7 @@ fn sessions_need_csrf_tokens_tokens_need_roles_and_sign_in_is_rate_limited() {
     let sink = panel_testlab::RecordingSink::start();
     env.relay_on(sink.port, &[]);
     account(&env, "ann", "admin");
-    let port = free_port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
 
     let (status, _, body) = http_with(port, "GET", "/api/v1/messages", "", "");
     assert_eq!(status, 401, "{body}");
@@ -238,8 +230,7 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
     );
     env.ok(&["workflow", "create", "--file", wf.to_str().unwrap()]);
     account(&env, "ann", "admin");
-    let port = free_port();
-    env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let port = env.serve();
     sign_in(&b, port, "ann");
 
     let base = format!("http://127.0.0.1:{port}");

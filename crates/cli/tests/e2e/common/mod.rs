@@ -209,10 +209,31 @@ impl Env {
 
     /// Starts `panel serve` on a free loopback port and waits until it runs; returns the port
     /// (`http(port, ...)` sends the admin token `start` made for it).
+    ///
+    /// A free port can be taken by another test between the check and the bind: when the
+    /// service says "Address already in use", it is started again on another port.
     pub fn serve(&mut self) -> u16 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        self.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
-        port
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let pid = self.start(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let child = self.children.iter_mut().find(|c| c.id() == pid).expect("our child");
+                if child.try_wait().unwrap().is_some() {
+                    let logs = self.service_logs();
+                    assert!(logs.contains("Address already in use"), "panel serve ended: {logs}");
+                    self.children.retain(|c| c.id() != pid);
+                    break;
+                }
+                let services = self.ok(&["services", "list", "--json"]).json();
+                if services.as_array().unwrap().iter().any(|s| s["pid"] == pid) {
+                    return port;
+                }
+                assert!(Instant::now() < deadline, "panel serve did not register: {}", self.service_logs());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("no free port for panel serve in five tries");
     }
 
     /// An API token of account `name` with `role` (created with a fixed password if new).
