@@ -76,8 +76,20 @@ pub fn require(component: &str, present: bool) -> bool {
     false
 }
 
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A loopback port nothing listens on now, and that no other caller in this process has been
+/// given: the kernel hands a port it just freed to the next `bind(0)` readily, so two labs
+/// started at once could otherwise both be told the same port, and the loser's client would
+/// talk to the winner's daemon.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let given = given.get_or_insert_with(Default::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 pub(crate) fn run(cmd: &mut Command) {
@@ -177,8 +189,9 @@ impl PostfixLab {
         fs::write(root.join("conf/rcpt_access"), rcpt_access(&[])).unwrap();
         fs::write(root.join("conf/vmailbox"), "/^/ sink/\n").unwrap();
 
-        let (plain_port, submission_port, smtps_port) = (free_port(), free_port(), free_port());
         let r = root.display();
+        // Unique to this instance (its directory's name), so a greeting proves whose port it is.
+        let banner = format!("panel-lab-{}", root.file_name().unwrap().to_string_lossy());
         let transport = match relay_to {
             None => "default_transport = virtual\nrelay_transport = virtual".to_string(),
             Some(p) => format!(
@@ -192,6 +205,7 @@ data_directory = {r}/data
 maillog_file = {r}/log/postfix.log
 maillog_file_prefixes = {r}
 myhostname = {LAB_HOSTNAME}
+smtpd_banner = $myhostname ESMTP {banner}
 mydomain = panel.test
 mydestination =
 inet_interfaces = 127.0.0.1
@@ -237,8 +251,34 @@ smtpd_hard_error_limit = 1000
             None => auth.to_string(),
             Some(_) => format!("{auth} -o myhostname=localhost -o smtpd_sasl_local_domain={LAB_HOSTNAME}"),
         };
-        let master_cf = format!(
-            "127.0.0.1:{plain_port} inet n - n - - smtpd
+        // The ports are free when chosen but not reserved: should another process take one before
+        // Postfix binds it, the lab starts again on other ports instead of a test talking to a
+        // stranger.
+        let conf = root.join("conf");
+        for _ in 0..3 {
+            let (plain_port, submission_port, smtps_port) = (free_port(), free_port(), free_port());
+            fs::write(conf.join("master.cf"), master_cf(plain_port, submission_port, smtps_port, &auth)).unwrap();
+            if owns_its_ports(&conf, &root, [plain_port, submission_port, smtps_port], &banner) {
+                let deferred = Mutex::new(Vec::new());
+                return Some(PostfixLab {
+                    dir,
+                    plain_port,
+                    submission_port,
+                    smtps_port,
+                    ca_file,
+                    cert_sha256,
+                    deferred,
+                });
+            }
+            let _ = Command::new("postfix").arg("-c").arg(&conf).arg("stop").output();
+        }
+        panic!("the Postfix lab found no free ports in three tries");
+    }
+}
+
+fn master_cf(plain_port: u16, submission_port: u16, smtps_port: u16, auth: &str) -> String {
+    format!(
+        "127.0.0.1:{plain_port} inet n - n - - smtpd
 127.0.0.1:{submission_port} inet n - n - - smtpd -o smtpd_tls_security_level=encrypt -o smtpd_tls_auth_only=yes {auth}
 127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes {auth}
 cleanup unix n - n - 0 cleanup
@@ -261,24 +301,44 @@ anvil unix - - n - 1 anvil
 scache unix - - n - 1 scache
 postlog unix-dgram n - n - 1 postlogd
 "
-        );
-        fs::write(root.join("conf/master.cf"), master_cf).unwrap();
-        let lab = PostfixLab {
-            dir,
-            plain_port,
-            submission_port,
-            smtps_port,
-            ca_file,
-            cert_sha256,
-            deferred: Mutex::new(Vec::new()),
-        };
-        lab.postfix(&["start"]);
-        for port in [plain_port, submission_port, smtps_port] {
-            lab.wait_for_port(port);
-        }
-        Some(lab)
-    }
+    )
+}
 
+fn wait_for_port(port: u16, log: &dyn Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "postfix did not open port {port}; log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first line a server on `port` sends, or "" when it sends none within 10 s.
+fn greeting(port: u16) -> String {
+    use std::io::BufRead;
+    let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stream).read_line(&mut line);
+    line
+}
+
+/// Starts the Postfix of `conf` and tells whether every port is this instance's: the start
+/// succeeded, the master is running and the plain port greets with this lab's own banner.
+fn owns_its_ports(conf: &Path, root: &Path, ports: [u16; 3], banner: &str) -> bool {
+    let postfix = |arg: &str| Command::new("postfix").arg("-c").arg(conf).arg(arg).output().expect("postfix");
+    let start = postfix("start");
+    if !start.status.success() {
+        eprintln!("postfix start failed, trying other ports: {}", String::from_utf8_lossy(&start.stderr));
+        return false;
+    }
+    let log = || fs::read_to_string(root.join("log/postfix.log")).unwrap_or_default();
+    for port in ports {
+        wait_for_port(port, &log);
+    }
+    postfix("status").status.success() && greeting(ports[0]).contains(banner)
+}
+
+impl PostfixLab {
     fn postfix(&self, args: &[&str]) {
         let mut cmd = Command::new("postfix");
         cmd.arg("-c").arg(self.dir.path().join("conf")).args(args);
@@ -290,14 +350,6 @@ postlog unix-dgram n - n - 1 postlogd
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-    }
-
-    fn wait_for_port(&self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "postfix did not open port {port}; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// The instance's configuration directory (for `postqueue -c DIR -p`).

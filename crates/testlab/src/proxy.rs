@@ -15,7 +15,7 @@ pub struct Proxy {
 impl Proxy {
     /// A stopped proxy on a free port; `start` opens it.
     pub fn new(target: u16) -> Proxy {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = crate::free_port();
         Proxy { port, target, task: None }
     }
 

@@ -332,7 +332,7 @@ fn check_connection_checks_unsaved_settings_without_storing_them() {
     let saved = check("");
     assert_eq!((saved["ok"].as_bool(), saved["draft"].as_bool()), (Some(true), Some(false)), "{saved:#}");
     // The issue's case: a port typed into the form, not saved, is what gets checked.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = panel_testlab::free_port();
     let draft = check(&format!(r#"{{"port": {closed}}}"#));
     assert_eq!((draft["ok"].as_bool(), draft["draft"].as_bool()), (Some(false), Some(true)), "{draft:#}");
     assert_eq!(draft["failure"]["stage"], "tcp", "{draft:#}");

@@ -202,7 +202,7 @@ fn secrets_never_appear_in_the_database_logs_or_any_answer() {
     let mut env = Env::new();
     env.license();
     let api_secret = "api-only-Secret-9vK";
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = panel_testlab::free_port();
     env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}"), "--log-level", "trace"]);
 
     let (status, body) = http(

@@ -62,7 +62,7 @@ fn acknowledged_steps_survive(mut env: Env) {
     configure_sink(&env, &sink);
     // Held at the greeting: nothing is delivered before the kill.
     sink.set_greeting_delay(Duration::from_secs(30));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = panel_testlab::free_port();
     let listen = format!("127.0.0.1:{port}");
     let service = env.spawn(&["serve", "--listen", &listen]);
     let (status, body) =
@@ -235,7 +235,7 @@ fn a_flood_of_slow_http_clients_leaves_health_the_api_and_delivery_working() {
     env.write("panel.toml", &format!("{config}[http]\nheader_timeout = \"2s\"\n"));
     let sink = RecordingSink::start();
     configure_sink(&env, &sink);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = panel_testlab::free_port();
     // systemd's default for a service: 1,024 open files.
     env.nofile = Some(1024);
     env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);

@@ -58,8 +58,7 @@ fn the_same_idempotency_key_from_several_services_at_once_creates_one_step() {
     let Some(mut env) = Env::postgres() else { return };
     let sink = panel_testlab::RecordingSink::start();
     env.relay_on(sink.port, &[]);
-    let ports: Vec<u16> =
-        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let ports: Vec<u16> = (0..2).map(|_| panel_testlab::free_port()).collect();
     for p in &ports {
         env.spawn(&["serve", "--listen", &format!("127.0.0.1:{p}")]);
     }

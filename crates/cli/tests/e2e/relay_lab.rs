@@ -372,7 +372,7 @@ fn a_settings_change_reaches_the_running_service_at_once() {
     let Some(lab) = lab() else { return };
     let mut env = Env::new();
     env.configure(&lab, lab.plain_port, "none", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = panel_testlab::free_port().to_string();
     env.spawn(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
     let first = env.ok(&["smtp", "test", "--wait", "20", "--json"]).json();
     assert_eq!(state(&first), "delivered");

@@ -214,7 +214,7 @@ impl Env {
     /// service says "Address already in use", it is started again on another port.
     pub fn serve(&mut self) -> u16 {
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = panel_testlab::free_port();
             let pid = self.start(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
