@@ -90,7 +90,12 @@ pub fn check(r: &CheckReport, json: bool) {
         println!("  AUTH offered: {}", r.auth_mechanisms.join(" "));
     }
     match &r.failure {
-        None => println!("Result: OK, the relay would accept a message to the Fallback recipient."),
+        None => {
+            println!("Result: OK, the relay would accept a message to the Fallback recipient.");
+            if r.released > 0 {
+                println!("  {} message(s) held by a configuration error are sent again now.", r.released);
+            }
+        }
         Some(f) => {
             println!("Result: FAILED at {} ({})", f.stage, class_name(f.class));
             println!("  {}", f.detail.replace('\n', " "));

@@ -32,6 +32,33 @@ crate::string_enum!(custom_display;
     }
 );
 
+impl Stage {
+    /// Reaching the relay: a failure here is the relay's (down, refusing service), never the
+    /// message's, and the relay-wide backoff counts it.
+    pub const REACHING: [Stage; 6] =
+        [Stage::Dns, Stage::Tcp, Stage::Tls, Stage::Greeting, Stage::Ehlo, Stage::Starttls];
+
+    /// Everything every message on the relay goes through before its own MAIL FROM: settings,
+    /// connection, TLS, token and AUTH. A failure here stops all mail alike, so a later attempt
+    /// that got past them (whatever the relay then said) proves them fixed for everyone.
+    pub const SESSION: [Stage; 9] = [
+        Stage::Config,
+        Stage::Dns,
+        Stage::Tcp,
+        Stage::Tls,
+        Stage::Greeting,
+        Stage::Ehlo,
+        Stage::Starttls,
+        Stage::Token,
+        Stage::Auth,
+    ];
+
+    /// The attempt got as far as this message's own transaction (MAIL, RCPT, DATA, QUIT).
+    pub fn is_past_session(self) -> bool {
+        matches!(self, Stage::Mail | Stage::Rcpt | Stage::Data | Stage::Quit)
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&self.as_str().to_ascii_uppercase())
@@ -328,7 +355,7 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         }
         K::Io | K::Protocol => h("the connection broke; if it repeats, check the relay's log for this time"),
         K::Credential => h(
-            "fix the stored credential named above (`panel credential list`, `panel license list`); messages held by it are sent again when the settings are saved",
+            "fix the stored credential named above (`panel credential list`, `panel license list`); messages held by it are sent again by themselves when the credential or a license changes",
         ),
         K::TokenRejected => h(
             "the identity provider refused to issue a token: check the tenant, client id and secret (or the service account key and its domain-wide delegation) and store them again with `panel credential set`",
@@ -340,7 +367,7 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
             h("the identity provider could not be reached or failed; the message is retried with backoff")
         }
         K::Kerberos => h(
-            "fix the Kerberos cause named above; held messages are sent again when the relay settings are saved (panel smtp set)",
+            "fix the Kerberos cause named above; held messages are sent again by themselves when the keytab changes, the settings are saved or `panel smtp check` passes",
         ),
         K::KdcUnavailable => h("no Kerberos KDC answered; the message is retried with backoff"),
         K::TlsAlert => h(

@@ -91,9 +91,12 @@ impl RelayBackoff {
         delay
     }
 
-    /// The relay answered (whatever it said): back to normal.
-    pub fn reached(&mut self) {
+    /// The relay answered (whatever it said): back to normal. True when this ends an outage
+    /// (the relay was being backed off), so what the outage deferred can go at once.
+    pub fn reached(&mut self) -> bool {
+        let ended = self.delay.is_some();
         *self = RelayBackoff::default();
+        ended
     }
 
     /// How long to wait before trying the relay again, if at all.
@@ -110,9 +113,7 @@ impl RelayBackoff {
 /// Whether an attempt's failure says the relay itself is unreachable or refusing service (as
 /// opposed to a problem with this message): name resolution, TCP, TLS, greeting, EHLO, or 421.
 pub fn is_relay_unreachable(stage: Stage, class: Option<FailureClass>, reply: Option<&SmtpReply>) -> bool {
-    class == Some(FailureClass::Transient)
-        && (matches!(stage, Stage::Dns | Stage::Tcp | Stage::Tls | Stage::Greeting | Stage::Ehlo | Stage::Starttls)
-            || reply.is_some_and(|r| r.code == 421))
+    class == Some(FailureClass::Transient) && (Stage::REACHING.contains(&stage) || reply.is_some_and(|r| r.code == 421))
 }
 
 #[cfg(test)]
@@ -129,8 +130,9 @@ mod tests {
         assert!(b.probing());
         assert_eq!(b.wait(t0), Some(Duration::from_secs(60)));
         assert_eq!(b.wait(t0 + Duration::from_secs(61)), None, "then one probe may go");
-        b.reached();
+        assert!(b.reached(), "reaching it ends the outage");
         assert!(!b.probing() && b.wait(t0).is_none());
+        assert!(!b.reached(), "no outage to end");
     }
 
     #[test]

@@ -122,6 +122,19 @@ pub fn endpoint_key(host: &str, port: u16, security: Security, token_endpoint: O
 }
 
 impl RelaySettings {
+    /// The files Panel reads at send time that an admin fixes outside Panel: the password
+    /// file, the keytab, the CA file. A change to one is a fix held messages may wait for.
+    pub fn outside_files(&self) -> Vec<&std::path::Path> {
+        let mut files = Vec::new();
+        match &self.auth {
+            Auth::Password { source: PasswordSource::File(f), .. } => files.push(f.as_path()),
+            Auth::Integrated { keytab: Some(k), .. } => files.push(k.as_path()),
+            _ => {}
+        }
+        files.extend(self.ca_file.as_deref());
+        files
+    }
+
     pub fn endpoint(&self) -> String {
         let token_endpoint = match &self.auth {
             Auth::OAuth2 { token_endpoint, .. } => token_endpoint.as_ref(),
@@ -603,6 +616,32 @@ mod tests {
             assert_eq!(err.0[0].field, "port");
             assert!(err.0[0].message.contains("1-65535"));
         }
+    }
+
+    #[test]
+    fn the_files_read_outside_panel_are_the_password_file_keytab_and_ca_file() {
+        let with = |doc: SettingsDoc| {
+            let s = RelaySettings::validate(&doc).unwrap();
+            s.outside_files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>()
+        };
+        assert!(with(base()).is_empty());
+        let password = SettingsDoc {
+            auth: Some("password".into()),
+            username: Some("panel".into()),
+            password_file: Some("/etc/panel/pw".into()),
+            ca_file: Some("/etc/panel/ca.pem".into()),
+            ..base()
+        };
+        assert_eq!(with(password.clone()), ["/etc/panel/pw", "/etc/panel/ca.pem"]);
+        let env = SettingsDoc { password_file: None, password_env: Some("PW".into()), ca_file: None, ..password };
+        assert!(with(env).is_empty(), "an environment variable is no file");
+        let kerberos = SettingsDoc {
+            auth: Some("integrated".into()),
+            keytab: Some("/etc/panel/panel.keytab".into()),
+            principal: Some("panel@PANEL.TEST".into()),
+            ..base()
+        };
+        assert_eq!(with(kerberos), ["/etc/panel/panel.keytab"]);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct CheckReport {
     pub auth_mechanisms: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<CheckFailure>,
+    /// Messages held by a configuration error that this passing check sent again (set by the
+    /// service that ran the check; a draft check releases nothing).
+    pub released: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,5 +85,6 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
         extensions,
         auth_mechanisms: auth,
         failure,
+        released: 0,
     }
 }

@@ -141,6 +141,11 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP panel_messages_held Failed messages held by a configuration error, sent again when it is fixed.\n# TYPE panel_messages_held gauge\npanel_messages_held {}",
+            queue.held
+        );
+        let _ = writeln!(
+            out,
             "# HELP panel_queue_depth Steps due or waiting to be sent (queued + retrying).\n# TYPE panel_queue_depth gauge\npanel_queue_depth {}",
             queue.queued + queue.retrying
         );

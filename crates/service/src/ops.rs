@@ -144,6 +144,14 @@ impl Panel {
                 e.stage,
                 e.reply.clone().unwrap_or_else(|| e.detail.clone())
             )),
+            // Sending works again, but what the error held is not sent yet: say so until none is.
+            _ if queue.held > 0 => Some(format!(
+                "{} message(s) are held by an earlier configuration error. They are sent again by themselves \
+                 when the settings, a credential, a license or a file the settings read changes, or when a \
+                 delivery or check gets past the stage that held them; `panel messages retry --status failed` \
+                 sends them now.",
+                queue.held
+            )),
             _ => None,
         };
         Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use panel_domain::settings::patch::{Channel, SettingsEvent};
 use panel_domain::{Auth, CredentialKind, FieldErrors, RelaySettings, SettingsDoc};
 use panel_relay::CheckReport;
-use panel_store::AuditEvent;
+use panel_store::{AuditEvent, Release};
 
 use crate::credential_source::StoredCredentials;
 use crate::error::OpsError;
@@ -58,7 +58,7 @@ impl Panel {
         if version > 0 && applied.changes.is_empty() {
             // Saving again is also how an admin says "I fixed it outside Panel" (a password
             // file, a keytab): held messages get their next chance all the same.
-            let released = self.store.release_held(&applied.doc, self.now()).await?;
+            let released = self.store.release_held(&applied.doc, self.now(), Release::All).await?;
             let mut notices = applied.notices;
             notices.push(format!("nothing changed; version {version} stays in force"));
             if released > 0 {
@@ -110,10 +110,20 @@ impl Panel {
         Ok(())
     }
 
+    /// Checks the settings in force. A pass proves connection, TLS and AUTH work, so the
+    /// messages a configuration error held at those stages go again now.
     pub async fn check(&self) -> Result<CheckReport, OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
-        Ok(panel_relay::check(Arc::new(settings), credentials).await)
+        let doc = settings.doc.clone();
+        let mut report = panel_relay::check(Arc::new(settings), credentials).await;
+        if report.ok {
+            report.released = self.store.release_held(&doc, self.now(), Release::SessionFailures).await?;
+            if report.released > 0 {
+                self.wake_workers().await;
+            }
+        }
+        Ok(report)
     }
 
     /// Checks the settings as a form shows them before Save: `patch` applied to the stored
@@ -122,6 +132,10 @@ impl Panel {
     pub async fn check_draft(&self, patch: &SettingsDoc, channel: Channel) -> Result<CheckReport, OpsError> {
         let current = self.store.current_settings().await?.map(|s| s.doc).unwrap_or_default();
         let applied = panel_domain::settings::patch::apply(patch, &current, channel).map_err(OpsError::Invalid)?;
+        if applied.changes.is_empty() && current != SettingsDoc::default() {
+            // The form as saved: a check of the settings in force, which may release held mail.
+            return self.check().await;
+        }
         let mut settings = applied.settings;
         // Naming the credential in a draft does not confirm it for a new relay: only a save does.
         settings.credential_attached = settings.bound_to(current.credential_relay.as_deref());

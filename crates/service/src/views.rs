@@ -177,6 +177,7 @@ view!(
         delivered: i64,
         partly_failed: i64,
         failed: i64,
+        held: i64,
         oldest_due_age_secs: Option<i64>,
     }
 );

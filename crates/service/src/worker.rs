@@ -2,7 +2,7 @@
 //! attempt. Settings are re-read whenever their version changes, so a change made anywhere
 //! applies to the next message this worker sends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use panel_domain::credential::CREDENTIAL_STORAGE;
 use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::{Failure, RecipientResult, RelayBackoff, RelaySettings, SendReport, is_relay_unreachable};
 use panel_relay::{Connection, Relay, Transcript};
-use panel_store::{AttemptMeta, Claim, ConfigGeneration, Store};
+use panel_store::{AttemptMeta, Claim, ConfigGeneration, Release, Store};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -53,6 +53,7 @@ struct RelayState {
     generation: ConfigGeneration,
     /// Distinguishes rebuilds: pooled connections belong to one state.
     serial: u64,
+    settings: Arc<RelaySettings>,
     relay: Result<Relay, Failure>,
     /// When the license that lets these settings use a stored credential runs out: the state
     /// (and its authenticated connections) is rebuilt then, so expiry is enforced at use.
@@ -78,6 +79,14 @@ struct Shared {
     backoff: Mutex<RelayBackoff>,
     /// Attempts to record, written in batches by `record_in_batches`.
     recorder: mpsc::Sender<Record>,
+    /// Set when this worker recorded a configuration error before MAIL FROM: the next attempt
+    /// that gets further proves it fixed and releases what it held.
+    held_seen: AtomicBool,
+    /// When held messages were last looked for after a successful attempt; other services'
+    /// holds are found this way, at most every `HELD_RECHECK`.
+    held_checked: Mutex<Option<Instant>>,
+    /// The files outside Panel the settings read (password file, keytab, CA file), as last seen.
+    outside: Mutex<OutsideFiles>,
 }
 
 /// One attempt waiting to be recorded, and where to say whether it was (fenced: false).
@@ -138,6 +147,9 @@ pub async fn run_worker(
         serial: AtomicU64::new(0),
         backoff: Mutex::new(RelayBackoff::default()),
         recorder,
+        held_seen: AtomicBool::new(false),
+        held_checked: Mutex::new(None),
+        outside: Mutex::new(OutsideFiles::default()),
     });
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %shared.owner, "worker started");
@@ -181,6 +193,7 @@ pub async fn run_worker(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
         prune_idle(&shared);
+        notice_outside_fixes(&shared).await;
     }
     tracing::info!(in_flight = tasks.len(), "worker stopping; finishing messages in hand");
     while tasks.join_next().await.is_some() {}
@@ -231,14 +244,17 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
         },
     };
     let credentials = StoredCredentials::for_settings(&shared.panel, &settings, &shared.owner);
-    let relay = Relay::new(Arc::new(settings), credentials);
+    let settings = Arc::new(settings);
+    let relay = Relay::new(settings.clone(), credentials);
     if let Err(f) = &relay {
         tracing::error!(version = stored.version, error = %f, "relay settings cannot be used");
     }
     let generation = ConfigGeneration { settings: stored.version, ..generation };
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
-    let state = Arc::new(RelayState { generation, serial, relay, licensed_until });
-    shared.backoff.lock().expect("not poisoned").reached();
+    shared.outside.lock().expect("not poisoned").watch(&settings);
+    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until });
+    // New settings are a new relay: the old one's backoff says nothing about it.
+    let _ = shared.backoff.lock().expect("not poisoned").reached();
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());
     tracing::info!(version = stored.version, secrets = generation.secrets, "relay settings loaded");
     Ok(Some(state))
@@ -445,7 +461,15 @@ async fn settle_and_record(
             "relay unreachable; backing off before trying it again"
         );
     } else if settlement.stage != panel_domain::Stage::Config {
-        shared.backoff.lock().expect("not poisoned").reached();
+        let outage_ended = shared.backoff.lock().expect("not poisoned").reached();
+        if outage_ended {
+            release_outage(shared).await;
+        }
+    }
+    if settlement.outcome == panel_domain::AttemptOutcome::ConfigurationError && !settlement.stage.is_past_session() {
+        shared.held_seen.store(true, Ordering::Relaxed);
+    } else if settlement.stage.is_past_session() {
+        release_proven(shared, state).await;
     }
     let (reply, recorded) = oneshot::channel();
     let record = Record { claim: claim.reference, meta, settlement, reply };
@@ -464,6 +488,99 @@ async fn settle_and_record(
         Err(e) => {
             tracing::error!(message_id = id, error = %e, "recording the attempt failed; the lease will expire and the message is retried")
         }
+    }
+}
+
+/// How often a worker that holds nothing itself looks for messages another service held, after
+/// its own attempts prove the session works.
+const HELD_RECHECK: Duration = Duration::from_secs(30);
+
+/// The relay answered after an outage: what the outage deferred is due now, not at each
+/// message's own retry time, and this worker (no longer probing) drains it at full speed.
+async fn release_outage(shared: &Shared) {
+    match shared.store.release_outage(shared.panel.now()).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(messages = n, "relay reachable again; the messages the outage deferred are due now");
+            shared.panel.wake_workers().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release the messages the outage deferred; they keep their retry times")
+        }
+    }
+}
+
+/// An attempt got past connection, TLS and AUTH: messages held by a configuration error at
+/// those stages would get past them too, so they go again now (within their retry window).
+async fn release_proven(shared: &Shared, state: &RelayState) {
+    let seen = shared.held_seen.swap(false, Ordering::Relaxed);
+    {
+        let mut checked = shared.held_checked.lock().expect("not poisoned");
+        if !seen && checked.is_some_and(|t| t.elapsed() < HELD_RECHECK) {
+            return;
+        }
+        *checked = Some(Instant::now());
+    }
+    release_held(shared, state, "an attempt got past the stage that held them").await;
+}
+
+async fn release_held(shared: &Shared, state: &RelayState, why: &str) {
+    match shared.store.release_held(&state.settings.doc, shared.panel.now(), Release::SessionFailures).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(messages = n, why, "messages held by a configuration error are tried again");
+            shared.panel.wake_workers().await;
+        }
+        Err(e) => tracing::warn!(error = %e, why, "could not release the held messages"),
+    }
+}
+
+/// A password file, keytab or CA file the settings read changed since it was last seen (the
+/// admin fixed it outside Panel): held messages get their next chance without a second step.
+async fn notice_outside_fixes(shared: &Shared) {
+    let Some(state) = shared.relay.lock().expect("not poisoned").clone() else { return };
+    let changed = shared.outside.lock().expect("not poisoned").changed();
+    if let Some(file) = changed {
+        tracing::info!(file = %file.display(), "a file the relay settings read changed");
+        release_held(shared, &state, "a file the relay settings read changed").await;
+    }
+}
+
+/// What identifies a file's content cheaply: a rewrite, a replacement (new inode) or a touch
+/// all show. `None` while it cannot be read.
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+#[derive(Default)]
+struct OutsideFiles {
+    files: Vec<(std::path::PathBuf, Stamp)>,
+}
+
+impl OutsideFiles {
+    fn stamp(path: &std::path::Path) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    }
+
+    /// Starts watching the files of `settings`, as they are now.
+    fn watch(&mut self, settings: &RelaySettings) {
+        self.files = settings.outside_files().into_iter().map(|p| (p.to_path_buf(), Self::stamp(p))).collect();
+    }
+
+    /// The first file that changed since last seen and can be read now (a file being removed
+    /// is no fix); remembers every new stamp.
+    fn changed(&mut self) -> Option<std::path::PathBuf> {
+        let mut first = None;
+        for (path, seen) in &mut self.files {
+            let now = Self::stamp(path);
+            if now != *seen {
+                *seen = now;
+                if now.is_some() && first.is_none() {
+                    first = Some(path.clone());
+                }
+            }
+        }
+        first
     }
 }
 

@@ -183,8 +183,13 @@ impl Store {
     }
 
     /// Re-queues the messages held by a configuration error, without a new settings version.
-    pub async fn release_held(&self, doc: &SettingsDoc, now: DateTime<Utc>) -> Result<u64> {
-        self.observe(self.backend.release_held(doc, ms(now)).await)
+    pub async fn release_held(&self, doc: &SettingsDoc, now: DateTime<Utc>, scope: Release) -> Result<u64> {
+        self.observe(self.backend.release_held(doc, ms(now), scope).await)
+    }
+
+    /// Makes the messages deferred by a relay outage due now (the relay answered again).
+    pub async fn release_outage(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.observe(self.backend.release_outage(ms(now)).await)
     }
 
     /// Adds a verified license key; false when a key with this id is already there.

@@ -147,6 +147,16 @@ pub enum RetryResult {
     },
 }
 
+/// Which messages held by a configuration error a release takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// All of them: something they depend on changed (settings, a credential, a license).
+    All,
+    /// Those stopped before their own MAIL FROM (connection, TLS, AUTH): proven fixed by any
+    /// attempt that got further, or by a successful check.
+    SessionFailures,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceInfo {
     pub id: String,
@@ -176,6 +186,9 @@ pub struct QueueStats {
     pub delivered: i64,
     pub partly_failed: i64,
     pub failed: i64,
+    /// Of the failed, those held by a configuration error: sent again by themselves when it is
+    /// fixed, so not given up on.
+    pub held: i64,
     /// Seconds the oldest due message has waited.
     pub oldest_due_age_secs: Option<i64>,
 }

@@ -174,17 +174,7 @@ impl PostfixLab {
                 keytab.trim_start_matches("keytab: ").trim()
             ),
         };
-        let mut child = Command::new("saslpasswd2")
-            .args(["-p", "-c", "-f"])
-            .arg(&sasldb)
-            .args(["-u", LAB_HOSTNAME, LAB_USER])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("saslpasswd2");
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(LAB_PASSWORD.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success(), "saslpasswd2 failed");
-        run(Command::new("chown").arg("postfix:postfix").arg(&sasldb));
+        set_sasl_password(&sasldb, LAB_PASSWORD);
 
         fs::write(root.join("conf/rcpt_access"), rcpt_access(&[])).unwrap();
         fs::write(root.join("conf/vmailbox"), "/^/ sink/\n").unwrap();
@@ -322,6 +312,21 @@ fn greeting(port: u16) -> String {
     line
 }
 
+/// Sets the lab user's password in `sasldb` (creating it), readable by Postfix's smtpd.
+fn set_sasl_password(sasldb: &Path, password: &str) {
+    let mut child = Command::new("saslpasswd2")
+        .args(["-p", "-c", "-f"])
+        .arg(sasldb)
+        .args(["-u", LAB_HOSTNAME, LAB_USER])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("saslpasswd2");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "saslpasswd2 failed");
+    run(Command::new("chown").arg("postfix:postfix").arg(sasldb));
+}
+
 /// Starts the Postfix of `conf` and tells whether every port is this instance's: the start
 /// succeeded, the master is running and the plain port greets with this lab's own banner.
 fn owns_its_ports(conf: &Path, root: &Path, ports: [u16; 3], banner: &str) -> bool {
@@ -350,6 +355,12 @@ impl PostfixLab {
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
+    }
+
+    /// Changes the lab user's password on the relay's side (as a relay admin resetting or
+    /// unlocking the account would); smtpd reads the database at each AUTH.
+    pub fn set_password(&self, password: &str) {
+        set_sasl_password(&self.dir.path().join("sasl/sasldb2"), password);
     }
 
     /// The instance's configuration directory (for `postqueue -c DIR -p`).

@@ -16,6 +16,8 @@ struct State {
     connections: AtomicUsize,
     quits: AtomicUsize,
     greeting_delay_ms: AtomicU64,
+    /// Greets new connections with 421 and closes them: the relay refusing service (an outage).
+    refusing: std::sync::atomic::AtomicBool,
     /// Held before the reply to the end of DATA (content scanning).
     data_reply_delay_ms: AtomicU64,
     /// Announced as `SIZE n` in EHLO when set (0: no limit); bigger messages are refused.
@@ -56,6 +58,12 @@ impl RecordingSink {
     /// Delays the 220 greeting of new connections.
     pub fn set_greeting_delay(&self, delay: Duration) {
         self.state.greeting_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, greets new connections with `421 4.3.2 ...` and closes them (`false`: back
+    /// to normal), as a relay in an outage does.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.state.refusing.store(refusing, Ordering::SeqCst);
     }
 
     pub fn connections(&self) -> usize {
@@ -104,6 +112,10 @@ fn session(stream: TcpStream, state: &State) {
     let mut out = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     let mut say = |s: &str| out.write_all(format!("{s}\r\n").as_bytes()).is_ok();
+    if state.refusing.load(Ordering::SeqCst) {
+        say("421 4.3.2 sink.test service not available, closing channel");
+        return;
+    }
     if !say("220 sink.test ESMTP") {
         return;
     }

@@ -8,6 +8,7 @@ mod automation;
 mod cli;
 mod credentials;
 mod faults;
+mod held;
 mod integrated_auth;
 mod interop;
 mod oauth;

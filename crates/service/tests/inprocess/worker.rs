@@ -132,3 +132,42 @@ async fn a_slow_end_of_data_is_waited_for_and_no_reply_at_all_is_an_unknown_outc
     assert_eq!(m.attempts.len(), 2);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn when_the_relay_answers_again_what_its_outage_deferred_goes_at_once() {
+    // Retries ten minutes apart on the Panel's clock, which stands still in this test: a message
+    // is sent again only if something makes it due.
+    // No connection kept open across messages: each one meets the relay as it is then.
+    let fresh = WorkerConfig { idle_connection: Duration::from_millis(1), ..fast() };
+    let h = Harness::start(Some(fresh), &[("retry_schedule", "10m")]).await;
+    // A recipient's own 4xx: that message waits for its retry time whatever the relay does.
+    h.sink.script_rcpt("busy@example.org", &["451 4.2.1 mailbox busy, try later"]);
+    let busy = h.send_to("own 4xx", &["busy@example.org"]).await;
+    let busy_before = h.wait_for(busy, MessageState::Retrying, Duration::from_secs(10)).await;
+
+    // The relay goes down (421 at the greeting): these wait for it, not for a recipient.
+    h.sink.set_refusing(true);
+    let mut deferred = Vec::new();
+    for i in 0..3 {
+        deferred.push(h.send(&format!("during the outage {i}")).await);
+    }
+    for id in &deferred {
+        let m = h.wait_for(*id, MessageState::Retrying, Duration::from_secs(20)).await;
+        assert_eq!((m.attempts[0].stage.as_str(), m.attempts[0].code), ("greeting", Some(421)), "{m:#?}");
+    }
+
+    // Back up: the next message (due now) is the probe that finds the relay answering, and the
+    // three deferred ones follow at once, ten minutes before their retry time.
+    h.sink.set_refusing(false);
+    let probe = h.send("after the outage").await;
+    h.wait_for(probe, MessageState::Delivered, Duration::from_secs(30)).await;
+    for id in &deferred {
+        let m = h.wait_for(*id, MessageState::Delivered, Duration::from_secs(10)).await;
+        assert_eq!(m.attempts.len(), 2, "one try in the outage, one after it: {m:#?}");
+    }
+    let busy_after = h.panel.message(busy).await.unwrap();
+    assert_eq!(busy_after.state, MessageState::Retrying, "its own 4xx keeps its retry time");
+    assert_eq!(busy_after.attempts.len(), 1);
+    assert_eq!(busy_after.next_attempt_at, busy_before.next_attempt_at);
+    h.stop().await;
+}

@@ -207,6 +207,10 @@ impl SqlStore {
         .fetch_one(&self.pool)
         .await?;
         stats.oldest_due_age_secs = oldest.map(|t| (now - t) / 1000);
+        stats.held = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE state = 'failed' AND failure_class = $1")
+            .bind(panel_domain::FailureClass::Configuration.as_str())
+            .fetch_one(&self.pool)
+            .await?;
         Ok(stats)
     }
 

@@ -22,7 +22,7 @@ async fn current_doc(tx: &mut Tx) -> Result<Option<panel_domain::SettingsDoc>> {
 /// After a fix (license added, credential stored), messages failed by configuration go again.
 async fn requeue(tx: &mut Tx, now: i64) -> Result<()> {
     if let Some(doc) = current_doc(tx).await? {
-        requeue_configuration_failures(tx, &doc, now).await?;
+        requeue_configuration_failures(tx, &doc, now, Release::All).await?;
     }
     Ok(())
 }

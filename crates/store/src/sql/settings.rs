@@ -1,7 +1,7 @@
 //! The relay settings, versioned: the current version, the generation workers compare before
 //! each claim, and a save that fails on a concurrent change instead of overwriting it.
 
-use panel_domain::{FailureClass, RetryPolicy, SettingsDoc};
+use panel_domain::{FailureClass, RetryPolicy, SettingsDoc, Stage};
 
 use super::*;
 use crate::{Result, StoreError, from_ms};
@@ -64,7 +64,7 @@ impl SqlStore {
                 _ => e.into(),
             })?;
         audit(&mut tx, by, now, events).await?;
-        requeue_configuration_failures(&mut tx, doc, now).await?;
+        requeue_configuration_failures(&mut tx, doc, now, Release::All).await?;
         tx.commit().await?;
         Ok(version)
     }
@@ -73,28 +73,66 @@ impl SqlStore {
 impl SqlStore {
     /// Gives messages held by a configuration error another chance without a new settings
     /// version (a save that changed nothing, after the admin fixed what lies outside Panel).
-    pub async fn release_held(&self, doc: &SettingsDoc, now: i64) -> Result<u64> {
+    pub async fn release_held(&self, doc: &SettingsDoc, now: i64, scope: Release) -> Result<u64> {
         let mut tx = self.write().await?;
-        let n = requeue_configuration_failures(&mut tx, doc, now).await?;
+        let n = requeue_configuration_failures(&mut tx, doc, now, scope).await?;
         tx.commit().await?;
         Ok(n)
     }
+
+    /// Makes due at once the retrying messages whose last attempt could not reach the relay
+    /// (the stages of `Stage::REACHING`, or a 421): they waited for the relay, not for a
+    /// recipient's own 4xx, and the relay is back.
+    pub async fn release_outage(&self, now: i64) -> Result<u64> {
+        let sql = format!(
+            "UPDATE messages SET next_attempt_at = $1
+             WHERE state = 'retrying' AND next_attempt_at > $1 AND EXISTS (
+                 SELECT 1 FROM attempts a
+                 WHERE a.id = (SELECT MAX(id) FROM attempts WHERE message_id = messages.id)
+                   AND a.outcome = 'temporary_failure' AND (a.stage IN ({}) OR a.code = 421))",
+            stage_list(&Stage::REACHING)
+        );
+        let mut tx = self.write().await?;
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// `'dns', 'tcp', ...`: stage names are the domain's constants, never input.
+fn stage_list(stages: &[Stage]) -> String {
+    stages.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 /// Messages stopped by a configuration error get another chance after the configuration changed
-/// (settings saved, license added, credential stored), within their retry window.
-pub(super) async fn requeue_configuration_failures(tx: &mut Tx, doc: &SettingsDoc, now: i64) -> Result<u64> {
+/// (settings saved, license added, credential stored), within their retry window. With
+/// `Release::SessionFailures` only those stopped before their own MAIL FROM: what a later
+/// attempt that got further proves fixed, while a refusal of one message's sender stays held.
+pub(super) async fn requeue_configuration_failures(
+    tx: &mut Tx,
+    doc: &SettingsDoc,
+    now: i64,
+    scope: Release,
+) -> Result<u64> {
     let window = RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref())
         .unwrap_or_default()
         .give_up_after;
-    let done = sqlx::query(
+    let stages = match scope {
+        Release::All => String::new(),
+        Release::SessionFailures => format!(
+            " AND (SELECT stage FROM attempts WHERE message_id = messages.id ORDER BY id DESC LIMIT 1) IN ({})",
+            stage_list(&Stage::SESSION)
+        ),
+    };
+    let sql = format!(
         "UPDATE messages SET state = 'retrying', next_attempt_at = $1, updated_at = $1, failure_class = NULL
-         WHERE state = 'failed' AND failure_class = $2 AND window_start >= $3",
-    )
-    .bind(now)
-    .bind(FailureClass::Configuration.as_str())
-    .bind(now - window.as_millis() as i64)
-    .execute(&mut **tx)
-    .await?;
+         WHERE state = 'failed' AND failure_class = $2 AND window_start >= $3{stages}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(FailureClass::Configuration.as_str())
+        .bind(now - window.as_millis() as i64)
+        .execute(&mut **tx)
+        .await?;
     Ok(done.rows_affected())
 }

@@ -186,6 +186,8 @@ async function checkConnection() {
     el("div", { class: "scroll" }, table)];
   if (c.tls) parts.push(el("p", { id: "check-tls" }, `TLS: ${c.tls.protocol}, ${c.tls.cipher_suite}; certificate ${c.tls.subject}, issued by ${c.tls.issuer}, expires ${c.tls.not_after}, SHA-256 ${c.tls.sha256}; ${c.tls.verification}`));
   if (c.auth_mechanisms && c.auth_mechanisms.length) parts.push(el("p", {}, `AUTH mechanisms offered: ${c.auth_mechanisms.join(" ")}`));
+  if (c.released) parts.push(el("p", { class: "ok", id: "check-released", role: "status" },
+    `${c.released} message(s) held by a configuration error are sent again now.`));
   if (c.failure) parts.push(el("p", { class: "error", id: "check-failure", role: "alert" },
     `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint}` : "")));
   out.replaceChildren(...parts);
