@@ -72,17 +72,25 @@ pub(crate) enum MessagesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put a failed message back in the queue, or every failed one with --status failed.
+    /// Send a message now: a failed one again (to its refused recipients), a retrying one
+    /// without waiting for its retry time; or all of them with --status failed|retrying.
     Retry {
-        /// The message to retry
+        /// The message to send now
         #[arg(required_unless_present = "status", conflicts_with_all = ["status", "since"])]
         id: Option<i64>,
-        /// Bulk retry of the dead letters: only `failed` is accepted
+        /// All at once: `failed` (failed and partly failed, the dead letters) or `retrying`
         #[arg(long)]
         status: Option<String>,
         /// With --status failed: only messages that failed within this long (e.g. 2h) or since this RFC 3339 time
         #[arg(long, requires = "status")]
         since: Option<String>,
+    },
+    /// Cancel a message that should not be sent: final, never retried; the log keeps who and why.
+    Cancel {
+        id: i64,
+        /// Why (shown in the message log and the audit log)
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -155,11 +163,17 @@ pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
             output::message(&detail, json);
             Ok(ExitCode::SUCCESS)
         }
+        MessagesCommand::Retry { id: None, status, since } if status.as_deref() == Some("retrying") => {
+            if since.is_some() {
+                return Err(bad_input("--since applies to --status failed only"));
+            }
+            let n = panel.send_retrying_now().await?;
+            println!("{n} retrying message(s) are sent now.");
+            Ok(ExitCode::SUCCESS)
+        }
         MessagesCommand::Retry { id: None, status, since } => {
             if status.as_deref() != Some("failed") {
-                return Err(bad_input(
-                    "--status: only failed messages can be retried (partly failed ones included); use --status failed",
-                ));
+                return Err(bad_input("--status: use failed (failed and partly failed messages) or retrying"));
             }
             let since = since
                 .as_deref()
@@ -172,18 +186,24 @@ pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
         }
         MessagesCommand::Retry { id: Some(id), .. } => match panel.retry(id).await? {
             RetryResult::Requeued => {
-                println!("Message {id} is queued again.");
+                println!("Message {id} is queued again, to be sent now.");
                 Ok(ExitCode::SUCCESS)
             }
             RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
-            RetryResult::NotFailed { state } => {
-                Err(bad_input(format!("message {id} is {state}; only failed messages can be retried")))
-            }
+            RetryResult::NotFailed { state } => Err(OpsError::Conflict(format!(
+                "message {id} is {state}; only failed, partly failed or retrying messages can be sent again"
+            ))
+            .into()),
             RetryResult::ContentRemoved { at } => Err(OpsError::Conflict(format!(
                 "message {id}'s content was removed by retention on {}; there is nothing to send again",
                 crate::output::time(&at)
             ))
             .into()),
         },
+        MessagesCommand::Cancel { id, reason } => {
+            let was = panel.cancel(id, &crate::actor(), &reason).await?;
+            println!("Message {id} is cancelled (it was {was}); nothing sends it again.");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -163,7 +163,14 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
         }
         (_, Some(a)) => {
             println!("Not delivered ({}): {} at {}", m.state, a.outcome.as_str().replace('_', " "), a.stage);
-            println!("  relay {} said: {}", a.relay, reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail));
+            // Only a reply is the relay's words; a refused connection or Panel's own failure is not.
+            if a.stage.is_inside_panel() {
+                println!("  Panel itself, not the relay: {}", a.detail);
+            } else if a.code.is_some() {
+                println!("  relay {} said: {}", a.relay, reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail));
+            } else {
+                println!("  relay {}: {}", a.relay, a.detail);
+            }
             if let Some(h) = &a.hint {
                 println!("  hint: {h}");
             }
@@ -251,7 +258,7 @@ pub fn message(m: &MessageDetail, json: bool) {
     }
     if m.failure_class == Some(panel_domain::FailureClass::Configuration) {
         println!(
-            "  (configuration error: sent again automatically when the relay settings change, or with `panel messages retry {}`)",
+            "  (configuration error: held, and sent again by itself once the fix is in — settings, credential, license, password file, or a passing `panel smtp check` — or now with `panel messages retry {}`)",
             m.id
         );
     }
@@ -260,6 +267,7 @@ pub fn message(m: &MessageDetail, json: bool) {
         let decided = r.decided_by.map(|n| format!("attempt {n}")).unwrap_or_default();
         let state = match (r.state, m.state) {
             (panel_domain::RecipientState::Pending, panel_domain::MessageState::Failed) => "held".to_string(),
+            (panel_domain::RecipientState::Pending, panel_domain::MessageState::Cancelled) => "cancelled".to_string(),
             (s, _) => s.to_string(),
         };
         println!(
@@ -282,7 +290,13 @@ pub fn message(m: &MessageDetail, json: bool) {
             time(&a.at),
             a.outcome,
             if a.relay.is_empty() { "-" } else { &a.relay },
-            if a.code.is_some() { "reply" } else { "failure" },
+            if a.stage.is_inside_panel() {
+                "Panel's own failure (not the relay's)"
+            } else if a.code.is_some() {
+                "reply"
+            } else {
+                "failure"
+            },
             a.stage,
             reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
         );

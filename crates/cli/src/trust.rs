@@ -109,7 +109,7 @@ pub struct CredentialSetArgs {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Who stored, replaced, first used, detached or deleted which credential, and license changes.
+    /// Who changed what: credentials, licenses, relay settings, accounts, cancelled messages.
     List {
         #[arg(long, default_value_t = 100)]
         limit: u32,

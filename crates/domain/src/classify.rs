@@ -53,6 +53,12 @@ impl Stage {
         Stage::Auth,
     ];
 
+    /// The failure is Panel's own (its settings, a file or variable it reads, a bug), found
+    /// before or without the relay saying anything: never to be worded as the relay's reply.
+    pub fn is_inside_panel(self) -> bool {
+        matches!(self, Stage::Config | Stage::Internal)
+    }
+
     /// The attempt got as far as this message's own transaction (MAIL, RCPT, DATA, QUIT).
     pub fn is_past_session(self) -> bool {
         matches!(self, Stage::Mail | Stage::Rcpt | Stage::Data | Stage::Quit)

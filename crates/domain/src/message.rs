@@ -17,7 +17,8 @@ string_enum!(
     /// held under a worker's lease; `Delivered`, `PartlyFailed` and `Failed` are final, and
     /// follow the recipients: all delivered, some delivered and the others refused for good, or
     /// none delivered. A partly failed or failed message can be retried by hand (to the refused
-    /// recipients only).
+    /// recipients only). `Cancelled` is final by an operator's decision (who and why are in its
+    /// last error and the audit log): nothing sends it again.
     MessageState {
         Queued = "queued",
         Sending = "sending",
@@ -25,6 +26,7 @@ string_enum!(
         Delivered = "delivered",
         PartlyFailed = "partly_failed",
         Failed = "failed",
+        Cancelled = "cancelled",
     }
 );
 
@@ -36,7 +38,19 @@ impl MessageState {
 
     /// No worker will touch it again by itself.
     pub fn is_final(self) -> bool {
-        matches!(self, MessageState::Delivered | MessageState::PartlyFailed | MessageState::Failed)
+        matches!(
+            self,
+            MessageState::Delivered | MessageState::PartlyFailed | MessageState::Failed | MessageState::Cancelled
+        )
+    }
+
+    /// What an operator may cancel: anything not delivered to everyone and not in a worker's
+    /// hands right now (a message being sent is cancelled after its attempt, or not at all).
+    pub fn is_cancellable(self) -> bool {
+        matches!(
+            self,
+            MessageState::Queued | MessageState::Retrying | MessageState::Failed | MessageState::PartlyFailed
+        )
     }
 }
 

@@ -131,6 +131,17 @@ impl Panel {
                 "No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string(),
             ),
             (Err(e), _) => Some(format!("The relay settings are broken: {e}")),
+            (_, Some(e))
+                if e.current
+                    && e.outcome == panel_domain::AttemptOutcome::ConfigurationError
+                    && e.stage.is_inside_panel() =>
+            {
+                Some(format!(
+                    "Sending is stopped by Panel's own configuration, not by the relay: {}. Fix it where the \
+                     hint says; held messages are sent again automatically.",
+                    e.detail
+                ))
+            }
             (_, Some(e)) if e.current && e.outcome == panel_domain::AttemptOutcome::ConfigurationError => {
                 Some(format!(
                     "Sending is stopped by a configuration error at {}: {}. Fix the relay settings; held messages are sent again automatically.",

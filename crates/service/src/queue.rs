@@ -9,7 +9,7 @@ use panel_domain::{FieldErrors, MessageState, Origin, OutgoingMessage, RelaySett
 
 use crate::error::OpsError;
 use crate::ops::Panel;
-use crate::views::{MessageDetail, MessageFilter, MessageSummary, QueueStats, RetryResult};
+use crate::views::{CancelResult, MessageDetail, MessageFilter, MessageSummary, QueueStats, RetryResult};
 
 impl Panel {
     /// Enqueues the Test Message: to the Fallback recipient, or to `to` instead.
@@ -113,6 +113,37 @@ impl Panel {
             self.wake_workers().await;
         }
         Ok(result)
+    }
+
+    /// Sends every retrying message now instead of at its retry time (after the admin fixed
+    /// what a recipient's server or the relay complained about).
+    pub async fn send_retrying_now(&self) -> Result<u64, OpsError> {
+        let n = self.store.send_retrying_now(self.now()).await?;
+        if n > 0 {
+            self.wake_workers().await;
+        }
+        Ok(n)
+    }
+
+    /// Cancels message `id` for good, with `reason` (required: the log says who and why).
+    /// Returns the state it was in.
+    pub async fn cancel(&self, id: i64, by: &str, reason: &str) -> Result<MessageState, OpsError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control) {
+            let mut errors = FieldErrors::default();
+            errors.push("reason", "say why in 1-500 characters on one line: the message log shows it");
+            return Err(OpsError::Invalid(errors));
+        }
+        match self.store.cancel_message(id, by, reason, self.now()).await? {
+            CancelResult::Cancelled { was } => Ok(was),
+            CancelResult::NotFound => Err(OpsError::NotFound(id)),
+            CancelResult::NotCancellable { state: MessageState::Sending } => Err(OpsError::Conflict(format!(
+                "message {id} is being sent right now; if the attempt leaves it waiting, cancel it then"
+            ))),
+            CancelResult::NotCancellable { state } => Err(OpsError::Conflict(format!(
+                "message {id} is {state}; only a message still to be sent can be cancelled"
+            ))),
+        }
     }
 
     /// Re-queues every failed message that failed at or after `since` (all of them without it).

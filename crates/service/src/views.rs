@@ -10,7 +10,7 @@ use panel_domain::{
 };
 use serde::Serialize;
 
-pub use panel_store::{DefinitionKind, MessageFilter, PutOutcome, RetryResult, SaveMode, SaveOutcome};
+pub use panel_store::{CancelResult, DefinitionKind, MessageFilter, PutOutcome, RetryResult, SaveMode, SaveOutcome};
 
 /// `view!(Name from panel_store::Row { field: Type, ... })`: a serializable view with the
 /// listed fields, taken one by one from the row.
@@ -352,7 +352,7 @@ impl Counts {
             MessageState::Retrying => self.retrying += n,
             MessageState::Failed => self.failed += n,
             MessageState::PartlyFailed => self.partly_failed += n,
-            MessageState::Queued | MessageState::Sending => {}
+            MessageState::Queued | MessageState::Sending | MessageState::Cancelled => {}
         }
     }
 }

@@ -513,6 +513,14 @@ impl Store {
 
     /// The dead-letter bulk retry: every failed message whose last change is at or after
     /// `since` goes back in the queue, its failed recipients pending again. Returns how many.
+    pub async fn send_retrying_now(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.observe(self.backend.send_retrying_now(ms(now)).await)
+    }
+
+    pub async fn cancel_message(&self, id: i64, by: &str, reason: &str, now: DateTime<Utc>) -> Result<CancelResult> {
+        self.observe(self.backend.cancel_message(id, by, reason, ms(now)).await)
+    }
+
     pub async fn retry_failed(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64> {
         self.observe(self.backend.retry_failed(ms(since), ms(now)).await)
     }

@@ -147,6 +147,19 @@ pub enum RetryResult {
     },
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum CancelResult {
+    Cancelled {
+        was: MessageState,
+    },
+    NotFound,
+    /// Delivered, already cancelled, or being sent right now.
+    NotCancellable {
+        state: MessageState,
+    },
+}
+
 /// Which messages held by a configuration error a release takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {

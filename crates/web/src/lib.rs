@@ -372,12 +372,32 @@ pub(crate) struct BulkRetry {
     since: Option<String>,
 }
 
-/// The dead-letter bulk retry: `{"status": "failed", "since": "2h"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CancelRequest {
+    reason: String,
+}
+
+pub(crate) async fn cancel_message(
+    State(p): State<Panel>,
+    By(by): By,
+    Path(id): Path<i64>,
+    JsonObject(body): JsonObject<CancelRequest>,
+) -> ApiResult {
+    let was = p.cancel(id, &by, &body.reason).await?;
+    ok(json!({"result": "cancelled", "was": was}))
+}
+
+/// Send now, in bulk: the dead letters (`{"status": "failed", "since": "2h"}`) or every
+/// retrying message (`{"status": "retrying"}`).
 pub(crate) async fn retry_failed(State(p): State<Panel>, JsonObject(body): JsonObject<BulkRetry>) -> ApiResult {
     let req = body;
+    if req.status == "retrying" && req.since.is_none() {
+        return ok(json!({"requeued": p.send_retrying_now().await?}));
+    }
     if req.status != "failed" {
         let mut errors = panel_domain::FieldErrors::default();
-        errors.push("status", "only failed messages can be retried; use \"failed\"");
+        errors.push("status", "use \"failed\" (failed and partly failed, with an optional since) or \"retrying\"");
         return Err(OpsError::Invalid(errors).into());
     }
     let since = req.since.as_deref().map(panel_service::ops::parse_since).transpose().map_err(OpsError::Invalid)?;

@@ -33,9 +33,10 @@ api_routes! {
     GET "/api/v1/messages" => Viewer, list_messages, "The message log (?state, origin, recipient, since, limit)";
     POST "/api/v1/messages" => Operator, send_message, "Send an ad-hoc message (the mail tester)";
     POST "/api/v1/messages/bulk" => Operator, send_bulk, "Send up to 1,000 messages in one transaction";
-    POST "/api/v1/messages/retry" => Operator, retry_failed, "Re-queue failed and partly failed messages to their refused recipients ({\"status\": \"failed\", \"since\"})";
+    POST "/api/v1/messages/retry" => Operator, retry_failed, "Send now: failed and partly failed messages to their refused recipients ({\"status\": \"failed\", \"since\"}), or every retrying message ({\"status\": \"retrying\"})";
     GET "/api/v1/messages/{id}" => Viewer, show_message, "A message with every attempt and reply";
-    POST "/api/v1/messages/{id}/retry" => Operator, retry_message, "Re-queue one failed or partly failed message (its refused recipients only)";
+    POST "/api/v1/messages/{id}/retry" => Operator, retry_message, "Send one message now: a failed or partly failed one to its refused recipients, a retrying one before its retry time";
+    POST "/api/v1/messages/{id}/cancel" => Operator, cancel_message, "Cancel a message still to be sent ({\"reason\"}): final, never retried; who and why are logged";
     GET "/api/v1/services" => Viewer, services, "Running Panel Services and workers";
     GET "/api/v1/queue" => Viewer, queue, "Queue depth and ages";
     GET "/api/v1/dashboard" => Viewer, ui::dashboard_api, "Counts per state (last hour, day), per hour, the last relay error";

@@ -103,3 +103,109 @@ fn a_fix_on_the_relays_side_is_proven_by_a_passing_check_or_the_next_delivery() 
     assert_eq!(m["attempts"].as_array().unwrap().len(), 2, "{m:#}");
     lab.wait_for_messages("Subject: Locked again", 1, WAIT);
 }
+
+#[test]
+fn a_retrying_message_is_sent_now_on_request_and_another_is_cancelled_with_who_and_why() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let mut env = Env::new();
+    // Retries an hour apart: anything delivered within the test was sent on request.
+    env.configure(&lab, lab.plain_port, "none", &["--retry-schedule", "1h"]);
+    // No pooled connection outlives a message: the lab's smtpd reads its deferrals at start.
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("panel.toml", &config.replace("idle_connection = \"1s\"", "idle_connection = \"1ms\""));
+    env.spawn(&["worker"]);
+    let retrying = |id: i64| env.wait_message(id, WAIT, |m| m["state"] == "retrying");
+
+    // One message, sent now once the recipient's server takes mail again.
+    lab.defer("slow@example.org");
+    let slow = send(&env, "slow@example.org", "Send me now");
+    retrying(slow);
+    lab.undefer("slow@example.org");
+    let out = env.ok(&["messages", "retry", &slow.to_string()]);
+    assert!(out.stdout.contains("to be sent now"), "{}", out.stdout);
+    let m = env.wait_message(slow, WAIT, |m| m["state"] == "delivered");
+    assert_eq!(m["attempts"].as_array().unwrap().len(), 2);
+
+    // Every retrying message at once.
+    lab.defer("later@example.org");
+    let both: Vec<i64> = (0..2).map(|i| send(&env, "later@example.org", &format!("Bulk now {i}"))).collect();
+    for id in &both {
+        retrying(*id);
+    }
+    lab.undefer("later@example.org");
+    let out = env.ok(&["messages", "retry", "--status", "retrying"]);
+    assert!(out.stdout.contains("2 retrying message(s) are sent now."), "{}", out.stdout);
+    for id in &both {
+        env.wait_message(*id, WAIT, |m| m["state"] == "delivered");
+    }
+
+    // One that must not go at all: cancelled, final, with who and why.
+    lab.defer("gone@example.org");
+    let gone = send(&env, "gone@example.org", "Never send me");
+    retrying(gone);
+    let no_reason = env.panel(&["messages", "cancel", &gone.to_string(), "--reason", " "]);
+    assert_eq!(no_reason.code, 2, "{}", no_reason.stderr);
+    assert!(no_reason.stderr.contains("reason"), "{}", no_reason.stderr);
+    assert_eq!(env.message(gone)["state"], "retrying", "a refused cancel changes nothing");
+    let out = env.ok(&["messages", "cancel", &gone.to_string(), "--reason", "the account was deleted"]);
+    assert!(out.stdout.contains("cancelled (it was retrying)"), "{}", out.stdout);
+    let m = env.message(gone);
+    assert_eq!(m["state"], "cancelled");
+    let why = m["last_error"].as_str().unwrap();
+    assert!(why.starts_with("cancelled by cli") && why.ends_with(": the account was deleted"), "{why}");
+    let again = env.panel(&["messages", "retry", &gone.to_string()]);
+    assert_eq!(again.code, 1, "{}{}", again.stdout, again.stderr);
+    assert!(again.stderr.contains("is cancelled"), "{}", again.stderr);
+    let audit = env.ok(&["audit", "list", "--json"]).json();
+    assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "message.cancelled"), "{audit:#}");
+    let shown = env.ok(&["messages", "show", &gone.to_string()]);
+    assert!(shown.stdout.contains("cancelled"), "{}", shown.stdout);
+    assert!(lab.messages_with("Never send me").is_empty());
+}
+
+#[test]
+fn cancelling_and_sending_now_over_the_api_need_the_operator_role() {
+    let mut env = Env::new();
+    env.relay_on(panel_testlab::free_port(), &["--retry-schedule", "1h"]);
+    let port = env.serve();
+    let id = send(&env, "ann@example.org", "Over the API");
+    env.wait_message(id, WAIT, |m| m["state"] == "retrying");
+    let viewer = env.api_token("watcher", "viewer");
+    let body = r#"{"reason": "not needed"}"#;
+    let auth = format!("Authorization: Bearer {viewer}\r\n");
+    let (status, _, _) = http_with(port, "POST", &format!("/api/v1/messages/{id}/cancel"), &auth, body);
+    assert_eq!(status, 403);
+    let (status, answer) = http(port, "POST", &format!("/api/v1/messages/{id}/cancel"), r#"{"reason": ""}"#);
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = http(port, "POST", "/api/v1/messages/retry", r#"{"status": "retrying"}"#);
+    assert_eq!((status, answer.as_str()), (200, r#"{"requeued":1}"#));
+    // Sent at once (to a closed port again), not in an hour; cancelled once it waits again.
+    env.wait_message(id, WAIT, |m| m["state"] == "retrying" && m["attempts"].as_array().unwrap().len() == 2);
+    let (status, answer) = http(port, "POST", &format!("/api/v1/messages/{id}/cancel"), body);
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = http(port, "POST", &format!("/api/v1/messages/{id}/cancel"), body);
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("is cancelled"), "{answer}");
+}
+
+#[test]
+fn a_failure_inside_panel_is_never_worded_as_the_relays_reply() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let mut env = Env::new();
+    // The variable is set nowhere: Panel fails at AUTH without the relay saying anything.
+    let pw = ["--auth", "password", "--username", LAB_USER, "--password-env", "PANEL_TEST_UNSET_RELAY_PW"];
+    env.configure(&lab, lab.submission_port, "starttls", &pw);
+    let port = env.serve();
+    let run = env.panel(&["smtp", "test", "--wait", "20"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("Panel itself, not the relay: environment variable PANEL_TEST_UNSET_RELAY_PW"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("said"), "no relay said anything: {}", run.stdout);
+    let shown = env.ok(&["messages", "show", "1"]);
+    assert!(shown.stdout.contains("Panel's own failure (not the relay's) at CONFIG"), "{}", shown.stdout);
+    let d = dashboard(port);
+    assert!(d["banner"].as_str().unwrap().contains("Panel's own configuration, not by the relay"), "{d:#}");
+}

@@ -117,6 +117,33 @@ fn a_wrong_password_shows_the_relays_535_and_the_hint() {
 }
 
 #[test]
+fn an_operator_sends_a_retrying_message_now_then_cancels_it_from_its_page() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    // Nothing listens on the relay port: every attempt fails and waits an hour.
+    env.relay_on(panel_testlab::free_port(), &["--retry-schedule", "1h"]);
+    account(&env, "ann", "operator");
+    let port = env.serve();
+    let id = id_of(&env.ok(&["send", "--to", "bo@example.org", "--subject", "From the page", "--text", "x", "--json"]));
+    env.wait_message(id, WAIT, |m| m["state"] == "retrying");
+    sign_in(&b, port, "ann");
+    b.goto(&format!("http://127.0.0.1:{port}/messages/{id}"));
+    b.click(&b.find("#send-now"));
+    // Tried again at once, not in an hour.
+    env.wait_message(id, WAIT, |m| m["state"] == "retrying" && m["attempts"].as_array().unwrap().len() == 2);
+
+    b.goto(&format!("http://127.0.0.1:{port}/messages/{id}"));
+    b.fill("#cancel-reason", "bo left the company");
+    b.script("window.confirm = () => true; return 1");
+    b.click(&b.find("#cancel"));
+    b.wait_text("#state", 20, |t| t == "cancelled");
+    let page = b.wait_text("main", 10, |t| t.contains("cancelled by"));
+    assert!(page.contains("cancelled by admin:ann: bo left the company"), "who and why: {page}");
+    assert!(page.contains("cancelled (not sent)"), "the recipient shows it: {page}");
+    assert!(b.try_find("#cancel").is_none() && b.try_find("#send-now").is_none(), "nothing left to do");
+}
+
+#[test]
 fn a_viewer_cannot_save_settings_in_the_page_or_through_the_api() {
     let Some(b) = Browser::start() else { return };
     let mut env = Env::new();

@@ -75,6 +75,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../../migrations/sqlite/0006_admins.sql")),
     (7, include_str!("../../migrations/sqlite/0007_sign_in_attempts.sql")),
     (8, include_str!("../../migrations/sqlite/0008_retention.sql")),
+    (9, include_str!("../../migrations/sqlite/0009_cancelled.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -86,6 +87,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../../migrations/postgres/0006_admins.sql")),
     (7, include_str!("../../migrations/postgres/0007_sign_in_attempts.sql")),
     (8, include_str!("../../migrations/postgres/0008_retention.sql")),
+    (9, include_str!("../../migrations/postgres/0009_cancelled.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

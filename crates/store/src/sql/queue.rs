@@ -180,6 +180,16 @@ impl SqlStore {
                 .await?;
         let Some((state, removed)) = row else { return Ok(RetryResult::NotFound) };
         let state = known_state(&state)?;
+        if state == MessageState::Retrying {
+            // Send now: due at once, same recipients and give-up window.
+            sqlx::query("UPDATE messages SET next_attempt_at = $2 WHERE id = $1 AND state = 'retrying'")
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RetryResult::Requeued);
+        }
         if !state.is_refused() {
             return Ok(RetryResult::NotFailed { state });
         }
@@ -200,6 +210,44 @@ impl SqlStore {
         .await?;
         tx.commit().await?;
         Ok(RetryResult::Requeued)
+    }
+
+    /// Makes every retrying message due now (send now), keeping recipients and windows.
+    pub async fn send_retrying_now(&self, now: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done =
+            sqlx::query("UPDATE messages SET next_attempt_at = $1 WHERE state = 'retrying' AND next_attempt_at > $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Cancels a message no worker holds: final, never sent again; who and why go into its
+    /// last error and the audit log, in the same transaction.
+    pub async fn cancel_message(&self, id: i64, by: &str, reason: &str, now: i64) -> Result<CancelResult> {
+        let mut tx = self.write().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
+        let Some(state) = state else { return Ok(CancelResult::NotFound) };
+        let state = known_state(&state)?;
+        if !state.is_cancellable() {
+            return Ok(CancelResult::NotCancellable { state });
+        }
+        sqlx::query(
+            "UPDATE messages SET state = 'cancelled', updated_at = $2, failure_class = NULL, last_error = $3
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(format!("cancelled by {by}: {reason}"))
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new("message.cancelled", &format!("message {id}"), format!("was {state}; {reason}"));
+        audit(&mut tx, by, now, &[event]).await?;
+        tx.commit().await?;
+        Ok(CancelResult::Cancelled { was: state })
     }
 
     pub async fn retry_failed(&self, since: i64, now: i64) -> Result<u64> {

@@ -194,7 +194,45 @@ async fn a_corrupt_row_is_an_error_naming_its_table_and_column(b: &Backend) {
     pool.close().await;
 }
 
+async fn a_cancelled_message_is_final_never_claimed_and_its_cancel_audited(b: &Backend) {
+    use panel_domain::MessageState;
+    use panel_store::CancelResult;
+    let s = &b.store;
+    let (now, later) = (Utc::now(), Utc::now() + chrono::Duration::days(100));
+    let a = s.enqueue(Origin::MailTester, &message("cancel me"), now).await.unwrap();
+    let sent = s.enqueue(Origin::MailTester, &message("in hand"), now).await.unwrap();
+    assert_eq!(
+        s.cancel_message(a, "ann", "sent twice by a misfired workflow", now).await.unwrap(),
+        CancelResult::Cancelled { was: MessageState::Queued }
+    );
+    let claims = s.claim("w1", now, Duration::from_secs(60), 10).await.unwrap();
+    assert_eq!(claims.iter().map(|c| c.reference.id).collect::<Vec<_>>(), [sent], "a cancelled message is not claimed");
+    assert_eq!(
+        s.cancel_message(sent, "ann", "too late", now).await.unwrap(),
+        CancelResult::NotCancellable { state: MessageState::Sending },
+        "a worker holds it"
+    );
+    assert_eq!(
+        s.cancel_message(a, "ann", "again", now).await.unwrap(),
+        CancelResult::NotCancellable { state: MessageState::Cancelled }
+    );
+    assert_eq!(s.cancel_message(999, "ann", "none", now).await.unwrap(), CancelResult::NotFound);
+    assert_eq!(s.retry_message(a, now).await.unwrap(), RetryResult::NotFailed { state: MessageState::Cancelled });
+
+    let m = s.message(a).await.unwrap().unwrap();
+    assert_eq!(m.state, MessageState::Cancelled);
+    assert_eq!(m.last_error.as_deref(), Some("cancelled by ann: sent twice by a misfired workflow"));
+    let audit = s.audit_log(10).await.unwrap();
+    let entry = audit.iter().find(|e| e.action == "message.cancelled").expect("audited");
+    assert_eq!((entry.actor.as_str(), entry.subject.as_str()), ("ann", format!("message {a}").as_str()));
+    assert!(entry.detail.contains("was queued") && entry.detail.contains("misfired"), "{}", entry.detail);
+    // Final like the others: retention takes it.
+    assert_eq!(s.delete_finished(later, 100).await.unwrap(), 1);
+    assert!(s.message(a).await.unwrap().is_none());
+}
+
 contract!(
+    a_cancelled_message_is_final_never_claimed_and_its_cancel_audited,
     a_corrupt_row_is_an_error_naming_its_table_and_column,
     a_bulk_enqueue_stores_every_message_in_one_transaction,
     a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped,

@@ -119,7 +119,10 @@ document.addEventListener("click", async (ev) => {
   if (!b) return;
   if (b.dataset.confirm && !confirm(b.dataset.confirm)) return;
   const [method, path] = splitSpec(b.dataset.action);
-  const r = await api(method, path, b.dataset.body ? JSON.parse(b.dataset.body) : undefined);
+  // data-reason names the input whose text goes as {"reason": ...} (a cancel says why).
+  const body = b.dataset.reason ? { reason: document.getElementById(b.dataset.reason).value }
+    : b.dataset.body ? JSON.parse(b.dataset.body) : undefined;
+  const r = await api(method, path, body);
   const out = b.parentElement.querySelector("[data-result]");
   if (r.ok) {
     if (out) out.textContent = r.data && r.data.requeued !== undefined ? `${r.data.requeued} re-queued.` : "Done.";
@@ -225,7 +228,10 @@ async function testMessage() {
     }
     if (last && (m.data.state === "failed" || m.data.state === "retrying")) {
       const code = [last.code, last.enhanced_code].filter(Boolean).join(" ");
-      status.textContent = `${m.data.state}: at ${last.stage}, ${code} ${last.reply || last.detail}` + (last.hint ? ` Hint: ${last.hint}` : "");
+      // Panel's own failures (its settings, a file or variable it reads) are not the relay's words.
+      const said = ["config", "internal"].includes(last.stage) ? `Panel itself, not the relay: ${last.detail}`
+        : `${code} ${last.reply || last.detail}`;
+      status.textContent = `${m.data.state}: at ${last.stage}, ${said}` + (last.hint ? ` Hint: ${last.hint}` : "");
       status.className = m.data.state === "failed" ? "error" : "warn";
       return;
     }

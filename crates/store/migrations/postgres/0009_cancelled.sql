@@ -1,0 +1,3 @@
+-- Cancelled is a final state: retention takes cancelled messages like the other finished ones.
+DROP INDEX messages_finished;
+CREATE INDEX messages_finished ON messages (updated_at) WHERE state IN ('delivered', 'partly_failed', 'failed', 'cancelled');
