@@ -65,7 +65,7 @@ pub fn check(r: &CheckReport, json: bool) {
         print_json(r);
         return;
     }
-    println!("Checking relay {} (security {})", r.relay, r.security);
+    println!("Checking relay {} (security {}), from {}", r.relay, r.security, r.ran_in);
     for e in &r.stages {
         let mark = if e.ok { "ok  " } else { "FAIL" };
         println!("  {mark} {:<9} {}", e.stage.to_string(), e.detail.replace('\n', " "));

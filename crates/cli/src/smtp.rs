@@ -74,8 +74,10 @@ pub(crate) enum SmtpCommand {
     /// Print the relay settings in force.
     Show(JsonFlag),
     /// Connect to the relay now and report every stage; sends nothing. Exit 0 only when a
-    /// message to the Fallback recipient would be accepted.
-    Check(JsonFlag),
+    /// message to the Fallback recipient would be accepted. Runs in a running Panel Service
+    /// or worker (its environment, config and licenses are what delivery uses) and says which;
+    /// in this process with --local or when none runs.
+    Check(CheckArgs),
     /// Enqueue the Test Message to the Fallback recipient (or --to) and print its id.
     Test {
         /// Send the test to this address instead of the Fallback recipient
@@ -87,6 +89,16 @@ pub(crate) enum SmtpCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+pub(crate) struct CheckArgs {
+    /// Check from this CLI process, with its environment and config, not a running service's
+    #[arg(long)]
+    local: bool,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -113,7 +125,10 @@ pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
         SmtpCommand::Check(f) => {
-            let report = panel.check().await?;
+            let report = match f.local {
+                true => panel.check_here("this CLI process (--local)").await?,
+                false => panel.check_where_delivery_runs(&actor()).await?,
+            };
             output::check(&report, f.json);
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }

@@ -5,32 +5,38 @@ use std::sync::Arc;
 
 use panel_domain::classify::{ConnectionContext, classify};
 use panel_domain::{Failure, FailureClass, RelaySettings, Stage};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::CredentialSource;
 use crate::connection::{StageEvent, Transcript};
 use crate::relay::Relay;
 use crate::tls::TlsInfo;
 
-#[derive(Debug, Clone, Serialize)]
+/// Serializable both ways: a service runs the check and stores the report for the CLI that asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckReport {
     /// True only when a message to the Fallback recipient would be accepted.
     pub ok: bool,
     pub relay: String,
     pub security: String,
     pub stages: Vec<StageEvent>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsInfo>,
     pub extensions: Vec<String>,
     pub auth_mechanisms: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<CheckFailure>,
     /// Messages held by a configuration error that this passing check sent again (set by the
     /// service that ran the check; a draft check releases nothing).
+    #[serde(default)]
     pub released: u64,
+    /// Where the check ran: the service that was asked, or this process. Delivery uses the
+    /// service's environment, config file and trusted authorities, so that is where it counts.
+    #[serde(default)]
+    pub ran_in: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckFailure {
     pub stage: Stage,
     pub class: FailureClass,
@@ -86,5 +92,6 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
         auth_mechanisms: auth,
         failure,
         released: 0,
+        ran_in: String::new(),
     }
 }

@@ -17,12 +17,12 @@ use crate::tls::TlsInfo;
 use crate::wire::{self, Extensions, ReadError, truncate};
 
 /// One stage of the conversation as it happened, for `panel smtp check` and debugging.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StageEvent {
     pub stage: Stage,
     pub ok: bool,
     pub detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<SmtpReply>,
 }
 

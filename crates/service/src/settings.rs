@@ -2,6 +2,7 @@
 //! check the relay stage by stage, and the effective view the CLI and the API show.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use panel_domain::settings::patch::{Channel, SettingsEvent};
 use panel_domain::{Auth, CredentialKind, FieldErrors, RelaySettings, SettingsDoc};
@@ -12,6 +13,11 @@ use crate::credential_source::StoredCredentials;
 use crate::error::OpsError;
 use crate::ops::{Panel, SettingsUpdate};
 use crate::views::StoredSettings;
+
+/// How long `smtp check` waits for a running service to take its request before checking
+/// in its own process, and for the report after that (the check is bounded by its timeouts).
+const CHECK_CLAIM_WAIT: Duration = Duration::from_secs(10);
+const CHECK_RUN_WAIT: Duration = Duration::from_secs(300);
 
 impl Panel {
     /// The settings in force, validated; `None` before the first save.
@@ -108,6 +114,58 @@ impl Panel {
             Some(_) => {}
         }
         Ok(())
+    }
+
+    /// `panel smtp check`: the check runs where delivery runs. With a Panel Service or worker
+    /// running, one of them is asked (through the store) and runs it with its own environment,
+    /// config file and trusted authorities; the report says which. With none running, or when
+    /// none takes the request within `CHECK_CLAIM_WAIT` (an older version), this process runs
+    /// it and the report says so.
+    pub async fn check_where_delivery_runs(&self, by: &str) -> Result<CheckReport, OpsError> {
+        self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        if self.live_services().await?.is_empty() {
+            return self.check_here("this CLI process (no Panel Service or worker is running)").await;
+        }
+        let id = self.store.request_check(by, self.now()).await?;
+        self.wake_workers().await;
+        let asked = tokio::time::Instant::now();
+        loop {
+            match self.store.check_request(id).await? {
+                Some((Some(service), Some(stored))) => {
+                    let answer: Result<CheckReport, String> = serde_json::from_str(&stored)
+                        .map_err(|e| OpsError::internal("reading the service's check report", e))?;
+                    let mut report = answer.map_err(|e| OpsError::internal("the service's check", e))?;
+                    report.ran_in = format!("service {service}");
+                    return Ok(report);
+                }
+                Some((None, _)) if asked.elapsed() > CHECK_CLAIM_WAIT && self.store.withdraw_check(id).await? => {
+                    return self.check_here("this CLI process (no running service took the check within 10 s)").await;
+                }
+                Some((Some(service), None)) if asked.elapsed() > CHECK_RUN_WAIT => {
+                    return Err(OpsError::internal(
+                        "the service's check",
+                        format!("service {service} took the check but gave no report within 5 minutes"),
+                    ));
+                }
+                None => return Err(OpsError::internal("the check request", "it was removed before it was answered")),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Runs the check in this process, saying so.
+    pub async fn check_here(&self, ran_in: &str) -> Result<CheckReport, OpsError> {
+        let mut report = self.check().await?;
+        report.ran_in = ran_in.to_string();
+        Ok(report)
+    }
+
+    /// Runs the check a CLI asked this service for (request `id`) and stores the report, or
+    /// the reason there is none.
+    pub async fn answer_check(&self, id: i64) -> Result<(), OpsError> {
+        let answer = self.check().await.map_err(|e| e.to_string());
+        let stored = serde_json::to_string(&answer).map_err(|e| OpsError::internal("writing the check report", e))?;
+        Ok(self.store.finish_check(id, &stored, self.now()).await?)
     }
 
     /// Checks the settings in force. A pass proves connection, TLS and AUTH work, so the

@@ -194,6 +194,7 @@ pub async fn run_worker(
         }
         prune_idle(&shared);
         notice_outside_fixes(&shared).await;
+        answer_checks(&shared).await;
     }
     tracing::info!(in_flight = tasks.len(), "worker stopping; finishing messages in hand");
     while tasks.join_next().await.is_some() {}
@@ -543,6 +544,30 @@ async fn notice_outside_fixes(shared: &Shared) {
     if let Some(file) = changed {
         tracing::info!(file = %file.display(), "a file the relay settings read changed");
         release_held(shared, &state, "a file the relay settings read changed").await;
+    }
+}
+
+/// Runs the relay checks a CLI asked the running services for, in this process: with the
+/// environment, config file and trusted authorities delivery uses. Each in its own task (a
+/// check can take as long as its timeouts); one service takes each request.
+async fn answer_checks(shared: &Shared) {
+    loop {
+        match shared.store.claim_check(&shared.owner, shared.panel.now()).await {
+            Ok(Some(id)) => {
+                tracing::info!(request = id, "running the relay check a CLI asked for");
+                let panel = shared.panel.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = panel.answer_check(id).await {
+                        tracing::warn!(request = id, error = %e, "could not store the check report");
+                    }
+                });
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for check requests");
+                return;
+            }
+        }
     }
 }
 

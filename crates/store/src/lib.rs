@@ -513,6 +513,30 @@ impl Store {
 
     /// The dead-letter bulk retry: every failed message whose last change is at or after
     /// `since` goes back in the queue, its failed recipients pending again. Returns how many.
+    /// Asks the running services to check the relay; returns the request id.
+    pub async fn request_check(&self, by: &str, now: DateTime<Utc>) -> Result<i64> {
+        self.observe(self.backend.request_check(by, ms(now)).await)
+    }
+
+    /// Takes an open check request for `service` (one service gets each).
+    pub async fn claim_check(&self, service: &str, now: DateTime<Utc>) -> Result<Option<i64>> {
+        self.observe(self.backend.claim_check(service, ms(now)).await)
+    }
+
+    pub async fn finish_check(&self, id: i64, report: &str, now: DateTime<Utc>) -> Result<()> {
+        self.observe(self.backend.finish_check(id, report, ms(now)).await)
+    }
+
+    /// `(claimed_by, report)` of check request `id`.
+    pub async fn check_request(&self, id: i64) -> Result<Option<(Option<String>, Option<String>)>> {
+        self.observe(self.backend.check_request(id).await)
+    }
+
+    /// Withdraws check request `id` unless a service took it already; true when withdrawn.
+    pub async fn withdraw_check(&self, id: i64) -> Result<bool> {
+        self.observe(self.backend.withdraw_check(id).await)
+    }
+
     pub async fn send_retrying_now(&self, now: DateTime<Utc>) -> Result<u64> {
         self.observe(self.backend.send_retrying_now(ms(now)).await)
     }

@@ -259,7 +259,8 @@ pub(crate) async fn check(
         )
         .into());
     }
-    let report = if draft { p.check_draft(&patch, Channel::Remote).await? } else { p.check().await? };
+    let mut report = if draft { p.check_draft(&patch, Channel::Remote).await? } else { p.check().await? };
+    report.ran_in = "the Panel Service answering this request".into();
     let mut answer = serde_json::to_value(report).map_err(|e| OpsError::internal("writing the check report", e))?;
     answer["draft"] = json!(draft);
     ok(answer)

@@ -209,3 +209,34 @@ fn a_failure_inside_panel_is_never_worded_as_the_relays_reply() {
     let d = dashboard(port);
     assert!(d["banner"].as_str().unwrap().contains("Panel's own configuration, not by the relay"), "{d:#}");
 }
+
+#[test]
+fn smtp_check_runs_in_the_running_service_and_says_where_it_ran() {
+    let Some(lab) = PostfixLab::start() else { return };
+    let mut env = Env::new();
+    let pw = ["--auth", "password", "--username", LAB_USER, "--password-env", "PANEL_TEST_RELAY_PW"];
+    // With no service running, the CLI checks by itself and says so.
+    env.configure(&lab, lab.submission_port, "starttls", &pw);
+    let alone = env.panel(&["smtp", "check"]);
+    assert!(alone.stdout.contains("from this CLI process (no Panel Service or worker is running)"), "{}", alone.stdout);
+
+    // The service was started without the variable; the admin's shell has it.
+    let worker = env.spawn(&["worker"]);
+    let service = env.wait_for_pid(worker);
+    env.vars.push(("PANEL_TEST_RELAY_PW".into(), LAB_PASSWORD.into()));
+    let local = env.panel(&["smtp", "check", "--local"]);
+    assert_eq!(local.code, 0, "the CLI's own environment passes: {}", local.stdout);
+    assert!(local.stdout.contains("from this CLI process (--local)"), "{}", local.stdout);
+
+    let remote = env.panel(&["smtp", "check"]);
+    assert_eq!(remote.code, 1, "where delivery runs it fails: {}{}", remote.stdout, remote.stderr);
+    assert!(remote.stdout.contains(&format!("from service {service}")), "{}", remote.stdout);
+    assert!(
+        remote.stdout.contains("PANEL_TEST_RELAY_PW (the relay password) is not set in this process"),
+        "{}",
+        remote.stdout
+    );
+    let json = env.panel(&["smtp", "check", "--json"]).json();
+    assert_eq!(json["ran_in"], format!("service {service}"), "{json:#}");
+    assert!(env.service_logs().contains("running the relay check a CLI asked for"));
+}

@@ -76,6 +76,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../../migrations/sqlite/0007_sign_in_attempts.sql")),
     (8, include_str!("../../migrations/sqlite/0008_retention.sql")),
     (9, include_str!("../../migrations/sqlite/0009_cancelled.sql")),
+    (10, include_str!("../../migrations/sqlite/0010_check_requests.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -88,6 +89,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../../migrations/postgres/0007_sign_in_attempts.sql")),
     (8, include_str!("../../migrations/postgres/0008_retention.sql")),
     (9, include_str!("../../migrations/postgres/0009_cancelled.sql")),
+    (10, include_str!("../../migrations/postgres/0010_check_requests.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -1,4 +1,5 @@
-//! Running services: heartbeats, deregistration, and the list (stale entries pruned).
+//! Running services: heartbeats, deregistration, the list (stale entries pruned), and the relay
+//! checks the CLI asks them to run.
 
 use super::*;
 use crate::{Result, from_ms};
@@ -51,5 +52,82 @@ impl SqlStore {
                 })
             })
             .collect()
+    }
+}
+
+/// A check request not taken within this long is abandoned (its CLI ran the check itself).
+const CHECK_CLAIM_WINDOW_MS: i64 = 60_000;
+
+impl SqlStore {
+    /// Asks the running services for a relay check; returns the request's id. Requests older
+    /// than a day go at the same time.
+    pub async fn request_check(&self, by: &str, now: i64) -> Result<i64> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM check_requests WHERE requested_at < $1")
+            .bind(now - 86_400_000)
+            .execute(&mut *tx)
+            .await?;
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO check_requests (requested_at, requested_by) VALUES ($1, $2) RETURNING id")
+                .bind(now)
+                .bind(by)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Takes the oldest open check request for `service`, if any; exactly one service gets it
+    /// (the update re-checks that nobody claimed it first).
+    pub async fn claim_check(&self, service: &str, now: i64) -> Result<Option<i64>> {
+        let mut tx = self.write().await?;
+        let open: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM check_requests WHERE claimed_by IS NULL AND requested_at >= $1 ORDER BY id LIMIT 1",
+        )
+        .bind(now - CHECK_CLAIM_WINDOW_MS)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = open else { return Ok(None) };
+        let taken = sqlx::query(
+            "UPDATE check_requests SET claimed_by = $1, claimed_at = $2 WHERE id = $3 AND claimed_by IS NULL",
+        )
+        .bind(service)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((taken.rows_affected() == 1).then_some(id))
+    }
+
+    pub async fn finish_check(&self, id: i64, report: &str, now: i64) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE check_requests SET report = $1, finished_at = $2 WHERE id = $3")
+            .bind(report)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Who took request `id` (if anyone yet) and the report (once finished).
+    pub async fn check_request(&self, id: i64) -> Result<Option<(Option<String>, Option<String>)>> {
+        Ok(sqlx::query_as("SELECT claimed_by, report FROM check_requests WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Withdraws an unclaimed request (the CLI stopped waiting and checks by itself).
+    pub async fn withdraw_check(&self, id: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query("DELETE FROM check_requests WHERE id = $1 AND claimed_by IS NULL")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -231,7 +231,25 @@ async fn a_cancelled_message_is_final_never_claimed_and_its_cancel_audited(b: &B
     assert!(s.message(a).await.unwrap().is_none());
 }
 
+async fn a_check_request_is_taken_by_one_service_and_answered(b: &Backend) {
+    let s = &b.store;
+    let now = Utc::now();
+    let old = s.request_check("cli:ann", now - chrono::Duration::minutes(5)).await.unwrap();
+    let id = s.request_check("cli:ann", now).await.unwrap();
+    let (first, second) = tokio::join!(s.claim_check("svc-a", now), s.claim_check("svc-b", now));
+    let taken: Vec<i64> = [first.unwrap(), second.unwrap()].into_iter().flatten().collect();
+    assert_eq!(taken, [id], "one service takes it; a request nobody took for minutes is abandoned");
+    assert!(!s.withdraw_check(id).await.unwrap(), "taken: the CLI waits for the report");
+    let (by, report) = s.check_request(id).await.unwrap().unwrap();
+    assert!(by.is_some_and(|b| b.starts_with("svc-")) && report.is_none());
+    s.finish_check(id, r#"{"Ok": {}}"#, now).await.unwrap();
+    assert_eq!(s.check_request(id).await.unwrap().unwrap().1.as_deref(), Some(r#"{"Ok": {}}"#));
+    assert!(s.withdraw_check(old).await.unwrap(), "an untaken request can be withdrawn");
+    assert!(s.check_request(old).await.unwrap().is_none());
+}
+
 contract!(
+    a_check_request_is_taken_by_one_service_and_answered,
     a_cancelled_message_is_final_never_claimed_and_its_cancel_audited,
     a_corrupt_row_is_an_error_naming_its_table_and_column,
     a_bulk_enqueue_stores_every_message_in_one_transaction,
