@@ -114,10 +114,16 @@ fn plan_step(
         },
         None => None,
     };
-    let rendered = match email.render(template, ctx) {
+    let mut rendered = match email.render(template, ctx) {
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),
     };
+    // Only Bcc left (the manager's address rendered empty): the mail would reach nobody it was
+    // meant for, so the Fallback recipient goes in To and the Bcc stays.
+    let bcc_only = rendered.draft.to.is_empty() && rendered.draft.cc.is_empty() && !rendered.draft.bcc.is_empty();
+    if bcc_only {
+        rendered.draft.to.push(sender.fallback_recipient.to_string());
+    }
     if rendered.draft.from.is_some() && !sender.allow_from_override {
         return failed(
             "the step sets its own From address, which the relay settings do not allow \
@@ -126,7 +132,7 @@ fn plan_step(
         );
     }
     match OutgoingMessage::prepare(&rendered.draft, sender.from, sender.fallback_recipient, now, random) {
-        Ok(message) => PlannedStep {
+        Ok(mut message) => PlannedStep {
             outcome: StepOutcome {
                 step: index,
                 kind: "email",
@@ -136,7 +142,10 @@ fn plan_step(
                 note: Some(rendered.note),
                 error: None,
             },
-            message: Some(message),
+            message: Some({
+                message.used_fallback_recipient |= bcc_only;
+                message
+            }),
         },
         Err(errors) => failed(errors.to_string()),
     }

@@ -114,6 +114,20 @@ impl EmailStep {
         for (kind, value) in [("reply_to", &self.reply_to), ("from", &self.from)] {
             sources.extend(value.as_deref().map(|v| (kind.to_string(), v)));
         }
+        // An address written out (no template in it) is checked now, not when the run fails.
+        let lists = [("to", &self.to), ("cc", &self.cc), ("bcc", &self.bcc)];
+        let literals = lists.iter().flat_map(|(kind, list)| {
+            list.iter().enumerate().map(move |(i, expr)| (format!("{kind}[{i}]"), expr.as_str()))
+        });
+        let single = [("reply_to", &self.reply_to), ("from", &self.from)];
+        let literals = literals.chain(single.iter().filter_map(|(k, v)| v.as_deref().map(|v| (k.to_string(), v))));
+        for (part, expr) in literals {
+            let expr = expr.trim();
+            let literal = !expr.contains("{{") && !expr.contains("{%") && !expr.is_empty() && expr != "none";
+            if literal && let Err(e) = Mailbox::parse(&part, expr) {
+                errors.push(format!("{field}.{part}"), e.message);
+            }
+        }
         for (i, a) in self.attachments.iter().enumerate() {
             sources.push((format!("attachments[{i}].filename"), &a.filename));
             sources.push((format!("attachments[{i}].content"), &a.content));
@@ -180,12 +194,17 @@ impl EmailStep {
             }
             attachments.push(Attachment { filename, content_type: a.content_type.clone(), content });
         }
-        let no_recipient = to.is_empty() && cc.is_empty() && bcc.is_empty();
+        // No To and no Cc: the Fallback recipient gets it (a Bcc alone reaches no one it was for).
+        let no_recipient = to.is_empty() && cc.is_empty();
+        let also_bcc = if bcc.is_empty() { "" } else { " (and the Bcc recipients)" };
         let note = no_recipient.then(|| {
             if empty.is_empty() {
-                "the step names no recipient; sent to the Fallback recipient".to_string()
+                format!("the step names no To or Cc recipient; sent to the Fallback recipient{also_bcc}")
             } else {
-                format!("no recipient: {} rendered empty; sent to the Fallback recipient", empty.join(", "))
+                format!(
+                    "no To or Cc recipient: {} rendered empty; sent to the Fallback recipient{also_bcc}",
+                    empty.join(", ")
+                )
             }
         });
         Ok(StepMessage {
@@ -300,6 +319,13 @@ mod tests {
         step(json!({"kind": "email", "text": "x"})).check("steps[1]", &mut errors);
         assert!(errors.0[0].message.contains("both subject and text"));
         assert!(serde_json::from_value::<Step>(json!({"kind": "email", "tu": []})).is_err(), "typos are refused");
+        // Written-out addresses are checked at save, all of them; templated ones when rendered.
+        let mut errors = FieldErrors::default();
+        step(json!({"kind": "email", "subject": "s", "text": "t", "to": ["x@@y", "{{ object.mail }}"],
+            "bcc": ["not an address"], "reply_to": "ok@example.org"}))
+        .check("steps[2]", &mut errors);
+        let fields: Vec<_> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["steps[2].to[0]", "steps[2].bcc[0]"]);
         assert!(serde_json::from_value::<Step>(json!({"kind": "fax"})).is_err());
     }
 }

@@ -401,25 +401,22 @@ pub async fn event(panel: Panel, cmd: EventCommand) -> CmdResult {
     let EventCommand::Post { event_type, data, idempotency_key, json } = cmd;
     let object: Value = read_json(&data)?;
     let record = panel.post_event(&event_type, &object, idempotency_key.as_deref(), &actor()).await?;
-    if json {
-        let mut runs = Vec::new();
-        for id in &record.runs {
-            runs.push(panel.run(*id).await?);
-        }
-        print_json(&serde_json::json!({ "event_id": record.id, "created": record.created, "runs": runs }));
-        return Ok(ExitCode::SUCCESS);
+    let mut runs = Vec::new();
+    for id in &record.runs {
+        runs.push(panel.run(*id).await?);
     }
-    if !record.created {
+    if json {
+        print_json(&serde_json::json!({ "event_id": record.id, "created": record.created, "runs": runs }));
+    } else if !record.created {
         println!("Event {} was posted before with this idempotency key; nothing ran again.", record.id);
-    } else if record.runs.is_empty() {
+    } else if runs.is_empty() {
         println!("Event {} stored; no enabled workflow on '{event_type}' matched.", record.id);
     } else {
-        println!("Event {} stored; {} workflow run(s):", record.id, record.runs.len());
-        for id in &record.runs {
-            print_runs(&[panel.run(*id).await?], false);
-        }
+        println!("Event {} stored; {} workflow run(s):", record.id, runs.len());
+        print_runs(&runs, false);
     }
-    Ok(ExitCode::SUCCESS)
+    // A run none of whose steps queued a message failed: the caller's script should know.
+    Ok(if runs.iter().any(|r| r.status == RunStatus::Failed) { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 pub async fn dispatch(panel: Panel, args: DispatchArgs) -> CmdResult {
@@ -443,7 +440,16 @@ fn print_runs(runs: &[Run], json: bool) {
     }
     for r in runs {
         let fire = r.fire_time.map(|t| format!(" fire time {}", time(&t))).unwrap_or_default();
-        println!("run {} {} '{}' {} at {}{fire}: {}", r.id, r.kind, r.name, r.trigger, time(&r.started_at), r.status);
+        println!(
+            "run {} {} '{}' {} at {}{fire}: steps {}, mail {}",
+            r.id,
+            r.kind,
+            r.name,
+            r.trigger,
+            time(&r.started_at),
+            r.status,
+            r.delivery
+        );
         if let Some(d) = &r.detail {
             println!("  note: {d}");
         }

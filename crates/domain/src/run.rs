@@ -32,3 +32,61 @@ crate::string_enum!(
         Failed = "failed",
     }
 );
+
+crate::string_enum!(
+    /// What became of a run's mail, following its messages (the run's status says only how its
+    /// steps were planned).
+    RunDelivery {
+        /// Some message is still queued, being sent or retrying.
+        Sending = "sending",
+        /// Every step queued its message and every message was delivered.
+        Sent = "sent",
+        /// Some mail was delivered, some was not (a step failed, a message or a recipient was
+        /// refused, or a message was cancelled).
+        PartlyFailed = "partly_failed",
+        /// Nothing was delivered.
+        Failed = "failed",
+    }
+);
+
+impl RunDelivery {
+    /// From the run's planning status and its messages' current states.
+    pub fn of(status: RunStatus, messages: &[crate::MessageState]) -> RunDelivery {
+        use crate::MessageState as M;
+        if messages.iter().any(|m| !m.is_final()) {
+            return RunDelivery::Sending;
+        }
+        let delivered = messages.iter().filter(|m| **m == M::Delivered).count();
+        let some = delivered > 0 || messages.contains(&M::PartlyFailed);
+        match (status, some) {
+            (RunStatus::Queued, _) if delivered == messages.len() && delivered > 0 => RunDelivery::Sent,
+            (_, true) => RunDelivery::PartlyFailed,
+            (_, false) => RunDelivery::Failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MessageState as M;
+
+    #[test]
+    fn a_runs_delivery_follows_its_messages() {
+        use RunDelivery::*;
+        let cases: &[(RunStatus, &[M], RunDelivery)] = &[
+            (RunStatus::Queued, &[M::Queued], Sending),
+            (RunStatus::Queued, &[M::Delivered, M::Retrying], Sending),
+            (RunStatus::Queued, &[M::Delivered, M::Delivered], Sent),
+            (RunStatus::Partial, &[M::Delivered], PartlyFailed),
+            (RunStatus::Queued, &[M::Delivered, M::Failed], PartlyFailed),
+            (RunStatus::Queued, &[M::PartlyFailed], PartlyFailed),
+            (RunStatus::Queued, &[M::Delivered, M::Cancelled], PartlyFailed),
+            (RunStatus::Queued, &[M::Failed, M::Cancelled], Failed),
+            (RunStatus::Failed, &[], Failed),
+        ];
+        for (status, messages, expected) in cases {
+            assert_eq!(RunDelivery::of(*status, messages), *expected, "{status} {messages:?}");
+        }
+    }
+}

@@ -149,8 +149,22 @@ impl Panel {
         Ok(())
     }
 
+    /// A definition's own problems and its missing templates, reported together (the first
+    /// kind must not hide the second).
+    async fn check_definition<T>(&self, own: Result<T, FieldErrors>, steps: &[Step]) -> Result<T, OpsError> {
+        let missing = self.missing_templates(steps).await?;
+        match own {
+            Ok(t) if missing.is_empty() => Ok(t),
+            Ok(_) => Err(OpsError::Invalid(missing)),
+            Err(mut errors) => {
+                errors.0.extend(missing.0);
+                Err(OpsError::Invalid(errors))
+            }
+        }
+    }
+
     /// Every step must name an existing template.
-    async fn check_templates(&self, steps: &[Step]) -> Result<(), OpsError> {
+    async fn missing_templates(&self, steps: &[Step]) -> Result<FieldErrors, OpsError> {
         let mut errors = FieldErrors::default();
         for (i, step) in steps.iter().enumerate() {
             if let Some(t) = step.template_name()
@@ -162,14 +176,13 @@ impl Panel {
                 );
             }
         }
-        errors.into_result(|| ()).map_err(OpsError::Invalid)
+        Ok(errors)
     }
 
     // ---- workflows ----
 
     pub async fn save_workflow(&self, def: &WorkflowDef, mode: SaveMode, by: &str) -> Result<SaveOutcome, OpsError> {
-        def.validate().map_err(OpsError::Invalid)?;
-        self.check_templates(&def.steps).await?;
+        self.check_definition(def.validate(), &def.steps).await?;
         let row = NewDefinition {
             kind: DefinitionKind::Workflow,
             name: def.name.clone(),
@@ -253,8 +266,7 @@ impl Panel {
     // ---- schedules ----
 
     pub async fn save_schedule(&self, def: &ScheduleDef, mode: SaveMode, by: &str) -> Result<SaveOutcome, OpsError> {
-        let timing = def.validate().map_err(OpsError::Invalid)?;
-        self.check_templates(&def.steps).await?;
+        let timing = self.check_definition(def.validate(), &def.steps).await?;
         let row = NewDefinition {
             kind: DefinitionKind::Schedule,
             name: def.name.clone(),
@@ -385,8 +397,7 @@ impl Panel {
 
     /// An ad-hoc run of inline steps from an outside tool.
     pub async fn dispatch(&self, def: &DispatchDef, by: &str) -> Result<Run, OpsError> {
-        def.validate().map_err(OpsError::Invalid)?;
-        self.check_templates(&def.steps).await?;
+        self.check_definition(def.validate(), &def.steps).await?;
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let now = self.now();

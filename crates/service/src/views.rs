@@ -4,7 +4,7 @@
 //! outcomes, re-exported so that callers need no store types.
 
 use chrono::{DateTime, Utc};
-use panel_domain::run::{RunKind, RunStatus, Trigger};
+use panel_domain::run::{RunDelivery, RunKind, RunStatus, Trigger};
 use panel_domain::{
     AttemptOutcome, FailureClass, MessageState, Origin, RecipientKind, RecipientState, SettingsDoc, Stage,
 };
@@ -260,7 +260,10 @@ pub struct Run {
     pub event_id: Option<i64>,
     pub started_at: DateTime<Utc>,
     pub missed: i64,
+    /// How the steps were planned: every message queued, some, or none.
     pub status: RunStatus,
+    /// What became of the mail since, following the messages: sending, sent, partly failed, failed.
+    pub delivery: RunDelivery,
     pub detail: Option<String>,
     pub service: String,
     pub steps: serde_json::Value,
@@ -279,6 +282,7 @@ impl From<panel_store::RunRow> for Run {
             started_at: r.started_at,
             missed: r.missed,
             status: r.status,
+            delivery: RunDelivery::of(r.status, &r.messages.iter().map(|m| m.state).collect::<Vec<_>>()),
             detail: r.detail,
             service: r.service,
             steps: r.steps,

@@ -375,3 +375,56 @@ fn the_api_takes_events_dispatches_and_templates() {
     assert_eq!(status, 400);
     assert!(body.contains("at least one step"), "{body}");
 }
+
+#[test]
+fn a_bcc_only_step_also_goes_to_the_fallback_and_the_run_follows_its_mail() {
+    let Some((lab, env)) = setup() else { return };
+    create(
+        &env,
+        "workflow",
+        json!({"name": "onboarding", "trigger": "user.created",
+            "steps": [{"kind": "email", "subject": "Account {{ object.login }}", "text": "ready",
+                       "to": ["{{ object.manager.mail }}"], "bcc": ["audit@example.org"]}]}),
+    );
+    // No manager: without the Fallback recipient only the auditors' Bcc copy would go.
+    let out = post_event(&env, json!({"login": "eve"}), &[]);
+    let run = &out["runs"][0];
+    let note = run["steps"][0]["note"].as_str().unwrap();
+    assert!(note.contains("sent to the Fallback recipient (and the Bcc recipients)"), "{note}");
+    let id = delivered(&env, run)[0];
+    let m = env.message(id);
+    assert_eq!(m["used_fallback_recipient"], true, "{m:#}");
+    assert_eq!(m["to"], json!(["ops@example.org"]));
+    assert_eq!(lab.wait_for_messages(m["message_id"].as_str().unwrap(), 2, WAIT).len(), 2, "To and Bcc copies");
+    // The run's mail follows its message: sent once it is delivered.
+    let history = env.ok(&["workflow", "history", "onboarding", "--json"]).json();
+    assert_eq!((history[0]["status"].as_str(), history[0]["delivery"].as_str()), (Some("queued"), Some("sent")));
+    assert!(env.ok(&["workflow", "history", "onboarding"]).stdout.contains("steps queued, mail sent"));
+
+    // A run none of whose steps could queue a message fails the command.
+    create(
+        &env,
+        "workflow",
+        json!({"name": "farewell", "trigger": "user.deleted",
+            "steps": [{"kind": "email", "template": "welcome", "to": ["hr@example.org"]}]}),
+    );
+    let file = env.write("gone.json", r#"{"login": "eve"}"#);
+    let failed = env.panel(&["event", "post", "user.deleted", "--data", file.to_str().unwrap()]);
+    assert_eq!(failed.code, 1, "{}{}", failed.stdout, failed.stderr);
+    assert!(failed.stdout.contains("steps failed, mail failed"), "{}", failed.stdout);
+
+    // Every problem of a definition at once: a written-out bad address and a missing template.
+    let bad = env.write(
+        "bad.json",
+        &json!({"name": "typo", "trigger": "user.created",
+            "steps": [{"kind": "email", "template": "nope", "to": ["x@@y"]}]})
+        .to_string(),
+    );
+    let refused = env.panel(&["workflow", "create", "--file", bad.to_str().unwrap()]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("steps[0].to[0]") && refused.stderr.contains("steps[0].template"),
+        "{}",
+        refused.stderr
+    );
+}
