@@ -30,12 +30,16 @@ pub enum AdminCommand {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// List accounts and their roles.
+    /// List accounts, their roles and their sign-in lock state.
     List {
         #[arg(long)]
         json: bool,
     },
     Delete {
+        name: String,
+    },
+    /// Forget the account's counted wrong passwords (from every address), ending its lock.
+    Unlock {
         name: String,
     },
     /// API tokens for scripts (sent as `Authorization: Bearer TOKEN`): `token NAME` creates one
@@ -121,9 +125,22 @@ pub async fn admin(panel: Panel, cmd: AdminCommand) -> CmdResult {
                 println!("No admin accounts. Create one: panel admin create NAME --role admin");
             } else {
                 for a in admins {
-                    println!("{:<24} {:<9} created {}", a.name, a.role, time(&a.created_at));
+                    let lock = match (&a.locked_until, a.failed_sign_ins) {
+                        (Some(until), n) => format!(
+                            "  LOCKED until {} for addresses it never signed in from ({n} wrong passwords; panel admin unlock {})",
+                            time(until),
+                            a.name
+                        ),
+                        (None, 0) => String::new(),
+                        (None, n) => format!("  {n} wrong password(s) in the last 15 minutes"),
+                    };
+                    println!("{:<24} {:<9} created {}{lock}", a.name, a.role, time(&a.created_at));
                 }
             }
+        }
+        AdminCommand::Unlock { name } => {
+            let n = panel.unlock_admin(&name, &actor()).await?;
+            println!("Admin '{name}' unlocked; {n} counted failed sign-in(s) forgotten.");
         }
         AdminCommand::Delete { name } => {
             panel.delete_admin(&name, &actor()).await?;

@@ -23,6 +23,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
+    pub web: WebSection,
+    #[serde(default)]
     pub retention: RetentionSection,
 }
 
@@ -43,6 +45,15 @@ pub struct HttpSection {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub header_timeout: Option<String>,
+}
+
+/// `[web]`: the reverse proxies in front of `panel serve` whose `X-Forwarded-For` names the
+/// client (addresses or networks); nobody else's header is believed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSection {
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[license]`: the authorities whose keys this installation accepts. Only here or in

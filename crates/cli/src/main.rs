@@ -18,7 +18,7 @@ use panel_service::{OpsError, Panel, SecretsConfig};
 
 use crate::config::FileConfig;
 use crate::messages::{MessagesCommand, SendArgs, messages, send};
-use crate::serve::{WorkerArgs, http_limits, retention_policy, serve, worker_config};
+use crate::serve::{WorkerArgs, http_limits, retention_policy, serve, trusted_proxies, worker_config};
 use crate::smtp::{SmtpCommand, smtp};
 use panel_web::HttpLimits;
 
@@ -325,11 +325,12 @@ async fn run(cli: Cli) -> CmdResult {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
             let config = worker_config(&worker, &resolved.file)?;
             let http = http_limits(&resolved.file, &config)?;
-            serve(panel, Some(listen), config, http, retention_policy(&resolved.file)?).await
+            let proxies = trusted_proxies(&resolved.file)?;
+            serve(panel, Some(listen), config, http, proxies, retention_policy(&resolved.file)?).await
         }
         Command::Worker { worker } => {
             let config = worker_config(&worker, &resolved.file)?;
-            serve(panel, None, config, HttpLimits::default(), retention_policy(&resolved.file)?).await
+            serve(panel, None, config, HttpLimits::default(), Vec::new(), retention_policy(&resolved.file)?).await
         }
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,

@@ -49,6 +49,17 @@ pub(crate) fn worker_config(args: &WorkerArgs, file: &FileConfig) -> Result<Work
     Ok(c)
 }
 
+/// `[web] trusted_proxies`, every entry checked (all problems at once).
+pub(crate) fn trusted_proxies(file: &FileConfig) -> Result<Vec<panel_web::proxies::Cidr>, Failed> {
+    let (ok, bad): (Vec<_>, Vec<_>) =
+        file.web.trusted_proxies.iter().map(|t| panel_web::proxies::Cidr::parse(t)).partition(Result::is_ok);
+    if !bad.is_empty() {
+        let why: Vec<String> = bad.into_iter().filter_map(Result::err).collect();
+        return Err(bad_input(format!("web.trusted_proxies: {}", why.join("; "))));
+    }
+    Ok(ok.into_iter().filter_map(Result::ok).collect())
+}
+
 /// The web server's limits from `[http]`, fitted into this process's descriptor limit (raised to
 /// its hard limit first).
 pub(crate) fn http_limits(file: &FileConfig, worker: &WorkerConfig) -> Result<HttpLimits, Failed> {
@@ -110,6 +121,7 @@ pub(crate) async fn serve(
     listen: Option<String>,
     config: WorkerConfig,
     http: HttpLimits,
+    proxies: Vec<panel_web::proxies::Cidr>,
     retention: RetentionPolicy,
 ) -> CmdResult {
     // A missing or wrong master key stops the service here, with the reason, not at first use.
@@ -168,7 +180,7 @@ pub(crate) async fn serve(
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            panel_web::serve(panel, l, http, shutdown).await.map_err(|e| e.to_string())
+            panel_web::serve(panel, l, http, proxies, shutdown).await.map_err(|e| e.to_string())
         });
     }
     match &listen {

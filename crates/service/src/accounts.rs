@@ -40,8 +40,14 @@ impl Actor {
     }
 }
 
-/// Failed sign-ins allowed per account name and per client address within `SIGN_IN_WINDOW`.
+/// Failed sign-ins allowed within `SIGN_IN_WINDOW`: for one account from one address; from one
+/// address over every name; and for one account from everywhere together (guessing spread over
+/// many addresses). The last does not apply from an address the account signed in from before,
+/// so nobody can lock an admin out of the address they use, nor one client lock out everyone
+/// behind a proxy.
 pub const SIGN_IN_MAX_FAILURES: i64 = 5;
+pub const SIGN_IN_MAX_PER_ADDRESS: i64 = 20;
+pub const SIGN_IN_MAX_PER_ACCOUNT: i64 = 50;
 pub const SIGN_IN_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
 
 /// What a sign-in attempt came to.
@@ -62,6 +68,26 @@ pub struct Session {
     pub token: String,
     pub csrf: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// The lockout's counters for one attempt, each with its limit: this account from this address,
+/// this address over every name, and (unless the address is one the account signed in from
+/// before) this account from everywhere. The first is the pair.
+fn sign_in_keys(account: &str, address: &str, known: bool) -> Vec<(String, i64)> {
+    let mut keys = vec![
+        (format!("pair:{account}|{address}"), SIGN_IN_MAX_FAILURES),
+        (format!("ip:{address}|"), SIGN_IN_MAX_PER_ADDRESS),
+    ];
+    if !known {
+        keys.push((account_key(account), SIGN_IN_MAX_PER_ACCOUNT));
+    }
+    keys
+}
+
+/// The sign-in key of an account over every address (ends with `|` so that one name's key is
+/// never a prefix of another's).
+fn account_key(name: &str) -> String {
+    format!("name:{}|", name.trim().to_ascii_lowercase())
 }
 
 fn random_token(prefix: &str) -> String {
@@ -129,7 +155,32 @@ impl Panel {
     }
 
     pub async fn admins(&self) -> Result<Vec<Admin>, OpsError> {
-        Ok(self.store.admins().await?.into_iter().map(Into::into).collect())
+        let since = self.now() - SIGN_IN_WINDOW;
+        let mut out = Vec::new();
+        for a in self.store.admins().await? {
+            let (failed, oldest) = self.store.sign_in_count(&account_key(&a.name), since).await?;
+            let locked_until = oldest.filter(|_| failed >= SIGN_IN_MAX_PER_ACCOUNT).map(|t| t + SIGN_IN_WINDOW);
+            out.push(Admin {
+                name: a.name,
+                role: a.role,
+                created_at: a.created_at,
+                updated_at: a.updated_at,
+                failed_sign_ins: failed,
+                locked_until,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `panel admin unlock NAME`: forgets the account's counted wrong passwords, from every
+    /// address; returns how many there were.
+    pub async fn unlock_admin(&self, name: &str, by: &str) -> Result<u64, OpsError> {
+        let name = name.trim().to_ascii_lowercase();
+        if self.store.admin(&name).await?.is_none() {
+            return Err(OpsError::NotFoundNamed { what: "admin", name });
+        }
+        let prefixes = [account_key(&name), format!("pair:{name}|")];
+        Ok(self.store.clear_sign_in(&prefixes, &name, by, self.now()).await?)
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str) -> Result<(), OpsError> {
@@ -147,11 +198,12 @@ impl Panel {
     /// nothing more than `Refused`.
     pub async fn sign_in(&self, name: &str, password: &Secret, client: Option<IpAddr>) -> Result<SignIn, OpsError> {
         let now = self.now();
-        let keys = [
-            format!("name:{}", name.trim().to_ascii_lowercase()),
-            format!("ip:{}", client.map(|ip| ip.to_string()).unwrap_or_default()),
-        ];
-        let reserved = match self.store.reserve_sign_in(&keys, now - SIGN_IN_WINDOW, SIGN_IN_MAX_FAILURES, now).await? {
+        let account = name.trim().to_ascii_lowercase();
+        let address = client.map(|ip| ip.to_string()).unwrap_or_default();
+        let known = self.store.is_known_client(&account, &address).await?;
+        let keys = sign_in_keys(&account, &address, known);
+        let pair = keys[0].0.clone();
+        let reserved = match self.store.reserve_sign_in(&keys, now - SIGN_IN_WINDOW, now).await? {
             SignInReservation::Reserved(ids) => ids,
             SignInReservation::Blocked { oldest } => {
                 let wait = (oldest + SIGN_IN_WINDOW - now).num_seconds().max(1);
@@ -159,7 +211,7 @@ impl Panel {
             }
         };
         let Some((session, role)) = self.check_password(name, password).await? else { return Ok(SignIn::Refused) };
-        self.store.forgive_sign_in(&reserved, &keys[0]).await?;
+        self.store.forgive_sign_in(&reserved, &[pair, account_key(&account)], (&account, &address), now).await?;
         Ok(SignIn::Accepted { session, role })
     }
 
@@ -263,6 +315,19 @@ mod tests {
         assert!(verify_password(&pw, &hash));
         assert!(!verify_password(&Secret::new("wrong".into()), &hash));
         assert_ne!(hash, hash_password(&pw), "salted");
+    }
+
+    #[test]
+    fn the_account_wide_lock_never_applies_from_an_address_the_account_signed_in_from() {
+        let keys = |known| sign_in_keys("ann", "192.0.2.7", known).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(false), ["pair:ann|192.0.2.7", "ip:192.0.2.7|", "name:ann|"]);
+        assert_eq!(
+            keys(true),
+            ["pair:ann|192.0.2.7", "ip:192.0.2.7|"],
+            "a known address is not locked by others' guesses"
+        );
+        // No account's key is a prefix of another's (an unlock of "an" must not unlock "ann").
+        assert!(!account_key("ann").starts_with(&account_key("an")));
     }
 
     #[test]

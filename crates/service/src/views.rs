@@ -301,15 +301,19 @@ view!(
     }
 );
 
-view!(
-    /// An admin account (never its password hash).
-    Admin from panel_store::AdminRow {
-        name: String,
-        role: String,
-        created_at: DateTime<Utc>,
-        updated_at: DateTime<Utc>,
-    }
-);
+/// An admin account (never its password hash), with its sign-in lock state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Admin {
+    pub name: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Wrong passwords for this account, from every address, in the last 15 minutes.
+    pub failed_sign_ins: i64,
+    /// Set while the account is locked for addresses it never signed in from (too many wrong
+    /// passwords from everywhere): until then only its known addresses may try.
+    pub locked_until: Option<DateTime<Utc>>,
+}
 
 view!(
     /// An API token's label and use (never the token).

@@ -342,20 +342,42 @@ impl Store {
     }
 
     /// Counts a sign-in attempt under every key before the password is checked, unless one of
-    /// them has `max` attempts since `since` (atomic across every service).
+    /// them has its limit (the key's `i64`) of attempts since `since` (atomic across every service).
     pub async fn reserve_sign_in(
         &self,
-        keys: &[String],
+        keys: &[(String, i64)],
         since: DateTime<Utc>,
-        max: i64,
         now: DateTime<Utc>,
     ) -> Result<SignInReservation> {
-        self.observe(self.backend.reserve_sign_in(keys, ms(since), max, ms(now)).await)
+        self.observe(self.backend.reserve_sign_in(keys, ms(since), ms(now)).await)
     }
 
-    /// A sign-in succeeded: its reserved attempts and the account's failures no longer count.
-    pub async fn forgive_sign_in(&self, reserved: &[i64], account_key: &str) -> Result<()> {
-        self.observe(self.backend.forgive_sign_in(reserved, account_key).await)
+    /// A sign-in succeeded: its reserved attempts and the failures under `forgiven` no longer
+    /// count, and `known` (name, client) is remembered as an address of the account.
+    pub async fn forgive_sign_in(
+        &self,
+        reserved: &[i64],
+        forgiven: &[String],
+        known: (&str, &str),
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.observe(self.backend.forgive_sign_in(reserved, forgiven, known, ms(now)).await)
+    }
+
+    pub async fn is_known_client(&self, name: &str, client: &str) -> Result<bool> {
+        self.observe(self.backend.is_known_client(name, client).await)
+    }
+
+    /// Removes counted sign-in failures under keys starting with any of `prefixes` (unlocking
+    /// account `name`, audited as done by `by`).
+    pub async fn clear_sign_in(&self, prefixes: &[String], name: &str, by: &str, now: DateTime<Utc>) -> Result<u64> {
+        self.observe(self.backend.clear_sign_in(prefixes, name, by, ms(now)).await)
+    }
+
+    /// Attempts counted under `key` since `since`, with the oldest.
+    pub async fn sign_in_count(&self, key: &str, since: DateTime<Utc>) -> Result<(i64, Option<DateTime<Utc>>)> {
+        let (n, oldest) = self.observe(self.backend.sign_in_count(key, ms(since)).await)?;
+        Ok((n, oldest.map(from_ms)))
     }
 
     /// Stores a template, workflow or schedule (audited).

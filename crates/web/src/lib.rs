@@ -3,13 +3,14 @@
 
 mod auth;
 mod automation;
+pub mod proxies;
 mod routes;
 mod server;
 mod ui;
 
 pub use auth::openapi;
 pub use routes::ROUTES;
-pub use server::{HttpLimits, raise_descriptor_limit};
+pub use server::{ClientAddr, HttpLimits, raise_descriptor_limit};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -90,13 +91,16 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
 }
 
 /// Serves until `shutdown` resolves, under `limits` (`server.rs`).
+/// Serves the UI and API. `trusted_proxies`: the reverse proxies whose `X-Forwarded-For` names
+/// the client (for the sign-in lockout and the per-address limit), none by default.
 pub async fn serve(
     panel: Panel,
     listener: tokio::net::TcpListener,
     limits: HttpLimits,
+    trusted_proxies: Vec<proxies::Cidr>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    server::serve(router(panel), listener, limits, shutdown).await
+    server::serve(router(panel), listener, limits, trusted_proxies.into(), shutdown).await
 }
 
 pub fn is_loopback(addr: &SocketAddr) -> bool {

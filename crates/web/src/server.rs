@@ -25,9 +25,15 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::proxies::{Cidr, client_address};
+
 /// Descriptors kept for what is not HTTP besides the relay connections (one per worker slot):
 /// the database pool and its listener, the wake-up socket, log and key files, Kerberos, DNS.
 pub const RESERVED_DESCRIPTORS: u64 = 192;
+
+/// The client a request is from: the peer, or behind a trusted proxy the address it forwarded.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -130,6 +136,7 @@ pub async fn serve(
     app: axum::Router,
     listener: tokio::net::TcpListener,
     limits: HttpLimits,
+    trusted: Arc<[Cidr]>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -158,17 +165,29 @@ pub async fn serve(
                 }
             },
         };
-        let Some(ip_slot) = PerIp::take(&per_ip, peer.ip(), limits.max_per_ip) else {
-            if warn_now(&last_warning) {
-                tracing::warn!(client = %peer.ip(), limit = limits.max_per_ip, "too many HTTP connections from one address; closing the newest");
-            }
-            continue;
+        // Every client of a trusted proxy shares its address: the proxy is not limited per address.
+        let proxy = trusted.iter().any(|c| c.contains(peer.ip()));
+        let ip_slot = match proxy {
+            true => None,
+            false => match PerIp::take(&per_ip, peer.ip(), limits.max_per_ip) {
+                Some(s) => Some(s),
+                None => {
+                    if warn_now(&last_warning) {
+                        tracing::warn!(client = %peer.ip(), limit = limits.max_per_ip, "too many HTTP connections from one address; closing the newest");
+                    }
+                    continue;
+                }
+            },
         };
         let app = app.clone();
         let mut stop = stop_rx.clone();
+        let trusted = trusted.clone();
         connections.spawn(async move {
             let _held = (slot, ip_slot);
             let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                let forwarded = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+                let client = ClientAddr(client_address(peer.ip(), forwarded, &trusted));
+                request.extensions_mut().insert(client);
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 app.clone().oneshot(request)
             });

@@ -170,9 +170,12 @@ fn same_origin(headers: &HeaderMap) -> bool {
 async fn login(
     State(p): State<Panel>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    client: Option<axum::Extension<crate::ClientAddr>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> PageResult {
+    // Behind a trusted proxy, the address it forwarded; else the connection's.
+    let client = client.map_or(addr.ip(), |c| c.0.0);
     let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let name = form.get("name").cloned().unwrap_or_default();
     let next = safe_next(form.get("next").map(String::as_str));
@@ -185,13 +188,13 @@ async fn login(
         );
     }
     let password = Secret::new(form.get("password").cloned().unwrap_or_default());
-    match p.sign_in(&name, &password, Some(addr.ip())).await? {
+    match p.sign_in(&name, &password, Some(client)).await? {
         SignIn::Blocked { retry_after_secs } => {
             let msg = format!("Too many failed sign-ins. Try again in {} minute(s).", retry_after_secs.div_ceil(60));
             login_form(Some(msg), next, false, StatusCode::TOO_MANY_REQUESTS)
         }
         SignIn::Refused => {
-            tracing::warn!(account = %name, client = %addr.ip(), "sign-in failed");
+            tracing::warn!(account = %name, %client, "sign-in failed");
             login_form(Some("Wrong name or password.".into()), next, false, StatusCode::UNAUTHORIZED)
         }
         SignIn::Accepted { session, .. } => {

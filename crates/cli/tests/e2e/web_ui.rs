@@ -336,3 +336,60 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
         assert_eq!(unlabeled, serde_json::json!([]), "{path}: fields without a label");
     }
 }
+
+/// A sign-in from `client` through a trusted proxy on loopback (the test plays the proxy).
+fn sign_in_via_proxy(port: u16, name: &str, password: &str, client: &str) -> u16 {
+    let body = format!("name={name}&password={password}&next=%2F");
+    http_with(port, "POST", "/login", &format!("X-Forwarded-For: {client}\r\n"), &body).0
+}
+
+#[test]
+fn behind_a_trusted_proxy_one_client_cannot_lock_out_the_admins() {
+    let mut env = Env::new();
+    env.relay_on(2525, &[]);
+    account(&env, "ann", "admin");
+    account(&env, "bo", "admin");
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("panel.toml", &format!("{config}[web]\ntrusted_proxies = [\"127.0.0.1\"]\n"));
+    let port = env.serve();
+    let ann_at_home = "198.51.100.10";
+    assert_eq!(sign_in_via_proxy(port, "ann", ADMIN_PASSWORD, ann_at_home), 303);
+
+    // Someone else guesses at ann's password: their address is stopped, not the proxy's.
+    for _ in 0..5 {
+        assert_eq!(sign_in_via_proxy(port, "ann", "wrong-password-123", "203.0.113.66"), 401);
+    }
+    assert_eq!(sign_in_via_proxy(port, "ann", ADMIN_PASSWORD, "203.0.113.66"), 429);
+    assert_eq!(sign_in_via_proxy(port, "ann", ADMIN_PASSWORD, ann_at_home), 303, "ann is not locked out");
+    assert_eq!(sign_in_via_proxy(port, "bo", ADMIN_PASSWORD, "198.51.100.20"), 303, "nor is anyone else");
+
+    // The lock state is visible, and an admin can lift it.
+    for _ in 0..3 {
+        assert_eq!(sign_in_via_proxy(port, "bo", "wrong-password-123", "203.0.113.67"), 401);
+    }
+    let admins = env.ok(&["admin", "list", "--json"]).json();
+    let bo = admins.as_array().unwrap().iter().find(|a| a["name"] == "bo").unwrap().clone();
+    assert_eq!(bo["failed_sign_ins"], 3, "{admins:#}");
+    assert!(env.ok(&["admin", "list"]).stdout.contains("3 wrong password(s) in the last 15 minutes"));
+    let out = env.ok(&["admin", "unlock", "ann"]);
+    assert!(out.stdout.contains("unlocked"), "{}", out.stdout);
+    assert_eq!(sign_in_via_proxy(port, "ann", ADMIN_PASSWORD, "203.0.113.66"), 303, "unlocked");
+    assert_eq!(env.panel(&["admin", "unlock", "nobody"]).code, 2, "not found");
+
+    // Guessing spread over many addresses locks the name for addresses it never used, not
+    // for the ones its owner signs in from.
+    for i in 1..=50 {
+        let status = sign_in_via_proxy(port, "bo", "wrong-password-123", &format!("192.0.2.{i}"));
+        assert!(status == 401 || status == 429, "{status}");
+    }
+    assert_eq!(sign_in_via_proxy(port, "bo", ADMIN_PASSWORD, "192.0.2.200"), 429, "a new address waits");
+    assert!(env.ok(&["admin", "list"]).stdout.contains("LOCKED until"));
+    assert_eq!(sign_in_via_proxy(port, "bo", ADMIN_PASSWORD, "198.51.100.20"), 303, "bo's own address is not locked");
+
+    // A client that is not a trusted proxy cannot pick its address with the header.
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("panel.toml", &config.replace("\"127.0.0.1\"", "\"not-an-address\""));
+    let bad = env.panel(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("web.trusted_proxies") && bad.stderr.contains("not-an-address"), "{}", bad.stderr);
+}

@@ -204,25 +204,25 @@ impl SqlStore {
     /// `Blocked` with the oldest of that key's attempts. Counting and reserving are one
     /// serialized transaction (SQLite's write lock; an advisory lock on PostgreSQL), so parallel
     /// attempts cannot all pass the check before any is counted, on any number of services.
-    pub async fn reserve_sign_in(&self, keys: &[String], since: i64, max: i64, now: i64) -> Result<SignInReservation> {
+    pub async fn reserve_sign_in(&self, keys: &[(String, i64)], since: i64, now: i64) -> Result<SignInReservation> {
         let mut tx = self.write().await?;
         if self.dialect == super::Dialect::Postgres {
             sqlx::query("SELECT pg_advisory_xact_lock(7215014)").execute(&mut *tx).await?;
         }
         sqlx::query("DELETE FROM sign_in_attempts WHERE at < $1").bind(since).execute(&mut *tx).await?;
-        for key in keys {
+        for (key, max) in keys {
             let (count, oldest): (i64, Option<i64>) =
                 sqlx::query_as("SELECT COUNT(*), MIN(at) FROM sign_in_attempts WHERE key = $1")
                     .bind(key)
                     .fetch_one(&mut *tx)
                     .await?;
-            if count >= max {
+            if count >= *max {
                 tx.commit().await?;
                 return Ok(SignInReservation::Blocked { oldest: from_ms(oldest.unwrap_or(now)) });
             }
         }
         let mut ids = Vec::with_capacity(keys.len());
-        for key in keys {
+        for (key, _) in keys {
             let id: i64 = sqlx::query_scalar("INSERT INTO sign_in_attempts (key, at) VALUES ($1, $2) RETURNING id")
                 .bind(key)
                 .bind(now)
@@ -234,15 +234,69 @@ impl SqlStore {
         Ok(SignInReservation::Reserved(ids))
     }
 
-    /// After a successful sign-in: its reserved attempts are not failures, and the account's
-    /// earlier failures are forgiven (the client address's stay counted).
-    pub async fn forgive_sign_in(&self, reserved: &[i64], account_key: &str) -> Result<()> {
+    /// After a successful sign-in: its reserved attempts are not failures, the failures under
+    /// `forgiven` keys go, and `known` (name, client) is remembered as the account's address.
+    pub async fn forgive_sign_in(
+        &self,
+        reserved: &[i64],
+        forgiven: &[String],
+        known: (&str, &str),
+        now: i64,
+    ) -> Result<()> {
         let mut tx = self.write().await?;
         for id in reserved {
             sqlx::query("DELETE FROM sign_in_attempts WHERE id = $1").bind(id).execute(&mut *tx).await?;
         }
-        sqlx::query("DELETE FROM sign_in_attempts WHERE key = $1").bind(account_key).execute(&mut *tx).await?;
+        for key in forgiven {
+            sqlx::query("DELETE FROM sign_in_attempts WHERE key = $1").bind(key).execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "INSERT INTO sign_in_known (name, client, at) VALUES ($1, $2, $3)
+             ON CONFLICT (name, client) DO UPDATE SET at = excluded.at",
+        )
+        .bind(known.0)
+        .bind(known.1)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Whether account `name` signed in successfully from `client` before.
+    pub async fn is_known_client(&self, name: &str, client: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sign_in_known WHERE name = $1 AND client = $2")
+            .bind(name)
+            .bind(client)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Removes the counted failures of every key starting with one of `prefixes` (an unlock),
+    /// audited as `admin.unlocked` of `name` by `by`; returns how many went.
+    pub async fn clear_sign_in(&self, prefixes: &[String], name: &str, by: &str, now: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let mut n = 0;
+        for p in prefixes {
+            let done = sqlx::query("DELETE FROM sign_in_attempts WHERE substr(key, 1, length($1)) = $1")
+                .bind(p)
+                .execute(&mut *tx)
+                .await?;
+            n += done.rows_affected();
+        }
+        let event = AuditEvent::new("admin.unlocked", name, format!("{n} counted failed sign-in(s) forgotten"));
+        super::audit(&mut tx, by, now, &[event]).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Counted attempts under `key` since `since`, and the oldest of them.
+    pub async fn sign_in_count(&self, key: &str, since: i64) -> Result<(i64, Option<i64>)> {
+        Ok(sqlx::query_as("SELECT COUNT(*), MIN(at) FROM sign_in_attempts WHERE key = $1 AND at >= $2")
+            .bind(key)
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

@@ -77,6 +77,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../migrations/sqlite/0008_retention.sql")),
     (9, include_str!("../../migrations/sqlite/0009_cancelled.sql")),
     (10, include_str!("../../migrations/sqlite/0010_check_requests.sql")),
+    (11, include_str!("../../migrations/sqlite/0011_sign_in_known.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -90,6 +91,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../migrations/postgres/0008_retention.sql")),
     (9, include_str!("../../migrations/postgres/0009_cancelled.sql")),
     (10, include_str!("../../migrations/postgres/0010_check_requests.sql")),
+    (11, include_str!("../../migrations/postgres/0011_sign_in_known.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -9,11 +9,11 @@ use panel_store::{SignInReservation, Store};
 async fn parallel_sign_ins_from_two_services_reserve_at_most_the_limit(b: &Backend) {
     let other = Store::open(&b.url).await.unwrap();
     let now = Utc::now();
-    let keys = ["name:ann".to_string(), "ip:192.0.2.7".to_string()];
+    let keys = [("pair:ann|192.0.2.7".to_string(), 5), ("ip:192.0.2.7|".to_string(), 5)];
     let attempts = (0..30).map(|i| {
         let store = if i % 2 == 0 { b.store.clone() } else { other.clone() };
         let keys = keys.clone();
-        tokio::spawn(async move { store.reserve_sign_in(&keys, now - Duration::minutes(15), 5, now).await.unwrap() })
+        tokio::spawn(async move { store.reserve_sign_in(&keys, now - Duration::minutes(15), now).await.unwrap() })
     });
     let mut reserved = Vec::new();
     let mut blocked = 0;
@@ -28,17 +28,25 @@ async fn parallel_sign_ins_from_two_services_reserve_at_most_the_limit(b: &Backe
     }
     assert_eq!((reserved.len(), blocked), (5, 25));
 
-    // A success gives its own reservation back and forgives the account, not the address:
-    // the address has four failures left, so one more attempt is counted and then it is blocked.
-    b.store.forgive_sign_in(&reserved[0], &keys[0]).await.unwrap();
+    // A success gives its own reservation back and forgives the forgiven keys, not the
+    // address's: it has one failure left, so one more attempt is counted and then it is blocked.
+    let forgiven = ["pair:ann|192.0.2.7".to_string()];
+    b.store.forgive_sign_in(&reserved[0], &forgiven, ("ann", "192.0.2.7"), now).await.unwrap();
+    assert!(b.store.is_known_client("ann", "192.0.2.7").await.unwrap());
+    assert!(!b.store.is_known_client("ann", "192.0.2.8").await.unwrap());
     let since = now - Duration::minutes(15);
-    assert!(matches!(b.store.reserve_sign_in(&keys, since, 5, now).await.unwrap(), SignInReservation::Reserved(_)));
-    let other_address = ["name:bob".to_string(), "ip:192.0.2.7".to_string()];
-    let r = b.store.reserve_sign_in(&other_address, since, 5, now).await.unwrap();
+    assert!(matches!(b.store.reserve_sign_in(&keys, since, now).await.unwrap(), SignInReservation::Reserved(_)));
+    let other_name = [("pair:bob|192.0.2.7".to_string(), 5), ("ip:192.0.2.7|".to_string(), 5)];
+    let r = b.store.reserve_sign_in(&other_name, since, now).await.unwrap();
     assert!(matches!(r, SignInReservation::Blocked { .. }), "the address is blocked for every name: {r:?}");
+    assert_eq!(b.store.sign_in_count("ip:192.0.2.7|", since).await.unwrap().0, 5);
+    // An unlock clears by prefix, and is audited.
+    assert_eq!(b.store.clear_sign_in(&["ip:192.0.2.7|".to_string()], "ann", "cli:root", now).await.unwrap(), 5);
+    assert!(b.store.audit_log(5).await.unwrap().iter().any(|e| e.action == "admin.unlocked"));
+    assert!(matches!(b.store.reserve_sign_in(&other_name, since, now).await.unwrap(), SignInReservation::Reserved(_)));
     // Outside the window, nothing counts any more.
     let later = now + Duration::minutes(16);
-    let r = b.store.reserve_sign_in(&keys, later - Duration::minutes(15), 5, later).await.unwrap();
+    let r = b.store.reserve_sign_in(&keys, later - Duration::minutes(15), later).await.unwrap();
     assert!(matches!(r, SignInReservation::Reserved(_)), "{r:?}");
 }
 
