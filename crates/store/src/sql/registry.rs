@@ -80,14 +80,16 @@ impl SqlStore {
     /// Takes the oldest open check request for `service`, if any; exactly one service gets it
     /// (the update re-checks that nobody claimed it first).
     pub async fn claim_check(&self, service: &str, now: i64) -> Result<Option<i64>> {
-        let mut tx = self.write().await?;
+        // Asked on every idle turn of every worker: a plain read, and the write lock (which
+        // enqueues wait for on SQLite) only when there is a request to take.
         let open: Option<i64> = sqlx::query_scalar(
             "SELECT id FROM check_requests WHERE claimed_by IS NULL AND requested_at >= $1 ORDER BY id LIMIT 1",
         )
         .bind(now - CHECK_CLAIM_WINDOW_MS)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(id) = open else { return Ok(None) };
+        let mut tx = self.write().await?;
         let taken = sqlx::query(
             "UPDATE check_requests SET claimed_by = $1, claimed_at = $2 WHERE id = $3 AND claimed_by IS NULL",
         )
