@@ -7,7 +7,7 @@ use panel_service::SettingsUpdate;
 use panel_service::licensing::LicenseStatus;
 use panel_service::ops::effective_view;
 use panel_service::vault::CredentialInfo;
-use panel_service::views::{AuditEntry, MessageDetail, MessageSummary, Service, StoredSettings};
+use panel_service::views::{AuditEntry, MessageDetail, MessageSummary, Service, SettingsVersion, StoredSettings};
 use serde_json::json;
 
 pub fn print_json(v: &impl serde::Serialize) {
@@ -46,6 +46,28 @@ pub fn settings(stored: &StoredSettings, effective: Option<&RelaySettings>, json
         Some(s) => print_effective(s),
         None => println!("  (the stored settings are invalid; run `panel smtp set` to fix them)"),
     }
+}
+
+pub fn settings_history(versions: &[SettingsVersion], json: bool) {
+    if json {
+        print_json(&json!({ "versions": versions }));
+        return;
+    }
+    if versions.is_empty() {
+        println!("No relay settings saved yet.");
+        return;
+    }
+    for v in versions {
+        let mark = if v.in_force { "  (in force)" } else { "" };
+        println!("Version {} saved {} by {}{mark}", v.version, time(&v.saved_at), v.saved_by);
+        if v.changes.is_empty() {
+            println!("  (no field changed)");
+        }
+        for c in &v.changes {
+            println!("  {c}");
+        }
+    }
+    println!("Restore one with: panel smtp restore VERSION");
 }
 
 fn print_effective(s: &RelaySettings) {

@@ -78,6 +78,23 @@ pub(crate) enum SmtpCommand {
     /// or worker (its environment, config and licenses are what delivery uses) and says which;
     /// in this process with --local or when none runs.
     Check(CheckArgs),
+    /// List the saved versions of the relay settings, newest first: who saved each, when, and
+    /// what it changed, field by field.
+    History {
+        /// Show at most N versions
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version the settings in force again. It is saved as a new version, with
+    /// the same checks as `smtp set`; the history keeps every step.
+    Restore {
+        /// The version to restore (panel smtp history)
+        version: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue the Test Message to the Fallback recipient (or --to) and print its id.
     Test {
         /// Send the test to this address instead of the Fallback recipient
@@ -131,6 +148,15 @@ pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
             };
             output::check(&report, f.json);
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        SmtpCommand::History { limit, json } => {
+            output::settings_history(&panel.settings_history(limit).await?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::Restore { version, json } => {
+            let update = panel.restore_settings(version, &actor(), Channel::Local).await?;
+            output::settings_saved(&update, json);
+            Ok(ExitCode::SUCCESS)
         }
         SmtpCommand::Test { to, wait, json } => {
             let id = panel.enqueue_test(to.as_deref()).await?;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use panel_domain::settings::patch::{Channel, SettingsEvent};
+use panel_domain::settings::patch::{Applied, Channel, SettingsEvent};
 use panel_domain::{Auth, CredentialKind, FieldErrors, RelaySettings, SettingsDoc};
 use panel_relay::CheckReport;
 use panel_store::{AuditEvent, Release};
@@ -12,7 +12,7 @@ use panel_store::{AuditEvent, Release};
 use crate::credential_source::StoredCredentials;
 use crate::error::OpsError;
 use crate::ops::{Panel, SettingsUpdate};
-use crate::views::StoredSettings;
+use crate::views::{SettingsVersion, StoredSettings};
 
 /// How long `smtp check` waits for a running service to take its request before checking
 /// in its own process, and for the report after that (the check is bounded by its timeouts).
@@ -48,6 +48,59 @@ impl Panel {
             None => (0, SettingsDoc::default()),
         };
         let applied = panel_domain::settings::patch::apply(patch, &old_doc, channel).map_err(OpsError::Invalid)?;
+        self.save_applied(version, applied, by, AuditEvent::new("settings.saved", "relay settings", String::new()))
+            .await
+    }
+
+    /// The saved versions, newest first (at most `limit`), each with what it changed from the
+    /// one before it.
+    pub async fn settings_history(&self, limit: usize) -> Result<Vec<SettingsVersion>, OpsError> {
+        let limit = limit.clamp(1, 1000);
+        // One more than shown: the oldest shown version's changes are against its predecessor.
+        let rows = self.store.settings_versions(limit as i64 + 1).await?;
+        let in_force = rows.first().map(|r| r.version);
+        let empty = SettingsDoc::default();
+        Ok(rows
+            .iter()
+            .enumerate()
+            .take(limit)
+            .map(|(i, r)| SettingsVersion {
+                version: r.version,
+                saved_at: r.saved_at,
+                saved_by: r.saved_by.clone(),
+                in_force: Some(r.version) == in_force,
+                // The first version ever changes everything from the defaults; a version whose
+                // predecessor is past the limit is compared with it all the same.
+                changes: panel_domain::settings::patch::diff(rows.get(i + 1).map_or(&empty, |p| &p.doc), &r.doc),
+            })
+            .collect())
+    }
+
+    /// Makes an earlier version the settings in force, as a new version (the history keeps
+    /// every step), by the same checks as a save (`patch::restore`).
+    pub async fn restore_settings(&self, version: i64, by: &str, channel: Channel) -> Result<SettingsUpdate, OpsError> {
+        let current = self.store.current_settings().await?.ok_or(OpsError::NotConfigured)?;
+        let target = self
+            .store
+            .settings_version(version)
+            .await?
+            .ok_or_else(|| OpsError::NotFoundNamed { what: "relay settings version", name: version.to_string() })?;
+        let applied =
+            panel_domain::settings::patch::restore(&target.doc, &current.doc, channel).map_err(OpsError::Invalid)?;
+        let event = AuditEvent::new("settings.restored", "relay settings", format!("version {version} restored"));
+        self.save_applied(current.version, applied, by, event).await
+    }
+
+    /// Stores a change the patch rules accepted, after what only the service can check (the CA
+    /// file is readable, the credential exists and is of the kind the auth mode needs), with
+    /// `event` (its detail followed by the changes) and the credential events in the audit log.
+    async fn save_applied(
+        &self,
+        version: i64,
+        applied: Applied,
+        by: &str,
+        event: AuditEvent,
+    ) -> Result<SettingsUpdate, OpsError> {
         let mut errors = FieldErrors::default();
         if let Some(ca) = &applied.settings.ca_file
             && let Err(e) = std::fs::metadata(ca)
@@ -85,7 +138,11 @@ impl Panel {
                 }
             })
             .collect();
-        events.insert(0, AuditEvent::new("settings.saved", "relay settings", applied.changes.join("; ")));
+        let mut detail = applied.changes.clone();
+        if !event.detail.is_empty() {
+            detail.insert(0, event.detail.clone());
+        }
+        events.insert(0, AuditEvent { detail: detail.join("; "), ..event });
         let new_version = self.store.save_settings(version, &applied.doc, by, self.now(), &events).await?;
         // Workers pick the new version up on their next claim; wake them so held messages go now.
         self.wake_workers().await;

@@ -168,6 +168,19 @@ view!(
     }
 );
 
+/// One saved relay settings version in the history: who saved it, when, and what it changed
+/// from the version before it, field by field (settings name where a password comes from,
+/// never a password).
+#[derive(Debug, Clone, Serialize)]
+pub struct SettingsVersion {
+    pub version: i64,
+    pub saved_at: DateTime<Utc>,
+    pub saved_by: String,
+    /// The version the running services use.
+    pub in_force: bool,
+    pub changes: Vec<String>,
+}
+
 view!(
     /// Queue depth by state, and the wait of the oldest due message.
     QueueStats from panel_store::QueueStats {

@@ -162,6 +162,15 @@ impl Store {
         self.observe(self.backend.current_settings().await)
     }
 
+    /// Saved settings versions, newest first, at most `limit`.
+    pub async fn settings_versions(&self, limit: i64) -> Result<Vec<StoredSettings>> {
+        self.observe(self.backend.settings_versions(limit).await)
+    }
+
+    pub async fn settings_version(&self, version: i64) -> Result<Option<StoredSettings>> {
+        self.observe(self.backend.settings_version(version).await)
+    }
+
     /// The settings version in force (0 before the first save) and the secrets generation.
     /// Cheap: checked before every claim.
     pub async fn config_generation(&self) -> Result<ConfigGeneration> {

@@ -165,14 +165,16 @@ impl Browser {
         self.cmd("POST", "/window/rect", Some(json!({"width": width, "height": height}))).unwrap();
     }
 
-    /// Saves a PNG screenshot of the whole page (the window is made as tall as the page first).
+    /// Saves a PNG screenshot of the whole page (the window is made as tall as the page first,
+    /// keeping its width: a phone-sized window is shot as a phone shows the page).
     pub fn screenshot(&self, path: &Path) {
+        let width = self.cmd("GET", "/window/rect", None).ok().and_then(|r| r["width"].as_i64()).unwrap_or(1280);
         let height = self
             .script("return Math.ceil(document.body.getBoundingClientRect().height)")
             .as_i64()
             .unwrap_or(1000)
             .clamp(600, 4000);
-        let _ = self.cmd("POST", "/window/rect", Some(json!({"width": 1280, "height": height + 120})));
+        let _ = self.cmd("POST", "/window/rect", Some(json!({"width": width, "height": height + 120})));
         self.script("window.scrollTo(0, 0)");
         let png = self.cmd("GET", "/screenshot", None).unwrap();
         let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();

@@ -144,8 +144,8 @@ pub fn openapi() -> serde_json::Value {
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| {
-                let kind =
-                    if name == "id" && numbered { json!({"type": "integer"}) } else { json!({"type": "string"}) };
+                let integer = (name == "id" && numbered) || name == "version";
+                let kind = if integer { json!({"type": "integer"}) } else { json!({"type": "string"}) };
                 json!({"name": name, "in": "path", "required": true, "schema": kind})
             })
             .collect();

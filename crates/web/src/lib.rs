@@ -240,9 +240,25 @@ pub(crate) async fn put_settings(
     By(by): By,
     JsonObject(body): JsonObject<SettingsDoc>,
 ) -> ApiResult {
-    let patch = body;
-    let update = p.update_settings(&patch, &by, Channel::Remote).await?;
+    saved(p.update_settings(&body, &by, Channel::Remote).await?)
+}
+
+/// The answer to a settings save or restore: the version in force, its effective view, notices.
+fn saved(update: panel_service::SettingsUpdate) -> ApiResult {
     ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct VersionsQuery {
+    limit: Option<usize>,
+}
+
+pub(crate) async fn settings_versions(State(p): State<Panel>, Query(q): Query<VersionsQuery>) -> ApiResult {
+    ok(json!({"versions": p.settings_history(q.limit.unwrap_or(50)).await?}))
+}
+
+pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, Path(version): Path<i64>) -> ApiResult {
+    saved(p.restore_settings(version, &by, Channel::Remote).await?)
 }
 
 /// Without a body (or with `{}`), checks the saved settings; with fields, the settings as they

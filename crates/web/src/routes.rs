@@ -28,6 +28,8 @@ api_routes! {
     GET "/api/v1/settings/smtp" => Viewer, get_settings, "The relay settings in force (never a secret)";
     PUT "/api/v1/settings/smtp" => Admin, put_settings, "Change relay settings (the fields of panel smtp set)";
     GET "/api/v1/settings/smtp/schema" => Viewer, settings_schema, "The relay settings table: every field's type, label, default, options and the modes that use it";
+    GET "/api/v1/settings/smtp/versions" => Viewer, settings_versions, "Saved relay settings versions, newest first: who, when and what each changed, field by field (?limit, default 50)";
+    POST "/api/v1/settings/smtp/versions/{version}/restore" => Admin, restore_settings, "Make an earlier version the settings in force, as a new version (the same checks as a save)";
     POST "/api/v1/smtp/check" => Operator, check, "Connect to the relay stage by stage; sends nothing";
     POST "/api/v1/smtp/test" => Operator, test_message, "Enqueue the Test Message ({\"to\", \"wait\"})";
     GET "/api/v1/messages" => Viewer, list_messages, "The message log (?state, origin, recipient, since, limit)";
@@ -119,7 +121,7 @@ mod tests {
             }
         };
         for (method, path, _, _) in ROUTES {
-            let concrete = path.replace("{id}", "1").replace("{name}", "x");
+            let concrete = path.replace("{id}", "1").replace("{version}", "1").replace("{name}", "x");
             let (status, body) = call(method, concrete).await;
             let routed =
                 status != StatusCode::METHOD_NOT_ALLOWED && !(status == StatusCode::NOT_FOUND && body.is_empty());

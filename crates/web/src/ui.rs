@@ -303,6 +303,7 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
     // Names only, for the credential field's suggestions (never a secret).
     let credentials = p.credentials().await.unwrap_or_default();
     let names: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
+    let history = p.settings_history(20).await?;
     Ok(render(
         "settings.html",
         &actor,
@@ -314,6 +315,7 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
             "effective": effective,
             "credentials": names,
             "schema": panel_domain::settings::table::schema(),
+            "history": history,
         }),
     )?)
 }

@@ -429,3 +429,59 @@ fn a_read_in_a_directory_without_panel_data_says_so_instead_of_creating_an_empty
     assert_eq!(code, Some(0), "setting Panel up creates it: {stderr}");
     assert!(elsewhere.join("panel.db").exists());
 }
+
+#[test]
+fn every_settings_version_is_listed_with_its_changes_and_any_one_can_be_restored() {
+    let mut env = configured();
+    env.ok(&["smtp", "set", "--port", "2525"]);
+    env.ok(&["smtp", "set", "--host", "relay2.example.org"]);
+    let history = env.ok(&["smtp", "history", "--json"]).json();
+    let versions = history["versions"].as_array().unwrap();
+    assert_eq!(versions.iter().map(|v| v["version"].as_i64().unwrap()).collect::<Vec<_>>(), [3, 2, 1]);
+    assert_eq!(versions[0]["in_force"], true);
+    assert_eq!(versions[1]["in_force"], false);
+    assert_eq!(versions[0]["changes"], serde_json::json!(["host: relay.example.org -> relay2.example.org"]));
+    assert_eq!(versions[1]["changes"], serde_json::json!(["port: (default) -> 2525"]));
+    assert_eq!(versions[0]["saved_by"], versions[2]["saved_by"]);
+    let text = env.ok(&["smtp", "history", "--limit", "2"]).stdout;
+    assert!(text.contains("Version 3 saved") && text.contains("(in force)") && !text.contains("Version 1"), "{text}");
+
+    let r = env.ok(&["smtp", "restore", "1"]);
+    assert!(r.stdout.contains("saved as version 4"), "{}", r.stdout);
+    let shown = env.ok(&["smtp", "show", "--json"]).json();
+    assert_eq!(
+        (shown["version"].as_i64(), &shown["effective"]["host"]),
+        (Some(4), &serde_json::json!("relay.example.org"))
+    );
+    assert_eq!(shown["effective"]["port"], 587);
+    let newest = &env.ok(&["smtp", "history", "--json"]).json()["versions"][0];
+    assert_eq!(
+        newest["changes"],
+        serde_json::json!(["host: relay2.example.org -> relay.example.org", "port: 2525 -> (default)"])
+    );
+    let audit = env.ok(&["audit", "list"]).stdout;
+    assert!(audit.contains("settings.restored") && audit.contains("version 1 restored"), "{audit}");
+
+    // A version that does not exist: bad input, nothing stored.
+    let r = env.panel(&["smtp", "restore", "99"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("relay settings version '99' not found"), "{}", r.stderr);
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 4);
+
+    // Over the API: a viewer reads the history, only an admin restores.
+    let port = env.serve();
+    let viewer = env.api_token("watcher", "viewer");
+    let operator = env.api_token("oper", "operator");
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let (status, _, body) = http_with(port, "GET", "/api/v1/settings/smtp/versions?limit=2", &bearer(&viewer), "");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 2);
+    let restore = "/api/v1/settings/smtp/versions/2/restore";
+    assert_eq!(http_with(port, "POST", restore, &bearer(&operator), "").0, 403);
+    let (status, body) = http(port, "POST", restore, "");
+    assert_eq!(status, 200, "{body}");
+    let saved: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((saved["version"].as_i64(), &saved["effective"]["port"]), (Some(5), &serde_json::json!(2525)));
+    assert_eq!(http(port, "POST", "/api/v1/settings/smtp/versions/77/restore", "").0, 404);
+}

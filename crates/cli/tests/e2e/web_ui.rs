@@ -393,3 +393,95 @@ fn behind_a_trusted_proxy_one_client_cannot_lock_out_the_admins() {
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("web.trusted_proxies") && bad.stderr.contains("not-an-address"), "{}", bad.stderr);
 }
+
+/// Whether the element `css` stands within the window's width (seen without scrolling
+/// sideways) and shows some text.
+fn on_screen_with_text(b: &Browser, css: &str) -> bool {
+    let seen = b.script(&format!(
+        "const e = document.querySelector({css:?}); if (!e) return null;
+         const r = e.getBoundingClientRect();
+         return r.left >= 0 && r.right <= document.documentElement.clientWidth && e.innerText.trim().length > 0"
+    ));
+    seen == serde_json::json!(true)
+}
+
+#[test]
+fn on_a_phone_every_page_fits_and_the_reason_of_a_failure_is_on_screen() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    // Nothing listens on the relay port: the message fails at tcp with the relay's address
+    // and a hint, and waits an hour for its next try.
+    env.relay_on(panel_testlab::free_port(), &["--retry-schedule", "1h"]);
+    account(&env, "ann", "admin");
+    let port = env.serve();
+    let to = "a-rather-long-mailbox-name.for-a-phone-screen@accounts.subsidiary.example.org";
+    let id = id_of(&env.ok(&["send", "--to", to, "--subject", "Password reset", "--text", "x", "--json"]));
+    env.wait_message(id, WAIT, |m| m["state"] == "retrying");
+    sign_in(&b, port, "ann");
+    b.resize(390, 844);
+    let base = format!("http://127.0.0.1:{port}");
+    for (path, reason) in [
+        ("/messages".to_string(), Some("#messages td[data-label='Last error']")),
+        (format!("/messages/{id}"), Some("#attempts td[data-label='Hint']")),
+        (format!("/messages/{id}"), Some("#attempts td[data-label='Reply']")),
+        ("/".to_string(), None),
+        ("/settings".to_string(), Some("#settings-history td[data-label='What changed']")),
+        ("/audit".to_string(), None),
+        ("/credentials".to_string(), None),
+        ("/tokens".to_string(), None),
+    ] {
+        b.goto(&format!("{base}{path}"));
+        b.find("main");
+        let overflow = b.script("return document.documentElement.scrollWidth - document.documentElement.clientWidth");
+        assert!(overflow.as_i64().unwrap() <= 0, "{path} overflows a phone screen by {overflow}px");
+        if let Some(css) = reason {
+            assert!(on_screen_with_text(&b, css), "{path}: {css} is not on screen:\n{}", b.page_text());
+        }
+    }
+    b.goto(&format!("{base}/messages/{id}"));
+    b.find("#attempts");
+    b.screenshot(&screenshots().join("message-phone.png"));
+}
+
+#[test]
+fn the_settings_form_sums_up_its_problems_explains_passwords_and_restores_a_version() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    env.relay_on(2525, &[]);
+    env.ok(&["smtp", "set", "--port", "2626"]);
+    account(&env, "ann", "admin");
+    let port = env.serve();
+    sign_in(&b, port, "ann");
+    let shown =
+        |id: &str| b.script(&format!("return !document.getElementById('{id}').hidden")) == serde_json::json!(true);
+
+    // Password mode says where the password goes, since the page has no password field.
+    assert!(!shown("password-note"), "auth none needs no password");
+    b.select("#f-auth", "password");
+    assert!(shown("password-note") && !shown("ntlm-note"));
+    let note = b.text(&b.find("#password-note"));
+    assert!(note.contains("stored credential") && note.contains("--password-file"), "{note}");
+    b.select("#f-auth", "");
+
+    // Problems further up the page are summed up next to the button; nothing is saved.
+    b.fill("#f-port", "70000");
+    b.fill("#f-from", "not an address");
+    b.click(&b.find("#save"));
+    let summary = b.wait_text("#error-summary", 10, |t| !t.is_empty());
+    assert_eq!(summary, "2 problems, nothing saved: Port, From address");
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["version"], 2, "nothing saved");
+    b.fill("#f-port", "2626");
+    b.fill("#f-from", "Identity Panel <panel@example.org>");
+    b.click(&b.find("#save"));
+    b.wait_text("#error-summary", 10, str::is_empty);
+
+    // The history lists each version's changes; an earlier one is restored as a new version.
+    b.goto(&format!("http://127.0.0.1:{port}/settings"));
+    let history = b.wait_text("#settings-history", 10, |t| t.contains("port: 2525 -> 2626"));
+    assert!(history.contains("(in force)"), "{history}");
+    b.script("window.confirm = () => true; return 1");
+    b.click(&b.find("button[data-action$='/versions/1/restore']"));
+    b.wait_text("main > p", 10, |t| t.contains("Version 3"));
+    assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["effective"]["port"], 2525);
+    assert!(b.text(&b.find("#settings-history")).contains("port: 2626 -> 2525"));
+}

@@ -93,11 +93,7 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
                 }
                 doc.credential_relay = Some(endpoint);
             } else if doc.credential_relay.as_deref() != Some(&endpoint) {
-                notices.push(format!(
-                    "the stored credential '{name}' is detached: it was confirmed for {}, and the relay is now {endpoint}. \
-                     It is not sent until you confirm it for this relay: panel smtp set --credential {name}",
-                    doc.credential_relay.as_deref().unwrap_or("another relay")
-                ));
+                notices.push(detached_notice(&name, doc.credential_relay.as_deref(), &endpoint));
                 if was_attached {
                     let from = doc.credential_relay.clone().unwrap_or_default();
                     events.push(SettingsEvent::CredentialDetached { credential: name, from, to: endpoint });
@@ -107,8 +103,52 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
     }
     settings.credential_attached = settings.bound_to(doc.credential_relay.as_deref());
     settings.doc = doc.clone();
-    let changes = changes(current, &doc);
+    let changes = diff(current, &doc);
     Ok(Applied { doc, settings, notices, changes, events })
+}
+
+/// Makes an earlier version the next one, exactly as it was stored: every field, and the
+/// credential's binding as it stood then (a binding an admin confirmed for that version's
+/// relay; a credential that was detached then stays detached). Validated by today's rules, and
+/// through the `Remote` channel refused where a save naming those fields would be: a password
+/// file or variable the API may not set, or a relay move while the password comes from one.
+pub fn restore(target: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Result<Applied, FieldErrors> {
+    let doc = target.clone();
+    let mut settings = RelaySettings::validate(&doc)?;
+    if channel == Channel::Remote {
+        let mut errors = FieldErrors::default();
+        check_channel(target, current, endpoint_of(current).as_deref(), &settings, &mut errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+    }
+    settings.credential_attached = settings.bound_to(doc.credential_relay.as_deref());
+    let mut notices = Vec::new();
+    let mut events = Vec::new();
+    if let Some(name) = settings.auth.credential().map(String::from) {
+        let endpoint = settings.endpoint();
+        // Already in force for this relay: nothing is attached anew.
+        let was_bound = current.credential.as_deref() == Some(name.as_str())
+            && current.credential_relay.as_deref() == Some(endpoint.as_str())
+            && endpoint_of(current).as_deref() == Some(endpoint.as_str());
+        if !settings.credential_attached {
+            notices.push(detached_notice(&name, doc.credential_relay.as_deref(), &endpoint));
+        } else if !was_bound {
+            events.push(SettingsEvent::CredentialAttached { credential: name, relay: endpoint });
+        }
+    }
+    settings.doc = doc.clone();
+    let changes = diff(current, &doc);
+    Ok(Applied { doc, settings, notices, changes, events })
+}
+
+/// What an admin is told when a stored credential is no longer sent because the relay moved.
+fn detached_notice(name: &str, confirmed_for: Option<&str>, endpoint: &str) -> String {
+    format!(
+        "the stored credential '{name}' is detached: it was confirmed for {}, and the relay is now {endpoint}. \
+         It is not sent until you confirm it for this relay: panel smtp set --credential {name}",
+        confirmed_for.unwrap_or("another relay")
+    )
 }
 
 /// Unsets the stored fields `unused` selects that the patch does not name, and says which.
@@ -177,9 +217,10 @@ fn check_channel(
     }
 }
 
-/// What a save changes, field by field, for the audit log: `port: 587 -> 2525`. Settings hold
-/// no secret (a password is named by its file, variable or stored credential, never given).
-fn changes(old: &SettingsDoc, new: &SettingsDoc) -> Vec<String> {
+/// What a save changes, field by field, for the audit log and the version history: `port: 587
+/// -> 2525`. Settings hold no secret (a password is named by its file, variable or stored
+/// credential, never given).
+pub fn diff(old: &SettingsDoc, new: &SettingsDoc) -> Vec<String> {
     let shown = |v: Option<serde_json::Value>| match v {
         None => "(default)".to_string(),
         Some(serde_json::Value::String(s)) => s,
@@ -343,6 +384,37 @@ mod tests {
         let switched =
             apply(&patch(&[("credential", "relay"), ("host", "relay2.example.org")]), &local, Channel::Remote);
         assert_eq!(switched.unwrap().doc.password_file, None);
+    }
+
+    #[test]
+    fn restoring_a_version_brings_back_its_fields_and_the_binding_it_had() {
+        let v1 = apply(&patch(&[("auth", "password"), ("credential", "relay")]), &base(), Channel::Local).unwrap().doc;
+        let v2 = apply(&patch(&[("host", "relay2.example.org"), ("port", "2525")]), &v1, Channel::Local).unwrap().doc;
+        let back = restore(&v1, &v2, Channel::Remote).unwrap();
+        assert_eq!(back.doc, v1);
+        assert!(back.settings.credential_attached, "v1's relay is the one the credential was confirmed for");
+        assert_eq!(back.changes, ["host: relay2.example.org -> relay.example.org", "port: 2525 -> (default)"]);
+        assert!(matches!(&back.events[..], [SettingsEvent::CredentialAttached { .. }]), "{:?}", back.events);
+        // v2 had the credential detached: restoring it does not attach it to relay2.
+        let detached = restore(&v2, &back.doc, Channel::Remote).unwrap();
+        assert!(!detached.settings.credential_attached);
+        assert!(detached.notices[0].contains("detached"), "{:?}", detached.notices);
+        assert!(detached.events.is_empty());
+        // Restoring what is in force changes nothing.
+        assert!(restore(&v1, &v1, Channel::Remote).unwrap().changes.is_empty());
+        // A version whose password comes from a local file is restored only on the machine.
+        let local = apply(
+            &patch(&[("auth", "password"), ("username", "x"), ("password_file", "/etc/panel/pw")]),
+            &v1,
+            Channel::Local,
+        )
+        .unwrap()
+        .doc;
+        let err = restore(&local, &v1, Channel::Remote).unwrap_err();
+        assert_eq!(err.0[0].field, "password_file", "{err:?}");
+        assert!(restore(&local, &v1, Channel::Local).is_ok());
+        // Back from it to the stored credential is a clear, which the API may do.
+        assert!(restore(&v1, &local, Channel::Remote).is_ok());
     }
 
     #[test]

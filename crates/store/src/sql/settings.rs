@@ -12,15 +12,25 @@ impl SqlStore {
             sqlx::query("SELECT version, doc, saved_at, saved_by FROM relay_settings ORDER BY version DESC LIMIT 1")
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|r| {
-            Ok(StoredSettings {
-                version: cell(&r, "relay_settings", "version")?,
-                doc: json(&cell::<String>(&r, "relay_settings", "doc")?)?,
-                saved_at: from_ms(cell(&r, "relay_settings", "saved_at")?),
-                saved_by: cell(&r, "relay_settings", "saved_by")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(stored_settings).transpose()
+    }
+
+    /// Saved versions, newest first, at most `limit`.
+    pub async fn settings_versions(&self, limit: i64) -> Result<Vec<StoredSettings>> {
+        let rows =
+            sqlx::query("SELECT version, doc, saved_at, saved_by FROM relay_settings ORDER BY version DESC LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(stored_settings).collect()
+    }
+
+    pub async fn settings_version(&self, version: i64) -> Result<Option<StoredSettings>> {
+        let row = sqlx::query("SELECT version, doc, saved_at, saved_by FROM relay_settings WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(stored_settings).transpose()
     }
 
     pub async fn config_generation(&self) -> Result<ConfigGeneration> {
@@ -97,6 +107,15 @@ impl SqlStore {
         tx.commit().await?;
         Ok(done.rows_affected())
     }
+}
+
+fn stored_settings(r: &sqlx::any::AnyRow) -> Result<StoredSettings> {
+    Ok(StoredSettings {
+        version: cell(r, "relay_settings", "version")?,
+        doc: json(&cell::<String>(r, "relay_settings", "doc")?)?,
+        saved_at: from_ms(cell(r, "relay_settings", "saved_at")?),
+        saved_by: cell(r, "relay_settings", "saved_by")?,
+    })
 }
 
 /// `'dns', 'tcp', ...`: stage names are the domain's constants, never input.

@@ -62,7 +62,20 @@ function formBody(form) {
 function clearErrors(form) {
   form.querySelectorAll("[data-error-for]").forEach(e => { e.textContent = ""; });
   form.querySelectorAll("[aria-invalid]").forEach(e => e.removeAttribute("aria-invalid"));
-  form.querySelectorAll(".form-errors").forEach(e => { e.textContent = ""; });
+  form.querySelectorAll(".form-errors, .error-summary").forEach(e => { e.textContent = ""; });
+}
+
+// Next to the button the person just pressed: how many problems, that nothing was saved, and
+// which fields (by their labels), since the first of them may be far up the page.
+function summarise(form, fields) {
+  const summary = form.querySelector(".error-summary");
+  if (!summary || !fields.length) return;
+  const labels = fields.map(f => {
+    const label = form.querySelector(`label[for="f-${CSS.escape(f.field)}"]`);
+    return label ? label.textContent : f.field;
+  });
+  const n = fields.length;
+  summary.textContent = `${n} problem${n === 1 ? "" : "s"}, nothing saved: ${[...new Set(labels)].join(", ")}`;
 }
 
 function showErrors(form, r) {
@@ -76,6 +89,7 @@ function showErrors(form, r) {
       if (input) input.setAttribute("aria-invalid", "true");
     }
     if (general) general.textContent = rest.join("\n");
+    summarise(form, r.data.fields);
   } else if (general) {
     general.textContent = errorText(r);
   }
@@ -125,8 +139,10 @@ document.addEventListener("click", async (ev) => {
   const r = await api(method, path, body);
   const out = b.parentElement.querySelector("[data-result]");
   if (r.ok) {
-    if (out) out.textContent = r.data && r.data.requeued !== undefined ? `${r.data.requeued} re-queued.` : "Done.";
-    then(b.dataset.then);
+    // Notices (a credential detached by a restore) stay on screen instead of a reload.
+    const notices = (r.data && r.data.notices) || [];
+    if (out) out.textContent = r.data && r.data.requeued !== undefined ? `${r.data.requeued} re-queued.` : ["Done."].concat(notices).join(" ");
+    if (!notices.length) then(b.dataset.then);
   } else if (out) {
     out.textContent = errorText(r);
   } else {
@@ -173,6 +189,7 @@ function replyText(reply) {
 async function checkConnection() {
   const out = document.getElementById("check-result");
   out.replaceChildren(el("p", { role: "status" }, "Checking the relay…"));
+  out.scrollIntoView({ block: "nearest" });
   // The form as it stands, saved or not: the service checks it without storing it.
   // (Admins only: an operator's check is of the saved settings.)
   const form = document.getElementById("save") && document.getElementById("settings-form");
@@ -194,12 +211,15 @@ async function checkConnection() {
   if (c.failure) parts.push(el("p", { class: "error", id: "check-failure", role: "alert" },
     `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint}` : "")));
   out.replaceChildren(...parts);
+  labelCells(out);
+  out.scrollIntoView({ block: "nearest" });
 }
 
 async function testMessage() {
   const out = document.getElementById("test-result");
   const status = el("p", { id: "test-status", role: "status" }, "Queuing the Test Message…");
   out.replaceChildren(el("h2", {}, "Test Message"), status);
+  out.scrollIntoView({ block: "nearest" });
   const r = await api("POST", "/api/v1/smtp/test", {});
   if (!r.ok) { status.textContent = errorText(r); status.className = "error"; return; }
   const id = r.data.id;
@@ -267,7 +287,22 @@ async function preview(ev) {
   out.replaceChildren(...parts);
 }
 
+// On a narrow screen every table shows its rows as cards (panel.css), each cell under its
+// column's name, so the reply, hint or last error is on screen without scrolling sideways.
+function labelCells(root) {
+  for (const table of root.querySelectorAll("table")) {
+    const heads = [...table.querySelectorAll("thead th")].map(th => th.textContent.trim());
+    for (const row of table.querySelectorAll("tbody tr")) {
+      // A row spanning the columns ("No messages match.") is its own label.
+      [...row.children].forEach((td, i) => {
+        if (td.colSpan === 1 && heads[i] && td.dataset.label === undefined) td.dataset.label = heads[i];
+      });
+    }
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  labelCells(document);
   const sec = document.getElementById("f-security");
   if (sec) { sec.addEventListener("change", showDefaultPort); showDefaultPort(); }
   for (const id of ["f-auth", "f-security"]) {
