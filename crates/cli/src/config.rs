@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// `panel.toml`. Unknown keys are an error that names them, so a typo never goes unnoticed.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
@@ -30,7 +30,7 @@ pub struct FileConfig {
 
 /// `[retention]`: how long message content, messages (with runs and events) and audit entries
 /// are kept; each a duration or "never".
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionSection {
     pub content: Option<String>,
@@ -39,7 +39,7 @@ pub struct RetentionSection {
 }
 
 /// `[http]`: how many clients the web server serves at once, and how long it waits for them.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub max_connections: Option<usize>,
@@ -49,7 +49,7 @@ pub struct HttpSection {
 
 /// `[web]`: the reverse proxies in front of `panel serve` whose `X-Forwarded-For` names the
 /// client (addresses or networks); nobody else's header is believed.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSection {
     #[serde(default)]
@@ -58,14 +58,14 @@ pub struct WebSection {
 
 /// `[license]`: the authorities whose keys this installation accepts. Only here or in
 /// `PANEL_LICENSE_AUTHORITIES`, never in the database, so adding keys cannot mint trust.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LicenseSection {
     #[serde(default)]
     pub authorities: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSection {
     pub concurrency: Option<usize>,
@@ -75,8 +75,68 @@ pub struct WorkerSection {
 }
 
 impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, String> {
+    /// The file at `path`, with its text (what a running service compares the file with later).
+    pub fn load(path: &Path) -> Result<(FileConfig, String), String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        Ok((FileConfig::parse(path, &text)?, text))
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+}
+
+impl FileConfig {
+    /// The settings that differ between `started` (what a running service loaded) and `now`
+    /// and that apply only at a restart: everything but `[license]`, which a running service
+    /// reloads.
+    pub fn restart_needed(started: &FileConfig, now: &FileConfig) -> Vec<&'static str> {
+        let FileConfig {
+            data_dir,
+            database_url,
+            listen,
+            log_level,
+            log_format,
+            master_key_file,
+            worker,
+            license: _,
+            http,
+            web,
+            retention,
+        } = started;
+        let mut changed = Vec::new();
+        let mut compare = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        compare("data_dir", *data_dir != now.data_dir);
+        compare("database_url", *database_url != now.database_url);
+        compare("listen", *listen != now.listen);
+        compare("log_level", *log_level != now.log_level);
+        compare("log_format", *log_format != now.log_format);
+        compare("master_key_file", *master_key_file != now.master_key_file);
+        compare("[worker]", *worker != now.worker);
+        compare("[http]", *http != now.http);
+        compare("[web]", *web != now.web);
+        compare("[retention]", *retention != now.retention);
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_license_section_applies_without_a_restart() {
+        let started: FileConfig = toml::from_str("listen = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n").unwrap();
+        let authorities: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n[license]\nauthorities = [\"x\"]\n")
+                .unwrap();
+        assert!(FileConfig::restart_needed(&started, &authorities).is_empty());
+        let moved: FileConfig = toml::from_str("listen = \"0.0.0.0:8025\"\n[worker]\nlease = \"4s\"\n").unwrap();
+        assert_eq!(FileConfig::restart_needed(&started, &moved), ["listen", "[worker]"]);
+        assert!(FileConfig::restart_needed(&started, &started.clone()).is_empty());
     }
 }

@@ -166,6 +166,9 @@ struct Resolved {
     database_url: String,
     master_key_file: PathBuf,
     file: FileConfig,
+    /// The config file a service watches for changes (it may appear later), and the text it
+    /// loaded from it.
+    config: serve::ConfigSource,
     /// Permissions tightened on an existing data directory, to log once logging runs.
     tightened: Vec<String>,
 }
@@ -196,11 +199,12 @@ fn tighten_data_dir(dir: &Path) -> Vec<String> {
 
 fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
     let default_dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from("panel-data"));
-    let config_path = cli.config.clone().or_else(|| Some(default_dir.join("panel.toml")).filter(|p| p.exists()));
-    let file = match config_path {
-        Some(p) => FileConfig::load(&p).map_err(bad_input)?,
-        None => FileConfig::default(),
+    let watched = cli.config.clone().unwrap_or_else(|| default_dir.join("panel.toml"));
+    let (file, text) = match cli.config.is_some() || watched.exists() {
+        true => FileConfig::load(&watched).map(|(f, t)| (f, Some(t))).map_err(bad_input)?,
+        false => (FileConfig::default(), None),
     };
+    let config = serve::ConfigSource { path: watched, loaded: file.clone(), text };
     let data_dir = cli.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or(default_dir);
     let mut tightened = Vec::new();
     let database_url = match cli.database_url.clone().or_else(|| file.database_url.clone()) {
@@ -235,7 +239,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         .clone()
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
-    Ok(Resolved { database_url, master_key_file, file, tightened })
+    Ok(Resolved { database_url, master_key_file, file, config, tightened })
 }
 
 /// The commands that may create a new installation's data directory.
@@ -326,11 +330,13 @@ async fn run(cli: Cli) -> CmdResult {
             let config = worker_config(&worker, &resolved.file)?;
             let http = http_limits(&resolved.file, &config)?;
             let proxies = trusted_proxies(&resolved.file)?;
-            serve(panel, Some(listen), config, http, proxies, retention_policy(&resolved.file)?).await
+            let retention = retention_policy(&resolved.file)?;
+            serve(panel, Some(listen), config, http, proxies, retention, resolved.config).await
         }
         Command::Worker { worker } => {
             let config = worker_config(&worker, &resolved.file)?;
-            serve(panel, None, config, HttpLimits::default(), Vec::new(), retention_policy(&resolved.file)?).await
+            let retention = retention_policy(&resolved.file)?;
+            serve(panel, None, config, HttpLimits::default(), Vec::new(), retention, resolved.config).await
         }
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,

@@ -353,6 +353,13 @@ pub fn services(list: &[Service], json: bool) {
             time(&s.heartbeat_at),
             i.listen.as_deref().unwrap_or("-")
         );
+        // What it runs with, under its line: what an admin compares with the file on disk.
+        println!("         config file: {}", i.config_file.as_deref().unwrap_or("none (defaults and environment)"));
+        let trusted = if i.authorities.is_empty() { "none".to_string() } else { i.authorities.join(", ") };
+        println!("         trusts license authorities: {trusted}");
+        if let Some(note) = &i.config_note {
+            println!("         {note}");
+        }
     }
 }
 
@@ -380,7 +387,10 @@ pub fn licenses(list: &[LicenseStatus], json: bool) {
         if let Some(at) = &l.issued_at {
             println!("  issued      {}", time(at));
         }
-        println!("  expires     {}", l.expires_at.as_ref().map_or_else(|| "never".to_string(), time));
+        // An unverified key's expiry is unknown, not "never".
+        if l.verified {
+            println!("  expires     {}", l.expires_at.as_ref().map_or_else(|| "never".to_string(), time));
+        }
         if let Some(a) = &l.authority {
             println!("  authority   {a}");
         }

@@ -2,13 +2,14 @@
 //! under a supervisor; a task that ends stops the process with the reason.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use panel_service::retention::RetentionPolicy;
 use panel_service::supervisor::Supervisor;
 use panel_service::wake::Waker;
-use panel_service::{Panel, WorkerConfig};
+use panel_service::{ConfigReport, ConfigReporter, Panel, WorkerConfig};
 use panel_web::HttpLimits;
 use tokio::sync::watch;
 
@@ -116,6 +117,134 @@ pub(crate) fn retention_policy(file: &FileConfig) -> Result<RetentionPolicy, Fai
     Ok(policy)
 }
 
+/// The config file a service loaded, watched while it runs.
+pub(crate) struct ConfigSource {
+    /// `--config`, or DATA_DIR/panel.toml (watched even when absent at start: it may appear).
+    pub path: PathBuf,
+    /// What the service runs with.
+    pub loaded: FileConfig,
+    /// The file's text as loaded; `None` when there was none.
+    pub text: Option<String>,
+}
+
+/// How often a service looks at its config file; SIGHUP makes it look at once.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+/// A config file is a few lines; a larger one is not read (and said so).
+const CONFIG_MAX: u64 = 1024 * 1024;
+
+impl ConfigSource {
+    fn report(&self, panel: &Panel, note: Option<String>) -> ConfigReport {
+        ConfigReport {
+            file: self.text.as_ref().map(|_| self.path.display().to_string()),
+            authorities: panel.authorities().iter().map(|a| a.id()).collect(),
+            note,
+        }
+    }
+
+    /// The file's text now: `None` when it does not exist.
+    fn read(&self) -> Result<Option<String>, String> {
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+            Ok(m) if m.len() > CONFIG_MAX => return Err(format!("it is larger than {CONFIG_MAX} bytes")),
+            Ok(_) => {}
+        }
+        std::fs::read_to_string(&self.path).map(Some).map_err(|e| e.to_string())
+    }
+}
+
+/// Watches the config file while the service runs (every `CONFIG_POLL`, and at once on
+/// SIGHUP). `[license] authorities` apply at once: licenses are judged by the new trust and
+/// held mail goes again. Any other change needs a restart, and the service says so where the
+/// admin looks (`services list`, the dashboard, `smtp check`) until the file matches what it
+/// runs with again. A file that cannot be read or parsed changes nothing and is reported.
+async fn watch_config(panel: Panel, reporter: ConfigReporter, source: ConfigSource, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let mut hangup: Option<()> = None;
+    let file = source.path.display().to_string();
+    let mut seen = source.text.clone();
+    let mut license = source.loaded.license.clone();
+    let mut published: Option<String> = None;
+    loop {
+        let signalled = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(CONFIG_POLL) => false,
+            _ = hangup_signal(&mut hangup) => true,
+        };
+        let text = source.read();
+        if signalled {
+            tracing::info!(%file, "SIGHUP: re-reading the config file");
+        } else if matches!(&text, Ok(t) if *t == seen) {
+            continue;
+        }
+        let now = match text {
+            Err(e) => Err(format!("config file {file} cannot be read: {e}")),
+            Ok(t) => {
+                seen = t.clone();
+                match t {
+                    None => Ok(FileConfig::default()),
+                    Some(t) => FileConfig::parse(&source.path, &t),
+                }
+            }
+        };
+        let mut notes = Vec::new();
+        match now {
+            Err(e) => notes.push(format!("{e}; still running with the file as it was loaded")),
+            Ok(now) => {
+                if now.license != license {
+                    match crate::trust::authorities(&now.license.authorities) {
+                        Ok(keys) => {
+                            let trusted = keys.len();
+                            match panel.reload_authorities(keys).await {
+                                Ok(released) => {
+                                    tracing::info!(%file, trusted, released, "license authorities reloaded from the config file");
+                                    license = now.license.clone();
+                                }
+                                Err(e) => notes.push(format!("license.authorities were not applied: {e}")),
+                            }
+                        }
+                        Err(e) => notes.push(format!("license.authorities in {file} were not applied: {}", e.1)),
+                    }
+                }
+                let restart = FileConfig::restart_needed(&source.loaded, &now);
+                if !restart.is_empty() {
+                    notes.push(format!(
+                        "restart needed: {} changed in {file} since this service started (license.authorities apply \
+                         without one)",
+                        restart.join(", ")
+                    ));
+                }
+            }
+        }
+        let note = (!notes.is_empty()).then(|| notes.join("; "));
+        if note != published {
+            match &note {
+                Some(n) => tracing::warn!(%file, "{n}"),
+                None => tracing::info!(%file, "the service runs with what its config file says"),
+            }
+            published = note.clone();
+        }
+        reporter.report(source.report(&panel, note)).await;
+    }
+}
+
+#[cfg(unix)]
+async fn hangup_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn hangup_signal(_: &mut Option<()>) {
+    std::future::pending().await
+}
+
 pub(crate) async fn serve(
     mut panel: Panel,
     listen: Option<String>,
@@ -123,6 +252,7 @@ pub(crate) async fn serve(
     http: HttpLimits,
     proxies: Vec<panel_web::proxies::Cidr>,
     retention: RetentionPolicy,
+    source: ConfigSource,
 ) -> CmdResult {
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
@@ -155,7 +285,7 @@ pub(crate) async fn serve(
         }
     };
     let kind = if listen.is_some() { "serve" } else { "worker" };
-    let handle = panel.register_service(kind, listen.clone(), Some(wake_port)).await?;
+    let handle = panel.register_service(kind, listen.clone(), Some(wake_port), source.report(&panel, None)).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Supervisor::default();
     let (p, id, w, rx) = (panel.clone(), handle.info.id.clone(), waker.clone(), stop_rx.clone());
@@ -166,6 +296,11 @@ pub(crate) async fn serve(
     let (p, id, rx) = (panel.clone(), handle.info.id.clone(), stop_rx.clone());
     tasks.spawn("scheduler", async move {
         panel_service::run_scheduler(p, id, rx).await;
+        Ok(())
+    });
+    let (p, reporter, rx) = (panel.clone(), handle.config_reporter(), stop_rx.clone());
+    tasks.spawn("config watcher", async move {
+        watch_config(p, reporter, source, rx).await;
         Ok(())
     });
     let (p, rx) = (panel.clone(), stop_rx.clone());

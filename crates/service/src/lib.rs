@@ -23,7 +23,7 @@ pub mod worker;
 pub use error::{ErrorKind, OpsError};
 pub use ops::{Panel, SettingsUpdate};
 pub use panel_store::redact_url;
-pub use registry::{ServiceHandle, liveness_window};
+pub use registry::{ConfigReport, ConfigReporter, ServiceHandle, liveness_window};
 pub use scheduler::run_scheduler;
 pub use vault::{CredentialInfo, CredentialInput, SecretsConfig};
 pub use worker::{WorkerConfig, run_worker};

@@ -1,6 +1,8 @@
 //! License keys as Panel uses them: verified on add, and again at every use, against the
 //! authorities this installation trusts (config file or environment only).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use panel_store::{AuditEvent, LicenseRow};
 use panel_vault::license::{self, LicenseError};
@@ -22,6 +24,9 @@ pub struct LicenseStatus {
     pub expires_at: Option<DateTime<Utc>>,
     pub authority: Option<String>,
     pub valid: bool,
+    /// Whether this process could verify the key's signature with the authorities it trusts;
+    /// when not, nothing the key says (expiry, features) is known, and `problem` says why.
+    pub verified: bool,
     /// Why the key grants nothing now, when it does not.
     pub problem: Option<String>,
     pub added_at: DateTime<Utc>,
@@ -42,8 +47,31 @@ fn label(license: &License) -> String {
 }
 
 impl Panel {
-    pub fn authorities(&self) -> &[AuthorityPublicKey] {
-        &self.secrets.authorities
+    /// The license authorities this process trusts now.
+    pub fn authorities(&self) -> Arc<Vec<AuthorityPublicKey>> {
+        self.secrets.authorities.read().expect("not poisoned").1.clone()
+    }
+
+    /// Changes with every `reload_authorities`.
+    pub(crate) fn authorities_serial(&self) -> u64 {
+        self.secrets.authorities.read().expect("not poisoned").0
+    }
+
+    /// Trusts `authorities` from now on (the config file changed): keys are judged by them at
+    /// their next use, the workers rebuild their relay, and messages held by a configuration
+    /// error (a license this process could not verify) get their next chance. Returns how
+    /// many were released.
+    pub async fn reload_authorities(&self, authorities: Vec<AuthorityPublicKey>) -> Result<u64, OpsError> {
+        {
+            let mut held = self.secrets.authorities.write().expect("not poisoned");
+            *held = (held.0 + 1, Arc::new(authorities));
+        }
+        let released = match self.store.current_settings().await? {
+            Some(s) => self.store.release_held(&s.doc, self.now(), panel_store::Release::All).await?,
+            None => 0,
+        };
+        self.wake_workers().await;
+        Ok(released)
     }
 
     /// Verifies `text` (signature, authority, expiry) and stores it. Nothing is stored on error.
@@ -55,7 +83,7 @@ impl Panel {
                     .into(),
             ));
         }
-        let license = license::check(text, self.authorities(), self.now())?;
+        let license = license::check(text, &self.authorities(), self.now())?;
         let event = AuditEvent::new(
             "license.added",
             &license.id,
@@ -84,9 +112,9 @@ impl Panel {
     }
 
     fn status(&self, row: &LicenseRow, now: DateTime<Utc>, from_domain: Option<&str>) -> LicenseStatus {
-        let verified = license::verify(&row.key, self.authorities());
+        let verified = license::verify(&row.key, &self.authorities());
         let problem = match &verified {
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(format!("not verified by this service: {e}")),
             Ok(l) if l.is_expired(now) => {
                 Some(LicenseError::Expired { id: l.id.clone(), at: l.expires_at.unwrap_or(now) }.to_string())
             }
@@ -108,6 +136,7 @@ impl Panel {
             expires_at: l.as_ref().and_then(|l| l.expires_at),
             authority: l.as_ref().map(|l| l.authority.clone()),
             valid: problem.is_none(),
+            verified: l.is_some(),
             problem,
             added_at: row.added_at,
             added_by: row.added_by.clone(),

@@ -18,7 +18,7 @@ use crate::vault::{Secrets, SecretsConfig};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::OpsError;
-use crate::registry::ServiceHandle;
+use crate::registry::{ConfigReport, ServiceHandle};
 use crate::views::{AuditEntry, Dashboard, Service};
 use crate::wake::{self, Waker};
 
@@ -93,8 +93,9 @@ impl Panel {
         kind: &str,
         listen: Option<String>,
         wake_port: Option<u16>,
+        config: ConfigReport,
     ) -> Result<ServiceHandle, OpsError> {
-        Ok(ServiceHandle::register(self.store.clone(), kind, listen, wake_port).await?)
+        Ok(ServiceHandle::register(self.store.clone(), kind, listen, wake_port, config).await?)
     }
 
     /// Wakes `waker` when another service enqueues on a shared database (PostgreSQL NOTIFY).

@@ -1,6 +1,7 @@
 //! Service registry: each Panel Service and worker heartbeats into the store, so the CLI can tell
 //! whether anything will process a queued step, and `panel services list` can show who runs.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -14,8 +15,20 @@ pub fn liveness_window() -> chrono::Duration {
     chrono::Duration::seconds(10)
 }
 
+/// What a service reports about the configuration it runs with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigReport {
+    pub file: Option<String>,
+    /// Key ids of the trusted license authorities.
+    pub authorities: Vec<String>,
+    /// What the admin must know: the file changed and needs a restart, or cannot be read.
+    pub note: Option<String>,
+}
+
 pub struct ServiceHandle {
+    /// As registered; the configuration part is kept current in `current`.
     pub info: ServiceInfo,
+    current: Arc<Mutex<ServiceInfo>>,
     task: JoinHandle<()>,
     store: Store,
 }
@@ -27,6 +40,7 @@ impl ServiceHandle {
         kind: &str,
         listen: Option<String>,
         wake_port: Option<u16>,
+        config: ConfigReport,
     ) -> panel_store::Result<ServiceHandle> {
         let pid = std::process::id();
         let host = panel_relay::local_hostname();
@@ -39,25 +53,58 @@ impl ServiceHandle {
             started_at: Utc::now(),
             listen,
             wake_port,
+            config_file: config.file,
+            authorities: config.authorities,
+            config_note: config.note,
         };
         store.heartbeat(&info, Utc::now()).await?;
-        let (s, i) = (store.clone(), info.clone());
+        let current = Arc::new(Mutex::new(info.clone()));
+        let (s, i) = (store.clone(), current.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
             loop {
                 tick.tick().await;
-                if let Err(e) = s.heartbeat(&i, Utc::now()).await {
+                let info = i.lock().expect("not poisoned").clone();
+                if let Err(e) = s.heartbeat(&info, Utc::now()).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
             }
         });
-        Ok(ServiceHandle { info, task, store })
+        Ok(ServiceHandle { info, current, task, store })
+    }
+
+    /// What a task that watches the config file publishes through.
+    pub fn config_reporter(&self) -> ConfigReporter {
+        ConfigReporter { current: self.current.clone(), store: self.store.clone() }
     }
 
     pub async fn stop(self) {
         self.task.abort();
         if let Err(e) = self.store.deregister(&self.info.id).await {
             tracing::warn!(error = %e, "could not deregister");
+        }
+    }
+}
+
+/// Publishes what a service runs with after its config file changed.
+#[derive(Clone)]
+pub struct ConfigReporter {
+    current: Arc<Mutex<ServiceInfo>>,
+    store: Store,
+}
+
+impl ConfigReporter {
+    /// At once, rather than at the next heartbeat; the heartbeat keeps it from then on.
+    pub async fn report(&self, config: ConfigReport) {
+        let info = {
+            let mut i = self.current.lock().expect("not poisoned");
+            i.config_file = config.file;
+            i.authorities = config.authorities;
+            i.config_note = config.note;
+            i.clone()
+        };
+        if let Err(e) = self.store.heartbeat(&info, Utc::now()).await {
+            tracing::warn!(error = %e, "could not publish the service's configuration");
         }
     }
 }

@@ -192,7 +192,14 @@ impl Panel {
                     let answer: Result<CheckReport, String> = serde_json::from_str(&stored)
                         .map_err(|e| OpsError::internal("reading the service's check report", e))?;
                     let mut report = answer.map_err(|e| OpsError::internal("the service's check", e))?;
-                    report.ran_in = format!("service {service}");
+                    // A service whose config file changed since it loaded it says so: the
+                    // check ran with what it loaded, not with what the file says now.
+                    let note =
+                        self.live_services().await?.into_iter().find(|s| s.id == service).and_then(|s| s.config_note);
+                    report.ran_in = match note {
+                        Some(note) => format!("service {service} ({note})"),
+                        None => format!("service {service}"),
+                    };
                     return Ok(report);
                 }
                 Some((None, _)) if asked.elapsed() > CHECK_CLAIM_WAIT && self.store.withdraw_check(id).await? => {

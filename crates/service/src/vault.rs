@@ -2,7 +2,7 @@
 //! license grants `credential-storage`, opened only while one still does.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use panel_domain::credential::{CREDENTIAL_STORAGE, validate_name};
@@ -28,14 +28,20 @@ pub struct SecretsConfig {
 }
 
 pub(crate) struct Secrets {
-    pub(crate) authorities: Vec<AuthorityPublicKey>,
+    /// The trusted authorities, with a serial that a reload of the config file bumps (the
+    /// worker rebuilds its relay when it changes, so a license is judged by the new trust).
+    pub(crate) authorities: RwLock<(u64, Arc<Vec<AuthorityPublicKey>>)>,
     master_key_file: PathBuf,
     keyring: Mutex<Option<Arc<Keyring>>>,
 }
 
 impl Secrets {
     pub(crate) fn new(config: SecretsConfig) -> Secrets {
-        Secrets { authorities: config.authorities, master_key_file: config.master_key_file, keyring: Mutex::new(None) }
+        Secrets {
+            authorities: RwLock::new((0, Arc::new(config.authorities))),
+            master_key_file: config.master_key_file,
+            keyring: Mutex::new(None),
+        }
     }
 }
 

@@ -219,6 +219,13 @@ pub struct Service {
     pub listen: Option<String>,
     pub wake_port: Option<u16>,
     pub heartbeat_at: DateTime<Utc>,
+    /// The config file it loaded, if any.
+    pub config_file: Option<String>,
+    /// The key ids of the license authorities it trusts.
+    pub authorities: Vec<String>,
+    /// Set when its config file changed in a way it has not applied ("restart needed: ...") or
+    /// cannot be read.
+    pub config_note: Option<String>,
 }
 
 impl From<panel_store::ServiceRow> for Service {
@@ -234,6 +241,9 @@ impl From<panel_store::ServiceRow> for Service {
             listen: i.listen,
             wake_port: i.wake_port,
             heartbeat_at: s.heartbeat_at,
+            config_file: i.config_file,
+            authorities: i.authorities,
+            config_note: i.config_note,
         }
     }
 }

@@ -58,6 +58,9 @@ struct RelayState {
     /// When the license that lets these settings use a stored credential runs out: the state
     /// (and its authenticated connections) is rebuilt then, so expiry is enforced at use.
     licensed_until: Option<DateTime<Utc>>,
+    /// The trusted authorities it was judged by (`Panel::authorities_serial`): a reloaded
+    /// config file rebuilds it.
+    authorities: u64,
 }
 
 impl RelayState {
@@ -222,8 +225,10 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
     if generation.settings == 0 {
         return Ok(None);
     }
+    let authorities = shared.panel.authorities_serial();
     if let Some(state) = shared.relay.lock().expect("not poisoned").as_ref()
         && state.generation == generation
+        && state.authorities == authorities
         && state.licensed_until.is_none_or(|until| shared.panel.now() < until)
     {
         return Ok(Some(state.clone()));
@@ -253,7 +258,7 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
     let generation = ConfigGeneration { settings: stored.version, ..generation };
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
     shared.outside.lock().expect("not poisoned").watch(&settings);
-    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until });
+    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until, authorities });
     // New settings are a new relay: the old one's backoff says nothing about it.
     let _ = shared.backoff.lock().expect("not poisoned").reached();
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());

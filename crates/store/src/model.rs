@@ -182,6 +182,12 @@ pub struct ServiceInfo {
     pub listen: Option<String>,
     /// Loopback UDP port that wakes the worker when a step is enqueued by another process.
     pub wake_port: Option<u16>,
+    /// The config file the service loaded, if any.
+    pub config_file: Option<String>,
+    /// The key ids of the license authorities it trusts.
+    pub authorities: Vec<String>,
+    /// Set when its config file changed in a way it has not applied, or cannot be read.
+    pub config_note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -240,3 +240,71 @@ fn smtp_check_runs_in_the_running_service_and_says_where_it_ran() {
     assert_eq!(json["ran_in"], format!("service {service}"), "{json:#}");
     assert!(env.service_logs().contains("running the relay check a CLI asked for"));
 }
+
+/// Polls `panel services list --json` until the first service satisfies `pred`; returns it.
+/// The CLI reads `cli.toml`, so that it runs while the service's file is being broken.
+fn wait_service(env: &Env, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let config = env.path().join("cli.toml");
+    loop {
+        let list = env.ok(&["--config", config.to_str().unwrap(), "services", "list", "--json"]).json();
+        if let Some(s) = list.as_array().and_then(|l| l.first()).filter(|s| pred(s)) {
+            return s.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}; services: {list:#}\nlogs:\n{}", env.service_logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_changed_config_file_is_noticed_authorities_apply_at_once_and_the_rest_asks_for_a_restart() {
+    let mut env = Env::new();
+    env.relay_on(panel_testlab::free_port(), &[]);
+    let untrusting = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("cli.toml", &untrusting);
+    // The key is added by a CLI that trusts its authority; the service starts without it.
+    env.license();
+    let trusting = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    env.write("panel.toml", &untrusting);
+    let port = env.serve();
+    let service = wait_service(&env, "the service registers", |_| true);
+    assert!(service["config_file"].as_str().unwrap().ends_with("panel.toml"), "{service:#}");
+    assert_eq!(service["authorities"], serde_json::json!([]), "{service:#}");
+    let (_, body) = http(port, "GET", "/api/v1/licenses", "");
+    let licenses: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(licenses[0]["verified"], false, "{licenses:#}");
+    assert!(licenses[0]["problem"].as_str().unwrap().starts_with("not verified by this service"), "{licenses:#}");
+    assert_eq!(licenses[0]["expires_at"], Value::Null);
+
+    // The authority is added to the file: the running service trusts it within seconds.
+    env.write("panel.toml", &trusting);
+    let service = wait_service(&env, "the authority is loaded", |s| s["authorities"].as_array().unwrap().len() == 1);
+    assert_eq!(service["config_note"], Value::Null, "{service:#}");
+    let (_, body) = http(port, "GET", "/api/v1/licenses", "");
+    let licenses: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((licenses[0]["verified"].as_bool(), licenses[0]["valid"].as_bool()), (Some(true), Some(true)));
+    assert!(env.service_logs().contains("license authorities reloaded"), "{}", env.service_logs());
+
+    // A change that needs a restart is named where the admin looks, until it is undone.
+    env.write("panel.toml", &trusting.replace("lease = \"3s\"", "lease = \"5s\""));
+    let service = wait_service(&env, "a restart is asked for", |s| !s["config_note"].is_null());
+    let note = service["config_note"].as_str().unwrap();
+    assert!(note.starts_with("restart needed: [worker] changed in"), "{note}");
+    assert!(env.ok(&["services", "list"]).stdout.contains("restart needed: [worker]"));
+    let (_, body) = http(port, "GET", "/api/v1/dashboard", "");
+    assert!(body.contains("restart needed: [worker]"), "{body}");
+    let check = env.panel(&["smtp", "check", "--json"]);
+    let ran_in = check.json()["ran_in"].as_str().unwrap().to_string();
+    assert!(ran_in.starts_with("service ") && ran_in.contains("restart needed: [worker]"), "{ran_in}");
+
+    // A file that does not parse changes nothing and says so; SIGHUP re-reads it at once.
+    env.write("panel.toml", "[worker\n");
+    let service = wait_service(&env, "a broken file is reported", |s| {
+        s["config_note"].as_str().is_some_and(|n| n.contains("still running with the file as it was loaded"))
+    });
+    assert_eq!(service["authorities"].as_array().unwrap().len(), 1, "the loaded trust stays");
+    env.write("panel.toml", &trusting);
+    env.signal(service["pid"].as_u64().unwrap() as u32, "HUP");
+    wait_service(&env, "the fixed file is read again", |s| s["config_note"].is_null());
+    assert!(env.service_logs().contains("SIGHUP: re-reading the config file"), "{}", env.service_logs());
+}

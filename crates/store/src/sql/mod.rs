@@ -78,6 +78,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("../../migrations/sqlite/0009_cancelled.sql")),
     (10, include_str!("../../migrations/sqlite/0010_check_requests.sql")),
     (11, include_str!("../../migrations/sqlite/0011_sign_in_known.sql")),
+    (12, include_str!("../../migrations/sqlite/0012_service_config.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -92,6 +93,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("../../migrations/postgres/0009_cancelled.sql")),
     (10, include_str!("../../migrations/postgres/0010_check_requests.sql")),
     (11, include_str!("../../migrations/postgres/0011_sign_in_known.sql")),
+    (12, include_str!("../../migrations/postgres/0012_service_config.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

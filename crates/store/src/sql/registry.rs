@@ -7,10 +7,12 @@ use crate::{Result, from_ms};
 impl SqlStore {
     pub async fn heartbeat(&self, s: &ServiceInfo, now: i64) -> Result<()> {
         sqlx::query(
-            "INSERT INTO services (id, kind, host, pid, version, started_at, heartbeat_at, listen, wake_port)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            "INSERT INTO services (id, kind, host, pid, version, started_at, heartbeat_at, listen, wake_port,
+                                   config_file, authorities, config_note)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, listen = excluded.listen,
-                                            wake_port = excluded.wake_port",
+                                            wake_port = excluded.wake_port, config_file = excluded.config_file,
+                                            authorities = excluded.authorities, config_note = excluded.config_note",
         )
         .bind(&s.id)
         .bind(&s.kind)
@@ -21,6 +23,9 @@ impl SqlStore {
         .bind(now)
         .bind(&s.listen)
         .bind(s.wake_port.map(i64::from))
+        .bind(&s.config_file)
+        .bind(serde_json::to_string(&s.authorities).expect("strings serialize"))
+        .bind(&s.config_note)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -47,6 +52,9 @@ impl SqlStore {
                         listen: cell(&r, "services", "listen")?,
                         wake_port: cell::<Option<i64>>(&r, "services", "wake_port")?
                             .and_then(|p| u16::try_from(p).ok()),
+                        config_file: cell(&r, "services", "config_file")?,
+                        authorities: json(&cell::<String>(&r, "services", "authorities")?)?,
+                        config_note: cell(&r, "services", "config_note")?,
                     },
                     heartbeat_at: from_ms(cell(&r, "services", "heartbeat_at")?),
                 })
