@@ -2,7 +2,7 @@
 //! operations as `panel template|workflow|schedule|event|dispatch|run`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::By;
-use crate::{ApiResult, JsonObject, ok};
+use crate::{ApiPath, ApiResult, JsonObject, ok};
 
 fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
     let status = if outcome == SaveOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
@@ -23,21 +23,21 @@ pub(crate) async fn list_templates(State(p): State<Panel>) -> ApiResult {
     ok(p.definitions(DefinitionKind::Template).await?)
 }
 
-pub(crate) async fn show_template(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn show_template(State(p): State<Panel>, ApiPath(name): ApiPath<String>) -> ApiResult {
     ok(p.template(&name).await?)
 }
 
 pub(crate) async fn put_template(
     State(p): State<Panel>,
     By(by): By,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     JsonObject(body): JsonObject<Template>,
 ) -> ApiResult {
     let t = body;
     saved(p.save_template(&name, &t, SaveMode::Upsert, &by).await?, &name)
 }
 
-pub(crate) async fn delete_template(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn delete_template(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
     p.delete_definition(DefinitionKind::Template, &name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -45,7 +45,7 @@ pub(crate) async fn delete_template(State(p): State<Panel>, By(by): By, Path(nam
 /// Body: the context (`{"object": {...}}`); answers the rendered subject, text and HTML.
 pub(crate) async fn render_template(
     State(p): State<Panel>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     JsonObject(body): JsonObject<Value>,
 ) -> ApiResult {
     let data = body;
@@ -59,7 +59,7 @@ macro_rules! definition_routes {
             ok(p.definitions($kind).await?)
         }
 
-        pub(crate) async fn $show(State(p): State<Panel>, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $show(State(p): State<Panel>, ApiPath(name): ApiPath<String>) -> ApiResult {
             ok(p.definition($kind, &name).await?)
         }
 
@@ -76,7 +76,7 @@ macro_rules! definition_routes {
         pub(crate) async fn $update(
             State(p): State<Panel>,
             By(by): By,
-            Path(name): Path<String>,
+            ApiPath(name): ApiPath<String>,
             JsonObject(body): JsonObject<$def>,
         ) -> ApiResult {
             let def = body;
@@ -88,24 +88,24 @@ macro_rules! definition_routes {
             saved(p.$save(&def, SaveMode::Update, &by).await?, &name)
         }
 
-        pub(crate) async fn $delete(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $delete(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
             p.delete_definition($kind, &name, &by).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
 
-        pub(crate) async fn $enable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $enable(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
             p.set_enabled($kind, &name, true, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
-        pub(crate) async fn $disable(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+        pub(crate) async fn $disable(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
             p.set_enabled($kind, &name, false, &by).await?;
             ok(p.definition($kind, &name).await?)
         }
 
         pub(crate) async fn $history(
             State(p): State<Panel>,
-            Path(name): Path<String>,
+            ApiPath(name): ApiPath<String>,
             Query(q): Query<Limit>,
         ) -> ApiResult {
             p.definition($kind, &name).await?;
@@ -147,7 +147,7 @@ definition_routes!(
     schedule_history
 );
 
-pub(crate) async fn run_schedule(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn run_schedule(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
     let run = p.run_schedule(&name, &by).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
@@ -159,7 +159,7 @@ pub(crate) struct Count {
 
 pub(crate) async fn schedule_next(
     State(p): State<Panel>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     Query(q): Query<Count>,
 ) -> ApiResult {
     ok(p.schedule_next(&name, q.count.unwrap_or(5)).await?)
@@ -200,6 +200,6 @@ pub(crate) async fn dispatch(
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
-pub(crate) async fn show_run(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn show_run(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     ok(p.run(id).await?)
 }

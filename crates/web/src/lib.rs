@@ -160,6 +160,25 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
+/// A path parameter, as axum's `Path`, but refused as bad input in the API's JSON error body
+/// (`/api/v1/messages/abc`: 400 naming `path`), not in plain text.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => {
+                let mut errors = panel_domain::FieldErrors::default();
+                errors.push("path", e.body_text());
+                Err(ApiError(OpsError::Invalid(errors)))
+            }
+        }
+    }
+}
+
 fn body_error(message: String) -> ApiError {
     let mut errors = panel_domain::FieldErrors::default();
     errors.push("body", message);
@@ -257,7 +276,7 @@ pub(crate) async fn settings_versions(State(p): State<Panel>, Query(q): Query<Ve
     ok(json!({"versions": p.settings_history(q.limit.unwrap_or(50)).await?}))
 }
 
-pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, Path(version): Path<i64>) -> ApiResult {
+pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, ApiPath(version): ApiPath<i64>) -> ApiResult {
     saved(p.restore_settings(version, &by, Channel::Remote).await?)
 }
 
@@ -372,11 +391,11 @@ pub(crate) async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQu
     ok(p.messages(&filter).await?)
 }
 
-pub(crate) async fn show_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn show_message(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     ok(p.message(id).await?)
 }
 
-pub(crate) async fn retry_message(State(p): State<Panel>, Path(id): Path<i64>) -> ApiResult {
+pub(crate) async fn retry_message(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     match p.retry(id).await? {
         RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
         r @ (RetryResult::NotFailed { .. } | RetryResult::ContentRemoved { .. }) => {
@@ -402,7 +421,7 @@ pub(crate) struct CancelRequest {
 pub(crate) async fn cancel_message(
     State(p): State<Panel>,
     By(by): By,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
     JsonObject(body): JsonObject<CancelRequest>,
 ) -> ApiResult {
     let was = p.cancel(id, &by, &body.reason).await?;
@@ -452,7 +471,7 @@ pub(crate) async fn add_license(
     Ok((StatusCode::CREATED, Json(license)).into_response())
 }
 
-pub(crate) async fn remove_license(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
+pub(crate) async fn remove_license(State(p): State<Panel>, By(by): By, ApiPath(id): ApiPath<String>) -> ApiResult {
     p.remove_license(&id, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -481,7 +500,7 @@ fn default_kind() -> String {
 pub(crate) async fn set_credential(
     State(p): State<Panel>,
     By(by): By,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
     // Parsed here rather than by the Json extractor: serde's messages can quote values, and
@@ -526,7 +545,7 @@ pub(crate) async fn set_credential(
     Ok((status, Json(json!({"stored": true, "replaced": outcome == PutOutcome::Replaced}))).into_response())
 }
 
-pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, Path(name): Path<String>) -> ApiResult {
+pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
     p.delete_credential(&name, &by).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -535,7 +554,7 @@ pub(crate) async fn api_tokens(State(p): State<Panel>) -> ApiResult {
     ok(p.api_tokens(None).await?)
 }
 
-pub(crate) async fn revoke_api_token(State(p): State<Panel>, By(by): By, Path(id): Path<String>) -> ApiResult {
+pub(crate) async fn revoke_api_token(State(p): State<Panel>, By(by): By, ApiPath(id): ApiPath<String>) -> ApiResult {
     ok(p.revoke_api_token(&id, &by).await?)
 }
 

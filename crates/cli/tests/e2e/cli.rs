@@ -273,8 +273,22 @@ fn every_route_answers_only_statuses_its_openapi_entry_documents() {
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for (method, op) in ops.as_object().unwrap() {
             let numbered = op["parameters"].as_array().unwrap().iter().any(|p| p["schema"]["type"] == "integer");
-            let concrete =
-                path.replace("{id}", if numbered { "999999" } else { "0123456789ab" }).replace("{name}", "nope");
+            let concrete = path
+                .replace("{id}", if numbered { "999999" } else { "0123456789ab" })
+                .replace("{version}", "999999")
+                .replace("{name}", "nope");
+            if numbered {
+                // A number that is not one is bad input, answered in JSON like every error.
+                let (status, answer) = http(
+                    port,
+                    &method.to_ascii_uppercase(),
+                    &path.replace("{id}", "x1").replace("{version}", "x1"),
+                    "{}",
+                );
+                assert_eq!(status, 400, "{method} {path} with a non-number: {answer}");
+                let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                assert_eq!(parsed["fields"][0]["field"], "path", "{answer}");
+            }
             let bodies: &[&str] =
                 if matches!(method.as_str(), "post" | "put") { &["{}", "[1]", "not json"] } else { &[""] };
             for body in bodies {
