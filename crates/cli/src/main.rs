@@ -231,7 +231,9 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
             std::fs::create_dir_all(&data_dir)
                 .map_err(|e| Failed(1, format!("cannot create data directory {}: {e}", data_dir.display())))?;
             tightened = tighten_data_dir(&data_dir);
-            format!("sqlite://{}", data_dir.join("panel.db").display())
+            // Absolute, so that every message naming the database says which directory it is in.
+            let dir = std::path::absolute(&data_dir).unwrap_or(data_dir.clone());
+            format!("sqlite://{}", dir.join("panel.db").display())
         }
     };
     let master_key_file = cli
@@ -240,6 +242,29 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
     Ok(Resolved { database_url, master_key_file, file, config, tightened })
+}
+
+/// What an admin running a command in the wrong place must be told: the database this command
+/// opened when no running service uses it (its answers are not the service's), and a
+/// `./panel.toml` that this command does not read.
+async fn store_notes(panel: &Panel, resolved: &Resolved) -> Vec<String> {
+    let mut notes = Vec::new();
+    let local = Path::new("panel.toml");
+    let read = resolved.config.text.as_ref().map(|_| &resolved.config.path);
+    let same = |p: &PathBuf| std::fs::canonicalize(p).ok() == std::fs::canonicalize(local).ok();
+    if local.exists() && !read.is_some_and(same) {
+        let reads = read.map_or_else(|| "no config file".to_string(), |p| p.display().to_string());
+        notes
+            .push(format!("./panel.toml is not read (this command reads {reads}); give --config panel.toml to use it"));
+    }
+    if panel.live_services().await.is_ok_and(|s| s.is_empty()) {
+        notes.push(format!(
+            "no Panel Service or worker runs on the database {}; if yours runs, it uses another one: give its \
+             --data-dir, --config or --database-url",
+            panel_service::redact_url(&resolved.database_url)
+        ));
+    }
+    notes
 }
 
 /// The commands that may create a new installation's data directory.
@@ -324,6 +349,11 @@ async fn run(cli: Cli) -> CmdResult {
     let panel = Panel::open(&resolved.database_url, secrets).await.map_err(|e| {
         Failed(1, format!("cannot open the database {}: {e}", panel_service::redact_url(&resolved.database_url)))
     })?;
+    if !matches!(cli.command, Command::Serve { .. } | Command::Worker { .. } | Command::Migrate) {
+        for note in store_notes(&panel, &resolved).await {
+            eprintln!("note: {note}");
+        }
+    }
     match cli.command {
         Command::Serve { listen, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());

@@ -445,6 +445,35 @@ fn a_read_in_a_directory_without_panel_data_says_so_instead_of_creating_an_empty
 }
 
 #[test]
+fn a_command_on_a_database_no_service_uses_says_which_one_and_names_an_unread_panel_toml() {
+    let mut env = configured();
+    let cwd = env.path().join("somewhere");
+    std::fs::create_dir(&cwd).unwrap();
+    std::fs::write(cwd.join("panel.toml"), "listen = \"127.0.0.1:9999\"\n").unwrap();
+    let (data, config) = (env.data_dir().to_path_buf(), env.path().join("panel.toml"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_panel"))
+            .args(args)
+            .current_dir(&cwd)
+            .env("PANEL_DATA_DIR", &data)
+            .env("PANEL_CONFIG", &config)
+            .env_remove("PANEL_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = run(&["messages", "list"]);
+    let db = format!("sqlite://{}", data.join("panel.db").display());
+    assert!(stderr.contains(&format!("no Panel Service or worker runs on the database {db}")), "{stderr}");
+    assert!(stderr.contains("./panel.toml is not read") && stderr.contains("--config panel.toml"), "{stderr}");
+    // Read from where it is named, it is not mentioned; with a service running, neither is the database.
+    env.spawn(&["worker"]);
+    let stderr = run(&["--config", "panel.toml", "messages", "list"]);
+    assert!(!stderr.contains("panel.toml is not read") && !stderr.contains("no Panel Service"), "{stderr}");
+}
+
+#[test]
 fn every_settings_version_is_listed_with_its_changes_and_any_one_can_be_restored() {
     let mut env = configured();
     env.ok(&["smtp", "set", "--port", "2525"]);
