@@ -261,6 +261,9 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
     use FailureClass::*;
     use FailureKind as K;
     let hint = hint(failure, ctx);
+    if let Some(class) = known_reply(failure).and_then(|p| p.class) {
+        return Classification { class, hint };
+    }
     let class = match failure.kind {
         K::Reply => {
             let reply = failure.reply.as_ref().expect("Reply failures carry the reply");
@@ -311,8 +314,221 @@ fn is_auth_required(reply: &SmtpReply) -> bool {
     reply.enhanced.as_deref() == Some("5.7.0") && reply.text.to_ascii_lowercase().contains("authentication required")
 }
 
+/// A reply of Microsoft 365 (Exchange Online) or Google that admins meet again and again,
+/// recognised by its code, enhanced code and a distinctive part of its text; what it means is
+/// taken from the provider's own documentation, and the hint says the fix.
+#[derive(Debug)]
+pub struct ProviderReply {
+    pub code: u16,
+    pub enhanced: &'static str,
+    /// Lower case; the reply's text must contain it.
+    pub contains: &'static str,
+    /// Where the provider's meaning differs from the reply code's class: a quota that frees up
+    /// within a day is retried although it is a 5xx; a refusal that no retry fixes (TLS below
+    /// 1.2 on the path, an unregistered relay client) needs the admin although it is a 4xx or
+    /// a recipient's 5xx.
+    pub class: Option<FailureClass>,
+    /// Whether the meaning holds when an OAuth2 token was refused too (SMTP AUTH turned off);
+    /// the ones about passwords do not: a refused token has its own hint.
+    pub for_tokens: bool,
+    pub hint: &'static str,
+}
+
+/// Most specific first: the first entry that matches decides.
+pub const PROVIDER_REPLIES: &[ProviderReply] = &[
+    ProviderReply {
+        code: 550,
+        enhanced: "5.7.30",
+        contains: "basic authentication is not supported",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "Microsoft 365 no longer accepts a password (Basic authentication) for SMTP client submission; \
+               switch to OAuth2: --auth oauth2 --oauth-provider microsoft with a stored Microsoft credential \
+               (README: OAuth2 for Microsoft 365)",
+    },
+    ProviderReply {
+        code: 535,
+        enhanced: "5.7.139",
+        contains: "disabled for the tenant",
+        class: None,
+        for_tokens: true,
+        hint: "SMTP AUTH is turned off for the whole Microsoft 365 tenant: an Exchange admin turns it on \
+               (Set-TransportConfig -SmtpClientAuthenticationDisabled $false), or for this mailbox only \
+               (Set-CASMailbox -Identity MAILBOX -SmtpClientAuthenticationDisabled $false)",
+    },
+    ProviderReply {
+        code: 535,
+        enhanced: "5.7.139",
+        contains: "disabled for the mailbox",
+        class: None,
+        for_tokens: true,
+        hint: "SMTP AUTH is turned off for this mailbox: an Exchange admin turns it on with Set-CASMailbox \
+               -Identity MAILBOX -SmtpClientAuthenticationDisabled $false (or Microsoft 365 admin center: \
+               the user > Mail > Manage email apps > Authenticated SMTP)",
+    },
+    ProviderReply {
+        code: 535,
+        enhanced: "5.7.139",
+        contains: "security defaults",
+        class: None,
+        for_tokens: false,
+        hint: "Microsoft Entra security defaults block password sign-in for SMTP on this tenant; use OAuth2 \
+               (--auth oauth2 --oauth-provider microsoft), which they do not block",
+    },
+    ProviderReply {
+        code: 535,
+        enhanced: "5.7.139",
+        contains: "authentication unsuccessful",
+        class: None,
+        for_tokens: false,
+        hint: "Microsoft 365 refused this sign-in: the password is wrong, or a policy blocks password sign-in \
+               for this account (MFA, Conditional Access, security defaults); check the credential, or use \
+               OAuth2 (--auth oauth2 --oauth-provider microsoft)",
+    },
+    ProviderReply {
+        code: 535,
+        enhanced: "5.7.3",
+        contains: "authentication unsuccessful",
+        class: None,
+        for_tokens: false,
+        hint: "Exchange rejected the sign-in: check that --username is the mailbox's full address and the \
+               password; if both are right, the tenant no longer allows password sign-in for SMTP AUTH: use \
+               --auth oauth2 --oauth-provider microsoft",
+    },
+    ProviderReply {
+        code: 530,
+        enhanced: "5.7.57",
+        contains: "not authenticated",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "Exchange Online accepts mail on its submission endpoint only after SMTP AUTH: set --auth oauth2 \
+               --oauth-provider microsoft (or password); to relay without a mailbox, send to your tenant's MX \
+               endpoint (DOMAIN.mail.protection.outlook.com, port 25) through a connector that allow-lists \
+               this host's IP",
+    },
+    ProviderReply {
+        code: 550,
+        enhanced: "5.7.60",
+        contains: "permissions to send as this sender",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "the mailbox Panel signs in as may not send as this From address: set --from to that mailbox's \
+               address, or give the mailbox Send As permission on it (Add-RecipientPermission FROM -Trustee \
+               MAILBOX -AccessRights SendAs)",
+    },
+    ProviderReply {
+        code: 421,
+        enhanced: "4.7.66",
+        contains: "tls 1.0 and 1.1 are not supported",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "Exchange Online refuses TLS 1.0 and 1.1; Panel itself only speaks TLS 1.2 or newer, so something \
+               between Panel and Microsoft (a TLS-inspecting proxy or firewall) re-encrypts with an old \
+               version: fix or bypass it for this connection",
+    },
+    ProviderReply {
+        code: 432,
+        enhanced: "4.3.2",
+        contains: "thread limit exceeded",
+        class: None,
+        for_tokens: false,
+        hint: "Exchange Online lets one mailbox send on at most 3 connections at once, and Panel opened more: \
+               lower [worker] concurrency so that all running services together stay at 3 or fewer; the \
+               message is retried",
+    },
+    ProviderReply {
+        code: 432,
+        enhanced: "4.3.2",
+        contains: "concurrent connection",
+        class: None,
+        for_tokens: false,
+        hint: "Exchange Online lets one mailbox send on at most 3 connections at once, and Panel opened more: \
+               lower [worker] concurrency so that all running services together stay at 3 or fewer; the \
+               message is retried",
+    },
+    ProviderReply {
+        code: 554,
+        enhanced: "5.2.0",
+        contains: "submissionquotaexceededexception",
+        class: Some(FailureClass::Transient),
+        for_tokens: false,
+        hint: "the mailbox reached Exchange Online's sending limit (10,000 recipients a day; 30 messages a \
+               minute): it sends again as the 24-hour window frees up, and the message is retried until \
+               --give-up-after; for more volume, spread the mail over several mailboxes",
+    },
+    ProviderReply {
+        code: 554,
+        enhanced: "5.2.2",
+        contains: "quotaexceededexception",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "the sending mailbox is full (Exchange keeps every message sent with SMTP AUTH in Sent Items): \
+               empty it, or give Sent Items a retention policy that deletes old items",
+    },
+    ProviderReply {
+        code: 421,
+        enhanced: "4.7.0",
+        contains: "tls required for rcpt domain",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "Google requires TLS for this recipient's domain (a TLS compliance setting), and this connection \
+               is not encrypted: use --security starttls (port 587) or tls (465)",
+    },
+    ProviderReply {
+        code: 550,
+        enhanced: "5.4.5",
+        contains: "sending limit exceeded",
+        class: Some(FailureClass::Transient),
+        for_tokens: false,
+        hint: "the Google Workspace account reached its daily sending limit; it can send again within 24 hours, \
+               and the message is retried until --give-up-after; for more volume use Google's SMTP relay \
+               service (smtp-relay.gmail.com) or several accounts",
+    },
+    ProviderReply {
+        code: 550,
+        enhanced: "5.7.1",
+        contains: "invalid credentials for relay",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "Google's SMTP relay service does not recognise this sender: register this host's public IP in the \
+               Admin console (Apps > Google Workspace > Gmail > Routing > SMTP relay service), or require SMTP \
+               authentication there and set --auth; the From address (or --helo-name) must be in one of your \
+               Workspace domains",
+    },
+    ProviderReply {
+        code: 530,
+        enhanced: "5.7.0",
+        contains: "authentication required",
+        class: Some(FailureClass::Configuration),
+        for_tokens: false,
+        hint: "the relay requires authentication (Google: smtp.gmail.com always; smtp-relay.gmail.com when its \
+               relay service is set to require SMTP authentication): set --auth oauth2 --oauth-provider google \
+               (or password), or have this host's IP allow-listed",
+    },
+];
+
+/// The known provider reply `reply` is, if any.
+pub fn provider_reply(reply: &SmtpReply) -> Option<&'static ProviderReply> {
+    let enhanced = reply.enhanced.as_deref().unwrap_or("");
+    let text = reply.text.to_ascii_lowercase();
+    PROVIDER_REPLIES.iter().find(|p| p.code == reply.code && p.enhanced == enhanced && text.contains(p.contains))
+}
+
+/// The provider reply a failure carries, where its meaning applies to this kind of failure.
+fn known_reply(failure: &Failure) -> Option<&'static ProviderReply> {
+    let known = provider_reply(failure.reply.as_ref()?)?;
+    match failure.kind {
+        FailureKind::Reply => Some(known),
+        FailureKind::TokenRefusedByRelay if known.for_tokens => Some(known),
+        _ => None,
+    }
+}
+
 fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
     use FailureKind as K;
+    if let Some(known) = known_reply(failure) {
+        return Some(known.hint.to_string());
+    }
     let port = ctx.port;
     let h = |s: &str| Some(s.to_string());
     match failure.kind {
@@ -585,6 +801,151 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each provider reply, as the provider sends it, with the class it gets and a word its hint
+    /// must carry. The texts are the documented ones (see `PROVIDER_REPLIES`).
+    #[test]
+    fn the_big_providers_replies_get_their_documented_meaning_and_fix() {
+        use FailureClass::*;
+        let cases: &[(Stage, u16, &str, FailureClass, &str)] = &[
+            (
+                Stage::Auth,
+                550,
+                "5.7.30 Basic authentication is not supported for Client Submission.",
+                Configuration,
+                "--auth oauth2",
+            ),
+            (
+                Stage::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+                Configuration,
+                "Set-TransportConfig",
+            ),
+            (
+                Stage::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.",
+                Configuration,
+                "Set-CASMailbox",
+            ),
+            (
+                Stage::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator.",
+                Configuration,
+                "security defaults",
+            ),
+            (
+                Stage::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully.",
+                Configuration,
+                "Conditional Access",
+            ),
+            (
+                Stage::Auth,
+                535,
+                "5.7.3 Authentication unsuccessful [BN6PR03CA0021.namprd03.prod.outlook.com]",
+                Configuration,
+                "full address",
+            ),
+            (
+                Stage::Mail,
+                530,
+                "5.7.57 Client not authenticated to send mail. [BN1P110CA0052.NAMP110.PROD.OUTLOOK.COM]",
+                Configuration,
+                "mail.protection.outlook.com",
+            ),
+            (
+                Stage::Data,
+                550,
+                "5.7.60 SMTP; Client does not have permissions to send as this sender [BY2PR1001MB1094.namprd10.prod.outlook.com]",
+                Configuration,
+                "Send As",
+            ),
+            (
+                Stage::Greeting,
+                421,
+                "4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support TLS 1.2.",
+                Configuration,
+                "proxy",
+            ),
+            (Stage::Mail, 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", Transient, "concurrency"),
+            (
+                Stage::Mail,
+                432,
+                "4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.",
+                Transient,
+                "concurrency",
+            ),
+            (
+                Stage::Data,
+                554,
+                "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception",
+                Transient,
+                "10,000 recipients",
+            ),
+            (
+                Stage::Data,
+                554,
+                "5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
+                Configuration,
+                "Sent Items",
+            ),
+            (
+                Stage::Rcpt,
+                421,
+                "4.7.0 TLS required for RCPT domain, closing connection.",
+                Configuration,
+                "--security starttls",
+            ),
+            (
+                Stage::Mail,
+                550,
+                "5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852",
+                Transient,
+                "24 hours",
+            ),
+            (
+                Stage::Rcpt,
+                550,
+                "5.7.1 Invalid credentials for relay [203.0.113.10]. The IP address you've registered in your G Suite SMTP Relay service doesn't match domain of the account this email is being sent from.",
+                Configuration,
+                "SMTP relay service",
+            ),
+            (
+                Stage::Mail,
+                530,
+                "5.7.0 Authentication Required. Learn more at https://support.google.com/mail/?p=WantAuthError",
+                Configuration,
+                "--auth oauth2 --oauth-provider google",
+            ),
+        ];
+        for (stage, code, text, class, fix) in cases {
+            let f = Failure::reply(*stage, reply(*code, &format!("{code} {text}")));
+            let c = classify(&f, STARTTLS_587);
+            assert_eq!(c.class, *class, "{code} {text}");
+            let hint = c.hint.unwrap_or_default();
+            assert!(hint.contains(fix), "{code} {text}: {hint}");
+        }
+        // An OAuth2 token refused for a documented reason gets that reason, not the general hint.
+        let f = Failure {
+            kind: FailureKind::TokenRefusedByRelay,
+            ..Failure::reply(
+                Stage::Auth,
+                reply(
+                    535,
+                    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox.",
+                ),
+            )
+        };
+        assert!(classify(&f, STARTTLS_587).hint.unwrap().contains("Set-CASMailbox"));
+        // The same code with another text is not taken for it.
+        let f = Failure::reply(Stage::Rcpt, reply(550, "550 5.7.1 <a@b.org>: Relay access denied"));
+        assert!(classify(&f, STARTTLS_587).hint.unwrap().contains("allow-listed"));
+        assert_eq!(classify(&f, STARTTLS_587).class, Permanent);
     }
 
     #[test]
