@@ -87,7 +87,11 @@ pub fn check(r: &CheckReport, json: bool) {
         print_json(r);
         return;
     }
-    println!("Checking relay {} (security {}), from {}", r.relay, r.security, r.ran_in);
+    let graph = r.transport == "graph";
+    match graph {
+        true => println!("Checking Microsoft Graph at {}, from {}", r.relay, r.ran_in),
+        false => println!("Checking relay {} (security {}), from {}", r.relay, r.security, r.ran_in),
+    }
     for e in &r.stages {
         let mark = if e.ok { "ok  " } else { "FAIL" };
         println!("  {mark} {:<9} {}", e.stage.to_string(), e.detail.replace('\n', " "));
@@ -113,7 +117,12 @@ pub fn check(r: &CheckReport, json: bool) {
     }
     match &r.failure {
         None => {
-            println!("Result: OK, the relay would accept a message to the Fallback recipient.");
+            match graph {
+                true => println!(
+                    "Result: OK, the app gets a Graph token; `panel smtp test` proves it may send as the mailbox."
+                ),
+                false => println!("Result: OK, the relay would accept a message to the Fallback recipient."),
+            }
             if r.released > 0 {
                 println!("  {} message(s) held by a configuration error are sent again now.", r.released);
             }

@@ -18,8 +18,10 @@ crate::string_enum!(custom_display;
         Greeting = "greeting",
         Ehlo = "ehlo",
         Starttls = "starttls",
-        /// Obtaining an OAuth2 access token from the provider (before AUTH XOAUTH2).
+        /// Obtaining an OAuth2 access token from the provider (before AUTH XOAUTH2, or Graph).
         Token = "token",
+        /// Microsoft Graph's sendMail call (`transport = graph`): the reply is its HTTP status.
+        Graph = "graph",
         Auth = "auth",
         Mail = "mail",
         Rcpt = "rcpt",
@@ -41,7 +43,8 @@ impl Stage {
     /// Everything every message on the relay goes through before its own MAIL FROM: settings,
     /// connection, TLS, token and AUTH. A failure here stops all mail alike, so a later attempt
     /// that got past them (whatever the relay then said) proves them fixed for everyone.
-    pub const SESSION: [Stage; 9] = [
+    /// Graph's refusals (its 401 and 403) are of the app and mailbox, not of one message.
+    pub const SESSION: [Stage; 10] = [
         Stage::Config,
         Stage::Dns,
         Stage::Tcp,
@@ -51,6 +54,7 @@ impl Stage {
         Stage::Starttls,
         Stage::Token,
         Stage::Auth,
+        Stage::Graph,
     ];
 
     /// The failure is Panel's own (its settings, a file or variable it reads, a bug), found
@@ -202,16 +206,18 @@ pub struct Failure {
     pub reply: Option<SmtpReply>,
     /// What happened, in words (never contains a secret).
     pub detail: String,
+    /// How long the server asked to be left alone (HTTP `Retry-After`): no retry comes sooner.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Failure {
     pub fn reply(stage: Stage, reply: SmtpReply) -> Failure {
         let detail = reply.one_line();
-        Failure { stage, kind: FailureKind::Reply, reply: Some(reply), detail }
+        Failure { stage, kind: FailureKind::Reply, reply: Some(reply), detail, retry_after: None }
     }
 
     pub fn new(stage: Stage, kind: FailureKind, detail: impl Into<String>) -> Failure {
-        Failure { stage, kind, reply: None, detail: detail.into() }
+        Failure { stage, kind, reply: None, detail: detail.into(), retry_after: None }
     }
 
     /// The failure of a whole transaction, carrying the reply of the recipient that decided it.
@@ -265,6 +271,9 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         return Classification { class, hint };
     }
     let class = match failure.kind {
+        K::Reply if failure.stage == Stage::Graph => {
+            graph_class(failure.reply.as_ref().expect("Reply failures carry the reply").code)
+        }
         K::Reply => {
             let reply = failure.reply.as_ref().expect("Reply failures carry the reply");
             if reply.is_transient() {
@@ -305,6 +314,85 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
     Classification { class, hint }
 }
 
+/// What Microsoft Graph's HTTP status means for the message: throttling and outages are
+/// retried (429, 5xx); a refused token, app or mailbox needs the admin (401, 403, 404); any
+/// other refusal is of this message (400: its MIME, 413: its size).
+fn graph_class(status: u16) -> FailureClass {
+    match status {
+        429 | 500..=599 => FailureClass::Transient,
+        401 | 403 | 404 => FailureClass::Configuration,
+        _ => FailureClass::Permanent,
+    }
+}
+
+/// The fix for a Graph refusal, by Graph's error code (in the reply text) and status.
+fn graph_hint(reply: &SmtpReply) -> Option<String> {
+    let text = reply.text.as_str();
+    let s = |v: &str| Some(v.to_string());
+    if text.contains("MailboxNotEnabledForRESTAPI") {
+        return s(
+            "the mailbox does not exist in Exchange Online, or has no Exchange Online licence (or is on-premises): \
+             set --username to a licensed cloud mailbox (a shared mailbox needs no licence)",
+        );
+    }
+    if text.contains("ErrorAccessDenied") {
+        return s("the app may not send as this mailbox: it lacks the Mail.Send application permission (with admin \
+             consent), or the mailbox is outside the app's RBAC for Applications scope or application access \
+             policy in Exchange Online; add the mailbox to that scope (New-ManagementRoleAssignment -Role \
+             \"Application Mail.Send\" ... -CustomResourceScope, or the policy's group), or send as a mailbox inside it");
+    }
+    if text.contains("ResourceNotFound") || text.contains("ErrorInvalidUser") || reply.code == 404 {
+        return s("no such mailbox in this tenant: check --username (the mailbox's address or user principal name)");
+    }
+    match reply.code {
+        401 => s("Graph refused the token: the app registration lacks the Mail.Send application permission, or admin \
+             consent was not granted (Entra admin center > App registrations > API permissions > Grant admin consent)"),
+        403 => {
+            s("Graph refused the app: grant the Mail.Send application permission with admin consent, and check the \
+             app's access policy for this mailbox")
+        }
+        429 => s(
+            "Microsoft Graph is throttling this app or mailbox; Panel waits as long as it asks (Retry-After) and tries again",
+        ),
+        500..=599 => s("Microsoft Graph failed or is unavailable; the message is retried"),
+        413 => {
+            s("the message is too large for Microsoft Graph's sendMail: a request is limited to about 4 MB, so about \
+             3 MB of message once base64-encoded; send less, or send large mail over an SMTP relay")
+        }
+        _ => s("Microsoft Graph refused this message as it is (see its error above); it is not retried"),
+    }
+}
+
+/// What an Entra ID (AADSTS) error from the token endpoint means, when it is one admins meet.
+fn aadsts_hint(detail: &str) -> Option<&'static str> {
+    const KNOWN: &[(&str, &str)] = &[
+        (
+            "AADSTS7000215",
+            "the client secret is wrong: store the secret's Value (not its Secret ID) again with `panel credential set`",
+        ),
+        (
+            "AADSTS7000222",
+            "the client secret has expired: create a new one in the app registration and store it with `panel credential set`",
+        ),
+        (
+            "AADSTS700016",
+            "no app with this client id in the tenant: check the credential's client id and tenant (`panel credential list`)",
+        ),
+        ("AADSTS90002", "no such tenant: check the credential's tenant (its directory id or domain)"),
+        ("AADSTS900023", "the tenant is not a valid tenant id or domain: check the credential's tenant"),
+        (
+            "AADSTS65001",
+            "admin consent has not been granted for the app's permissions: grant it in the app registration's API permissions",
+        ),
+        ("AADSTS7000112", "the app is disabled in the tenant: enable its enterprise application"),
+        (
+            "AADSTS700027",
+            "the certificate assertion did not verify: the certificate uploaded to the app registration does not match the stored key",
+        ),
+    ];
+    KNOWN.iter().find(|(code, _)| detail.contains(code)).map(|(_, hint)| *hint)
+}
+
 /// Port 465 is implicit TLS by registration (RFC 8314); silence there without TLS is the mode.
 fn is_tls_port_without_tls(ctx: ConnectionContext) -> bool {
     ctx.port == 465 && ctx.security != Security::Tls
@@ -343,8 +431,8 @@ pub const PROVIDER_REPLIES: &[ProviderReply] = &[
         class: Some(FailureClass::Configuration),
         for_tokens: false,
         hint: "Microsoft 365 no longer accepts a password (Basic authentication) for SMTP client submission; \
-               switch to OAuth2: --auth oauth2 --oauth-provider microsoft with a stored Microsoft credential \
-               (README: OAuth2 for Microsoft 365)",
+               switch to OAuth2 (--auth oauth2 --oauth-provider microsoft) or to Microsoft Graph (--transport \
+               graph), both with a stored Microsoft credential (README: Microsoft Graph)",
     },
     ProviderReply {
         code: 535,
@@ -354,7 +442,8 @@ pub const PROVIDER_REPLIES: &[ProviderReply] = &[
         for_tokens: true,
         hint: "SMTP AUTH is turned off for the whole Microsoft 365 tenant: an Exchange admin turns it on \
                (Set-TransportConfig -SmtpClientAuthenticationDisabled $false), or for this mailbox only \
-               (Set-CASMailbox -Identity MAILBOX -SmtpClientAuthenticationDisabled $false)",
+               (Set-CASMailbox -Identity MAILBOX -SmtpClientAuthenticationDisabled $false); or send through \
+               Microsoft Graph (--transport graph), which needs no SMTP AUTH",
     },
     ProviderReply {
         code: 535,
@@ -364,7 +453,8 @@ pub const PROVIDER_REPLIES: &[ProviderReply] = &[
         for_tokens: true,
         hint: "SMTP AUTH is turned off for this mailbox: an Exchange admin turns it on with Set-CASMailbox \
                -Identity MAILBOX -SmtpClientAuthenticationDisabled $false (or Microsoft 365 admin center: \
-               the user > Mail > Manage email apps > Authenticated SMTP)",
+               the user > Mail > Manage email apps > Authenticated SMTP); or send through Microsoft Graph \
+               (--transport graph), which needs no SMTP AUTH",
     },
     ProviderReply {
         code: 535,
@@ -579,9 +669,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         K::Credential => h(
             "fix the stored credential named above (`panel credential list`, `panel license list`); messages held by it are sent again by themselves when the credential or a license changes",
         ),
-        K::TokenRejected => h(
+        K::TokenRejected => aadsts_hint(&failure.detail).map(String::from).or_else(|| h(
             "the identity provider refused to issue a token: check the tenant, client id and secret (or the service account key and its domain-wide delegation) and store them again with `panel credential set`",
-        ),
+        )),
         K::TokenRefusedByRelay => h(
             "the relay refused the OAuth2 token: for Microsoft 365 check the app's SMTP.SendAsApp permission, its Exchange service principal and mailbox permission, and that SMTP AUTH is enabled for the mailbox; for Google check the domain-wide delegation of https://mail.google.com/ and that --username is a mailbox of the domain",
         ),
@@ -612,6 +702,9 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
 }
 
 fn reply_hint(stage: Stage, reply: &SmtpReply) -> Option<String> {
+    if stage == Stage::Graph {
+        return graph_hint(reply);
+    }
     let text = reply.text.to_ascii_lowercase();
     let enhanced = reply.enhanced.as_deref().unwrap_or("");
     let s = |v: &str| Some(v.to_string());
@@ -946,6 +1039,55 @@ mod tests {
         let f = Failure::reply(Stage::Rcpt, reply(550, "550 5.7.1 <a@b.org>: Relay access denied"));
         assert!(classify(&f, STARTTLS_587).hint.unwrap().contains("allow-listed"));
         assert_eq!(classify(&f, STARTTLS_587).class, Permanent);
+    }
+
+    /// Graph answers with HTTP statuses, whose meaning is not SMTP's: a 4xx is mostly final, a
+    /// 5xx retried; each of its documented refusals names its fix.
+    #[test]
+    fn graphs_answers_are_classified_by_their_http_status_and_error_code() {
+        use FailureClass::*;
+        let graph =
+            |code: u16, text: &str| Failure::reply(Stage::Graph, SmtpReply { code, enhanced: None, text: text.into() });
+        let cases: &[(u16, &str, FailureClass, &str)] = &[
+            (429, "TooManyRequests: Application is over its MailboxConcurrency limit.", Transient, "Retry-After"),
+            (503, "ServiceUnavailable: Service Unavailable", Transient, "retried"),
+            (504, "GatewayTimeout", Transient, "retried"),
+            (
+                403,
+                "ErrorAccessDenied: Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy settings.",
+                Configuration,
+                "application access policy",
+            ),
+            (
+                404,
+                "MailboxNotEnabledForRESTAPI: The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+                Configuration,
+                "licence",
+            ),
+            (404, "ResourceNotFound: Resource could not be discovered.", Configuration, "--username"),
+            (401, "InvalidAuthenticationToken: Access token validation failure.", Configuration, "Mail.Send"),
+            (
+                400,
+                "ErrorMimeContentInvalidBase64String: Invalid base64 string for MIME content.",
+                Permanent,
+                "not retried",
+            ),
+            (413, "RequestEntityTooLarge", Permanent, "4 MB"),
+        ];
+        for (code, text, class, fix) in cases {
+            let c = classify(&graph(*code, text), STARTTLS_587);
+            assert_eq!(c.class, *class, "{code} {text}");
+            assert!(c.hint.as_deref().unwrap_or_default().contains(fix), "{code} {text}: {:?}", c.hint);
+        }
+        // Entra's own refusals of the token name their fix.
+        let f = Failure::new(
+            Stage::Token,
+            FailureKind::TokenRejected,
+            "the token endpoint answered HTTP 401: invalid_client: AADSTS7000215: Invalid client secret provided.",
+        );
+        let c = classify(&f, STARTTLS_587);
+        assert_eq!(c.class, Configuration);
+        assert!(c.hint.unwrap().contains("Value (not its Secret ID)"));
     }
 
     #[test]

@@ -138,7 +138,11 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     let (state, retry_after, failure_class) = match tx_class.as_ref().map(|c| c.class) {
         Some(FailureClass::Configuration) => (MessageState::Failed, None, Some(FailureClass::Configuration)),
         _ if pending > 0 => match ctx.policy.decide(ctx.attempts, ctx.age, ctx.random) {
-            RetryDecision::RetryAfter(d) => (MessageState::Retrying, Some(d), Some(retry_class)),
+            // Never sooner than the server asked (HTTP Retry-After: Graph's throttling).
+            RetryDecision::RetryAfter(d) => {
+                let asked = report.failure.as_ref().and_then(|f| f.retry_after).unwrap_or_default();
+                (MessageState::Retrying, Some(d.max(asked)), Some(retry_class))
+            }
             RetryDecision::GiveUp => (MessageState::Failed, None, Some(retry_class)),
         },
         _ if delivered == recipients.len() && ctx.earlier.failed == 0 => (MessageState::Delivered, None, None),

@@ -26,4 +26,4 @@ pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, R
 pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
 pub use secret::Secret;
-pub use settings::{Auth, AuthMode, PasswordSource, RelaySettings, Security, SettingsDoc};
+pub use settings::{Auth, AuthMode, GraphSettings, PasswordSource, RelaySettings, Security, SettingsDoc, Transport};

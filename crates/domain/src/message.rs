@@ -231,6 +231,16 @@ impl OutgoingMessage {
     /// The message as it goes after DATA (before dot-stuffing). Bcc recipients are in the
     /// envelope only, never in the headers.
     pub fn render(&self) -> Vec<u8> {
+        self.render_with(false)
+    }
+
+    /// The message for Microsoft Graph, which has no envelope: it takes every recipient from
+    /// the headers, Bcc included, and removes the Bcc header from what recipients get.
+    pub fn render_for_graph(&self) -> Vec<u8> {
+        self.render_with(true)
+    }
+
+    fn render_with(&self, bcc_header: bool) -> Vec<u8> {
         let mut builder = lettre::Message::builder()
             .raw_header(address_list("From", std::slice::from_ref(&self.from)))
             .message_id(Some(self.message_id.clone()))
@@ -241,6 +251,10 @@ impl OutgoingMessage {
         }
         if !self.cc.is_empty() {
             builder = builder.raw_header(address_list("Cc", &self.cc));
+        }
+        if bcc_header && !self.bcc.is_empty() {
+            // lettre drops a Bcc header when it formats the message, unless told to keep it.
+            builder = builder.raw_header(address_list("Bcc", &self.bcc)).keep_bcc();
         }
         if let Some(r) = &self.reply_to {
             builder = builder.raw_header(address_list("Reply-To", std::slice::from_ref(r)));
@@ -380,6 +394,16 @@ mod tests {
         assert!(raw.contains("Date: "));
         assert!(!raw.contains("Jörg"), "non-ASCII in headers must be encoded");
         assert_eq!(m.render(), m.render(), "every attempt sends the same bytes");
+    }
+
+    #[test]
+    fn graph_gets_the_bcc_in_the_headers_and_otherwise_the_same_message() {
+        let d = Draft { bcc: vec!["hidden@example.org".into()], ..draft() };
+        let m = prepare(&d).unwrap();
+        let smtp = String::from_utf8(m.render()).unwrap();
+        let graph = String::from_utf8(m.render_for_graph()).unwrap();
+        assert!(graph.contains("Bcc: hidden@example.org\r\n") && !smtp.contains("hidden@"), "{graph}");
+        assert_eq!(graph.replace("Bcc: hidden@example.org\r\n", ""), smtp, "nothing else differs");
     }
 
     #[test]

@@ -22,6 +22,9 @@ impl OAuthProvider {
         }
     }
 
+    /// The scope of a Microsoft Graph token (the app's application permissions, `Mail.Send`).
+    pub const GRAPH_SCOPE: &'static str = "https://graph.microsoft.com/.default";
+
     /// The token endpoint when the settings name none (`tenant` only matters for Microsoft).
     pub fn default_token_endpoint(self, tenant: &str) -> String {
         match self {
@@ -44,8 +47,13 @@ pub struct EndpointUrl {
 
 impl EndpointUrl {
     pub fn parse(value: &str) -> Result<EndpointUrl, String> {
+        EndpointUrl::parse_as(value, "token endpoint")
+    }
+
+    /// `parse`, naming the URL as `what` in its errors ("Graph endpoint").
+    pub fn parse_as(value: &str, what: &str) -> Result<EndpointUrl, String> {
         let v = value.trim();
-        let bad = |why: &str| format!("'{v}' is not a usable token endpoint: {why}");
+        let bad = |why: &str| format!("'{v}' is not a usable {what}: {why}");
         let (tls, rest) = if let Some(r) = v.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = v.strip_prefix("http://") {

@@ -83,12 +83,14 @@ impl RelayBackoff {
     pub const FIRST: Duration = Duration::from_secs(1);
     pub const MAX: Duration = Duration::from_secs(60);
 
-    /// Records a failure to reach the relay; returns the delay before the next try.
-    pub fn failed(&mut self, now: Instant) -> Duration {
+    /// Records a failure to reach the relay; returns the delay before the next try, never
+    /// shorter than what the server asked for (`asked`, HTTP Retry-After).
+    pub fn failed(&mut self, now: Instant, asked: Option<Duration>) -> Duration {
         let delay = self.delay.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
         self.delay = Some(delay);
-        self.until = Some(now + delay);
-        delay
+        let wait = delay.max(asked.unwrap_or_default());
+        self.until = Some(now + wait);
+        wait
     }
 
     /// The relay answered (whatever it said): back to normal. True when this ends an outage
@@ -113,7 +115,10 @@ impl RelayBackoff {
 /// Whether an attempt's failure says the relay itself is unreachable or refusing service (as
 /// opposed to a problem with this message): name resolution, TCP, TLS, greeting, EHLO, or 421.
 pub fn is_relay_unreachable(stage: Stage, class: Option<FailureClass>, reply: Option<&SmtpReply>) -> bool {
-    class == Some(FailureClass::Transient) && (Stage::REACHING.contains(&stage) || reply.is_some_and(|r| r.code == 421))
+    // Graph throttles per app and mailbox, and its 5xx is the service: the whole transport waits.
+    let graph_refusing = stage == Stage::Graph && reply.is_some_and(|r| r.code == 429 || r.code >= 500);
+    class == Some(FailureClass::Transient)
+        && (Stage::REACHING.contains(&stage) || reply.is_some_and(|r| r.code == 421) || graph_refusing)
 }
 
 #[cfg(test)]
@@ -125,7 +130,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = RelayBackoff::default();
         assert!(!b.probing() && b.wait(t0).is_none());
-        let delays: Vec<u64> = (0..8).map(|_| b.failed(t0).as_secs()).collect();
+        let delays: Vec<u64> = (0..8).map(|_| b.failed(t0, None).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
         assert!(b.probing());
         assert_eq!(b.wait(t0), Some(Duration::from_secs(60)));
@@ -133,6 +138,21 @@ mod tests {
         assert!(b.reached(), "reaching it ends the outage");
         assert!(!b.probing() && b.wait(t0).is_none());
         assert!(!b.reached(), "no outage to end");
+    }
+
+    #[test]
+    fn a_server_that_asks_for_time_gets_it_and_graphs_throttling_holds_the_transport() {
+        use crate::classify::{FailureClass::*, SmtpReply, Stage};
+        let t0 = Instant::now();
+        let mut b = RelayBackoff::default();
+        assert_eq!(b.failed(t0, Some(Duration::from_secs(30))), Duration::from_secs(30));
+        assert_eq!(b.wait(t0), Some(Duration::from_secs(30)));
+        let throttled = SmtpReply::from_lines(429, &["429 TooManyRequests"]);
+        let unavailable = SmtpReply::from_lines(503, &["503 ServiceUnavailable"]);
+        let refused = SmtpReply::from_lines(400, &["400 ErrorMimeContentInvalidBase64String"]);
+        assert!(is_relay_unreachable(Stage::Graph, Some(Transient), Some(&throttled)));
+        assert!(is_relay_unreachable(Stage::Graph, Some(Transient), Some(&unavailable)));
+        assert!(!is_relay_unreachable(Stage::Graph, Some(Permanent), Some(&refused)));
     }
 
     #[test]

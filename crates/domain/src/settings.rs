@@ -21,6 +21,26 @@ use crate::retry::RetryPolicy;
 pub use crate::security::Security;
 
 crate::string_enum!(
+    /// How a message leaves Panel (the `transport` setting).
+    Transport {
+        Smtp = "smtp" => "SMTP relay",
+        Graph = "graph" => "Microsoft Graph (sendMail)",
+    }
+);
+
+/// Microsoft Graph's sendMail (`transport = graph`). The message goes as the MIME Panel builds,
+/// so Exchange keeps a copy in the mailbox's Sent Items: Graph's `saveToSentItems` exists only
+/// for JSON messages (microsoftgraph/microsoft-graph-docs#18698).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphSettings {
+    /// `https://graph.microsoft.com` unless overridden (a national cloud, a local test double).
+    pub endpoint: EndpointUrl,
+}
+
+/// Graph's public endpoint.
+pub const GRAPH_ENDPOINT: &str = "https://graph.microsoft.com";
+
+crate::string_enum!(
     /// How Panel proves itself to the relay (the `auth` setting).
     AuthMode {
         None = "none" => "None (allow-listed IP)",
@@ -85,6 +105,10 @@ impl Auth {
 /// Validated relay settings: every value here is safe to use as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySettings {
+    pub transport: Transport,
+    /// With `Transport::Graph`: where and how; `host`, `port` and `security` then describe the
+    /// Graph endpoint (for logs and the credential's binding), and `auth` is its OAuth2 sign-in.
+    pub graph: Option<GraphSettings>,
     pub host: String,
     pub port: u16,
     pub security: Security,
@@ -140,7 +164,14 @@ impl RelaySettings {
             Auth::OAuth2 { token_endpoint, .. } => token_endpoint.as_ref(),
             _ => None,
         };
-        endpoint_key(&self.host, self.port, self.security, token_endpoint)
+        match &self.graph {
+            // The bearer token goes to the Graph endpoint, path and all.
+            Some(g) => match token_endpoint {
+                None => format!("graph {}", g.endpoint),
+                Some(url) => format!("graph {} with token endpoint {url}", g.endpoint),
+            },
+            None => endpoint_key(&self.host, self.port, self.security, token_endpoint),
+        }
     }
 
     /// Whether a stored credential may be sent under these settings when it was confirmed for
@@ -159,28 +190,26 @@ impl RelaySettings {
     pub fn validate(doc: &SettingsDoc) -> Result<RelaySettings, FieldErrors> {
         let mut errors = FieldErrors::default();
 
-        let host = match doc.host.as_deref() {
-            None => {
-                errors.push("host", "is required; give the relay's DNS name or IP address (--host)");
-                None
+        let transport = match doc.transport.as_deref() {
+            None => Some(Transport::Smtp),
+            Some(v) => errors.take(Transport::parse(v).ok_or_else(|| {
+                FieldError::new("transport", format!("'{v}' is not a transport; use smtp (a relay) or graph"))
+            })),
+        };
+        let graph = match transport {
+            Some(Transport::Graph) => Some(graph_settings(doc, &mut errors)),
+            _ => None,
+        };
+        let (host, security, port) = match &graph {
+            // The Graph endpoint stands where the relay would: logs and the binding name it.
+            Some(g) => {
+                let url = g.as_ref().map(|g| &g.endpoint);
+                let security = url.map(|u| if u.tls { Security::Tls } else { Security::None });
+                (url.map(|u| u.host.clone()), security, url.map(|u| u.port))
             }
-            Some(h) => errors.take(validate_host("host", h)),
+            None => smtp_endpoint(doc, &mut errors),
         };
-        let security = match doc.security.as_deref() {
-            None => Some(Security::Starttls),
-            Some(v) => errors.take(Security::parse(v).ok_or_else(|| {
-                FieldError::new(
-                    "security",
-                    format!("'{v}' is not a security mode; use one of tls, starttls, opportunistic, none"),
-                )
-            })),
-        };
-        let port = match doc.port {
-            None => security.map(Security::default_port),
-            Some(p) => errors.take(u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
-                FieldError::new("port", format!("{p} is out of range; use 1-65535 (typically 25, 465 or 587)"))
-            })),
-        };
+        let graph = graph.flatten();
         let from = match doc.from.as_deref() {
             None => {
                 errors.push("from", "is required; give the sender like 'Identity Panel <panel@example.org>' (--from)");
@@ -198,10 +227,14 @@ impl RelaySettings {
             }
             Some(v) => errors.take(EmailAddress::parse("fallback_recipient", v)),
         };
-        let auth = validate_auth(doc, &mut errors);
+        let auth = match transport {
+            Some(Transport::Graph) => graph_auth(doc, &mut errors),
+            _ => validate_auth(doc, &mut errors),
+        };
         let allow_plaintext_auth = doc.allow_plaintext_auth.unwrap_or(false);
         let sends_secret = auth.as_ref().is_some_and(|a| *a != Auth::None);
-        if security == Some(Security::None) && sends_secret && !allow_plaintext_auth {
+        // A Graph endpoint in plain http is a loopback test double (EndpointUrl allows no other).
+        if graph.is_none() && security == Some(Security::None) && sends_secret && !allow_plaintext_auth {
             errors.push(
                 "auth",
                 "security 'none' would send the password unencrypted; use security starttls or tls, \
@@ -216,8 +249,8 @@ impl RelaySettings {
             .as_deref()
             .and_then(|v| errors.take(check_header_safe("ca_file", v).map(|_| PathBuf::from(v.trim()))));
         let pin_sha256 = doc.pin_sha256.as_deref().and_then(|v| errors.take(parse_pin(v)));
-        if let (Some(Security::None), true) =
-            (security, pin_sha256.is_some() || ca_file.is_some() || tls_server_name.is_some())
+        if let (Some(Security::None), true, None) =
+            (security, pin_sha256.is_some() || ca_file.is_some() || tls_server_name.is_some(), &graph)
         {
             errors.push(
                 "security",
@@ -231,8 +264,9 @@ impl RelaySettings {
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
 
         let timeouts = connect_timeout.zip(command_timeout).zip(data_timeout);
-        match (host, port, security, auth, from, fallback_recipient, timeouts, retry) {
+        match (transport, host, port, security, auth, from, fallback_recipient, timeouts, retry) {
             (
+                Some(transport),
                 Some(host),
                 Some(port),
                 Some(security),
@@ -244,6 +278,8 @@ impl RelaySettings {
             ) if errors.is_empty() => {
                 let mut settings = RelaySettings {
                     credential_attached: false,
+                    transport,
+                    graph,
                     host,
                     port,
                     security,
@@ -269,6 +305,77 @@ impl RelaySettings {
             _ => Err(errors),
         }
     }
+}
+
+/// The relay's host, security and port (`transport = smtp`).
+fn smtp_endpoint(doc: &SettingsDoc, errors: &mut FieldErrors) -> (Option<String>, Option<Security>, Option<u16>) {
+    let host = match doc.host.as_deref() {
+        None => {
+            errors.push("host", "is required; give the relay's DNS name or IP address (--host)");
+            None
+        }
+        Some(h) => errors.take(validate_host("host", h)),
+    };
+    let security = match doc.security.as_deref() {
+        None => Some(Security::Starttls),
+        Some(v) => errors.take(Security::parse(v).ok_or_else(|| {
+            FieldError::new(
+                "security",
+                format!("'{v}' is not a security mode; use one of tls, starttls, opportunistic, none"),
+            )
+        })),
+    };
+    let port = match doc.port {
+        None => security.map(Security::default_port),
+        Some(p) => errors.take(u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+            FieldError::new("port", format!("{p} is out of range; use 1-65535 (typically 25, 465 or 587)"))
+        })),
+    };
+    (host, security, port)
+}
+
+/// `transport = graph`: the endpoint, and no setting of the SMTP relay left set (it would be
+/// silently ignored, and the admin would think it applies).
+fn graph_settings(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<GraphSettings> {
+    for s in table::SETTINGS.iter().filter(|s| !s.uses.transport_uses(Transport::Graph)) {
+        if doc.get(s.name).is_some() {
+            errors.push(
+                s.name,
+                "belongs to the SMTP relay, which transport graph does not use; to send through a relay name \
+                 --transport smtp too, or clear it with ''",
+            );
+        }
+    }
+    let endpoint = doc.graph_endpoint.as_deref().unwrap_or(GRAPH_ENDPOINT);
+    let endpoint = errors
+        .take(EndpointUrl::parse_as(endpoint, "Graph endpoint").map_err(|e| FieldError::new("graph_endpoint", e)))?;
+    Some(GraphSettings { endpoint })
+}
+
+/// `transport = graph` signs in with OAuth2 as an Entra app: Microsoft, the mailbox to send as,
+/// and the stored client secret.
+fn graph_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {
+    let provider = doc.oauth_provider.as_deref().unwrap_or("microsoft");
+    if OAuthProvider::parse(provider) != Some(OAuthProvider::Microsoft) {
+        errors.push(
+            "oauth_provider",
+            format!("'{provider}' cannot sign in to Microsoft Graph; use microsoft (or clear it with '')"),
+        );
+        return None;
+    }
+    if doc.username.is_none() {
+        errors.push("username", "is required with transport graph: the mailbox Panel sends as (--username)");
+    }
+    if doc.credential.is_none() {
+        errors.push(
+            "credential",
+            "is required with transport graph: the stored Microsoft credential of the Entra app (--credential)",
+        );
+    }
+    if doc.username.is_none() || doc.credential.is_none() {
+        return None;
+    }
+    oauth2(&SettingsDoc { oauth_provider: Some("microsoft".into()), ..doc.clone() }, false, errors)
 }
 
 fn validate_auth(doc: &SettingsDoc, errors: &mut FieldErrors) -> Option<Auth> {

@@ -15,8 +15,12 @@ use crate::tls::TlsInfo;
 /// Serializable both ways: a service runs the check and stores the report for the CLI that asked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckReport {
-    /// True only when a message to the Fallback recipient would be accepted.
+    /// True only when a message to the Fallback recipient would be accepted (Graph: when the
+    /// app gets a token with `Mail.Send`; only sending proves the mailbox).
     pub ok: bool,
+    /// `smtp` or `graph`.
+    #[serde(default)]
+    pub transport: String,
     pub relay: String,
     pub security: String,
     pub stages: Vec<StageEvent>,
@@ -62,6 +66,9 @@ impl CheckFailure {
 
 /// Runs the check; `credentials` resolves stored credentials and tokens like the worker's.
 pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn CredentialSource>>) -> CheckReport {
+    if settings.graph.is_some() {
+        return crate::graph::check(settings, credentials).await;
+    }
     let mut t = Transcript::default();
     let mut extensions = Vec::new();
     let mut auth = Vec::new();
@@ -84,6 +91,7 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
     let failure = result.err().map(|f| CheckFailure::new(&f, &settings));
     CheckReport {
         ok: failure.is_none(),
+        transport: "smtp".into(),
         relay: crate::connection::relay_address(&settings),
         security: settings.security.to_string(),
         stages: t.events,

@@ -1,6 +1,7 @@
-//! A minimal HTTPS client for token endpoints: one POST of a form, one JSON answer. Built on
-//! hyper's connection API over the same rustls stack as the relay client, with the system's
-//! trust roots, so no second TLS stack enters the build.
+//! A minimal HTTPS client for token endpoints and Microsoft Graph: one request, one bounded
+//! answer. Built on hyper's connection API over the same rustls stack as the relay client (the
+//! system's trust roots, plus the settings' CA file for Graph), so no second TLS stack enters
+//! the build.
 
 use std::time::Duration;
 
@@ -28,33 +29,64 @@ impl AsRef<[u8]> for WipedBytes {
 
 pub struct HttpResponse {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: Zeroizing<Vec<u8>>,
+}
+
+impl HttpResponse {
+    /// A response header as text, when present and printable.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 /// POSTs `form` (already encoded; it carries a secret, so it is wiped after use) to `url`.
 /// The error is a sentence for the admin: what failed, where.
 pub async fn post_form(url: &EndpointUrl, form: Zeroizing<String>, limit: Duration) -> Result<HttpResponse, String> {
-    timeout(limit, post(url, form))
+    // The request owns the wiping buffer itself (no copy): it is zeroed when hyper drops the
+    // body after writing it.
+    let request = request(url, "POST", "application/x-www-form-urlencoded")
+        .body(Bytes::from_owner(WipedBytes(form)))
+        .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
+    send(url, request, TlsTrust::system(), limit).await
+}
+
+/// A request to `url` with the headers every request carries; the caller adds its own.
+pub fn request(url: &EndpointUrl, method: &str, content_type: &str) -> hyper::http::request::Builder {
+    let host_header = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
+    hyper::Request::builder()
+        .method(method)
+        .uri(url.path.as_str())
+        .header(hyper::header::HOST, host_header)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::USER_AGENT, concat!("panel/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Sends `request` over TLS with `trust` (or plain HTTP to a loopback endpoint, which
+/// `EndpointUrl` allows no other), within `limit`.
+pub async fn send(
+    url: &EndpointUrl,
+    request: hyper::Request<Bytes>,
+    trust: &TlsTrust,
+    limit: Duration,
+) -> Result<HttpResponse, String> {
+    let request = request.map(Full::new);
+    timeout(limit, exchange_over(url, request, trust))
         .await
         .unwrap_or_else(|_| Err(format!("{url} did not answer within {}s", limit.as_secs())))
 }
 
-async fn post(url: &EndpointUrl, form: Zeroizing<String>) -> Result<HttpResponse, String> {
+async fn exchange_over(
+    url: &EndpointUrl,
+    request: hyper::Request<Full<Bytes>>,
+    trust: &TlsTrust,
+) -> Result<HttpResponse, String> {
     let tcp =
         TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
     tcp.set_nodelay(true).ok();
-    let host_header = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
-    let request = hyper::Request::post(url.path.as_str())
-        .header(hyper::header::HOST, host_header)
-        .header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, concat!("panel/", env!("CARGO_PKG_VERSION")))
-        // The request owns the wiping buffer itself (no copy): it is zeroed when hyper drops
-        // the body after writing it.
-        .body(Full::new(Bytes::from_owner(WipedBytes(form))))
-        .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
     if url.tls {
-        let (config, _) = TlsTrust::system().client_config().map_err(|f| f.detail)?;
+        let (config, _) = trust.client_config().map_err(|f| f.detail)?;
         let name = tls::server_name(&url.host).map_err(|f| f.detail)?;
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
@@ -81,8 +113,9 @@ where
     let result = match response {
         Ok(r) => {
             let status = r.status().as_u16();
+            let headers = r.headers().clone();
             match Limited::new(r.into_body(), MAX_BODY).collect().await {
-                Ok(body) => Ok(HttpResponse { status, body: Zeroizing::new(body.to_bytes().to_vec()) }),
+                Ok(body) => Ok(HttpResponse { status, headers, body: Zeroizing::new(body.to_bytes().to_vec()) }),
                 Err(e) => Err(format!("reading the answer of {url} failed: {e}")),
             }
         }

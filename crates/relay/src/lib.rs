@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod check;
 pub mod connection;
+pub mod graph;
 pub mod gssapi;
 pub mod http;
 pub mod ntlm;
@@ -16,5 +17,13 @@ pub mod wire;
 pub use auth::{AuthSecret, BoxFuture, CredentialSource, Resolved};
 pub use check::{CheckFailure, CheckReport, check};
 pub use connection::{Connection, StageEvent, Transcript, local_hostname};
+pub use graph::Graph;
 pub use relay::Relay;
 pub use tls::TlsInfo;
+
+/// `N` random bytes from the system's generator.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random generator");
+    b
+}

@@ -26,8 +26,18 @@ pub struct TokenGrant {
 
 /// Who asks for a token, and how.
 pub enum TokenClient {
-    Microsoft { endpoint: EndpointUrl, client_id: String, client_secret: Secret },
-    Google { endpoint: EndpointUrl, key: Box<ServiceAccountKey>, subject: String },
+    /// `scope`: SMTP's (`OAuthProvider::scope`) or Graph's (`OAuthProvider::GRAPH_SCOPE`).
+    Microsoft {
+        endpoint: EndpointUrl,
+        client_id: String,
+        client_secret: Secret,
+        scope: &'static str,
+    },
+    Google {
+        endpoint: EndpointUrl,
+        key: Box<ServiceAccountKey>,
+        subject: String,
+    },
 }
 
 impl TokenClient {
@@ -114,11 +124,11 @@ fn form(pairs: &[(&str, &str)]) -> Zeroizing<String> {
 pub async fn fetch_token(client: &TokenClient, limit: Duration) -> Result<TokenGrant, Failure> {
     let endpoint = client.endpoint();
     let body = match client {
-        TokenClient::Microsoft { client_id, client_secret, .. } => form(&[
+        TokenClient::Microsoft { client_id, client_secret, scope, .. } => form(&[
             ("grant_type", "client_credentials"),
             ("client_id", client_id),
             ("client_secret", client_secret.expose()),
-            ("scope", OAuthProvider::Microsoft.scope()),
+            ("scope", scope),
         ]),
         TokenClient::Google { key, subject, .. } => {
             let assertion = key.assertion(&endpoint.to_string(), OAuthProvider::Google.scope(), subject, Utc::now());

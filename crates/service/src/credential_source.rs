@@ -19,6 +19,8 @@ pub(crate) struct StoredCredentials {
     /// Who uses the credential, for the audit log's first-use entry.
     actor: String,
     timeout: Duration,
+    /// Microsoft's token scope: SMTP's, or Graph's with `transport = graph`.
+    scope: &'static str,
     token: tokio::sync::Mutex<Option<(TokenGrant, DateTime<Utc>)>>,
     /// The credential last opened: (id, name), for the first-use entry.
     opened: Mutex<Option<(String, String)>>,
@@ -37,6 +39,10 @@ impl StoredCredentials {
             auth: settings.auth.clone(),
             actor: actor.to_string(),
             timeout: settings.command_timeout,
+            scope: match settings.transport {
+                panel_domain::Transport::Graph => OAuthProvider::GRAPH_SCOPE,
+                panel_domain::Transport::Smtp => OAuthProvider::Microsoft.scope(),
+            },
             token: tokio::sync::Mutex::new(None),
             opened: Mutex::new(None),
         }))
@@ -87,7 +93,12 @@ impl StoredCredentials {
                     Some(u) => u.clone(),
                     None => panel_domain::EndpointUrl::parse(&provider.default_token_endpoint(tenant)).map_err(bad)?,
                 };
-                TokenClient::Microsoft { endpoint: url, client_id: row.username.clone(), client_secret: secret }
+                TokenClient::Microsoft {
+                    endpoint: url,
+                    client_id: row.username.clone(),
+                    client_secret: secret,
+                    scope: self.scope,
+                }
             }
             OAuthProvider::Google => {
                 let key = ServiceAccountKey::parse(secret.expose().as_bytes())

@@ -11,7 +11,7 @@ use panel_domain::classify::ConnectionContext;
 use panel_domain::credential::CREDENTIAL_STORAGE;
 use panel_domain::delivery::{AttemptContext, settle};
 use panel_domain::{Failure, RecipientResult, RelayBackoff, RelaySettings, SendReport, is_relay_unreachable};
-use panel_relay::{Connection, Relay, Transcript};
+use panel_relay::{Connection, Graph, Relay, Transcript};
 use panel_store::{AttemptMeta, Claim, ConfigGeneration, Release, Store};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -61,6 +61,8 @@ struct RelayState {
     /// The trusted authorities it was judged by (`Panel::authorities_serial`): a reloaded
     /// config file rebuilds it.
     authorities: u64,
+    /// With `transport = graph`: Microsoft Graph's sendMail instead of an SMTP session.
+    graph: Option<Arc<Graph>>,
 }
 
 impl RelayState {
@@ -251,14 +253,20 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
     };
     let credentials = StoredCredentials::for_settings(&shared.panel, &settings, &shared.owner);
     let settings = Arc::new(settings);
-    let relay = Relay::new(settings.clone(), credentials);
+    let (relay, graph) = match settings.graph {
+        None => (Relay::new(settings.clone(), credentials), None),
+        Some(_) => match Graph::new(settings.clone(), credentials) {
+            Ok(g) => (Relay::new(settings.clone(), None), Some(Arc::new(g))),
+            Err(f) => (Err(f), None),
+        },
+    };
     if let Err(f) = &relay {
         tracing::error!(version = stored.version, error = %f, "relay settings cannot be used");
     }
     let generation = ConfigGeneration { settings: stored.version, ..generation };
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
     shared.outside.lock().expect("not poisoned").watch(&settings);
-    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until, authorities });
+    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until, authorities, graph });
     // New settings are a new relay: the old one's backoff says nothing about it.
     let _ = shared.backoff.lock().expect("not poisoned").reached();
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());
@@ -391,7 +399,12 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
             if let Some(hook) = shared.config.before_send {
                 hook(&claim.message);
             }
-            let Some(report) = send(shared, state.serial, relay, &claim, &recipients, &lease).await else {
+            let sent = match &state.graph {
+                Some(graph) => send_graph(graph, &claim, recipients.len(), &lease).await,
+                None => send(shared, state.serial, relay, &claim, &recipients, &lease).await,
+            };
+            let address = state.graph.as_ref().map_or_else(|| relay.address(), |g| g.address());
+            let Some(report) = sent else {
                 drop(renewal);
                 tracing::warn!(
                     message_id = id,
@@ -399,7 +412,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
                 );
                 return;
             };
-            (report, relay.address(), ctx)
+            (report, address, ctx)
         }
     };
     drop(renewal);
@@ -418,6 +431,7 @@ async fn settle_and_record(
     ctx: ConnectionContext,
 ) {
     let id = claim.reference.id;
+    let report_retry_after = report.failure.as_ref().and_then(|f| f.retry_after);
     let policy = state.relay.as_ref().map(|r| r.settings.retry.clone()).unwrap_or_default();
     let attempts = claim.attempts as u32 + 1;
     let age = (shared.panel.now() - claim.created_at).to_std().unwrap_or_default();
@@ -458,7 +472,8 @@ async fn settle_and_record(
     }
     if is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
         metrics.connection_error(settlement.stage.as_str());
-        let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now());
+        let asked = report_retry_after;
+        let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now(), asked);
         tracing::warn!(
             relay = %relay_addr,
             stage = settlement.stage.as_str(),
@@ -697,6 +712,16 @@ async fn send(
             Some(report)
         }
     }
+}
+
+/// Sends through Microsoft Graph, the lease confirmed right before. `None`: the lease was
+/// lost, and nothing was sent.
+async fn send_graph(graph: &Graph, claim: &Claim, recipients: usize, lease: &Lease) -> Option<SendReport> {
+    let mime = claim.message.render_for_graph();
+    if !lease.confirm().await {
+        return None;
+    }
+    Some(graph.send(&mime, recipients).await)
 }
 
 fn give_back(shared: &Shared, serial: u64, conn: Connection) {

@@ -7,6 +7,7 @@
 
 mod browser;
 mod exim;
+mod graph;
 pub mod kerberos;
 mod oauth;
 mod opensmtpd;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 pub use browser::{Browser, Element};
 pub use exim::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab};
+pub use graph::{GraphDouble, GraphMessage};
 pub use kerberos::Kdc;
 pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
 pub use opensmtpd::OpenSmtpdLab;
@@ -446,7 +448,7 @@ impl Drop for PostfixLab {
 }
 
 /// A test CA and a server certificate for localhost, 127.0.0.1 and ::1. Returns the CA file.
-fn make_certificates(dir: &Path) -> PathBuf {
+pub(crate) fn make_certificates(dir: &Path) -> PathBuf {
     let d = |f: &str| dir.join(f);
     let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
     openssl(&[

@@ -26,13 +26,21 @@ struct Issued {
     revoked: bool,
     /// Google: the mailbox the token was delegated for.
     subject: Option<String>,
+    /// The scope it was asked for: SMTP's or Graph's.
+    scope: String,
 }
 
 struct TokenState {
     client: Client,
     lifetime: Duration,
     issued: Vec<Issued>,
+    /// The application roles a Microsoft token carries (the app's admin-consented permissions).
+    roles: Vec<String>,
 }
+
+/// The scopes a Microsoft client may ask for.
+pub const OUTLOOK_SCOPE: &str = "https://outlook.office365.com/.default";
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 
 /// A token endpoint at `http://127.0.0.1:PORT/token`.
 #[derive(Clone)]
@@ -58,8 +66,8 @@ impl TokenServer {
     fn start(client: Client, lifetime: Duration) -> TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let server =
-            TokenServer { port, state: Arc::new(Mutex::new(TokenState { client, lifetime, issued: Vec::new() })) };
+        let state = TokenState { client, lifetime, issued: Vec::new(), roles: vec!["Mail.Send".into()] };
+        let server = TokenServer { port, state: Arc::new(Mutex::new(state)) };
         let s = server.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -86,15 +94,35 @@ impl TokenServer {
         }
     }
 
+    /// The application roles the next Microsoft tokens carry (an app without `Mail.Send`).
+    pub fn set_roles(&self, roles: &[&str]) {
+        self.state.lock().unwrap().roles = roles.iter().map(|r| r.to_string()).collect();
+    }
+
+    /// Replaces the client secret the endpoint accepts (the admin rotated or revoked it).
+    pub fn set_client_secret(&self, secret: &str) {
+        if let Client::Microsoft { client_secret, .. } = &mut self.state.lock().unwrap().client {
+            *client_secret = secret.to_string();
+        }
+    }
+
     /// True when `token` was issued here, is live, and (for Google) was delegated for `user`.
     pub fn accepts(&self, token: &str, user: &str) -> bool {
+        self.live(token).is_some_and(|(subject, _)| subject.as_deref().is_none_or(|s| s == user))
+    }
+
+    /// True when `token` is a live token issued here for Microsoft Graph.
+    pub fn accepts_for_graph(&self, token: &str) -> bool {
+        self.live(token).is_some_and(|(_, scope)| scope == GRAPH_SCOPE)
+    }
+
+    fn live(&self, token: &str) -> Option<(Option<String>, String)> {
         let state = self.state.lock().unwrap();
-        state.issued.iter().any(|t| {
-            t.token == token
-                && !t.revoked
-                && Instant::now() < t.expires
-                && t.subject.as_deref().is_none_or(|s| s == user)
-        })
+        state
+            .issued
+            .iter()
+            .find(|t| t.token == token && !t.revoked && Instant::now() < t.expires)
+            .map(|t| (t.subject.clone(), t.scope.clone()))
     }
 
     fn serve(&self, mut stream: TcpStream) {
@@ -135,8 +163,7 @@ impl TokenServer {
         let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
         let subject = match &state.client {
             Client::Microsoft { client_id, client_secret } => {
-                if get("grant_type") != "client_credentials" || get("scope") != "https://outlook.office365.com/.default"
-                {
+                if get("grant_type") != "client_credentials" || ![OUTLOOK_SCOPE, GRAPH_SCOPE].contains(&get("scope")) {
                     return (
                         400,
                         serde_json::json!({"error": "invalid_request", "error_description": "bad grant or scope"}),
@@ -163,9 +190,35 @@ impl TokenServer {
                 }
             }
         };
-        let token = format!("tok-{}-{}", self.port, state.issued.len() + 1);
+        let id = format!("tok-{}-{}", self.port, state.issued.len() + 1);
         let lifetime = state.lifetime;
-        state.issued.push(Issued { token: token.clone(), expires: Instant::now() + lifetime, revoked: false, subject });
+        let scope = get("scope").to_string();
+        // Microsoft's tokens are JWTs whose payload says for whom and with which roles (Panel
+        // reads it for `smtp check`; the resource server verifies it). The signature here is a
+        // placeholder: the double checks the whole token against what it issued.
+        let token = match &state.client {
+            Client::Microsoft { .. } => {
+                let claims = serde_json::json!({
+                    "aud": scope.trim_end_matches("/.default"),
+                    "roles": state.roles,
+                    "jti": id,
+                });
+                format!(
+                    "{}.{}.{}",
+                    URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+                    URL_SAFE_NO_PAD.encode(claims.to_string()),
+                    URL_SAFE_NO_PAD.encode(id.as_bytes())
+                )
+            }
+            Client::Google { .. } => id,
+        };
+        state.issued.push(Issued {
+            token: token.clone(),
+            expires: Instant::now() + lifetime,
+            revoked: false,
+            subject,
+            scope,
+        });
         (200, serde_json::json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "access_token": token}))
     }
 }

@@ -24,6 +24,8 @@ struct State {
     size_limit: Mutex<Option<u64>>,
     /// Every MAIL command received, as sent.
     mail_commands: Mutex<Vec<String>>,
+    /// Every message received, as sent after DATA.
+    messages: Mutex<Vec<String>>,
     /// Scripted RCPT replies per address, used one per RCPT (then 250).
     rcpt_script: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
 }
@@ -95,6 +97,19 @@ impl RecordingSink {
         self.state.total.load(Ordering::SeqCst)
     }
 
+    /// Waits until `n` messages were received; returns them, as sent after DATA.
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let messages = self.state.messages.lock().unwrap().clone();
+            if messages.len() >= n {
+                return messages;
+            }
+            assert!(std::time::Instant::now() < deadline, "{} of {n} messages arrived in {limit:?}", messages.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Distinct Message-IDs received.
     pub fn distinct(&self) -> usize {
         self.state.received.lock().unwrap().len()
@@ -145,6 +160,7 @@ fn session(stream: TcpStream, state: &State) {
                 .map(|v| v.trim().trim_matches(['<', '>']).to_string());
             let id = message_id.unwrap_or_default();
             *state.received.lock().unwrap().entry(id).or_default() += 1;
+            state.messages.lock().unwrap().push(data.clone());
             let n = state.total.fetch_add(1, Ordering::SeqCst) + 1;
             std::thread::sleep(Duration::from_millis(state.data_reply_delay_ms.load(Ordering::SeqCst)));
             say(&format!("250 2.0.0 Ok: queued as S{n}"))

@@ -8,6 +8,7 @@ mod automation;
 mod cli;
 mod credentials;
 mod faults;
+mod graph;
 mod held;
 mod integrated_auth;
 mod interop;

@@ -14,12 +14,12 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots")
 }
 
-fn account(env: &Env, name: &str, role: &str) {
+pub(crate) fn account(env: &Env, name: &str, role: &str) {
     let r = env.panel_stdin(&["admin", "create", name, "--role", role, "--password-stdin"], ADMIN_PASSWORD);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-fn sign_in(b: &Browser, port: u16, name: &str) {
+pub(crate) fn sign_in(b: &Browser, port: u16, name: &str) {
     b.goto(&format!("http://127.0.0.1:{port}/settings"));
     b.find("#name");
     assert!(b.url().contains("/login?next=%2Fsettings"), "a page needs sign-in first: {}", b.url());

@@ -3,7 +3,7 @@
 //! must be told, and what the audit log records. The one validation of a save runs here.
 
 use super::table::{SETTINGS, SettingsDoc, modes};
-use super::{AuthMode, RelaySettings, Security};
+use super::{AuthMode, RelaySettings, Security, Transport};
 use crate::errors::FieldErrors;
 
 /// A saved change, before it is stored.
@@ -51,17 +51,21 @@ pub enum Channel {
 pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Result<Applied, FieldErrors> {
     let mut doc = current.merged(patch);
     let mut notices = Vec::new();
-    let (auth, security) = modes(&doc);
+    let m = modes(&doc);
+    if patch.names("transport") && Transport::parse(patch.transport.as_deref().unwrap_or_default()).is_some() {
+        let unused = |s: &&super::table::Setting| !s.uses.used(m);
+        drop_fields(&mut doc, patch, unused, &format!("transport {}", m.transport), &mut notices);
+    }
     if patch.names("auth") && AuthMode::parse(patch.auth.as_deref().unwrap_or_default()).is_some() {
-        let unused = |s: &&super::table::Setting| !s.uses.auth_uses(auth);
-        drop_fields(&mut doc, patch, unused, &format!("auth {auth}"), &mut notices);
+        let unused = |s: &&super::table::Setting| !s.uses.auth_uses(m.auth);
+        drop_fields(&mut doc, patch, unused, &format!("auth {}", m.auth), &mut notices);
     }
     if patch.names("security") && Security::parse(patch.security.as_deref().unwrap_or_default()).is_some() {
-        let unused = |s: &&super::table::Setting| !s.uses.security_uses(security);
-        drop_fields(&mut doc, patch, unused, &format!("security {security}"), &mut notices);
+        let unused = |s: &&super::table::Setting| !s.uses.security_uses(m.security);
+        drop_fields(&mut doc, patch, unused, &format!("security {}", m.security), &mut notices);
     }
     // One password source at a time: the one the patch names wins.
-    if auth == AuthMode::Password && patch.names("credential") {
+    if m.auth == AuthMode::Password && patch.names("credential") {
         let external = |s: &&super::table::Setting| matches!(s.name, "username" | "password_file" | "password_env");
         drop_fields(&mut doc, patch, external, "a stored credential", &mut notices);
     }

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{AuthMode, Security, validate_host};
+use super::{AuthMode, Security, Transport, validate_host};
 use crate::address::{EmailAddress, Mailbox};
 use crate::duration;
 use crate::errors::{FieldError, FieldErrors};
@@ -18,6 +18,7 @@ use crate::retry;
 crate::string_enum!(
     /// The fieldsets of the settings form, in their order.
     Group {
+        Delivery = "delivery" => "Delivery",
         Relay = "relay" => "Relay",
         Authentication = "authentication" => "Authentication",
         Messages = "messages" => "Messages",
@@ -102,23 +103,47 @@ impl Default {
 /// does not use.
 #[derive(Debug, Clone, Copy)]
 pub struct Uses {
+    pub transport: &'static [Transport],
     pub auth: &'static [AuthMode],
     pub security: &'static [Security],
 }
 
-const ANY: Uses = Uses { auth: &[], security: &[] };
+const ANY: Uses = Uses { transport: &[], auth: &[], security: &[] };
+/// The SMTP relay's own settings: Microsoft Graph does not use them.
+const SMTP: Uses = Uses { transport: &[Transport::Smtp], auth: &[], security: &[] };
+const GRAPH: Uses = Uses { transport: &[Transport::Graph], auth: &[], security: &[] };
 const fn auth(modes: &'static [AuthMode]) -> Uses {
-    Uses { auth: modes, security: &[] }
+    Uses { transport: &[], auth: modes, security: &[] }
 }
-const TLS_MODES: Uses = Uses { auth: &[], security: &[Security::Tls, Security::Starttls, Security::Opportunistic] };
+const TLS: &[Security] = &[Security::Tls, Security::Starttls, Security::Opportunistic];
+const TLS_MODES: Uses = Uses { transport: &[], auth: &[], security: TLS };
+const SMTP_TLS: Uses = Uses { transport: &[Transport::Smtp], auth: &[], security: TLS };
+
+/// The modes a document is in: its transport, and the auth and security that decide which
+/// fields apply (Graph always signs in with OAuth2 over TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modes {
+    pub transport: Transport,
+    pub auth: AuthMode,
+    pub security: Security,
+}
 
 impl Uses {
+    pub fn transport_uses(&self, mode: Transport) -> bool {
+        self.transport.is_empty() || self.transport.contains(&mode)
+    }
+
     pub fn auth_uses(&self, mode: AuthMode) -> bool {
         self.auth.is_empty() || self.auth.contains(&mode)
     }
 
     pub fn security_uses(&self, mode: Security) -> bool {
         self.security.is_empty() || self.security.contains(&mode)
+    }
+
+    /// Whether a document in `modes` uses the setting.
+    pub fn used(&self, modes: Modes) -> bool {
+        self.transport_uses(modes.transport) && self.auth_uses(modes.auth) && self.security_uses(modes.security)
     }
 }
 
@@ -309,23 +334,33 @@ fn default_service_principal(doc: &SettingsDoc) -> Option<Value> {
 }
 
 settings_table! {
+    transport: String {
+        kind: Kind::Choice(Transport::options), group: Delivery, label: "Delivery", default: Default::Value("smtp"),
+        uses: ANY,
+        doc: "smtp (an SMTP relay) or graph (Microsoft Graph sendMail, signed in as an Entra app)",
+    },
+    graph_endpoint: String {
+        kind: Kind::Text, group: Delivery, label: "Graph endpoint", default: Default::Runtime("https://graph.microsoft.com"),
+        uses: GRAPH,
+        doc: "With graph: the Microsoft Graph endpoint, for a national cloud (https; plain http only to a loopback address)",
+    },
     host: String {
-        kind: Kind::Host, group: Relay, label: "Server", default: Default::Required, uses: ANY,
+        kind: Kind::Host, group: Relay, label: "Server", default: Default::Required, uses: SMTP,
         doc: "The relay's DNS name or IP address",
     },
     security: String {
         kind: Kind::Choice(Security::options), group: Relay, label: "Security", default: Default::Value("starttls"),
-        uses: ANY,
+        uses: SMTP,
         doc: "tls (implicit TLS), starttls (required), opportunistic (STARTTLS when offered), or none",
     },
     port: i64 {
         kind: Kind::Number, group: Relay, label: "Port",
         default: Default::Derived { text: "from security: tls 465, starttls 587, opportunistic/none 25", value: default_port },
-        uses: ANY, doc: "The relay's port, 1-65535",
+        uses: SMTP, doc: "The relay's port, 1-65535",
     },
     auth: String {
         kind: Kind::Choice(AuthMode::options), group: Authentication, label: "Authentication",
-        default: Default::Value("none"), uses: ANY,
+        default: Default::Value("none"), uses: SMTP,
         doc: "none (the relay allow-lists this host's IP), password, oauth2 (Microsoft 365, Google Workspace), \
               integrated (Kerberos with the service's own identity) or ntlm (a stored credential)",
     },
@@ -382,7 +417,7 @@ settings_table! {
     },
     allow_plaintext_auth: bool {
         kind: Kind::Flag, group: Authentication, label: "Allow a password without encryption",
-        default: Default::Value("false"), uses: ANY,
+        default: Default::Value("false"), uses: SMTP,
         doc: "Allows sending a password or token over an unencrypted connection",
     },
     from: String {
@@ -400,7 +435,7 @@ settings_table! {
     },
     helo_name: String {
         kind: Kind::Host, group: Advanced, label: "EHLO name", default: Default::Runtime("this host's name"),
-        uses: ANY, doc: "The name sent in EHLO",
+        uses: SMTP, doc: "The name sent in EHLO",
     },
     ca_file: String {
         kind: Kind::Path, group: Advanced, label: "CA file", default: Default::Unset, uses: TLS_MODES,
@@ -408,12 +443,12 @@ settings_table! {
     },
     pin_sha256: String {
         kind: Kind::Pin, group: Advanced, label: "Certificate pin (SHA-256)", default: Default::Unset,
-        uses: TLS_MODES,
+        uses: SMTP_TLS,
         doc: "Accepts exactly the certificate with this SHA-256 fingerprint (self-signed relays); smtp check prints it",
     },
     tls_server_name: String {
         kind: Kind::Host, group: Advanced, label: "TLS server name", default: Default::Runtime("the host"),
-        uses: TLS_MODES, doc: "The name to verify the certificate against when it differs from the host",
+        uses: SMTP_TLS, doc: "The name to verify the certificate against when it differs from the host",
     },
     connect_timeout: String {
         kind: Kind::Duration, group: Advanced, label: "Connect timeout", default: Default::Value("10s"), uses: ANY,
@@ -425,7 +460,7 @@ settings_table! {
     },
     data_timeout: String {
         kind: Kind::Duration, group: Advanced, label: "End-of-message timeout", default: Default::Value("10m"),
-        uses: ANY,
+        uses: SMTP,
         doc: "The relay's reply after the whole message (RFC 5321: 10 minutes; content scanning takes time), 1s to 10m; \
               no reply in time is an unknown outcome",
     },
@@ -441,19 +476,23 @@ settings_table! {
 }
 
 /// The modes a document is in, with their defaults.
-pub fn modes(doc: &SettingsDoc) -> (AuthMode, Security) {
+pub fn modes(doc: &SettingsDoc) -> Modes {
+    let transport = doc.transport.as_deref().and_then(Transport::parse).unwrap_or(Transport::Smtp);
+    if transport == Transport::Graph {
+        return Modes { transport, auth: AuthMode::OAuth2, security: Security::Tls };
+    }
     let auth = doc.auth.as_deref().and_then(AuthMode::parse).unwrap_or(AuthMode::None);
     let security = doc.security.as_deref().and_then(Security::parse).unwrap_or(Security::Starttls);
-    (auth, security)
+    Modes { transport, auth, security }
 }
 
 /// The settings in force with every default filled in, as `panel smtp show` and the API show
 /// them: the fields the document's modes use, each normalised by its kind. `doc` must be valid.
 /// Names where a password comes from, never a password.
 pub fn effective(doc: &SettingsDoc) -> Map<String, Value> {
-    let (auth, security) = modes(doc);
+    let modes = modes(doc);
     let mut view = Map::new();
-    for s in SETTINGS.iter().filter(|s| s.uses.auth_uses(auth) && s.uses.security_uses(security)) {
+    for s in SETTINGS.iter().filter(|s| s.uses.used(modes)) {
         let value = match (doc.get(s.name), s.default) {
             (Some(v), _) => normalise(s.kind, v),
             (None, Default::Value(v)) => normalise(s.kind, typed_default(s.kind, v)),
@@ -538,6 +577,7 @@ pub fn schema() -> Value {
                 "options": options,
                 "local_only": s.local_only,
                 "used_by": {
+                    "transport": s.uses.transport.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "auth": s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "security": s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                 },
@@ -559,6 +599,9 @@ pub fn reference_markdown() -> String {
             Default::Derived { text, .. } | Default::Runtime(text) => text.into(),
         };
         let mut used = Vec::new();
+        if !s.uses.transport.is_empty() {
+            used.push(s.uses.transport.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "));
+        }
         if !s.uses.auth.is_empty() {
             used.push(format!("auth {}", s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")));
         }

@@ -171,10 +171,14 @@ function showModeFields() {
     const e = document.getElementById(id);
     return e ? (e.value || e.dataset.default || "") : "";
   };
-  const auth = mode("f-auth"), security = mode("f-security");
+  const transport = mode("f-transport") || "smtp";
+  // Graph always signs in with OAuth2 over HTTPS (the settings table's modes, as the service has them).
+  const graph = transport === "graph";
+  const auth = graph ? "oauth2" : mode("f-auth"), security = graph ? "tls" : mode("f-security");
   for (const f of document.querySelectorAll("#settings-form .field[data-auth]")) {
+    const t = (f.dataset.transport || "").split(" ").filter(Boolean);
     const a = f.dataset.auth.split(" ").filter(Boolean), s = f.dataset.security.split(" ").filter(Boolean);
-    const used = (!a.length || a.includes(auth)) && (!s.length || s.includes(security));
+    const used = (!t.length || t.includes(transport)) && (!a.length || a.includes(auth)) && (!s.length || s.includes(security));
     f.hidden = !used;
     if (f.hasAttribute("data-local-only")) continue;
     f.querySelectorAll("input, select").forEach(i => { i.disabled = !used || i.dataset.viewer === "1"; });
@@ -202,7 +206,10 @@ async function checkConnection() {
     el("thead", {}, el("tr", {}, el("th", {}, "Stage"), el("th", {}, "OK"), el("th", {}, "Detail"), el("th", {}, "Reply"))),
     el("tbody", {}, ...rows));
   const which = c.draft ? " (checked as the form shows it; not saved)" : "";
-  const parts = [el("h2", {}, (c.ok ? `The relay ${c.relay} would accept a message.` : `The relay ${c.relay} would not accept a message.`) + which),
+  const verdict = c.transport === "graph"
+    ? (c.ok ? `Microsoft Graph (${c.relay}) gives the app a token; the Test Message proves it may send as the mailbox.` : `Microsoft Graph (${c.relay}) would not take a message.`)
+    : (c.ok ? `The relay ${c.relay} would accept a message.` : `The relay ${c.relay} would not accept a message.`);
+  const parts = [el("h2", {}, verdict + which),
     el("div", { class: "scroll" }, table)];
   if (c.tls) parts.push(el("p", { id: "check-tls" }, `TLS: ${c.tls.protocol}, ${c.tls.cipher_suite}; certificate ${c.tls.subject}, issued by ${c.tls.issuer}, expires ${c.tls.not_after}, SHA-256 ${c.tls.sha256}; ${c.tls.verification}`));
   if (c.auth_mechanisms && c.auth_mechanisms.length) parts.push(el("p", {}, `AUTH mechanisms offered: ${c.auth_mechanisms.join(" ")}`));
@@ -305,7 +312,7 @@ document.addEventListener("DOMContentLoaded", () => {
   labelCells(document);
   const sec = document.getElementById("f-security");
   if (sec) { sec.addEventListener("change", showDefaultPort); showDefaultPort(); }
-  for (const id of ["f-auth", "f-security"]) {
+  for (const id of ["f-transport", "f-auth", "f-security"]) {
     const e = document.getElementById(id);
     if (e) e.addEventListener("change", showModeFields);
   }
