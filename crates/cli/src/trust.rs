@@ -87,7 +87,7 @@ pub enum CredentialCommand {
 pub struct CredentialSetArgs {
     /// The credential's name, referenced by `panel smtp set --credential NAME`
     name: String,
-    /// password, microsoft-client-secret or google-service-account
+    /// password, microsoft-client-secret, microsoft-certificate or google-service-account
     #[arg(long, default_value = "password")]
     kind: String,
     /// The relay account (password credentials)
@@ -102,7 +102,8 @@ pub struct CredentialSetArgs {
     /// Read the password or client secret from standard input (one line)
     #[arg(long, visible_alias = "secret-stdin")]
     password_stdin: bool,
-    /// The Google service account key file (JSON)
+    /// The Google service account key file (JSON), or for microsoft-certificate the app's private
+    /// key and certificate in one PEM file
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
 }
@@ -240,7 +241,8 @@ pub async fn credential(panel: Panel, cmd: CredentialCommand) -> CmdResult {
                 (None, true) => read_stdin()?,
                 (None, false) => {
                     return Err(bad_input(
-                        "give the secret on standard input with --password-stdin (or --key-file for a Google service account key)",
+                        "give the secret on standard input with --password-stdin (or --key-file for a Google service account key \
+                         or a Microsoft certificate credential)",
                     ));
                 }
             };

@@ -1088,6 +1088,12 @@ mod tests {
         let c = classify(&f, STARTTLS_587);
         assert_eq!(c.class, Configuration);
         assert!(c.hint.unwrap().contains("Value (not its Secret ID)"));
+        let f = Failure::new(
+            Stage::Token,
+            FailureKind::TokenRejected,
+            "HTTP 401: invalid_client: AADSTS700027: Client assertion failed signature validation.",
+        );
+        assert!(classify(&f, STARTTLS_587).hint.unwrap().contains("certificate uploaded to the app registration"));
     }
 
     #[test]

@@ -13,18 +13,27 @@ crate::string_enum!(
         Password = "password",
         /// A Microsoft Entra app registration: client id (the username), tenant, client secret.
         MicrosoftClientSecret = "microsoft-client-secret",
+        /// A Microsoft Entra app registration that proves itself with a certificate (many tenants
+        /// forbid client secrets): client id, tenant, and the private key with its certificate
+        /// (PEM); Panel signs a client assertion with the key.
+        MicrosoftCertificate = "microsoft-certificate",
         /// A Google service account key (JSON) with domain-wide delegation.
         GoogleServiceAccount = "google-service-account",
     }
 );
 
 impl CredentialKind {
-    /// The kind an OAuth2 provider needs.
-    pub fn for_provider(provider: OAuthProvider) -> Self {
+    /// The kinds an OAuth2 provider takes.
+    pub fn for_provider(provider: OAuthProvider) -> &'static [Self] {
         match provider {
-            OAuthProvider::Microsoft => Self::MicrosoftClientSecret,
-            OAuthProvider::Google => Self::GoogleServiceAccount,
+            OAuthProvider::Microsoft => &[Self::MicrosoftClientSecret, Self::MicrosoftCertificate],
+            OAuthProvider::Google => &[Self::GoogleServiceAccount],
         }
+    }
+
+    /// `kinds` in words: "microsoft-client-secret or microsoft-certificate".
+    pub fn either(kinds: &[Self]) -> String {
+        kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ")
     }
 }
 
@@ -64,6 +73,7 @@ mod tests {
         for k in CredentialKind::ALL {
             assert_eq!(CredentialKind::parse(k).unwrap().as_str(), *k);
         }
-        assert_eq!(CredentialKind::for_provider(OAuthProvider::Google), CredentialKind::GoogleServiceAccount);
+        assert_eq!(CredentialKind::for_provider(OAuthProvider::Google), [CredentialKind::GoogleServiceAccount]);
+        assert!(CredentialKind::for_provider(OAuthProvider::Microsoft).contains(&CredentialKind::MicrosoftCertificate));
     }
 }

@@ -33,6 +33,13 @@ pub enum TokenClient {
         client_secret: Secret,
         scope: &'static str,
     },
+    /// The same app proving itself with a client assertion signed by its certificate's key.
+    MicrosoftCertificate {
+        endpoint: EndpointUrl,
+        client_id: String,
+        certificate: Box<AppCertificate>,
+        scope: &'static str,
+    },
     Google {
         endpoint: EndpointUrl,
         key: Box<ServiceAccountKey>,
@@ -43,8 +50,69 @@ pub enum TokenClient {
 impl TokenClient {
     pub fn endpoint(&self) -> &EndpointUrl {
         match self {
-            TokenClient::Microsoft { endpoint, .. } | TokenClient::Google { endpoint, .. } => endpoint,
+            TokenClient::Microsoft { endpoint, .. }
+            | TokenClient::MicrosoftCertificate { endpoint, .. }
+            | TokenClient::Google { endpoint, .. } => endpoint,
         }
+    }
+}
+
+/// An Entra app's certificate credential: the private key (PKCS#8, RSA) and its certificate, as
+/// one PEM text. Entra knows the certificate by its SHA-256 thumbprint (`x5t#S256`).
+pub struct AppCertificate {
+    key: RsaKeyPair,
+    thumbprint: [u8; 32],
+}
+
+impl AppCertificate {
+    /// Parses the PEM; errors never quote the key.
+    pub fn parse(pem: &[u8]) -> Result<AppCertificate, String> {
+        use rustls_pki_types::CertificateDer;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| {
+            "no PEM PKCS#8 private key (-----BEGIN PRIVATE KEY-----) in it; give the key and its certificate in one file"
+                .to_string()
+        })?;
+        let key = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+            .map_err(|e| format!("the private key is not a usable RSA key (Entra takes RSA): {e}"))?;
+        let certificate = CertificateDer::from_pem_slice(pem).map_err(|_| {
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it: add the app's certificate".to_string()
+        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&certificate)
+            .map_err(|_| "the certificate is not a valid X.509 certificate".to_string())?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public().as_ref() {
+            return Err("the certificate does not belong to the private key (their public keys differ)".into());
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &certificate);
+        let thumbprint = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        Ok(AppCertificate { key, thumbprint })
+    }
+
+    /// The thumbprint as the app registration's Certificates list shows it (hex).
+    pub fn thumbprint_hex(&self) -> String {
+        hex::encode_upper(self.thumbprint)
+    }
+
+    /// The client assertion (RFC 7523; Entra's "certificate credentials"): PS256, `x5t#S256`,
+    /// for `audience` (the token endpoint), valid ten minutes.
+    fn assertion(&self, client_id: &str, audience: &str, now: DateTime<Utc>) -> Zeroizing<String> {
+        let header =
+            serde_json::json!({"alg": "PS256", "typ": "JWT", "x5t#S256": URL_SAFE_NO_PAD.encode(self.thumbprint)});
+        let claims = serde_json::json!({
+            "aud": audience,
+            "iss": client_id,
+            "sub": client_id,
+            "jti": hex::encode(crate::random_bytes::<16>()),
+            "nbf": now.timestamp(),
+            "iat": now.timestamp(),
+            "exp": now.timestamp() + 600,
+        });
+        let signed =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let mut signature = vec![0u8; self.key.public().modulus_len()];
+        self.key
+            .sign(&ring::signature::RSA_PSS_SHA256, &ring::rand::SystemRandom::new(), signed.as_bytes(), &mut signature)
+            .expect("RSA signing of a small message");
+        Zeroizing::new(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
     }
 }
 
@@ -130,6 +198,16 @@ pub async fn fetch_token(client: &TokenClient, limit: Duration) -> Result<TokenG
             ("client_secret", client_secret.expose()),
             ("scope", scope),
         ]),
+        TokenClient::MicrosoftCertificate { client_id, certificate, scope, .. } => {
+            let assertion = certificate.assertion(client_id, &endpoint.to_string(), Utc::now());
+            form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", &assertion),
+                ("scope", scope),
+            ])
+        }
         TokenClient::Google { key, subject, .. } => {
             let assertion = key.assertion(&endpoint.to_string(), OAuthProvider::Google.scope(), subject, Utc::now());
             form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)])

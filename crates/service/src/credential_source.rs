@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use panel_domain::{Auth, CredentialKind, Failure, FailureKind, OAuthProvider, RelaySettings, Stage};
-use panel_relay::oauth::{ServiceAccountKey, TokenClient, TokenGrant, fetch_token};
+use panel_relay::oauth::{AppCertificate, ServiceAccountKey, TokenClient, TokenGrant, fetch_token};
 use panel_relay::{AuthSecret, BoxFuture, CredentialSource, Resolved};
 use panel_store::{AuditEvent, CredentialRow};
 
@@ -52,11 +52,11 @@ impl StoredCredentials {
         &self,
         stage: Stage,
         name: &str,
-        kind: CredentialKind,
+        kinds: &[CredentialKind],
     ) -> Result<(CredentialRow, panel_domain::Secret), Failure> {
         let (row, secret) = self
             .panel
-            .open_credential(name, kind)
+            .open_credential(name, kinds)
             .await
             .map_err(|e| Failure::new(stage, FailureKind::Credential, e))?;
         *self.opened.lock().expect("not poisoned") = Some((row.id.clone(), row.name.clone()));
@@ -93,11 +93,19 @@ impl StoredCredentials {
                     Some(u) => u.clone(),
                     None => panel_domain::EndpointUrl::parse(&provider.default_token_endpoint(tenant)).map_err(bad)?,
                 };
-                TokenClient::Microsoft {
-                    endpoint: url,
-                    client_id: row.username.clone(),
-                    client_secret: secret,
-                    scope: self.scope,
+                let client_id = row.username.clone();
+                match CredentialKind::parse(&row.kind) {
+                    Some(CredentialKind::MicrosoftCertificate) => {
+                        let certificate = AppCertificate::parse(secret.expose().as_bytes())
+                            .map_err(|e| bad(format!("the stored credential '{name}': {e}")))?;
+                        TokenClient::MicrosoftCertificate {
+                            endpoint: url,
+                            client_id,
+                            certificate: Box::new(certificate),
+                            scope: self.scope,
+                        }
+                    }
+                    _ => TokenClient::Microsoft { endpoint: url, client_id, client_secret: secret, scope: self.scope },
                 }
             }
             OAuthProvider::Google => {
@@ -144,7 +152,7 @@ impl CredentialSource for StoredCredentials {
         Box::pin(async move {
             match &self.auth {
                 Auth::Stored { credential } | Auth::Ntlm { credential } => {
-                    let (row, password) = self.open(Stage::Auth, credential, CredentialKind::Password).await?;
+                    let (row, password) = self.open(Stage::Auth, credential, &[CredentialKind::Password]).await?;
                     Ok(Resolved { secret: AuthSecret::Password { username: row.username, password }, token_note: None })
                 }
                 Auth::OAuth2 { provider, mailbox, credential, token_endpoint } => {

@@ -153,19 +153,20 @@ impl Panel {
     async fn check_credential_kind(&self, auth: &Auth, name: &str, errors: &mut FieldErrors) -> Result<(), OpsError> {
         let wanted = match auth {
             Auth::OAuth2 { provider, .. } => CredentialKind::for_provider(*provider),
-            _ => CredentialKind::Password,
+            _ => &[CredentialKind::Password],
         };
         match self.store.credential(name).await? {
             None => errors.push(
                 "credential",
                 format!("no stored credential is named '{name}'; store it first: panel credential set {name} ..."),
             ),
-            Some(c) if c.kind != wanted.as_str() => errors.push(
+            Some(c) if !wanted.iter().any(|k| c.kind == k.as_str()) => errors.push(
                 "credential",
                 format!(
-                    "'{name}' is a {} credential, but auth = {} needs a {wanted} credential",
+                    "'{name}' is a {} credential, but auth = {} needs a {} credential",
                     c.kind,
-                    auth.as_str()
+                    auth.as_str(),
+                    CredentialKind::either(wanted)
                 ),
             ),
             Some(_) => {}

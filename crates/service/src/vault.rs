@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use panel_domain::credential::{CREDENTIAL_STORAGE, validate_name};
 use panel_domain::errors::check_header_safe;
 use panel_domain::{CredentialKind, FieldError, FieldErrors, RelaySettings, Secret};
-use panel_relay::oauth::ServiceAccountKey;
+use panel_relay::oauth::{AppCertificate, ServiceAccountKey};
 use panel_store::{AuditEvent, CredentialRow, DeleteOutcome, NewCredential, PutOutcome, Rewrapped, StoreError};
 use panel_vault::{AuthorityPublicKey, KeyFileError, Keyring, Sealed, envelope};
 use serde::Serialize;
@@ -314,7 +314,7 @@ impl Panel {
     pub(crate) async fn open_credential(
         &self,
         name: &str,
-        kind: CredentialKind,
+        kinds: &[CredentialKind],
     ) -> Result<(CredentialRow, Secret), String> {
         match self.grant(CREDENTIAL_STORAGE).await.map_err(|e| e.to_string())? {
             Grant::Yes { .. } => {}
@@ -323,10 +323,11 @@ impl Panel {
         let row = self.store.credential(name).await.map_err(|e| e.to_string())?.ok_or_else(|| {
             format!("the stored credential '{name}' does not exist; store it with panel credential set {name}")
         })?;
-        if row.kind != kind.as_str() {
+        if !kinds.iter().any(|k| row.kind == k.as_str()) {
             return Err(format!(
-                "the stored credential '{name}' is a {} credential, but these settings need {kind}",
-                row.kind
+                "the stored credential '{name}' is a {} credential, but these settings need {}",
+                row.kind,
+                CredentialKind::either(kinds)
             ));
         }
         let ring = self.keyring(Some(&row.master_key_id)).map_err(|e| e.to_string())?;
@@ -365,11 +366,21 @@ fn validate_input(input: &CredentialInput) -> Result<(String, serde_json::Map<St
         CredentialKind::Password => {
             required(&mut errors, "username", &input.username, "the relay account (--username)")
         }
-        CredentialKind::MicrosoftClientSecret => {
+        CredentialKind::MicrosoftClientSecret | CredentialKind::MicrosoftCertificate => {
             if let Some(t) =
                 required(&mut errors, "tenant", &input.tenant, "the directory (tenant) id or domain (--tenant)")
             {
                 attributes.insert("tenant".into(), t.into());
+            }
+            if input.kind == CredentialKind::MicrosoftCertificate && !input.secret.is_empty() {
+                // Checked now, not at the first token request: the key, the certificate, and
+                // that they belong together. The thumbprint is what the app registration lists.
+                match AppCertificate::parse(input.secret.expose().as_bytes()) {
+                    Ok(c) => {
+                        attributes.insert("thumbprint_sha256".into(), c.thumbprint_hex().into());
+                    }
+                    Err(e) => errors.push("secret", e),
+                }
             }
             required(&mut errors, "username", &input.username, "the application (client) id (--client-id)")
         }

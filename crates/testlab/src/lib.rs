@@ -27,7 +27,7 @@ pub use browser::{Browser, Element};
 pub use exim::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab};
 pub use graph::{GraphDouble, GraphMessage};
 pub use kerberos::Kdc;
-pub use oauth::{ServiceAccount, TokenServer, XOAuthSmtp};
+pub use oauth::{EntraCertificate, ServiceAccount, TokenServer, XOAuthSmtp};
 pub use opensmtpd::OpenSmtpdLab;
 pub use postgres::TestDatabase;
 pub use proxy::Proxy;

@@ -16,8 +16,21 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
 /// What the endpoint accepts as the client's proof.
 enum Client {
-    Microsoft { client_id: String, client_secret: String },
-    Google { client_email: String, public_key_pkcs1: Vec<u8> },
+    Microsoft {
+        client_id: String,
+        client_secret: String,
+    },
+    /// An app with a certificate credential: the assertion must verify with this key and name
+    /// this certificate's SHA-256 thumbprint.
+    MicrosoftCertificate {
+        client_id: String,
+        public_key_pkcs1: Vec<u8>,
+        x5t_s256: String,
+    },
+    Google {
+        client_email: String,
+        public_key_pkcs1: Vec<u8>,
+    },
 }
 
 struct Issued {
@@ -52,6 +65,15 @@ pub struct TokenServer {
 impl TokenServer {
     pub fn microsoft(client_id: &str, client_secret: &str, lifetime: Duration) -> TokenServer {
         let client = Client::Microsoft { client_id: client_id.into(), client_secret: client_secret.into() };
+        TokenServer::start(client, lifetime)
+    }
+
+    pub fn microsoft_certificate(client_id: &str, certificate: &EntraCertificate, lifetime: Duration) -> TokenServer {
+        let client = Client::MicrosoftCertificate {
+            client_id: client_id.into(),
+            public_key_pkcs1: certificate.public_key_pkcs1.clone(),
+            x5t_s256: certificate.x5t_s256.clone(),
+        };
         TokenServer::start(client, lifetime)
     }
 
@@ -180,6 +202,29 @@ impl TokenServer {
                 }
                 None
             }
+            Client::MicrosoftCertificate { client_id, public_key_pkcs1, x5t_s256 } => {
+                if get("grant_type") != "client_credentials"
+                    || ![OUTLOOK_SCOPE, GRAPH_SCOPE].contains(&get("scope"))
+                    || get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+                {
+                    return (400, serde_json::json!({"error": "invalid_request", "error_description": "bad grant"}));
+                }
+                if get("client_id") != client_id {
+                    return (
+                        400,
+                        serde_json::json!({"error": "unauthorized_client", "error_description": "AADSTS700016: Application with identifier was not found in the directory."}),
+                    );
+                }
+                if let Err(why) =
+                    verify_assertion(get("client_assertion"), public_key_pkcs1, x5t_s256, client_id, &self.url())
+                {
+                    return (
+                        401,
+                        serde_json::json!({"error": "invalid_client", "error_description": format!("AADSTS700027: Client assertion failed signature validation. {why}")}),
+                    );
+                }
+                None
+            }
             Client::Google { client_email, public_key_pkcs1 } => {
                 if get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
                     return (400, serde_json::json!({"error": "unsupported_grant_type"}));
@@ -197,7 +242,7 @@ impl TokenServer {
         // reads it for `smtp check`; the resource server verifies it). The signature here is a
         // placeholder: the double checks the whole token against what it issued.
         let token = match &state.client {
-            Client::Microsoft { .. } => {
+            Client::Microsoft { .. } | Client::MicrosoftCertificate { .. } => {
                 let claims = serde_json::json!({
                     "aud": scope.trim_end_matches("/.default"),
                     "roles": state.roles,
@@ -221,6 +266,31 @@ impl TokenServer {
         });
         (200, serde_json::json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "access_token": token}))
     }
+}
+
+/// Entra's check of a certificate client assertion: PS256 by the registered certificate's key,
+/// naming its thumbprint, for this endpoint, from and about the app, not expired.
+fn verify_assertion(assertion: &str, key: &[u8], x5t: &str, client_id: &str, audience: &str) -> Result<(), String> {
+    let (signed, signature) = assertion.rsplit_once('.').ok_or("not a JWT")?;
+    let part = |i: usize| -> Result<serde_json::Value, String> {
+        let raw =
+            URL_SAFE_NO_PAD.decode(signed.split('.').nth(i).ok_or("no such part")?).map_err(|_| "bad encoding")?;
+        serde_json::from_slice(&raw).map_err(|_| "not JSON".to_string())
+    };
+    let (header, claims) = (part(0)?, part(1)?);
+    if header["alg"] != "PS256" || header["x5t#S256"] != x5t {
+        return Err(format!("unexpected header {header}"));
+    }
+    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "bad signature encoding")?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PSS_2048_8192_SHA256, key)
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| "The signature does not verify with the registered certificate.")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let expired = claims["exp"].as_i64().is_none_or(|exp| exp < now);
+    if claims["aud"] != audience || claims["iss"] != client_id || claims["sub"] != client_id || expired {
+        return Err(format!("unexpected claims {claims}"));
+    }
+    Ok(())
 }
 
 fn verify_jwt(assertion: &str, key: &[u8], email: &str, audience: &str) -> Result<String, String> {
@@ -411,5 +481,46 @@ impl ServiceAccount {
         })
         .to_string();
         ServiceAccount { client_email, key_json, public_key_pkcs1 }
+    }
+}
+
+/// An Entra app's certificate credential made with openssl: the PEM Panel stores (the key and
+/// its self-signed certificate), and what the token endpoint verifies assertions with.
+pub struct EntraCertificate {
+    pub pem: String,
+    public_key_pkcs1: Vec<u8>,
+    /// The certificate's SHA-256 thumbprint, base64url (`x5t#S256`).
+    x5t_s256: String,
+}
+
+impl EntraCertificate {
+    pub fn create(dir: &Path) -> EntraCertificate {
+        let (key, cert) = (dir.join("app.key"), dir.join("app.crt"));
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            out.stdout
+        };
+        let (k, c) = (key.to_str().unwrap(), cert.to_str().unwrap());
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            k,
+            "-out",
+            c,
+            "-subj",
+            "/CN=Panel mailer",
+            "-days",
+            "2",
+        ]);
+        let public_key_pkcs1 = run(&["rsa", "-in", k, "-RSAPublicKey_out", "-outform", "DER"]);
+        let der = run(&["x509", "-in", c, "-outform", "DER"]);
+        let x5t_s256 = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, &der));
+        let pem = std::fs::read_to_string(&key).unwrap() + &std::fs::read_to_string(&cert).unwrap();
+        EntraCertificate { pem, public_key_pkcs1, x5t_s256 }
     }
 }

@@ -275,3 +275,70 @@ fn an_admin_moves_the_tenant_from_smtp_to_graph_in_the_web_ui() {
     assert!(status.starts_with("delivered") && status.contains("202"), "{status}");
     assert_eq!(graph.received().len(), 1);
 }
+
+#[test]
+fn an_app_that_proves_itself_with_a_certificate_sends_through_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = panel_testlab::EntraCertificate::create(dir.path());
+    let tokens = TokenServer::microsoft_certificate("client-1", &certificate, Duration::from_secs(3600));
+    let graph = GraphDouble::start(&tokens, &[MAILBOX]);
+    let mut env = Env::new();
+    env.license();
+    let pem = env.write("app.pem", &certificate.pem);
+    let set = |name: &str, file: &std::path::Path| {
+        env.panel(&[
+            "credential",
+            "set",
+            name,
+            "--kind",
+            "microsoft-certificate",
+            "--client-id",
+            "client-1",
+            "--tenant",
+            "contoso.onmicrosoft.com",
+            "--key-file",
+            file.to_str().unwrap(),
+        ])
+    };
+    // A key without its certificate, or with another key's, is refused at once.
+    let other = panel_testlab::EntraCertificate::create(&env.path().join("."));
+    let (key_only, _) = certificate.pem.split_at(certificate.pem.find("-----BEGIN CERTIFICATE").unwrap());
+    let mismatched = key_only.to_string() + &other.pem[other.pem.find("-----BEGIN CERTIFICATE").unwrap()..];
+    for (bad, why) in [(key_only.to_string(), "no PEM certificate"), (mismatched, "does not belong to the private key")]
+    {
+        let r = set("broken", &env.write("bad.pem", &bad));
+        assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(why), "{}", r.stderr);
+    }
+    let r = set("m365cert", &pem);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let listed = env.ok(&["credential", "list", "--json"]).stdout;
+    assert!(listed.contains("thumbprint_sha256") && !listed.contains("PRIVATE KEY"), "{listed}");
+
+    let (token_url, graph_url, ca) = (tokens.url(), graph.url(), graph.ca_file.display().to_string());
+    env.ok(&[
+        "smtp",
+        "set",
+        "--transport",
+        "graph",
+        "--credential",
+        "m365cert",
+        "--username",
+        MAILBOX,
+        "--token-endpoint",
+        &token_url,
+        "--graph-endpoint",
+        &graph_url,
+        "--ca-file",
+        &ca,
+        "--from",
+        "Identity Panel <panel@contoso.com>",
+        "--fallback-recipient",
+        "ops@contoso.com",
+    ]);
+    env.spawn(&["worker"]);
+    let test = env.panel(&["smtp", "test", "--wait", "30", "--json"]);
+    assert_eq!(test.code, 0, "{}{}\n{}", test.stdout, test.stderr, env.service_logs());
+    assert_eq!(graph.received().len(), 1);
+    assert_eq!(tokens.issued(), 1, "the token came from a verified client assertion");
+}
