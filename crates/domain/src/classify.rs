@@ -422,6 +422,11 @@ pub struct ProviderReply {
     pub hint: &'static str,
 }
 
+/// Exchange Online's limit on one mailbox's concurrent SMTP sessions (two texts say it).
+const CONCURRENCY_HINT: &str = "Exchange Online lets one mailbox send on at most 3 connections at once, and Panel \
+     opened more: lower [worker] concurrency so that all running services together stay at 3 or fewer; the message \
+     is retried";
+
 /// Most specific first: the first entry that matches decides.
 pub const PROVIDER_REPLIES: &[ProviderReply] = &[
     ProviderReply {
@@ -522,9 +527,7 @@ pub const PROVIDER_REPLIES: &[ProviderReply] = &[
         contains: "thread limit exceeded",
         class: None,
         for_tokens: false,
-        hint: "Exchange Online lets one mailbox send on at most 3 connections at once, and Panel opened more: \
-               lower [worker] concurrency so that all running services together stay at 3 or fewer; the \
-               message is retried",
+        hint: CONCURRENCY_HINT,
     },
     ProviderReply {
         code: 432,
@@ -532,9 +535,7 @@ pub const PROVIDER_REPLIES: &[ProviderReply] = &[
         contains: "concurrent connection",
         class: None,
         for_tokens: false,
-        hint: "Exchange Online lets one mailbox send on at most 3 connections at once, and Panel opened more: \
-               lower [worker] concurrency so that all running services together stay at 3 or fewer; the \
-               message is retried",
+        hint: CONCURRENCY_HINT,
     },
     ProviderReply {
         code: 554,

@@ -19,27 +19,20 @@ struct Lab {
     graph: GraphDouble,
 }
 
-/// A licensed installation with the Entra app's secret stored and Graph as the transport,
-/// sending as `mailbox`; a worker runs.
-fn lab(mailbox: &str, extra: &[&str]) -> Lab {
+/// A tenant: its token endpoint, its Graph (whose access policy holds `MAILBOX`), and a licensed
+/// installation with the Entra app's secret stored as `m365`.
+fn tenant() -> Lab {
     let tokens = TokenServer::microsoft("client-1", CLIENT_SECRET, Duration::from_secs(3600));
     let graph = GraphDouble::start(&tokens, &[MAILBOX]);
-    let mut env = Env::new();
+    let env = Env::new();
     env.license();
-    let args = [
-        "credential",
-        "set",
-        "m365",
-        "--kind",
-        "microsoft-client-secret",
-        "--client-id",
-        "client-1",
-        "--tenant",
-        "contoso.onmicrosoft.com",
-        "--secret-stdin",
-    ];
-    let r = env.panel_stdin(&args, CLIENT_SECRET);
-    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    crate::oauth::store_microsoft(&env, CLIENT_SECRET);
+    Lab { env, tokens, graph }
+}
+
+/// `tenant()` with Graph as the transport, sending as `mailbox`; a worker runs.
+fn lab(mailbox: &str, extra: &[&str]) -> Lab {
+    let Lab { mut env, tokens, graph } = tenant();
     let (token_url, graph_url, ca) = (tokens.url(), graph.url(), graph.ca_file.display().to_string());
     let mut set = vec![
         "smtp",
@@ -229,23 +222,7 @@ fn throttled_by_graph_panel_waits_as_long_as_it_asks_then_delivers() {
 #[test]
 fn an_admin_moves_the_tenant_from_smtp_to_graph_in_the_web_ui() {
     let Some(b) = panel_testlab::Browser::start() else { return };
-    let tokens = TokenServer::microsoft("client-1", CLIENT_SECRET, Duration::from_secs(3600));
-    let graph = GraphDouble::start(&tokens, &[MAILBOX]);
-    let mut env = Env::new();
-    env.license();
-    let args = [
-        "credential",
-        "set",
-        "m365",
-        "--kind",
-        "microsoft-client-secret",
-        "--client-id",
-        "client-1",
-        "--tenant",
-        "contoso.onmicrosoft.com",
-        "--secret-stdin",
-    ];
-    assert_eq!(env.panel_stdin(&args, CLIENT_SECRET).code, 0);
+    let Lab { mut env, tokens, graph } = tenant();
     env.relay_on(panel_testlab::free_port(), &[]);
     crate::web_ui::account(&env, "ann", "admin");
     let port = env.serve();

@@ -13,7 +13,7 @@ fn state(m: &serde_json::Value) -> &str {
     m["state"].as_str().unwrap()
 }
 
-fn store_microsoft(env: &Env, secret: &str) {
+pub(crate) fn store_microsoft(env: &Env, secret: &str) {
     let args = [
         "credential",
         "set",
