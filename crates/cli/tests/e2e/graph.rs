@@ -33,16 +33,17 @@ fn tenant() -> Lab {
 /// `tenant()` with Graph as the transport, sending as `mailbox`; a worker runs.
 fn lab(mailbox: &str, extra: &[&str]) -> Lab {
     let Lab { mut env, tokens, graph } = tenant();
+    use_graph(&env, &tokens, &graph, "m365", mailbox, extra);
+    env.spawn(&["worker"]);
+    Lab { env, tokens, graph }
+}
+
+/// Graph as the transport, through `tokens` and `graph`, with `credential`, sending as `mailbox`.
+fn use_graph(env: &Env, tokens: &TokenServer, graph: &GraphDouble, credential: &str, mailbox: &str, extra: &[&str]) {
     let (token_url, graph_url, ca) = (tokens.url(), graph.url(), graph.ca_file.display().to_string());
-    let mut set = vec![
-        "smtp",
-        "set",
-        "--transport",
-        "graph",
-        "--oauth-provider",
-        "microsoft",
-        "--credential",
-        "m365",
+    let mut set =
+        vec!["smtp", "set", "--transport", "graph", "--oauth-provider", "microsoft", "--credential", credential];
+    set.extend([
         "--username",
         mailbox,
         "--token-endpoint",
@@ -51,17 +52,11 @@ fn lab(mailbox: &str, extra: &[&str]) -> Lab {
         &graph_url,
         "--ca-file",
         &ca,
-        "--from",
-        "Identity Panel <panel@contoso.com>",
-        "--fallback-recipient",
-        "ops@contoso.com",
-        "--command-timeout",
-        "5",
-    ];
+    ]);
+    set.extend(["--from", "Identity Panel <panel@contoso.com>", "--fallback-recipient", "ops@contoso.com"]);
+    set.extend(["--command-timeout", "5"]);
     set.extend(extra);
     env.ok(&set);
-    env.spawn(&["worker"]);
-    Lab { env, tokens, graph }
 }
 
 fn last_attempt(m: &Value) -> Value {
@@ -301,27 +296,7 @@ fn an_app_that_proves_itself_with_a_certificate_sends_through_graph() {
     let listed = env.ok(&["credential", "list", "--json"]).stdout;
     assert!(listed.contains("thumbprint_sha256") && !listed.contains("PRIVATE KEY"), "{listed}");
 
-    let (token_url, graph_url, ca) = (tokens.url(), graph.url(), graph.ca_file.display().to_string());
-    env.ok(&[
-        "smtp",
-        "set",
-        "--transport",
-        "graph",
-        "--credential",
-        "m365cert",
-        "--username",
-        MAILBOX,
-        "--token-endpoint",
-        &token_url,
-        "--graph-endpoint",
-        &graph_url,
-        "--ca-file",
-        &ca,
-        "--from",
-        "Identity Panel <panel@contoso.com>",
-        "--fallback-recipient",
-        "ops@contoso.com",
-    ]);
+    use_graph(&env, &tokens, &graph, "m365cert", MAILBOX, &[]);
     env.spawn(&["worker"]);
     let test = env.panel(&["smtp", "test", "--wait", "30", "--json"]);
     assert_eq!(test.code, 0, "{}{}\n{}", test.stdout, test.stderr, env.service_logs());
