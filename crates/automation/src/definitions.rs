@@ -39,6 +39,9 @@ pub struct ScheduleDef {
     /// Fixed values the steps' templates can use as `data`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
+    /// `urgent` or `bulk`; unset: bulk for schedules and dispatches, urgent for workflows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<panel_domain::Priority>,
     pub steps: Vec<Step>,
 }
 
@@ -55,6 +58,9 @@ pub struct WorkflowDef {
     /// An expression over the event; the workflow runs only when it is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,
+    /// `urgent` or `bulk`; unset: bulk for schedules and dispatches, urgent for workflows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<panel_domain::Priority>,
     pub steps: Vec<Step>,
 }
 
@@ -65,6 +71,9 @@ pub struct DispatchDef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
+    /// `urgent` or `bulk`; unset: bulk for schedules and dispatches, urgent for workflows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<panel_domain::Priority>,
     pub steps: Vec<Step>,
 }
 

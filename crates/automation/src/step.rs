@@ -218,6 +218,8 @@ impl EmailStep {
                 text: content.text,
                 html: content.html,
                 attachments,
+                // The run decides: the definition's priority, or its origin's.
+                priority: None,
             },
             note,
         })

@@ -53,7 +53,7 @@ async fn main() {
             let started = Instant::now();
             let mut claimed = 0;
             while claimed < n {
-                let batch = store.claim("bench", Utc::now(), Duration::from_secs(600), 16).await.expect("claim");
+                let batch = store.claim("bench", Utc::now(), Duration::from_secs(600), 16, false).await.expect("claim");
                 if batch.is_empty() {
                     break;
                 }

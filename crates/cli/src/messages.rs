@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use panel_domain::message::Draft;
-use panel_domain::{MessageState, Origin};
+use panel_domain::{MessageState, Origin, Priority};
 use panel_service::views::RetryResult;
 use panel_service::{OpsError, Panel};
 
 use std::process::ExitCode;
 
 use crate::{CmdResult, bad_input, output};
+
+fn parse_priority(v: &str) -> Result<Priority, String> {
+    Priority::parse(v).ok_or_else(|| format!("'{v}' is not a priority; use urgent or bulk"))
+}
 
 #[derive(Args)]
 pub(crate) struct SendArgs {
@@ -38,6 +42,9 @@ pub(crate) struct SendArgs {
     /// Create the message once per KEY: sending again with the same key returns the same message
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// urgent (the default for a send: ahead of bulk mail) or bulk
+    #[arg(long, value_parser = parse_priority)]
+    priority: Option<Priority>,
     /// Wait up to SECS for the outcome; exit 0 only when delivered
     #[arg(long, value_name = "SECS")]
     wait: Option<u64>,
@@ -112,6 +119,7 @@ pub(crate) async fn send(panel: Panel, a: SendArgs) -> CmdResult {
         subject: a.subject,
         text,
         html,
+        priority: a.priority,
         ..Default::default()
     };
     let (id, created) = panel.enqueue_draft(Origin::MailTester, &draft, a.idempotency_key.as_deref()).await?;

@@ -267,7 +267,7 @@ pub fn message(m: &MessageDetail, json: bool) {
         print_json(m);
         return;
     }
-    println!("Message {}  {}  (origin {})", m.id, m.state, m.origin);
+    println!("Message {}  {}  (origin {}, priority {})", m.id, m.state, m.origin, m.priority);
     println!("  From:       {}", m.from);
     let fallback =
         if m.used_fallback_recipient { "   (Fallback recipient: the message named no recipient)" } else { "" };

@@ -22,7 +22,7 @@ pub use classify::{Classification, ConnectionContext, Failure, FailureClass, Fai
 pub use credential::CredentialKind;
 pub use delivery::{AttemptOutcome, Earlier, RecipientResult, SendReport, Settlement, settle};
 pub use errors::{FieldError, FieldErrors};
-pub use message::{Draft, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState};
+pub use message::{Draft, MessageState, Origin, OutgoingMessage, Priority, RecipientKind, RecipientState};
 pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
 pub use secret::Secret;

@@ -65,6 +65,34 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// Which mail goes first: urgent mail (a password reset, the Test Message) is claimed before
+    /// bulk mail (a schedule's reminders), which still gets a share of every worker.
+    Priority {
+        Urgent = "urgent",
+        Bulk = "bulk",
+    }
+);
+
+impl Priority {
+    /// By where a message comes from, unless its caller says: schedules, dispatches and the bulk
+    /// API are bulk; the Test Message, the mail tester (API and CLI sends) and events are urgent.
+    pub fn default_for(origin: Origin) -> Priority {
+        match origin {
+            Origin::Schedule | Origin::Dispatch => Priority::Bulk,
+            Origin::TestMessage | Origin::MailTester | Origin::Workflow => Priority::Urgent,
+        }
+    }
+
+    /// The order of claiming: lower first.
+    pub fn rank(self) -> i64 {
+        match self {
+            Priority::Urgent => 0,
+            Priority::Bulk => 1,
+        }
+    }
+}
+
 string_enum!(RecipientKind { To = "to", Cc = "cc", Bcc = "bcc" });
 
 string_enum!(
@@ -92,6 +120,9 @@ pub struct Draft {
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Attachment>,
+    /// `urgent` or `bulk`; unset: by origin (`Priority::default_for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// A text attachment (a CSV report, say), produced by a step from its context.
@@ -124,6 +155,9 @@ pub struct OutgoingMessage {
     pub attachments: Vec<Attachment>,
     /// True when the draft named no recipient and the Fallback recipient was used.
     pub used_fallback_recipient: bool,
+    /// As the draft asked; unset: by origin, decided when it is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// Largest body accepted into the queue; relays commonly refuse much less.
@@ -203,6 +237,7 @@ impl OutgoingMessage {
             date: now,
             attachments: draft.attachments.clone(),
             used_fallback_recipient: no_recipient,
+            priority: draft.priority,
         })
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use panel_automation::{DispatchDef, Rendered, ScheduleDef, Sender, Step, Template, WorkflowDef, event_context};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
-use panel_domain::{FieldErrors, Origin, RelaySettings};
+use panel_domain::{FieldErrors, Origin, OutgoingMessage, Priority, RelaySettings};
 use panel_store::{
     DefinitionKind, DefinitionRow, NewDefinition, NewRun, PlannedStep, SaveMode, SaveOutcome, ScheduleAdvance,
 };
@@ -233,7 +233,14 @@ impl Panel {
                     .filter_map(|(def, templates)| {
                         let (status, detail, steps) = match def.matches(&ctx) {
                             Ok(false) => return None,
-                            Ok(true) => plan_steps(&def.steps, &ctx, templates, &settings, Origin::Workflow, now),
+                            Ok(true) => plan_steps(
+                                &def.steps,
+                                &ctx,
+                                templates,
+                                &settings,
+                                (Origin::Workflow, def.priority),
+                                now,
+                            ),
                             Err(e) => {
                                 (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![])
                             }
@@ -298,7 +305,7 @@ impl Panel {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let ctx = def.context(now, "manual", &timing);
-        let planned = plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
+        let planned = plan_steps(&def.steps, &ctx, &templates, &settings, (Origin::Schedule, def.priority), now);
         self.commit_adhoc((RunKind::Schedule, Trigger::Manual), &def.name, Some(now), planned, by, now).await
     }
 
@@ -361,7 +368,7 @@ impl Panel {
                 let templates = self.templates_for(&def.steps).await?;
                 let ctx = def.context(fire_time, trigger.as_str(), t);
                 let (status, detail, steps) =
-                    plan_steps(&def.steps, &ctx, &templates, &settings, Origin::Schedule, now);
+                    plan_steps(&def.steps, &ctx, &templates, &settings, (Origin::Schedule, def.priority), now);
                 notes.extend(detail);
                 (status, steps)
             }
@@ -401,7 +408,8 @@ impl Panel {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         let templates = self.templates_for(&def.steps).await?;
         let now = self.now();
-        let planned = plan_steps(&def.steps, &def.context(), &templates, &settings, Origin::Dispatch, now);
+        let planned =
+            plan_steps(&def.steps, &def.context(), &templates, &settings, (Origin::Dispatch, def.priority), now);
         self.commit_adhoc((RunKind::Dispatch, Trigger::Dispatch), &def.name, None, planned, by, now).await
     }
 
@@ -483,7 +491,7 @@ fn plan_steps(
     ctx: &Value,
     templates: &HashMap<String, Template>,
     settings: &RelaySettings,
-    origin: Origin,
+    (origin, priority): (Origin, Option<Priority>),
     now: DateTime<Utc>,
 ) -> Planned {
     let sender = Sender {
@@ -497,7 +505,8 @@ fn plan_steps(
         .into_iter()
         .map(|p| PlannedStep {
             outcome: serde_json::to_value(&p.outcome).expect("a step outcome serializes"),
-            message: p.message.map(|m| (origin, m)),
+            // The definition's priority; unset, the origin's (decided when it is stored).
+            message: p.message.map(|m| (origin, OutgoingMessage { priority: priority.or(m.priority), ..m })),
         })
         .collect();
     (plan.status, plan.detail, planned)

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use panel_domain::run::{RunDelivery, RunKind, RunStatus, Trigger};
 use panel_domain::{
-    AttemptOutcome, FailureClass, MessageState, Origin, RecipientKind, RecipientState, SettingsDoc, Stage,
+    AttemptOutcome, FailureClass, MessageState, Origin, Priority, RecipientKind, RecipientState, SettingsDoc, Stage,
 };
 use serde::Serialize;
 
@@ -36,6 +36,8 @@ view!(
         id: i64,
         state: MessageState,
         origin: Origin,
+        /// `urgent` mail is sent before `bulk` mail.
+        priority: Priority,
         from: String,
         to: Vec<String>,
         subject: String,
@@ -84,6 +86,7 @@ pub struct MessageDetail {
     pub id: i64,
     pub state: MessageState,
     pub origin: Origin,
+    pub priority: Priority,
     pub from: String,
     pub to: Vec<String>,
     pub cc: Vec<String>,
@@ -111,6 +114,7 @@ impl From<panel_store::MessageDetail> for MessageDetail {
             id: m.id,
             state: m.state,
             origin: m.origin,
+            priority: m.priority,
             from: m.from,
             to: m.to,
             cc: m.cc,

@@ -48,6 +48,9 @@ impl Default for WorkerConfig {
     }
 }
 
+/// One claim in this many takes bulk mail before urgent mail.
+const BULK_SHARE: u64 = 4;
+
 /// The relay prepared for the settings and secrets in force.
 struct RelayState {
     generation: ConfigGeneration,
@@ -80,6 +83,8 @@ struct Shared {
     /// Idle connections, tagged with the serial of the relay state they were opened under.
     pool: Mutex<Vec<(u64, Instant, Connection)>>,
     serial: AtomicU64,
+    /// Claims made, for the share of bulk mail (`BULK_SHARE`).
+    claims: AtomicU64,
     /// Whole-relay backoff while it is unreachable; reset when the settings change.
     backoff: Mutex<RelayBackoff>,
     /// Attempts to record, written in batches by `record_in_batches`.
@@ -150,6 +155,7 @@ pub async fn run_worker(
         relay: Mutex::new(None),
         pool: Mutex::new(Vec::new()),
         serial: AtomicU64::new(0),
+        claims: AtomicU64::new(0),
         backoff: Mutex::new(RelayBackoff::default()),
         recorder,
         held_seen: AtomicBool::new(false),
@@ -217,7 +223,10 @@ async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Option<(Arc<R
     let Some(state) = current_relay(shared).await? else {
         return Ok(None); // Not configured yet: messages wait, nothing is lost.
     };
-    let claims = shared.store.claim(&shared.owner, shared.panel.now(), shared.config.lease, limit).await?;
+    // Every BULK_SHARE-th claim takes bulk mail first: urgent mail goes ahead, and bulk mail is
+    // never starved by it.
+    let bulk_first = shared.claims.fetch_add(1, Ordering::Relaxed) % BULK_SHARE == BULK_SHARE - 1;
+    let claims = shared.store.claim(&shared.owner, shared.panel.now(), shared.config.lease, limit, bulk_first).await?;
     Ok(Some((state, claims)))
 }
 

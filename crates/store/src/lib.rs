@@ -501,10 +501,18 @@ impl Store {
         self.observe(self.backend.enqueue(origin, message, ms(now), Some(key)).await)
     }
 
-    /// Takes up to `limit` due messages under a lease for `owner`. Messages whose lease expired
-    /// (their worker died) are first recorded as interrupted and become due again.
-    pub async fn claim(&self, owner: &str, now: DateTime<Utc>, lease: Duration, limit: u32) -> Result<Vec<Claim>> {
-        self.observe(self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit).await)
+    /// Takes up to `limit` due messages under a lease for `owner`, urgent ones first (bulk ones
+    /// first when `bulk_first`, the share bulk mail keeps). Messages whose lease expired (their
+    /// worker died) are first recorded as interrupted and become due again.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
+        self.observe(self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit, bulk_first).await)
     }
 
     /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).

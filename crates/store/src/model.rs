@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
 use panel_domain::{
-    AttemptOutcome, FailureClass, MessageState, Origin, OutgoingMessage, RecipientKind, RecipientState, SettingsDoc,
-    Stage,
+    AttemptOutcome, FailureClass, MessageState, Origin, OutgoingMessage, Priority, RecipientKind, RecipientState,
+    SettingsDoc, Stage,
 };
 use serde::Serialize;
 
@@ -71,6 +71,7 @@ pub struct MessageSummary {
     pub id: i64,
     pub state: MessageState,
     pub origin: Origin,
+    pub priority: Priority,
     pub from: String,
     pub to: Vec<String>,
     pub subject: String,
@@ -112,6 +113,7 @@ pub struct MessageDetail {
     pub id: i64,
     pub state: MessageState,
     pub origin: Origin,
+    pub priority: Priority,
     pub from: String,
     pub to: Vec<String>,
     pub cc: Vec<String>,

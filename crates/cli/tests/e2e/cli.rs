@@ -528,3 +528,43 @@ fn every_settings_version_is_listed_with_its_changes_and_any_one_can_be_restored
     assert_eq!((saved["version"].as_i64(), &saved["effective"]["port"]), (Some(5), &serde_json::json!(2525)));
     assert_eq!(http(port, "POST", "/api/v1/settings/smtp/versions/77/restore", "").0, 404);
 }
+
+#[test]
+fn urgent_mail_overtakes_queued_bulk_mail_and_bulk_keeps_a_share() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    // A slow relay: 100 ms for each message, one at a time.
+    sink.set_data_reply_delay(std::time::Duration::from_millis(100));
+    env.relay_on(sink.port, &[]);
+    for i in 0..20 {
+        env.ok(&[
+            "send",
+            "--to",
+            "all@example.org",
+            "--subject",
+            &format!("bulk {i}"),
+            "--text",
+            "x",
+            "--priority",
+            "bulk",
+        ]);
+    }
+    for i in 0..6 {
+        env.ok(&["send", "--to", "ann@example.org", "--subject", &format!("reset {i}"), "--text", "x"]);
+    }
+    let listed = env.ok(&["messages", "list", "--limit", "1", "--json"]).json();
+    assert_eq!(listed[0]["priority"], "urgent", "{listed:#}");
+    env.spawn(&["worker", "--concurrency", "1"]);
+    let order: Vec<String> = sink
+        .wait_for(26, std::time::Duration::from_secs(30))
+        .iter()
+        .map(|m| m.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap_or_default().to_string())
+        .collect();
+    let first_bulk = order.iter().position(|s| s.starts_with("bulk")).unwrap();
+    let last_reset = order.iter().rposition(|s| s.starts_with("reset")).unwrap();
+    assert!(last_reset < 10, "the urgent mail went ahead of 20 queued bulk messages: {order:?}");
+    assert!(first_bulk < last_reset, "bulk mail kept a share while urgent mail was waiting: {order:?}");
+    let bad = env.panel(&["send", "--to", "a@example.org", "--subject", "s", "--text", "x", "--priority", "soon"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("urgent or bulk"), "{}", bad.stderr);
+}

@@ -32,6 +32,7 @@ impl SqlStore {
                     id: cell(r, "messages", "id")?,
                     state,
                     origin: parse_origin(r)?,
+                    priority: parse_priority(r)?,
                     from: cell(r, "messages", "from_addr")?,
                     to: cell::<Option<String>>(r, "messages", "rcpts")?
                         .map(|s| s.split(',').map(String::from).collect())
@@ -160,6 +161,7 @@ impl SqlStore {
             id,
             state,
             origin: parse_origin(&r)?,
+            priority: parse_priority(&r)?,
             from: content.from.to_string(),
             to: names(&content.to),
             cc: names(&content.cc),

@@ -79,6 +79,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../../migrations/sqlite/0010_check_requests.sql")),
     (11, include_str!("../../migrations/sqlite/0011_sign_in_known.sql")),
     (12, include_str!("../../migrations/sqlite/0012_service_config.sql")),
+    (13, include_str!("../../migrations/sqlite/0013_priority.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -94,6 +95,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../../migrations/postgres/0010_check_requests.sql")),
     (11, include_str!("../../migrations/postgres/0011_sign_in_known.sql")),
     (12, include_str!("../../migrations/postgres/0012_service_config.sql")),
+    (13, include_str!("../../migrations/postgres/0013_priority.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -295,6 +297,17 @@ fn parse_state(r: &AnyRow) -> Result<MessageState> {
 
 fn parse_origin(r: &AnyRow) -> Result<Origin> {
     closed_cell(r, "messages", "origin", Origin::parse)
+}
+
+/// `messages.priority`: its rank (0 urgent, 1 bulk), like every closed cell a `Corrupt` error
+/// when it is neither.
+fn parse_priority(r: &AnyRow) -> Result<panel_domain::Priority> {
+    let rank: i64 =
+        cell::<i16>(r, "messages", "priority").map(i64::from).or_else(|_| cell(r, "messages", "priority"))?;
+    [panel_domain::Priority::Urgent, panel_domain::Priority::Bulk]
+        .into_iter()
+        .find(|p| p.rank() == rank)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("messages.priority: {rank} is not 0 or 1")))
 }
 
 /// A `messages.state` read on its own (a scalar query): the same rule as `closed_cell`.

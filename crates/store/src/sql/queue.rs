@@ -1,7 +1,7 @@
 //! The queue: enqueue (one, many, once per idempotency key), claim under a lease with a claim
 //! token, renew, record attempts in batches fenced by the token, retry.
 
-use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, RecipientState, Settlement};
+use panel_domain::{FailureClass, MessageState, Origin, OutgoingMessage, Priority, RecipientState, Settlement};
 use sqlx::any::AnyRow;
 
 use super::*;
@@ -50,7 +50,14 @@ impl SqlStore {
         Ok(ids)
     }
 
-    pub async fn claim(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<Claim>> {
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
         // Several services may look at once: each takes the expired leases it can lock.
         let sql = format!(
@@ -87,12 +94,16 @@ impl SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        // SKIP LOCKED (PostgreSQL): N services claiming at once each get different steps, no waiting.
+        // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
+        // round for this claim: the worker asks so every few claims, so that bulk mail keeps a
+        // share while urgent mail keeps coming. SKIP LOCKED (PostgreSQL): N services claiming
+        // at once each get different steps, no waiting.
+        let order = if bulk_first { "priority DESC, next_attempt_at, id" } else { "priority, next_attempt_at, id" };
         let sql = format!(
             "UPDATE messages SET state = 'sending', lease_owner = $1, lease_expires_at = $2,
                     claim_token = claim_token + 1, updated_at = $3
              WHERE id IN (SELECT id FROM messages{} WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $3
-                          ORDER BY next_attempt_at, id LIMIT $4{})
+                          ORDER BY {order} LIMIT $4{})
              RETURNING id, origin, content, claim_token, attempts, window_start",
             self.dialect.use_index("messages_due"),
             self.dialect.skip_locked()
@@ -305,8 +316,9 @@ pub(super) async fn insert_message(
 ) -> Result<Option<i64>> {
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                               created_at, updated_at, next_attempt_at, window_start, idempotency_key, run_id)
-         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8, $9)
+                               created_at, updated_at, next_attempt_at, window_start, idempotency_key, run_id,
+                               priority)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8, $9, $10)
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(origin.as_str())
@@ -318,6 +330,7 @@ pub(super) async fn insert_message(
     .bind(now)
     .bind(key)
     .bind(run_id)
+    .bind(m.priority.unwrap_or(Priority::default_for(origin)).rank())
     .fetch_optional(&mut **tx)
     .await?;
     let Some(id) = inserted else { return Ok(None) };

@@ -24,18 +24,18 @@ fn meta() -> AttemptMeta {
 async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
     let s = &b.store;
     s.enqueue(Origin::MailTester, &message("one"), Utc::now()).await.unwrap();
-    let first = s.claim("w1", Utc::now(), Duration::from_secs(60), 10).await.unwrap();
+    let first = s.claim("w1", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].pending.len(), 1);
-    assert!(s.claim("w2", Utc::now(), Duration::from_secs(60), 10).await.unwrap().is_empty());
+    assert!(s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().is_empty());
 }
 
 async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend) {
     let s = &b.store;
     let id = s.enqueue(Origin::MailTester, &message("two"), Utc::now()).await.unwrap();
-    let stale = s.claim("w1", Utc::now(), Duration::from_millis(1), 10).await.unwrap().remove(0);
+    let stale = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap().remove(0);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let fresh = s.claim("w2", Utc::now(), Duration::from_secs(60), 10).await.unwrap().remove(0);
+    let fresh = s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
     assert_eq!(fresh.reference.id, id);
     assert!(fresh.reference.token > stale.reference.token);
     // The paused worker wakes up: its outcome is refused, the new owner's is kept.
@@ -86,7 +86,7 @@ async fn concurrent_claimers_never_take_the_same_step(b: &Backend) {
         tasks.spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claims = s.claim(&format!("w{w}"), Utc::now(), Duration::from_secs(60), 7).await.unwrap();
+                let claims = s.claim(&format!("w{w}"), Utc::now(), Duration::from_secs(60), 7, false).await.unwrap();
                 if claims.is_empty() {
                     return mine;
                 }
@@ -144,10 +144,10 @@ async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: 
     let s = &b.store;
     let a = s.enqueue(Origin::MailTester, &message("a"), Utc::now()).await.unwrap();
     let c = s.enqueue(Origin::MailTester, &message("c"), Utc::now()).await.unwrap();
-    let claims = s.claim("w1", Utc::now(), Duration::from_millis(1), 10).await.unwrap();
+    let claims = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Message c's lease expired and w2 took it: w1's outcome for c is stale.
-    let retaken = s.claim("w2", Utc::now(), Duration::from_secs(60), 10).await.unwrap();
+    let retaken = s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(retaken.len(), 2, "both leases expired");
     let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap().reference;
     let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap().reference;
@@ -164,7 +164,7 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
     assert_eq!(ids.len(), 50);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in order: {ids:?}");
     assert_eq!(s.message(ids[7]).await.unwrap().unwrap().subject, "bulk 7");
-    let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 100).await.unwrap();
+    let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 100, false).await.unwrap();
     assert_eq!(claims.len(), 50);
     assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
 }
@@ -205,7 +205,7 @@ async fn a_cancelled_message_is_final_never_claimed_and_its_cancel_audited(b: &B
         s.cancel_message(a, "ann", "sent twice by a misfired workflow", now).await.unwrap(),
         CancelResult::Cancelled { was: MessageState::Queued }
     );
-    let claims = s.claim("w1", now, Duration::from_secs(60), 10).await.unwrap();
+    let claims = s.claim("w1", now, Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(claims.iter().map(|c| c.reference.id).collect::<Vec<_>>(), [sent], "a cancelled message is not claimed");
     assert_eq!(
         s.cancel_message(sent, "ann", "too late", now).await.unwrap(),
@@ -248,7 +248,31 @@ async fn a_check_request_is_taken_by_one_service_and_answered(b: &Backend) {
     assert!(s.check_request(old).await.unwrap().is_none());
 }
 
+async fn urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share(b: &Backend) {
+    let s = &b.store;
+    let now = Utc::now();
+    // Bulk queued first (a schedule's reminders), then one urgent message (a password reset).
+    let bulk: Vec<i64> = s
+        .enqueue_many(&[(Origin::Schedule, message("reminder 1")), (Origin::Schedule, message("reminder 2"))], now)
+        .await
+        .unwrap();
+    let urgent = s.enqueue(Origin::MailTester, &message("reset"), now).await.unwrap();
+    let asked_bulk =
+        panel_domain::OutgoingMessage { priority: Some(panel_domain::Priority::Bulk), ..message("api bulk") };
+    let api_bulk = s.enqueue(Origin::MailTester, &asked_bulk, now).await.unwrap();
+    let first = s.claim("w", Utc::now(), Duration::from_secs(60), 1, false).await.unwrap();
+    assert_eq!(first[0].reference.id, urgent, "the urgent one goes first, though queued last");
+    let share = s.claim("w", Utc::now(), Duration::from_secs(60), 1, true).await.unwrap();
+    assert_eq!(share[0].reference.id, bulk[0], "a bulk-first claim takes the oldest bulk message");
+    let listed = s.list_messages(&panel_store::MessageFilter { limit: 10, ..Default::default() }).await.unwrap();
+    let priority = |id: i64| listed.iter().find(|m| m.id == id).unwrap().priority;
+    assert_eq!(priority(urgent), panel_domain::Priority::Urgent);
+    assert_eq!(priority(bulk[1]), panel_domain::Priority::Bulk, "by origin");
+    assert_eq!(priority(api_bulk), panel_domain::Priority::Bulk, "as the caller asked");
+}
+
 contract!(
+    urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share,
     a_check_request_is_taken_by_one_service_and_answered,
     a_cancelled_message_is_final_never_claimed_and_its_cancel_audited,
     a_corrupt_row_is_an_error_naming_its_table_and_column,
