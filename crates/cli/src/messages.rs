@@ -135,7 +135,7 @@ pub(crate) async fn send(panel: Panel, a: SendArgs) -> CmdResult {
 
 /// Prints the id, warns when nothing will process the queue, and optionally waits for the outcome.
 pub(crate) async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Option<u64>, json: bool) -> CmdResult {
-    let running = !panel.live_services().await?.is_empty();
+    let running = panel.service_running().await?;
     let Some(secs) = wait else {
         output::enqueued(id, what, running, json);
         return Ok(ExitCode::SUCCESS);

@@ -35,7 +35,16 @@ pub struct Panel {
     pub local_waker: Option<Waker>,
     /// The time every operation uses (a test moves its own).
     clock: Arc<dyn Clock>,
+    /// The live services as last read, and when: every enqueue wakes them and says whether one
+    /// runs, and that need not cost a query each.
+    services_seen: Arc<std::sync::Mutex<Option<ServicesSeen>>>,
 }
+
+/// A read of the live services and when it was made.
+type ServicesSeen = (std::time::Instant, Vec<ServiceRow>);
+
+/// How long a read of the live services serves enqueues.
+const SERVICES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A saved settings version, with what the admin must know about it (e.g. a detached credential).
 #[derive(Debug, Clone)]
@@ -53,6 +62,7 @@ impl Panel {
             metrics: Arc::default(),
             local_waker: None,
             clock: Arc::new(SystemClock),
+            services_seen: Arc::default(),
         }
     }
 
@@ -189,9 +199,25 @@ impl Panel {
     }
 
     async fn live_service_rows(&self) -> Result<Vec<ServiceRow>, OpsError> {
-        let now = self.now();
-        let rows = self.store.services(now - chrono::Duration::hours(1)).await?;
-        Ok(rows.into_iter().filter(|s| s.heartbeat_at >= now - crate::liveness_window()).collect())
+        Ok(self.store.services(self.now() - crate::liveness_window()).await?)
+    }
+
+    /// Whether any Panel Service or worker runs: what an enqueue's answer says. Read at most
+    /// once a second per process (a service's heartbeat comes every two), not once per message.
+    pub async fn service_running(&self) -> Result<bool, OpsError> {
+        Ok(!self.recent_services().await?.is_empty())
+    }
+
+    /// The live services, as read within the last second.
+    async fn recent_services(&self) -> Result<Vec<ServiceRow>, OpsError> {
+        if let Some((at, rows)) = self.services_seen.lock().expect("not poisoned").as_ref()
+            && at.elapsed() < SERVICES_FRESH
+        {
+            return Ok(rows.clone());
+        }
+        let rows = self.live_service_rows().await?;
+        *self.services_seen.lock().expect("not poisoned") = Some((std::time::Instant::now(), rows.clone()));
+        Ok(rows)
     }
 
     pub(crate) async fn wake_workers(&self) {
@@ -205,7 +231,7 @@ impl Panel {
             return;
         }
         let local_host = panel_relay::local_hostname();
-        if let Ok(services) = self.live_service_rows().await {
+        if let Ok(services) = self.recent_services().await {
             wake::poke(services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port))
                 .await;
         }

@@ -68,6 +68,10 @@ impl ServiceHandle {
                 if let Err(e) = s.heartbeat(&info, Utc::now()).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
+                // Services that died without deregistering are forgotten after an hour.
+                if let Err(e) = s.prune_services(Utc::now() - chrono::Duration::hours(1)).await {
+                    tracing::warn!(error = %e, "could not forget services that stopped heartbeating");
+                }
             }
         });
         Ok(ServiceHandle { info, current, task, store })

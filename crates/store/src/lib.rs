@@ -106,6 +106,48 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     backend: sql::SqlStore,
     health: std::sync::Arc<Health>,
+    /// Group commit of concurrent single enqueues (`enqueue`), started at the first one.
+    committer: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<PendingEnqueue>>>,
+}
+
+/// A single enqueue waiting for the next group commit, and its caller.
+struct PendingEnqueue {
+    origin: Origin,
+    message: OutgoingMessage,
+    now: i64,
+    reply: tokio::sync::oneshot::Sender<Result<i64>>,
+}
+
+/// Most messages one group commit takes.
+const GROUP_COMMIT_MAX: usize = 256;
+
+/// Commits what concurrent callers enqueued meanwhile in one transaction (one fsync for all),
+/// then answers each with its id: every answer still comes after its own commit. A batch that
+/// fails is tried again one message a transaction, so each caller gets its own outcome.
+async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<PendingEnqueue>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(Origin, &OutgoingMessage, i64)> = batch.iter().map(|p| (p.origin, &p.message, p.now)).collect();
+        match backend.enqueue_batch(&items).await {
+            Ok(ids) => {
+                for (p, id) in batch.into_iter().zip(ids) {
+                    let _ = p.reply.send(Ok(id));
+                }
+            }
+            Err(_) => {
+                for p in batch {
+                    let one = backend.enqueue(p.origin, &p.message, p.now, None).await.map(|(id, _)| id);
+                    let _ = p.reply.send(one);
+                }
+            }
+        }
+    }
 }
 
 impl Store {
@@ -118,7 +160,11 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        Ok(Store { backend: sql::SqlStore::open(url, dialect).await?, health: Default::default() })
+        Ok(Store {
+            backend: sql::SqlStore::open(url, dialect).await?,
+            health: Default::default(),
+            committer: Default::default(),
+        })
     }
 
     /// Writes to the database failed within `STORAGE_FAULT_HOLD`: not ready (`/readyz`).
@@ -480,8 +526,29 @@ impl Store {
         self.observe(self.backend.runs(kind, name, limit).await)
     }
 
+    /// Enqueues one message, durably: it returns after the commit. Concurrent callers share a
+    /// commit (group commit: many enqueues, one fsync), each still answered after its own.
     pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
-        Ok(self.observe(self.backend.enqueue(origin, message, ms(now), None).await)?.0)
+        let committer = self
+            .committer
+            .get_or_init(|| async {
+                let (tx, rx) = tokio::sync::mpsc::channel(GROUP_COMMIT_MAX * 4);
+                tokio::spawn(group_commit(self.backend.clone(), rx));
+                tx
+            })
+            .await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = PendingEnqueue { origin, message: message.clone(), now: ms(now), reply };
+        let result = match committer.send(pending).await {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        // The committer's runtime is gone (a store carried into another runtime): commit here.
+        let result = match result {
+            Some(r) => r,
+            None => self.backend.enqueue(origin, message, ms(now), None).await.map(|(id, _)| id),
+        };
+        self.observe(result)
     }
 
     /// Enqueues many messages in one transaction (one commit for all; all or none).
@@ -597,8 +664,14 @@ impl Store {
     }
 
     /// Services whose last heartbeat is newer than `fresh_after`; older rows are pruned.
+    /// The services that heartbeat at or after `fresh_after` (a plain read).
     pub async fn services(&self, fresh_after: DateTime<Utc>) -> Result<Vec<ServiceRow>> {
         self.observe(self.backend.services(ms(fresh_after)).await)
+    }
+
+    /// Forgets the services whose last heartbeat is older than `before`.
+    pub async fn prune_services(&self, before: DateTime<Utc>) -> Result<()> {
+        self.observe(self.backend.prune_services(ms(before)).await)
     }
 
     /// The message content as queued (what every attempt sends).

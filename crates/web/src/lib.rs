@@ -362,7 +362,7 @@ pub(crate) async fn send_bulk(State(p): State<Panel>, JsonObject(body): JsonObje
 }
 
 async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
-    let running = !p.live_services().await?.is_empty();
+    let running = p.service_running().await?;
     let message = match wait {
         Some(secs) if secs > 0 => Some(p.wait_for(id, Duration::from_secs(secs.min(300))).await?),
         _ => None,

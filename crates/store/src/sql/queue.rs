@@ -39,6 +39,18 @@ impl SqlStore {
         Ok((id, true))
     }
 
+    /// Single enqueues of concurrent callers in one transaction (group commit), each at its own
+    /// time; ids in their order.
+    pub async fn enqueue_batch(&self, items: &[(Origin, &OutgoingMessage, i64)]) -> Result<Vec<i64>> {
+        let mut tx = self.write().await?;
+        let mut ids = Vec::with_capacity(items.len());
+        for (origin, m, now) in items {
+            ids.push(insert_message(&mut tx, *origin, m, *now, None, None).await?.expect("no key, no conflict"));
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     /// Many messages in one transaction: one commit (one fsync) for the whole batch.
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
         let mut tx = self.write().await?;

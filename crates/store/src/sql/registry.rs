@@ -31,14 +31,24 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Forgets services whose last heartbeat is older than `before` (they died without
+    /// deregistering). Done by the heartbeats, not by the readers.
+    pub async fn prune_services(&self, before: i64) -> Result<()> {
+        sqlx::query("DELETE FROM services WHERE heartbeat_at < $1").bind(before).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn deregister(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM services WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
-    pub async fn services(&self, prune_before: i64) -> Result<Vec<ServiceRow>> {
-        sqlx::query("DELETE FROM services WHERE heartbeat_at < $1").bind(prune_before).execute(&self.pool).await?;
-        let rows = sqlx::query("SELECT * FROM services ORDER BY started_at").fetch_all(&self.pool).await?;
+    /// Services that heartbeat at or after `fresh_after`: a plain read (every enqueue asks).
+    pub async fn services(&self, fresh_after: i64) -> Result<Vec<ServiceRow>> {
+        let rows = sqlx::query("SELECT * FROM services WHERE heartbeat_at >= $1 ORDER BY started_at")
+            .bind(fresh_after)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(ServiceRow {

@@ -271,7 +271,29 @@ async fn urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share(b: &Backe
     assert_eq!(priority(api_bulk), panel_domain::Priority::Bulk, "as the caller asked");
 }
 
+async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(b: &Backend) {
+    let s = &b.store;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.enqueue(Origin::MailTester, &message(&format!("m{i}")), Utc::now()).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40, "one message each");
+    for id in ids {
+        let m = s.message(id).await.unwrap().expect("stored before the answer");
+        assert!(m.subject.starts_with('m'));
+    }
+}
+
 contract!(
+    concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,
     urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share,
     a_check_request_is_taken_by_one_service_and_answered,
     a_cancelled_message_is_final_never_claimed_and_its_cancel_audited,

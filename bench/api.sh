@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Speed where users feel it: messages sent through the public HTTP API (each answered only once
+# durable), end to end to the relay, beside a durable peer measured in the same invocation; and
+# how long urgent mail waits behind queued bulk mail. Prints one table; every throughput is the
+# median of RUNS interleaved rounds. Not part of the test suite.
+#   bench/api.sh [MESSAGES] [RUNS]      defaults 3000 and 3
+# Needs root, Postfix (smtp-source, smtp-sink and a private instance as the durable peer),
+# python3, and PostgreSQL on 127.0.0.1:5432 (as in CI).
+N=${1:-3000}
+RUNS=${2:-3}
+PG=${PANEL_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
+source "$(dirname "$0")/common.sh"
+cargo build --release -q -p panel --example apiload
+APILOAD=$PWD/target/release/examples/apiload
+start_sink
+# The durable peer: a private Postfix that queues each message with fsync and relays it to the sink.
+start_lab relay "$SINK"
+
+median() { python3 -c 'import sys, statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+postfix_peer() { # smtp-source, 8 sessions, into Postfix, until its queue is empty again
+  local s e; s=$(date +%s.%N)
+  /usr/sbin/smtp-source -s 8 -m "$N" -l 1024 -f panel@example.org -t bulk@relay.test "127.0.0.1:$LAB_PLAIN"
+  until postqueue -c "$LAB_CONF" -p | grep -q "Mail queue is empty"; do sleep 0.05; done
+  e=$(date +%s.%N); python3 -c "print(f'{$N/($e-$s):.0f}')"
+}
+
+# Waits until /metrics on PORT counts COUNT delivered messages; prints COUNT / (now - START).
+drained() { # port count start
+  python3 - "$@" <<'PY'
+import re, sys, time, urllib.request
+port, count, start = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+while True:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    m = re.search(r'^panel_messages\{state="delivered"\} (\d+)', text, re.M)
+    if m and int(m.group(1)) >= count:
+        print(f"{count / (time.time() - start):.0f}")
+        break
+    time.sleep(0.02)
+PY
+}
+
+# A Panel Service (and SERVICES-1 workers) on URL, relaying to the sink; sets PORT and TOKEN.
+start_panel() { # url services dir
+  local url=$1 services=$2 dir=$3
+  export PANEL_DATA_DIR=$dir PANEL_DATABASE_URL=$url
+  $PANEL smtp set --host 127.0.0.1 --port "$SINK" --security none --from panel@example.org \
+    --fallback-recipient ops@example.org > /dev/null
+  printf 'bench-password-123' | $PANEL admin create bench --role admin --password-stdin > /dev/null
+  TOKEN=$($PANEL admin token bench)
+  PORT=$(free_port)
+  # Their stdout is not the caller's: a figure is read from it.
+  $PANEL serve --listen "127.0.0.1:$PORT" --concurrency 16 > /dev/null 2> "$dir/serve.log" &
+  for i in $(seq 2 "$services"); do $PANEL worker --concurrency 16 > /dev/null 2> "$dir/worker-$i.log" & done
+  until python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/readyz')" 2>/dev/null; do sleep 0.1; done
+  sleep 0.5
+}
+
+fresh_pg() {
+  local name=panel_bench_$RANDOM$RANDOM
+  psql "$PG" -qc "CREATE DATABASE $name" > /dev/null
+  echo "${PG%/*}/$name"
+}
+
+panel_api() { # kind sqlite|pg services
+  local kind=$1 url=$2 services=$3 dir=$WORK/run-$RANDOM$RANDOM s
+  mkdir -p "$dir"
+  if [ "$url" = sqlite ]; then url="sqlite://$dir/panel.db"; else url=$(fresh_pg); fi
+  start_panel "$url" "$services" "$dir"
+  if [ "$kind" = event ]; then
+    printf 'Hello {{ object.login }}: %s\n' "$(head -c 600 /dev/zero | tr '\0' 'x')" > "$dir/t.txt"
+    $PANEL template set welcome --subject "Welcome {{ object.login }}" --text-file "$dir/t.txt" > /dev/null
+    echo '{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]}' > "$dir/wf.json"
+    $PANEL workflow create --file "$dir/wf.json" > /dev/null
+  fi
+  s=$(date +%s.%N)
+  $APILOAD "$PORT" "$TOKEN" "$N" 8 "$kind" > "$dir/latency"
+  drained "$PORT" "$N" "$s"
+  pkill -f "listen 127.0.0.1:$PORT" || true
+  [ "$services" -gt 1 ] && pkill -f "$PANEL worker" || true
+  wait 2>/dev/null || true
+}
+
+declare -A R
+for run in $(seq "$RUNS"); do
+  R[peer]+=" $(postfix_peer)"
+  R[single]+=" $(panel_api single sqlite 1)"
+  # A/B: BASELINE_PANEL=path/to/an/older/panel measures the same row with that build, interleaved.
+  if [ -n "${BASELINE_PANEL:-}" ]; then
+    R[base]+=" $(PANEL=$BASELINE_PANEL panel_api single sqlite 1)"
+  fi
+  R[bulk]+=" $(panel_api bulk sqlite 1)"
+  R[event]+=" $(panel_api event sqlite 1)"
+  R[pg]+=" $(panel_api single pg 3)"
+done
+
+# Urgent mail behind bulk mail: a relay that takes 500 messages a second (a recording sink
+# answering after 32 ms, 16 connections), 10,000 bulk messages queued through the bulk API, then
+# 20 Test Messages, one every 0.3 s while the bulk mail drains; each one's enqueue -> relay 250.
+./target/release/examples/lab sink 32 > "$WORK/slow.out" 2>&1 &
+for _ in $(seq 100); do grep -q '^sink' "$WORK/slow.out" && break; sleep 0.1; done
+SINK=$(awk '/^sink/ {print $2}' "$WORK/slow.out")
+dir=$WORK/priority; mkdir -p "$dir"
+start_panel "sqlite://$dir/panel.db" 1 "$dir"
+$APILOAD "$PORT" "$TOKEN" 10000 8 bulk > /dev/null
+for i in $(seq 20); do $PANEL smtp test --wait 10 --json > "$dir/test-$i.json"; sleep 0.3; done
+read -r URGENT_MED URGENT_P99 QUEUED <<< "$(python3 - "$dir" <<'PY'
+import json, sys, glob, statistics
+from datetime import datetime
+def t(s): return datetime.fromisoformat(s.replace("Z", "+00:00"))
+ms = []
+for f in glob.glob(sys.argv[1] + "/test-*.json"):
+    m = json.load(open(f))
+    assert m["state"] == "delivered", m
+    ms.append((t(m["attempts"][0]["finished_at"]) - t(m["created_at"])).total_seconds() * 1000)
+ms.sort()
+print(f"{statistics.median(ms):.1f} {ms[-1]:.1f} {len(ms)}")
+PY
+)"
+LEFT=$(python3 -c "import urllib.request,re; t=urllib.request.urlopen('http://127.0.0.1:$PORT/metrics').read().decode(); print(re.search(r'^panel_queue_depth (\d+)', t, re.M).group(1))")
+
+PEER=$(median ${R[peer]})
+ratio() { python3 -c "print(f'{$1/$PEER:.2f}x')"; }
+printf '\n%-92s %8s %8s\n' "path (N = $N messages of ~1 KB, median of $RUNS interleaved rounds)" "msg/s" "ratio"
+printf '%-92s %8s %8s\n' "durable peer: smtp-source -s 8 -> private Postfix (fsync'd queue) -> smtp-sink" "$PEER" "1.00x"
+for k in ${BASELINE_PANEL:+base} single bulk event pg; do
+  case $k in
+    base) label="baseline build ($BASELINE_PANEL): 8 clients, POST /api/v1/messages -> SQLite" ;;
+    single) label="Panel: 8 clients, POST /api/v1/messages (each 202 durable) -> panel serve (SQLite) -> smtp-sink" ;;
+    bulk) label="Panel: 8 clients, POST /api/v1/messages/bulk, 100 per request" ;;
+    event) label="Panel: 8 clients, POST /api/v1/events -> a matching workflow -> one message each" ;;
+    pg) label="Panel: 8 clients, POST /api/v1/messages -> PostgreSQL, 1 serve + 2 workers" ;;
+  esac
+  v=$(median ${R[$k]})
+  printf '%-92s %8s %8s\n' "$label" "$v" "$(ratio "$v")"
+done
+printf '\nUrgent mail behind bulk: 10,000 bulk messages queued for a relay taking 500 msg/s, then 20 Test Messages\n'
+printf '  enqueue -> relay 250: median %s ms, worst of %s %s ms; bulk messages still queued after the 20: %s\n' \
+  "$URGENT_MED" "$QUEUED" "$URGENT_P99" "$LEFT"
