@@ -26,3 +26,21 @@ start_lab() {
   LAB_CA=$(awk '/^plain/ {print $8}' "$WORK/lab.out")
   LAB_CONF=$(awk '/^conf/ {print $2}' "$WORK/lab.out")
 }
+
+# 20 Test Messages, one every PAUSE seconds, each waited for; prints the median and the worst
+# enqueue -> relay 250 in ms. The Test Messages' JSON goes to DIR.
+test_latency() { # dir pause
+  local i
+  for i in $(seq 20); do $PANEL smtp test --wait 10 --json > "$1/test-$i.json"; sleep "$2"; done
+  python3 - "$1" <<'PY'
+import json, sys, glob, statistics
+from datetime import datetime
+def t(s): return datetime.fromisoformat(s.replace("Z", "+00:00"))
+ms = []
+for f in glob.glob(sys.argv[1] + "/test-*.json"):
+    m = json.load(open(f))
+    assert m["state"] == "delivered", m
+    ms.append((t(m["attempts"][0]["finished_at"]) - t(m["created_at"])).total_seconds() * 1000)
+print(f"{statistics.median(ms):.1f} {max(ms):.1f}")
+PY
+}

@@ -13,21 +13,7 @@ $PANEL smtp set --host 127.0.0.1 --port "$PLAIN" --security none --from panel@ex
 $PANEL worker 2> "$WORK/worker.log" &
 WORKER=$!
 sleep 1
-for i in $(seq 20); do
-  $PANEL smtp test --wait 10 --json > "$WORK/test-$i.json"
-  sleep 0.2
-done
-python3 - "$WORK" <<'PY' > "$WORK/latency.txt"
-import json, sys, glob, statistics
-from datetime import datetime
-def t(s): return datetime.fromisoformat(s.replace("Z", "+00:00"))
-ms = []
-for f in glob.glob(sys.argv[1] + "/test-*.json"):
-    m = json.load(open(f))
-    assert m["state"] == "delivered", m
-    ms.append((t(m["attempts"][0]["finished_at"]) - t(m["created_at"])).total_seconds() * 1000)
-print(f"{statistics.median(ms):.1f} {max(ms):.1f}")
-PY
+test_latency "$WORK" 0.2 > "$WORK/latency.txt"
 kill $WORKER; wait $WORKER 2>/dev/null || true
 
 # 2. Worker throughput: N messages queued first, then one worker drains them.
