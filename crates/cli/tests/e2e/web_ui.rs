@@ -311,6 +311,8 @@ fn every_page_works_and_a_schedule_runs_from_the_ui() {
         ("/audit", "template.created"),
         ("/messages?state=delivered&since=1h", "Message log"),
         ("/messages?since=yesterday", "since"),
+        // A filter that does not parse lists none of the messages the schedule made, not all.
+        ("/messages?since=yesterday", "No messages match."),
     ] {
         b.goto(&format!("{base}{path}"));
         let text = b.wait_text("main", 10, |t| !t.is_empty());
