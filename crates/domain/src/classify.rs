@@ -689,6 +689,10 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
         K::Internal => h(
             "Panel itself failed while delivering this message (a bug, not the relay); it is kept and retried on the retry schedule. Please report the detail with `panel messages show ID`",
         ),
+        K::UnknownOutcome if failure.stage == Stage::Graph => h(
+            "Microsoft Graph got the request but did not answer in time; it may have accepted the message, so the \
+             retry can deliver a second copy: check the mailbox's Sent Items for it",
+        ),
         K::UnknownOutcome => h(
             "the relay got the whole message but did not answer in time (content scanning can take minutes; see --data-timeout); it may have accepted it, so the retry can deliver a second copy: check the relay's log for this Message-ID",
         ),

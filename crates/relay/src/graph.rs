@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::auth::{AuthSecret, CredentialSource};
 use crate::check::{CheckFailure, CheckReport};
 use crate::connection::Transcript;
-use crate::http::{self, HttpResponse};
+use crate::http::{self, HttpError, HttpResponse};
 use crate::tls::TlsTrust;
 
 /// The application permission an app needs to send as a mailbox.
@@ -127,23 +127,34 @@ impl Graph {
             })?;
         // The whole message goes in one request: the end-of-message wait applies, as on SMTP.
         let limit = self.settings.command_timeout.max(self.settings.data_timeout);
-        http::send(&url, request, &self.trust, limit).await.map_err(unreachable)
+        http::send(&url, request, &self.trust, self.settings.connect_timeout, limit).await.map_err(failure)
     }
 }
 
-/// Graph could not be reached (DNS, TCP, TLS, no answer in time): retried like an unreachable
-/// relay, and the transport backs off as a whole.
-fn unreachable(detail: String) -> Failure {
-    let (stage, kind) = if detail.starts_with("TLS with") {
-        (Stage::Tls, FailureKind::TlsHandshake)
-    } else if detail.contains("did not answer within") {
-        (Stage::Tcp, FailureKind::Timeout)
-    } else if detail.contains("onnection refused") {
-        (Stage::Tcp, FailureKind::ConnectionRefused)
-    } else {
-        (Stage::Tcp, FailureKind::Io)
-    };
-    Failure::new(stage, kind, format!("Microsoft Graph: {detail}"))
+/// Graph could not be reached (DNS, TCP, TLS): retried like an unreachable relay, and the
+/// transport backs off as a whole. The request went but no answer came: Graph may have taken
+/// the message, so the retry may deliver a second copy (recorded as such, like an SMTP relay's
+/// silence after the end of the message).
+fn failure(e: HttpError) -> Failure {
+    match e {
+        HttpError::NoAnswer(detail) => Failure::new(
+            Stage::Graph,
+            FailureKind::UnknownOutcome,
+            format!("Microsoft Graph: {detail}; it may have accepted the message"),
+        ),
+        HttpError::NotSent(detail) => {
+            let (stage, kind) = if detail.starts_with("TLS with") {
+                (Stage::Tls, FailureKind::TlsHandshake)
+            } else if detail.contains("no connection within") {
+                (Stage::Tcp, FailureKind::Timeout)
+            } else if detail.contains("onnection refused") {
+                (Stage::Tcp, FailureKind::ConnectionRefused)
+            } else {
+                (Stage::Tcp, FailureKind::Io)
+            };
+            Failure::new(stage, kind, format!("Microsoft Graph: {detail}"))
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -324,6 +335,16 @@ mod tests {
         assert_eq!(claims.audience.as_deref(), Some("https://graph.microsoft.com"));
         assert_eq!(claims.roles, ["Mail.Send", "User.Read.All"]);
         assert_eq!(token_claims("opaque-token"), None);
+    }
+
+    #[test]
+    fn no_answer_after_the_request_is_an_unknown_outcome_and_no_connection_is_retried() {
+        let f = failure(HttpError::NoAnswer("https://graph.microsoft.com did not answer within 600s".into()));
+        assert_eq!((f.stage, f.kind), (Stage::Graph, FailureKind::UnknownOutcome));
+        let f = failure(HttpError::NotSent("cannot connect to https://graph.microsoft.com: Connection refused".into()));
+        assert_eq!((f.stage, f.kind), (Stage::Tcp, FailureKind::ConnectionRefused));
+        let f = failure(HttpError::NotSent("TLS with https://graph.microsoft.com failed: x".into()));
+        assert_eq!(f.stage, Stage::Tls);
     }
 
     #[test]

@@ -48,7 +48,25 @@ pub async fn post_form(url: &EndpointUrl, form: Zeroizing<String>, limit: Durati
     let request = request(url, "POST", "application/x-www-form-urlencoded")
         .body(Bytes::from_owner(WipedBytes(form)))
         .map_err(|e| format!("cannot build the request to {url}: {e}"))?;
-    send(url, request, TlsTrust::system(), limit).await
+    send(url, request, TlsTrust::system(), limit, limit).await.map_err(|e| e.to_string())
+}
+
+/// Why a request got no answer, told apart where it matters: before the request went out
+/// (nothing was sent), or after (the server may have acted on it).
+#[derive(Debug)]
+pub enum HttpError {
+    /// Connecting, TLS, building: nothing reached the server.
+    NotSent(String),
+    /// The request was on its way, and no (complete) answer came.
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::NotSent(e) | HttpError::NoAnswer(e) => f.write_str(e),
+        }
+    }
 }
 
 /// A request to `url` with the headers every request carries; the caller adds its own.
@@ -64,38 +82,47 @@ pub fn request(url: &EndpointUrl, method: &str, content_type: &str) -> hyper::ht
 }
 
 /// Sends `request` over TLS with `trust` (or plain HTTP to a loopback endpoint, which
-/// `EndpointUrl` allows no other), within `limit`.
+/// `EndpointUrl` allows no other): connected within `connect`, answered within `limit`.
 pub async fn send(
     url: &EndpointUrl,
     request: hyper::Request<Bytes>,
     trust: &TlsTrust,
+    connect: Duration,
     limit: Duration,
-) -> Result<HttpResponse, String> {
-    let request = request.map(Full::new);
-    timeout(limit, exchange_over(url, request, trust))
-        .await
-        .unwrap_or_else(|_| Err(format!("{url} did not answer within {}s", limit.as_secs())))
-}
-
-async fn exchange_over(
-    url: &EndpointUrl,
-    request: hyper::Request<Full<Bytes>>,
-    trust: &TlsTrust,
-) -> Result<HttpResponse, String> {
-    let tcp =
-        TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
-    tcp.set_nodelay(true).ok();
-    if url.tls {
+) -> Result<HttpResponse, HttpError> {
+    let connecting = async {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        tcp.set_nodelay(true).ok();
+        if !url.tls {
+            return Ok(Stream::Plain(tcp));
+        }
         let (config, _) = trust.client_config().map_err(|f| f.detail)?;
         let name = tls::server_name(&url.host).map_err(|f| f.detail)?;
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS with {url} failed: {e}"))?;
-        exchange(url, TokioIo::new(stream), request).await
-    } else {
-        exchange(url, TokioIo::new(tcp), request).await
-    }
+        Ok(Stream::Tls(Box::new(stream)))
+    };
+    let stream = timeout(connect, connecting)
+        .await
+        .unwrap_or_else(|_| Err(format!("{url}: no connection within {}s", connect.as_secs())))
+        .map_err(HttpError::NotSent)?;
+    let request = request.map(Full::new);
+    let answer = match stream {
+        Stream::Plain(tcp) => timeout(limit, exchange(url, TokioIo::new(tcp), request)).await,
+        Stream::Tls(tls) => timeout(limit, exchange(url, TokioIo::new(*tls), request)).await,
+    };
+    answer
+        .unwrap_or_else(|_| Err(format!("{url} did not answer within {}s", limit.as_secs())))
+        .map_err(HttpError::NoAnswer)
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 async fn exchange<S>(
