@@ -2,6 +2,8 @@
 //! definition plus a context into a run whose messages are queued in the same transaction.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use panel_automation::{DispatchDef, Rendered, ScheduleDef, Sender, Step, Template, WorkflowDef, event_context};
@@ -222,48 +224,45 @@ impl Panel {
             workflows.push((def, templates));
         }
         let now = self.now();
-        let service = by.to_string();
-        let mut queued = 0;
-        let record = self
-            .store
-            .record_event(event_type, object, key, now, |event_id| {
-                let ctx = event_context(event_id, event_type, object, now);
-                let runs: Vec<NewRun> = workflows
-                    .iter()
-                    .filter_map(|(def, templates)| {
-                        let (status, detail, steps) = match def.matches(&ctx) {
-                            Ok(false) => return None,
-                            Ok(true) => plan_steps(
-                                &def.steps,
-                                &ctx,
-                                templates,
-                                &settings,
-                                (Origin::Workflow, def.priority),
-                                now,
-                            ),
-                            Err(e) => {
-                                (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![])
-                            }
-                        };
-                        Some(NewRun {
-                            kind: RunKind::Workflow,
-                            name: def.name.clone(),
-                            trigger: Trigger::Event,
-                            fire_key: None,
-                            fire_time: None,
-                            event_id: Some(event_id),
-                            missed: 0,
-                            status,
-                            detail,
-                            service: service.clone(),
-                            steps,
-                        })
+        // The plan owns what it needs: the store may run it in a group commit (and again, if
+        // the group fails and each write is committed alone), after this call returned.
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (counted, service) = (queued.clone(), by.to_string());
+        let (event, context_object) = (event_type.to_string(), object.clone());
+        let plan: panel_store::EventPlan = Box::new(move |event_id| {
+            let ctx = event_context(event_id, &event, &context_object, now);
+            let runs: Vec<NewRun> = workflows
+                .iter()
+                .filter_map(|(def, templates)| {
+                    let (status, detail, steps) = match def.matches(&ctx) {
+                        Ok(false) => return None,
+                        Ok(true) => {
+                            plan_steps(&def.steps, &ctx, templates, &settings, (Origin::Workflow, def.priority), now)
+                        }
+                        Err(e) => {
+                            (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![])
+                        }
+                    };
+                    Some(NewRun {
+                        kind: RunKind::Workflow,
+                        name: def.name.clone(),
+                        trigger: Trigger::Event,
+                        fire_key: None,
+                        fire_time: None,
+                        event_id: Some(event_id),
+                        missed: 0,
+                        status,
+                        detail,
+                        service: service.clone(),
+                        steps,
                     })
-                    .collect();
-                queued = runs.iter().map(messages_in).sum();
-                runs
-            })
-            .await?;
+                })
+                .collect();
+            counted.store(runs.iter().map(messages_in).sum(), Ordering::Relaxed);
+            runs
+        });
+        let record = self.store.record_event(event_type, object, key, now, plan).await?;
+        let queued = queued.load(Ordering::Relaxed);
         if record.created {
             self.queued(Origin::Workflow, queued).await;
         }

@@ -107,24 +107,82 @@ pub struct Store {
     backend: sql::SqlStore,
     health: std::sync::Arc<Health>,
     /// Group commit of concurrent single enqueues (`enqueue`), started at the first one.
-    committer: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<PendingEnqueue>>>,
+    committer: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<Pending>>>,
 }
 
-/// A single enqueue waiting for the next group commit, and its caller.
-struct PendingEnqueue {
-    origin: Origin,
-    message: OutgoingMessage,
-    now: i64,
-    reply: tokio::sync::oneshot::Sender<Result<i64>>,
+/// What an event's workflows run: given the event's id (their templates may use it), the runs
+/// to store with it. Called once per commit attempt, so a group that fails can be replayed.
+pub type EventPlan = Box<dyn Fn(i64) -> Vec<NewRun> + Send + Sync>;
+
+/// One caller's write in a group commit.
+pub enum GroupJob<'a> {
+    Message { origin: Origin, message: &'a OutgoingMessage, now: i64 },
+    Event { event_type: &'a str, object: &'a serde_json::Value, now: i64, plan: &'a EventPlan },
 }
 
-/// Most messages one group commit takes.
+/// Its outcome.
+pub enum GroupDone {
+    Message(i64),
+    Event(EventRecord),
+}
+
+/// A write waiting for the next group commit, and its caller.
+enum Pending {
+    Message {
+        origin: Origin,
+        // Boxed: a message is large, and most of the queue's traffic.
+        message: Box<OutgoingMessage>,
+        now: i64,
+        reply: tokio::sync::oneshot::Sender<Result<i64>>,
+    },
+    Event {
+        event_type: String,
+        object: serde_json::Value,
+        now: i64,
+        plan: EventPlan,
+        reply: tokio::sync::oneshot::Sender<Result<EventRecord>>,
+    },
+}
+
+impl Pending {
+    fn job(&self) -> GroupJob<'_> {
+        match self {
+            Pending::Message { origin, message, now, .. } => GroupJob::Message { origin: *origin, message, now: *now },
+            Pending::Event { event_type, object, now, plan, .. } => {
+                GroupJob::Event { event_type, object, now: *now, plan }
+            }
+        }
+    }
+
+    /// Answers the caller with `done`, or with the outcome of committing its write alone.
+    async fn answer(self, done: Option<GroupDone>, backend: &sql::SqlStore) {
+        match (self, done) {
+            (Pending::Message { reply, .. }, Some(GroupDone::Message(id))) => drop(reply.send(Ok(id))),
+            (Pending::Event { reply, .. }, Some(GroupDone::Event(record))) => drop(reply.send(Ok(record))),
+            (Pending::Message { origin, message, now, reply }, _) => {
+                drop(reply.send(backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)))
+            }
+            (Pending::Event { event_type, object, now, plan, reply }, _) => {
+                drop(reply.send(backend.record_event(&event_type, &object, None, now, &plan).await))
+            }
+        }
+    }
+}
+
+/// The committer took a write and stopped without an answer (its runtime is shutting down):
+/// whether it was committed is unknown to the caller, who is told the store is unavailable
+/// rather than given a second copy.
+fn committer_stopped() -> StoreError {
+    StoreError::Database(sqlx::Error::PoolClosed)
+}
+
+/// Most writes one group commit takes.
 const GROUP_COMMIT_MAX: usize = 256;
 
-/// Commits what concurrent callers enqueued meanwhile in one transaction (one fsync for all),
-/// then answers each with its id: every answer still comes after its own commit. A batch that
-/// fails is tried again one message a transaction, so each caller gets its own outcome.
-async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<PendingEnqueue>) {
+/// Commits what concurrent callers wrote meanwhile (single messages, events) in one transaction:
+/// one fsync for all, every caller answered after that commit. A group that fails is tried again
+/// one write a transaction, so each caller gets its own outcome.
+async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
@@ -133,19 +191,13 @@ async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receive
                 Err(_) => break,
             }
         }
-        let items: Vec<(Origin, &OutgoingMessage, i64)> = batch.iter().map(|p| (p.origin, &p.message, p.now)).collect();
-        match backend.enqueue_batch(&items).await {
-            Ok(ids) => {
-                for (p, id) in batch.into_iter().zip(ids) {
-                    let _ = p.reply.send(Ok(id));
-                }
-            }
-            Err(_) => {
-                for p in batch {
-                    let one = backend.enqueue(p.origin, &p.message, p.now, None).await.map(|(id, _)| id);
-                    let _ = p.reply.send(one);
-                }
-            }
+        let jobs: Vec<GroupJob<'_>> = batch.iter().map(Pending::job).collect();
+        let done = backend.commit_group(&jobs).await.ok();
+        drop(jobs);
+        let mut done = done.map(Vec::into_iter);
+        for p in batch {
+            let outcome = done.as_mut().and_then(Iterator::next);
+            p.answer(outcome, &backend).await;
         }
     }
 }
@@ -506,15 +558,32 @@ impl Store {
 
     /// Stores an event and the workflow runs `plan` makes for it (given the event id) in one
     /// transaction; a repeated idempotency key returns the first event and runs nothing.
+    /// Stores an event and the runs `plan` makes for it, in one transaction; without a key,
+    /// group-committed with what concurrent callers write meanwhile.
     pub async fn record_event(
         &self,
         event_type: &str,
         object: &serde_json::Value,
         idempotency_key: Option<&str>,
         now: DateTime<Utc>,
-        plan: impl FnOnce(i64) -> Vec<NewRun>,
+        plan: EventPlan,
     ) -> Result<EventRecord> {
-        self.observe(self.backend.record_event(event_type, object, idempotency_key, ms(now), plan).await)
+        let now = ms(now);
+        if idempotency_key.is_some() {
+            return self.observe(self.backend.record_event(event_type, object, idempotency_key, now, &plan).await);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (event_type, object) = (event_type.to_string(), object.clone());
+        let pending = Pending::Event { event_type, object, now, plan, reply };
+        let result = match self.committer().await.send(pending).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
+            // The committer's runtime is gone before it took the write: commit it here.
+            Err(tokio::sync::mpsc::error::SendError(Pending::Event { event_type, object, plan, .. })) => {
+                self.backend.record_event(&event_type, &object, None, now, &plan).await
+            }
+            Err(_) => Err(committer_stopped()),
+        };
+        self.observe(result)
     }
 
     pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
@@ -526,27 +595,27 @@ impl Store {
         self.observe(self.backend.runs(kind, name, limit).await)
     }
 
-    /// Enqueues one message, durably: it returns after the commit. Concurrent callers share a
-    /// commit (group commit: many enqueues, one fsync), each still answered after its own.
-    pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
-        let committer = self
-            .committer
+    /// The group committer, started at the first write that uses it.
+    async fn committer(&self) -> &tokio::sync::mpsc::Sender<Pending> {
+        self.committer
             .get_or_init(|| async {
                 let (tx, rx) = tokio::sync::mpsc::channel(GROUP_COMMIT_MAX * 4);
                 tokio::spawn(group_commit(self.backend.clone(), rx));
                 tx
             })
-            .await;
+            .await
+    }
+
+    /// Enqueues one message, durably: it returns after the commit. Concurrent callers share a
+    /// commit (group commit: many writes, one fsync), each still answered after its own.
+    pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let pending = PendingEnqueue { origin, message: message.clone(), now: ms(now), reply };
-        let result = match committer.send(pending).await {
-            Ok(()) => answer.await.ok(),
-            Err(_) => None,
-        };
-        // The committer's runtime is gone (a store carried into another runtime): commit here.
-        let result = match result {
-            Some(r) => r,
-            None => self.backend.enqueue(origin, message, ms(now), None).await.map(|(id, _)| id),
+        let pending = Pending::Message { origin, message: Box::new(message.clone()), now: ms(now), reply };
+        let result = match self.committer().await.send(pending).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
+            // The committer's runtime is gone (a store carried into another runtime), before it
+            // took the write: commit it here.
+            Err(_) => self.backend.enqueue(origin, message, ms(now), None).await.map(|(id, _)| id),
         };
         self.observe(result)
     }

@@ -200,39 +200,12 @@ impl SqlStore {
         object: &serde_json::Value,
         key: Option<&str>,
         now: i64,
-        plan: impl FnOnce(i64) -> Vec<NewRun>,
+        plan: &crate::EventPlan,
     ) -> Result<EventRecord> {
         let mut tx = self.write().await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO events (type, object, idempotency_key, received_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(event_type)
-        .bind(serde_json::to_string(object).expect("JSON serializes"))
-        .bind(key)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(event_id) = inserted else {
-            let id: i64 = sqlx::query_scalar("SELECT id FROM events WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
-            let runs = sqlx::query_scalar("SELECT id FROM runs WHERE event_id = $1 ORDER BY id")
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(EventRecord { id, created: false, runs });
-        };
-        let mut runs = Vec::new();
-        for mut run in plan(event_id) {
-            run.event_id = Some(event_id);
-            let run_id = write_run(&mut tx, run, now).await?.expect("event runs have no fire key");
-            runs.push(run_id);
-        }
+        let record = insert_event(&mut tx, event_type, object, key, now, plan).await?;
         tx.commit().await?;
-        Ok(EventRecord { id: event_id, created: true, runs })
+        Ok(record)
     }
 
     pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
@@ -300,6 +273,46 @@ impl SqlStore {
         }
         Ok(out)
     }
+}
+
+/// Stores an event and the runs `plan` makes for it (given its id); with a key seen before,
+/// nothing new: the earlier event and its runs.
+pub(super) async fn insert_event(
+    tx: &mut Tx,
+    event_type: &str,
+    object: &serde_json::Value,
+    key: Option<&str>,
+    now: i64,
+    plan: &crate::EventPlan,
+) -> Result<EventRecord> {
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO events (type, object, idempotency_key, received_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(event_type)
+    .bind(serde_json::to_string(object).expect("JSON serializes"))
+    .bind(key)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(event_id) = inserted else {
+        let id: i64 = sqlx::query_scalar("SELECT id FROM events WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_one(&mut **tx)
+            .await?;
+        let runs = sqlx::query_scalar("SELECT id FROM runs WHERE event_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await?;
+        return Ok(EventRecord { id, created: false, runs });
+    };
+    let mut runs = Vec::new();
+    for mut run in plan(event_id) {
+        run.event_id = Some(event_id);
+        let run_id = write_run(tx, run, now).await?.expect("event runs have no fire key");
+        runs.push(run_id);
+    }
+    Ok(EventRecord { id: event_id, created: true, runs })
 }
 
 /// Writes the run, its steps' messages, and the outcomes with their message ids; `None` (nothing

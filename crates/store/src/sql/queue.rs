@@ -39,16 +39,23 @@ impl SqlStore {
         Ok((id, true))
     }
 
-    /// Single enqueues of concurrent callers in one transaction (group commit), each at its own
-    /// time; ids in their order.
-    pub async fn enqueue_batch(&self, items: &[(Origin, &OutgoingMessage, i64)]) -> Result<Vec<i64>> {
+    /// What concurrent callers asked for (single messages, events), in one transaction (group
+    /// commit), each at its own time; the outcomes in their order.
+    pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
         let mut tx = self.write().await?;
-        let mut ids = Vec::with_capacity(items.len());
-        for (origin, m, now) in items {
-            ids.push(insert_message(&mut tx, *origin, m, *now, None, None).await?.expect("no key, no conflict"));
+        let mut done = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            done.push(match job {
+                crate::GroupJob::Message { origin, message, now } => crate::GroupDone::Message(
+                    insert_message(&mut tx, *origin, message, *now, None, None).await?.expect("no key, no conflict"),
+                ),
+                crate::GroupJob::Event { event_type, object, now, plan } => crate::GroupDone::Event(
+                    super::automation::insert_event(&mut tx, event_type, object, None, *now, plan).await?,
+                ),
+            });
         }
         tx.commit().await?;
-        Ok(ids)
+        Ok(done)
     }
 
     /// Many messages in one transaction: one commit (one fsync) for the whole batch.

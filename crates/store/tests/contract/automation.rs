@@ -76,20 +76,49 @@ async fn a_repeated_event_key_runs_nothing_again(b: &Backend) {
     let object = json!({"id": 7});
     let first = b
         .store
-        .record_event("user.created", &object, Some("evt-7"), Utc::now(), |_| vec![run("welcome", None, "s")])
+        .record_event("user.created", &object, Some("evt-7"), Utc::now(), Box::new(|_| vec![run("welcome", None, "s")]))
         .await
         .unwrap();
     assert!(first.created);
     assert_eq!(first.runs.len(), 1);
     let again = b
         .store
-        .record_event("user.created", &object, Some("evt-7"), Utc::now(), |_| panic!("must not plan runs again"))
+        .record_event(
+            "user.created",
+            &object,
+            Some("evt-7"),
+            Utc::now(),
+            Box::new(|_| panic!("must not plan runs again")),
+        )
         .await
         .unwrap();
     assert!(!again.created);
     assert_eq!((again.id, again.runs), (first.id, first.runs.clone()));
     let r = b.store.run(first.runs[0]).await.unwrap().unwrap();
     assert_eq!(r.event_id, Some(first.id));
+}
+
+async fn concurrent_events_share_commits_and_each_gets_its_runs(b: &Backend) {
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let s = b.store.clone();
+            tokio::spawn(async move {
+                let plan: panel_store::EventPlan = Box::new(move |_| vec![run("welcome", None, &format!("s{i}"))]);
+                s.record_event("user.created", &json!({"id": i}), None, Utc::now(), plan).await
+            })
+        })
+        .collect();
+    let mut events = Vec::new();
+    for t in tasks {
+        let record = t.await.unwrap().unwrap();
+        assert!(record.created && record.runs.len() == 1);
+        let r = b.store.run(record.runs[0]).await.unwrap().unwrap();
+        assert_eq!(r.event_id, Some(record.id), "each run belongs to its own event");
+        events.push(record.id);
+    }
+    events.sort();
+    events.dedup();
+    assert_eq!(events.len(), 20);
 }
 
 async fn definitions_are_created_updated_and_enabled(b: &Backend) {
@@ -117,6 +146,7 @@ async fn definitions_are_created_updated_and_enabled(b: &Backend) {
 }
 
 contract!(
+    concurrent_events_share_commits_and_each_gets_its_runs,
     each_fire_time_runs_once_when_services_race,
     a_repeated_event_key_runs_nothing_again,
     definitions_are_created_updated_and_enabled
