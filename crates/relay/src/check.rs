@@ -47,7 +47,11 @@ pub struct CheckFailure {
     pub detail: String,
     pub code: Option<u16>,
     pub enhanced_code: Option<String>,
+    /// The fix, naming `panel smtp set`'s flags.
     pub hint: Option<String>,
+    /// The same fix naming the web form's fields.
+    #[serde(default)]
+    pub hint_form: Option<String>,
 }
 
 impl CheckFailure {
@@ -59,6 +63,7 @@ impl CheckFailure {
             detail: f.detail.clone(),
             code: f.reply.as_ref().map(|r| r.code),
             enhanced_code: f.reply.as_ref().and_then(|r| r.enhanced.clone()),
+            hint_form: c.hint.as_deref().map(panel_domain::settings::table::hint_for_form),
             hint: c.hint,
         }
     }

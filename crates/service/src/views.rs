@@ -61,24 +61,47 @@ pub struct Recipient {
     pub decided_by: Option<usize>,
 }
 
-view!(
-    /// One delivery attempt with the relay's words.
-    Attempt from panel_store::AttemptRow {
-        at: DateTime<Utc>,
-        finished_at: DateTime<Utc>,
-        outcome: AttemptOutcome,
-        stage: Stage,
-        code: Option<i64>,
-        enhanced_code: Option<String>,
-        reply: Option<String>,
-        detail: String,
-        hint: Option<String>,
-        relay: String,
-        service_id: String,
-        settings_version: i64,
-        recipients: serde_json::Value,
+/// One delivery attempt with the relay's words.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: AttemptOutcome,
+    pub stage: Stage,
+    pub code: Option<i64>,
+    pub enhanced_code: Option<String>,
+    pub reply: Option<String>,
+    pub detail: String,
+    /// The fix, naming `panel smtp set`'s flags (`--host`).
+    pub hint: Option<String>,
+    /// The same fix naming the web form's fields ("Server"): one hint, two renderings.
+    pub hint_form: Option<String>,
+    pub relay: String,
+    pub service_id: String,
+    pub settings_version: i64,
+    pub recipients: serde_json::Value,
+}
+
+impl From<panel_store::AttemptRow> for Attempt {
+    fn from(a: panel_store::AttemptRow) -> Attempt {
+        Attempt {
+            hint_form: a.hint.as_deref().map(panel_domain::settings::table::hint_for_form),
+            at: a.at,
+            finished_at: a.finished_at,
+            outcome: a.outcome,
+            stage: a.stage,
+            code: a.code,
+            enhanced_code: a.enhanced_code,
+            reply: a.reply,
+            detail: a.detail,
+            hint: a.hint,
+            relay: a.relay,
+            service_id: a.service_id,
+            settings_version: a.settings_version,
+            recipients: a.recipients,
+        }
     }
-);
+}
 
 /// A message with every recipient and attempt.
 #[derive(Debug, Clone, Serialize)]

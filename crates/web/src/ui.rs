@@ -45,6 +45,8 @@ fn env() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
         let mut env = Environment::new();
+        // Hints name the CLI's flags; a page names its fields.
+        env.add_filter("form_hint", |hint: String| panel_domain::settings::table::hint_for_form(&hint));
         for (name, source) in TEMPLATES {
             env.add_template(name, source).expect("UI templates compile");
         }

@@ -441,7 +441,11 @@ fn on_a_phone_every_page_fits_and_the_reason_of_a_failure_is_on_screen() {
         }
     }
     b.goto(&format!("{base}/messages/{id}"));
-    b.find("#attempts");
+    // The hint names the form's fields, not the CLI's flags (`messages show` keeps the flags).
+    let hint = b.text(&b.find("#attempts td[data-label='Hint']"));
+    assert!(hint.contains("\"Server\" and \"Port\"") && !hint.contains("--host"), "{hint}");
+    let cli = env.ok(&["messages", "show", &id.to_string()]).stdout;
+    assert!(cli.contains("check --host and --port"), "{cli}");
     b.screenshot(&screenshots().join("message-phone.png"));
 }
 

@@ -588,6 +588,50 @@ pub fn schema() -> Value {
     json!({"groups": groups, "settings": settings})
 }
 
+/// A hint as the web form says it. Hints are written once, naming `panel smtp set`'s flags
+/// (the CLI shows them so); on a page each `--flag` of a relay setting becomes the field's label
+/// ("Server"), and `--flag value` of a choice the label and the option ("Security: Implicit TLS").
+/// Text in backticks (a command to run) is left as it is.
+pub fn hint_for_form(hint: &str) -> String {
+    let words: Vec<&str> = hint.split(' ').collect();
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut in_code = false;
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i];
+        let starts_code = word.starts_with('`');
+        let flag = word.trim_start_matches('`').strip_prefix("--");
+        let found = flag.and_then(|f| {
+            let name = f.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
+            SETTINGS.iter().find(|s| flag_name(s) == name).map(|s| (s, &f[name.len()..]))
+        });
+        match found {
+            Some((setting, tail)) if !in_code && !starts_code => {
+                let next = words.get(i + 1).map(|w| w.trim_end_matches([',', ';', '.', ')']));
+                let option = match (setting.kind, tail.is_empty(), next) {
+                    (Kind::Choice(options), true, Some(value)) => options().into_iter().find(|(v, _)| *v == value),
+                    _ => None,
+                };
+                match option {
+                    Some((value, label)) => {
+                        let rest = &words[i + 1][value.len()..];
+                        out.push(format!("{}: {label}{rest}", setting.label));
+                        i += 1;
+                    }
+                    None => out.push(format!("\"{}\"{tail}", setting.label)),
+                }
+            }
+            _ => out.push(word.to_string()),
+        }
+        // A backtick opens or closes a command; an even number leaves the state as it was.
+        if word.matches('`').count() % 2 == 1 {
+            in_code = !in_code;
+        }
+        i += 1;
+    }
+    out.join(" ")
+}
+
 /// The configuration reference's table of relay settings, as `docs/configuration.md` has it.
 pub fn reference_markdown() -> String {
     let mut out = String::from("| option | meaning | default | used with |\n|---|---|---|---|\n");
@@ -680,6 +724,22 @@ mod tests {
         assert_eq!(view["service_principal"], "smtp/relay.example.org");
         assert_eq!(view["port"], 25);
         assert!(!view.contains_key("pin_sha256"), "none uses no TLS: {view:?}");
+    }
+
+    #[test]
+    fn a_hint_names_the_form_fields_on_a_page_and_the_flags_in_the_cli() {
+        assert_eq!(
+            hint_for_form("nothing accepts connections on port 2525; check --host and --port, that the relay runs"),
+            "nothing accepts connections on port 2525; check \"Server\" and \"Port\", that the relay runs"
+        );
+        assert_eq!(
+            hint_for_form("port 465 expects implicit TLS; set --security tls"),
+            "port 465 expects implicit TLS; set Security: Implicit TLS"
+        );
+        assert_eq!(hint_for_form("use --auth oauth2 instead."), "use Authentication: OAuth2 instead.");
+        // A command to run stays as it is typed, and unknown flags are left alone.
+        let command = "confirm it: `panel smtp set --credential relay` or --no-such-flag";
+        assert_eq!(hint_for_form(command), command);
     }
 
     #[test]

@@ -216,7 +216,7 @@ async function checkConnection() {
   if (c.released) parts.push(el("p", { class: "ok", id: "check-released", role: "status" },
     `${c.released} message(s) held by a configuration error are sent again now.`));
   if (c.failure) parts.push(el("p", { class: "error", id: "check-failure", role: "alert" },
-    `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint}` : "")));
+    `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint_form || c.failure.hint}` : "")));
   out.replaceChildren(...parts);
   labelCells(out);
   out.scrollIntoView({ block: "nearest" });
@@ -258,7 +258,7 @@ async function testMessage() {
       // Panel's own failures (its settings, a file or variable it reads) are not the relay's words.
       const said = ["config", "internal"].includes(last.stage) ? `Panel itself, not the relay: ${last.detail}`
         : `${code} ${last.reply || last.detail}`;
-      status.textContent = `${m.data.state}: at ${last.stage}, ${said}` + (last.hint ? ` Hint: ${last.hint}` : "");
+      status.textContent = `${m.data.state}: at ${last.stage}, ${said}` + (last.hint ? ` Hint: ${last.hint_form || last.hint}` : "");
       status.className = m.data.state === "failed" ? "error" : "warn";
       return;
     }
