@@ -98,7 +98,7 @@ impl Panel {
                 .map_err(OpsError::Invalid)?;
         let (id, created) = match key {
             Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
-            None => (self.store.enqueue(origin, &message, now).await?, true),
+            None => (self.store.enqueue(origin, message, now).await?, true),
         };
         if created {
             self.metrics.step_enqueued(origin.as_str());

@@ -608,14 +608,18 @@ impl Store {
 
     /// Enqueues one message, durably: it returns after the commit. Concurrent callers share a
     /// commit (group commit: many writes, one fsync), each still answered after its own.
-    pub async fn enqueue(&self, origin: Origin, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
+    /// Takes the message (it travels to the committer; no copy of a body up to 10 MiB).
+    pub async fn enqueue(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let pending = Pending::Message { origin, message: Box::new(message.clone()), now: ms(now), reply };
+        let pending = Pending::Message { origin, message: Box::new(message), now: ms(now), reply };
         let result = match self.committer().await.send(pending).await {
             Ok(()) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
             // The committer's runtime is gone (a store carried into another runtime), before it
             // took the write: commit it here.
-            Err(_) => self.backend.enqueue(origin, message, ms(now), None).await.map(|(id, _)| id),
+            Err(tokio::sync::mpsc::error::SendError(Pending::Message { message, now, .. })) => {
+                self.backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)
+            }
+            Err(_) => Err(committer_stopped()),
         };
         self.observe(result)
     }

@@ -120,7 +120,7 @@ fn chaos_three_services_on_postgres_lose_nothing_while_workers_are_killed_throug
                     ..Default::default()
                 };
                 let m = OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), i as u128 + 1).unwrap();
-                store.enqueue(Origin::Dispatch, &m, Utc::now()).await.unwrap();
+                store.enqueue(Origin::Dispatch, m, Utc::now()).await.unwrap();
             }
         });
     });

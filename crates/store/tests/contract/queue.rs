@@ -23,7 +23,7 @@ fn meta() -> AttemptMeta {
 
 async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
     let s = &b.store;
-    s.enqueue(Origin::MailTester, &message("one"), Utc::now()).await.unwrap();
+    s.enqueue(Origin::MailTester, message("one"), Utc::now()).await.unwrap();
     let first = s.claim("w1", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].pending.len(), 1);
@@ -32,7 +32,7 @@ async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
 
 async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend) {
     let s = &b.store;
-    let id = s.enqueue(Origin::MailTester, &message("two"), Utc::now()).await.unwrap();
+    let id = s.enqueue(Origin::MailTester, message("two"), Utc::now()).await.unwrap();
     let stale = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap().remove(0);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let fresh = s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
@@ -63,14 +63,14 @@ async fn settings_saves_are_versioned_and_conflicts_detected(b: &Backend) {
 
 async fn only_failed_messages_can_be_retried(b: &Backend) {
     let s = &b.store;
-    let id = s.enqueue(Origin::MailTester, &message("three"), Utc::now()).await.unwrap();
+    let id = s.enqueue(Origin::MailTester, message("three"), Utc::now()).await.unwrap();
     assert!(matches!(s.retry_message(id, Utc::now()).await.unwrap(), RetryResult::NotFailed { .. }));
     assert_eq!(s.retry_message(999, Utc::now()).await.unwrap(), RetryResult::NotFound);
 }
 
 async fn an_enqueued_message_survives_reopening_the_database(b: &Backend) {
     let url = &b.url;
-    let id = Store::open(url).await.unwrap().enqueue(Origin::MailTester, &message("four"), Utc::now()).await.unwrap();
+    let id = Store::open(url).await.unwrap().enqueue(Origin::MailTester, message("four"), Utc::now()).await.unwrap();
     let reopened = Store::open(url).await.unwrap();
     assert_eq!(reopened.message(id).await.unwrap().unwrap().subject, "four");
 }
@@ -78,7 +78,7 @@ async fn an_enqueued_message_survives_reopening_the_database(b: &Backend) {
 async fn concurrent_claimers_never_take_the_same_step(b: &Backend) {
     let s = &b.store;
     for i in 0..120 {
-        s.enqueue(Origin::MailTester, &message(&format!("m{i}")), Utc::now()).await.unwrap();
+        s.enqueue(Origin::MailTester, message(&format!("m{i}")), Utc::now()).await.unwrap();
     }
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..4 {
@@ -132,7 +132,7 @@ async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) 
     assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 1);
     // Other keys, and no key, are independent.
     b.store.enqueue_once(Origin::Schedule, &message("other"), Utc::now(), "nightly@2026-11-27T02:00Z").await.unwrap();
-    b.store.enqueue(Origin::Schedule, &message("free"), Utc::now()).await.unwrap();
+    b.store.enqueue(Origin::Schedule, message("free"), Utc::now()).await.unwrap();
     assert_eq!(b.store.queue_stats(Utc::now()).await.unwrap().queued, 3);
     // The key again with other content: a conflict naming the message, nothing dropped silently.
     let other =
@@ -142,8 +142,8 @@ async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) 
 
 async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: &Backend) {
     let s = &b.store;
-    let a = s.enqueue(Origin::MailTester, &message("a"), Utc::now()).await.unwrap();
-    let c = s.enqueue(Origin::MailTester, &message("c"), Utc::now()).await.unwrap();
+    let a = s.enqueue(Origin::MailTester, message("a"), Utc::now()).await.unwrap();
+    let c = s.enqueue(Origin::MailTester, message("c"), Utc::now()).await.unwrap();
     let claims = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Message c's lease expired and w2 took it: w1's outcome for c is stale.
@@ -173,8 +173,8 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
 /// (in the worker a panic would stop delivery); the other messages stay readable.
 async fn a_corrupt_row_is_an_error_naming_its_table_and_column(b: &Backend) {
     let s = &b.store;
-    let bad = s.enqueue(Origin::MailTester, &message("corrupt"), Utc::now()).await.unwrap();
-    let good = s.enqueue(Origin::MailTester, &message("fine"), Utc::now()).await.unwrap();
+    let bad = s.enqueue(Origin::MailTester, message("corrupt"), Utc::now()).await.unwrap();
+    let good = s.enqueue(Origin::MailTester, message("fine"), Utc::now()).await.unwrap();
     let pool = sqlx::AnyPool::connect(&b.url).await.unwrap();
     sqlx::query("UPDATE messages SET state = 'exploded' WHERE id = $1").bind(bad).execute(&pool).await.unwrap();
     let err = s.message(bad).await.unwrap_err();
@@ -199,8 +199,8 @@ async fn a_cancelled_message_is_final_never_claimed_and_its_cancel_audited(b: &B
     use panel_store::CancelResult;
     let s = &b.store;
     let (now, later) = (Utc::now(), Utc::now() + chrono::Duration::days(100));
-    let a = s.enqueue(Origin::MailTester, &message("cancel me"), now).await.unwrap();
-    let sent = s.enqueue(Origin::MailTester, &message("in hand"), now).await.unwrap();
+    let a = s.enqueue(Origin::MailTester, message("cancel me"), now).await.unwrap();
+    let sent = s.enqueue(Origin::MailTester, message("in hand"), now).await.unwrap();
     assert_eq!(
         s.cancel_message(a, "ann", "sent twice by a misfired workflow", now).await.unwrap(),
         CancelResult::Cancelled { was: MessageState::Queued }
@@ -256,10 +256,10 @@ async fn urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share(b: &Backe
         .enqueue_many(&[(Origin::Schedule, message("reminder 1")), (Origin::Schedule, message("reminder 2"))], now)
         .await
         .unwrap();
-    let urgent = s.enqueue(Origin::MailTester, &message("reset"), now).await.unwrap();
+    let urgent = s.enqueue(Origin::MailTester, message("reset"), now).await.unwrap();
     let asked_bulk =
         panel_domain::OutgoingMessage { priority: Some(panel_domain::Priority::Bulk), ..message("api bulk") };
-    let api_bulk = s.enqueue(Origin::MailTester, &asked_bulk, now).await.unwrap();
+    let api_bulk = s.enqueue(Origin::MailTester, asked_bulk, now).await.unwrap();
     let first = s.claim("w", Utc::now(), Duration::from_secs(60), 1, false).await.unwrap();
     assert_eq!(first[0].reference.id, urgent, "the urgent one goes first, though queued last");
     let share = s.claim("w", Utc::now(), Duration::from_secs(60), 1, true).await.unwrap();
@@ -276,7 +276,7 @@ async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let s = s.clone();
-            tokio::spawn(async move { s.enqueue(Origin::MailTester, &message(&format!("m{i}")), Utc::now()).await })
+            tokio::spawn(async move { s.enqueue(Origin::MailTester, message(&format!("m{i}")), Utc::now()).await })
         })
         .collect();
     let mut ids = Vec::new();

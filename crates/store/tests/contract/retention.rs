@@ -10,10 +10,10 @@ use panel_store::{AttemptMeta, RetainedTable, RetryResult};
 async fn content_is_removed_then_finished_messages_deleted_and_queued_ones_kept(b: &Backend) {
     let s = &b.store;
     let now = Utc::now();
-    let delivered = s.enqueue(Origin::MailTester, &message("delivered"), now).await.unwrap();
-    let failed = s.enqueue(Origin::MailTester, &message("failed"), now).await.unwrap();
+    let delivered = s.enqueue(Origin::MailTester, message("delivered"), now).await.unwrap();
+    let failed = s.enqueue(Origin::MailTester, message("failed"), now).await.unwrap();
     let claims = s.claim("w", now, Duration::from_secs(60), 10, false).await.unwrap();
-    let queued = s.enqueue(Origin::MailTester, &message("queued"), now).await.unwrap();
+    let queued = s.enqueue(Origin::MailTester, message("queued"), now).await.unwrap();
     let meta = AttemptMeta {
         started_at: now,
         finished_at: now,
