@@ -10,6 +10,9 @@ use tokio::task::JoinHandle;
 
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 
+/// Heartbeats between two looks for services that stopped without deregistering (a minute).
+const PRUNE_EVERY_BEATS: u64 = 30;
+
 /// A service whose last heartbeat is older than this is considered not running.
 pub fn liveness_window() -> chrono::Duration {
     chrono::Duration::seconds(10)
@@ -62,14 +65,19 @@ impl ServiceHandle {
         let (s, i) = (store.clone(), current.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            let mut beats: u64 = 0;
             loop {
                 tick.tick().await;
+                beats += 1;
                 let info = i.lock().expect("not poisoned").clone();
                 if let Err(e) = s.heartbeat(&info, Utc::now()).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
-                // Services that died without deregistering are forgotten after an hour.
-                if let Err(e) = s.prune_services(Utc::now() - chrono::Duration::hours(1)).await {
+                // Services that died without deregistering are forgotten after an hour; looked
+                // for once a minute (a write), not at every heartbeat.
+                if beats % PRUNE_EVERY_BEATS == 1
+                    && let Err(e) = s.prune_services(Utc::now() - chrono::Duration::hours(1)).await
+                {
                     tracing::warn!(error = %e, "could not forget services that stopped heartbeating");
                 }
             }
