@@ -501,6 +501,7 @@ async fn settle_and_record(
     } else if settlement.stage.is_past_session() {
         release_proven(shared, state).await;
     }
+    let held = settlement.outcome == panel_domain::AttemptOutcome::ConfigurationError;
     let (reply, recorded) = oneshot::channel();
     let record = Record { claim: claim.reference, meta, settlement, reply };
     let result = match shared.recorder.send(record).await {
@@ -508,6 +509,7 @@ async fn settle_and_record(
         Err(_) => Err("the recorder stopped".into()),
     };
     match result {
+        Ok(true) if held => release_if_superseded(shared, state).await,
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(
@@ -540,6 +542,19 @@ async fn release_outage(shared: &Shared) {
     }
 }
 
+/// A configuration error found with settings that were replaced while the attempt ran: the
+/// save released what was held before this hold was recorded, so this message would wait for
+/// a fix that has already come. It goes again with the settings now in force.
+async fn release_if_superseded(shared: &Shared, state: &RelayState) {
+    match current_relay(shared).await {
+        Ok(Some(now)) if now.generation.settings != state.generation.settings => {
+            release_held(shared, &now, Release::All, "the settings changed while it was being sent").await
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the settings in force"),
+    }
+}
+
 /// An attempt got past connection, TLS and AUTH: messages held by a configuration error at
 /// those stages would get past them too, so they go again now (within their retry window).
 async fn release_proven(shared: &Shared, state: &RelayState) {
@@ -551,11 +566,11 @@ async fn release_proven(shared: &Shared, state: &RelayState) {
         }
         *checked = Some(Instant::now());
     }
-    release_held(shared, state, "an attempt got past the stage that held them").await;
+    release_held(shared, state, Release::SessionFailures, "an attempt got past the stage that held them").await;
 }
 
-async fn release_held(shared: &Shared, state: &RelayState, why: &str) {
-    match shared.store.release_held(&state.settings.doc, shared.panel.now(), Release::SessionFailures).await {
+async fn release_held(shared: &Shared, state: &RelayState, scope: Release, why: &str) {
+    match shared.store.release_held(&state.settings.doc, shared.panel.now(), scope).await {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(messages = n, why, "messages held by a configuration error are tried again");
@@ -572,7 +587,7 @@ async fn notice_outside_fixes(shared: &Shared) {
     let changed = shared.outside.lock().expect("not poisoned").changed();
     if let Some(file) = changed {
         tracing::info!(file = %file.display(), "a file the relay settings read changed");
-        release_held(shared, &state, "a file the relay settings read changed").await;
+        release_held(shared, &state, Release::SessionFailures, "a file the relay settings read changed").await;
     }
 }
 

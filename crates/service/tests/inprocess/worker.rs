@@ -171,3 +171,46 @@ async fn when_the_relay_answers_again_what_its_outage_deferred_goes_at_once() {
     assert_eq!(busy_after.next_attempt_at, busy_before.next_attempt_at);
     h.stop().await;
 }
+
+/// Set by the test once the fix is saved: the attempt under way waits for it.
+static FIX_SAVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn wait_for_the_fix(_: &panel_domain::OutgoingMessage) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !FIX_SAVED.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_found_with_settings_replaced_during_the_attempt_goes_again_with_the_new_ones() {
+    // CI's case: the admin fixes the settings while an attempt with the old ones is under way.
+    // The save releases what is held, but this attempt's hold is recorded after that: without
+    // a second look the message waited for a fix that had already come.
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "a lab password").unwrap();
+    let auth = [
+        ("auth", "password"),
+        ("username", "panel"),
+        ("password_file", password.to_str().unwrap()),
+        ("allow_plaintext_auth", "true"),
+    ];
+    let h = Harness::start(Some(WorkerConfig { before_send: Some(wait_for_the_fix), ..fast() }), &auth).await;
+    let id = h.send("reset").await;
+    // The attempt has claimed the message with the settings that name an account the relay
+    // cannot take (it offers no AUTH); now the fix (no account) is saved.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.panel.queue().await.unwrap().sending == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fix = panel_domain::SettingsDoc::from_texts([("auth", "none"), ("allow_plaintext_auth", "false")]).unwrap();
+    h.panel.update_settings(&fix, "test", panel_domain::settings::patch::Channel::Local).await.unwrap();
+    FIX_SAVED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let m = h.wait_for(id, MessageState::Delivered, Duration::from_secs(10)).await;
+    assert_eq!(m.attempts.len(), 2, "{m:#?}");
+    assert_eq!(m.attempts[0].outcome, panel_domain::AttemptOutcome::ConfigurationError, "{m:#?}");
+    assert!(m.attempts[0].settings_version < m.attempts[1].settings_version, "{m:#?}");
+    h.stop().await;
+}
