@@ -20,7 +20,7 @@ fn utc() -> String {
     "UTC".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleDef {
     pub name: String,
@@ -45,7 +45,7 @@ pub struct ScheduleDef {
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowDef {
     pub name: String,
@@ -65,7 +65,7 @@ pub struct WorkflowDef {
 }
 
 /// An ad-hoc run from an outside tool (the seed's "special-case schedule").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DispatchDef {
     pub name: String,

@@ -11,7 +11,7 @@ use crate::template::{Engine, Template, TemplateError};
 /// Largest total size of a step's attachments.
 pub const MAX_ATTACHMENT_BYTES: usize = 5 * 1024 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
     Email(EmailStep),
@@ -21,7 +21,7 @@ pub enum Step {
 /// `text` (and optional `html`). Every address field is a template over the context: an entry
 /// that renders empty adds no recipient; a step with no recipient at all goes to the Fallback
 /// recipient.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +48,7 @@ pub struct EmailStep {
 }
 
 /// An attachment rendered from the context (a CSV report, say).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentSpec {
     pub filename: String,

@@ -16,7 +16,7 @@ pub const MAX_OUTPUT_BYTES: usize = 5 * 1024 * 1024;
 pub const MAX_SOURCE_BYTES: usize = 256 * 1024;
 
 /// A stored or inline message template: subject, text body, optional HTML body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Template {
     pub subject: String,
     pub text: String,
@@ -25,7 +25,7 @@ pub struct Template {
 }
 
 /// A template rendered against one context.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Rendered {
     pub subject: String,
     pub text: String,

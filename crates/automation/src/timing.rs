@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// The article's form: e.g. every Monday and Wednesday of the first and last week, at 08:00,
 /// repeating every 30 minutes until 17:00.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeeklyRule {
     /// `MON`..`SUN` (or full names); at least one.
@@ -32,7 +32,7 @@ pub struct WeeklyRule {
     pub end_time: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum WeekOfMonthSpec {
     Number(u8),

@@ -105,7 +105,15 @@ impl fmt::Display for Mailbox {
 }
 
 macro_rules! string_serde {
-    ($t:ty, $field:literal) => {
+    ($t:ty, $field:literal, $description:literal) => {
+        impl schemars::JsonSchema for $t {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($t).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({"type": "string", "description": $description})
+            }
+        }
         impl serde::Serialize for $t {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.collect_str(self)
@@ -119,8 +127,8 @@ macro_rules! string_serde {
         }
     };
 }
-string_serde!(EmailAddress, "address");
-string_serde!(Mailbox, "mailbox");
+string_serde!(EmailAddress, "address", "An address: local@domain");
+string_serde!(Mailbox, "mailbox", "A mailbox: an address with an optional display name, Name <local@domain>");
 
 #[cfg(test)]
 mod tests {

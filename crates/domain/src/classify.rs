@@ -76,7 +76,7 @@ impl fmt::Display for Stage {
 }
 
 /// A complete (possibly multi-line) SMTP reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SmtpReply {
     pub code: u16,
     /// RFC 3463 enhanced status code (`5.1.1`), when the relay sent one.

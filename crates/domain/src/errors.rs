@@ -1,7 +1,7 @@
 use std::fmt;
 
 /// One problem with one input field: what is wrong and how to fix it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -14,7 +14,7 @@ impl FieldError {
 }
 
 /// Every problem found in one input, collected so the user can fix them all at once.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct FieldErrors(pub Vec<FieldError>);
 

@@ -1,6 +1,9 @@
 //! Panel's domain: the values and rules every other crate shares. Nothing here does I/O,
 //! so every rule is unit-tested without a relay or a database.
 
+// Re-exported for `string_enum!`, which other crates expand.
+pub use schemars;
+
 pub mod address;
 pub mod classify;
 pub mod closed;

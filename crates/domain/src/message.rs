@@ -101,7 +101,7 @@ string_enum!(
 );
 
 /// What a caller asks to send, before validation.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Draft {
     #[serde(default)]
     pub to: Vec<String>,
@@ -126,7 +126,7 @@ pub struct Draft {
 }
 
 /// A text attachment (a CSV report, say), produced by a step from its context.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attachment {
     pub filename: String,
     pub content_type: String,

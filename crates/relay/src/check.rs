@@ -13,7 +13,7 @@ use crate::relay::Relay;
 use crate::tls::TlsInfo;
 
 /// Serializable both ways: a service runs the check and stores the report for the CLI that asked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckReport {
     /// True only when a message to the Fallback recipient would be accepted (Graph: when the
     /// app gets a token with `Mail.Send`; only sending proves the mailbox).
@@ -40,7 +40,7 @@ pub struct CheckReport {
     pub ran_in: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckFailure {
     pub stage: Stage,
     pub class: FailureClass,

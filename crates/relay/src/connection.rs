@@ -17,7 +17,7 @@ use crate::tls::TlsInfo;
 use crate::wire::{self, Extensions, ReadError, truncate};
 
 /// One stage of the conversation as it happened, for `panel smtp check` and debugging.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct StageEvent {
     pub stage: Stage,
     pub ok: bool,

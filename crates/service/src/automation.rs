@@ -19,7 +19,7 @@ use crate::ops::Panel;
 use crate::views::{Definition, Run};
 
 /// A schedule's upcoming fire times, as `panel schedule next` and the API show them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct ScheduleNext {
     pub name: String,
     /// The time rule in words, e.g. `cron 0 9 * * MON-FRI (Europe/Berlin)`.

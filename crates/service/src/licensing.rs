@@ -13,7 +13,7 @@ use crate::error::OpsError;
 use crate::ops::Panel;
 
 /// A stored key as `panel license list` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct LicenseStatus {
     pub id: String,
     pub organization: Option<String>,

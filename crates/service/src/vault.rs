@@ -46,7 +46,7 @@ impl Secrets {
 }
 
 /// A credential as listed: never the secret.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct CredentialInfo {
     pub name: String,
     pub kind: String,

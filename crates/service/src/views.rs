@@ -10,14 +10,18 @@ use panel_domain::{
 };
 use serde::Serialize;
 
+pub use crate::automation::ScheduleNext;
+pub use crate::licensing::LicenseStatus;
+pub use panel_relay::CheckReport;
 pub use panel_store::{CancelResult, DefinitionKind, MessageFilter, PutOutcome, RetryResult, SaveMode, SaveOutcome};
+pub use panel_vault::License;
 
 /// `view!(Name from panel_store::Row { field: Type, ... })`: a serializable view with the
 /// listed fields, taken one by one from the row.
 macro_rules! view {
     ($(#[$m:meta])* $name:ident from $row:path { $($(#[$fm:meta])* $field:ident: $ty:ty),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Serialize)]
+        #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
         pub struct $name {
             $($(#[$fm])* pub $field: $ty,)+
         }
@@ -52,7 +56,7 @@ view!(
 
 /// One recipient of a message: its state, the relay's last reply for it, and the attempt
 /// (1-based) that decided it; none while it waits (or is held by a configuration error).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Recipient {
     pub kind: RecipientKind,
     pub address: String,
@@ -62,7 +66,7 @@ pub struct Recipient {
 }
 
 /// One delivery attempt with the relay's words.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Attempt {
     pub at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -104,7 +108,7 @@ impl From<panel_store::AttemptRow> for Attempt {
 }
 
 /// A message with every recipient and attempt.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct MessageDetail {
     pub id: i64,
     pub state: MessageState,
@@ -198,7 +202,7 @@ view!(
 /// One saved relay settings version in the history: who saved it, when, and what it changed
 /// from the version before it, field by field (settings name where a password comes from,
 /// never a password).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct SettingsVersion {
     pub version: i64,
     pub saved_at: DateTime<Utc>,
@@ -234,7 +238,7 @@ view!(
 );
 
 /// A running Panel Service or worker, with its last heartbeat.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Service {
     pub id: String,
     /// `serve` (Panel Service) or `worker` (service mode).
@@ -300,7 +304,7 @@ view!(
 );
 
 /// One run of a workflow, a schedule or a dispatch: its steps and their messages.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Run {
     pub id: i64,
     pub kind: RunKind,
@@ -395,7 +399,7 @@ view!(
 );
 
 /// Messages that reached each final or waiting state in one period.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, schemars::JsonSchema)]
 pub struct Counts {
     pub delivered: i64,
     pub retrying: i64,
@@ -415,7 +419,7 @@ impl Counts {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct HourCounts {
     pub hour: DateTime<Utc>,
     #[serde(flatten)]
@@ -423,7 +427,7 @@ pub struct HourCounts {
 }
 
 /// What the dashboard shows, also served as `GET /api/v1/dashboard`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Dashboard {
     pub services: Vec<Service>,
     pub queue: QueueStats,

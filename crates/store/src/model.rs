@@ -135,7 +135,7 @@ pub struct MessageDetail {
     pub attempts: Vec<AttemptRow>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum RetryResult {
     Requeued,

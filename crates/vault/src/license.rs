@@ -107,7 +107,7 @@ impl AuthorityKeyPair {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct IssuedTo {
     pub organization: String,
     /// When set, the license grants its features only to a Panel whose From address is in this domain.
@@ -116,7 +116,7 @@ pub struct IssuedTo {
 }
 
 /// The signed document. Unknown fields are ignored so that later formats stay readable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct License {
     pub id: String,
     /// The signing authority's id (`AuthorityPublicKey::id`).

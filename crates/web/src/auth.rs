@@ -11,6 +11,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use panel_service::Panel;
 use panel_service::accounts::{Actor, Role};
+use std::collections::HashMap;
+
 use serde_json::json;
 
 use crate::routes::ROUTES;
@@ -136,11 +138,41 @@ impl<S: Send + Sync> FromRequestParts<S> for By {
 
 /// The OpenAPI 3.1 document of `ROUTES`.
 pub fn openapi() -> serde_json::Value {
+    use schemars::generate::SchemaSettings;
+    // OpenAPI 3.1 speaks JSON Schema 2020-12. What a request may send and what an answer
+    // carries are described apart (serde's defaults make a field optional in one, present in
+    // the other); a type whose two descriptions differ is named `...Input` where it is read.
+    let settings = SchemaSettings::draft2020_12().with(|s| {
+        s.definitions_path = "/components/schemas".into();
+        s.meta_schema = None;
+    });
+    let mut reads = settings.clone().for_deserialize().into_generator();
+    let mut writes = settings.for_serialize().into_generator();
+    let error_ref = writes.subschema_for::<crate::answers::Error>().to_value();
+    let schemas = crate::routes::route_schemas(&mut reads, &mut writes);
+    let mut components = writes.take_definitions(true);
+    let mut renamed = std::collections::HashMap::new();
+    for (name, schema) in reads.take_definitions(true) {
+        match components.get(&name) {
+            Some(same) if *same == schema => {}
+            Some(_) => {
+                renamed.insert(name.clone(), format!("{name}Input"));
+                components.insert(format!("{name}Input"), schema);
+            }
+            None => {
+                components.insert(name, schema);
+            }
+        }
+    }
+    for name in renamed.values() {
+        rename_refs(components.get_mut(name).expect("just inserted"), &renamed);
+    }
+
     let mut paths = serde_json::Map::new();
-    for (method, path, role, summary) in ROUTES {
+    for ((method, path, role, summary), schema) in ROUTES.iter().zip(schemas) {
         // Messages and runs are numbered; tokens, licenses and named definitions are not.
         let numbered = path.starts_with("/api/v1/messages/") || path.starts_with("/api/v1/runs/");
-        let params: Vec<serde_json::Value> = path
+        let mut params: Vec<serde_json::Value> = path
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| {
@@ -149,9 +181,20 @@ pub fn openapi() -> serde_json::Value {
                 json!({"name": name, "in": "path", "required": true, "schema": kind})
             })
             .collect();
-        let error = |text: &str| json!({"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        let has_path_params = !params.is_empty();
+        if let Some(query) = &schema.query {
+            for (name, field) in query.get("properties").and_then(|p| p.as_object()).into_iter().flatten() {
+                let mut field = field.clone();
+                let description = field.as_object_mut().and_then(|f| f.remove("description"));
+                let mut param = json!({"name": name, "in": "query", "required": false, "schema": field});
+                if let Some(text) = description {
+                    param["description"] = text;
+                }
+                params.push(param);
+            }
+        }
+        let error = |text: &str| json!({"description": text, "content": {"application/json": {"schema": error_ref}}});
         let mut responses = json!({
-            "2XX": {"description": "Done: 200 with the answer, 202 when work was queued (a message, an event), 204 without a body"},
             "400": error("Invalid input, every field's problem named"),
             "401": error("Not signed in"),
             "403": error("Role too low, a license missing, or a session request without its CSRF token"),
@@ -159,8 +202,18 @@ pub fn openapi() -> serde_json::Value {
             "500": error("Panel failed inside"),
             "503": error("The database cannot be reached or written now"),
         });
-        if !params.is_empty() {
-            responses["404"] = error("No such item");
+        match &schema.answer {
+            Some(answer) => {
+                let answer = answer.clone().to_value();
+                responses["2XX"] = json!({
+                    "description": "Done: 200 with the answer, 201 when created, 202 when work was queued (a message, an event)",
+                    "content": {"application/json": {"schema": answer}},
+                });
+            }
+            None => responses["204"] = json!({"description": "Done, without a body"}),
+        }
+        if has_path_params || (*path == "/api/v1/settings/smtp" && *method == "GET") {
+            responses["404"] = error("No such item (for the settings: nothing saved yet)");
         }
         let mut op = json!({
             "summary": summary,
@@ -169,12 +222,17 @@ pub fn openapi() -> serde_json::Value {
             "responses": responses,
         });
         if matches!(*method, "POST" | "PUT") {
-            let schema = if *path == "/api/v1/settings/smtp" {
-                json!({"$ref": "#/components/schemas/SettingsPatch"})
-            } else {
-                json!({"type": "object"})
-            };
-            op["requestBody"] = json!({"content": {"application/json": {"schema": schema}}});
+            // A body is optional where no body has a meaning of its own (check the saved
+            // settings, the Test Message to the Fallback recipient) or where none is read.
+            let optional = schema.body.is_none() || matches!(*path, "/api/v1/smtp/check" | "/api/v1/smtp/test");
+            let mut body = json!({"content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}}});
+            if let Some(read) = schema.body {
+                let mut read = read.to_value();
+                rename_refs(&mut read, &renamed);
+                body["content"]["application/json"]["schema"] = read;
+            }
+            body["required"] = json!(!optional);
+            op["requestBody"] = body;
             op["responses"]["413"] = error("The body is larger than the size limit");
         }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
@@ -184,49 +242,33 @@ pub fn openapi() -> serde_json::Value {
         "openapi": "3.1.0",
         "info": {"title": "Panel API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Everything the Panel web UI does. Authenticate with Authorization: Bearer TOKEN (panel admin token NAME), or a browser session plus X-CSRF-Token."},
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "components": {
             "securitySchemes": {
                 "token": {"type": "http", "scheme": "bearer"},
                 "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE}
             },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "fields": {"type": "array", "items": {
-                            "type": "object", "required": ["field", "message"],
-                            "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
-                        }}
-                    }
-                },
-                "SettingsPatch": settings_patch_schema(),
-            }
+            "schemas": components,
         },
         "security": [{"token": []}, {"session": []}],
         "paths": paths,
     })
 }
 
-/// The relay settings a PUT may name, from the settings table: each field's JSON type; `''`
-/// clears a text field; nothing else is accepted.
-fn settings_patch_schema() -> serde_json::Value {
-    use panel_domain::settings::table::{Kind, SETTINGS};
-    let properties: serde_json::Map<String, serde_json::Value> = SETTINGS
-        .iter()
-        .map(|s| {
-            let kind = match s.kind {
-                Kind::Number => json!({"type": "integer", "minimum": 1, "maximum": 65535}),
-                Kind::Flag => json!({"type": "boolean"}),
-                _ => json!({"type": "string"}),
-            };
-            let mut field = kind;
-            field["description"] = json!(s.doc);
-            (s.name.to_string(), field)
-        })
-        .collect();
-    json!({"type": "object", "additionalProperties": false, "properties": properties})
+/// Points each `$ref` to a renamed component at its new name.
+fn rename_refs(schema: &mut serde_json::Value, renamed: &HashMap<String, String>) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(target)) = map.get_mut("$ref")
+                && let Some(new) = target.strip_prefix("#/components/schemas/").and_then(|name| renamed.get(name))
+            {
+                *target = format!("#/components/schemas/{new}");
+            }
+            map.values_mut().for_each(|v| rename_refs(v, renamed));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| rename_refs(v, renamed)),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -253,9 +295,19 @@ mod tests {
         assert_eq!(doc["paths"]["/api/v1/tokens/{id}"]["delete"]["parameters"][0]["schema"]["type"], "string");
         let put = &doc["paths"]["/api/v1/settings/smtp"]["put"];
         assert!(put["responses"]["413"].is_object() && put["responses"]["409"].is_object());
-        let settings = &doc["components"]["schemas"]["SettingsPatch"];
-        assert_eq!(settings["properties"]["port"]["type"], "integer");
+        let schemas = &doc["components"]["schemas"];
+        let settings = &schemas["SettingsDoc"];
+        assert_eq!(settings["properties"]["port"]["type"], json!(["integer", "null"]));
         assert_eq!(settings["additionalProperties"], false);
+        // Answers are typed from the handlers' types: ids are integers, errors have their shape.
+        let list = &doc["paths"]["/api/v1/messages"]["get"];
+        let answer = &list["responses"]["2XX"]["content"]["application/json"]["schema"];
+        assert_eq!(answer["items"]["$ref"], "#/components/schemas/MessageSummary");
+        assert_eq!(schemas["MessageSummary"]["properties"]["id"]["type"], "integer");
+        assert_eq!(schemas["Error"]["required"], json!(["error"]));
+        assert_eq!(list["parameters"][0]["in"], "query", "{list}");
+        let delete = &doc["paths"]["/api/v1/templates/{name}"]["delete"]["responses"];
+        assert!(delete["204"].is_object() && delete["2XX"].is_null(), "{delete}");
         let count: usize = doc["paths"].as_object().unwrap().values().map(|v| v.as_object().unwrap().len()).sum();
         assert_eq!(count, ROUTES.len());
     }

@@ -2,21 +2,22 @@
 //! operations as `panel template|workflow|schedule|event|dispatch|run`.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use panel_automation::{DispatchDef, ScheduleDef, Template, WorkflowDef};
 use panel_service::Panel;
 use panel_service::views::{DefinitionKind, SaveMode, SaveOutcome};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::auth::By;
-use crate::{ApiPath, ApiResult, JsonObject, ok};
+use crate::{ApiPath, ApiQuery, ApiResult, JsonObject, ok};
 
 fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
     let status = if outcome == SaveOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({"name": name, "outcome": format!("{outcome:?}").to_lowercase()}))).into_response())
+    let outcome = format!("{outcome:?}").to_lowercase();
+    Ok((status, Json(crate::answers::SavedDefinition { name: name.to_string(), outcome })).into_response())
 }
 
 pub(crate) async fn list_templates(State(p): State<Panel>) -> ApiResult {
@@ -106,7 +107,7 @@ macro_rules! definition_routes {
         pub(crate) async fn $history(
             State(p): State<Panel>,
             ApiPath(name): ApiPath<String>,
-            Query(q): Query<Limit>,
+            ApiQuery(q): ApiQuery<Limit>,
         ) -> ApiResult {
             p.definition($kind, &name).await?;
             ok(p.history($kind.as_str(), &name, q.limit.unwrap_or(20).min(1000)).await?)
@@ -114,7 +115,7 @@ macro_rules! definition_routes {
     };
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct Limit {
     limit: Option<u32>,
 }
@@ -152,7 +153,7 @@ pub(crate) async fn run_schedule(State(p): State<Panel>, By(by): By, ApiPath(nam
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct Count {
     count: Option<usize>,
 }
@@ -160,16 +161,18 @@ pub(crate) struct Count {
 pub(crate) async fn schedule_next(
     State(p): State<Panel>,
     ApiPath(name): ApiPath<String>,
-    Query(q): Query<Count>,
+    ApiQuery(q): ApiQuery<Count>,
 ) -> ApiResult {
     ok(p.schedule_next(&name, q.count.unwrap_or(5)).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventRequest {
     #[serde(rename = "type")]
     event_type: String,
+    /// The directory object the event is about (a JSON object).
+    #[schemars(with = "serde_json::Map<String, Value>")]
     object: Value,
     idempotency_key: Option<String>,
 }
@@ -187,7 +190,7 @@ pub(crate) async fn post_event(
         runs.push(p.run(*id).await?);
     }
     let status = if record.created { StatusCode::ACCEPTED } else { StatusCode::OK };
-    Ok((status, Json(json!({"event_id": record.id, "created": record.created, "runs": runs}))).into_response())
+    Ok((status, Json(crate::answers::Event { event_id: record.id, created: record.created, runs })).into_response())
 }
 
 pub(crate) async fn dispatch(

@@ -1,6 +1,7 @@
 //! The REST API (`/api/v1/...`) and health endpoints. Handlers only translate HTTP to the
 //! shared operations in `panel_service::ops`; nothing is sent inline from a request.
 
+mod answers;
 mod auth;
 mod automation;
 pub mod proxies;
@@ -120,9 +121,13 @@ impl IntoResponse for ApiError {
         let kind = self.0.kind();
         let status = StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = match &self.0 {
-            OpsError::Invalid(errors) => json!({"error": "invalid input", "fields": errors}),
-            OpsError::Template(e) => json!({"error": self.0.to_string(), "template": e}),
-            _ => json!({"error": self.0.to_string()}),
+            OpsError::Invalid(errors) => {
+                answers::Error { error: "invalid input".into(), fields: Some(errors.clone()), template: None }
+            }
+            OpsError::Template(e) => {
+                answers::Error { error: self.0.to_string(), fields: None, template: serde_json::to_value(e).ok() }
+            }
+            _ => answers::Error { error: self.0.to_string(), fields: None, template: None },
         };
         if matches!(kind, ErrorKind::Internal | ErrorKind::Unavailable) {
             tracing::error!(error = %self.0, "request failed");
@@ -173,6 +178,25 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
             Err(e) => {
                 let mut errors = panel_domain::FieldErrors::default();
                 errors.push("path", e.body_text());
+                Err(ApiError(OpsError::Invalid(errors)))
+            }
+        }
+    }
+}
+
+/// A query string, as axum's `Query`, but refused as bad input in the API's JSON error body
+/// (`?limit=many`: 400 naming `query`), not in plain text.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => {
+                let mut errors = panel_domain::FieldErrors::default();
+                errors.push("query", e.body_text());
                 Err(ApiError(OpsError::Invalid(errors)))
             }
         }
@@ -242,16 +266,22 @@ async fn metrics(State(p): State<Panel>) -> ApiResult {
 
 pub(crate) async fn get_settings(State(p): State<Panel>) -> ApiResult {
     let Some(stored) = p.stored_settings().await? else {
-        return Ok((StatusCode::NOT_FOUND, Json(json!({"error": OpsError::NotConfigured.to_string()}))).into_response());
+        // Nothing to show is "not found" here (a save answers 409 for the same cause).
+        let error = answers::Error { error: OpsError::NotConfigured.to_string(), fields: None, template: None };
+        return Ok((StatusCode::NOT_FOUND, Json(error)).into_response());
     };
-    let effective = p.settings().await?.map(|(_, s)| effective_view(&s));
-    ok(
-        json!({"version": stored.version, "saved_at": stored.saved_at, "saved_by": stored.saved_by, "stored": stored.doc, "effective": effective}),
-    )
+    let effective = p.settings().await?.map(|(_, s)| answers::Effective(effective_view(&s)));
+    ok(answers::Settings {
+        version: stored.version,
+        saved_at: stored.saved_at,
+        saved_by: stored.saved_by,
+        stored: stored.doc,
+        effective,
+    })
 }
 
-pub(crate) async fn settings_schema() -> Json<serde_json::Value> {
-    Json(panel_domain::settings::table::schema())
+pub(crate) async fn settings_schema() -> Json<answers::SettingsTable> {
+    Json(answers::SettingsTable(panel_domain::settings::table::schema()))
 }
 
 pub(crate) async fn put_settings(
@@ -264,16 +294,20 @@ pub(crate) async fn put_settings(
 
 /// The answer to a settings save or restore: the version in force, its effective view, notices.
 fn saved(update: panel_service::SettingsUpdate) -> ApiResult {
-    ok(json!({"version": update.version, "effective": effective_view(&update.settings), "notices": update.notices}))
+    ok(answers::Saved {
+        version: update.version,
+        effective: answers::Effective(effective_view(&update.settings)),
+        notices: update.notices,
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct VersionsQuery {
     limit: Option<usize>,
 }
 
-pub(crate) async fn settings_versions(State(p): State<Panel>, Query(q): Query<VersionsQuery>) -> ApiResult {
-    ok(json!({"versions": p.settings_history(q.limit.unwrap_or(50)).await?}))
+pub(crate) async fn settings_versions(State(p): State<Panel>, ApiQuery(q): ApiQuery<VersionsQuery>) -> ApiResult {
+    ok(answers::Versions { versions: p.settings_history(q.limit.unwrap_or(50)).await? })
 }
 
 pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, ApiPath(version): ApiPath<i64>) -> ApiResult {
@@ -300,12 +334,10 @@ pub(crate) async fn check(
     }
     let mut report = if draft { p.check_draft(&patch, Channel::Remote).await? } else { p.check().await? };
     report.ran_in = "the Panel Service answering this request".into();
-    let mut answer = serde_json::to_value(report).map_err(|e| OpsError::internal("writing the check report", e))?;
-    answer["draft"] = json!(draft);
-    ok(answer)
+    ok(answers::Check { report, draft })
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 pub(crate) struct TestRequest {
     to: Option<String>,
     /// Seconds to wait for the outcome before answering.
@@ -320,7 +352,7 @@ pub(crate) async fn test_message(State(p): State<Panel>, body: axum::body::Bytes
     enqueued(&p, id, req.wait).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct SendRequest {
     #[serde(flatten)]
     draft: Draft,
@@ -343,7 +375,7 @@ pub(crate) async fn send_message(State(p): State<Panel>, JsonObject(body): JsonO
 /// Most messages one bulk request may carry.
 const BULK_LIMIT: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BulkRequest {
     messages: Vec<Draft>,
@@ -358,7 +390,7 @@ pub(crate) async fn send_bulk(State(p): State<Panel>, JsonObject(body): JsonObje
         return Err(OpsError::Invalid(errors).into());
     }
     let ids = p.enqueue_drafts(Origin::Dispatch, &req.messages).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"ids": ids}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answers::Ids { ids })).into_response())
 }
 
 async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
@@ -367,10 +399,10 @@ async fn enqueued(p: &Panel, id: i64, wait: Option<u64>) -> ApiResult {
         Some(secs) if secs > 0 => Some(p.wait_for(id, Duration::from_secs(secs.min(300))).await?),
         _ => None,
     };
-    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "service_running": running, "message": message}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answers::Enqueued { id, service_running: running, message })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct ListQuery {
     state: Option<String>,
     origin: Option<String>,
@@ -379,7 +411,7 @@ pub(crate) struct ListQuery {
     limit: Option<u32>,
 }
 
-pub(crate) async fn list_messages(State(p): State<Panel>, Query(q): Query<ListQuery>) -> ApiResult {
+pub(crate) async fn list_messages(State(p): State<Panel>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
     let filter = panel_service::ops::message_filter(
         q.state.as_deref(),
         q.origin.as_deref(),
@@ -398,21 +430,27 @@ pub(crate) async fn show_message(State(p): State<Panel>, ApiPath(id): ApiPath<i6
 pub(crate) async fn retry_message(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     match p.retry(id).await? {
         RetryResult::NotFound => Err(OpsError::NotFound(id).into()),
-        r @ (RetryResult::NotFailed { .. } | RetryResult::ContentRemoved { .. }) => {
-            Ok((StatusCode::CONFLICT, Json(r)).into_response())
+        result @ (RetryResult::NotFailed { .. } | RetryResult::ContentRemoved { .. }) => {
+            let error = match result {
+                RetryResult::NotFailed { state } => format!(
+                    "message {id} is {state}: only a failed or partly failed message, or a retrying one, can be sent again"
+                ),
+                _ => format!("message {id}'s content was removed by retention: there is nothing to send again"),
+            };
+            Ok((StatusCode::CONFLICT, Json(answers::RetryConflict { error, result })).into_response())
         }
         r => ok(r),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BulkRetry {
     status: String,
     since: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CancelRequest {
     reason: String,
@@ -425,7 +463,7 @@ pub(crate) async fn cancel_message(
     JsonObject(body): JsonObject<CancelRequest>,
 ) -> ApiResult {
     let was = p.cancel(id, &by, &body.reason).await?;
-    ok(json!({"result": "cancelled", "was": was}))
+    ok(answers::Cancelled { result: "cancelled", was })
 }
 
 /// Send now, in bulk: the dead letters (`{"status": "failed", "since": "2h"}`) or every
@@ -433,7 +471,7 @@ pub(crate) async fn cancel_message(
 pub(crate) async fn retry_failed(State(p): State<Panel>, JsonObject(body): JsonObject<BulkRetry>) -> ApiResult {
     let req = body;
     if req.status == "retrying" && req.since.is_none() {
-        return ok(json!({"requeued": p.send_retrying_now().await?}));
+        return ok(answers::Requeued { requeued: p.send_retrying_now().await? });
     }
     if req.status != "failed" {
         let mut errors = panel_domain::FieldErrors::default();
@@ -441,7 +479,7 @@ pub(crate) async fn retry_failed(State(p): State<Panel>, JsonObject(body): JsonO
         return Err(OpsError::Invalid(errors).into());
     }
     let since = req.since.as_deref().map(panel_service::ops::parse_since).transpose().map_err(OpsError::Invalid)?;
-    ok(json!({"requeued": p.retry_failed(since).await?}))
+    ok(answers::Requeued { requeued: p.retry_failed(since).await? })
 }
 
 pub(crate) async fn services(State(p): State<Panel>) -> ApiResult {
@@ -456,7 +494,7 @@ pub(crate) async fn licenses(State(p): State<Panel>) -> ApiResult {
     ok(p.licenses().await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct LicenseRequest {
     key: String,
 }
@@ -481,7 +519,7 @@ pub(crate) async fn credentials(State(p): State<Panel>) -> ApiResult {
 }
 
 /// Write-only: the secret goes in, and nothing in any answer ever carries it back.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CredentialRequest {
     #[serde(default = "default_kind")]
@@ -490,6 +528,7 @@ pub(crate) struct CredentialRequest {
     /// Microsoft: the application (client) id; an alias of `username`.
     client_id: Option<String>,
     tenant: Option<String>,
+    #[schemars(with = "String")]
     secret: zeroize::Zeroizing<String>,
 }
 
@@ -542,7 +581,7 @@ pub(crate) async fn set_credential(
     };
     let outcome = p.set_credential(input, &by).await?;
     let status = if outcome == PutOutcome::Created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({"stored": true, "replaced": outcome == PutOutcome::Replaced}))).into_response())
+    Ok((status, Json(answers::Stored { stored: true, replaced: outcome == PutOutcome::Replaced })).into_response())
 }
 
 pub(crate) async fn delete_credential(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
@@ -558,11 +597,11 @@ pub(crate) async fn revoke_api_token(State(p): State<Panel>, By(by): By, ApiPath
     ok(p.revoke_api_token(&id, &by).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub(crate) struct AuditQuery {
     limit: Option<u32>,
 }
 
-pub(crate) async fn audit(State(p): State<Panel>, Query(q): Query<AuditQuery>) -> ApiResult {
+pub(crate) async fn audit(State(p): State<Panel>, ApiQuery(q): ApiQuery<AuditQuery>) -> ApiResult {
     ok(p.audit_log(q.limit.unwrap_or(100).min(1000)).await?)
 }

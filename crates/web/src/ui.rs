@@ -231,7 +231,8 @@ async fn logout(
 }
 
 pub(crate) async fn me(Extension(actor): Extension<Actor>) -> Response {
-    axum::Json(json!({"name": actor.name, "role": actor.role.as_str(), "csrf": actor.csrf})).into_response()
+    axum::Json(crate::answers::Me { name: actor.name, role: actor.role.as_str().into(), csrf: actor.csrf })
+        .into_response()
 }
 
 // ---- dashboard ----

@@ -13,6 +13,7 @@ mod held;
 mod integrated_auth;
 mod interop;
 mod oauth;
+mod openapi;
 mod postgres;
 mod relay_lab;
 mod web_ui;

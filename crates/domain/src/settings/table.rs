@@ -232,7 +232,7 @@ macro_rules! settings_table {
         /// The settings document as stored and as edited: every field optional and loosely typed,
         /// so that a patch can name only what changes and validation can report every field's
         /// problem. Generated from the table.
-        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
         #[serde(deny_unknown_fields)]
         pub struct SettingsDoc {
             $($(#[$doc])*
