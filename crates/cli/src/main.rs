@@ -48,6 +48,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// In the order a new user meets them (the README's): start the service, make an admin, set up
+// the relay, send, read the log; then automation; then operations and trust.
 enum Command {
     /// Run the Panel Service: REST API, health endpoints, the step worker and the scheduler.
     Serve {
@@ -57,11 +59,9 @@ enum Command {
         #[command(flatten)]
         worker: WorkerArgs,
     },
-    /// Service mode: run the step worker and the scheduler without the web UI and API.
-    Worker {
-        #[command(flatten)]
-        worker: WorkerArgs,
-    },
+    /// Admin accounts for the web UI and API, and API tokens for scripts.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Relay settings, connection check and the Test Message.
     #[command(subcommand)]
     Smtp(SmtpCommand),
@@ -70,9 +70,31 @@ enum Command {
     /// The message log.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// Message templates (Jinja syntax, sandboxed): set, list, show, delete, render a preview.
+    #[command(subcommand)]
+    Template(automation::TemplateCommand),
+    /// Workflows: steps that run when an event arrives (e.g. user.created).
+    #[command(subcommand)]
+    Workflow(automation::DefinitionCommand),
+    /// Events for workflows.
+    #[command(subcommand)]
+    Event(automation::EventCommand),
+    /// Schedules: steps that run at set times (cron or weekly rules, in a time zone).
+    #[command(subcommand)]
+    Schedule(automation::ScheduleCommand),
+    /// Run inline steps now (for outside tools, e.g. a test runner reporting results).
+    Dispatch(automation::DispatchArgs),
+    /// Runs of schedules, workflows and dispatches.
+    #[command(subcommand)]
+    Run(automation::RunCommand),
     /// Running Panel Services and workers.
     #[command(subcommand)]
     Services(ServicesCommand),
+    /// Service mode: run the step worker and the scheduler without the web UI and API.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
     /// License keys: authority tools (keygen, issue) and the keys this installation uses.
     #[command(subcommand)]
     License(trust::LicenseCommand),
@@ -82,28 +104,16 @@ enum Command {
     /// The audit log of license and credential changes.
     #[command(subcommand)]
     Audit(trust::AuditCommand),
-    /// Admin accounts for the web UI and API, and API tokens for scripts.
-    #[command(subcommand)]
-    Admin(admin::AdminCommand),
-    /// Message templates (Jinja syntax, sandboxed): set, list, show, delete, render a preview.
-    #[command(subcommand)]
-    Template(automation::TemplateCommand),
-    /// Workflows: steps that run when an event arrives (e.g. user.created).
-    #[command(subcommand)]
-    Workflow(automation::DefinitionCommand),
-    /// Schedules: steps that run at set times (cron or weekly rules, in a time zone).
-    #[command(subcommand)]
-    Schedule(automation::ScheduleCommand),
-    /// Events for workflows.
-    #[command(subcommand)]
-    Event(automation::EventCommand),
-    /// Run inline steps now (for outside tools, e.g. a test runner reporting results).
-    Dispatch(automation::DispatchArgs),
-    /// Runs of schedules, workflows and dispatches.
-    #[command(subcommand)]
-    Run(automation::RunCommand),
     /// Apply pending database migrations and exit (every command applies them on start too).
     Migrate,
+    /// Shell completions: `panel completions bash > /etc/bash_completion.d/panel` (or zsh, fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), for packagers: `panel man > panel.1`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Args)]
@@ -151,6 +161,29 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve { .. } | Command::Worker { .. }) {
         // SAFETY: restores the default disposition of one signal before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    // Generated from the command definitions, before anything opens a database.
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "panel",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing the manual page: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
@@ -381,6 +414,7 @@ async fn run(cli: Cli) -> CmdResult {
         Command::Event(cmd) => automation::event(panel, cmd).await,
         Command::Dispatch(args) => automation::dispatch(panel, args).await,
         Command::Run(cmd) => automation::run(panel, cmd).await,
+        Command::Completions { .. } | Command::Man => unreachable!("answered in main, before any database"),
         Command::Migrate => {
             let (applied, known) = panel.schema_version().await?;
             println!(

@@ -568,3 +568,42 @@ fn urgent_mail_overtakes_queued_bulk_mail_and_bulk_keeps_a_share() {
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("urgent or bulk"), "{}", bad.stderr);
 }
+
+#[test]
+fn completions_complete_commands_in_bash_and_help_lists_them_in_the_order_a_new_user_meets_them() {
+    let env = Env::new();
+    let script = env.path().join("panel.bash");
+    std::fs::write(&script, env.ok(&["completions", "bash"]).stdout).unwrap();
+    // Bash itself runs the script and completes `panel sm` and `panel smtp ch`.
+    let complete = |words: &str, index: usize| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                // As bash calls it: the command, the word being completed, the word before it.
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={index}; \
+                 _panel panel \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+                 echo \"${{COMPREPLY[@]}}\"",
+                script.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(complete("panel sm", 1), "smtp");
+    assert!(complete("panel smtp ch", 2).split(' ').any(|w| w == "check"));
+    assert!(env.ok(&["completions", "zsh"]).stdout.starts_with("#compdef panel"));
+    assert!(env.ok(&["completions", "fish"]).stdout.contains("complete -c panel"));
+    let bad = env.panel(&["completions", "tcsh"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("possible values: bash"), "{}", bad.stderr);
+
+    // Start the service, make an admin, set up the relay, send, read the log.
+    let help = env.ok(&["--help"]).stdout;
+    let at = |command: &str| help.find(&format!("\n  {command} ")).unwrap_or_else(|| panic!("{command}: {help}"));
+    let journey = ["serve", "admin", "smtp", "send", "messages", "template", "workflow", "services", "license"];
+    assert!(journey.windows(2).all(|w| at(w[0]) < at(w[1])), "{help}");
+    // The manual page, for packages, is made from the same definitions.
+    let man = env.ok(&["man"]).stdout;
+    assert!(man.contains(".TH panel 1") && man.contains("smtp"), "{man}");
+}
