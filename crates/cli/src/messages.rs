@@ -146,7 +146,7 @@ pub(crate) async fn after_enqueue(panel: &Panel, id: i64, what: &str, wait: Opti
             output::no_service_notice();
         }
     }
-    let detail = panel.wait_for(id, Duration::from_secs(secs)).await?;
+    let detail = output::with_progress(panel, what, id, secs, panel.wait_for(id, Duration::from_secs(secs))).await?;
     output::outcome(&detail, running, json);
     Ok(if detail.state == MessageState::Delivered { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -442,3 +442,44 @@ pub fn audit(list: &[AuditEntry], json: bool) {
         println!("{}  {:<22} {:<20} by {}{detail}", time(&a.at), a.action, a.subject, a.actor);
     }
 }
+
+/// While `work` waits for message `id`, shows on a terminal what the message is doing, on one
+/// line of stderr rewritten in place (`/ Test message 17: sending, attempt 1, 3 s of 30 s`), and
+/// clears it when `work` ends. Nothing at all when stderr is not a terminal: a script, a pipe or
+/// a log file gets only the outcome.
+pub async fn with_progress<T>(
+    panel: &panel_service::Panel,
+    what: &str,
+    id: i64,
+    limit_secs: u64,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let started = std::time::Instant::now();
+    let ticker = async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        for frame in ['|', '/', '-', '\\'].into_iter().cycle() {
+            tick.tick().await;
+            let Ok(m) = panel.message(id).await else { continue };
+            let mut line = format!("{frame} {what} {id}: {}", m.state);
+            if !m.attempts.is_empty() {
+                line.push_str(&format!(", attempt {}", m.attempts.len() + usize::from(m.state.as_str() == "sending")));
+            }
+            line.push_str(&format!(", {} s of {limit_secs} s", started.elapsed().as_secs()));
+            // \r and erase-line: the line is rewritten, never scrolled.
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        r = work => r,
+        _ = ticker => unreachable!("the ticker never ends"),
+    };
+    eprint!("\r\x1b[2K");
+    result
+}

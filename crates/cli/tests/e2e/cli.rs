@@ -607,3 +607,29 @@ fn completions_complete_commands_in_bash_and_help_lists_them_in_the_order_a_new_
     let man = env.ok(&["man"]).stdout;
     assert!(man.contains(".TH panel 1") && man.contains("smtp"), "{man}");
 }
+
+#[test]
+fn waiting_shows_progress_on_a_terminal_and_nothing_in_a_script() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    // A slow relay: the wait lasts long enough to be shown.
+    sink.set_greeting_delay(std::time::Duration::from_millis(1500));
+    env.relay_on(sink.port, &[]);
+    env.spawn(&["worker"]);
+    // On a terminal (util-linux `script` gives the command one): the state, rewritten in place.
+    let command = format!("{} smtp test --wait 20", env!("CARGO_BIN_EXE_panel"));
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("PANEL_DATA_DIR", env.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("\r\x1b[2K") && shown.contains("Test message 1: sending"), "{shown:?}");
+    assert!(shown.contains("Delivered"), "{shown:?}");
+    // In a script: the outcome only.
+    let r = env.ok(&["smtp", "test", "--wait", "20"]);
+    assert!(!r.stderr.contains('\r') && !r.stdout.contains('\r'), "{:?} {:?}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("Delivered"), "{}", r.stdout);
+}
