@@ -101,7 +101,7 @@ enum Command {
     /// Stored credentials for the relay (encrypted; need a license with credential-storage).
     #[command(subcommand)]
     Credential(trust::CredentialCommand),
-    /// The audit log of license and credential changes.
+    /// The audit log: who changed settings, accounts, credentials and licenses, and who cancelled a message.
     #[command(subcommand)]
     Audit(trust::AuditCommand),
     /// Apply pending database migrations and exit (every command applies them on start too).

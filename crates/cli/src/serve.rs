@@ -276,10 +276,21 @@ pub(crate) async fn serve(
             if !panel_web::is_loopback(&parsed) {
                 tracing::warn!(%addr, "the UI and API are served over plain HTTP; put a TLS-terminating proxy in front (it should set X-Forwarded-Proto: https)");
             }
-            if panel.admins().await?.is_empty() {
-                tracing::warn!(
-                    "no admin account exists yet, so nobody can sign in; create one: panel admin create NAME --role admin"
+            if let Some(token) = panel.open_setup().await? {
+                // The first start: a one-time link to make the first admin in the browser, on
+                // the loopback address when the service listens there (or on every address).
+                let port = l.local_addr().map(|a| a.port()).unwrap_or(parsed.port());
+                let host = match parsed.ip() {
+                    ip if ip.is_unspecified() || ip.is_loopback() => "127.0.0.1".to_string(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
+                let link = format!("http://{host}:{port}/setup/{token}");
+                println!(
+                    "No admin account exists yet. Open this link within an hour to create the first one \
+                     (it works once):\n\n    {link}\n\nOr, in a script: panel admin create NAME --role admin"
                 );
+                tracing::warn!(%link, "no admin account exists yet; the setup link makes the first one (once, within an hour)");
             }
             Some(l)
         }

@@ -90,6 +90,18 @@ fn account_key(name: &str) -> String {
     format!("name:{}|", name.trim().to_ascii_lowercase())
 }
 
+/// An account's name and password as every way of making one checks them.
+fn check_account(name: &str, password: &Secret) -> Result<(), OpsError> {
+    let mut errors = FieldErrors::default();
+    if let Err(e) = panel_automation::check_name(name) {
+        errors.push("name", e);
+    }
+    if password.expose().chars().count() < MIN_PASSWORD_CHARS {
+        errors.push("password", format!("must have at least {MIN_PASSWORD_CHARS} characters"));
+    }
+    if errors.is_empty() { Ok(()) } else { Err(OpsError::Invalid(errors)) }
+}
+
 fn random_token(prefix: &str) -> String {
     let bytes = crate::random_u128().to_le_bytes().into_iter().chain(crate::random_u128().to_le_bytes());
     format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.collect::<Vec<u8>>()))
@@ -125,7 +137,79 @@ fn verify_password(password: &Secret, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.expose().as_bytes(), &h).is_ok())
 }
 
+/// What a used, expired or wrong setup link is told.
+pub const SETUP_LINK_SPENT: &str = "this setup link is used, expired or from another start of the service; \
+     make the first admin with: panel admin create NAME --role admin (or restart panel serve for a new link)";
+
+/// How long a setup link works when nobody uses it.
+pub const SETUP_LINK_LIFETIME: chrono::Duration = chrono::Duration::hours(1);
+
+/// The first-run setup link of one Panel Service: the digest of its token (the token itself is
+/// printed once and kept nowhere) and when it stops working.
+pub(crate) struct SetupLink {
+    digest: String,
+    expires: DateTime<Utc>,
+}
+
 impl Panel {
+    /// On a service's first start with no admin account: a one-time token for the link that
+    /// lets a person create the first admin in the browser. It works once, for an hour, and only
+    /// while no account exists; `None` when one does.
+    pub async fn open_setup(&self) -> Result<Option<String>, OpsError> {
+        if !self.store.admins().await?.is_empty() {
+            return Ok(None);
+        }
+        let token = random_token("");
+        let link = SetupLink { digest: token_digest(&token), expires: self.now() + SETUP_LINK_LIFETIME };
+        *self.setup.lock().expect("not poisoned") = Some(link);
+        Ok(Some(token))
+    }
+
+    /// Whether `token` opens this service's setup page now.
+    pub async fn setup_open(&self, token: &str) -> Result<bool, OpsError> {
+        if !self.setup_token_valid(token) {
+            return Ok(false);
+        }
+        if !self.store.admins().await?.is_empty() {
+            // Made another way (`panel admin create`, another service's link): the link is done.
+            *self.setup.lock().expect("not poisoned") = None;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn setup_token_valid(&self, token: &str) -> bool {
+        let guard = self.setup.lock().expect("not poisoned");
+        let Some(link) = guard.as_ref() else { return false };
+        // Digests are compared, not tokens: how long a comparison takes says nothing about the
+        // token a guess would need.
+        link.digest == token_digest(token) && self.now() < link.expires
+    }
+
+    /// The setup page's form: makes the first admin (role admin) and signs it in. The link is
+    /// spent whatever the outcome, except bad input, which can be corrected on the same page.
+    pub async fn finish_setup(
+        &self,
+        token: &str,
+        name: &str,
+        password: &Secret,
+        client: Option<IpAddr>,
+    ) -> Result<SignIn, OpsError> {
+        if !self.setup_token_valid(token) {
+            return Err(OpsError::Forbidden(SETUP_LINK_SPENT.into()));
+        }
+        let name = name.trim().to_ascii_lowercase();
+        check_account(&name, password)?;
+        let hash = blocking_hash(password.clone()).await?;
+        *self.setup.lock().expect("not poisoned") = None;
+        if !self.store.create_first_admin(&name, Role::Admin.as_str(), &hash, "setup link", self.now()).await? {
+            return Err(OpsError::Conflict(
+                "an admin account exists already; sign in with it, or make another with panel admin create".into(),
+            ));
+        }
+        self.sign_in(&name, password, client).await
+    }
+
     /// Creates an account, or with `replace` sets its role and password (ending its sessions).
     pub async fn put_admin(
         &self,
@@ -135,16 +219,7 @@ impl Panel {
         replace: bool,
         by: &str,
     ) -> Result<(), OpsError> {
-        let mut errors = FieldErrors::default();
-        if let Err(e) = panel_automation::check_name(name) {
-            errors.push("name", e);
-        }
-        if password.expose().chars().count() < MIN_PASSWORD_CHARS {
-            errors.push("password", format!("must have at least {MIN_PASSWORD_CHARS} characters"));
-        }
-        if !errors.is_empty() {
-            return Err(OpsError::Invalid(errors));
-        }
+        check_account(name, password)?;
         let hash = blocking_hash(password.clone()).await?;
         if !self.store.put_admin(name, role.as_str(), &hash, replace, by, self.now()).await? {
             return Err(OpsError::Conflict(format!(

@@ -38,6 +38,8 @@ pub struct Panel {
     /// The live services as last read, and when: every enqueue wakes them and says whether one
     /// runs, and that need not cost a query each.
     services_seen: Arc<std::sync::Mutex<Option<ServicesSeen>>>,
+    /// This process's first-run setup link, while it is open (`Panel::open_setup`).
+    pub(crate) setup: Arc<std::sync::Mutex<Option<crate::accounts::SetupLink>>>,
 }
 
 /// A read of the live services and when it was made.
@@ -63,6 +65,7 @@ impl Panel {
             local_waker: None,
             clock: Arc::new(SystemClock),
             services_seen: Arc::default(),
+            setup: Arc::default(),
         }
     }
 
@@ -176,7 +179,16 @@ impl Panel {
             )),
             _ => None,
         };
-        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner })
+        // A new installation: the fields a relay needs, named as the form names them.
+        let missing = match &settings {
+            Ok(None) => panel_domain::settings::table::SETTINGS
+                .iter()
+                .filter(|s| matches!(s.default, panel_domain::settings::table::Default::Required))
+                .map(|s| s.label.to_string())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner, missing })
     }
 
     /// The Prometheus exposition: this process's counters and the shared queue's gauges.

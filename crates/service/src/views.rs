@@ -438,6 +438,8 @@ pub struct Dashboard {
     pub last_error: Option<RelayError>,
     /// What the admin must see first: no settings, broken settings, a failing relay.
     pub banner: Option<String>,
+    /// With no relay settings yet: the fields a relay needs (the form's labels); else empty.
+    pub missing: Vec<String>,
 }
 
 impl Dashboard {

@@ -387,6 +387,18 @@ impl Store {
         self.observe(self.backend.put_admin(name, role, password_hash, replace, by, ms(now)).await)
     }
 
+    /// The first account, only while there is none; false once any exists.
+    pub async fn create_first_admin(
+        &self,
+        name: &str,
+        role: &str,
+        password_hash: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.observe(self.backend.create_first_admin(name, role, password_hash, by, ms(now)).await)
+    }
+
     pub async fn admin(&self, name: &str) -> Result<Option<AdminRow>> {
         self.observe(self.backend.admin(name).await)
     }

@@ -42,7 +42,10 @@ pub fn required_role(method: &Method, path: &str) -> Role {
 }
 
 fn is_public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/login" | "/api/openapi.json") || path.starts_with("/static/")
+    // `/setup/TOKEN` carries its own proof: the one-time token `panel serve` printed.
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/login" | "/api/openapi.json")
+        || path.starts_with("/static/")
+        || path.starts_with("/setup/")
 }
 
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use chrono::DateTime;
 use minijinja::Environment;
-use panel_domain::{MessageState, Origin, Secret};
+use panel_domain::{FieldErrors, MessageState, Origin, Secret};
 use panel_service::accounts::{Actor, Role, SESSION_HOURS, SignIn};
 use panel_service::ops::effective_view;
 use panel_service::views::DefinitionKind;
@@ -25,6 +25,7 @@ use crate::auth::{SESSION_COOKIE, cookie};
 const TEMPLATES: &[(&str, &str)] = &[
     ("base.html", include_str!("../ui/base.html")),
     ("login.html", include_str!("../ui/login.html")),
+    ("setup.html", include_str!("../ui/setup.html")),
     ("dashboard.html", include_str!("../ui/dashboard.html")),
     ("settings.html", include_str!("../ui/settings.html")),
     ("messages.html", include_str!("../ui/messages.html")),
@@ -59,6 +60,7 @@ pub fn routes() -> Router<Panel> {
         .route("/", get(dashboard))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
+        .route("/setup/{token}", get(setup_page).post(setup))
         .route("/settings", get(settings))
         .route("/messages", get(messages))
         .route("/messages/{id}", get(message))
@@ -209,6 +211,78 @@ async fn login(
             );
             Ok(Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to(&next))))
         }
+    }
+}
+
+// ---- first run ----
+
+fn setup_form(spent: Option<&str>, name: &str, errors: Option<&FieldErrors>, status: StatusCode) -> PageResult {
+    let ctx = json!({
+        "spent": spent,
+        "name": name,
+        "errors": errors,
+        "min_chars": panel_service::accounts::MIN_PASSWORD_CHARS,
+    });
+    let html = env()
+        .get_template("setup.html")
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| OpsError::internal("rendering the page", e))?;
+    Ok(Page::from_response((status, Html(html))))
+}
+
+/// The setup link `panel serve` printed on its first start: a form for the first admin.
+async fn setup_page(State(p): State<Panel>, Path(token): Path<String>) -> PageResult {
+    if !p.setup_open(&token).await? {
+        return setup_form(Some(panel_service::accounts::SETUP_LINK_SPENT), "", None, StatusCode::NOT_FOUND);
+    }
+    setup_form(None, "", None, StatusCode::OK)
+}
+
+/// Makes the first admin, signs it in and opens the relay settings, where a new installation
+/// starts. Bad input is shown on the same page, and the link keeps working for the correction.
+async fn setup(
+    State(p): State<Panel>,
+    Path(token): Path<String>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    client: Option<axum::Extension<crate::ClientAddr>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> PageResult {
+    let client = client.map_or(addr.ip(), |c| c.0.0);
+    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let name = form.get("name").cloned().unwrap_or_default();
+    if !same_origin(&headers) {
+        return setup_form(Some("The form came from another site; use the link."), &name, None, StatusCode::FORBIDDEN);
+    }
+    let password = Secret::new(form.get("password").cloned().unwrap_or_default());
+    if form.get("confirm").map(String::as_str) != Some(password.expose()) {
+        let mut errors = FieldErrors::default();
+        errors.push("password", "the two passwords differ");
+        return setup_form(None, &name, Some(&errors), StatusCode::BAD_REQUEST);
+    }
+    match p.finish_setup(&token, &name, &password, Some(client)).await {
+        Ok(SignIn::Accepted { session, .. }) => {
+            tracing::info!(account = %name.trim().to_ascii_lowercase(), %client, "the first admin was created with the setup link");
+            let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
+            let cookie = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+                session.token,
+                SESSION_HOURS * 3600,
+                if secure { "; Secure" } else { "" }
+            );
+            Ok(Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to("/settings"))))
+        }
+        // Made, but signing in did not go through (it cannot be refused; blocked, at most):
+        // the sign-in page takes it from here.
+        Ok(_) => Ok(Page::from_response(Redirect::to("/login"))),
+        Err(OpsError::Invalid(errors)) => setup_form(None, &name, Some(&errors), StatusCode::BAD_REQUEST),
+        Err(e @ (OpsError::Forbidden(_) | OpsError::Conflict(_))) => setup_form(
+            Some(&e.to_string()),
+            "",
+            None,
+            StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::CONFLICT),
+        ),
+        Err(e) => Err(e.into()),
     }
 }
 

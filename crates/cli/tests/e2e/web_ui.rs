@@ -491,3 +491,72 @@ fn the_settings_form_sums_up_its_problems_explains_passwords_and_restores_a_vers
     assert_eq!(env.ok(&["smtp", "show", "--json"]).json()["effective"]["port"], 2525);
     assert!(b.text(&b.find("#settings-history")).contains("port: 2626 -> 2525"));
 }
+
+#[test]
+fn the_first_start_prints_a_setup_link_that_makes_the_first_admin_once_and_guides_to_a_test_message() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    let port = panel_testlab::free_port();
+    let out = env.start_first_serve(port);
+    let deadline = std::time::Instant::now() + WAIT;
+    let link = loop {
+        let printed = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(link) = printed.split_whitespace().find(|w| w.starts_with("http://127.0.0.1:")) {
+            break link.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no setup link printed: {printed}{}", env.service_logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(link.starts_with(&format!("http://127.0.0.1:{port}/setup/")), "{link}");
+    assert!(env.service_logs().contains("setup link"), "logged once too");
+
+    // The sign-in page points at the link; the link's page makes the first admin.
+    b.goto(&format!("http://127.0.0.1:{port}/login"));
+    assert!(b.text(&b.find("#no-admin")).contains("setup link"));
+    b.goto(&link);
+    b.fill("#name", "ann");
+    b.fill("#password", ADMIN_PASSWORD);
+    b.fill("#confirm", "something else entirely");
+    b.click(&b.find("#create-admin"));
+    let error = b.wait_text("#setup-error", 10, |t| !t.is_empty());
+    assert!(error.contains("differ"), "{error}");
+    b.fill("#password", ADMIN_PASSWORD);
+    b.fill("#confirm", ADMIN_PASSWORD);
+    b.click(&b.find("#create-admin"));
+    // Signed in, on the relay settings, which a new installation needs first.
+    b.wait_text("#who", 20, |t| t.contains("ann"));
+    assert!(b.url().ends_with("/settings"), "{}", b.url());
+    assert!(b.page_text().contains("Not configured yet"));
+    let admins = env.ok(&["admin", "list", "--json"]).json();
+    assert_eq!((admins[0]["name"].as_str(), admins[0]["role"].as_str()), (Some("ann"), Some("admin")));
+    let audit = env.ok(&["audit", "list", "--json"]).stdout;
+    assert!(audit.contains("setup link"), "{audit}");
+
+    // The dashboard says what is missing instead of empty numbers.
+    b.goto(&format!("http://127.0.0.1:{port}/"));
+    let started = b.text(&b.find("#getting-started"));
+    assert!(started.contains("Server, From address, Fallback recipient"), "{started}");
+    assert!(b.try_find("#queue-depth").is_none(), "no empty numbers");
+
+    // The guided settings: Check connection works before Save, then Save and the Test Message.
+    b.goto(&format!("http://127.0.0.1:{port}/settings"));
+    b.fill("#f-host", "127.0.0.1");
+    b.select("#f-security", "none");
+    b.fill("#f-port", &sink.port.to_string());
+    b.fill("#f-from", "Identity Panel <panel@example.org>");
+    b.fill("#f-fallback_recipient", "ops@example.org");
+    b.click(&b.find("#check"));
+    b.wait_text("#check-stages", 20, |t| t.contains("rcpt"));
+    assert!(b.page_text().contains("not saved"), "checked as the form shows it");
+    b.click(&b.find("#save"));
+    b.wait_text("main > p", 10, |t| t.contains("Version 1"));
+    b.click(&b.find("#test-message"));
+    let status = b.wait_text("#test-status", 40, |t| t.starts_with("delivered") || t.contains("failed"));
+    assert!(status.starts_with("delivered"), "{status}");
+
+    // The link worked once: now it is spent, and says what to do instead.
+    let (status, _, page) = http_with(port, "GET", &link.replace(&format!("http://127.0.0.1:{port}"), ""), "", "");
+    assert_eq!(status, 404, "{page}");
+    assert!(page.contains("used, expired"), "{page}");
+}

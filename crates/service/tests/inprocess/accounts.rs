@@ -42,3 +42,28 @@ async fn parallel_wrong_passwords_get_five_checks_and_the_right_one_after_them_i
     assert!(matches!(later, SignIn::Accepted { role: Role::Admin, .. }), "the window passed");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_setup_link_works_once_within_the_hour_and_only_while_no_account_exists() {
+    let h = Harness::start(None, &[]).await;
+    let password = Secret::new(RIGHT.into());
+    // Unused for an hour: spent.
+    let token = h.panel.open_setup().await.unwrap().expect("no account yet");
+    assert!(h.panel.setup_open(&token).await.unwrap());
+    assert!(!h.panel.setup_open("a-guess").await.unwrap());
+    h.clock.advance(chrono::Duration::minutes(61));
+    assert!(!h.panel.setup_open(&token).await.unwrap());
+    let late = h.panel.finish_setup(&token, "ann", &password, None).await.err().unwrap();
+    assert!(late.to_string().contains("used, expired"), "{late}");
+
+    // A fresh one: bad input can be corrected on the same link, then it makes the account once.
+    let token = h.panel.open_setup().await.unwrap().unwrap();
+    let short = h.panel.finish_setup(&token, "ann", &Secret::new("short".into()), None).await.err().unwrap();
+    assert!(short.to_string().contains("invalid") || short.to_string().contains("password"), "{short}");
+    let signed = h.panel.finish_setup(&token, "Ann", &password, None).await.unwrap();
+    assert!(matches!(signed, SignIn::Accepted { role: Role::Admin, .. }));
+    assert!(h.panel.finish_setup(&token, "bob", &password, None).await.is_err(), "spent");
+    assert_eq!(h.panel.admins().await.unwrap().len(), 1);
+    // With an account, a restart prints no link.
+    assert!(h.panel.open_setup().await.unwrap().is_none());
+}

@@ -1,6 +1,6 @@
 //! Admin accounts, browser sessions and API tokens (audited where an admin changes them).
 
-use super::{SqlStore, audit, cell};
+use super::{Dialect, SqlStore, audit, cell};
 use crate::model::*;
 use crate::{Result, from_ms};
 
@@ -66,6 +66,34 @@ impl SqlStore {
         }
         let action = if exists.is_some() { "admin.updated" } else { "admin.created" };
         audit(&mut tx, by, now, &[AuditEvent::new(action, name, detail)]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The first account, made only while there is none (the first-run setup link); false
+    /// once any account exists.
+    pub async fn create_first_admin(&self, name: &str, role: &str, hash: &str, by: &str, now: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        if self.dialect == Dialect::Postgres {
+            // Two services' setup links used at the same moment: the second waits here and
+            // then finds the first one's account. (SQLite's BEGIN IMMEDIATE serializes already.)
+            sqlx::query("LOCK TABLE admins IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+        }
+        let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM admins LIMIT 1").fetch_optional(&mut *tx).await?;
+        if any.is_some() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO admins (name, role, password_hash, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(name)
+        .bind(role)
+        .bind(hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let detail = format!("role {role}; the first account, made with the setup link");
+        audit(&mut tx, by, now, &[AuditEvent::new("admin.created", name, detail)]).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -74,4 +74,30 @@ async fn api_tokens_are_listed_and_revoked_by_id(b: &Backend) {
     assert!(audit.iter().any(|e| e.action == "token.revoked" && e.actor == "root" && e.subject == "ann"), "{audit:?}");
 }
 
-contract!(parallel_sign_ins_from_two_services_reserve_at_most_the_limit, api_tokens_are_listed_and_revoked_by_id);
+/// The setup link's account: made once, by one of two services using their links at once, and
+/// never once any account exists.
+async fn the_first_admin_is_made_once_however_many_services_try(b: &Backend) {
+    let other = Store::open(&b.url).await.unwrap();
+    let now = Utc::now();
+    let tries = (0..6).map(|i| {
+        let store = if i % 2 == 0 { b.store.clone() } else { other.clone() };
+        let name = format!("first{i}");
+        tokio::spawn(
+            async move { store.create_first_admin(&name, "admin", "$argon2id$x", "setup", now).await.unwrap() },
+        )
+    });
+    let mut made = 0;
+    for t in tries {
+        made += usize::from(t.await.unwrap());
+    }
+    assert_eq!((made, b.store.admins().await.unwrap().len()), (1, 1));
+    let audit = b.store.audit_log(5).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "admin.created" && e.detail.contains("setup link")), "{audit:?}");
+    assert!(!b.store.create_first_admin("late", "admin", "$argon2id$x", "setup", now).await.unwrap());
+}
+
+contract!(
+    parallel_sign_ins_from_two_services_reserve_at_most_the_limit,
+    api_tokens_are_listed_and_revoked_by_id,
+    the_first_admin_is_made_once_however_many_services_try
+);

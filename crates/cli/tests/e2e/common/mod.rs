@@ -207,6 +207,21 @@ impl Env {
         pid
     }
 
+    /// Starts `panel serve` on `port` as a new installation's first start, with no API token
+    /// made for it (that would make an admin); returns the file its standard output goes to.
+    pub fn start_first_serve(&mut self, port: u16) -> std::path::PathBuf {
+        let out = self.path().join(format!("serve-{}.out", self.children.len()));
+        let log = std::fs::File::create(self.path().join(format!("service-{}.log", self.children.len()))).unwrap();
+        let child = self
+            .command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn panel");
+        self.children.push(child);
+        out
+    }
+
     /// Starts `panel serve` on a free loopback port and waits until it runs; returns the port
     /// (`http(port, ...)` sends the admin token `start` made for it).
     ///
