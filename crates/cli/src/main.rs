@@ -25,7 +25,7 @@ use panel_web::HttpLimits;
 #[derive(Parser)]
 #[command(name = "panel", version, about = "Delivers identity workflow and schedule email through your SMTP relay.")]
 struct Cli {
-    /// TOML configuration file [default: DATA_DIR/panel.toml when it exists]
+    /// TOML configuration file [default: DATA_DIR/panel.toml when it exists, else /etc/panel/panel.toml when it exists]
     #[arg(long, global = true, env = "PANEL_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for the embedded database [default: ./panel-data]
@@ -230,9 +230,19 @@ fn tighten_data_dir(dir: &Path) -> Vec<String> {
     changed
 }
 
+/// The Debian package's config file, read when neither --config nor --data-dir is given and
+/// ./panel-data has no panel.toml.
+const SYSTEM_CONFIG: &str = "/etc/panel/panel.toml";
+
 fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
     let default_dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from("panel-data"));
-    let watched = cli.config.clone().unwrap_or_else(|| default_dir.join("panel.toml"));
+    let watched = cli.config.clone().unwrap_or_else(|| {
+        // A packaged installation keeps its config in /etc (and names its data directory
+        // there), so that `sudo -u panel panel ...` works from any directory.
+        let local = default_dir.join("panel.toml");
+        let system = Path::new(SYSTEM_CONFIG);
+        if cli.data_dir.is_none() && !local.exists() && system.exists() { system.to_path_buf() } else { local }
+    });
     let (file, text) = match cli.config.is_some() || watched.exists() {
         true => FileConfig::load(&watched).map(|(f, t)| (f, Some(t))).map_err(bad_input)?,
         false => (FileConfig::default(), None),
