@@ -62,6 +62,8 @@ pub struct Sender<'a> {
     pub from: &'a Mailbox,
     pub fallback_recipient: &'a EmailAddress,
     pub allow_from_override: bool,
+    /// A step whose recipients fall outside the allowed domains fails with the reason.
+    pub policy: &'a panel_domain::policy::RecipientPolicy,
 }
 
 /// A planned run: its status, a note when steps failed, and its steps in order.
@@ -131,7 +133,9 @@ fn plan_step(
                 .into(),
         );
     }
-    match OutgoingMessage::prepare(&rendered.draft, sender.from, sender.fallback_recipient, now, random) {
+    let prepared = OutgoingMessage::prepare(&rendered.draft, sender.from, sender.fallback_recipient, now, random)
+        .and_then(|m| sender.policy.check(&m).map(|()| m));
+    match prepared {
         Ok(mut message) => PlannedStep {
             outcome: StepOutcome {
                 step: index,
@@ -164,7 +168,8 @@ mod tests {
     fn plan(list: Value, ctx: Value, allow_from_override: bool) -> Plan {
         let from = Mailbox::parse("from", "Panel <panel@example.org>").unwrap();
         let fallback = EmailAddress::parse("fallback_recipient", "ops@example.org").unwrap();
-        let sender = Sender { from: &from, fallback_recipient: &fallback, allow_from_override };
+        let policy = panel_domain::policy::RecipientPolicy::deliver(&fallback);
+        let sender = Sender { from: &from, fallback_recipient: &fallback, allow_from_override, policy: &policy };
         let mut n = 0;
         plan_steps(&steps(list), &ctx, &HashMap::new(), sender, Utc::now(), &mut || {
             n += 1;

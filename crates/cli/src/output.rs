@@ -80,6 +80,9 @@ fn print_effective(s: &RelaySettings) {
         };
         println!("  {key:<22} {shown}");
     }
+    if let Some(notice) = s.policy.notice() {
+        println!("Note: {notice}");
+    }
 }
 
 pub fn check(r: &CheckReport, json: bool) {

@@ -147,6 +147,11 @@ pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
                 false => panel.check_where_delivery_runs(&actor()).await?,
             };
             output::check(&report, f.json);
+            if !f.json
+                && let Some(notice) = panel.policy_notice().await
+            {
+                println!("Note: {notice}");
+            }
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         SmtpCommand::History { limit, json } => {

@@ -29,6 +29,8 @@ crate::string_enum!(custom_display;
         Quit = "quit",
         /// Inside Panel, not at the relay: the delivery code failed (a bug), see the detail.
         Internal = "internal",
+        /// Panel's recipient policy refused the recipient; nothing was sent to it.
+        Policy = "policy",
         /// Not known: the worker holding the message stopped before recording where it was.
         Unknown = "unknown",
     }
@@ -60,7 +62,7 @@ impl Stage {
     /// The failure is Panel's own (its settings, a file or variable it reads, a bug), found
     /// before or without the relay saying anything: never to be worded as the relay's reply.
     pub fn is_inside_panel(self) -> bool {
-        matches!(self, Stage::Config | Stage::Internal)
+        matches!(self, Stage::Config | Stage::Internal | Stage::Policy)
     }
 
     /// The attempt got as far as this message's own transaction (MAIL, RCPT, DATA, QUIT).
@@ -151,6 +153,8 @@ fn split_enhanced(rest: &str, code: u16) -> Option<(&str, &str)> {
 pub enum FailureKind {
     /// The relay answered with a negative reply (see `reply`).
     Reply,
+    /// Outside the recipient policy's allowed domains: never sent, never retried.
+    PolicyRefused,
     Timeout,
     Dns,
     ConnectionRefused,
@@ -299,7 +303,7 @@ pub fn classify(failure: &Failure, ctx: ConnectionContext) -> Classification {
         | K::UnknownOutcome
         | K::KdcUnavailable => Transient,
         K::Internal => Internal,
-        K::TooLarge | K::NeedsSmtputf8 => Permanent,
+        K::TooLarge | K::NeedsSmtputf8 | K::PolicyRefused => Permanent,
         K::TlsModeMismatch
         | K::CertificateUntrusted
         | K::StarttlsNotOffered
@@ -667,6 +671,10 @@ fn hint(failure: &Failure, ctx: ConnectionContext) -> Option<String> {
             h("fix the file or environment variable named above; the service reads it before every connection")
         }
         K::Io | K::Protocol => h("the connection broke; if it repeats, check the relay's log for this time"),
+        K::PolicyRefused => h(
+            "this installation's recipient policy allows only the domains named above; add the domain with \
+             --allowed-domains, or send to an address inside them",
+        ),
         K::Credential => h(
             "fix the stored credential named above (`panel credential list`, `panel license list`); messages held by it are sent again by themselves when the credential or a license changes",
         ),

@@ -14,6 +14,7 @@ pub mod errors;
 pub mod header;
 pub mod message;
 pub mod oauth;
+pub mod policy;
 pub mod retry;
 pub mod run;
 pub mod secret;

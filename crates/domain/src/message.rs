@@ -158,6 +158,10 @@ pub struct OutgoingMessage {
     /// As the draft asked; unset: by origin, decided when it is stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Set when the recipient policy redirected it: whom it was for (`To: a; Cc: b`), sent as
+    /// `X-Panel-Original-Recipients`. Never stored: the worker sets it on the copy it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_recipients: Option<String>,
 }
 
 /// Largest body accepted into the queue; relays commonly refuse much less.
@@ -238,6 +242,7 @@ impl OutgoingMessage {
             attachments: draft.attachments.clone(),
             used_fallback_recipient: no_recipient,
             priority: draft.priority,
+            original_recipients: None,
         })
     }
 
@@ -293,6 +298,14 @@ impl OutgoingMessage {
         }
         if let Some(r) = &self.reply_to {
             builder = builder.raw_header(address_list("Reply-To", std::slice::from_ref(r)));
+        }
+        if let Some(original) = &self.original_recipients {
+            // Addresses only (validated, ASCII or SMTPUTF8-checked), folded as any header.
+            use lettre::message::header::{HeaderName, HeaderValue};
+            let name = HeaderName::new_from_ascii_str("X-Panel-Original-Recipients");
+            let words: Vec<String> = original.split(' ').map(String::from).collect();
+            let folded = crate::header::fold("X-Panel-Original-Recipients", &words);
+            builder = builder.raw_header(HeaderValue::dangerous_new_pre_encoded(name, original.clone(), folded));
         }
         // Plain ASCII subjects go as lettre writes them; others (and text that looks like an
         // encoded word) as encoded words, so that readers show exactly the text given.

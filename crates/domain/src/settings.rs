@@ -121,6 +121,8 @@ pub struct RelaySettings {
     pub tls_server_name: Option<String>,
     pub allow_plaintext_auth: bool,
     pub allow_from_override: bool,
+    /// Where mail may go: as addressed, or redirected; and to which domains.
+    pub policy: crate::policy::RecipientPolicy,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     /// The wait for the relay's reply after the whole message (RFC 5321 4.5.3.2: 10 minutes);
@@ -258,13 +260,14 @@ impl RelaySettings {
                  use starttls or tls, or clear them with ''",
             );
         }
+        let policy = fallback_recipient.as_ref().and_then(|f| recipient_policy(doc, f, &mut errors));
         let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref());
         let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
         let data_timeout = timeout(&mut errors, "data_timeout", doc.data_timeout.as_deref());
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
 
         let timeouts = connect_timeout.zip(command_timeout).zip(data_timeout);
-        match (transport, host, port, security, auth, from, fallback_recipient, timeouts, retry) {
+        match (transport, host, port, security, auth, from, fallback_recipient.zip(policy), timeouts, retry) {
             (
                 Some(transport),
                 Some(host),
@@ -272,7 +275,7 @@ impl RelaySettings {
                 Some(security),
                 Some(auth),
                 Some(from),
-                Some(fallback_recipient),
+                Some((fallback_recipient, policy)),
                 Some(((connect_timeout, command_timeout), data_timeout)),
                 Some(retry),
             ) if errors.is_empty() => {
@@ -292,6 +295,7 @@ impl RelaySettings {
                     tls_server_name,
                     allow_plaintext_auth,
                     allow_from_override: doc.allow_from_override.unwrap_or(false),
+                    policy,
                     connect_timeout,
                     command_timeout,
                     data_timeout,
@@ -305,6 +309,54 @@ impl RelaySettings {
             _ => Err(errors),
         }
     }
+}
+
+/// The recipient policy: its mode, where redirect sends (the Fallback recipient unless set),
+/// and the allowed domains, which must take the Fallback recipient and the redirect address
+/// (else the Test Message, or every redirected message, would be refused).
+fn recipient_policy(
+    doc: &SettingsDoc,
+    fallback: &EmailAddress,
+    errors: &mut FieldErrors,
+) -> Option<crate::policy::RecipientPolicy> {
+    use crate::policy::{PolicyMode, RecipientPolicy};
+    let mode = match doc.recipient_policy.as_deref() {
+        None => Some(PolicyMode::Deliver),
+        Some(v) => errors.take(PolicyMode::parse(v).ok_or_else(|| {
+            FieldError::new("recipient_policy", format!("'{v}' is not a recipient policy; use deliver or redirect"))
+        })),
+    }?;
+    let redirect_to = match doc.redirect_to.as_deref() {
+        Some(_) if mode != PolicyMode::Redirect => {
+            errors.push(
+                "redirect_to",
+                "applies with recipient_policy redirect only; clear it with '' or set --recipient-policy redirect",
+            );
+            None
+        }
+        Some(v) => errors.take(EmailAddress::parse("redirect_to", v)),
+        None => Some(fallback.clone()),
+    }?;
+    let mut allowed_domains = Vec::new();
+    for d in doc.allowed_domains.as_deref().unwrap_or_default().split([',', ' ']).filter(|d| !d.is_empty()) {
+        match validate_host("allowed_domains", d) {
+            Ok(d) if d.contains('.') && d.parse::<IpAddr>().is_err() => {
+                allowed_domains.push(d.trim_end_matches('.').to_ascii_lowercase())
+            }
+            _ => errors.push("allowed_domains", format!("'{d}' is not a domain name (e.g. test.example.org)")),
+        }
+    }
+    let policy = RecipientPolicy { mode, redirect_to, allowed_domains };
+    if !policy.allows(fallback.as_str()) {
+        errors.push(
+            "allowed_domains",
+            format!("must take the Fallback recipient {fallback} (it gets the Test Message); add its domain"),
+        );
+    }
+    if mode == PolicyMode::Redirect && !policy.allows(policy.redirect_to.as_str()) {
+        errors.push("redirect_to", format!("{} is outside the allowed domains; add its domain", policy.redirect_to));
+    }
+    Some(policy)
 }
 
 /// The relay's host, security and port (`transport = smtp`).

@@ -497,6 +497,7 @@ fn plan_steps(
         from: &settings.from,
         fallback_recipient: &settings.fallback_recipient,
         allow_from_override: settings.allow_from_override,
+        policy: &settings.policy,
     };
     let plan = panel_automation::plan_steps(steps, ctx, templates, sender, now, &mut crate::random_u128);
     let planned = plan

@@ -188,14 +188,27 @@ impl Panel {
                 .collect(),
             _ => Vec::new(),
         };
-        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner, missing })
+        let policy = settings.as_ref().ok().and_then(|s| s.as_ref()).and_then(|(_, s)| s.policy.notice());
+        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner, missing, policy })
     }
 
     /// The Prometheus exposition: this process's counters and the shared queue's gauges.
     pub async fn metrics_text(&self) -> Result<String, OpsError> {
         let stats = self.store.queue_stats(self.now()).await?;
         let interrupted = self.store.interrupted_attempts().await?;
-        Ok(self.metrics.render(&stats, interrupted, self.storage_fault().is_none()))
+        let mut text = self.metrics.render(&stats, interrupted, self.storage_fault().is_none());
+        if let Ok(Some((_, settings))) = self.settings().await {
+            // A test installation redirecting, or one restricted to some domains, shows on a graph.
+            let policy = &settings.policy;
+            text.push_str(&format!(
+                "# HELP panel_recipient_policy The recipient policy in force (mode deliver or redirect; restricted \
+                 when only the allowed domains get mail).\n# TYPE panel_recipient_policy gauge\n\
+                 panel_recipient_policy{{mode=\"{}\",restricted=\"{}\"}} 1\n",
+                policy.mode,
+                !policy.allowed_domains.is_empty()
+            ));
+        }
+        Ok(text)
     }
 
     /// Set while this process's writes to the database fail (a full disk, an I/O error): new

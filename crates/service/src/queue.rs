@@ -65,7 +65,9 @@ impl Panel {
                 &settings.fallback_recipient,
                 now,
                 crate::random_u128(),
-            ) {
+            )
+            .and_then(|m| settings.policy.check(&m).map(|()| m))
+            {
                 Ok(m) => messages.push((origin, m)),
                 Err(e) => errors.0.extend(e.0.into_iter().map(|f| panel_domain::FieldError {
                     field: format!("messages[{i}].{}", f.field),
@@ -95,6 +97,7 @@ impl Panel {
         let now = self.now();
         let message =
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
+                .and_then(|m| settings.policy.check(&m).map(|()| m))
                 .map_err(OpsError::Invalid)?;
         let (id, created) = match key {
             Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,

@@ -270,6 +270,17 @@ impl Panel {
 /// The settings in force with every default filled in, as shown by `panel smtp show` and the API
 /// (the settings table's effective view), with the stored credential's binding state.
 /// Names where the password comes from, never the password.
+impl Panel {
+    /// The recipient policy's notice (`RecipientPolicy::notice`) for the settings in force;
+    /// `None` for plain delivery or when nothing can be read.
+    pub async fn policy_notice(&self) -> Option<String> {
+        match self.settings().await {
+            Ok(Some((_, s))) => s.policy.notice(),
+            _ => None,
+        }
+    }
+}
+
 pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
     let mut view = panel_domain::settings::table::effective(&s.doc);
     if s.auth.credential().is_some() {

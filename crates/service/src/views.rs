@@ -440,6 +440,8 @@ pub struct Dashboard {
     pub banner: Option<String>,
     /// With no relay settings yet: the fields a relay needs (the form's labels); else empty.
     pub missing: Vec<String>,
+    /// The recipient policy, when mail does not go as addressed to anyone (`RecipientPolicy::notice`).
+    pub policy: Option<String>,
 }
 
 impl Dashboard {

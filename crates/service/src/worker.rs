@@ -393,6 +393,10 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     });
     let renewal = Renewal(tokio::spawn(lease.clone().keep_renewed()));
     let recipients: Vec<String> = claim.pending.iter().map(|p| p.address.clone()).collect();
+    // The recipient policy: what this attempt sends (redirected, or without the recipients
+    // outside the allowed domains, which are refused for good and never sent to).
+    let plan = state.settings.policy.plan(&claim.message, &recipients);
+    let message = plan.message.as_ref().unwrap_or(&claim.message);
     let (report, relay_addr, ctx) = match &state.relay {
         Err(f) => (
             SendReport {
@@ -409,9 +413,11 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
                 hook(&claim.message);
             }
             let sent = match &state.graph {
-                Some(graph) => send_graph(graph, &claim, recipients.len(), &lease).await,
-                None => send(shared, state.serial, relay, &claim, &recipients, &lease).await,
-            };
+                _ if plan.envelope.is_empty() => Some(None),
+                Some(graph) => send_graph(graph, message, plan.envelope.len(), &lease).await.map(Some),
+                None => send(shared, state.serial, relay, message, &plan.envelope, &lease).await.map(Some),
+            }
+            .map(|sent| plan.report_for_pending(sent));
             let address = state.graph.as_ref().map_or_else(|| relay.address(), |g| g.address());
             let Some(report) = sent else {
                 drop(renewal);
@@ -490,7 +496,8 @@ async fn settle_and_record(
             backoff_secs = delay.as_secs(),
             "relay unreachable; backing off before trying it again"
         );
-    } else if settlement.stage != panel_domain::Stage::Config {
+    } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
+        // Only an attempt that reached the relay says anything about the relay.
         let outage_ended = shared.backoff.lock().expect("not poisoned").reached();
         if outage_ended {
             release_outage(shared).await;
@@ -698,12 +705,12 @@ async fn send(
     shared: &Shared,
     serial: u64,
     relay: &Relay,
-    claim: &Claim,
+    message: &panel_domain::OutgoingMessage,
     recipients: &[String],
     lease: &Lease,
 ) -> Option<SendReport> {
-    let data = claim.message.render();
-    let from = claim.message.from.address.as_str();
+    let data = message.render();
+    let from = message.from.address.as_str();
     if let Some(mut conn) = take_connection(shared, serial) {
         if !lease.confirm().await {
             give_back(shared, serial, conn);
@@ -740,8 +747,13 @@ async fn send(
 
 /// Sends through Microsoft Graph, the lease confirmed right before. `None`: the lease was
 /// lost, and nothing was sent.
-async fn send_graph(graph: &Graph, claim: &Claim, recipients: usize, lease: &Lease) -> Option<SendReport> {
-    let mime = claim.message.render_for_graph();
+async fn send_graph(
+    graph: &Graph,
+    message: &panel_domain::OutgoingMessage,
+    recipients: usize,
+    lease: &Lease,
+) -> Option<SendReport> {
+    let mime = message.render_for_graph();
     if !lease.confirm().await {
         return None;
     }

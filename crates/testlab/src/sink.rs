@@ -26,6 +26,8 @@ struct State {
     mail_commands: Mutex<Vec<String>>,
     /// Every message received, as sent after DATA.
     messages: Mutex<Vec<String>>,
+    /// Every RCPT address, lower case, in the order received.
+    rcpts: Mutex<Vec<String>>,
     /// Scripted RCPT replies per address, used one per RCPT (then 250).
     rcpt_script: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
 }
@@ -83,6 +85,11 @@ impl RecordingSink {
     }
 
     /// Every MAIL command received so far, as sent.
+    /// Every RCPT address received (lower case), in order.
+    pub fn rcpts(&self) -> Vec<String> {
+        self.state.rcpts.lock().unwrap().clone()
+    }
+
     pub fn mail_commands(&self) -> Vec<String> {
         self.state.mail_commands.lock().unwrap().clone()
     }
@@ -170,6 +177,7 @@ fn session(stream: TcpStream, state: &State) {
             return;
         } else if upper.starts_with("RCPT") {
             let address = upper.split(['<', '>']).nth(1).unwrap_or_default().to_ascii_lowercase();
+            state.rcpts.lock().unwrap().push(address.clone());
             let scripted = state.rcpt_script.lock().unwrap().get_mut(&address).and_then(|q| q.pop_front());
             let reply = scripted.unwrap_or_else(|| "250 2.1.5 Ok".into());
             if reply.starts_with('2') {

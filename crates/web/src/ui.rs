@@ -113,7 +113,9 @@ fn escape(s: &str) -> String {
 }
 
 /// Renders `name` with `ctx` plus who is signed in and what they may do.
-fn render(name: &str, actor: &Actor, active: &str, mut ctx: Value) -> Result<Page, OpsError> {
+async fn render(p: &Panel, name: &str, actor: &Actor, active: &str, mut ctx: Value) -> Result<Page, OpsError> {
+    // On every page: a recipient policy that is not plain delivery is never out of sight.
+    ctx["policy_notice"] = p.policy_notice().await.into();
     ctx["me"] = json!({
         "name": actor.name,
         "role": actor.role.as_str(),
@@ -369,7 +371,7 @@ fn chart_svg(hours: &[Value]) -> String {
 async fn dashboard(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let d = dashboard_data(&p).await?;
     let chart = chart_svg(d["hours"].as_array().map(Vec::as_slice).unwrap_or_default());
-    Ok(render("dashboard.html", &actor, "dashboard", json!({"d": d, "chart": chart}))?)
+    Ok(render(&p, "dashboard.html", &actor, "dashboard", json!({"d": d, "chart": chart})).await?)
 }
 
 // ---- relay settings ----
@@ -382,6 +384,7 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
     let names: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
     let history = p.settings_history(20).await?;
     Ok(render(
+        &p,
         "settings.html",
         &actor,
         "settings",
@@ -394,7 +397,8 @@ async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) ->
             "schema": panel_domain::settings::table::schema(),
             "history": history,
         }),
-    )?)
+    )
+    .await?)
 }
 
 // ---- messages ----
@@ -426,6 +430,7 @@ async fn messages(
         Err(_) => Vec::new(),
     };
     Ok(render(
+        &p,
         "messages.html",
         &actor,
         "messages",
@@ -436,20 +441,21 @@ async fn messages(
             "origins": Origin::ALL,
             "error": error,
         }),
-    )?)
+    )
+    .await?)
 }
 
 async fn message(State(p): State<Panel>, Extension(actor): Extension<Actor>, Path(id): Path<i64>) -> PageResult {
     let m = p.message(id).await?;
     let content = p.message_content(id).await?;
-    Ok(render("message.html", &actor, "messages", json!({"m": m, "content": content}))?)
+    Ok(render(&p, "message.html", &actor, "messages", json!({"m": m, "content": content})).await?)
 }
 
 // ---- schedules, workflows, templates ----
 
 async fn definitions_page(p: &Panel, actor: &Actor, kind: DefinitionKind) -> PageResult {
     let rows = p.definitions(kind).await?;
-    Ok(render("definitions.html", actor, kind.as_str(), json!({"kind": kind.as_str(), "rows": rows}))?)
+    Ok(render(p, "definitions.html", actor, kind.as_str(), json!({"kind": kind.as_str(), "rows": rows})).await?)
 }
 
 async fn definition_page(p: &Panel, actor: &Actor, kind: DefinitionKind, name: &str) -> PageResult {
@@ -461,11 +467,13 @@ async fn definition_page(p: &Panel, actor: &Actor, kind: DefinitionKind, name: &
     };
     let doc = serde_json::to_string_pretty(&row.doc).unwrap_or_default();
     Ok(render(
+        p,
         "definition.html",
         actor,
         kind.as_str(),
         json!({"kind": kind.as_str(), "row": row, "doc": doc, "history": history, "next": next}),
-    )?)
+    )
+    .await?)
 }
 
 async fn schedules(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
@@ -486,30 +494,30 @@ async fn workflow(State(p): State<Panel>, Extension(actor): Extension<Actor>, Pa
 
 async fn templates(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let rows = p.definitions(DefinitionKind::Template).await?;
-    Ok(render("templates.html", &actor, "template", json!({"rows": rows}))?)
+    Ok(render(&p, "templates.html", &actor, "template", json!({"rows": rows})).await?)
 }
 
 // ---- licenses, credentials, audit ----
 
 async fn licenses(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let list = p.licenses().await?;
-    Ok(render("licenses.html", &actor, "licenses", json!({"list": list}))?)
+    Ok(render(&p, "licenses.html", &actor, "licenses", json!({"list": list})).await?)
 }
 
 async fn credentials(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let list = p.credentials().await?;
-    Ok(render("credentials.html", &actor, "credentials", json!({"list": list}))?)
+    Ok(render(&p, "credentials.html", &actor, "credentials", json!({"list": list})).await?)
 }
 
 /// API tokens are listed to admins only, as the API does.
 async fn tokens(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let list = if actor.role >= Role::Admin { Some(p.api_tokens(None).await?) } else { None };
-    Ok(render("tokens.html", &actor, "tokens", json!({"list": list}))?)
+    Ok(render(&p, "tokens.html", &actor, "tokens", json!({"list": list})).await?)
 }
 
 async fn audit(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
     let list = p.audit_log(200).await?;
-    Ok(render("audit.html", &actor, "audit", json!({"list": list}))?)
+    Ok(render(&p, "audit.html", &actor, "audit", json!({"list": list})).await?)
 }
 
 #[cfg(test)]

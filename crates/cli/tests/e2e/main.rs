@@ -14,6 +14,7 @@ mod integrated_auth;
 mod interop;
 mod oauth;
 mod openapi;
+mod policy;
 mod postgres;
 mod relay_lab;
 mod web_ui;

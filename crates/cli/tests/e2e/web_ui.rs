@@ -167,7 +167,7 @@ fn a_viewer_cannot_save_settings_in_the_page_or_through_the_api() {
 }
 
 /// Signs in over HTTP; returns the session cookie and its CSRF token.
-fn session(port: u16, name: &str, password: &str) -> Result<(String, String), u16> {
+pub(crate) fn session(port: u16, name: &str, password: &str) -> Result<(String, String), u16> {
     let body = format!("name={name}&password={password}&next=%2F");
     let (status, head, _) = http_with(port, "POST", "/login", "", &body);
     if status != 303 {

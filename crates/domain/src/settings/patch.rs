@@ -64,6 +64,12 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
         let unused = |s: &&super::table::Setting| !s.uses.security_uses(m.security);
         drop_fields(&mut doc, patch, unused, &format!("security {}", m.security), &mut notices);
     }
+    if patch.names("recipient_policy")
+        && crate::policy::PolicyMode::parse(patch.recipient_policy.as_deref().unwrap_or_default()).is_some()
+    {
+        let unused = |s: &&super::table::Setting| !s.uses.policy_uses(m.policy);
+        drop_fields(&mut doc, patch, unused, &format!("recipient_policy {}", m.policy), &mut notices);
+    }
     // One password source at a time: the one the patch names wins.
     if m.auth == AuthMode::Password && patch.names("credential") {
         let external = |s: &&super::table::Setting| matches!(s.name, "username" | "password_file" | "password_env");

@@ -13,6 +13,7 @@ use super::{AuthMode, Security, Transport, validate_host};
 use crate::address::{EmailAddress, Mailbox};
 use crate::duration;
 use crate::errors::{FieldError, FieldErrors};
+use crate::policy::PolicyMode;
 use crate::retry;
 
 crate::string_enum!(
@@ -22,6 +23,7 @@ crate::string_enum!(
         Relay = "relay" => "Relay",
         Authentication = "authentication" => "Authentication",
         Messages = "messages" => "Messages",
+        Policy = "policy" => "Recipient policy",
         Advanced = "advanced" => "Advanced",
     }
 );
@@ -106,18 +108,20 @@ pub struct Uses {
     pub transport: &'static [Transport],
     pub auth: &'static [AuthMode],
     pub security: &'static [Security],
+    pub policy: &'static [PolicyMode],
 }
 
-const ANY: Uses = Uses { transport: &[], auth: &[], security: &[] };
+const ANY: Uses = Uses { transport: &[], auth: &[], security: &[], policy: &[] };
 /// The SMTP relay's own settings: Microsoft Graph does not use them.
-const SMTP: Uses = Uses { transport: &[Transport::Smtp], auth: &[], security: &[] };
-const GRAPH: Uses = Uses { transport: &[Transport::Graph], auth: &[], security: &[] };
+const SMTP: Uses = Uses { transport: &[Transport::Smtp], ..ANY };
+const GRAPH: Uses = Uses { transport: &[Transport::Graph], ..ANY };
 const fn auth(modes: &'static [AuthMode]) -> Uses {
-    Uses { transport: &[], auth: modes, security: &[] }
+    Uses { auth: modes, ..ANY }
 }
 const TLS: &[Security] = &[Security::Tls, Security::Starttls, Security::Opportunistic];
-const TLS_MODES: Uses = Uses { transport: &[], auth: &[], security: TLS };
-const SMTP_TLS: Uses = Uses { transport: &[Transport::Smtp], auth: &[], security: TLS };
+const TLS_MODES: Uses = Uses { security: TLS, ..ANY };
+const SMTP_TLS: Uses = Uses { transport: &[Transport::Smtp], security: TLS, ..ANY };
+const REDIRECT: Uses = Uses { policy: &[PolicyMode::Redirect], ..ANY };
 
 /// The modes a document is in: its transport, and the auth and security that decide which
 /// fields apply (Graph always signs in with OAuth2 over TLS).
@@ -126,6 +130,7 @@ pub struct Modes {
     pub transport: Transport,
     pub auth: AuthMode,
     pub security: Security,
+    pub policy: PolicyMode,
 }
 
 impl Uses {
@@ -141,9 +146,16 @@ impl Uses {
         self.security.is_empty() || self.security.contains(&mode)
     }
 
+    pub fn policy_uses(&self, mode: PolicyMode) -> bool {
+        self.policy.is_empty() || self.policy.contains(&mode)
+    }
+
     /// Whether a document in `modes` uses the setting.
     pub fn used(&self, modes: Modes) -> bool {
-        self.transport_uses(modes.transport) && self.auth_uses(modes.auth) && self.security_uses(modes.security)
+        self.transport_uses(modes.transport)
+            && self.auth_uses(modes.auth)
+            && self.security_uses(modes.security)
+            && self.policy_uses(modes.policy)
     }
 }
 
@@ -328,6 +340,11 @@ fn default_port(doc: &SettingsDoc) -> Option<Value> {
     Some(json!(security.default_port()))
 }
 
+fn default_redirect_to(doc: &SettingsDoc) -> Option<Value> {
+    let fallback = EmailAddress::parse("fallback_recipient", doc.fallback_recipient.as_deref()?).ok()?;
+    Some(json!(fallback.to_string()))
+}
+
 fn default_service_principal(doc: &SettingsDoc) -> Option<Value> {
     let host = validate_host("host", doc.host.as_deref()?).ok()?;
     Some(json!(format!("smtp/{host}")))
@@ -428,6 +445,23 @@ settings_table! {
         kind: Kind::Address, group: Messages, label: "Fallback recipient", default: Default::Required, uses: ANY,
         doc: "Gets messages without a recipient, and the Test Message",
     },
+    recipient_policy: String {
+        kind: Kind::Choice(PolicyMode::options), group: Policy, label: "Recipients",
+        default: Default::Value("deliver"), uses: ANY,
+        doc: "deliver (as addressed) or redirect (every message to one address, the original recipients named in \
+              the message; for test installations)",
+    },
+    redirect_to: String {
+        kind: Kind::Address, group: Policy, label: "Redirect to",
+        default: Default::Derived { text: "the Fallback recipient", value: default_redirect_to }, uses: REDIRECT,
+        doc: "With redirect: the address every message goes to",
+    },
+    allowed_domains: String {
+        kind: Kind::Text, group: Policy, label: "Allowed domains", default: Default::Runtime("any domain"),
+        uses: ANY,
+        doc: "Comma-separated domains (and their subdomains) mail may go to; any other recipient is refused at \
+              enqueue and never sent to",
+    },
     /// Lets schedule and workflow steps set their own From address.
     allow_from_override: bool {
         kind: Kind::Flag, group: Messages, label: "Steps may set their own From", default: Default::Value("false"),
@@ -478,12 +512,13 @@ settings_table! {
 /// The modes a document is in, with their defaults.
 pub fn modes(doc: &SettingsDoc) -> Modes {
     let transport = doc.transport.as_deref().and_then(Transport::parse).unwrap_or(Transport::Smtp);
+    let policy = doc.recipient_policy.as_deref().and_then(PolicyMode::parse).unwrap_or(PolicyMode::Deliver);
     if transport == Transport::Graph {
-        return Modes { transport, auth: AuthMode::OAuth2, security: Security::Tls };
+        return Modes { transport, auth: AuthMode::OAuth2, security: Security::Tls, policy };
     }
     let auth = doc.auth.as_deref().and_then(AuthMode::parse).unwrap_or(AuthMode::None);
     let security = doc.security.as_deref().and_then(Security::parse).unwrap_or(Security::Starttls);
-    Modes { transport, auth, security }
+    Modes { transport, auth, security, policy }
 }
 
 /// The settings in force with every default filled in, as `panel smtp show` and the API show
@@ -580,6 +615,7 @@ pub fn schema() -> Value {
                     "transport": s.uses.transport.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "auth": s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "security": s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "policy": s.uses.policy.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                 },
             })
         })
@@ -653,6 +689,12 @@ pub fn reference_markdown() -> String {
             used.push(format!(
                 "security {}",
                 s.uses.security.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if !s.uses.policy.is_empty() {
+            used.push(format!(
+                "recipient_policy {}",
+                s.uses.policy.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
             ));
         }
         let used = if used.is_empty() { "any".to_string() } else { used.join("; ") };

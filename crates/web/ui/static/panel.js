@@ -175,10 +175,13 @@ function showModeFields() {
   // Graph always signs in with OAuth2 over HTTPS (the settings table's modes, as the service has them).
   const graph = transport === "graph";
   const auth = graph ? "oauth2" : mode("f-auth"), security = graph ? "tls" : mode("f-security");
+  const policy = mode("f-recipient_policy") || "deliver";
   for (const f of document.querySelectorAll("#settings-form .field[data-auth]")) {
     const t = (f.dataset.transport || "").split(" ").filter(Boolean);
     const a = f.dataset.auth.split(" ").filter(Boolean), s = f.dataset.security.split(" ").filter(Boolean);
-    const used = (!t.length || t.includes(transport)) && (!a.length || a.includes(auth)) && (!s.length || s.includes(security));
+    const p = (f.dataset.policy || "").split(" ").filter(Boolean);
+    const used = (!t.length || t.includes(transport)) && (!a.length || a.includes(auth)) &&
+      (!s.length || s.includes(security)) && (!p.length || p.includes(policy));
     f.hidden = !used;
     if (f.hasAttribute("data-local-only")) continue;
     f.querySelectorAll("input, select").forEach(i => { i.disabled = !used || i.dataset.viewer === "1"; });
@@ -312,7 +315,7 @@ document.addEventListener("DOMContentLoaded", () => {
   labelCells(document);
   const sec = document.getElementById("f-security");
   if (sec) { sec.addEventListener("change", showDefaultPort); showDefaultPort(); }
-  for (const id of ["f-transport", "f-auth", "f-security"]) {
+  for (const id of ["f-transport", "f-auth", "f-security", "f-recipient_policy"]) {
     const e = document.getElementById(id);
     if (e) e.addEventListener("change", showModeFields);
   }
