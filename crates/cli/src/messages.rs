@@ -56,7 +56,7 @@ pub(crate) struct SendArgs {
 pub(crate) enum MessagesCommand {
     /// List messages, newest first.
     List {
-        /// queued, sending, retrying, delivered, partly_failed or failed
+        /// queued, sending, retrying, delivered, partly_failed, failed, cancelled or captured
         #[arg(long)]
         status: Option<String>,
         /// test_message, mail_tester, schedule, workflow or dispatch
@@ -73,6 +73,9 @@ pub(crate) enum MessagesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write one message as an .eml file to standard output (what goes after DATA; for a
+    /// captured message, what would have): panel messages eml 17 > message.eml
+    Eml { id: i64 },
     /// Show one message with its recipients and every attempt.
     Show {
         id: i64,
@@ -164,6 +167,12 @@ pub(crate) async fn messages(panel: Panel, cmd: MessagesCommand) -> CmdResult {
             .map_err(|e| bad_input(e.to_string()))?;
             let list = panel.messages(&filter).await?;
             output::message_list(&list, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        MessagesCommand::Eml { id } => {
+            use std::io::Write;
+            let eml = panel.message_eml(id).await?;
+            std::io::stdout().write_all(&eml).map_err(|e| crate::Failed(1, format!("writing the message: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
         MessagesCommand::Show { id, json } => {

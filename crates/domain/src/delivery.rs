@@ -17,6 +17,8 @@ pub enum RecipientResult {
     Rejected(Failure),
     /// The transaction failed before RCPT for this recipient.
     NotTried,
+    /// Not sent: the recipient policy's capture mode keeps the message instead.
+    Captured,
 }
 
 /// The relay client's report of one transaction.
@@ -40,6 +42,8 @@ crate::string_enum!(
         PermanentFailure = "permanent_failure",
         ConfigurationError = "configuration_error",
         Interrupted = "interrupted",
+        /// Nothing was sent: the recipient policy captured the message.
+        Captured = "captured",
     }
 );
 
@@ -100,6 +104,11 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
                 reply: report.data_reply.as_ref().map(SmtpReply::one_line),
                 stage: Some(Stage::Data),
             },
+            (RecipientResult::Captured, _, _) => RecipientSettlement {
+                state: RecipientState::Captured,
+                reply: Some("captured by the recipient policy; not sent".into()),
+                stage: Some(Stage::Policy),
+            },
             (RecipientResult::Rejected(f), _, _) => {
                 let state = match classify(f, ctx.connection).class {
                     FailureClass::Transient | FailureClass::Internal => RecipientState::Pending,
@@ -135,7 +144,10 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
         Some(FailureClass::Internal) => FailureClass::Internal,
         _ => FailureClass::Transient,
     };
+    let captured = count(RecipientState::Captured);
     let (state, retry_after, failure_class) = match tx_class.as_ref().map(|c| c.class) {
+        // Capture: kept and final; recipients the policy refused show as failed beside them.
+        _ if captured > 0 && pending == 0 => (MessageState::Captured, None, None),
         Some(FailureClass::Configuration) => (MessageState::Failed, None, Some(FailureClass::Configuration)),
         _ if pending > 0 => match ctx.policy.decide(ctx.attempts, ctx.age, ctx.random) {
             // Never sooner than the server asked (HTTP Retry-After: Graph's throttling).
@@ -170,6 +182,7 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     let unknown = report.failure.as_ref().is_some_and(|f| f.kind == crate::FailureKind::UnknownOutcome);
     let outcome = match (state, delivered) {
         (MessageState::Delivered, _) => AttemptOutcome::Delivered,
+        (MessageState::Captured, _) => AttemptOutcome::Captured,
         // Counted with the attempts a worker abandoned under its lease: a copy may have gone.
         _ if unknown => AttemptOutcome::Interrupted,
         (_, d) if d > 0 => AttemptOutcome::PartiallyDelivered,
@@ -180,6 +193,9 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
         },
     };
     let (stage, reply, detail) = match (headline, delivered) {
+        _ if state == MessageState::Captured => {
+            (Stage::Policy, None, "captured by the recipient policy: kept, nothing was sent".to_string())
+        }
         (Some(f), 0) | (Some(f @ Failure { stage: Stage::Data, .. }), _) => {
             (f.stage, f.reply.clone(), f.detail.clone())
         }
@@ -191,7 +207,7 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     };
     let hint = headline_class.and_then(|c| c.hint);
     let last_error = match state {
-        MessageState::Delivered => None,
+        MessageState::Delivered | MessageState::Captured => None,
         MessageState::Failed | MessageState::PartlyFailed if gave_up => Some(format!(
             "gave up after {} attempts over {}: {} {}",
             ctx.attempts,
@@ -225,6 +241,19 @@ mod tests {
 
     fn rejected(code: u16, line: &str) -> RecipientResult {
         RecipientResult::Rejected(Failure::reply(Stage::Rcpt, SmtpReply::from_lines(code, &[line])))
+    }
+
+    #[test]
+    fn a_captured_message_is_final_kept_and_its_refused_recipients_failed() {
+        let policy = RetryPolicy::default();
+        let refused = RecipientResult::Rejected(Failure::new(Stage::Policy, FailureKind::PolicyRefused, "outside"));
+        let report =
+            SendReport { recipients: vec![RecipientResult::Captured, refused], failure: None, data_reply: None };
+        let s = settle(&report, ctx(&policy, 0));
+        assert_eq!((s.state, s.outcome, s.stage), (MessageState::Captured, AttemptOutcome::Captured, Stage::Policy));
+        assert_eq!(s.recipients[0].state, RecipientState::Captured);
+        assert_eq!(s.recipients[1].state, RecipientState::Failed);
+        assert!(s.state.is_final() && s.last_error.is_none() && s.retry_after.is_none());
     }
 
     fn ok_data() -> Option<SmtpReply> {

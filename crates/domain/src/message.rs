@@ -27,6 +27,9 @@ string_enum!(
         PartlyFailed = "partly_failed",
         Failed = "failed",
         Cancelled = "cancelled",
+        /// Kept, not sent: the recipient policy's capture mode (a test installation's mail
+        /// catcher). Final; the message can be read and downloaded as .eml.
+        Captured = "captured",
     }
 );
 
@@ -40,7 +43,11 @@ impl MessageState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            MessageState::Delivered | MessageState::PartlyFailed | MessageState::Failed | MessageState::Cancelled
+            MessageState::Delivered
+                | MessageState::PartlyFailed
+                | MessageState::Failed
+                | MessageState::Cancelled
+                | MessageState::Captured
         )
     }
 
@@ -97,7 +104,7 @@ string_enum!(RecipientKind { To = "to", Cc = "cc", Bcc = "bcc" });
 
 string_enum!(
     /// Per-recipient outcome: a message to three recipients can reach two and fail one.
-    RecipientState { Pending = "pending", Delivered = "delivered", Failed = "failed" }
+    RecipientState { Pending = "pending", Delivered = "delivered", Failed = "failed", Captured = "captured" }
 );
 
 /// What a caller asks to send, before validation.

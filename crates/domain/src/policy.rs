@@ -16,6 +16,7 @@ string_enum!(
     PolicyMode {
         Deliver = "deliver" => "Deliver (as addressed)",
         Redirect = "redirect" => "Redirect every message to one address",
+        Capture = "capture" => "Capture (send nothing; keep each message to read)",
     }
 );
 
@@ -44,6 +45,11 @@ impl RecipientPolicy {
         match (self.mode, domains) {
             (PolicyMode::Deliver, None) => None,
             (PolicyMode::Deliver, Some(d)) => Some(format!("Recipient policy: {d}; other recipients are refused.")),
+            (PolicyMode::Capture, d) => Some(format!(
+                "Recipient policy: capture. Nothing is sent; every message is kept in the message log, to read and \
+                 download{}.",
+                d.map(|d| format!("; {d}")).unwrap_or_default()
+            )),
             (PolicyMode::Redirect, d) => Some(format!(
                 "Recipient policy: every message is redirected to {}, not sent to its recipients{}.",
                 self.redirect_to,
@@ -112,13 +118,21 @@ impl RecipientPolicy {
                         ..message.clone()
                     }
                 });
-                PolicyPlan { message, envelope, slots, refusal: self.refusals(pending) }
+                PolicyPlan { message, envelope, slots, refusal: self.refusals(pending), capture: false }
             }
+            PolicyMode::Capture => PolicyPlan {
+                message: None,
+                envelope: Vec::new(),
+                slots: vec![None; pending.len()],
+                refusal: self.refusals(pending),
+                capture: true,
+            },
             PolicyMode::Redirect => {
                 let any = allowed.iter().any(|ok| *ok);
                 let envelope = if any { vec![self.redirect_to.to_string()] } else { Vec::new() };
                 let slots = allowed.iter().map(|ok| ok.then_some(0)).collect();
-                PolicyPlan { message: Some(self.redirected(message)), envelope, slots, refusal: self.refusals(pending) }
+                let refusal = self.refusals(pending);
+                PolicyPlan { message: Some(self.redirected(message)), envelope, slots, refusal, capture: false }
             }
         }
     }
@@ -171,6 +185,8 @@ pub struct PolicyPlan {
     /// For each pending recipient, its place in `envelope`; `None`: refused by the policy.
     slots: Vec<Option<usize>>,
     refusal: Vec<Option<Failure>>,
+    /// Capture: nothing is sent; the allowed recipients are captured.
+    capture: bool,
 }
 
 impl PolicyPlan {
@@ -185,6 +201,7 @@ impl PolicyPlan {
             .map(|(slot, refusal)| match (slot, refusal) {
                 (Some(i), _) => sent.recipients.get(*i).cloned().unwrap_or(RecipientResult::NotTried),
                 (None, Some(f)) => RecipientResult::Rejected(f.clone()),
+                (None, None) if self.capture => RecipientResult::Captured,
                 (None, None) => RecipientResult::NotTried,
             })
             .collect();
@@ -258,6 +275,19 @@ mod tests {
         let plan = p.plan(&message(&["b@corp.example"], &[], &[]), &pending[1..2]);
         assert!(plan.envelope.is_empty());
         assert!(matches!(plan.report_for_pending(None).recipients[0], RecipientResult::Rejected(_)));
+    }
+
+    #[test]
+    fn capture_sends_nothing_and_captures_the_allowed_recipients() {
+        let p = policy(PolicyMode::Capture, &["corp.example"]);
+        let m = message(&["ann@corp.example"], &[], &[]);
+        let pending = ["ann@corp.example".to_string(), "eve@elsewhere.example".to_string()];
+        let plan = p.plan(&m, &pending);
+        assert!(plan.envelope.is_empty() && plan.message.is_none());
+        let report = plan.report_for_pending(None);
+        assert_eq!(report.recipients[0], RecipientResult::Captured);
+        assert!(matches!(report.recipients[1], RecipientResult::Rejected(_)));
+        assert!(p.notice().unwrap().contains("capture. Nothing is sent"));
     }
 
     #[test]

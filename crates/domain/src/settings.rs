@@ -323,7 +323,10 @@ fn recipient_policy(
     let mode = match doc.recipient_policy.as_deref() {
         None => Some(PolicyMode::Deliver),
         Some(v) => errors.take(PolicyMode::parse(v).ok_or_else(|| {
-            FieldError::new("recipient_policy", format!("'{v}' is not a recipient policy; use deliver or redirect"))
+            FieldError::new(
+                "recipient_policy",
+                format!("'{v}' is not a recipient policy; use deliver, redirect or capture"),
+            )
         })),
     }?;
     let redirect_to = match doc.redirect_to.as_deref() {

@@ -136,6 +136,7 @@ impl Metrics {
             ("delivered", queue.delivered),
             ("partly_failed", queue.partly_failed),
             ("failed", queue.failed),
+            ("captured", queue.captured),
         ] {
             let _ = writeln!(out, "panel_messages{{state=\"{state}\"}} {n}");
         }

@@ -192,6 +192,19 @@ impl Panel {
         Ok(self.store.message_content(id).await?)
     }
 
+    /// The message as an RFC 5322 file (`.eml`): exactly what goes (or would have gone, when
+    /// captured) after DATA. A conflict once retention removed its content.
+    pub async fn message_eml(&self, id: i64) -> Result<Vec<u8>, OpsError> {
+        let detail = self.message(id).await?;
+        if let Some(at) = detail.content_removed_at {
+            return Err(OpsError::Conflict(format!(
+                "message {id}'s content was removed by retention on {at}; the log keeps its headers, recipients and attempts"
+            )));
+        }
+        let content = self.store.message_content(id).await?.ok_or(OpsError::NotFound(id))?;
+        Ok(content.render())
+    }
+
     pub async fn queue(&self) -> Result<QueueStats, OpsError> {
         Ok(self.store.queue_stats(self.now()).await?.into())
     }

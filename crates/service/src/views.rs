@@ -221,6 +221,7 @@ view!(
         delivered: i64,
         partly_failed: i64,
         failed: i64,
+        captured: i64,
         held: i64,
         oldest_due_age_secs: Option<i64>,
     }
@@ -405,6 +406,8 @@ pub struct Counts {
     pub retrying: i64,
     pub partly_failed: i64,
     pub failed: i64,
+    /// Kept by the recipient policy's capture mode; nothing was sent.
+    pub captured: i64,
 }
 
 impl Counts {
@@ -414,6 +417,7 @@ impl Counts {
             MessageState::Retrying => self.retrying += n,
             MessageState::Failed => self.failed += n,
             MessageState::PartlyFailed => self.partly_failed += n,
+            MessageState::Captured => self.captured += n,
             MessageState::Queued | MessageState::Sending | MessageState::Cancelled => {}
         }
     }

@@ -418,7 +418,12 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
                 None => send(shared, state.serial, relay, message, &plan.envelope, &lease).await.map(Some),
             }
             .map(|sent| plan.report_for_pending(sent));
-            let address = state.graph.as_ref().map_or_else(|| relay.address(), |g| g.address());
+            let address = match &state.graph {
+                // Nothing left Panel: the attempt names the policy, not a relay it never reached.
+                _ if plan.envelope.is_empty() => "(not sent: recipient policy)".to_string(),
+                Some(g) => g.address(),
+                None => relay.address(),
+            };
             let Some(report) = sent else {
                 drop(renewal);
                 tracing::warn!(

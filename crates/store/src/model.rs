@@ -207,6 +207,8 @@ pub struct QueueStats {
     pub delivered: i64,
     pub partly_failed: i64,
     pub failed: i64,
+    /// Kept by the recipient policy's capture mode; nothing was sent.
+    pub captured: i64,
     /// Of the failed, those held by a configuration error: sent again by themselves when it is
     /// fixed, so not given up on.
     pub held: i64,

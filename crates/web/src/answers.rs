@@ -152,5 +152,17 @@ impl JsonSchema for SettingsTable {
     }
 }
 
+/// An answer that is a message file (`message/rfc822`), not JSON.
+pub(crate) struct Eml;
+
+impl JsonSchema for Eml {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Eml".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "contentMediaType": "message/rfc822"})
+    }
+}
+
 /// A template's preview context: any JSON object.
 pub(crate) type Context = Map<String, Value>;

@@ -208,9 +208,12 @@ pub fn openapi() -> serde_json::Value {
         match &schema.answer {
             Some(answer) => {
                 let answer = answer.clone().to_value();
+                // A message file is not JSON: its own media type, its schema a string.
+                let media =
+                    if answer["$ref"] == "#/components/schemas/Eml" { "message/rfc822" } else { "application/json" };
                 responses["2XX"] = json!({
                     "description": "Done: 200 with the answer, 201 when created, 202 when work was queued (a message, an event)",
-                    "content": {"application/json": {"schema": answer}},
+                    "content": {media: {"schema": answer}},
                 });
             }
             None => responses["204"] = json!({"description": "Done, without a body"}),

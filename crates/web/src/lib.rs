@@ -427,6 +427,20 @@ pub(crate) async fn show_message(State(p): State<Panel>, ApiPath(id): ApiPath<i6
     ok(p.message(id).await?)
 }
 
+/// `message/rfc822`, as a download named after the message.
+pub(crate) async fn message_eml(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
+    let eml = p.message_eml(id).await?;
+    let disposition = format!("attachment; filename=\"panel-message-{id}.eml\"");
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "message/rfc822".to_string()),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        eml,
+    )
+        .into_response())
+}
+
 pub(crate) async fn retry_message(State(p): State<Panel>, ApiPath(id): ApiPath<i64>) -> ApiResult {
     match p.retry(id).await? {
         RetryResult::NotFound => Err(OpsError::NotFound(id).into()),

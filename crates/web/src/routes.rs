@@ -68,6 +68,7 @@ api_routes! {
     POST "/api/v1/messages/bulk" => Operator, send_bulk, answers::Ids, body BulkRequest, "Send up to 1,000 messages in one transaction";
     POST "/api/v1/messages/retry" => Operator, retry_failed, answers::Requeued, body BulkRetry, "Send now: failed and partly failed messages to their refused recipients ({\"status\": \"failed\", \"since\"}), or every retrying message ({\"status\": \"retrying\"})";
     GET "/api/v1/messages/{id}" => Viewer, show_message, views::MessageDetail, "A message with every attempt and reply";
+    GET "/api/v1/messages/{id}/eml" => Viewer, message_eml, answers::Eml, "The message as an .eml file (message/rfc822): what goes after DATA, or would have, when captured";
     POST "/api/v1/messages/{id}/retry" => Operator, retry_message, views::RetryResult, "Send one message now: a failed or partly failed one to its refused recipients, a retrying one before its retry time";
     POST "/api/v1/messages/{id}/cancel" => Operator, cancel_message, answers::Cancelled, body CancelRequest, "Cancel a message still to be sent ({\"reason\"}): final, never retried; who and why are logged";
     GET "/api/v1/services" => Viewer, services, Vec<views::Service>, "Running Panel Services and workers";

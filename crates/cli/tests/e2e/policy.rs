@@ -116,3 +116,63 @@ fn redirect_sends_one_copy_to_one_address_naming_the_original_recipients() {
     assert!(back.contains("redirect_to"), "{back}");
     assert!(!env.ok(&["smtp", "show"]).stdout.contains("Recipient policy"));
 }
+
+#[test]
+fn capture_sends_nothing_and_keeps_each_message_to_read_and_download() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &["--recipient-policy", "capture"]);
+    let port = env.serve();
+    let html = env.write("body.html", "<p>Your link</p>");
+    let id = id_of(&env.ok(&[
+        "send",
+        "--to",
+        "ann@corp.example",
+        "--subject",
+        "reset",
+        "--text",
+        "Your link",
+        "--html-file",
+        html.to_str().unwrap(),
+        "--json",
+    ]));
+    let m = env.wait_message(id, WAIT, |m| m["state"] == "captured");
+    assert_eq!(m["recipients"][0]["state"], "captured", "{m:#}");
+    assert_eq!(
+        (m["attempts"][0]["outcome"].as_str(), m["attempts"][0]["stage"].as_str()),
+        (Some("captured"), Some("policy"))
+    );
+    assert!(m["last_error"].is_null(), "{m:#}");
+    // Nothing reached the relay: not even a connection for it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!((sink.total(), sink.rcpts().len()), (0, 0));
+
+    // The .eml, from the CLI and the API, is the message as it would have gone.
+    let eml = env.ok(&["messages", "eml", &id.to_string()]).stdout;
+    let parsed = mail_parser::MessageParser::default().parse(eml.as_bytes()).expect("parses");
+    assert_eq!(parsed.subject(), Some("reset"));
+    assert_eq!(parsed.body_text(0).as_deref(), Some("Your link"));
+    let (status, head, body) = http_with(port, "GET", &format!("/api/v1/messages/{id}/eml"), &bearer(port), "");
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("content-type: message/rfc822"), "{head}");
+    assert!(head.contains(&format!("panel-message-{id}.eml")), "{head}");
+    // The same message (each rendering draws its own MIME boundary).
+    let message_id = |raw: &str| raw.lines().find(|l| l.starts_with("Message-ID:")).map(String::from);
+    assert_eq!(message_id(&body), message_id(&eml));
+    assert!(body.contains("<p>Your link</p>"), "{body}");
+
+    // Listed as captured, counted as captured, and the check says nothing goes out.
+    let listed = env.ok(&["messages", "list", "--status", "captured", "--json"]).json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let dashboard: serde_json::Value = serde_json::from_str(&http(port, "GET", "/api/v1/dashboard", "").1).unwrap();
+    assert_eq!(dashboard["last_hour"]["captured"], 1, "{dashboard}");
+    assert!(http(port, "GET", "/metrics", "").1.contains("panel_messages{state=\"captured\"} 1"));
+    let check = env.ok(&["smtp", "check"]).stdout;
+    assert!(check.contains("Note: Recipient policy: capture. Nothing is sent"), "{check}");
+    // Its page offers the download, and says it was never sent.
+    crate::web_ui::account(&env, "vic", "viewer");
+    let (cookie, _) = crate::web_ui::session(port, "vic", ADMIN_PASSWORD).expect("signed in");
+    let (_, _, page) = http_with(port, "GET", &format!("/messages/{id}"), &format!("Cookie: {cookie}\r\n"), "");
+    assert!(page.contains(&format!("href=\"/api/v1/messages/{id}/eml\"")), "{page}");
+    assert!(page.contains("captured by the recipient policy, never sent"), "{page}");
+}

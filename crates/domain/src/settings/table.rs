@@ -448,8 +448,9 @@ settings_table! {
     recipient_policy: String {
         kind: Kind::Choice(PolicyMode::options), group: Policy, label: "Recipients",
         default: Default::Value("deliver"), uses: ANY,
-        doc: "deliver (as addressed) or redirect (every message to one address, the original recipients named in \
-              the message; for test installations)",
+        doc: "deliver (as addressed), redirect (every message to one address, the original recipients named in \
+              the message) or capture (nothing sent, every message kept to read and download as .eml); the last two \
+              for test installations",
     },
     redirect_to: String {
         kind: Kind::Address, group: Policy, label: "Redirect to",

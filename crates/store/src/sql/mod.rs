@@ -80,6 +80,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/sqlite/0011_sign_in_known.sql")),
     (12, include_str!("../../migrations/sqlite/0012_service_config.sql")),
     (13, include_str!("../../migrations/sqlite/0013_priority.sql")),
+    (14, include_str!("../../migrations/sqlite/0014_captured.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -96,6 +97,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../migrations/postgres/0011_sign_in_known.sql")),
     (12, include_str!("../../migrations/postgres/0012_service_config.sql")),
     (13, include_str!("../../migrations/postgres/0013_priority.sql")),
+    (14, include_str!("../../migrations/postgres/0014_captured.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -7,7 +7,7 @@ use super::{SqlStore, json};
 use crate::Result;
 
 /// The final states: only finished messages lose content or go.
-const FINISHED: &str = "state IN ('delivered', 'partly_failed', 'failed', 'cancelled')";
+const FINISHED: &str = "state IN ('delivered', 'partly_failed', 'failed', 'cancelled', 'captured')";
 
 impl SqlStore {
     /// Removes the text, HTML and attachments of up to `limit` messages finished before

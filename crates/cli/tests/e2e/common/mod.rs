@@ -417,6 +417,12 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The Authorization header line (with its CRLF) of the admin token `Env::start` made for `port`.
+pub fn bearer(port: u16) -> String {
+    let token = API_TOKENS.lock().unwrap().get(&port).cloned().expect("a token for this port");
+    format!("Authorization: Bearer {token}\r\n")
+}
+
 /// A request with extra header lines (each ending in CRLF); returns status, headers and body.
 pub fn http_with(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
