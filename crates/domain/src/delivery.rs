@@ -19,6 +19,9 @@ pub enum RecipientResult {
     NotTried,
     /// Not sent: the recipient policy's capture mode keeps the message instead.
     Captured,
+    /// Delivered in an earlier transaction of the same attempt (a message with more
+    /// recipients than one transaction takes), with that transaction's reply to the data.
+    Delivered(SmtpReply),
 }
 
 /// The relay client's report of one transaction.
@@ -102,6 +105,11 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
             (RecipientResult::Accepted, None, _) => RecipientSettlement {
                 state: RecipientState::Delivered,
                 reply: report.data_reply.as_ref().map(SmtpReply::one_line),
+                stage: Some(Stage::Data),
+            },
+            (RecipientResult::Delivered(reply), _, _) => RecipientSettlement {
+                state: RecipientState::Delivered,
+                reply: Some(reply.one_line()),
                 stage: Some(Stage::Data),
             },
             (RecipientResult::Captured, _, _) => RecipientSettlement {

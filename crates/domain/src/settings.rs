@@ -128,6 +128,8 @@ pub struct RelaySettings {
     /// The wait for the relay's reply after the whole message (RFC 5321 4.5.3.2: 10 minutes);
     /// a message that gets no reply in time has an unknown outcome.
     pub data_timeout: Duration,
+    /// Most RCPTs per SMTP transaction; more recipients go as several transactions.
+    pub recipients_per_transaction: usize,
     pub retry: RetryPolicy,
     /// False when the stored credential was confirmed for another host, port or security mode:
     /// it is not sent until the admin confirms it for this endpoint.
@@ -265,6 +267,17 @@ impl RelaySettings {
         let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
         let data_timeout = timeout(&mut errors, "data_timeout", doc.data_timeout.as_deref());
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
+        let recipients_per_transaction = match doc.recipients_per_transaction {
+            None => 100,
+            Some(n @ 1..=1000) => n as usize,
+            Some(n) => {
+                errors.push(
+                    "recipients_per_transaction",
+                    format!("{n} is not 1-1000; 100 is what every relay must take (RFC 5321 4.5.3.1.8)"),
+                );
+                100
+            }
+        };
 
         let timeouts = connect_timeout.zip(command_timeout).zip(data_timeout);
         match (transport, host, port, security, auth, from, fallback_recipient.zip(policy), timeouts, retry) {
@@ -299,6 +312,7 @@ impl RelaySettings {
                     connect_timeout,
                     command_timeout,
                     data_timeout,
+                    recipients_per_transaction,
                     retry,
                     doc: doc.clone(),
                 };

@@ -42,6 +42,14 @@ impl Transcript {
     }
 }
 
+/// `452 4.5.3` (or a 452 saying so): more recipients than the relay takes in one transaction.
+fn too_many_recipients(f: &Failure) -> bool {
+    f.reply.as_ref().is_some_and(|r| {
+        r.code == 452
+            && (r.enhanced.as_deref() == Some("4.5.3") || r.text.to_ascii_lowercase().contains("too many recipients"))
+    })
+}
+
 fn recipient_result(reply: SmtpReply) -> RecipientResult {
     if reply.is_positive() {
         RecipientResult::Accepted
@@ -78,6 +86,8 @@ pub struct Connection {
     pub(crate) timeout: Duration,
     /// The wait for the reply to the end of the message (`data_timeout`).
     pub(crate) data_timeout: Duration,
+    /// Most RCPTs in one transaction (`recipients_per_transaction`).
+    pub(crate) max_recipients: usize,
     pub encrypted: bool,
     pub extensions: Extensions,
     pub(crate) broken: bool,
@@ -90,6 +100,7 @@ impl Connection {
             io: BufReader::new(Stream::Closed),
             timeout,
             data_timeout: timeout,
+            max_recipients: 100,
             encrypted: false,
             extensions: Extensions::default(),
             broken: false,
@@ -206,16 +217,52 @@ impl Connection {
     }
 
     /// One transaction: MAIL, RCPT for each recipient (each answered on its own), DATA.
+    /// Sends `message` to `recipients`, in as many transactions as `max_recipients` and the
+    /// relay's `452 4.5.3 too many recipients` ask for, one after the other on this connection.
+    /// The recipients of a finished transaction are `Delivered` with its reply; a failure ends
+    /// the attempt for those not yet delivered.
     pub async fn send(&mut self, from: &str, recipients: &[String], message: &[u8]) -> SendReport {
         let mut report = SendReport {
             recipients: vec![RecipientResult::NotTried; recipients.len()],
             failure: None,
             data_reply: None,
         };
-        if let Err(f) = self.transaction(from, recipients, message, &mut report).await {
-            report.failure = Some(f);
-            if !self.broken {
-                self.reset().await;
+        let mut next: Vec<usize> = (0..recipients.len()).collect();
+        while !next.is_empty() {
+            let batch: Vec<usize> = next.iter().copied().take(self.max_recipients.max(1)).collect();
+            let addresses: Vec<String> = batch.iter().map(|&i| recipients[i].clone()).collect();
+            let mut part = SendReport {
+                recipients: vec![RecipientResult::NotTried; batch.len()],
+                failure: None,
+                data_reply: None,
+            };
+            let result = self.transaction(from, &addresses, message, &mut part).await;
+            let done = result.is_ok();
+            // RFC 5321 4.5.3.1.10: recipients refused as too many go in the next transaction,
+            // now, as long as this one took some (else the refusal is a plain temporary one).
+            let mut later: Vec<usize> = Vec::new();
+            for (&i, r) in batch.iter().zip(part.recipients) {
+                report.recipients[i] = match (r, &part.data_reply) {
+                    (RecipientResult::Accepted, Some(reply)) if done => RecipientResult::Delivered(reply.clone()),
+                    (RecipientResult::Rejected(f), _) if done && too_many_recipients(&f) => {
+                        later.push(i);
+                        RecipientResult::NotTried
+                    }
+                    (r, _) => r,
+                };
+            }
+            match result {
+                Ok(()) => {
+                    report.data_reply = part.data_reply;
+                    next = later.into_iter().chain(next.into_iter().skip(batch.len())).collect();
+                }
+                Err(f) => {
+                    report.failure = Some(f);
+                    if !self.broken {
+                        self.reset().await;
+                    }
+                    break;
+                }
             }
         }
         report

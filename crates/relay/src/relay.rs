@@ -111,6 +111,7 @@ impl Relay {
             let mut conn = Connection {
                 io: BufReader::new(Stream::Plain(stream)),
                 data_timeout: s.data_timeout,
+                max_recipients: s.recipients_per_transaction,
                 ..Connection::closed(s.command_timeout)
             };
             if s.security == Security::Tls {
@@ -284,6 +285,7 @@ impl Relay {
             io: BufReader::new(Stream::Tls(Box::new(stream))),
             encrypted: true,
             data_timeout: conn.data_timeout,
+            max_recipients: conn.max_recipients,
             ..Connection::closed(conn.timeout)
         })
     }

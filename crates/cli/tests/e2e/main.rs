@@ -12,6 +12,7 @@ mod graph;
 mod held;
 mod integrated_auth;
 mod interop;
+mod limits;
 mod oauth;
 mod openapi;
 mod policy;

@@ -493,6 +493,13 @@ settings_table! {
         kind: Kind::Duration, group: Advanced, label: "Command timeout", default: Default::Value("30s"), uses: ANY,
         doc: "Each SMTP reply and the TLS handshake, 1s to 10m",
     },
+    recipients_per_transaction: i64 {
+        kind: Kind::Number, group: Advanced, label: "Recipients per transaction", default: Default::Value("100"),
+        uses: SMTP,
+        doc: "Most RCPTs in one SMTP transaction, 1-1000 (RFC 5321 has relays take at least 100); a message with \
+              more recipients goes as several transactions, and a 452 'too many recipients' sends the rest at once \
+              in the next",
+    },
     data_timeout: String {
         kind: Kind::Duration, group: Advanced, label: "End-of-message timeout", default: Default::Value("10m"),
         uses: SMTP,
