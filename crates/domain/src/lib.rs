@@ -30,4 +30,6 @@ pub use message::{Draft, MessageState, Origin, OutgoingMessage, Priority, Recipi
 pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
 pub use secret::Secret;
-pub use settings::{Auth, AuthMode, GraphSettings, PasswordSource, RelaySettings, Security, SettingsDoc, Transport};
+pub use settings::{
+    Auth, AuthMode, GraphSettings, PasswordSource, RelaySettings, Security, SendLimits, SettingsDoc, Transport,
+};

@@ -130,12 +130,39 @@ pub struct RelaySettings {
     pub data_timeout: Duration,
     /// Most RCPTs per SMTP transaction; more recipients go as several transactions.
     pub recipients_per_transaction: usize,
+    /// The sending limits the relay enforces anyway, kept by Panel for the whole installation.
+    pub limits: SendLimits,
     pub retry: RetryPolicy,
     /// False when the stored credential was confirmed for another host, port or security mode:
     /// it is not sent until the admin confirms it for this endpoint.
     pub credential_attached: bool,
     /// The document these settings were validated from, for the views the table renders.
     pub doc: SettingsDoc,
+}
+
+/// The sending limits (`messages_per_minute`, `recipients_per_day`): none by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendLimits {
+    pub messages_per_minute: Option<u32>,
+    pub recipients_per_day: Option<u32>,
+}
+
+impl SendLimits {
+    pub fn any(&self) -> bool {
+        self.messages_per_minute.is_some() || self.recipients_per_day.is_some()
+    }
+
+    /// The limits in words, for the note a held message carries and the dashboard.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.messages_per_minute {
+            parts.push(format!("{n} messages a minute"));
+        }
+        if let Some(n) = self.recipients_per_day {
+            parts.push(format!("{n} recipients a day"));
+        }
+        parts.join(", ")
+    }
 }
 
 /// Where a stored secret goes, as the credential's binding records it: the relay endpoint
@@ -267,6 +294,18 @@ impl RelaySettings {
         let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
         let data_timeout = timeout(&mut errors, "data_timeout", doc.data_timeout.as_deref());
         let retry = errors.take(RetryPolicy::from_doc(doc.retry_schedule.as_deref(), doc.give_up_after.as_deref()));
+        let mut limit = |field: &str, value: Option<i64>, max: i64| match value {
+            None | Some(0) => None,
+            Some(n) if (1..=max).contains(&n) => Some(n as u32),
+            Some(n) => {
+                errors.push(field, format!("{n} is not 1-{max}; 0 is no limit"));
+                None
+            }
+        };
+        let limits = SendLimits {
+            messages_per_minute: limit("messages_per_minute", doc.messages_per_minute, 100_000),
+            recipients_per_day: limit("recipients_per_day", doc.recipients_per_day, 10_000_000),
+        };
         let recipients_per_transaction = match doc.recipients_per_transaction {
             None => 100,
             Some(n @ 1..=1000) => n as usize,
@@ -313,6 +352,7 @@ impl RelaySettings {
                     command_timeout,
                     data_timeout,
                     recipients_per_transaction,
+                    limits,
                     retry,
                     doc: doc.clone(),
                 };

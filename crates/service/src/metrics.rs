@@ -147,6 +147,11 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP panel_messages_limited Queued messages waiting for room under the sending limits.\n# TYPE panel_messages_limited gauge\npanel_messages_limited {}",
+            queue.limited
+        );
+        let _ = writeln!(
+            out,
             "# HELP panel_queue_depth Steps due or waiting to be sent (queued + retrying).\n# TYPE panel_queue_depth gauge\npanel_queue_depth {}",
             queue.queued + queue.retrying
         );

@@ -222,6 +222,7 @@ view!(
         partly_failed: i64,
         failed: i64,
         captured: i64,
+        limited: i64,
         held: i64,
         oldest_due_age_secs: Option<i64>,
     }

@@ -409,6 +409,14 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         ),
         Ok(relay) => {
             let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
+            let limits = state.settings.limits;
+            if limits.any()
+                && !plan.envelope.is_empty()
+                && !within_limits(shared, &claim, &limits, plan.envelope.len()).await
+            {
+                drop(renewal);
+                return;
+            }
             if let Some(hook) = shared.config.before_send {
                 hook(&claim.message);
             }
@@ -437,6 +445,30 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     };
     drop(renewal);
     settle_and_record(shared, state, info, started, report, relay_addr, ctx).await;
+}
+
+/// Takes this send from the sending limits' shared budget. When there is no room, the message
+/// goes back to the queue unsent (no attempt: the relay was never asked), due when the budget
+/// has room, with why in its log; false then.
+async fn within_limits(shared: &Shared, claim: &Claim, limits: &panel_domain::SendLimits, recipients: usize) -> bool {
+    let now = shared.panel.now();
+    let until =
+        match shared.store.reserve_send(now, recipients, limits.messages_per_minute, limits.recipients_per_day).await {
+            Ok(None) => return true,
+            Ok(Some(until)) => until,
+            // The budget cannot be read: wait a little rather than risk going over it.
+            Err(e) => {
+                tracing::warn!(message_id = claim.reference.id, error = %e, "cannot read the sending limits' budget");
+                now + chrono::Duration::seconds(5)
+            }
+        };
+    let note =
+        format!("held by the sending limit ({}) until {}", limits.describe(), until.format("%Y-%m-%d %H:%M:%S UTC"));
+    tracing::info!(message_id = claim.reference.id, %until, "held by the sending limit");
+    if let Err(e) = shared.store.defer_claim(&claim.reference, until, now, &note).await {
+        tracing::warn!(message_id = claim.reference.id, error = %e, "could not hold the message; its lease will expire");
+    }
+    false
 }
 
 /// Settles an attempt (the pure rules of `settle`), logs and counts it, moves the relay-wide

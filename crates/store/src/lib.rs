@@ -668,6 +668,34 @@ impl Store {
     }
 
     /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
+    /// Takes one send of `recipients` from the sending limits' shared budget; `None` when
+    /// taken, else when there is room again.
+    pub async fn reserve_send(
+        &self,
+        now: DateTime<Utc>,
+        recipients: usize,
+        per_minute: Option<u32>,
+        per_day: Option<u32>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let until = self.observe(
+            self.backend
+                .reserve_send(ms(now), recipients as i64, per_minute.map(i64::from), per_day.map(i64::from))
+                .await,
+        )?;
+        Ok(until.map(from_ms))
+    }
+
+    /// Gives a claimed message back unsent, due at `until`, with `note` as its last error.
+    pub async fn defer_claim(
+        &self,
+        claim: &ClaimRef,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        note: &str,
+    ) -> Result<bool> {
+        self.observe(self.backend.defer_claim(claim, ms(until), ms(now), note).await)
+    }
+
     pub async fn renew_lease(&self, claim: &ClaimRef, now: DateTime<Utc>, lease: Duration) -> Result<bool> {
         self.observe(self.backend.renew_lease(claim, ms(now) + lease.as_millis() as i64).await)
     }

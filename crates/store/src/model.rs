@@ -209,6 +209,8 @@ pub struct QueueStats {
     pub failed: i64,
     /// Kept by the recipient policy's capture mode; nothing was sent.
     pub captured: i64,
+    /// Of the queued and retrying, those waiting for room under the sending limits.
+    pub limited: i64,
     /// Of the failed, those held by a configuration error: sent again by themselves when it is
     /// fixed, so not given up on.
     pub held: i64,

@@ -53,3 +53,39 @@ fn many_recipients_go_in_transactions_of_the_limit_and_a_452_sends_the_rest_at_o
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("recipients_per_transaction") && r.stderr.contains("1-1000"), "{}", r.stderr);
 }
+
+#[test]
+fn a_message_over_the_sending_limit_says_why_and_until_when_in_the_log_the_dashboard_and_metrics() {
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &["--messages-per-minute", "2"]);
+    let port = env.serve();
+    let ids: Vec<i64> = (0..3)
+        .map(|i| {
+            id_of(&env.ok(&["send", "--to", "a@example.org", "--subject", &format!("n{i}"), "--text", "x", "--json"]))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    let held = loop {
+        let list = env.ok(&["messages", "list", "--json"]).json();
+        let held: Vec<serde_json::Value> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["last_error"].as_str().is_some_and(|e| e.starts_with("held by the sending limit")))
+            .cloned()
+            .collect();
+        if held.len() == 1 && sink.total() == 2 {
+            break held;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(held[0]["state"], "queued");
+    assert!(ids.contains(&held[0]["id"].as_i64().unwrap()));
+    let shown = env.ok(&["messages", "show", &held[0]["id"].to_string()]).stdout;
+    assert!(shown.contains("held by the sending limit (2 messages a minute) until"), "{shown}");
+    let dashboard: serde_json::Value = serde_json::from_str(&http(port, "GET", "/api/v1/dashboard", "").1).unwrap();
+    assert_eq!(dashboard["queue"]["limited"], 1, "{dashboard}");
+    assert!(http(port, "GET", "/metrics", "").1.contains("panel_messages_limited 1"));
+}

@@ -24,6 +24,7 @@ crate::string_enum!(
         Authentication = "authentication" => "Authentication",
         Messages = "messages" => "Messages",
         Policy = "policy" => "Recipient policy",
+        Limits = "limits" => "Sending limits",
         Advanced = "advanced" => "Advanced",
     }
 );
@@ -222,7 +223,8 @@ impl FromText for String {
 
 impl FromText for i64 {
     fn from_text(s: &Setting, raw: &str) -> Result<Self, FieldError> {
-        raw.trim().parse().map_err(|_| FieldError::new(s.name, format!("'{raw}' is not a number; use 1-65535")))
+        let range = if s.name == "port" { "; use 1-65535" } else { "" };
+        raw.trim().parse().map_err(|_| FieldError::new(s.name, format!("'{raw}' is not a whole number{range}")))
     }
 }
 
@@ -492,6 +494,19 @@ settings_table! {
     command_timeout: String {
         kind: Kind::Duration, group: Advanced, label: "Command timeout", default: Default::Value("30s"), uses: ANY,
         doc: "Each SMTP reply and the TLS handshake, 1s to 10m",
+    },
+    messages_per_minute: i64 {
+        kind: Kind::Number, group: Limits, label: "Messages per minute", default: Default::Runtime("no limit"),
+        uses: ANY,
+        doc: "At most this many messages in any 60 seconds, for the whole installation (every service shares \
+              it), 1-100000, 0 for no limit; more wait in the queue instead of collecting the relay's \
+              throttling replies (Exchange Online: 30)",
+    },
+    recipients_per_day: i64 {
+        kind: Kind::Number, group: Limits, label: "Recipients per day", default: Default::Runtime("no limit"),
+        uses: ANY,
+        doc: "At most this many recipients in any 24 hours, for the whole installation, 1-10000000, 0 for no \
+              limit; more wait in the queue (Exchange Online: 10000 per mailbox)",
     },
     recipients_per_transaction: i64 {
         kind: Kind::Number, group: Advanced, label: "Recipients per transaction", default: Default::Value("100"),

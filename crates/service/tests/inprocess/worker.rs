@@ -214,3 +214,42 @@ async fn a_hold_found_with_settings_replaced_during_the_attempt_goes_again_with_
     assert!(m.attempts[0].settings_version < m.attempts[1].settings_version, "{m:#?}");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_when_there_is_room() {
+    let h = Harness::start(Some(fast()), &[("messages_per_minute", "5")]).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(h.send(&format!("reminder {i}")).await);
+    }
+    // Five go; three wait, queued, with why and until when, and no attempt of theirs recorded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let mut waiting = Vec::new();
+        for id in &ids {
+            let m = h.panel.message(*id).await.unwrap();
+            if m.state == MessageState::Queued && m.last_error.is_some() {
+                waiting.push(m);
+            }
+        }
+        if h.sink.total() == 5 && waiting.len() == 3 {
+            break waiting;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sent {}, waiting {}", h.sink.total(), waiting.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for m in &waiting {
+        let note = m.last_error.as_deref().unwrap();
+        assert!(note.starts_with("held by the sending limit (5 messages a minute) until "), "{note}");
+        assert!(m.attempts.is_empty(), "the relay was never asked: {m:#?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.sink.total(), 5, "nothing more within the minute");
+    // A minute later there is room: the rest go, each once.
+    h.clock.advance(chrono::Duration::seconds(61));
+    for id in &ids {
+        h.wait_for(*id, MessageState::Delivered, Duration::from_secs(10)).await;
+    }
+    assert_eq!((h.sink.total(), h.sink.distinct()), (8, 8));
+    h.stop().await;
+}

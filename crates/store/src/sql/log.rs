@@ -210,6 +210,11 @@ impl SqlStore {
         .fetch_one(&self.pool)
         .await?;
         stats.oldest_due_age_secs = oldest.map(|t| (now - t) / 1000);
+        stats.limited = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages WHERE state IN ('queued', 'retrying') AND last_error LIKE 'held by the sending limit%'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         stats.held = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE state = 'failed' AND failure_class = $1")
             .bind(panel_domain::FailureClass::Configuration.as_str())
             .fetch_one(&self.pool)

@@ -81,6 +81,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("../../migrations/sqlite/0012_service_config.sql")),
     (13, include_str!("../../migrations/sqlite/0013_priority.sql")),
     (14, include_str!("../../migrations/sqlite/0014_captured.sql")),
+    (15, include_str!("../../migrations/sqlite/0015_send_log.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -98,6 +99,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("../../migrations/postgres/0012_service_config.sql")),
     (13, include_str!("../../migrations/postgres/0013_priority.sql")),
     (14, include_str!("../../migrations/postgres/0014_captured.sql")),
+    (15, include_str!("../../migrations/postgres/0015_send_log.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -177,6 +177,79 @@ impl SqlStore {
         Ok(claims)
     }
 
+    /// Takes a send from the sending limits' shared budget: `None` when taken (and logged),
+    /// else when the budget has room again. Serialized across services (SQLite's BEGIN
+    /// IMMEDIATE; a table lock on PostgreSQL), so two services never both take the last slot.
+    pub async fn reserve_send(
+        &self,
+        now: i64,
+        recipients: i64,
+        per_minute: Option<i64>,
+        per_day: Option<i64>,
+    ) -> Result<Option<i64>> {
+        const MINUTE: i64 = 60_000;
+        const DAY: i64 = 86_400_000;
+        let mut tx = self.write().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("LOCK TABLE send_log IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+        }
+        if let Some(limit) = per_minute {
+            // The oldest sends in the last minute, as many as would have to age out for one more.
+            let recent: Vec<i64> = sqlx::query_scalar("SELECT at FROM send_log WHERE at > $1 ORDER BY at")
+                .bind(now - MINUTE)
+                .fetch_all(&mut *tx)
+                .await?;
+            if recent.len() as i64 >= limit {
+                let frees = recent[recent.len() - limit as usize];
+                return Ok(Some(frees + MINUTE));
+            }
+        }
+        if let Some(limit) = per_day {
+            let rows: Vec<(i64, i64)> =
+                sqlx::query_as("SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE at > $1 ORDER BY at")
+                    .bind(now - DAY)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let mut used: i64 = rows.iter().map(|(_, n)| n).sum();
+            // A message bigger than the whole budget goes once nothing else was sent for a day.
+            let need = recipients.min(limit);
+            if used + need > limit {
+                for (at, n) in &rows {
+                    used -= n;
+                    if used + need <= limit {
+                        return Ok(Some(at + DAY));
+                    }
+                }
+            }
+        }
+        sqlx::query("INSERT INTO send_log (at, recipients) VALUES ($1, $2)")
+            .bind(now)
+            .bind(recipients)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM send_log WHERE at <= $1").bind(now - DAY).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    /// Gives a claimed message back unsent, due at `until`, with why in its last error (the
+    /// sending limit): no attempt is recorded. Fenced by the claim token.
+    pub async fn defer_claim(&self, claim: &ClaimRef, until: i64, now: i64, note: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
+                    lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $3
+             WHERE id = $4 AND claim_token = $5 AND state = 'sending'",
+        )
+        .bind(until)
+        .bind(note)
+        .bind(now)
+        .bind(claim.id)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn renew_lease(&self, claim: &ClaimRef, until: i64) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE messages SET lease_expires_at = $1 WHERE id = $2 AND claim_token = $3 AND state = 'sending'",

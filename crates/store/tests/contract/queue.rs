@@ -292,7 +292,36 @@ async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(
     }
 }
 
+/// The sending limits' budget is the installation's: two services (two pools) reserving at
+/// once never take more than the limit, and the refused learn when there is room again.
+async fn the_sending_budget_is_shared_and_never_overdrawn(b: &Backend) {
+    let other = Store::open(&b.url).await.unwrap();
+    let now = Utc::now();
+    let tries = (0..40).map(|i| {
+        let store = if i % 2 == 0 { b.store.clone() } else { other.clone() };
+        tokio::spawn(async move { store.reserve_send(now, 1, Some(30), None).await.unwrap() })
+    });
+    let mut taken = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            None => taken += 1,
+            Some(until) => assert_eq!(until.timestamp_millis(), now.timestamp_millis() + 60_000),
+        }
+    }
+    assert_eq!(taken, 30);
+    // A minute later the window is empty again.
+    let later = now + chrono::Duration::seconds(61);
+    assert!(b.store.reserve_send(later, 1, Some(30), None).await.unwrap().is_none());
+    // Recipients per day: 8 of 10 used, so 3 more wait until the first send ages out.
+    let day = later + chrono::Duration::days(2);
+    assert!(b.store.reserve_send(day, 8, None, Some(10)).await.unwrap().is_none());
+    let until = b.store.reserve_send(day + chrono::Duration::hours(1), 3, None, Some(10)).await.unwrap();
+    assert_eq!(until.map(|u| u.timestamp_millis()), Some((day + chrono::Duration::days(1)).timestamp_millis()));
+    assert!(b.store.reserve_send(day, 2, None, Some(10)).await.unwrap().is_none(), "2 more fit");
+}
+
 contract!(
+    the_sending_budget_is_shared_and_never_overdrawn,
     concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,
     urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share,
     a_check_request_is_taken_by_one_service_and_answered,
