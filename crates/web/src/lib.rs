@@ -175,11 +175,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(value)) => Ok(ApiPath(value)),
-            Err(e) => {
-                let mut errors = panel_domain::FieldErrors::default();
-                errors.push("path", e.body_text());
-                Err(ApiError(OpsError::Invalid(errors)))
-            }
+            Err(e) => Err(bad_part("path", e.body_text())),
         }
     }
 }
@@ -194,18 +190,19 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(value)) => Ok(ApiQuery(value)),
-            Err(e) => {
-                let mut errors = panel_domain::FieldErrors::default();
-                errors.push("query", e.body_text());
-                Err(ApiError(OpsError::Invalid(errors)))
-            }
+            Err(e) => Err(bad_part("query", e.body_text())),
         }
     }
 }
 
 fn body_error(message: String) -> ApiError {
+    bad_part("body", message)
+}
+
+/// Bad input in one part of the request (`path`, `query`, `body`), answered 400 in JSON.
+fn bad_part(part: &str, message: String) -> ApiError {
     let mut errors = panel_domain::FieldErrors::default();
-    errors.push("body", message);
+    errors.push(part, message);
     ApiError(OpsError::Invalid(errors))
 }
 

@@ -173,6 +173,30 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// A sign-in form's post: the client's address (behind a trusted proxy, the one it forwarded;
+/// else the connection's) and the form's fields.
+fn form_post(
+    addr: SocketAddr,
+    client: Option<axum::Extension<crate::ClientAddr>>,
+    body: &[u8],
+) -> (std::net::IpAddr, std::collections::HashMap<String, String>) {
+    let client = client.map_or(addr.ip(), |c| c.0.0);
+    (client, form_urlencoded::parse(body).into_owned().collect())
+}
+
+/// Signed in: the session cookie (HttpOnly, SameSite=Strict, Secure behind an https proxy) and
+/// on to `to`.
+fn signed_in(headers: &HeaderMap, session: &panel_service::accounts::Session, to: &str) -> Page {
+    let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        session.token,
+        SESSION_HOURS * 3600,
+        if secure { "; Secure" } else { "" }
+    );
+    Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to(to)))
+}
+
 async fn login(
     State(p): State<Panel>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
@@ -180,9 +204,7 @@ async fn login(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> PageResult {
-    // Behind a trusted proxy, the address it forwarded; else the connection's.
-    let client = client.map_or(addr.ip(), |c| c.0.0);
-    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let (client, form) = form_post(addr, client, &body);
     let name = form.get("name").cloned().unwrap_or_default();
     let next = safe_next(form.get("next").map(String::as_str));
     if !same_origin(&headers) {
@@ -203,16 +225,7 @@ async fn login(
             tracing::warn!(account = %name, %client, "sign-in failed");
             login_form(Some("Wrong name or password.".into()), next, false, StatusCode::UNAUTHORIZED)
         }
-        SignIn::Accepted { session, .. } => {
-            let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
-            let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-                session.token,
-                SESSION_HOURS * 3600,
-                if secure { "; Secure" } else { "" }
-            );
-            Ok(Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to(&next))))
-        }
+        SignIn::Accepted { session, .. } => Ok(signed_in(&headers, &session, &next)),
     }
 }
 
@@ -250,8 +263,7 @@ async fn setup(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> PageResult {
-    let client = client.map_or(addr.ip(), |c| c.0.0);
-    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let (client, form) = form_post(addr, client, &body);
     let name = form.get("name").cloned().unwrap_or_default();
     if !same_origin(&headers) {
         return setup_form(Some("The form came from another site; use the link."), &name, None, StatusCode::FORBIDDEN);
@@ -265,14 +277,7 @@ async fn setup(
     match p.finish_setup(&token, &name, &password, Some(client)).await {
         Ok(SignIn::Accepted { session, .. }) => {
             tracing::info!(account = %name.trim().to_ascii_lowercase(), %client, "the first admin was created with the setup link");
-            let secure = headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"https");
-            let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-                session.token,
-                SESSION_HOURS * 3600,
-                if secure { "; Secure" } else { "" }
-            );
-            Ok(Page::from_response(([(header::SET_COOKIE, cookie)], Redirect::to("/settings"))))
+            Ok(signed_in(&headers, &session, "/settings"))
         }
         // Made, but signing in did not go through (it cannot be refused; blocked, at most):
         // the sign-in page takes it from here.
