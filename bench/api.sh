@@ -68,6 +68,10 @@ panel_api() { # kind sqlite|pg services
   mkdir -p "$dir"
   if [ "$url" = sqlite ]; then url="sqlite://$dir/panel.db"; else url=$(fresh_pg); fi
   start_panel "$url" "$services" "$dir"
+  if [ "$kind" = limited ]; then
+    # Sending limits on but never reached: what taking each send from the shared budget costs.
+    $PANEL smtp set --messages-per-minute 100000 --recipients-per-day 10000000 > /dev/null
+  fi
   if [ "$kind" = event ]; then
     printf 'Hello {{ object.login }}: %s\n' "$(head -c 600 /dev/zero | tr '\0' 'x')" > "$dir/t.txt"
     $PANEL template set welcome --subject "Welcome {{ object.login }}" --text-file "$dir/t.txt" > /dev/null
@@ -75,7 +79,7 @@ panel_api() { # kind sqlite|pg services
     $PANEL workflow create --file "$dir/wf.json" > /dev/null
   fi
   s=$(date +%s.%N)
-  $APILOAD "$PORT" "$TOKEN" "$N" 8 "$kind" > "$dir/latency"
+  $APILOAD "$PORT" "$TOKEN" "$N" 8 "${kind/limited/single}" > "$dir/latency"
   drained "$PORT" "$N" "$s"
   pkill -f "listen 127.0.0.1:$PORT" || true
   [ "$services" -gt 1 ] && pkill -f "$PANEL worker" || true
@@ -90,6 +94,7 @@ for run in $(seq "$RUNS"); do
   if [ -n "${BASELINE_PANEL:-}" ]; then
     R[base]+=" $(PANEL=$BASELINE_PANEL panel_api single sqlite 1)"
   fi
+  R[limited]+=" $(panel_api limited sqlite 1)"
   R[bulk]+=" $(panel_api bulk sqlite 1)"
   R[event]+=" $(panel_api event sqlite 1)"
   R[pg]+=" $(panel_api single pg 3)"
@@ -111,10 +116,11 @@ PEER=$(median ${R[peer]})
 ratio() { python3 -c "print(f'{$1/$PEER:.2f}x')"; }
 printf '\n%-92s %8s %8s\n' "path (N = $N messages of ~1 KB, median of $RUNS interleaved rounds)" "msg/s" "ratio"
 printf '%-92s %8s %8s\n' "durable peer: smtp-source -s 8 -> private Postfix (fsync'd queue) -> smtp-sink" "$PEER" "1.00x"
-for k in ${BASELINE_PANEL:+base} single bulk event pg; do
+for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
   case $k in
     base) label="baseline build ($BASELINE_PANEL): 8 clients, POST /api/v1/messages -> SQLite" ;;
     single) label="Panel: 8 clients, POST /api/v1/messages (each 202 durable) -> panel serve (SQLite) -> smtp-sink" ;;
+    limited) label="the same with sending limits on (never reached): each send takes from the shared budget" ;;
     bulk) label="Panel: 8 clients, POST /api/v1/messages/bulk, 100 per request" ;;
     event) label="Panel: 8 clients, POST /api/v1/events -> a matching workflow -> one message each" ;;
     pg) label="Panel: 8 clients, POST /api/v1/messages -> PostgreSQL, 1 serve + 2 workers" ;;

@@ -194,29 +194,41 @@ impl SqlStore {
             sqlx::query("LOCK TABLE send_log IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
         }
         if let Some(limit) = per_minute {
-            // The oldest sends in the last minute, as many as would have to age out for one more.
-            let recent: Vec<i64> = sqlx::query_scalar("SELECT at FROM send_log WHERE at > $1 ORDER BY at")
+            // Counted in the database (one index range), not read out: this runs for every send.
+            let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE at > $1")
                 .bind(now - MINUTE)
-                .fetch_all(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-            if recent.len() as i64 >= limit {
-                let frees = recent[recent.len() - limit as usize];
+            if recent >= limit {
+                // Room comes when the send `limit` places from the newest ages out of the minute.
+                let frees: i64 =
+                    sqlx::query_scalar("SELECT at FROM send_log WHERE at > $1 ORDER BY at LIMIT 1 OFFSET $2")
+                        .bind(now - MINUTE)
+                        .bind(recent - limit)
+                        .fetch_one(&mut *tx)
+                        .await?;
                 return Ok(Some(frees + MINUTE));
             }
         }
         if let Some(limit) = per_day {
-            let rows: Vec<(i64, i64)> =
-                sqlx::query_as("SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE at > $1 ORDER BY at")
+            let used: i64 =
+                sqlx::query_scalar("SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE at > $1")
                     .bind(now - DAY)
-                    .fetch_all(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await?;
-            let mut used: i64 = rows.iter().map(|(_, n)| n).sum();
             // A message bigger than the whole budget goes once nothing else was sent for a day.
             let need = recipients.min(limit);
             if used + need > limit {
+                // Only over budget: find when enough ages out (oldest first).
+                let rows: Vec<(i64, i64)> =
+                    sqlx::query_as("SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE at > $1 ORDER BY at")
+                        .bind(now - DAY)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let mut left = used;
                 for (at, n) in &rows {
-                    used -= n;
-                    if used + need <= limit {
+                    left -= n;
+                    if left + need <= limit {
                         return Ok(Some(at + DAY));
                     }
                 }
@@ -227,7 +239,9 @@ impl SqlStore {
             .bind(recipients)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM send_log WHERE at <= $1").bind(now - DAY).execute(&mut *tx).await?;
+        // Kept as long as the longest limit in force looks back.
+        let keep = if per_day.is_some() { DAY } else { MINUTE };
+        sqlx::query("DELETE FROM send_log WHERE at <= $1").bind(now - keep).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(None)
     }
