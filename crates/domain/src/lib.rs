@@ -28,7 +28,7 @@ pub use delivery::{AttemptOutcome, Earlier, RecipientResult, SendReport, Settlem
 pub use errors::{FieldError, FieldErrors};
 pub use message::{Draft, MessageState, Origin, OutgoingMessage, Priority, RecipientKind, RecipientState};
 pub use oauth::{EndpointUrl, OAuthProvider};
-pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable};
+pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable, is_throttling};
 pub use secret::Secret;
 pub use settings::{
     Auth, AuthMode, GraphSettings, PasswordSource, RelaySettings, Security, SendLimits, SettingsDoc, Transport,

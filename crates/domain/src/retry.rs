@@ -112,6 +112,22 @@ impl RelayBackoff {
     }
 }
 
+/// Whether a temporary reply asks Panel to slow down (the relay's or provider's rate limit:
+/// Exchange Online's and Google's throttling texts, `421 4.7.0 Try again later`) rather than
+/// naming a problem of this message. The whole transport then pauses as for an outage, and
+/// resumes one message at a time. Not `452 4.5.3` (too many recipients): the next transaction
+/// takes those at once.
+pub fn is_throttling(reply: &SmtpReply) -> bool {
+    if !reply.is_transient() || reply.enhanced.as_deref() == Some("4.5.3") {
+        return false;
+    }
+    let text = reply.text.to_ascii_lowercase();
+    let says_so = ["rate", "too many", "throttl", "slow down", "try again later", "exceeded", "limit"]
+        .iter()
+        .any(|w| text.contains(w));
+    says_so && matches!(reply.code, 421 | 450 | 451 | 452)
+}
+
 /// Whether an attempt's failure says the relay itself is unreachable or refusing service (as
 /// opposed to a problem with this message): name resolution, TCP, TLS, greeting, EHLO, or 421.
 pub fn is_relay_unreachable(stage: Stage, class: Option<FailureClass>, reply: Option<&SmtpReply>) -> bool {
@@ -124,6 +140,30 @@ pub fn is_relay_unreachable(stage: Stage, class: Option<FailureClass>, reply: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttling_replies_are_told_from_a_messages_own_refusals() {
+        let r = |code, line: &str| SmtpReply::from_lines(code, &[line]);
+        for throttled in [
+            r(421, "421 4.7.0 Try again later, closing connection. (Google)"),
+            r(451, "451 4.7.500 Server busy. Please try again later"),
+            r(452, "452 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+            r(
+                450,
+                "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages",
+            ),
+        ] {
+            assert!(is_throttling(&throttled), "{throttled:?}");
+        }
+        for other in [
+            r(452, "452 4.5.3 Too many recipients"),
+            r(451, "451 4.3.0 Local error in processing"),
+            r(550, "550 5.4.5 Daily user sending quota exceeded"),
+            r(454, "454 4.7.0 Temporary authentication failure"),
+        ] {
+            assert!(!is_throttling(&other), "{other:?}");
+        }
+    }
 
     #[test]
     fn relay_backoff_doubles_to_a_minute_and_resets_when_the_relay_answers() {

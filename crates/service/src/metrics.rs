@@ -43,6 +43,7 @@ pub struct Metrics {
     finished: Counters,
     attempts: Counters,
     connection_errors: Counters,
+    throttled: std::sync::atomic::AtomicU64,
     delivery: Histogram,
 }
 
@@ -71,6 +72,11 @@ impl Metrics {
         if matches!(final_state, "delivered" | "partly_failed" | "failed") {
             self.finished.add(format!("origin=\"{}\",state=\"{}\"", label(origin), label(final_state)));
         }
+    }
+
+    /// The relay (or provider) asked to slow down: the transport paused.
+    pub fn throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn connection_error(&self, stage: &str) {
@@ -112,6 +118,11 @@ impl Metrics {
             &mut out,
             "panel_relay_connection_errors_total",
             "Attempts that could not reach the relay, by stage (dns, tcp, tls, greeting, ...).",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP panel_relay_throttled_total Replies asking to slow down; each paused sending.\n# TYPE panel_relay_throttled_total counter\npanel_relay_throttled_total {}",
+            self.throttled.load(Ordering::Relaxed)
         );
         let h = &self.delivery;
         let name = "panel_delivery_seconds";

@@ -522,17 +522,32 @@ async fn settle_and_record(
     if settlement.state == panel_domain::MessageState::Delivered {
         metrics.delivered_after((shared.panel.now() - claim.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
     }
-    if is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
-        metrics.connection_error(settlement.stage.as_str());
+    let throttled = settlement.failure_class == Some(panel_domain::FailureClass::Transient)
+        && settlement.reply.as_ref().is_some_and(panel_domain::is_throttling);
+    if throttled || is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
         let asked = report_retry_after;
         let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now(), asked);
-        tracing::warn!(
-            relay = %relay_addr,
-            stage = settlement.stage.as_str(),
-            detail = %settlement.detail,
-            backoff_secs = delay.as_secs(),
-            "relay unreachable; backing off before trying it again"
-        );
+        if throttled {
+            // Sending on would only collect more of these: the whole transport pauses, then
+            // goes one message at a time until one is accepted.
+            metrics.throttled();
+            tracing::warn!(
+                relay = %relay_addr,
+                stage = settlement.stage.as_str(),
+                detail = %settlement.detail,
+                pause_secs = delay.as_secs(),
+                "the relay asked Panel to slow down; sending pauses, then resumes one message at a time"
+            );
+        } else {
+            metrics.connection_error(settlement.stage.as_str());
+            tracing::warn!(
+                relay = %relay_addr,
+                stage = settlement.stage.as_str(),
+                detail = %settlement.detail,
+                backoff_secs = delay.as_secs(),
+                "relay unreachable; backing off before trying it again"
+            );
+        }
     } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
         // Only an attempt that reached the relay says anything about the relay.
         let outage_ended = shared.backoff.lock().expect("not poisoned").reached();

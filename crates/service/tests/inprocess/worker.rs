@@ -253,3 +253,25 @@ async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_whe
     assert_eq!((h.sink.total(), h.sink.distinct()), (8, 8));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_relay_asking_to_slow_down_pauses_sending_then_it_resumes() {
+    let h = Harness::start(Some(fast()), &[("retry_schedule", "10m")]).await;
+    h.sink.script_rcpt("busy@example.org", &["451 4.7.500 Server busy. Please try again later"]);
+    let busy = h.send_to("reset", &["busy@example.org"]).await;
+    let m = h.wait_for(busy, MessageState::Retrying, Duration::from_secs(10)).await;
+    assert!(m.last_error.as_deref().unwrap_or_default().contains("Server busy"), "{m:#?}");
+    // Counted and paused (the pause is the relay backoff's, tested on its own); then the next
+    // message goes, one at a time, and sending resumes.
+    let metrics = h.panel.metrics_text().await.unwrap();
+    assert!(metrics.contains("panel_relay_throttled_total 1"), "{metrics}");
+    assert!(!metrics.contains("panel_relay_connection_errors_total{stage=\"rcpt\"}"), "not an outage: {metrics}");
+    let next = h.send_to("welcome", &["ok@example.org"]).await;
+    h.wait_for(next, MessageState::Delivered, Duration::from_secs(10)).await;
+    // A message's own temporary refusal is not a request to slow down.
+    h.sink.script_rcpt("full@example.org", &["452 4.2.2 Mailbox full"]);
+    let full = h.send_to("notice", &["full@example.org"]).await;
+    h.wait_for(full, MessageState::Retrying, Duration::from_secs(10)).await;
+    assert!(h.panel.metrics_text().await.unwrap().contains("panel_relay_throttled_total 1"));
+    h.stop().await;
+}
