@@ -228,6 +228,33 @@ pub fn settle(report: &SendReport, ctx: AttemptContext<'_>) -> Settlement {
     Settlement { outcome, stage, reply, detail, hint, recipients, state, retry_after, failure_class, last_error }
 }
 
+/// Whether another route could do what this attempt's route failed to: the route could not be
+/// reached, refused service or asked Panel to slow down, or refused Panel itself (its
+/// settings, credential, TLS or sign-in: a configuration error before this message's own
+/// transaction). A recipient's answer (a 5xx at RCPT, a 4xx for one mailbox) is not the
+/// route's, and no other route would be told otherwise.
+pub fn route_failed(s: &Settlement) -> bool {
+    let throttled =
+        s.failure_class == Some(FailureClass::Transient) && s.reply.as_ref().is_some_and(crate::retry::is_throttling);
+    let refused_panel = s.outcome == AttemptOutcome::ConfigurationError && Stage::SESSION.contains(&s.stage);
+    throttled || refused_panel || crate::retry::is_relay_unreachable(s.stage, s.failure_class, s.reply.as_ref())
+}
+
+/// The attempt failed on a route that the route `next` can stand in for: the message is due
+/// again at once, for `next`, instead of at its retry time or after a fix. The attempt keeps
+/// what its route said; a message that gave up (past its give-up time) stays failed.
+pub fn fail_over(mut s: Settlement, next: &str) -> Settlement {
+    let held = s.state == MessageState::Failed && s.failure_class == Some(FailureClass::Configuration);
+    if !route_failed(&s) || !(held || s.state == MessageState::Retrying) {
+        return s;
+    }
+    s.state = MessageState::Retrying;
+    s.retry_after = Some(Duration::ZERO);
+    s.failure_class = Some(FailureClass::Transient);
+    s.last_error = Some(format!("{}; trying route {next} at once", s.last_error.as_deref().unwrap_or(&s.detail)));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,5 +497,52 @@ mod tests {
         assert_eq!((late.state, late.failure_class), (MessageState::Failed, Some(FailureClass::Internal)));
         assert!(late.last_error.unwrap().starts_with("gave up after"));
         assert!(late.recipients.iter().all(|r| r.state == RecipientState::Failed));
+    }
+
+    #[test]
+    fn a_routes_own_failure_fails_over_at_once_and_a_recipients_answer_does_not() {
+        let p = RetryPolicy::default();
+        let report = |failure: Option<Failure>, recipients: Vec<RecipientResult>| SendReport {
+            recipients,
+            failure,
+            data_reply: None,
+        };
+        let refused = Failure::new(Stage::Tcp, FailureKind::ConnectionRefused, "connection refused");
+        let down = settle(&report(Some(refused), vec![RecipientResult::NotTried]), ctx(&p, 0));
+        let moved = fail_over(down.clone(), "standby");
+        assert_eq!((moved.state, moved.retry_after), (MessageState::Retrying, Some(Duration::ZERO)));
+        assert_eq!((moved.outcome, moved.stage), (down.outcome, Stage::Tcp), "the attempt says what the route did");
+        assert!(moved.last_error.unwrap().ends_with("trying route standby at once"));
+
+        // A rejected password holds the message for a fix, unless another route can send it.
+        let auth = SmtpReply::from_lines(535, &["535 5.7.8 Error: authentication failed"]);
+        let held =
+            settle(&report(Some(Failure::reply(Stage::Auth, auth)), vec![RecipientResult::NotTried]), ctx(&p, 0));
+        assert_eq!((held.state, held.failure_class), (MessageState::Failed, Some(FailureClass::Configuration)));
+        let moved = fail_over(held, "standby");
+        assert_eq!((moved.state, moved.failure_class), (MessageState::Retrying, Some(FailureClass::Transient)));
+        assert_eq!(moved.recipients[0].state, RecipientState::Pending);
+
+        // A slow-down reply is the route's; 421 too.
+        let slow = SmtpReply::from_lines(421, &["421 4.7.0 Try again later, closing connection."]);
+        let throttled =
+            settle(&report(Some(Failure::reply(Stage::Mail, slow)), vec![RecipientResult::NotTried]), ctx(&p, 0));
+        assert!(route_failed(&throttled));
+
+        // A 550 for the recipient, a 4xx for one mailbox: the recipient's answer, not the route's.
+        for r in [rejected(550, "550 5.1.1 user unknown"), rejected(452, "452 4.2.2 mailbox full")] {
+            let own = settle(&report(None, vec![r]), ctx(&p, 0));
+            assert!(!route_failed(&own), "{own:?}");
+            assert_eq!(fail_over(own.clone(), "standby"), own);
+        }
+        // Past its give-up time the message fails on the last route it tried.
+        let late = settle(
+            &report(
+                Some(Failure::new(Stage::Tcp, FailureKind::ConnectionRefused, "refused")),
+                vec![RecipientResult::NotTried],
+            ),
+            ctx(&p, 25 * 3600),
+        );
+        assert_eq!(fail_over(late.clone(), "standby").state, MessageState::Failed);
     }
 }

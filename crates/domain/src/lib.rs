@@ -31,5 +31,6 @@ pub use oauth::{EndpointUrl, OAuthProvider};
 pub use retry::{RelayBackoff, RetryDecision, RetryPolicy, is_relay_unreachable, is_throttling};
 pub use secret::Secret;
 pub use settings::{
-    Auth, AuthMode, GraphSettings, PasswordSource, RelaySettings, Security, SendLimits, SettingsDoc, Transport,
+    Auth, AuthMode, GraphSettings, PRIMARY, PasswordSource, RelaySettings, RouteDoc, Security, SendLimits, SettingsDoc,
+    StandbyRoute, Transport,
 };

@@ -102,6 +102,71 @@ impl Auth {
     }
 }
 
+/// The name of the first route: the main settings' own relay.
+pub const PRIMARY: &str = "primary";
+
+/// A standby route as stored: its name and its own settings (only the per-route ones).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDoc {
+    pub name: String,
+    pub settings: SettingsDoc,
+}
+
+/// A validated standby route: its settings are whole (the installation's sender, policy,
+/// limits and retry schedule, with this route's relay, credential, TLS and timeouts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyRoute {
+    pub name: String,
+    pub settings: RelaySettings,
+}
+
+/// Most standby routes: failover is for a second (or third) relay, not for a relay farm.
+pub const MAX_STANDBY: usize = 4;
+
+/// A route's name: what the logs, the message log and the CLI's `--route` say.
+pub fn check_route_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok = (1..=32).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if !ok {
+        return Err(FieldError::new(
+            field,
+            format!("'{name}' is not a route name; use 1-32 lower-case letters, digits and dashes, e.g. standby"),
+        ));
+    }
+    if name == PRIMARY {
+        return Err(FieldError::new(
+            field,
+            "'primary' is the main settings' own route; change it without --route, or name the standby otherwise",
+        ));
+    }
+    Ok(())
+}
+
+/// The whole document of a standby route: the main document's installation-wide settings with
+/// the route's own, and the route's credential binding.
+pub fn route_doc(main: &SettingsDoc, route: &SettingsDoc) -> SettingsDoc {
+    let mut doc = main.clone();
+    doc.routes = None;
+    for s in table::SETTINGS.iter().filter(|s| !s.whole) {
+        doc.unset(s.name);
+    }
+    let mut doc = doc.merged(&route_part(route));
+    doc.credential_relay = route.credential_relay.clone();
+    doc
+}
+
+/// What a standby route stores of a whole document: its per-route settings and binding.
+pub fn route_part(doc: &SettingsDoc) -> SettingsDoc {
+    let mut part = doc.clone();
+    part.routes = None;
+    for s in table::SETTINGS.iter().filter(|s| s.whole) {
+        part.unset(s.name);
+    }
+    part
+}
+
 /// Validated relay settings: every value here is safe to use as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySettings {
@@ -130,12 +195,16 @@ pub struct RelaySettings {
     pub data_timeout: Duration,
     /// Most RCPTs per SMTP transaction; more recipients go as several transactions.
     pub recipients_per_transaction: usize,
-    /// The sending limits the relay enforces anyway, kept by Panel for the whole installation.
+    /// The sending limits this route's relay enforces anyway, kept by Panel with one budget
+    /// per route that every service shares.
     pub limits: SendLimits,
     pub retry: RetryPolicy,
     /// False when the stored credential was confirmed for another host, port or security mode:
     /// it is not sent until the admin confirms it for this endpoint.
     pub credential_attached: bool,
+    /// The routes tried after this one, in order, when this one cannot be reached or refuses
+    /// Panel (empty in a standby route's own settings).
+    pub standby: Vec<StandbyRoute>,
     /// The document these settings were validated from, for the views the table renders.
     pub doc: SettingsDoc,
 }
@@ -217,8 +286,54 @@ impl RelaySettings {
         self.tls_server_name.as_deref().unwrap_or(&self.host)
     }
 
-    /// The single validation used on save, on load and before every send.
+    /// Every route in order: the primary (these settings) first, then the standbys.
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &RelaySettings)> {
+        std::iter::once((PRIMARY, self)).chain(self.standby.iter().map(|r| (r.name.as_str(), &r.settings)))
+    }
+
+    /// The single validation used on save, on load and before every send: the main settings
+    /// and every standby route, each route's problems named `routes.NAME.FIELD`.
     pub fn validate(doc: &SettingsDoc) -> Result<RelaySettings, FieldErrors> {
+        let main = Self::validate_route(doc);
+        let mut errors = main.as_ref().err().cloned().unwrap_or_default();
+        let routes = doc.routes.as_deref().unwrap_or_default();
+        if routes.len() > MAX_STANDBY {
+            errors.push("routes", format!("{} standby routes; at most {MAX_STANDBY}", routes.len()));
+        }
+        let mut standby = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let field = |f: &str| format!("routes.{}.{f}", route.name);
+            if let Err(e) = check_route_name("routes", &route.name) {
+                errors.0.push(e);
+                continue;
+            }
+            if routes[..i].iter().any(|r| r.name == route.name) {
+                errors.push("routes", format!("two routes are named '{}'", route.name));
+            }
+            for s in table::SETTINGS.iter().filter(|s| s.whole && route.settings.get(s.name).is_some()) {
+                errors.push(field(s.name), "belongs to the whole installation; set it without --route");
+            }
+            match Self::validate_route(&route_doc(doc, &route.settings)) {
+                Ok(settings) => standby.push(StandbyRoute { name: route.name.clone(), settings }),
+                // The installation-wide fields' problems are the main settings' own, said once.
+                Err(e) => errors.0.extend(
+                    e.0.into_iter()
+                        .filter(|e| table::setting(&e.field).is_none_or(|s| !s.whole))
+                        .map(|e| FieldError::new(field(&e.field), e.message)),
+                ),
+            }
+        }
+        match main {
+            Ok(mut settings) if errors.is_empty() => {
+                settings.standby = standby;
+                Ok(settings)
+            }
+            _ => Err(errors),
+        }
+    }
+
+    /// One route's settings, the installation-wide ones included.
+    fn validate_route(doc: &SettingsDoc) -> Result<RelaySettings, FieldErrors> {
         let mut errors = FieldErrors::default();
 
         let transport = match doc.transport.as_deref() {
@@ -354,6 +469,7 @@ impl RelaySettings {
                     recipients_per_transaction,
                     limits,
                     retry,
+                    standby: Vec::new(),
                     doc: doc.clone(),
                 };
                 // The binding is computed from the validated settings, token endpoint included.

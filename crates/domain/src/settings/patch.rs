@@ -3,7 +3,7 @@
 //! must be told, and what the audit log records. The one validation of a save runs here.
 
 use super::table::{SETTINGS, SettingsDoc, modes};
-use super::{AuthMode, RelaySettings, Security, Transport};
+use super::{AuthMode, MAX_STANDBY, RelaySettings, RouteDoc, Security, Transport, route_doc, route_part};
 use crate::errors::FieldErrors;
 
 /// A saved change, before it is stored.
@@ -49,6 +49,15 @@ pub enum Channel {
 ///
 /// Every problem of the result is reported at once; nothing is applied on error.
 pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Result<Applied, FieldErrors> {
+    if patch.routes.is_some() {
+        let mut errors = FieldErrors::default();
+        errors.push(
+            "routes",
+            "standby routes are changed one at a time: panel smtp set --route NAME ... \
+             (PUT /api/v1/settings/smtp/routes/NAME), removed with panel smtp remove-route NAME",
+        );
+        return Err(errors);
+    }
     let mut doc = current.merged(patch);
     let mut notices = Vec::new();
     let m = modes(&doc);
@@ -115,6 +124,84 @@ pub fn apply(patch: &SettingsDoc, current: &SettingsDoc, channel: Channel) -> Re
     settings.doc = doc.clone();
     let changes = diff(current, &doc);
     Ok(Applied { doc, settings, notices, changes, events })
+}
+
+/// Applies `patch` to the standby route `name`, which is made (and tried after the others)
+/// when it does not exist yet. The route's document is the installation-wide settings with
+/// the route's own, so every rule of `apply` holds for it as for the primary: mode switches
+/// drop fields, its credential is bound to its own relay, the remote channel may not name a
+/// local file. A patch may name only per-route settings.
+pub fn apply_route(
+    name: &str,
+    patch: &SettingsDoc,
+    current: &SettingsDoc,
+    channel: Channel,
+) -> Result<Applied, FieldErrors> {
+    let mut errors = FieldErrors::default();
+    errors.take(super::check_route_name("route", name));
+    if patch.routes.is_some() {
+        errors.push("routes", "name one route's settings, not a list of routes");
+    }
+    for s in SETTINGS.iter().filter(|s| s.whole && patch.get(s.name).is_some()) {
+        errors.push(s.name, "belongs to the whole installation, not to one route; set it without --route");
+    }
+    if current.host.is_none() && current.transport.is_none() {
+        errors.push(
+            "route",
+            "save the main settings first (panel smtp set --host ... --from ... --fallback-recipient ...); \
+             a standby route is tried after them",
+        );
+    }
+    let mut routes = current.routes.clone().unwrap_or_default();
+    let at = routes.iter().position(|r| r.name == name);
+    if at.is_none() && routes.len() >= MAX_STANDBY {
+        errors.push("route", format!("there are {MAX_STANDBY} standby routes already; remove one first"));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let own = at.map(|i| routes[i].settings.clone()).unwrap_or_default();
+    let applied = apply(patch, &route_doc(current, &own), channel)?;
+    let part = route_part(&applied.doc);
+    let mut changes: Vec<String> = applied.changes.iter().map(|c| format!("route {name}: {c}")).collect();
+    match at {
+        Some(i) => routes[i].settings = part,
+        None => {
+            changes.insert(0, format!("route {name} added"));
+            routes.push(RouteDoc { name: name.to_string(), settings: part });
+        }
+    }
+    let doc = SettingsDoc { routes: Some(routes), ..current.clone() };
+    let settings = RelaySettings::validate(&doc)?;
+    let notices = applied.notices.into_iter().map(|n| format!("route {name}: {n}")).collect();
+    Ok(Applied { doc, settings, notices, changes, events: applied.events })
+}
+
+/// Removes the standby route `name`; the routes after it move up.
+pub fn remove_route(name: &str, current: &SettingsDoc) -> Result<Applied, FieldErrors> {
+    let mut routes = current.routes.clone().unwrap_or_default();
+    let Some(at) = routes.iter().position(|r| r.name == name) else {
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        let mut errors = FieldErrors::default();
+        errors.push(
+            "route",
+            match names.is_empty() {
+                true => format!("there is no standby route '{name}'; there are none"),
+                false => format!("there is no standby route '{name}'; there are: {}", names.join(", ")),
+            },
+        );
+        return Err(errors);
+    };
+    routes.remove(at);
+    let doc = SettingsDoc { routes: if routes.is_empty() { None } else { Some(routes) }, ..current.clone() };
+    let settings = RelaySettings::validate(&doc)?;
+    Ok(Applied {
+        doc,
+        settings,
+        notices: Vec::new(),
+        changes: vec![format!("route {name} removed")],
+        events: Vec::new(),
+    })
 }
 
 /// Makes an earlier version the next one, exactly as it was stored: every field, and the
@@ -243,6 +330,27 @@ pub fn diff(old: &SettingsDoc, new: &SettingsDoc) -> Vec<String> {
         .collect();
     if old.credential_relay != new.credential_relay && changed.is_empty() {
         changed.push("credential confirmed for this relay".into());
+    }
+    let (old_routes, new_routes) =
+        (old.routes.as_deref().unwrap_or_default(), new.routes.as_deref().unwrap_or_default());
+    for r in old_routes.iter().filter(|r| !new_routes.iter().any(|n| n.name == r.name)) {
+        changed.push(format!("route {} removed", r.name));
+    }
+    for r in new_routes {
+        match old_routes.iter().find(|o| o.name == r.name) {
+            None => changed.push(format!("route {} added", r.name)),
+            Some(o) => {
+                changed.extend(diff(&o.settings, &r.settings).into_iter().map(|c| format!("route {}: {c}", r.name)))
+            }
+        }
+    }
+    let order = |routes: &[RouteDoc]| routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    let (kept_old, kept_new): (Vec<_>, Vec<_>) = (
+        order(old_routes).into_iter().filter(|n| new_routes.iter().any(|r| &r.name == n)).collect(),
+        order(new_routes).into_iter().filter(|n| old_routes.iter().any(|r| &r.name == n)).collect(),
+    );
+    if kept_old != kept_new {
+        changed.push(format!("route order: {} -> {}", kept_old.join(", "), kept_new.join(", ")));
     }
     changed
 }
@@ -440,5 +548,87 @@ mod tests {
             .unwrap_err();
         let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["security", "port", "from"]);
+    }
+
+    #[test]
+    fn a_standby_route_holds_only_its_own_settings_and_shares_the_installations() {
+        let a = apply_route(
+            "standby",
+            &patch(&[("host", "Backup.Example.org"), ("port", "2525"), ("security", "none")]),
+            &base(),
+            Channel::Local,
+        )
+        .unwrap();
+        assert_eq!(a.changes[0], "route standby added");
+        assert!(a.changes.contains(&"route standby: port: (default) -> 2525".to_string()), "{:?}", a.changes);
+        let stored = &a.doc.routes.as_ref().unwrap()[0];
+        assert_eq!((stored.name.as_str(), stored.settings.from.as_deref()), ("standby", None), "from is not copied");
+        let standby = &a.settings.standby[0].settings;
+        assert_eq!((standby.host.as_str(), standby.port), ("backup.example.org", 2525));
+        assert_eq!(standby.from, a.settings.from, "the sender is the installation's");
+        let names: Vec<_> = a.settings.routes().map(|(n, s)| (n, s.host.clone())).collect();
+        assert_eq!(names, [("primary", "relay.example.org".into()), ("standby", "backup.example.org".into())]);
+        // A main save keeps the routes; a change to the installation's sender reaches them.
+        let main = apply(&patch(&[("from", "ops@example.org")]), &a.doc, Channel::Local).unwrap();
+        assert_eq!(main.settings.standby[0].settings.from.to_string(), "ops@example.org");
+        // Removing it leaves the primary alone.
+        let removed = remove_route("standby", &main.doc).unwrap();
+        assert_eq!((removed.doc.routes, removed.changes), (None, vec!["route standby removed".to_string()]));
+    }
+
+    #[test]
+    fn a_route_patch_is_refused_with_every_reason_and_changes_nothing() {
+        let err =
+            apply_route("Primary!", &patch(&[("from", "x@example.org"), ("port", "2525")]), &base(), Channel::Local)
+                .unwrap_err();
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["route", "from"], "{err:?}");
+        let err = apply_route("primary", &patch(&[("host", "b.example")]), &base(), Channel::Local).unwrap_err();
+        assert!(err.0[0].message.contains("without --route"), "{err:?}");
+        let err =
+            apply_route("b", &patch(&[("host", "b.example")]), &SettingsDoc::default(), Channel::Local).unwrap_err();
+        assert!(err.0[0].message.contains("main settings first"), "{err:?}");
+        // A new route must name its relay; the route's problems are named as such.
+        let err = apply_route("b", &patch(&[("port", "2525")]), &base(), Channel::Local).unwrap_err();
+        assert_eq!(err.0[0].field, "host", "{err:?}");
+        let err = remove_route("nope", &base()).unwrap_err();
+        assert!(err.0[0].message.contains("there are none"), "{err:?}");
+        let main = apply(&SettingsDoc { routes: Some(vec![]), ..SettingsDoc::default() }, &base(), Channel::Local);
+        assert_eq!(main.unwrap_err().0[0].field, "routes");
+        // A stored document whose route lost its relay names the route in the error.
+        let mut doc = apply_route("b", &patch(&[("host", "b.example")]), &base(), Channel::Local).unwrap().doc;
+        doc.routes.as_mut().unwrap()[0].settings.host = None;
+        let err = RelaySettings::validate(&doc).unwrap_err();
+        assert_eq!(err.0[0].field, "routes.b.host", "{err:?}");
+    }
+
+    #[test]
+    fn each_route_binds_its_own_credential_to_its_own_relay() {
+        let primary = apply(&patch(&[("auth", "password"), ("credential", "main")]), &base(), Channel::Local).unwrap();
+        let a = apply_route(
+            "standby",
+            &patch(&[("host", "b.example"), ("auth", "password"), ("credential", "backup")]),
+            &primary.doc,
+            Channel::Remote,
+        )
+        .unwrap();
+        assert!(a.settings.credential_attached && a.settings.standby[0].settings.credential_attached);
+        assert_eq!(
+            a.events,
+            [SettingsEvent::CredentialAttached { credential: "backup".into(), relay: "b.example:587/starttls".into() }]
+        );
+        // Moving the standby detaches its credential, not the primary's.
+        let moved = apply_route("standby", &patch(&[("host", "c.example")]), &a.doc, Channel::Local).unwrap();
+        assert!(moved.settings.credential_attached && !moved.settings.standby[0].settings.credential_attached);
+        assert!(moved.notices[0].starts_with("route standby: the stored credential 'backup' is detached"));
+        // Through the API a route may not name a local password file either.
+        let err = apply_route(
+            "standby",
+            &patch(&[("auth", "password"), ("username", "u"), ("password_file", "/etc/shadow")]),
+            &a.doc,
+            Channel::Remote,
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].field, "password_file");
     }
 }

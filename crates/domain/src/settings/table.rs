@@ -176,6 +176,10 @@ pub struct Setting {
     /// Settable only on the service's machine (the CLI), never through the API or the web UI:
     /// the setting makes the service read something local and send it (`patch::Channel`).
     pub local_only: bool,
+    /// Belongs to the whole installation (the sender, the Fallback recipient, the recipient
+    /// policy, the sending limits, the retry schedule), not to one route: a standby route
+    /// takes it from the main settings and may not set its own.
+    pub whole: bool,
 }
 
 /// A value as given: the JSON type a setting stores.
@@ -241,7 +245,7 @@ impl FromText for bool {
 macro_rules! settings_table {
     ($($(#[$doc:meta])* $name:ident: $ty:ty {
         kind: $kind:expr, group: $group:ident, label: $label:literal, default: $default:expr,
-        uses: $uses:expr, $(local_only: $local:literal,)? doc: $help:literal $(,)?
+        uses: $uses:expr, $(local_only: $local:literal,)? $(whole: $whole:literal,)? doc: $help:literal $(,)?
     }),+ $(,)?) => {
         /// The settings document as stored and as edited: every field optional and loosely typed,
         /// so that a patch can name only what changes and validation can report every field's
@@ -257,6 +261,12 @@ macro_rules! settings_table {
             /// until confirmed again.
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub credential_relay: Option<String>,
+            /// The standby routes, in the order they are tried after this one (the primary
+            /// route): each holds only the settings of one route (`Setting::whole` false), with
+            /// its own credential binding. Edited one route at a time (`patch::apply_route`),
+            /// never by a patch of the main settings.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub routes: Option<Vec<super::RouteDoc>>,
         }
 
         /// Every relay setting, in the form's order.
@@ -269,6 +279,7 @@ macro_rules! settings_table {
             uses: $uses,
             doc: $help,
             local_only: false $(|| $local)?,
+            whole: false $(|| $whole)?,
         }),+];
 
         impl SettingsDoc {
@@ -279,6 +290,7 @@ macro_rules! settings_table {
                 SettingsDoc {
                     $($name: pick(&self.$name, &patch.$name),)+
                     credential_relay: self.credential_relay.clone(),
+                    routes: self.routes.clone(),
                 }
             }
 
@@ -441,15 +453,18 @@ settings_table! {
     },
     from: String {
         kind: Kind::Mailbox, group: Messages, label: "From address", default: Default::Required, uses: ANY,
+        whole: true,
         doc: "The sender, Name <address> or address",
     },
     fallback_recipient: String {
         kind: Kind::Address, group: Messages, label: "Fallback recipient", default: Default::Required, uses: ANY,
+        whole: true,
         doc: "Gets messages without a recipient, and the Test Message",
     },
     recipient_policy: String {
         kind: Kind::Choice(PolicyMode::options), group: Policy, label: "Recipients",
         default: Default::Value("deliver"), uses: ANY,
+        whole: true,
         doc: "deliver (as addressed), redirect (every message to one address, the original recipients named in \
               the message) or capture (nothing sent, every message kept to read and download as .eml); the last two \
               for test installations",
@@ -457,18 +472,20 @@ settings_table! {
     redirect_to: String {
         kind: Kind::Address, group: Policy, label: "Redirect to",
         default: Default::Derived { text: "the Fallback recipient", value: default_redirect_to }, uses: REDIRECT,
+        whole: true,
         doc: "With redirect: the address every message goes to",
     },
     allowed_domains: String {
         kind: Kind::Text, group: Policy, label: "Allowed domains", default: Default::Runtime("any domain"),
         uses: ANY,
+        whole: true,
         doc: "Comma-separated domains (and their subdomains) mail may go to; any other recipient is refused at \
               enqueue and never sent to",
     },
     /// Lets schedule and workflow steps set their own From address.
     allow_from_override: bool {
         kind: Kind::Flag, group: Messages, label: "Steps may set their own From", default: Default::Value("false"),
-        uses: ANY, doc: "Lets schedule and workflow steps set their own From address",
+        uses: ANY, whole: true, doc: "Lets schedule and workflow steps set their own From address",
     },
     helo_name: String {
         kind: Kind::Host, group: Advanced, label: "EHLO name", default: Default::Runtime("this host's name"),
@@ -498,15 +515,15 @@ settings_table! {
     messages_per_minute: i64 {
         kind: Kind::Number, group: Limits, label: "Messages per minute", default: Default::Runtime("no limit"),
         uses: ANY,
-        doc: "At most this many messages in any 60 seconds, for the whole installation (every service shares \
-              it), 1-100000, 0 for no limit; more wait in the queue instead of collecting the relay's \
-              throttling replies (Exchange Online: 30)",
+        doc: "At most this many messages by this route in any 60 seconds, every service together, 1-100000, 0 \
+              for no limit; more wait in the queue instead of collecting the relay's throttling replies \
+              (Exchange Online: 30 per mailbox)",
     },
     recipients_per_day: i64 {
         kind: Kind::Number, group: Limits, label: "Recipients per day", default: Default::Runtime("no limit"),
         uses: ANY,
-        doc: "At most this many recipients in any 24 hours, for the whole installation, 1-10000000, 0 for no \
-              limit; more wait in the queue (Exchange Online: 10000 per mailbox)",
+        doc: "At most this many recipients by this route in any 24 hours, every service together, 1-10000000, \
+              0 for no limit; more wait in the queue (Exchange Online: 10000 per mailbox)",
     },
     recipients_per_transaction: i64 {
         kind: Kind::Number, group: Advanced, label: "Recipients per transaction", default: Default::Value("100"),
@@ -523,11 +540,12 @@ settings_table! {
     },
     retry_schedule: String {
         kind: Kind::Durations, group: Advanced, label: "Retry schedule", default: Default::Value(retry::DEFAULT_SCHEDULE),
-        uses: ANY, doc: "Delays between retries, the last repeating (with 10% jitter)",
+        uses: ANY, whole: true, doc: "Delays between retries, the last repeating (with 10% jitter)",
     },
     give_up_after: String {
         kind: Kind::Duration, group: Advanced, label: "Give up after",
         default: Default::Value(retry::DEFAULT_GIVE_UP_AFTER), uses: ANY,
+        whole: true,
         doc: "No attempt starts later than this after enqueue",
     },
 }
@@ -634,6 +652,7 @@ pub fn schema() -> Value {
                 "default_label": default_label,
                 "options": options,
                 "local_only": s.local_only,
+                "whole": s.whole,
                 "used_by": {
                     "transport": s.uses.transport.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                     "auth": s.uses.auth.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
@@ -720,7 +739,12 @@ pub fn reference_markdown() -> String {
                 s.uses.policy.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
             ));
         }
-        let used = if used.is_empty() { "any".to_string() } else { used.join("; ") };
+        let used = match (s.whole, used.is_empty()) {
+            (true, true) => "the whole installation".to_string(),
+            (true, false) => format!("{}; the whole installation", used.join("; ")),
+            (false, true) => "any; per route".to_string(),
+            (false, false) => format!("{}; per route", used.join("; ")),
+        };
         out.push_str(&format!("| `--{}` | {} | {default} | {used} |\n", flag_name(s), s.doc));
     }
     out
