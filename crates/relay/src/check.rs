@@ -38,6 +38,16 @@ pub struct CheckReport {
     /// service's environment, config file and trusted authorities, so that is where it counts.
     #[serde(default)]
     pub ran_in: String,
+    /// The route checked: `primary`, or a standby's name.
+    #[serde(default)]
+    pub route: String,
+    /// On the primary's report: each standby route's check, in the order they are tried.
+    /// `ok` at the top is then true only when every route passed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby: Vec<CheckReport>,
+    /// The route mail goes by now: the first, in order, whose check passed; none when all failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -106,5 +116,8 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
         failure,
         released: 0,
         ran_in: String::new(),
+        route: panel_domain::PRIMARY.to_string(),
+        standby: Vec::new(),
+        in_use: None,
     }
 }

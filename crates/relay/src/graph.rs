@@ -314,6 +314,9 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
         failure,
         released: 0,
         ran_in: String::new(),
+        route: panel_domain::PRIMARY.to_string(),
+        standby: Vec::new(),
+        in_use: None,
     }
 }
 

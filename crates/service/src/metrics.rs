@@ -44,6 +44,7 @@ pub struct Metrics {
     attempts: Counters,
     connection_errors: Counters,
     throttled: std::sync::atomic::AtomicU64,
+    failovers: std::sync::atomic::AtomicU64,
     delivery: Histogram,
 }
 
@@ -77,6 +78,11 @@ impl Metrics {
     /// The relay (or provider) asked to slow down: the transport paused.
     pub fn throttled(&self) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A route failed and the message went on to the next route at once.
+    pub fn failover(&self) {
+        self.failovers.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn connection_error(&self, stage: &str) {
@@ -123,6 +129,11 @@ impl Metrics {
             out,
             "# HELP panel_relay_throttled_total Replies asking to slow down; each paused sending.\n# TYPE panel_relay_throttled_total counter\npanel_relay_throttled_total {}",
             self.throttled.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP panel_route_failovers_total Attempts whose route failed while another could take the message at once.\n# TYPE panel_route_failovers_total counter\npanel_route_failovers_total {}",
+            self.failovers.load(Ordering::Relaxed)
         );
         let h = &self.delivery;
         let name = "panel_delivery_seconds";

@@ -133,6 +133,31 @@ impl Panel {
         let (hours, last_hour, last_day) = Dashboard::tally(start, &counts);
         let last_error: Option<crate::views::RelayError> = self.store.last_relay_error().await?.map(Into::into);
         let settings = self.settings().await;
+        let routes = match &settings {
+            Ok(Some((_, s))) => {
+                let names: Vec<String> = s.routes().map(|(n, _)| n.to_string()).collect();
+                let last = self.store.route_attempts(&names).await?;
+                crate::views::RouteStatus::of(
+                    s.routes()
+                        .zip(last)
+                        .map(|((name, r), last)| (name.to_string(), r.endpoint(), last.map(Into::into)))
+                        .collect(),
+                )
+            }
+            _ => Vec::new(),
+        };
+        // A failing route while another carries the mail: no message waits, but the admin
+        // must know the route they count on is down.
+        let failover = match routes.iter().position(|r| r.state == "in use") {
+            Some(used) if used > 0 => routes[..used].iter().find_map(|r| {
+                let a = r.last.as_ref()?;
+                Some(format!(
+                    "Route {} is failing (at {}: {}); mail goes by route {} until it is back.",
+                    r.name, a.stage, a.detail, routes[used].name
+                ))
+            }),
+            _ => None,
+        };
         let storage = self.storage_fault();
         let banner = match (&settings, &last_error) {
             _ if let Some(f) = &storage => Some(format!(
@@ -145,6 +170,7 @@ impl Panel {
                 "No relay settings yet: nothing can be sent. Configure the relay under Relay settings.".to_string(),
             ),
             (Err(e), _) => Some(format!("The relay settings are broken: {e}")),
+            _ if failover.is_some() => failover,
             (_, Some(e))
                 if e.current
                     && e.outcome == panel_domain::AttemptOutcome::ConfigurationError
@@ -189,7 +215,7 @@ impl Panel {
             _ => Vec::new(),
         };
         let policy = settings.as_ref().ok().and_then(|s| s.as_ref()).and_then(|(_, s)| s.policy.notice());
-        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner, missing, policy })
+        Ok(Dashboard { services, queue, last_hour, last_day, hours, last_error, banner, missing, policy, routes })
     }
 
     /// The Prometheus exposition: this process's counters and the shared queue's gauges.

@@ -52,6 +52,43 @@ impl Panel {
             .await
     }
 
+    /// Applies `patch` to the standby route `name` (made when new, tried after the others) by
+    /// the patch rules (`settings::patch::apply_route`), with the same checks as a save.
+    pub async fn update_route(
+        &self,
+        name: &str,
+        patch: &SettingsDoc,
+        by: &str,
+        channel: Channel,
+    ) -> Result<SettingsUpdate, OpsError> {
+        let (version, old_doc) = match self.store.current_settings().await? {
+            Some(s) => (s.version, s.doc),
+            None => (0, SettingsDoc::default()),
+        };
+        let applied =
+            panel_domain::settings::patch::apply_route(name, patch, &old_doc, channel).map_err(OpsError::Invalid)?;
+        self.save_applied(version, applied, by, AuditEvent::new("settings.saved", "relay settings", String::new()))
+            .await
+    }
+
+    /// Removes the standby route `name`.
+    pub async fn remove_route(&self, name: &str, by: &str) -> Result<SettingsUpdate, OpsError> {
+        let current = self.store.current_settings().await?.ok_or(OpsError::NotConfigured)?;
+        let applied = panel_domain::settings::patch::remove_route(name, &current.doc).map_err(|e| {
+            match e.0.first().is_some_and(|e| e.message.starts_with("there is no standby route")) {
+                true => OpsError::NotFoundNamed { what: "standby route", name: name.to_string() },
+                false => OpsError::Invalid(e),
+            }
+        })?;
+        self.save_applied(
+            current.version,
+            applied,
+            by,
+            AuditEvent::new("settings.saved", "relay settings", String::new()),
+        )
+        .await
+    }
+
     /// The saved versions, newest first (at most `limit`), each with what it changed from the
     /// one before it.
     pub async fn settings_history(&self, limit: usize) -> Result<Vec<SettingsVersion>, OpsError> {
@@ -102,13 +139,19 @@ impl Panel {
         event: AuditEvent,
     ) -> Result<SettingsUpdate, OpsError> {
         let mut errors = FieldErrors::default();
-        if let Some(ca) = &applied.settings.ca_file
-            && let Err(e) = std::fs::metadata(ca)
-        {
-            errors.push("ca_file", format!("{} cannot be read: {e}", ca.display()));
-        }
-        if let Some(name) = applied.settings.auth.credential() {
-            self.check_credential_kind(&applied.settings.auth, name, &mut errors).await?;
+        for (route, settings) in applied.settings.routes() {
+            let mut found = FieldErrors::default();
+            if let Some(ca) = &settings.ca_file
+                && let Err(e) = std::fs::metadata(ca)
+            {
+                found.push("ca_file", format!("{} cannot be read: {e}", ca.display()));
+            }
+            if let Some(name) = settings.auth.credential() {
+                self.check_credential_kind(&settings.auth, name, &mut found).await?;
+            }
+            // A standby's problems name their route, as validation names them.
+            let field = |f: String| if route == panel_domain::PRIMARY { f } else { format!("routes.{route}.{f}") };
+            errors.0.extend(found.0.into_iter().map(|e| panel_domain::FieldError::new(field(e.field), e.message)));
         }
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
@@ -233,15 +276,23 @@ impl Panel {
         Ok(self.store.finish_check(id, &stored, self.now()).await?)
     }
 
-    /// Checks the settings in force. A pass proves connection, TLS and AUTH work, so the
-    /// messages a configuration error held at those stages go again now.
+    /// Checks every route of the settings in force, the primary first. A pass proves
+    /// connection, TLS and AUTH work, so the messages a configuration error held at those
+    /// stages go again now (when any route passed: it can take them).
     pub async fn check(&self) -> Result<CheckReport, OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
-        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
-        let doc = settings.doc.clone();
-        let mut report = panel_relay::check(Arc::new(settings), credentials).await;
-        if report.ok {
-            report.released = self.store.release_held(&doc, self.now(), Release::SessionFailures).await?;
+        let mut reports = Vec::new();
+        for (name, route) in settings.routes() {
+            let mut report = self.check_route(route.clone()).await;
+            report.route = name.to_string();
+            reports.push(report);
+        }
+        let mut report = reports.remove(0);
+        report.in_use = std::iter::once(&report).chain(&reports).find(|r| r.ok).map(|r| r.route.clone());
+        report.ok = report.ok && reports.iter().all(|r| r.ok);
+        report.standby = reports;
+        if report.in_use.is_some() {
+            report.released = self.store.release_held(&settings.doc, self.now(), Release::SessionFailures).await?;
             if report.released > 0 {
                 self.wake_workers().await;
             }
@@ -249,21 +300,46 @@ impl Panel {
         Ok(report)
     }
 
+    async fn check_route(&self, settings: RelaySettings) -> CheckReport {
+        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
+        panel_relay::check(Arc::new(settings), credentials).await
+    }
+
     /// Checks the settings as a form shows them before Save: `patch` applied to the stored
     /// settings by the same rules as a save from `channel` (so a draft cannot do what a save
     /// may not), and nothing stored. A stored credential goes only where a save would send it.
-    pub async fn check_draft(&self, patch: &SettingsDoc, channel: Channel) -> Result<CheckReport, OpsError> {
+    pub async fn check_draft(
+        &self,
+        route: Option<&str>,
+        patch: &SettingsDoc,
+        channel: Channel,
+    ) -> Result<CheckReport, OpsError> {
+        use panel_domain::settings::patch;
         let current = self.store.current_settings().await?.map(|s| s.doc).unwrap_or_default();
-        let applied = panel_domain::settings::patch::apply(patch, &current, channel).map_err(OpsError::Invalid)?;
-        if applied.changes.is_empty() && current != SettingsDoc::default() {
+        let applied = match route {
+            None => patch::apply(patch, &current, channel),
+            Some(name) => patch::apply_route(name, patch, &current, channel),
+        }
+        .map_err(OpsError::Invalid)?;
+        if applied.changes.is_empty() && current != SettingsDoc::default() && route.is_none() {
             // The form as saved: a check of the settings in force, which may release held mail.
             return self.check().await;
         }
-        let mut settings = applied.settings;
+        let (name, mut settings, binding) = match route {
+            None => (panel_domain::PRIMARY, applied.settings, current.credential_relay.clone()),
+            Some(name) => {
+                let stored = current.routes.iter().flatten().find(|r| r.name == name);
+                let settings = applied.settings.standby.into_iter().find(|r| r.name == name).map(|r| r.settings);
+                let settings = settings.ok_or_else(|| OpsError::internal("checking a route", "the route vanished"))?;
+                (name, settings, stored.and_then(|r| r.settings.credential_relay.clone()))
+            }
+        };
         // Naming the credential in a draft does not confirm it for a new relay: only a save does.
-        settings.credential_attached = settings.bound_to(current.credential_relay.as_deref());
-        let credentials = StoredCredentials::for_settings(self, &settings, "smtp check");
-        Ok(panel_relay::check(Arc::new(settings), credentials).await)
+        settings.credential_attached = settings.bound_to(binding.as_deref());
+        let mut report = self.check_route(settings).await;
+        report.route = name.to_string();
+        report.in_use = report.ok.then(|| name.to_string());
+        Ok(report)
     }
 }
 
@@ -282,9 +358,27 @@ impl Panel {
 }
 
 pub fn effective_view(s: &RelaySettings) -> serde_json::Value {
+    let mut view = route_view(s);
+    if !s.standby.is_empty() {
+        let routes: Vec<serde_json::Value> = s
+            .standby
+            .iter()
+            .map(|r| {
+                let mut own = route_view(&r.settings);
+                // Only the route's own settings: the installation's are shown once, above.
+                own.retain(|k, _| panel_domain::settings::table::setting(k).is_none_or(|s| !s.whole));
+                serde_json::json!({"name": r.name, "settings": own})
+            })
+            .collect();
+        view.insert("routes".into(), routes.into());
+    }
+    serde_json::Value::Object(view)
+}
+
+fn route_view(s: &RelaySettings) -> serde_json::Map<String, serde_json::Value> {
     let mut view = panel_domain::settings::table::effective(&s.doc);
     if s.auth.credential().is_some() {
         view.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
     }
-    serde_json::Value::Object(view)
+    view
 }

@@ -207,19 +207,27 @@ impl Panel {
     }
 
     pub async fn credentials(&self) -> Result<Vec<CredentialInfo>, OpsError> {
-        // One read of the settings: the referenced name and whether it is attached.
-        let doc = self.store.current_settings().await?.map(|s| s.doc);
-        let attached = doc.as_ref().and_then(|d| RelaySettings::validate(d).ok()).map(|s| s.credential_attached);
+        // One read of the settings: which routes name each credential, and whether attached.
+        let settings = match self.store.current_settings().await? {
+            Some(stored) => RelaySettings::validate(&stored.doc).ok(),
+            None => None,
+        };
         let rows = self.store.credentials().await?;
         Ok(rows
             .into_iter()
             .map(|r| {
-                let referenced = doc.as_ref().and_then(|d| d.credential.as_deref()) == Some(r.name.as_str());
-                let used_by = match (referenced, attached) {
-                    (false, _) => vec![],
-                    (true, Some(false)) => vec!["relay settings (detached)".to_string()],
-                    (true, _) => vec!["relay settings".to_string()],
-                };
+                let used_by = settings
+                    .iter()
+                    .flat_map(|s| s.routes())
+                    .filter(|(_, route)| route.auth.credential() == Some(r.name.as_str()))
+                    .map(|(name, route)| {
+                        let what = match name {
+                            panel_domain::PRIMARY => "relay settings".to_string(),
+                            standby => format!("route {standby}"),
+                        };
+                        if route.credential_attached { what } else { format!("{what} (detached)") }
+                    })
+                    .collect();
                 CredentialInfo {
                     name: r.name,
                     kind: r.kind,

@@ -81,6 +81,9 @@ pub struct Attempt {
     /// The same fix naming the web form's fields ("Server"): one hint, two renderings.
     pub hint_form: Option<String>,
     pub relay: String,
+    /// The route the attempt went by (`primary` or a standby's name); none for an attempt a
+    /// stopped worker left behind.
+    pub route: Option<String>,
     pub service_id: String,
     pub settings_version: i64,
     pub recipients: serde_json::Value,
@@ -100,6 +103,7 @@ impl From<panel_store::AttemptRow> for Attempt {
             detail: a.detail,
             hint: a.hint,
             relay: a.relay,
+            route: a.route,
             service_id: a.service_id,
             settings_version: a.settings_version,
             recipients: a.recipients,
@@ -389,6 +393,8 @@ view!(
         message_id: i64,
         at: DateTime<Utc>,
         relay: String,
+        /// The route the attempt went by.
+        route: Option<String>,
         outcome: AttemptOutcome,
         stage: Stage,
         code: Option<i64>,
@@ -447,6 +453,47 @@ pub struct Dashboard {
     pub missing: Vec<String>,
     /// The recipient policy, when mail does not go as addressed to anyone (`RecipientPolicy::notice`).
     pub policy: Option<String>,
+    /// Every route in the order they are tried, with its state (one, the primary, without
+    /// standby routes).
+    pub routes: Vec<RouteStatus>,
+}
+
+/// A route's state as the attempts recorded it.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct RouteStatus {
+    pub name: String,
+    /// Where it sends: `host:port/security`, or the Graph endpoint.
+    pub endpoint: String,
+    /// `in use` (the first route that is not failing: mail goes by it), `standby` (not failing,
+    /// after the one in use) or `failing` (its latest attempt failed at the route itself:
+    /// unreachable, refusing service or refusing Panel; `last` says what it said).
+    pub state: String,
+    /// Its latest attempt (`current`: it did not deliver); none before it was used.
+    pub last: Option<RelayError>,
+}
+
+impl RouteStatus {
+    /// The routes' states from their latest attempts, in the routes' order.
+    pub fn of(routes: Vec<(String, String, Option<RelayError>)>) -> Vec<RouteStatus> {
+        let mut in_use = false;
+        routes
+            .into_iter()
+            .map(|(name, endpoint, last)| {
+                let failing = last.as_ref().is_some_and(|a| {
+                    a.outcome != AttemptOutcome::Delivered && (Stage::SESSION.contains(&a.stage) || a.code == Some(421))
+                });
+                let state = match failing {
+                    true => "failing",
+                    false if !in_use => {
+                        in_use = true;
+                        "in use"
+                    }
+                    false => "standby",
+                };
+                RouteStatus { name, endpoint, state: state.to_string(), last }
+            })
+            .collect()
+    }
 }
 
 impl Dashboard {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use panel_domain::classify::ConnectionContext;
 use panel_domain::credential::CREDENTIAL_STORAGE;
-use panel_domain::delivery::{AttemptContext, settle};
+use panel_domain::delivery::{AttemptContext, fail_over, route_failed, settle};
 use panel_domain::{Failure, RecipientResult, RelayBackoff, RelaySettings, SendReport, is_relay_unreachable};
 use panel_relay::{Connection, Graph, Relay, Transcript};
 use panel_store::{AttemptMeta, Claim, ConfigGeneration, Release, Store};
@@ -51,21 +51,80 @@ impl Default for WorkerConfig {
 /// One claim in this many takes bulk mail before urgent mail.
 const BULK_SHARE: u64 = 4;
 
-/// The relay prepared for the settings and secrets in force.
+/// The routes prepared for the settings and secrets in force.
 struct RelayState {
     generation: ConfigGeneration,
-    /// Distinguishes rebuilds: pooled connections belong to one state.
-    serial: u64,
+    /// The installation's settings (the primary route's): the recipient policy, the sending
+    /// limits and the retry schedule every route shares.
     settings: Arc<RelaySettings>,
-    relay: Result<Relay, Failure>,
+    /// The primary route first, then the standbys, in the order they are tried.
+    routes: Vec<RouteState>,
     /// When the license that lets these settings use a stored credential runs out: the state
     /// (and its authenticated connections) is rebuilt then, so expiry is enforced at use.
     licensed_until: Option<DateTime<Utc>>,
     /// The trusted authorities it was judged by (`Panel::authorities_serial`): a reloaded
     /// config file rebuilds it.
     authorities: u64,
+}
+
+/// One route's transport.
+struct RouteState {
+    name: String,
+    /// Its sending limits (a budget of its own, shared by every service).
+    limits: panel_domain::SendLimits,
+    /// Distinguishes rebuilds and routes: pooled connections belong to one route of one state.
+    serial: u64,
+    relay: Result<Relay, Failure>,
     /// With `transport = graph`: Microsoft Graph's sendMail instead of an SMTP session.
     graph: Option<Arc<Graph>>,
+}
+
+/// What this worker knows of a route's health: its backoff while it cannot be reached (or
+/// refuses Panel), and whether the one probe a route in backoff may take is out.
+#[derive(Default)]
+struct RouteHealth {
+    backoff: RelayBackoff,
+    probe_out: bool,
+}
+
+/// Whether the worker may claim: every route is usable (`Open`), only probes can go
+/// (`Probe`: one message at a time), or every route waits (`Wait`).
+enum Gate {
+    Open,
+    Probe,
+    Wait(Duration),
+}
+
+/// The gate for the routes' health: open while a route is healthy, probing while a route's
+/// backoff has run out, else the shortest wait.
+fn gate(health: &[RouteHealth], now: Instant) -> Gate {
+    let free = |h: &&RouteHealth| h.backoff.wait(now).is_none();
+    if health.is_empty() || health.iter().filter(free).any(|h| !h.backoff.probing()) {
+        Gate::Open
+    } else if health.iter().any(|h| free(&h)) {
+        Gate::Probe
+    } else {
+        Gate::Wait(health.iter().filter_map(|h| h.backoff.wait(now)).min().unwrap_or_default())
+    }
+}
+
+/// The route an attempt takes: the first, in order, that is not backing off; a route whose
+/// backoff ran out takes one probe at a time while the next one carries the rest. With every
+/// route backing off, the one back soonest.
+fn pick_route(health: &mut [RouteHealth], now: Instant) -> usize {
+    for (i, h) in health.iter_mut().enumerate() {
+        if h.backoff.wait(now).is_some() {
+            continue;
+        }
+        if !h.backoff.probing() {
+            return i;
+        }
+        if !h.probe_out {
+            h.probe_out = true;
+            return i;
+        }
+    }
+    (0..health.len()).min_by_key(|&i| health[i].backoff.wait(now).unwrap_or_default()).unwrap_or(0)
 }
 
 impl RelayState {
@@ -80,13 +139,13 @@ struct Shared {
     owner: String,
     config: WorkerConfig,
     relay: Mutex<Option<Arc<RelayState>>>,
-    /// Idle connections, tagged with the serial of the relay state they were opened under.
+    /// Idle connections, tagged with the serial of the route they were opened on.
     pool: Mutex<Vec<(u64, Instant, Connection)>>,
     serial: AtomicU64,
     /// Claims made, for the share of bulk mail (`BULK_SHARE`).
     claims: AtomicU64,
-    /// Whole-relay backoff while it is unreachable; reset when the settings change.
-    backoff: Mutex<RelayBackoff>,
+    /// Each route's health (in the routes' order); reset when the settings change.
+    health: Mutex<Vec<RouteHealth>>,
     /// Attempts to record, written in batches by `record_in_batches`.
     recorder: mpsc::Sender<Record>,
     /// Set when this worker recorded a configuration error before MAIL FROM: the next attempt
@@ -156,7 +215,7 @@ pub async fn run_worker(
         pool: Mutex::new(Vec::new()),
         serial: AtomicU64::new(0),
         claims: AtomicU64::new(0),
-        backoff: Mutex::new(RelayBackoff::default()),
+        health: Mutex::new(Vec::new()),
         recorder,
         held_seen: AtomicBool::new(false),
         held_checked: Mutex::new(None),
@@ -166,19 +225,17 @@ pub async fn run_worker(
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
-        let (wait, probing) = {
-            let b = shared.backoff.lock().expect("not poisoned");
-            (b.wait(Instant::now()), b.probing())
-        };
-        if let Some(wait) = wait {
-            // The relay is unreachable: leave it (and the queued messages) alone until then.
+        let gate = gate(&shared.health.lock().expect("not poisoned"), Instant::now());
+        if let Gate::Wait(wait) = gate {
+            // Every route is unreachable: leave them (and the queued messages) alone until then.
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
             continue;
         }
-        // While probing, one message at a time finds out whether the relay is back.
+        let probing = matches!(gate, Gate::Probe);
+        // While probing, one message at a time finds out whether a route is back.
         let free = if probing { usize::from(tasks.is_empty()) } else { slots.available_permits() };
         let claimed = if free == 0 { Ok(None) } else { claim(&shared, free as u32).await };
         match claimed {
@@ -252,53 +309,65 @@ async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayS
             return Ok(None);
         }
     };
-    let licensed_until = match settings.auth.credential() {
-        None => None,
-        Some(_) => match shared.panel.grant(CREDENTIAL_STORAGE).await {
+    let licensed_until = match settings.routes().any(|(_, r)| r.auth.credential().is_some()) {
+        false => None,
+        true => match shared.panel.grant(CREDENTIAL_STORAGE).await {
             Ok(Grant::Yes { until }) => until,
             // Not licensed: connecting fails with the reason; check again in a minute.
             _ => Some(shared.panel.now() + chrono::Duration::minutes(1)),
         },
     };
-    let credentials = StoredCredentials::for_settings(&shared.panel, &settings, &shared.owner);
-    let settings = Arc::new(settings);
-    let (relay, graph) = match settings.graph {
-        None => (Relay::new(settings.clone(), credentials), None),
-        Some(_) => match Graph::new(settings.clone(), credentials) {
-            Ok(g) => (Relay::new(settings.clone(), None), Some(Arc::new(g))),
-            Err(f) => (Err(f), None),
-        },
-    };
-    if let Err(f) = &relay {
-        tracing::error!(version = stored.version, error = %f, "relay settings cannot be used");
-    }
+    let routes: Vec<RouteState> = settings
+        .routes()
+        .map(|(name, route)| {
+            let credentials = StoredCredentials::for_settings(&shared.panel, route, &shared.owner);
+            let route = Arc::new(route.clone());
+            let (relay, graph) = match route.graph {
+                None => (Relay::new(route.clone(), credentials), None),
+                Some(_) => match Graph::new(route.clone(), credentials) {
+                    Ok(g) => (Relay::new(route.clone(), None), Some(Arc::new(g))),
+                    Err(f) => (Err(f), None),
+                },
+            };
+            if let Err(f) = &relay {
+                tracing::error!(version = stored.version, route = name, error = %f, "route settings cannot be used");
+            }
+            let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
+            RouteState { name: name.to_string(), limits: route.limits, serial, relay, graph }
+        })
+        .collect();
     let generation = ConfigGeneration { settings: stored.version, ..generation };
-    let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
     shared.outside.lock().expect("not poisoned").watch(&settings);
-    let state = Arc::new(RelayState { generation, serial, settings, relay, licensed_until, authorities, graph });
-    // New settings are a new relay: the old one's backoff says nothing about it.
-    let _ = shared.backoff.lock().expect("not poisoned").reached();
+    let settings = Arc::new(settings);
+    // New settings are new routes: the old ones' backoff says nothing about them.
+    *shared.health.lock().expect("not poisoned") = routes.iter().map(|_| RouteHealth::default()).collect();
+    let state = Arc::new(RelayState { generation, settings, routes, licensed_until, authorities });
     *shared.relay.lock().expect("not poisoned") = Some(state.clone());
     tracing::info!(version = stored.version, secrets = generation.secrets, "relay settings loaded");
     Ok(Some(state))
 }
 
+/// An idle connection of the route `serial`, if the pool has one.
 fn take_connection(shared: &Shared, serial: u64) -> Option<Connection> {
+    prune_idle(shared);
     let mut pool = shared.pool.lock().expect("not poisoned");
-    retire(drop_stale(&mut pool, Some(serial), shared.config.idle_connection));
-    pool.pop().map(|(_, _, c)| c)
+    let at = pool.iter().rposition(|(s, _, _)| *s == serial)?;
+    Some(pool.remove(at).2)
 }
 
 fn prune_idle(shared: &Shared) {
-    let serial = shared.relay.lock().expect("not poisoned").as_ref().map(|s| s.serial);
+    let serials: Vec<u64> = match shared.relay.lock().expect("not poisoned").as_ref() {
+        Some(state) => state.routes.iter().map(|r| r.serial).collect(),
+        None => Vec::new(),
+    };
     let mut pool = shared.pool.lock().expect("not poisoned");
-    retire(drop_stale(&mut pool, serial, shared.config.idle_connection));
+    retire(drop_stale(&mut pool, &serials, shared.config.idle_connection));
 }
 
-/// Takes out of the pool the connections idle too long or made for other relay settings.
-fn drop_stale(pool: &mut Vec<(u64, Instant, Connection)>, serial: Option<u64>, idle: Duration) -> Vec<Connection> {
+/// Takes out of the pool the connections idle too long or made for routes no longer in force.
+fn drop_stale(pool: &mut Vec<(u64, Instant, Connection)>, serials: &[u64], idle: Duration) -> Vec<Connection> {
     let (keep, stale): (Vec<_>, Vec<_>) =
-        pool.drain(..).partition(|(v, at, _)| Some(*v) == serial && at.elapsed() < idle);
+        pool.drain(..).partition(|(v, at, _)| serials.contains(v) && at.elapsed() < idle);
     *pool = keep;
     stale.into_iter().map(|(_, _, c)| c).collect()
 }
@@ -368,7 +437,15 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
         data_reply: None,
     };
     let ctx = ConnectionContext { port: 0, security: panel_domain::Security::None };
-    settle_and_record(&shared, &state, info, started, report, String::new(), ctx).await;
+    settle_and_record(&shared, &state, info, started, report, Via { route: None, relay: String::new(), ctx }).await;
+}
+
+/// Where an attempt went: the route (its index in the state's routes; none when the
+/// delivery panicked before it was known), the relay's address, and how it was connected.
+struct Via {
+    route: Option<usize>,
+    relay: String,
+    ctx: ConnectionContext,
 }
 
 /// Stops the lease renewal when the delivery ends, also when it ends by a panic.
@@ -397,7 +474,17 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     // outside the allowed domains, which are refused for good and never sent to).
     let plan = state.settings.policy.plan(&claim.message, &recipients);
     let message = plan.message.as_ref().unwrap_or(&claim.message);
-    let (report, relay_addr, ctx) = match &state.relay {
+    let index = pick_route(&mut shared.health.lock().expect("not poisoned"), Instant::now());
+    let route = &state.routes[index];
+    if route.limits.any()
+        && !plan.envelope.is_empty()
+        && !within_limits(shared, &claim, route, plan.envelope.len()).await
+    {
+        shared.health.lock().expect("not poisoned")[index].probe_out = false;
+        drop(renewal);
+        return;
+    }
+    let (report, relay_addr, ctx) = match &route.relay {
         Err(f) => (
             SendReport {
                 recipients: vec![RecipientResult::NotTried; recipients.len()],
@@ -409,24 +496,16 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         ),
         Ok(relay) => {
             let ctx = ConnectionContext { port: relay.settings.port, security: relay.settings.security };
-            let limits = state.settings.limits;
-            if limits.any()
-                && !plan.envelope.is_empty()
-                && !within_limits(shared, &claim, &limits, plan.envelope.len()).await
-            {
-                drop(renewal);
-                return;
-            }
             if let Some(hook) = shared.config.before_send {
                 hook(&claim.message);
             }
-            let sent = match &state.graph {
+            let sent = match &route.graph {
                 _ if plan.envelope.is_empty() => Some(None),
                 Some(graph) => send_graph(graph, message, plan.envelope.len(), &lease).await.map(Some),
-                None => send(shared, state.serial, relay, message, &plan.envelope, &lease).await.map(Some),
+                None => send(shared, route.serial, relay, message, &plan.envelope, &lease).await.map(Some),
             }
             .map(|sent| plan.report_for_pending(sent));
-            let address = match &state.graph {
+            let address = match &route.graph {
                 // Nothing left Panel: the attempt names the policy, not a relay it never reached.
                 _ if plan.envelope.is_empty() => "(not sent: recipient policy)".to_string(),
                 Some(g) => g.address(),
@@ -434,6 +513,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
             };
             let Some(report) = sent else {
                 drop(renewal);
+                shared.health.lock().expect("not poisoned")[index].probe_out = false;
                 tracing::warn!(
                     message_id = id,
                     "lease lost before sending (this worker was paused or cut off); another worker owns the message; nothing sent"
@@ -444,27 +524,31 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
         }
     };
     drop(renewal);
-    settle_and_record(shared, state, info, started, report, relay_addr, ctx).await;
+    settle_and_record(shared, state, info, started, report, Via { route: Some(index), relay: relay_addr, ctx }).await;
 }
 
-/// Takes this send from the sending limits' shared budget. When there is no room, the message
+/// Takes this send from its route's sending budget (every service shares it). When there is no room, the message
 /// goes back to the queue unsent (no attempt: the relay was never asked), due when the budget
 /// has room, with why in its log; false then.
-async fn within_limits(shared: &Shared, claim: &Claim, limits: &panel_domain::SendLimits, recipients: usize) -> bool {
-    let now = shared.panel.now();
-    let until =
-        match shared.store.reserve_send(now, recipients, limits.messages_per_minute, limits.recipients_per_day).await {
-            Ok(None) => return true,
-            Ok(Some(until)) => until,
-            // The budget cannot be read: wait a little rather than risk going over it.
-            Err(e) => {
-                tracing::warn!(message_id = claim.reference.id, error = %e, "cannot read the sending limits' budget");
-                now + chrono::Duration::seconds(5)
-            }
-        };
-    let note =
-        format!("held by the sending limit ({}) until {}", limits.describe(), until.format("%Y-%m-%d %H:%M:%S UTC"));
-    tracing::info!(message_id = claim.reference.id, %until, "held by the sending limit");
+async fn within_limits(shared: &Shared, claim: &Claim, route: &RouteState, recipients: usize) -> bool {
+    let (now, limits) = (shared.panel.now(), route.limits);
+    let (per_minute, per_day) = (limits.messages_per_minute, limits.recipients_per_day);
+    let until = match shared.store.reserve_send(now, &route.name, recipients, per_minute, per_day).await {
+        Ok(None) => return true,
+        Ok(Some(until)) => until,
+        // The budget cannot be read: wait a little rather than risk going over it.
+        Err(e) => {
+            tracing::warn!(message_id = claim.reference.id, error = %e, "cannot read the sending limits' budget");
+            now + chrono::Duration::seconds(5)
+        }
+    };
+    let note = format!(
+        "held by the sending limit of route {} ({}) until {}",
+        route.name,
+        limits.describe(),
+        until.format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    tracing::info!(message_id = claim.reference.id, route = %route.name, %until, "held by the sending limit");
     if let Err(e) = shared.store.defer_claim(&claim.reference, until, now, &note).await {
         tracing::warn!(message_id = claim.reference.id, error = %e, "could not hold the message; its lease will expire");
     }
@@ -479,12 +563,13 @@ async fn settle_and_record(
     claim: ClaimInfo,
     started: DateTime<Utc>,
     report: SendReport,
-    relay_addr: String,
-    ctx: ConnectionContext,
+    via: Via,
 ) {
     let id = claim.reference.id;
+    let Via { route, relay: relay_addr, ctx } = via;
+    let route_name = route.map(|i| state.routes[i].name.clone());
     let report_retry_after = report.failure.as_ref().and_then(|f| f.retry_after);
-    let policy = state.relay.as_ref().map(|r| r.settings.retry.clone()).unwrap_or_default();
+    let policy = state.settings.retry.clone();
     let attempts = claim.attempts as u32 + 1;
     let age = (shared.panel.now() - claim.created_at).to_std().unwrap_or_default();
     let settlement = settle(
@@ -498,15 +583,90 @@ async fn settle_and_record(
             earlier: &claim.earlier,
         },
     );
+    // What the attempt says about its route. Unreachable, refusing service or asking Panel to
+    // slow down: the route backs off (and goes one message at a time when it is due again).
+    // With several routes, a route that refuses Panel itself (a rejected password, a TLS or
+    // configuration error) backs off too, and the message goes by the next route at once
+    // instead of waiting for its retry time or a fix. Only an attempt that reached the relay
+    // ends a backoff.
+    let throttled = settlement.failure_class == Some(panel_domain::FailureClass::Transient)
+        && settlement.reply.as_ref().is_some_and(panel_domain::is_throttling);
+    let unreachable = is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref());
+    let (mut delay, mut failed_over, mut outage_ended) = (None, None, false);
+    if let Some(i) = route {
+        let now = Instant::now();
+        let mut health = shared.health.lock().expect("not poisoned");
+        health[i].probe_out = false;
+        let several = health.len() > 1;
+        if throttled || unreachable || (several && route_failed(&settlement)) {
+            delay = Some(health[i].backoff.failed(now, report_retry_after));
+            if several {
+                failed_over = (0..health.len()).find(|&j| j != i && health[j].backoff.wait(now).is_none());
+            }
+        } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
+            outage_ended = health[i].backoff.reached();
+        }
+    }
+    let metrics = &shared.panel.metrics;
+    let route_label = route_name.as_deref().unwrap_or_default();
+    if let Some(delay) = delay {
+        if throttled {
+            metrics.throttled();
+            tracing::warn!(
+                route = route_label,
+                relay = %relay_addr,
+                stage = settlement.stage.as_str(),
+                detail = %settlement.detail,
+                pause_secs = delay.as_secs(),
+                "the relay asked Panel to slow down; the route pauses, then resumes one message at a time"
+            );
+        } else {
+            let why = match unreachable {
+                true => {
+                    metrics.connection_error(settlement.stage.as_str());
+                    "relay unreachable; backing off before trying it again"
+                }
+                false => {
+                    "the route refuses Panel (its settings, credential or TLS); backing off before trying it again"
+                }
+            };
+            tracing::warn!(
+                route = route_label,
+                relay = %relay_addr,
+                stage = settlement.stage.as_str(),
+                detail = %settlement.detail,
+                backoff_secs = delay.as_secs(),
+                "{why}"
+            );
+        }
+    }
+    let settlement = match failed_over {
+        Some(j) => {
+            metrics.failover();
+            tracing::warn!(
+                message_id = id,
+                route = route_label,
+                next = %state.routes[j].name,
+                "the message goes by the next route at once"
+            );
+            fail_over(settlement, &state.routes[j].name)
+        }
+        None => settlement,
+    };
+    if outage_ended {
+        release_outage(shared).await;
+    }
     let meta = AttemptMeta {
         started_at: started,
         finished_at: shared.panel.now(),
         service_id: shared.owner.clone(),
         relay: relay_addr.clone(),
+        route: route_name.clone(),
         settings_version: state.version(),
     };
     tracing::info!(
         message_id = id,
+        route = route_label,
         relay = %relay_addr,
         outcome = %settlement.outcome,
         stage = settlement.stage.as_str(),
@@ -515,52 +675,20 @@ async fn settle_and_record(
         state = %settlement.state,
         "attempt"
     );
-    let metrics = &shared.panel.metrics;
     let class = settlement.failure_class.map(panel_domain::FailureClass::as_str);
     let code = settlement.reply.as_ref().map(|r| r.code);
     metrics.attempt(claim.origin.as_str(), settlement.outcome.as_str(), class, code, settlement.state.as_str());
     if settlement.state == panel_domain::MessageState::Delivered {
         metrics.delivered_after((shared.panel.now() - claim.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
     }
-    let throttled = settlement.failure_class == Some(panel_domain::FailureClass::Transient)
-        && settlement.reply.as_ref().is_some_and(panel_domain::is_throttling);
-    if throttled || is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref()) {
-        let asked = report_retry_after;
-        let delay = shared.backoff.lock().expect("not poisoned").failed(Instant::now(), asked);
-        if throttled {
-            // Sending on would only collect more of these: the whole transport pauses, then
-            // goes one message at a time until one is accepted.
-            metrics.throttled();
-            tracing::warn!(
-                relay = %relay_addr,
-                stage = settlement.stage.as_str(),
-                detail = %settlement.detail,
-                pause_secs = delay.as_secs(),
-                "the relay asked Panel to slow down; sending pauses, then resumes one message at a time"
-            );
-        } else {
-            metrics.connection_error(settlement.stage.as_str());
-            tracing::warn!(
-                relay = %relay_addr,
-                stage = settlement.stage.as_str(),
-                detail = %settlement.detail,
-                backoff_secs = delay.as_secs(),
-                "relay unreachable; backing off before trying it again"
-            );
-        }
-    } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
-        // Only an attempt that reached the relay says anything about the relay.
-        let outage_ended = shared.backoff.lock().expect("not poisoned").reached();
-        if outage_ended {
-            release_outage(shared).await;
-        }
-    }
-    if settlement.outcome == panel_domain::AttemptOutcome::ConfigurationError && !settlement.stage.is_past_session() {
+    // A hold (a configuration error no other route could take over) waits for a fix.
+    let held = settlement.outcome == panel_domain::AttemptOutcome::ConfigurationError
+        && settlement.state == panel_domain::MessageState::Failed;
+    if held && !settlement.stage.is_past_session() {
         shared.held_seen.store(true, Ordering::Relaxed);
     } else if settlement.stage.is_past_session() {
         release_proven(shared, state).await;
     }
-    let held = settlement.outcome == panel_domain::AttemptOutcome::ConfigurationError;
     let (reply, recorded) = oneshot::channel();
     let record = Record { claim: claim.reference, meta, settlement, reply };
     let result = match shared.recorder.send(record).await {
@@ -692,7 +820,8 @@ impl OutsideFiles {
 
     /// Starts watching the files of `settings`, as they are now.
     fn watch(&mut self, settings: &RelaySettings) {
-        self.files = settings.outside_files().into_iter().map(|p| (p.to_path_buf(), Self::stamp(p))).collect();
+        self.files =
+            settings.routes().flat_map(|(_, r)| r.outside_files()).map(|p| (p.to_path_buf(), Self::stamp(p))).collect();
     }
 
     /// The first file that changed since last seen and can be read now (a file being removed

@@ -668,20 +668,19 @@ impl Store {
     }
 
     /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
-    /// Takes one send of `recipients` from the sending limits' shared budget; `None` when
-    /// taken, else when there is room again.
+    /// Takes one send of `recipients` by `route` from that route's sending limits' budget,
+    /// which every service shares; `None` when taken, else when there is room again.
     pub async fn reserve_send(
         &self,
         now: DateTime<Utc>,
+        route: &str,
         recipients: usize,
         per_minute: Option<u32>,
         per_day: Option<u32>,
     ) -> Result<Option<DateTime<Utc>>> {
-        let until = self.observe(
-            self.backend
-                .reserve_send(ms(now), recipients as i64, per_minute.map(i64::from), per_day.map(i64::from))
-                .await,
-        )?;
+        let (per_minute, per_day) = (per_minute.map(i64::from), per_day.map(i64::from));
+        let until =
+            self.observe(self.backend.reserve_send(ms(now), route, recipients as i64, per_minute, per_day).await)?;
         Ok(until.map(from_ms))
     }
 
@@ -800,6 +799,11 @@ impl Store {
     /// The newest attempt that did not deliver, and whether one has delivered since.
     pub async fn last_relay_error(&self) -> Result<Option<RelayError>> {
         self.observe(self.backend.last_relay_error().await)
+    }
+
+    /// The latest attempt of each named route, in the order given (`current`: it failed).
+    pub async fn route_attempts(&self, names: &[String]) -> Result<Vec<Option<RelayError>>> {
+        self.observe(self.backend.route_attempts(names).await)
     }
 
     pub async fn queue_stats(&self, now: DateTime<Utc>) -> Result<QueueStats> {

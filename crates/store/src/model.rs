@@ -52,6 +52,8 @@ pub struct AttemptMeta {
     pub service_id: String,
     /// `host:port` as connected.
     pub relay: String,
+    /// The route it went by (`primary` or a standby's name); `None` for a lease found expired.
+    pub route: Option<String>,
     pub settings_version: i64,
 }
 
@@ -103,6 +105,8 @@ pub struct AttemptRow {
     pub detail: String,
     pub hint: Option<String>,
     pub relay: String,
+    /// The route the attempt went by; `None` for an abandoned lease and before routes existed.
+    pub route: Option<String>,
     pub service_id: String,
     pub settings_version: i64,
     pub recipients: serde_json::Value,
@@ -491,6 +495,7 @@ pub struct RelayError {
     pub message_id: i64,
     pub at: DateTime<Utc>,
     pub relay: String,
+    pub route: Option<String>,
     pub outcome: AttemptOutcome,
     pub stage: Stage,
     pub code: Option<i64>,

@@ -359,6 +359,25 @@ impl PostfixLab {
         );
     }
 
+    /// Stops the relay, as an outage would: its ports refuse connections until `resume`.
+    pub fn stop(&self) {
+        self.postfix(&["stop"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.plain_port)).is_ok() {
+            assert!(Instant::now() < deadline, "postfix still accepts connections after stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the relay again after `stop`, and waits until every port accepts connections.
+    pub fn resume(&self) {
+        self.postfix(&["start"]);
+        let log = || self.log();
+        for port in [self.plain_port, self.submission_port, self.smtps_port] {
+            wait_for_port(port, &log);
+        }
+    }
+
     /// Changes the lab user's password on the relay's side (as a relay admin resetting or
     /// unlocking the account would); smtpd reads the database at each AUTH.
     pub fn set_password(&self, password: &str) {

@@ -49,17 +49,20 @@ impl Harness {
         given.extend_from_slice(settings);
         let patch = SettingsDoc::from_texts(given).unwrap();
         panel.update_settings(&patch, "test", Channel::Local).await.unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let worker = config.map(|config| {
-            tokio::spawn(panel_service::run_worker(
-                panel.clone(),
-                "in-process".into(),
-                config,
-                Waker::default(),
-                stop_rx,
-            ))
-        });
-        Harness { panel, sink, clock, url, stop, worker, _dir: dir }
+        let (stop, _) = watch::channel(false);
+        let mut h = Harness { panel, sink, clock, url, stop, worker: None, _dir: dir };
+        if let Some(config) = config {
+            h.start_worker(config);
+        }
+        h
+    }
+
+    /// Starts the worker (for a test that prepares more settings first: a worker started
+    /// before a save may claim its first message with the settings read just before it).
+    pub fn start_worker(&mut self, config: WorkerConfig) {
+        let stop = self.stop.subscribe();
+        let worker = panel_service::run_worker(self.panel.clone(), "in-process".into(), config, Waker::default(), stop);
+        self.worker = Some(tokio::spawn(worker));
     }
 
     /// A second Panel on the same database and clock: another service sharing the work.

@@ -240,7 +240,7 @@ async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_whe
     };
     for m in &waiting {
         let note = m.last_error.as_deref().unwrap();
-        assert!(note.starts_with("held by the sending limit (5 messages a minute) until "), "{note}");
+        assert!(note.starts_with("held by the sending limit of route primary (5 messages a minute) until "), "{note}");
         assert!(m.attempts.is_empty(), "the relay was never asked: {m:#?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -273,5 +273,61 @@ async fn a_relay_asking_to_slow_down_pauses_sending_then_it_resumes() {
     let full = h.send_to("notice", &["full@example.org"]).await;
     h.wait_for(full, MessageState::Retrying, Duration::from_secs(10)).await;
     assert!(h.panel.metrics_text().await.unwrap().contains("panel_relay_throttled_total 1"));
+    h.stop().await;
+}
+
+/// The route each attempt of a message went by, in order.
+fn routes_of(m: &panel_service::views::MessageDetail) -> Vec<&str> {
+    m.attempts.iter().map(|a| a.route.as_deref().unwrap_or("-")).collect()
+}
+
+#[tokio::test]
+async fn a_failing_route_hands_its_message_to_the_standby_at_once_and_traffic_returns_when_it_is_back() {
+    use panel_domain::settings::patch::Channel;
+    // Retries an hour apart on a clock that stands still: only failover sends a message again.
+    let fresh = WorkerConfig { idle_connection: Duration::from_millis(1), ..fast() };
+    let mut h = Harness::start(None, &[("retry_schedule", "1h")]).await;
+    let standby = panel_testlab::RecordingSink::start();
+    let port = standby.port.to_string();
+    let route =
+        panel_domain::SettingsDoc::from_texts([("host", "127.0.0.1"), ("port", port.as_str()), ("security", "none")])
+            .unwrap();
+    h.panel.update_route("standby", &route, "test", Channel::Local).await.unwrap();
+    h.start_worker(fresh);
+
+    // The primary refuses service (421 at the greeting): the message is delivered by the
+    // standby right away, and its log names both routes.
+    h.sink.set_refusing(true);
+    let id = h.send("password reset").await;
+    let m = h.wait_for(id, MessageState::Delivered, Duration::from_secs(15)).await;
+    assert_eq!(routes_of(&m), ["primary", "standby"], "{m:#?}");
+    assert_eq!((m.attempts[0].stage.as_str(), m.attempts[0].code), ("greeting", Some(421)));
+    assert_eq!(standby.total(), 1);
+    let d = h.panel.dashboard().await.unwrap();
+    let states: Vec<_> = d.routes.iter().map(|r| (r.name.as_str(), r.state.as_str())).collect();
+    assert_eq!(states, [("primary", "failing"), ("standby", "in use")]);
+    assert!(d.banner.as_deref().unwrap_or_default().starts_with("Route primary is failing"), "{:?}", d.banner);
+    assert!(h.panel.metrics_text().await.unwrap().contains("panel_route_failovers_total 1"));
+
+    // A recipient's own refusal on the route in use is the recipient's answer: no other route.
+    standby.script_rcpt("gone@example.org", &["550 5.1.1 user unknown"]);
+    let gone = h.send_to("welcome", &["gone@example.org"]).await;
+    let m = h.wait_for(gone, MessageState::Failed, Duration::from_secs(15)).await;
+    assert_eq!(routes_of(&m), ["standby"], "{m:#?}");
+
+    // The primary is back: once its backoff runs out, a message probes it and mail goes there.
+    h.sink.set_refusing(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = h.send("after the outage").await;
+        let m = h.wait_for(id, MessageState::Delivered, Duration::from_secs(15)).await;
+        if routes_of(&m).last() == Some(&"primary") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "mail never returned to the primary: {m:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let d = h.panel.dashboard().await.unwrap();
+    assert_eq!(d.routes[0].state, "in use", "{:?}", d.routes);
     h.stop().await;
 }

@@ -97,18 +97,27 @@ impl SqlStore {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(Some(RelayError {
-            message_id: cell(&a, "attempts", "message_id")?,
-            at: from_ms(cell(&a, "attempts", "finished_at")?),
-            relay: cell(&a, "attempts", "relay")?,
-            outcome: closed_cell(&a, "attempts", "outcome", AttemptOutcome::parse)?,
-            stage: closed_cell(&a, "attempts", "stage", Stage::parse)?,
-            code: cell(&a, "attempts", "code")?,
-            reply: cell(&a, "attempts", "reply")?,
-            detail: cell(&a, "attempts", "detail")?,
-            hint: cell(&a, "attempts", "hint")?,
-            current: delivered_since.is_none(),
-        }))
+        relay_error(&a, delivered_since.is_none()).map(Some)
+    }
+
+    /// The latest attempt of each named route (`None` for a route not used yet), in the order
+    /// given; `current` says whether it failed.
+    pub async fn route_attempts(&self, names: &[String]) -> Result<Vec<Option<RelayError>>> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let row = sqlx::query("SELECT * FROM attempts WHERE route = $1 ORDER BY id DESC LIMIT 1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+            out.push(match row {
+                None => None,
+                Some(a) => {
+                    let failed = cell::<String>(&a, "attempts", "outcome")? != "delivered";
+                    Some(relay_error(&a, failed)?)
+                }
+            });
+        }
+        Ok(out)
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
@@ -150,6 +159,7 @@ impl SqlStore {
                     detail: cell(&a, "attempts", "detail")?,
                     hint: cell(&a, "attempts", "hint")?,
                     relay: cell(&a, "attempts", "relay")?,
+                    route: cell(&a, "attempts", "route")?,
                     service_id: cell(&a, "attempts", "service_id")?,
                     settings_version: cell(&a, "attempts", "settings_version")?,
                     recipients: json(&cell::<String>(&a, "attempts", "recipients")?)?,
@@ -227,4 +237,20 @@ impl SqlStore {
             .fetch_one(&self.pool)
             .await?)
     }
+}
+
+fn relay_error(a: &AnyRow, current: bool) -> Result<RelayError> {
+    Ok(RelayError {
+        message_id: cell(a, "attempts", "message_id")?,
+        at: from_ms(cell(a, "attempts", "finished_at")?),
+        relay: cell(a, "attempts", "relay")?,
+        route: cell(a, "attempts", "route")?,
+        outcome: closed_cell(a, "attempts", "outcome", AttemptOutcome::parse)?,
+        stage: closed_cell(a, "attempts", "stage", Stage::parse)?,
+        code: cell(a, "attempts", "code")?,
+        reply: cell(a, "attempts", "reply")?,
+        detail: cell(a, "attempts", "detail")?,
+        hint: cell(a, "attempts", "hint")?,
+        current,
+    })
 }

@@ -82,6 +82,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../../migrations/sqlite/0013_priority.sql")),
     (14, include_str!("../../migrations/sqlite/0014_captured.sql")),
     (15, include_str!("../../migrations/sqlite/0015_send_log.sql")),
+    (16, include_str!("../../migrations/sqlite/0016_routes.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -100,6 +101,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../../migrations/postgres/0013_priority.sql")),
     (14, include_str!("../../migrations/postgres/0014_captured.sql")),
     (15, include_str!("../../migrations/postgres/0015_send_log.sql")),
+    (16, include_str!("../../migrations/postgres/0016_routes.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -183,6 +183,7 @@ impl SqlStore {
     pub async fn reserve_send(
         &self,
         now: i64,
+        route: &str,
         recipients: i64,
         per_minute: Option<i64>,
         per_day: Option<i64>,
@@ -195,36 +196,43 @@ impl SqlStore {
         }
         if let Some(limit) = per_minute {
             // Counted in the database (one index range), not read out: this runs for every send.
-            let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE at > $1")
+            let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE route = $2 AND at > $1")
                 .bind(now - MINUTE)
+                .bind(route)
                 .fetch_one(&mut *tx)
                 .await?;
             if recent >= limit {
                 // Room comes when the send `limit` places from the newest ages out of the minute.
-                let frees: i64 =
-                    sqlx::query_scalar("SELECT at FROM send_log WHERE at > $1 ORDER BY at LIMIT 1 OFFSET $2")
-                        .bind(now - MINUTE)
-                        .bind(recent - limit)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                let frees: i64 = sqlx::query_scalar(
+                    "SELECT at FROM send_log WHERE route = $3 AND at > $1 ORDER BY at LIMIT 1 OFFSET $2",
+                )
+                .bind(now - MINUTE)
+                .bind(recent - limit)
+                .bind(route)
+                .fetch_one(&mut *tx)
+                .await?;
                 return Ok(Some(frees + MINUTE));
             }
         }
         if let Some(limit) = per_day {
-            let used: i64 =
-                sqlx::query_scalar("SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE at > $1")
-                    .bind(now - DAY)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let used: i64 = sqlx::query_scalar(
+                "SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE route = $2 AND at > $1",
+            )
+            .bind(now - DAY)
+            .bind(route)
+            .fetch_one(&mut *tx)
+            .await?;
             // A message bigger than the whole budget goes once nothing else was sent for a day.
             let need = recipients.min(limit);
             if used + need > limit {
                 // Only over budget: find when enough ages out (oldest first).
-                let rows: Vec<(i64, i64)> =
-                    sqlx::query_as("SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE at > $1 ORDER BY at")
-                        .bind(now - DAY)
-                        .fetch_all(&mut *tx)
-                        .await?;
+                let rows: Vec<(i64, i64)> = sqlx::query_as(
+                    "SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE route = $2 AND at > $1 ORDER BY at",
+                )
+                .bind(now - DAY)
+                .bind(route)
+                .fetch_all(&mut *tx)
+                .await?;
                 let mut left = used;
                 for (at, n) in &rows {
                     left -= n;
@@ -234,14 +242,20 @@ impl SqlStore {
                 }
             }
         }
-        sqlx::query("INSERT INTO send_log (at, recipients) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO send_log (at, recipients, route) VALUES ($1, $2, $3)")
             .bind(now)
             .bind(recipients)
+            .bind(route)
             .execute(&mut *tx)
             .await?;
-        // Kept as long as the longest limit in force looks back.
+        // Kept as long as the longest limit of the route looks back; no route's longer than a day.
         let keep = if per_day.is_some() { DAY } else { MINUTE };
-        sqlx::query("DELETE FROM send_log WHERE at <= $1").bind(now - keep).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM send_log WHERE at <= $1 OR (route = $2 AND at <= $3)")
+            .bind(now - DAY)
+            .bind(route)
+            .bind(now - keep)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(None)
     }
@@ -502,8 +516,8 @@ async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settl
     }
     sqlx::query(
         "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
-                               stage, code, enhanced_code, reply, detail, hint, recipients)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                               stage, code, enhanced_code, reply, detail, hint, recipients, route)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(claim.id)
     .bind(meta.started_at.timestamp_millis())
@@ -519,6 +533,7 @@ async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settl
     .bind(&s.detail)
     .bind(&s.hint)
     .bind(serde_json::Value::Array(per_recipient).to_string())
+    .bind(&meta.route)
     .execute(&mut **tx)
     .await?;
     Ok(true)

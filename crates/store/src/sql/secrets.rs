@@ -185,7 +185,12 @@ impl SqlStore {
     /// same transaction, so a concurrent settings save cannot slip between check and delete).
     pub async fn delete_credential(&self, name: &str, by: &str, now: i64) -> Result<DeleteOutcome> {
         let mut tx = self.write().await?;
-        if current_doc(&mut tx).await?.and_then(|d| d.credential).as_deref() == Some(name) {
+        // The primary or any standby route may send it.
+        let named = |d: &panel_domain::SettingsDoc| d.credential.as_deref() == Some(name);
+        if current_doc(&mut tx)
+            .await?
+            .is_some_and(|d| named(&d) || d.routes.iter().flatten().any(|r| named(&r.settings)))
+        {
             return Ok(DeleteOutcome::InUse);
         }
         let deleted =

@@ -17,6 +17,7 @@ fn meta() -> AttemptMeta {
         finished_at: Utc::now(),
         service_id: "t".into(),
         relay: "r:25".into(),
+        route: Some("primary".into()),
         settings_version: 1,
     }
 }
@@ -292,14 +293,14 @@ async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(
     }
 }
 
-/// The sending limits' budget is the installation's: two services (two pools) reserving at
-/// once never take more than the limit, and the refused learn when there is room again.
+/// A route's sending budget is the installation's: two services (two pools) reserving at once
+/// never take more than the limit, and the refused learn when there is room again.
 async fn the_sending_budget_is_shared_and_never_overdrawn(b: &Backend) {
     let other = Store::open(&b.url).await.unwrap();
     let now = Utc::now();
     let tries = (0..40).map(|i| {
         let store = if i % 2 == 0 { b.store.clone() } else { other.clone() };
-        tokio::spawn(async move { store.reserve_send(now, 1, Some(30), None).await.unwrap() })
+        tokio::spawn(async move { store.reserve_send(now, "primary", 1, Some(30), None).await.unwrap() })
     });
     let mut taken = 0;
     for t in tries {
@@ -311,16 +312,42 @@ async fn the_sending_budget_is_shared_and_never_overdrawn(b: &Backend) {
     assert_eq!(taken, 30);
     // A minute later the window is empty again.
     let later = now + chrono::Duration::seconds(61);
-    assert!(b.store.reserve_send(later, 1, Some(30), None).await.unwrap().is_none());
+    assert!(b.store.reserve_send(later, "primary", 1, Some(30), None).await.unwrap().is_none());
     // Recipients per day: 8 of 10 used, so 3 more wait until the first send ages out.
     let day = later + chrono::Duration::days(2);
-    assert!(b.store.reserve_send(day, 8, None, Some(10)).await.unwrap().is_none());
-    let until = b.store.reserve_send(day + chrono::Duration::hours(1), 3, None, Some(10)).await.unwrap();
+    assert!(b.store.reserve_send(day, "primary", 8, None, Some(10)).await.unwrap().is_none());
+    let until = b.store.reserve_send(day + chrono::Duration::hours(1), "primary", 3, None, Some(10)).await.unwrap();
     assert_eq!(until.map(|u| u.timestamp_millis()), Some((day + chrono::Duration::days(1)).timestamp_millis()));
-    assert!(b.store.reserve_send(day, 2, None, Some(10)).await.unwrap().is_none(), "2 more fit");
+    assert!(b.store.reserve_send(day, "primary", 2, None, Some(10)).await.unwrap().is_none(), "2 more fit");
+    // Each route has its own budget: the standby's is untouched by the primary's sends.
+    assert!(b.store.reserve_send(day, "standby", 10, None, Some(10)).await.unwrap().is_none());
+    assert!(b.store.reserve_send(day, "standby", 1, None, Some(10)).await.unwrap().is_some());
+}
+
+/// The dashboard's route states read each route's latest attempt; the message log names the
+/// route of every attempt.
+async fn each_routes_latest_attempt_is_found_and_every_attempt_names_its_route(b: &Backend) {
+    let s = &b.store;
+    let down = crate::common::settled(false);
+    let mut ids = Vec::new();
+    for (route, settlement) in [("primary", &down), ("standby", &delivered()), ("primary", &delivered())] {
+        let id = s.enqueue(Origin::MailTester, message(route), Utc::now()).await.unwrap();
+        let claim = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
+        let meta = AttemptMeta { route: Some(route.into()), ..meta() };
+        assert!(s.record_attempt(&claim.reference, &meta, settlement).await.unwrap());
+        ids.push(id);
+    }
+    let names = ["primary", "standby", "unused"].map(String::from);
+    let latest = s.route_attempts(&names).await.unwrap();
+    let seen: Vec<_> = latest.iter().map(|a| a.as_ref().map(|a| (a.message_id, a.current))).collect();
+    assert_eq!(seen, [Some((ids[2], false)), Some((ids[1], false)), None], "the latest per route, in order");
+    let detail = s.message(ids[0]).await.unwrap().unwrap();
+    assert_eq!(detail.attempts[0].route.as_deref(), Some("primary"));
+    assert_eq!(s.last_relay_error().await.unwrap().unwrap().route.as_deref(), Some("primary"));
 }
 
 contract!(
+    each_routes_latest_attempt_is_found_and_every_attempt_names_its_route,
     the_sending_budget_is_shared_and_never_overdrawn,
     concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,
     urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share,

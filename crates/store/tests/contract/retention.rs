@@ -19,6 +19,7 @@ async fn content_is_removed_then_finished_messages_deleted_and_queued_ones_kept(
         finished_at: now,
         service_id: "w".into(),
         relay: "r".into(),
+        route: None,
         settings_version: 1,
     };
     for c in &claims {
