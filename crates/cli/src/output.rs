@@ -72,16 +72,27 @@ pub fn settings_history(versions: &[SettingsVersion], json: bool) {
 
 fn print_effective(s: &RelaySettings) {
     let view = effective_view(s);
-    for (key, value) in view.as_object().expect("object") {
-        let shown = match value {
-            serde_json::Value::Null => continue,
-            serde_json::Value::String(v) => v.clone(),
-            other => other.to_string(),
-        };
-        println!("  {key:<22} {shown}");
+    print_fields(&view, "  ");
+    if let Some(serde_json::Value::Array(routes)) = view.get("routes") {
+        println!("  Standby routes, tried in this order when the ones before fail:");
+        for r in routes {
+            println!("    route {}", r["name"].as_str().unwrap_or_default());
+            print_fields(&r["settings"], "      ");
+        }
     }
     if let Some(notice) = s.policy.notice() {
         println!("Note: {notice}");
+    }
+}
+
+fn print_fields(view: &serde_json::Value, indent: &str) {
+    for (key, value) in view.as_object().into_iter().flatten() {
+        let shown = match value {
+            serde_json::Value::Null | serde_json::Value::Array(_) => continue,
+            serde_json::Value::String(v) => v.clone(),
+            other => other.to_string(),
+        };
+        println!("{indent}{key:<22} {shown}");
     }
 }
 
@@ -90,10 +101,29 @@ pub fn check(r: &CheckReport, json: bool) {
         print_json(r);
         return;
     }
+    check_route(r, !r.standby.is_empty());
+    for standby in &r.standby {
+        check_route(standby, true);
+    }
+    if !r.standby.is_empty() {
+        match &r.in_use {
+            Some(route) if *route == r.route => println!("In use: route {route} (the primary passes)."),
+            Some(route) => println!("In use: route {route}, the first that passes; the routes before it fail."),
+            None => println!("In use: none; every route fails, so messages wait and are retried."),
+        }
+    }
+    if r.released > 0 {
+        println!("  {} message(s) held by a configuration error are sent again now.", r.released);
+    }
+}
+
+/// One route's check, stage by stage.
+fn check_route(r: &CheckReport, named: bool) {
     let graph = r.transport == "graph";
+    let route = if named { format!("route {}: ", r.route) } else { String::new() };
     match graph {
-        true => println!("Checking Microsoft Graph at {}, from {}", r.relay, r.ran_in),
-        false => println!("Checking relay {} (security {}), from {}", r.relay, r.security, r.ran_in),
+        true => println!("{route}Checking Microsoft Graph at {}, from {}", r.relay, r.ran_in),
+        false => println!("{route}Checking relay {} (security {}), from {}", r.relay, r.security, r.ran_in),
     }
     for e in &r.stages {
         let mark = if e.ok { "ok  " } else { "FAIL" };
@@ -119,17 +149,12 @@ pub fn check(r: &CheckReport, json: bool) {
         println!("  AUTH offered: {}", r.auth_mechanisms.join(" "));
     }
     match &r.failure {
-        None => {
-            match graph {
-                true => println!(
-                    "Result: OK, the app gets a Graph token; `panel smtp test` proves it may send as the mailbox."
-                ),
-                false => println!("Result: OK, the relay would accept a message to the Fallback recipient."),
+        None => match graph {
+            true => {
+                println!("Result: OK, the app gets a Graph token; `panel smtp test` proves it may send as the mailbox.")
             }
-            if r.released > 0 {
-                println!("  {} message(s) held by a configuration error are sent again now.", r.released);
-            }
-        }
+            false => println!("Result: OK, the relay would accept a message to the Fallback recipient."),
+        },
         Some(f) => {
             println!("Result: FAILED at {} ({})", f.stage, class_name(f.class));
             println!("  {}", f.detail.replace('\n', " "));
@@ -183,9 +208,10 @@ pub fn outcome(m: &MessageDetail, service_running: bool, json: bool) {
     match (m.state, last) {
         (panel_domain::MessageState::Delivered, Some(a)) => {
             println!(
-                "Delivered to {} by {}: {}",
+                "Delivered to {} by {}{}: {}",
                 m.to.join(", "),
                 a.relay,
+                a.route.as_deref().map(|r| format!(" (route {r})")).unwrap_or_default(),
                 reply_line(a.code, &a.enhanced_code, &a.reply, &a.detail)
             );
         }
@@ -319,11 +345,12 @@ pub fn message(m: &MessageDetail, json: bool) {
     }
     for (i, a) in m.attempts.iter().enumerate() {
         println!(
-            "    {}. {}  {}  relay {}  {} at {}: {}",
+            "    {}. {}  {}  relay {}{}  {} at {}: {}",
             i + 1,
             time(&a.at),
             a.outcome,
             if a.relay.is_empty() { "-" } else { &a.relay },
+            a.route.as_deref().map(|r| format!(" (route {r})")).unwrap_or_default(),
             if a.stage.is_inside_panel() {
                 "Panel's own failure (not the relay's)"
             } else if a.code.is_some() {

@@ -69,12 +69,21 @@ impl Args for SettingFlags {
 #[derive(Subcommand)]
 pub(crate) enum SmtpCommand {
     /// Store relay settings. Only the fields given change; '' clears a field. The first call needs
-    /// --host, --from and --fallback-recipient.
+    /// --host, --from and --fallback-recipient. With --route NAME, a standby route's own settings
+    /// (its relay, credential, TLS and timeouts), tried in order when the routes before it fail.
     Set(Box<SetArgs>),
+    /// Remove a standby route; the routes after it move up.
+    RemoveRoute {
+        /// The route's name (panel smtp show lists them)
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the relay settings in force.
     Show(JsonFlag),
-    /// Connect to the relay now and report every stage; sends nothing. Exit 0 only when a
-    /// message to the Fallback recipient would be accepted. Runs in a running Panel Service
+    /// Connect to every route's relay now and report every stage; sends nothing. Exit 0 only
+    /// when every route would accept a message to the Fallback recipient; says which route mail
+    /// goes by now. Runs in a running Panel Service
     /// or worker (its environment, config and licenses are what delivery uses) and says which;
     /// in this process with --local or when none runs.
     Check(CheckArgs),
@@ -120,6 +129,10 @@ pub(crate) struct CheckArgs {
 
 #[derive(Args)]
 pub(crate) struct SetArgs {
+    /// Change the standby route NAME (made when new, tried after the others) instead of the
+    /// primary; only the per-route settings apply to it
+    #[arg(long, value_name = "NAME")]
+    route: Option<String>,
     #[command(flatten)]
     settings: SettingFlags,
     #[arg(long)]
@@ -131,7 +144,15 @@ pub(crate) async fn smtp(panel: Panel, cmd: SmtpCommand) -> CmdResult {
         SmtpCommand::Set(args) => {
             let json = args.json;
             let patch = args.settings.patch().map_err(OpsError::Invalid)?;
-            let update = panel.update_settings(&patch, &actor(), Channel::Local).await?;
+            let update = match &args.route {
+                None => panel.update_settings(&patch, &actor(), Channel::Local).await?,
+                Some(name) => panel.update_route(name, &patch, &actor(), Channel::Local).await?,
+            };
+            output::settings_saved(&update, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmtpCommand::RemoveRoute { name, json } => {
+            let update = panel.remove_route(&name, &actor()).await?;
             output::settings_saved(&update, json);
             Ok(ExitCode::SUCCESS)
         }

@@ -289,6 +289,19 @@ pub(crate) async fn put_settings(
     saved(p.update_settings(&body, &by, Channel::Remote).await?)
 }
 
+pub(crate) async fn put_route(
+    State(p): State<Panel>,
+    By(by): By,
+    ApiPath(name): ApiPath<String>,
+    JsonObject(body): JsonObject<SettingsDoc>,
+) -> ApiResult {
+    saved(p.update_route(&name, &body, &by, Channel::Remote).await?)
+}
+
+pub(crate) async fn delete_route(State(p): State<Panel>, By(by): By, ApiPath(name): ApiPath<String>) -> ApiResult {
+    saved(p.remove_route(&name, &by).await?)
+}
+
 /// The answer to a settings save or restore: the version in force, its effective view, notices.
 fn saved(update: panel_service::SettingsUpdate) -> ApiResult {
     ok(answers::Saved {
@@ -314,9 +327,16 @@ pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, ApiPath
 /// Without a body (or with `{}`), checks the saved settings; with fields, the settings as they
 /// would be after saving them (the form's unsaved edits), storing nothing. The answer says
 /// which (`draft`).
+#[derive(Deserialize, Default, schemars::JsonSchema)]
+pub(crate) struct CheckQuery {
+    /// With a body: the standby route the fields are for (default: the primary).
+    route: Option<String>,
+}
+
 pub(crate) async fn check(
     State(p): State<Panel>,
     axum::Extension(actor): axum::Extension<panel_service::accounts::Actor>,
+    ApiQuery(q): ApiQuery<CheckQuery>,
     body: axum::body::Bytes,
 ) -> ApiResult {
     let patch: SettingsDoc =
@@ -329,7 +349,10 @@ pub(crate) async fn check(
         )
         .into());
     }
-    let mut report = if draft { p.check_draft(&patch, Channel::Remote).await? } else { p.check().await? };
+    let mut report = match draft {
+        true => p.check_draft(q.route.as_deref(), &patch, Channel::Remote).await?,
+        false => p.check().await?,
+    };
     report.ran_in = "the Panel Service answering this request".into();
     ok(answers::Check { report, draft })
 }

@@ -61,7 +61,9 @@ api_routes! {
     GET "/api/v1/settings/smtp/schema" => Viewer, settings_schema, answers::SettingsTable, "The relay settings table: every field's type, label, default, options and the modes that use it";
     GET "/api/v1/settings/smtp/versions" => Viewer, settings_versions, answers::Versions, query VersionsQuery, "Saved relay settings versions, newest first: who, when and what each changed, field by field (?limit, default 50)";
     POST "/api/v1/settings/smtp/versions/{version}/restore" => Admin, restore_settings, answers::Saved, "Make an earlier version the settings in force, as a new version (the same checks as a save)";
-    POST "/api/v1/smtp/check" => Operator, check, answers::Check, body SettingsDoc, "Connect to the relay stage by stage; sends nothing. No body (or {}) checks the saved settings; fields check them as they would be saved (admin)";
+    PUT "/api/v1/settings/smtp/routes/{name}" => Admin, put_route, answers::Saved, body SettingsDoc, "Change a standby route's own settings (the relay, credential, TLS and timeouts of panel smtp set --route NAME); a new name adds a route, tried after the others";
+    DELETE "/api/v1/settings/smtp/routes/{name}" => Admin, delete_route, answers::Saved, "Remove a standby route";
+    POST "/api/v1/smtp/check" => Operator, check, answers::Check, query CheckQuery, body SettingsDoc, "Connect to every route stage by stage; sends nothing. No body (or {}) checks the saved settings; fields check them as they would be saved (admin), for the primary or ?route=NAME";
     POST "/api/v1/smtp/test" => Operator, test_message, answers::Enqueued, body TestRequest, "Enqueue the Test Message ({\"to\", \"wait\"}; no body: the Fallback recipient)";
     GET "/api/v1/messages" => Viewer, list_messages, Vec<views::MessageSummary>, query ListQuery, "The message log (?state, origin, recipient, since, limit)";
     POST "/api/v1/messages" => Operator, send_message, answers::Enqueued, body SendRequest, "Send an ad-hoc message (the mail tester)";

@@ -62,6 +62,7 @@ pub fn routes() -> Router<Panel> {
         .route("/logout", post(logout))
         .route("/setup/{token}", get(setup_page).post(setup))
         .route("/settings", get(settings))
+        .route("/settings/routes/{name}", get(route_settings))
         .route("/messages", get(messages))
         .route("/messages/{id}", get(message))
         .route("/schedules", get(schedules))
@@ -382,19 +383,47 @@ async fn dashboard(State(p): State<Panel>, Extension(actor): Extension<Actor>) -
 // ---- relay settings ----
 
 async fn settings(State(p): State<Panel>, Extension(actor): Extension<Actor>) -> PageResult {
+    settings_page(&p, &actor, None).await
+}
+
+async fn route_settings(
+    State(p): State<Panel>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+) -> PageResult {
+    settings_page(&p, &actor, Some(name)).await
+}
+
+/// The settings form: the main settings, or a standby route's own (`route`; a name not saved
+/// yet shows an empty form that saving makes the route).
+async fn settings_page(p: &Panel, actor: &Actor, route: Option<String>) -> PageResult {
+    if let Some(name) = &route {
+        panel_domain::settings::check_route_name("route", name)
+            .map_err(|e| OpsError::Invalid(panel_domain::FieldErrors(vec![e])))?;
+    }
     let stored = p.stored_settings().await?;
-    let effective = p.settings().await.ok().flatten().map(|(_, s)| effective_view(&s));
+    let settings = p.settings().await.ok().flatten().map(|(_, s)| s);
+    let routes: Vec<_> = stored.iter().flat_map(|s| s.doc.routes.iter().flatten().cloned()).collect();
+    let (doc, effective) = match &route {
+        None => (stored.as_ref().map(|s| s.doc.clone()), settings.as_ref().map(effective_view)),
+        Some(name) => (
+            routes.iter().find(|r| &r.name == name).map(|r| r.settings.clone()),
+            settings.iter().flat_map(|s| &s.standby).find(|r| &r.name == name).map(|r| effective_view(&r.settings)),
+        ),
+    };
     // Names only, for the credential field's suggestions (never a secret).
     let credentials = p.credentials().await.unwrap_or_default();
     let names: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
     let history = p.settings_history(20).await?;
     Ok(render(
-        &p,
+        p,
         "settings.html",
-        &actor,
+        actor,
         "settings",
         json!({
-            "stored": stored.as_ref().map(|s| &s.doc),
+            "stored": doc,
+            "route": route,
+            "routes": routes,
             "version": stored.as_ref().map(|s| s.version),
             "saved_by": stored.as_ref().map(|s| &s.saved_by),
             "effective": effective,

@@ -84,7 +84,7 @@ fn a_message_over_the_sending_limit_says_why_and_until_when_in_the_log_the_dashb
     assert_eq!(held[0]["state"], "queued");
     assert!(ids.contains(&held[0]["id"].as_i64().unwrap()));
     let shown = env.ok(&["messages", "show", &held[0]["id"].to_string()]).stdout;
-    assert!(shown.contains("held by the sending limit (2 messages a minute) until"), "{shown}");
+    assert!(shown.contains("held by the sending limit of route primary (2 messages a minute) until"), "{shown}");
     let dashboard: serde_json::Value = serde_json::from_str(&http(port, "GET", "/api/v1/dashboard", "").1).unwrap();
     assert_eq!(dashboard["queue"]["limited"], 1, "{dashboard}");
     assert!(http(port, "GET", "/metrics", "").1.contains("panel_messages_limited 1"));

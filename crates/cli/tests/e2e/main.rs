@@ -18,4 +18,5 @@ mod openapi;
 mod policy;
 mod postgres;
 mod relay_lab;
+mod routes;
 mod web_ui;

@@ -207,6 +207,12 @@ fn every_answer_is_valid_against_the_schema_its_openapi_entry_documents() {
     c.ok_at("POST", restore, &restore.replace("{version}", "1"), &Value::Null);
     let check = c.ok("POST", "/api/v1/smtp/check", &Value::Null);
     assert_eq!(check["ok"], true, "{check}");
+    // A standby route, added and removed (after the check: it points at a closed port).
+    let route = "/api/v1/settings/smtp/routes/{name}";
+    let standby = route.replace("{name}", "standby");
+    let added = c.ok_at("PUT", route, &standby, &json!({"host": "127.0.0.1", "port": 9, "security": "none"}));
+    assert_eq!(added["effective"]["routes"][0]["name"], "standby", "{added}");
+    c.ok_at("DELETE", route, &standby, &Value::Null);
 
     // Messages: the Test Message waited for, one sent, a bulk, and the log.
     let test = c.ok("POST", "/api/v1/smtp/test", &json!({"wait": 20}));

@@ -560,3 +560,46 @@ fn the_first_start_prints_a_setup_link_that_makes_the_first_admin_once_and_guide
     assert_eq!(status, 404, "{page}");
     assert!(page.contains("used, expired"), "{page}");
 }
+
+#[test]
+fn a_standby_route_is_added_checked_and_shown_taking_the_mail_in_the_ui() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    let primary = panel_testlab::RecordingSink::start();
+    let standby = panel_testlab::RecordingSink::start();
+    env.relay_on(primary.port, &[]);
+    account(&env, "ann", "admin");
+    let port = env.serve();
+    sign_in(&b, port, "ann");
+
+    // Added from the main settings page with its relay, then completed on its own page.
+    b.fill("#r-name", "standby");
+    b.fill("#r-host", "127.0.0.1");
+    b.fill("#r-port", &standby.port.to_string());
+    b.click(&b.find("#add-route"));
+    b.wait_text("#route-list", 10, |t| t.contains("standby"));
+    b.click(&b.find("#route-list a[href='/settings/routes/standby']"));
+    b.wait_text("h1", 10, |t| t == "Standby route standby");
+    assert!(b.try_find("#f-from").is_none() && b.try_find("#f-retry_schedule").is_none(), "the installation's fields");
+    assert!(b.try_find("#test-message").is_none());
+    b.select("#f-security", "none");
+    b.click(&b.find("#check"));
+    let stages = b.wait_text("#check-stages", 20, |t| t.contains("quit"));
+    assert!(stages.contains("rcpt"), "{stages}");
+    assert_eq!(standby.total(), 0, "a check sends nothing");
+    b.click(&b.find("#save"));
+    b.wait_text("main > p", 10, |t| t.contains(&format!("127.0.0.1:{}", standby.port)));
+
+    // The primary refuses service: the message goes by the standby, and the pages say so.
+    primary.set_refusing(true);
+    let id = id_of(&env.ok(&["send", "--to", "a@example.org", "--subject", "reset", "--text", "x", "--json"]));
+    env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    b.goto(&format!("http://127.0.0.1:{port}/"));
+    let routes = b.wait_text("#routes", 10, |t| t.contains("failing"));
+    assert!(routes.contains("in use") && routes.contains("421"), "{routes}");
+    assert!(b.text(&b.find("#banner")).starts_with("Route primary is failing"));
+    b.screenshot(&screenshots().join("routes.png"));
+    b.goto(&format!("http://127.0.0.1:{port}/messages/{id}"));
+    let attempts = b.wait_text("#attempts", 10, |t| t.contains("(route standby)"));
+    assert!(attempts.contains("(route primary)"), "{attempts}");
+}

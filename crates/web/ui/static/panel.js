@@ -200,7 +200,9 @@ async function checkConnection() {
   // The form as it stands, saved or not: the service checks it without storing it.
   // (Admins only: an operator's check is of the saved settings.)
   const form = document.getElementById("save") && document.getElementById("settings-form");
-  const r = await api("POST", "/api/v1/smtp/check", form ? formBody(form).body : {});
+  // A standby route's form checks that route as the form shows it.
+  const route = form && form.dataset.route ? `?route=${encodeURIComponent(form.dataset.route)}` : "";
+  const r = await api("POST", "/api/v1/smtp/check" + route, form ? formBody(form).body : {});
   if (!r.ok) { out.replaceChildren(el("p", { class: "error" }, errorText(r))); return; }
   const c = r.data;
   const rows = c.stages.map(s => el("tr", { class: s.ok ? "ok" : "bad" },
@@ -220,6 +222,11 @@ async function checkConnection() {
     `${c.released} message(s) held by a configuration error are sent again now.`));
   if (c.failure) parts.push(el("p", { class: "error", id: "check-failure", role: "alert" },
     `Failed at ${c.failure.stage} (${c.failure.class}): ${c.failure.detail}` + (c.failure.hint ? ` Hint: ${c.failure.hint_form || c.failure.hint}` : "")));
+  // The saved settings' check covers every route: one line each, and the route in use.
+  for (const s of c.standby || []) parts.push(el("p", { class: s.ok ? "ok" : "error", "data-route": s.route },
+    `Route ${s.route} (${s.relay}): ` + (s.ok ? "passes." : `fails at ${s.failure.stage}: ${s.failure.detail}`)));
+  if ((c.standby || []).length) parts.push(el("p", { id: "check-in-use", role: "status" },
+    c.in_use ? `In use: route ${c.in_use}.` : "In use: none; every route fails, so messages wait and are retried."));
   out.replaceChildren(...parts);
   labelCells(out);
   out.scrollIntoView({ block: "nearest" });
