@@ -92,7 +92,13 @@ fn a_stopped_primary_hands_the_mail_to_the_standby_at_once_and_gets_it_back_when
     assert_eq!(routes(&m), ["primary", "standby"], "{m:#}");
     assert_eq!(m["attempts"][0]["stage"], "tcp", "{m:#}");
     standby.wait_for_messages("password reset during the outage", 1, WAIT);
-    eprintln!("failover: route down -> delivered by the standby in {} ms", failover.as_millis());
+    let at =
+        |i: usize| chrono::DateTime::parse_from_rfc3339(m["attempts"][i]["finished_at"].as_str().unwrap()).unwrap();
+    eprintln!(
+        "failover: enqueue -> delivered by the standby {} ms (the primary's refusal -> the standby's 250: {} ms)",
+        failover.as_millis(),
+        (at(1) - at(0)).num_milliseconds()
+    );
     let shown = env.ok(&["messages", "show", &id.to_string()]).stdout;
     assert!(shown.contains("(route primary)") && shown.contains("(route standby)"), "{shown}");
 

@@ -215,15 +215,24 @@ async fn a_hold_found_with_settings_replaced_during_the_attempt_goes_again_with_
     h.stop().await;
 }
 
-#[tokio::test]
+/// Sixty messages under a limit of thirty a minute, two services sending: thirty go, thirty
+/// wait queued (unsent, with why and until when), and the rest go a minute later, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_when_there_is_room() {
-    let h = Harness::start(Some(fast()), &[("messages_per_minute", "5")]).await;
+    let h = Harness::start(Some(fast()), &[("messages_per_minute", "30")]).await;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let second = tokio::spawn(panel_service::run_worker(
+        h.another_service().await,
+        "second".into(),
+        fast(),
+        panel_service::wake::Waker::default(),
+        stop_rx,
+    ));
     let mut ids = Vec::new();
-    for i in 0..8 {
+    for i in 0..60 {
         ids.push(h.send(&format!("reminder {i}")).await);
     }
-    // Five go; three wait, queued, with why and until when, and no attempt of theirs recorded.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let waiting = loop {
         let mut waiting = Vec::new();
         for id in &ids {
@@ -232,7 +241,7 @@ async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_whe
                 waiting.push(m);
             }
         }
-        if h.sink.total() == 5 && waiting.len() == 3 {
+        if h.sink.total() == 30 && waiting.len() == 30 {
             break waiting;
         }
         assert!(tokio::time::Instant::now() < deadline, "sent {}, waiting {}", h.sink.total(), waiting.len());
@@ -240,17 +249,20 @@ async fn a_message_over_the_sending_limit_waits_in_the_queue_unsent_and_goes_whe
     };
     for m in &waiting {
         let note = m.last_error.as_deref().unwrap();
-        assert!(note.starts_with("held by the sending limit of route primary (5 messages a minute) until "), "{note}");
+        assert!(note.starts_with("held by the sending limit of route primary (30 messages a minute) until "), "{note}");
         assert!(m.attempts.is_empty(), "the relay was never asked: {m:#?}");
     }
+    assert_eq!(h.panel.queue().await.unwrap().limited, 30, "the dashboard's count");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(h.sink.total(), 5, "nothing more within the minute");
+    assert_eq!(h.sink.total(), 30, "nothing more within the minute, from either service");
     // A minute later there is room: the rest go, each once.
     h.clock.advance(chrono::Duration::seconds(61));
     for id in &ids {
-        h.wait_for(*id, MessageState::Delivered, Duration::from_secs(10)).await;
+        h.wait_for(*id, MessageState::Delivered, Duration::from_secs(20)).await;
     }
-    assert_eq!((h.sink.total(), h.sink.distinct()), (8, 8));
+    assert_eq!((h.sink.total(), h.sink.distinct()), (60, 60));
+    let _ = stop.send(true);
+    second.await.unwrap();
     h.stop().await;
 }
 
