@@ -5,6 +5,7 @@
 pub use schemars;
 
 pub mod address;
+pub mod bounce;
 pub mod classify;
 pub mod closed;
 pub mod credential;

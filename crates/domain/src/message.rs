@@ -30,6 +30,9 @@ string_enum!(
         /// Kept, not sent: the recipient policy's capture mode (a test installation's mail
         /// catcher). Final; the message can be read and downloaded as .eml.
         Captured = "captured",
+        /// The relay accepted it, and every recipient's server then refused it (a bounce came
+        /// back for each). Final. (Some bounced, others delivered: partly failed.)
+        Bounced = "bounced",
     }
 );
 
@@ -48,6 +51,7 @@ impl MessageState {
                 | MessageState::Failed
                 | MessageState::Cancelled
                 | MessageState::Captured
+                | MessageState::Bounced
         )
     }
 
@@ -103,8 +107,17 @@ impl Priority {
 string_enum!(RecipientKind { To = "to", Cc = "cc", Bcc = "bcc" });
 
 string_enum!(
-    /// Per-recipient outcome: a message to three recipients can reach two and fail one.
-    RecipientState { Pending = "pending", Delivered = "delivered", Failed = "failed", Captured = "captured" }
+    /// Per-recipient outcome: a message to three recipients can reach two and fail one. After
+    /// the relay's 250 a report can still come back: `bounced` (the recipient's server refused
+    /// it for good) or `delayed` (still being tried, past the relay).
+    RecipientState {
+        Pending = "pending",
+        Delivered = "delivered",
+        Failed = "failed",
+        Captured = "captured",
+        Bounced = "bounced",
+        Delayed = "delayed",
+    }
 );
 
 /// What a caller asks to send, before validation.

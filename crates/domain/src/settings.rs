@@ -186,6 +186,8 @@ pub struct RelaySettings {
     pub tls_server_name: Option<String>,
     pub allow_plaintext_auth: bool,
     pub allow_from_override: bool,
+    /// Where bounces go: each message's envelope sender is a VERP address of this domain.
+    pub bounce_domain: Option<String>,
     /// Where mail may go: as addressed, or redirected; and to which domains.
     pub policy: crate::policy::RecipientPolicy,
     pub connect_timeout: Duration,
@@ -405,6 +407,19 @@ impl RelaySettings {
             );
         }
         let policy = fallback_recipient.as_ref().and_then(|f| recipient_policy(doc, f, &mut errors));
+        let bounce_domain = doc.bounce_domain.as_deref().and_then(|v| match validate_host("bounce_domain", v) {
+            Ok(d) if d.contains('.') && d.parse::<IpAddr>().is_err() => {
+                Some(d.trim_end_matches('.').to_ascii_lowercase())
+            }
+            Ok(_) => {
+                errors.push("bounce_domain", format!("'{v}' is not a domain name (e.g. bounces.example.org)"));
+                None
+            }
+            Err(e) => {
+                errors.0.push(e);
+                None
+            }
+        });
         let connect_timeout = timeout(&mut errors, "connect_timeout", doc.connect_timeout.as_deref());
         let command_timeout = timeout(&mut errors, "command_timeout", doc.command_timeout.as_deref());
         let data_timeout = timeout(&mut errors, "data_timeout", doc.data_timeout.as_deref());
@@ -462,6 +477,7 @@ impl RelaySettings {
                     tls_server_name,
                     allow_plaintext_auth,
                     allow_from_override: doc.allow_from_override.unwrap_or(false),
+                    bounce_domain,
                     policy,
                     connect_timeout,
                     command_timeout,

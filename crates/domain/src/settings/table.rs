@@ -482,6 +482,13 @@ settings_table! {
         doc: "Comma-separated domains (and their subdomains) mail may go to; any other recipient is refused at \
               enqueue and never sent to",
     },
+    bounce_domain: String {
+        kind: Kind::Host, group: Messages, label: "Bounce domain", default: Default::Unset, uses: ANY,
+        whole: true,
+        doc: "A domain whose mail reaches Panel's bounce listener (panel serve --bounce-listen): each message's \
+              envelope sender becomes bounces+TOKEN@ this domain, and the relay is asked for DSNs, so a bounce \
+              after the relay's 250 shows in the message log; unset, nothing changes on the wire",
+    },
     /// Lets schedule and workflow steps set their own From address.
     allow_from_override: bool {
         kind: Kind::Flag, group: Messages, label: "Steps may set their own From", default: Default::Value("false"),
