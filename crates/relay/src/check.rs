@@ -92,7 +92,12 @@ pub async fn check(settings: Arc<RelaySettings>, credentials: Option<Arc<dyn Cre
         let mut conn = relay.connect(&mut t).await?;
         extensions = conn.extensions.list.clone();
         auth = conn.extensions.auth_mechanisms();
-        let probed = conn.probe(settings.from.address.as_str(), settings.fallback_recipient.as_str(), &mut t).await;
+        // With a bounce domain messages go with a VERP envelope sender: the relay must take it.
+        let from = match &settings.bounce_domain {
+            Some(domain) => panel_domain::bounce::verp_address("0-check", domain),
+            None => settings.from.address.to_string(),
+        };
+        let probed = conn.probe(&from, settings.fallback_recipient.as_str(), &mut t).await;
         if let Err(f) = &probed {
             t.failed(f);
         }

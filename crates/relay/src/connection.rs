@@ -206,7 +206,9 @@ impl Connection {
         if !reply.is_positive() {
             return Err(Failure::reply(Stage::Mail, reply));
         }
-        t.ok(Stage::Mail, reply.one_line(), Some(&reply));
+        // The envelope sender is named: with a bounce domain it is a VERP address the relay
+        // must take as well as the From address.
+        t.ok(Stage::Mail, format!("from <{from}>: {}", reply.one_line()), Some(&reply));
         let reply = self.command(Stage::Rcpt, &format!("RCPT TO:<{to}>")).await?;
         if !reply.is_positive() {
             self.reset().await;
@@ -221,7 +223,11 @@ impl Connection {
     /// relay's `452 4.5.3 too many recipients` ask for, one after the other on this connection.
     /// The recipients of a finished transaction are `Delivered` with its reply; a failure ends
     /// the attempt for those not yet delivered.
-    pub async fn send(&mut self, from: &str, recipients: &[String], message: &[u8]) -> SendReport {
+    ///
+    /// With `envid` (a bounce domain is set) and a relay that offers DSN (RFC 3461), MAIL FROM
+    /// asks for the headers back (`RET=HDRS`) under that envelope id, and each RCPT for a report
+    /// on failure or delay only.
+    pub async fn send(&mut self, from: &str, recipients: &[String], message: &[u8], envid: Option<&str>) -> SendReport {
         let mut report = SendReport {
             recipients: vec![RecipientResult::NotTried; recipients.len()],
             failure: None,
@@ -236,7 +242,7 @@ impl Connection {
                 failure: None,
                 data_reply: None,
             };
-            let result = self.transaction(from, &addresses, message, &mut part).await;
+            let result = self.transaction(from, &addresses, message, envid, &mut part).await;
             let done = result.is_ok();
             // RFC 5321 4.5.3.1.10: recipients refused as too many go in the next transaction,
             // now, as long as this one took some (else the refusal is a plain temporary one).
@@ -273,6 +279,7 @@ impl Connection {
         from: &str,
         recipients: &[String],
         message: &[u8],
+        envid: Option<&str>,
         report: &mut SendReport,
     ) -> Result<(), Failure> {
         // Never 8-bit bytes to a relay that did not offer to take them: Panel encodes every
@@ -309,13 +316,25 @@ impl Connection {
         if needs_utf8 {
             params.push_str(" SMTPUTF8");
         }
+        let dsn = envid.filter(|_| self.extensions.has("DSN"));
+        if let Some(envid) = dsn {
+            params.push_str(&format!(" RET=HDRS ENVID={}", panel_domain::bounce::xtext_encode(envid)));
+        }
+        let rcpt_to = |rcpt: &str| match dsn {
+            Some(_) => format!(
+                "RCPT TO:<{rcpt}> NOTIFY=FAILURE,DELAY ORCPT=rfc822;{}",
+                panel_domain::bounce::xtext_encode(rcpt)
+            ),
+            None => format!("RCPT TO:<{rcpt}>"),
+        };
         let mail = format!("MAIL FROM:<{from}>{params}");
         let data_reply = if self.extensions.has("PIPELINING") {
             // RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order. Two
             // round trips per message instead of three plus one per recipient.
             let mut batch = format!("{mail}\r\n");
             for rcpt in recipients {
-                batch.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+                batch.push_str(&rcpt_to(rcpt));
+                batch.push_str("\r\n");
             }
             batch.push_str("DATA\r\n");
             tracing::trace!(target: "panel_relay::smtp", "C: {}", batch.trim_end().replace("\r\n", " | "));
@@ -342,7 +361,7 @@ impl Connection {
                 return Err(Failure::reply(Stage::Mail, reply));
             }
             for (i, rcpt) in recipients.iter().enumerate() {
-                let reply = self.command(Stage::Rcpt, &format!("RCPT TO:<{rcpt}>")).await?;
+                let reply = self.command(Stage::Rcpt, &rcpt_to(rcpt)).await?;
                 report.recipients[i] = recipient_result(reply);
             }
             if report.recipients.contains(&RecipientResult::Accepted) {

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod automation;
+mod bounces;
 pub mod clock;
 mod credential_source;
 mod error;
@@ -20,6 +21,7 @@ pub mod views;
 pub mod wake;
 pub mod worker;
 
+pub use bounces::{BounceHandler, Receipt};
 pub use error::{ErrorKind, OpsError};
 pub use ops::{Panel, SettingsUpdate};
 pub use panel_store::redact_url;

@@ -43,6 +43,7 @@ pub struct Metrics {
     finished: Counters,
     attempts: Counters,
     connection_errors: Counters,
+    bounces: Counters,
     throttled: std::sync::atomic::AtomicU64,
     failovers: std::sync::atomic::AtomicU64,
     delivery: Histogram,
@@ -85,6 +86,12 @@ impl Metrics {
         self.failovers.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A report received for the bounce domain, by kind (`failed`, `delayed`, `auto_reply`,
+    /// `unmatched`, ...).
+    pub fn bounce(&self, kind: &str) {
+        self.bounces.add(format!("kind=\"{}\"", label(kind)));
+    }
+
     pub fn connection_error(&self, stage: &str) {
         self.connection_errors.add(format!("stage=\"{}\"", label(stage)));
     }
@@ -125,6 +132,11 @@ impl Metrics {
             "panel_relay_connection_errors_total",
             "Attempts that could not reach the relay, by stage (dns, tcp, tls, greeting, ...).",
         );
+        self.bounces.render(
+            &mut out,
+            "panel_bounces_total",
+            "Reports received for the bounce domain by this process, by kind (failed, delayed, auto_reply, unmatched, ...).",
+        );
         let _ = writeln!(
             out,
             "# HELP panel_relay_throttled_total Replies asking to slow down; each paused sending.\n# TYPE panel_relay_throttled_total counter\npanel_relay_throttled_total {}",
@@ -159,6 +171,7 @@ impl Metrics {
             ("partly_failed", queue.partly_failed),
             ("failed", queue.failed),
             ("captured", queue.captured),
+            ("bounced", queue.bounced),
         ] {
             let _ = writeln!(out, "panel_messages{{state=\"{state}\"}} {n}");
         }

@@ -40,6 +40,8 @@ pub struct Panel {
     services_seen: Arc<std::sync::Mutex<Option<ServicesSeen>>>,
     /// This process's first-run setup link, while it is open (`Panel::open_setup`).
     pub(crate) setup: Arc<std::sync::Mutex<Option<crate::accounts::SetupLink>>>,
+    /// The key that signs VERP tokens, once read (`bounces.rs`).
+    pub(crate) bounce_key: Arc<std::sync::OnceLock<ring::hmac::Key>>,
 }
 
 /// A read of the live services and when it was made.
@@ -66,6 +68,7 @@ impl Panel {
             clock: Arc::new(SystemClock),
             services_seen: Arc::default(),
             setup: Arc::default(),
+            bounce_key: Arc::default(),
         }
     }
 

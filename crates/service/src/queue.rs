@@ -184,7 +184,9 @@ impl Panel {
 
     /// A message with every recipient and attempt.
     pub async fn message(&self, id: i64) -> Result<MessageDetail, OpsError> {
-        Ok(self.store.message(id).await?.ok_or(OpsError::NotFound(id))?.into())
+        let mut detail: MessageDetail = self.store.message(id).await?.ok_or(OpsError::NotFound(id))?.into();
+        detail.bounces = self.store.message_bounces(id).await?.into_iter().map(Into::into).collect();
+        Ok(detail)
     }
 
     /// The message as queued (headers, text, HTML, attachments), to show what was sent.

@@ -41,6 +41,7 @@ pub struct RetentionReport {
     pub runs_deleted: u64,
     pub events_deleted: u64,
     pub audit_entries_deleted: u64,
+    pub bounces_deleted: u64,
 }
 
 impl RetentionReport {
@@ -64,6 +65,8 @@ impl Panel {
             report.runs_deleted = drain(|| self.store.delete_older(RetainedTable::Runs, before(keep), BATCH)).await?;
             report.events_deleted =
                 drain(|| self.store.delete_older(RetainedTable::Events, before(keep), BATCH)).await?;
+            report.bounces_deleted =
+                drain(|| self.store.delete_older(RetainedTable::Bounces, before(keep), BATCH)).await?;
         }
         if let Some(keep) = policy.audit {
             report.audit_entries_deleted =

@@ -137,7 +137,36 @@ pub struct MessageDetail {
     pub content_removed_at: Option<DateTime<Utc>>,
     pub recipients: Vec<Recipient>,
     pub attempts: Vec<Attempt>,
+    /// What came back after the relay's 250: bounces, delay notices, auto-replies, oldest first.
+    pub bounces: Vec<Bounce>,
 }
+
+view!(
+    /// A report received for the bounce domain: a bounce (`failed`), a delay notice
+    /// (`delayed`), an automatic reply, or something else; matched to its message or not.
+    Bounce from panel_store::BounceRecord {
+        id: i64,
+        received_at: DateTime<Utc>,
+        /// The message it is about; none: unmatched (its token missing or forged).
+        message_id: Option<i64>,
+        /// `failed`, `delayed`, `auto_reply`, `delivered` or `unknown`.
+        kind: String,
+        recipient: Option<String>,
+        /// The DSN's status (`5.1.1`).
+        status: Option<String>,
+        /// The remote server's reply (`550 5.1.1 user unknown`).
+        diagnostic: Option<String>,
+        /// The server that refused it.
+        remote_mta: Option<String>,
+        /// The server that wrote the report.
+        reporting_mta: Option<String>,
+        /// The address it came to.
+        envelope_to: String,
+        subject: String,
+        /// Why it is unmatched, or why it changed nothing.
+        reason: Option<String>,
+    }
+);
 
 impl From<panel_store::MessageDetail> for MessageDetail {
     fn from(m: panel_store::MessageDetail) -> MessageDetail {
@@ -173,6 +202,7 @@ impl From<panel_store::MessageDetail> for MessageDetail {
                 })
                 .collect(),
             attempts: m.attempts.into_iter().map(Into::into).collect(),
+            bounces: Vec::new(),
         }
     }
 }
@@ -226,6 +256,8 @@ view!(
         partly_failed: i64,
         failed: i64,
         captured: i64,
+        /// Accepted by the relay, then bounced by every recipient's server.
+        bounced: i64,
         limited: i64,
         held: i64,
         oldest_due_age_secs: Option<i64>,
@@ -415,6 +447,8 @@ pub struct Counts {
     pub failed: i64,
     /// Kept by the recipient policy's capture mode; nothing was sent.
     pub captured: i64,
+    /// Accepted by the relay, then bounced by every recipient's server.
+    pub bounced: i64,
 }
 
 impl Counts {
@@ -425,6 +459,7 @@ impl Counts {
             MessageState::Failed => self.failed += n,
             MessageState::PartlyFailed => self.partly_failed += n,
             MessageState::Captured => self.captured += n,
+            MessageState::Bounced => self.bounced += n,
             MessageState::Queued | MessageState::Sending | MessageState::Cancelled => {}
         }
     }

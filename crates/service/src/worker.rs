@@ -502,7 +502,10 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
             let sent = match &route.graph {
                 _ if plan.envelope.is_empty() => Some(None),
                 Some(graph) => send_graph(graph, message, plan.envelope.len(), &lease).await.map(Some),
-                None => send(shared, route.serial, relay, message, &plan.envelope, &lease).await.map(Some),
+                None => {
+                    let envelope = envelope(shared, &state.settings, id, message, &plan.envelope).await;
+                    send(shared, route.serial, relay, message, &envelope, &lease).await.map(Some)
+                }
             }
             .map(|sent| plan.report_for_pending(sent));
             let address = match &route.graph {
@@ -525,6 +528,41 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     };
     drop(renewal);
     settle_and_record(shared, state, info, started, report, Via { route: Some(index), relay: relay_addr, ctx }).await;
+}
+
+/// The SMTP envelope of one attempt.
+struct Envelope {
+    /// MAIL FROM: the From address, or with a bounce domain the message's VERP address.
+    from: String,
+    to: Vec<String>,
+    /// With a bounce domain: the ENVID a DSN carries back (the Message-ID).
+    envid: Option<String>,
+}
+
+/// The envelope for message `id`: with a bounce domain its sender is `bounces+TOKEN@DOMAIN`
+/// (the token signed, so a bounce to it is this message's and cannot be forged) and DSNs are
+/// asked for; without one, the From address, as ever.
+async fn envelope(
+    shared: &Shared,
+    settings: &RelaySettings,
+    id: i64,
+    message: &panel_domain::OutgoingMessage,
+    to: &[String],
+) -> Envelope {
+    let plain = || Envelope { from: message.from.address.to_string(), to: to.to_vec(), envid: None };
+    let Some(domain) = &settings.bounce_domain else { return plain() };
+    match shared.panel.bounce_token(id).await {
+        Ok(token) => Envelope {
+            from: panel_domain::bounce::verp_address(&token, domain),
+            to: to.to_vec(),
+            envid: Some(message.message_id.clone()),
+        },
+        // Sent all the same, with the From address: a bounce then lands where it always did.
+        Err(e) => {
+            tracing::warn!(message_id = id, error = %e, "cannot sign the bounce address; sending with the From address");
+            plain()
+        }
+    }
 }
 
 /// Takes this send from its route's sending budget (every service shares it). When there is no room, the message
@@ -887,17 +925,17 @@ async fn send(
     serial: u64,
     relay: &Relay,
     message: &panel_domain::OutgoingMessage,
-    recipients: &[String],
+    envelope: &Envelope,
     lease: &Lease,
 ) -> Option<SendReport> {
     let data = message.render();
-    let from = message.from.address.as_str();
+    let (from, recipients, envid) = (envelope.from.as_str(), &envelope.to[..], envelope.envid.as_deref());
     if let Some(mut conn) = take_connection(shared, serial) {
         if !lease.confirm().await {
             give_back(shared, serial, conn);
             return None;
         }
-        let report = conn.send(from, recipients, &data).await;
+        let report = conn.send(from, recipients, &data, envid).await;
         let stale = report.data_reply.is_none()
             && !conn.is_reusable()
             && report.recipients.iter().all(|r| *r == RecipientResult::NotTried);
@@ -919,7 +957,7 @@ async fn send(
                 conn.quit(None).await;
                 return None;
             }
-            let report = conn.send(from, recipients, &data).await;
+            let report = conn.send(from, recipients, &data, envid).await;
             give_back(shared, serial, conn);
             Some(report)
         }

@@ -801,6 +801,41 @@ impl Store {
         self.observe(self.backend.last_relay_error().await)
     }
 
+    /// The key that signs VERP tokens: the stored one, or `fresh` stored now when there is none.
+    pub async fn bounce_key(&self, fresh: &str) -> Result<String> {
+        self.observe(self.backend.bounce_key(fresh).await)
+    }
+
+    /// A message a received report may be about.
+    pub async fn bounce_target(&self, id: i64) -> Result<Option<BounceTarget>> {
+        self.observe(self.backend.bounce_target(id).await)
+    }
+
+    /// Stores a received report's rows, moving a matched message's recipients and state on.
+    pub async fn record_bounce(
+        &self,
+        message: Option<i64>,
+        rows: &[BounceRow],
+        now: DateTime<Utc>,
+    ) -> Result<Option<MessageState>> {
+        self.observe(self.backend.record_bounce(message, rows, ms(now)).await)
+    }
+
+    /// Received reports, newest first (only the unmatched with `unmatched`).
+    pub async fn bounces(&self, unmatched: bool, limit: i64) -> Result<Vec<BounceRecord>> {
+        self.observe(self.backend.bounces(unmatched, limit).await)
+    }
+
+    /// The reports about one message, oldest first.
+    pub async fn message_bounces(&self, id: i64) -> Result<Vec<BounceRecord>> {
+        self.observe(self.backend.message_bounces(id).await)
+    }
+
+    /// How many received reports matched no message.
+    pub async fn unmatched_bounces(&self) -> Result<i64> {
+        self.observe(self.backend.unmatched_bounces().await)
+    }
+
     /// The latest attempt of each named route, in the order given (`current`: it failed).
     pub async fn route_attempts(&self, names: &[String]) -> Result<Vec<Option<RelayError>>> {
         self.observe(self.backend.route_attempts(names).await)

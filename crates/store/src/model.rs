@@ -213,6 +213,7 @@ pub struct QueueStats {
     pub failed: i64,
     /// Kept by the recipient policy's capture mode; nothing was sent.
     pub captured: i64,
+    pub bounced: i64,
     /// Of the queued and retrying, those waiting for room under the sending limits.
     pub limited: i64,
     /// Of the failed, those held by a configuration error: sent again by themselves when it is
@@ -504,4 +505,50 @@ pub struct RelayError {
     pub hint: Option<String>,
     /// True when no attempt delivered since: the relay (or its configuration) is failing now.
     pub current: bool,
+}
+
+/// A message a received report may be about: its state and its recipients with theirs.
+#[derive(Debug, Clone)]
+pub struct BounceTarget {
+    pub id: i64,
+    pub state: MessageState,
+    pub recipients: Vec<(String, RecipientState)>,
+}
+
+/// One row of a received report, as the service decided it.
+#[derive(Debug, Clone, Default)]
+pub struct BounceRow {
+    /// `failed`, `delayed`, `auto_reply`, `delivered`, `unknown`.
+    pub kind: String,
+    pub recipient: Option<String>,
+    pub status: Option<String>,
+    pub diagnostic: Option<String>,
+    pub remote_mta: Option<String>,
+    pub reporting_mta: Option<String>,
+    /// The address it came to (the VERP address).
+    pub envelope_to: String,
+    pub subject: String,
+    /// Why it is unmatched, or why it changes nothing.
+    pub reason: Option<String>,
+    /// The report's first 64 KB, as received.
+    pub report: String,
+    /// The state the recipient moves to (`bounced`, `delayed`), if any.
+    pub moves_to: Option<RecipientState>,
+}
+
+/// A stored report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BounceRecord {
+    pub id: i64,
+    pub received_at: DateTime<Utc>,
+    pub message_id: Option<i64>,
+    pub kind: String,
+    pub recipient: Option<String>,
+    pub status: Option<String>,
+    pub diagnostic: Option<String>,
+    pub remote_mta: Option<String>,
+    pub reporting_mta: Option<String>,
+    pub envelope_to: String,
+    pub subject: String,
+    pub reason: Option<String>,
 }

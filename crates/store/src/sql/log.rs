@@ -65,7 +65,7 @@ impl SqlStore {
     pub async fn hourly_counts(&self, since: i64) -> Result<Vec<HourlyCount>> {
         let rows = sqlx::query(
             "SELECT (updated_at / 3600000) AS hour, state, COUNT(*) AS n FROM messages
-             WHERE updated_at >= $1 AND state IN ('delivered', 'retrying', 'partly_failed', 'failed', 'captured')
+             WHERE updated_at >= $1 AND state IN ('delivered', 'retrying', 'partly_failed', 'failed', 'captured', 'bounced')
              GROUP BY (updated_at / 3600000), state ORDER BY 1",
         )
         .bind(since)
@@ -210,6 +210,7 @@ impl SqlStore {
                 "failed" => stats.failed = n,
                 "partly_failed" => stats.partly_failed = n,
                 "captured" => stats.captured = n,
+                "bounced" => stats.bounced = n,
                 _ => {}
             }
         }

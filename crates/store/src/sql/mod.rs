@@ -53,6 +53,7 @@ pub(crate) fn optional_closed_cell<T>(
 }
 
 mod accounts;
+mod bounces;
 mod retention;
 pub use accounts::TOKEN_ID_CHARS;
 pub use retention::RetainedTable;
@@ -83,6 +84,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (14, include_str!("../../migrations/sqlite/0014_captured.sql")),
     (15, include_str!("../../migrations/sqlite/0015_send_log.sql")),
     (16, include_str!("../../migrations/sqlite/0016_routes.sql")),
+    (17, include_str!("../../migrations/sqlite/0017_bounces.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -102,6 +104,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (14, include_str!("../../migrations/postgres/0014_captured.sql")),
     (15, include_str!("../../migrations/postgres/0015_send_log.sql")),
     (16, include_str!("../../migrations/postgres/0016_routes.sql")),
+    (17, include_str!("../../migrations/postgres/0017_bounces.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

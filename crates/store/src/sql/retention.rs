@@ -7,7 +7,7 @@ use super::{SqlStore, json};
 use crate::Result;
 
 /// The final states: only finished messages lose content or go.
-const FINISHED: &str = "state IN ('delivered', 'partly_failed', 'failed', 'cancelled', 'captured')";
+const FINISHED: &str = "state IN ('delivered', 'partly_failed', 'failed', 'cancelled', 'captured', 'bounced')";
 
 impl SqlStore {
     /// Removes the text, HTML and attachments of up to `limit` messages finished before
@@ -60,6 +60,7 @@ impl SqlStore {
             RetainedTable::Runs => ("runs", "started_at"),
             RetainedTable::Events => ("events", "received_at"),
             RetainedTable::Audit => ("audit_log", "at"),
+            RetainedTable::Bounces => ("bounces", "received_at"),
         };
         let mut tx = self.write().await?;
         let sql = format!(
@@ -77,4 +78,6 @@ pub enum RetainedTable {
     Runs,
     Events,
     Audit,
+    /// Received reports (those of a deleted message go with it; this takes the unmatched).
+    Bounces,
 }

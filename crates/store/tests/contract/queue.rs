@@ -346,7 +346,49 @@ async fn each_routes_latest_attempt_is_found_and_every_attempt_names_its_route(b
     assert_eq!(s.last_relay_error().await.unwrap().unwrap().route.as_deref(), Some("primary"));
 }
 
+/// A report after the relay's 250: a delay notice marks its recipient delayed, a bounce then
+/// bounced and the message with it; an unmatched one is kept and changes nothing. The signing
+/// key is made once, whoever asks first.
+async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing(b: &Backend) {
+    use panel_domain::{MessageState, RecipientState};
+    use panel_store::BounceRow;
+    let s = &b.store;
+    assert_eq!(s.bounce_key("first").await.unwrap(), "first");
+    assert_eq!(s.bounce_key("second").await.unwrap(), "first", "made once");
+    let id = s.enqueue(Origin::MailTester, message("reset"), Utc::now()).await.unwrap();
+    let claim = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
+    assert!(s.record_attempt(&claim.reference, &meta(), &delivered()).await.unwrap());
+    let row = |kind: &str, moves_to| BounceRow {
+        kind: kind.into(),
+        recipient: Some("A@example.org".into()),
+        status: Some("5.1.1".into()),
+        diagnostic: Some("550 5.1.1 user unknown".into()),
+        remote_mta: Some("mx.example.net".into()),
+        envelope_to: "bounces+1-ab@b.example".into(),
+        moves_to,
+        ..BounceRow::default()
+    };
+    let state = s.record_bounce(Some(id), &[row("delayed", Some(RecipientState::Delayed))], Utc::now()).await.unwrap();
+    assert_eq!(state, None, "a delay leaves the message delivered");
+    let m = s.message(id).await.unwrap().unwrap();
+    assert_eq!((m.state, m.recipients[0].state), (MessageState::Delivered, RecipientState::Delayed));
+    let state = s.record_bounce(Some(id), &[row("failed", Some(RecipientState::Bounced))], Utc::now()).await.unwrap();
+    assert_eq!(state, Some(MessageState::Bounced));
+    let m = s.message(id).await.unwrap().unwrap();
+    assert_eq!(m.recipients[0].state, RecipientState::Bounced);
+    assert_eq!(m.recipients[0].reply.as_deref(), Some("550 5.1.1 user unknown (from mx.example.net)"));
+    assert_eq!(s.message_bounces(id).await.unwrap().len(), 2);
+    let forged = BounceRow { reason: Some("its token does not verify".into()), ..row("failed", None) };
+    assert_eq!(s.record_bounce(None, &[forged], Utc::now()).await.unwrap(), None);
+    let unmatched = s.bounces(true, 10).await.unwrap();
+    assert_eq!((unmatched.len(), unmatched[0].message_id), (1, None));
+    assert_eq!(s.bounces(false, 10).await.unwrap().len(), 3);
+    assert_eq!(s.unmatched_bounces().await.unwrap(), 1);
+    assert_eq!(s.queue_stats(Utc::now()).await.unwrap().bounced, 1);
+}
+
 contract!(
+    a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing,
     each_routes_latest_attempt_is_found_and_every_attempt_names_its_route,
     the_sending_budget_is_shared_and_never_overdrawn,
     concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,

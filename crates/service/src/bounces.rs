@@ -1,0 +1,209 @@
+//! After the relay's 250: the VERP token that makes a bounce attributable to its message, and
+//! what a report received by the bounce listener does (`Panel::receive_report`).
+
+use panel_domain::bounce::{ReportKind, read_report, verp_token};
+use panel_domain::{MessageState, RecipientState};
+use panel_store::BounceRow;
+
+use crate::error::OpsError;
+use crate::ops::Panel;
+
+/// Bytes of the HMAC in a token: 80 bits, hex, so a forged bounce must guess them.
+const TAG_BYTES: usize = 10;
+/// Bytes of a report kept with its record.
+const KEPT: usize = 64 * 1024;
+
+/// What one received report did, for the listener's log and reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub kind: ReportKind,
+    /// The message it was matched to (none: kept unmatched).
+    pub message: Option<i64>,
+    /// The message's state when the report changed it.
+    pub state: Option<MessageState>,
+}
+
+impl Panel {
+    /// The key that signs VERP tokens, read once per process (made once per installation).
+    async fn bounce_key(&self) -> Result<ring::hmac::Key, OpsError> {
+        if let Some(key) = self.bounce_key.get() {
+            return Ok(key.clone());
+        }
+        let fresh = format!("{:032x}{:032x}", crate::random_u128(), crate::random_u128());
+        let stored = self.store.bounce_key(&fresh).await?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, stored.as_bytes());
+        Ok(self.bounce_key.get_or_init(|| key).clone())
+    }
+
+    /// The VERP token of message `id`: `ID-TAG`, the tag an HMAC of the id under the
+    /// installation's key, so a bounce that carries it is about that message and nothing can
+    /// forge one for another.
+    pub async fn bounce_token(&self, id: i64) -> Result<String, OpsError> {
+        let key = self.bounce_key().await?;
+        let tag = ring::hmac::sign(&key, id.to_string().as_bytes());
+        Ok(format!("{id}-{}", hex::encode(&tag.as_ref()[..TAG_BYTES])))
+    }
+
+    /// The message a token is for, when its tag verifies.
+    async fn token_message(&self, token: &str) -> Result<Option<i64>, OpsError> {
+        let Some((id, tag)) = token.split_once('-') else { return Ok(None) };
+        let Ok(id) = id.parse::<i64>() else { return Ok(None) };
+        let Ok(given) = hex::decode(tag) else { return Ok(None) };
+        let expected = self.bounce_token(id).await?;
+        let expected = hex::decode(expected.split_once('-').map(|(_, t)| t).unwrap_or_default()).unwrap_or_default();
+        // Constant time: the comparison says nothing about how much of a guess was right.
+        let same = given.len() == expected.len() && given.iter().zip(&expected).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
+        Ok(same.then_some(id))
+    }
+
+    /// A report the bounce listener received for `envelope_to` (its RCPT TO addresses):
+    /// matched to its message by the VERP token of the bounce domain, read (a DSN, a
+    /// non-standard bounce, an auto-reply) and stored. A bounce moves its recipient to bounced
+    /// (a delay notice to delayed) and the message on, and tells the workflows
+    /// (`message.bounced`). A report without a token that verifies is kept unmatched and
+    /// changes no message. Bounded: at most `MAX_REPORT` bytes are read.
+    pub async fn receive_report(&self, envelope_to: &[String], raw: &[u8]) -> Result<Receipt, OpsError> {
+        let settings = self.settings().await?.map(|(_, s)| s);
+        let domain = settings.as_ref().and_then(|s| s.bounce_domain.clone());
+        let report = read_report(raw);
+        let kept = String::from_utf8_lossy(&raw[..raw.len().min(KEPT)]).into_owned();
+        let to = envelope_to.first().cloned().unwrap_or_default();
+        let mut message = None;
+        let mut reason = None;
+        match &domain {
+            None => reason = Some("no bounce domain is set (panel smtp set --bounce-domain)".to_string()),
+            Some(domain) => match envelope_to.iter().find_map(|a| verp_token(a, domain)) {
+                None => reason = Some(format!("sent to no bounces+TOKEN@{domain} address")),
+                Some(token) => match self.token_message(token).await? {
+                    None => reason = Some("its token does not verify: forged, or from another installation".into()),
+                    Some(id) => match self.store.bounce_target(id).await? {
+                        None => reason = Some(format!("message {id} is no longer stored")),
+                        Some(target) => message = Some(target),
+                    },
+                },
+            },
+        }
+        let base = BounceRow {
+            kind: report.kind.as_str().to_string(),
+            envelope_to: to.chars().take(320).collect(),
+            subject: report.subject.clone(),
+            reporting_mta: report.reporting_mta.clone(),
+            report: kept,
+            ..BounceRow::default()
+        };
+        let mut rows = Vec::new();
+        let Some(target) = message else {
+            rows.push(BounceRow { reason, ..base });
+            self.store.record_bounce(None, &rows, self.now()).await?;
+            self.metrics.bounce("unmatched");
+            tracing::warn!(to = %to, kind = report.kind.as_str(), "a report matched no message; kept unmatched");
+            return Ok(Receipt { kind: report.kind, message: None, state: None });
+        };
+        let moves = |kind: ReportKind| match kind {
+            ReportKind::Failed => Some(RecipientState::Bounced),
+            ReportKind::Delayed => Some(RecipientState::Delayed),
+            _ => None,
+        };
+        let own = |address: &str| target.recipients.iter().any(|(a, _)| a.eq_ignore_ascii_case(address));
+        if !report.recipients.is_empty() {
+            for r in &report.recipients {
+                let ours = own(&r.recipient);
+                rows.push(BounceRow {
+                    kind: r.kind.as_str().to_string(),
+                    recipient: Some(r.recipient.clone()),
+                    status: r.status.clone(),
+                    diagnostic: r.diagnostic.clone(),
+                    remote_mta: r.remote_mta.clone(),
+                    reason: (!ours).then(|| "not a recipient of this message".to_string()),
+                    moves_to: if ours { moves(r.kind) } else { None },
+                    ..base.clone()
+                });
+            }
+        } else if report.kind == ReportKind::Failed {
+            // A non-standard bounce names its recipients in its text; with one recipient it
+            // can only be about that one.
+            let text = report.text.to_ascii_lowercase();
+            let mut named: Vec<&str> = target
+                .recipients
+                .iter()
+                .map(|(a, _)| a.as_str())
+                .filter(|a| text.contains(&a.to_ascii_lowercase()))
+                .collect();
+            if named.is_empty() && target.recipients.len() == 1 {
+                named.push(&target.recipients[0].0);
+            }
+            if named.is_empty() {
+                rows.push(BounceRow {
+                    diagnostic: report.diagnostic.clone(),
+                    reason: Some("the bounce names none of the message's recipients".into()),
+                    ..base.clone()
+                });
+            }
+            for address in named {
+                rows.push(BounceRow {
+                    recipient: Some(address.to_string()),
+                    diagnostic: report.diagnostic.clone(),
+                    moves_to: Some(RecipientState::Bounced),
+                    ..base.clone()
+                });
+            }
+        } else {
+            let why = match report.kind {
+                ReportKind::AutoReply => "an automatic reply (out of office): not a bounce",
+                ReportKind::Delivered => "a report of delivery: nothing failed",
+                _ => "not a delivery report",
+            };
+            rows.push(BounceRow { reason: Some(why.into()), ..base.clone() });
+        }
+        let state = self.store.record_bounce(Some(target.id), &rows, self.now()).await?;
+        for row in &rows {
+            self.metrics.bounce(&row.kind);
+        }
+        tracing::info!(message_id = target.id, kind = report.kind.as_str(), state = ?state, "report received");
+        for row in rows.iter().filter(|r| r.moves_to == Some(RecipientState::Bounced)) {
+            self.tell_workflows(target.id, row).await;
+        }
+        Ok(Receipt { kind: report.kind, message: Some(target.id), state })
+    }
+
+    /// `message.bounced` for the workflows, with the recipient and the reason; a failure to run
+    /// them is logged, never the listener's (the bounce is stored either way).
+    async fn tell_workflows(&self, id: i64, row: &BounceRow) {
+        let object = serde_json::json!({
+            "message_id": id,
+            "recipient": row.recipient,
+            "status": row.status,
+            "diagnostic": row.diagnostic,
+            "remote_mta": row.remote_mta,
+        });
+        let key = format!("bounce-{id}-{}", row.recipient.as_deref().unwrap_or_default());
+        let key: String =
+            key.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '@')).take(100).collect();
+        if let Err(e) = self.post_event("message.bounced", &object, Some(&key), "bounce listener").await {
+            tracing::warn!(message_id = id, error = %e, "could not tell the workflows of the bounce");
+        }
+    }
+
+    /// Received reports, newest first (`unmatched`: only those matched to no message).
+    pub async fn bounces(&self, unmatched: bool, limit: usize) -> Result<Vec<crate::views::Bounce>, OpsError> {
+        Ok(self.store.bounces(unmatched, limit.clamp(1, 1000) as i64).await?.into_iter().map(Into::into).collect())
+    }
+}
+
+/// What the bounce listener (`panel_relay::inbound`) calls: the bounce domain in force, and
+/// `Panel::receive_report` for each message it takes.
+pub struct BounceHandler(pub Panel);
+
+impl panel_relay::inbound::InboundHandler for BounceHandler {
+    fn domain(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async move { self.0.settings().await.ok().flatten().and_then(|(_, s)| s.bounce_domain) })
+    }
+
+    fn deliver(
+        &self,
+        recipients: Vec<String>,
+        data: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move { self.0.receive_report(&recipients, &data).await.map(|_| ()).map_err(|e| e.to_string()) })
+    }
+}
