@@ -48,6 +48,21 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum BouncesCommand {
+    /// List received reports, newest first: the message each is about, what the remote server
+    /// said, or why it matched no message.
+    List {
+        /// Only those that matched no message (no token, or a token that does not verify)
+        #[arg(long)]
+        unmatched: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 // In the order a new user meets them (the README's): start the service, make an admin, set up
 // the relay, send, read the log; then automation; then operations and trust.
 enum Command {
@@ -56,6 +71,10 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:8025]
         #[arg(long, env = "PANEL_LISTEN")]
         listen: Option<String>,
+        /// Also take bounces by SMTP on this address (e.g. 0.0.0.0:2526), for the bounce domain
+        /// only (panel smtp set --bounce-domain); route that domain to it on the relay
+        #[arg(long, env = "PANEL_BOUNCE_LISTEN", value_name = "ADDRESS:PORT")]
+        bounce_listen: Option<String>,
         #[command(flatten)]
         worker: WorkerArgs,
     },
@@ -70,6 +89,10 @@ enum Command {
     /// The message log.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// What came back after the relay's 250: bounces, delay notices and auto-replies received
+    /// for the bounce domain, and those that matched no message.
+    #[command(subcommand)]
+    Bounces(BouncesCommand),
     /// Message templates (Jinja syntax, sandboxed): set, list, show, delete, render a preview.
     #[command(subcommand)]
     Template(automation::TemplateCommand),
@@ -398,22 +421,28 @@ async fn run(cli: Cli) -> CmdResult {
         }
     }
     match cli.command {
-        Command::Serve { listen, worker } => {
+        Command::Serve { listen, bounce_listen, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
             let config = worker_config(&worker, &resolved.file)?;
             let http = http_limits(&resolved.file, &config)?;
             let proxies = trusted_proxies(&resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
-            serve(panel, Some(listen), config, http, proxies, retention, resolved.config).await
+            let listeners = serve::Listeners { http: Some(listen), bounces: bounce_listen };
+            serve(panel, listeners, config, http, proxies, retention, resolved.config).await
         }
         Command::Worker { worker } => {
             let config = worker_config(&worker, &resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
-            serve(panel, None, config, HttpLimits::default(), Vec::new(), retention, resolved.config).await
+            let listeners = serve::Listeners { http: None, bounces: None };
+            serve(panel, listeners, config, HttpLimits::default(), Vec::new(), retention, resolved.config).await
         }
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,
         Command::Messages(cmd) => messages(panel, cmd).await,
+        Command::Bounces(BouncesCommand::List { unmatched, limit, json }) => {
+            output::bounces(&panel.bounces(unmatched, limit).await?, json);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::License(cmd) => trust::license(panel, cmd).await,
         Command::Credential(cmd) => trust::credential(panel, cmd).await,
         Command::Audit(cmd) => trust::audit(panel, cmd).await,

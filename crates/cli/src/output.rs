@@ -365,6 +365,58 @@ pub fn message(m: &MessageDetail, json: bool) {
             println!("       hint: {h}");
         }
     }
+    if !m.bounces.is_empty() {
+        println!("  After the relay's 250:");
+        for b in &m.bounces {
+            let after = m.attempts.last().map(|a| b.received_at - a.finished_at);
+            println!("    {}", bounce_line(b, after));
+        }
+    }
+}
+
+/// One received report in words: "bounced by mx.example.net: 550 5.1.1 user unknown (bob@...),
+/// 3 minutes after the relay accepted it".
+fn bounce_line(b: &panel_service::views::Bounce, after: Option<chrono::TimeDelta>) -> String {
+    let what = match b.kind.as_str() {
+        "failed" => "bounced",
+        "delayed" => "delayed",
+        "auto_reply" => "automatic reply (not a bounce)",
+        "delivered" => "reported delivered",
+        _ => "report",
+    };
+    let by = b.remote_mta.as_deref().or(b.reporting_mta.as_deref()).map(|m| format!(" by {m}")).unwrap_or_default();
+    let said = b.diagnostic.as_deref().or(b.status.as_deref()).map(|d| format!(": {d}")).unwrap_or_default();
+    let who = b.recipient.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+    let when = match after {
+        Some(d) if d.num_seconds() >= 0 => {
+            format!(
+                ", {} after the relay accepted it",
+                panel_domain::duration::format(std::time::Duration::from_secs(d.num_seconds() as u64))
+            )
+        }
+        _ => String::new(),
+    };
+    let note = b.reason.as_deref().map(|r| format!(" [{r}]")).unwrap_or_default();
+    format!("{} {what}{by}{said}{who}{when}{note}", time(&b.received_at))
+}
+
+/// The received reports, newest first (`panel bounces list`).
+pub fn bounces(list: &[panel_service::views::Bounce], json: bool) {
+    if json {
+        print_json(&list);
+        return;
+    }
+    if list.is_empty() {
+        println!("No reports received.");
+        return;
+    }
+    for b in list {
+        let about = match b.message_id {
+            Some(id) => format!("message {id}"),
+            None => "unmatched".to_string(),
+        };
+        println!("{about:<14} {}  to {}  subject: {}", bounce_line(b, None), b.envelope_to, b.subject);
+    }
 }
 
 pub fn services(list: &[Service], json: bool) {

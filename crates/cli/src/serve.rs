@@ -245,9 +245,15 @@ async fn hangup_signal(_: &mut Option<()>) {
     std::future::pending().await
 }
 
+/// What `panel serve` listens on: the web UI and API, and the bounce listener (SMTP).
+pub(crate) struct Listeners {
+    pub http: Option<String>,
+    pub bounces: Option<String>,
+}
+
 pub(crate) async fn serve(
     mut panel: Panel,
-    listen: Option<String>,
+    listeners: Listeners,
     config: WorkerConfig,
     http: HttpLimits,
     proxies: Vec<panel_web::proxies::Cidr>,
@@ -257,6 +263,20 @@ pub(crate) async fn serve(
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
     tracing::info!(file = %panel.master_key_file().display(), key, "master key loaded");
+    let Listeners { http: listen, bounces } = listeners;
+    // Bound before anything runs, so a taken port stops the start with the reason.
+    let bounce_listener = match &bounces {
+        None => None,
+        Some(addr) => {
+            let parsed: SocketAddr = addr
+                .parse()
+                .map_err(|_| bad_input(format!("--bounce-listen '{addr}' is not ADDRESS:PORT, e.g. 0.0.0.0:2526")))?;
+            let l = tokio::net::TcpListener::bind(parsed)
+                .await
+                .map_err(|e| Failed(1, format!("cannot listen for bounces on {addr}: {e}")))?;
+            Some(l)
+        }
+    };
     let waker = Waker::default();
     panel.local_waker = Some(waker.clone());
     let wake_port = waker.listen().await.map_err(|e| Failed(1, format!("cannot open the wake-up socket: {e}")))?;
@@ -327,6 +347,18 @@ pub(crate) async fn serve(
                 let _ = rx.wait_for(|s| *s).await;
             };
             panel_web::serve(panel, l, http, proxies, shutdown).await.map_err(|e| e.to_string())
+        });
+    }
+    if let Some(l) = bounce_listener {
+        let rx = stop_rx.clone();
+        let handler = std::sync::Arc::new(panel_service::BounceHandler(panel.clone()));
+        let name = panel_relay::local_hostname();
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "taking bounces by SMTP for the bounce domain");
+        }
+        tasks.spawn("bounce listener", async move {
+            panel_relay::inbound::serve_inbound(l, name, Default::default(), handler, rx).await;
+            Ok(())
         });
     }
     match &listen {

@@ -359,6 +359,26 @@ impl PostfixLab {
         );
     }
 
+    /// Sends mail for `domain` to 127.0.0.1:`port` (as a relay routes a bounce domain to the
+    /// service that takes its bounces), whatever else the lab does with mail.
+    pub fn route_domain(&self, domain: &str, port: u16) {
+        let table = self.config_dir().join("transport");
+        fs::write(&table, format!("{domain} smtp:[127.0.0.1]:{port}\n")).unwrap();
+        let map = format!("transport_maps = texthash:{}", table.display());
+        let out =
+            Command::new("postconf").arg("-c").arg(self.config_dir()).arg("-e").arg(&map).output().expect("postconf");
+        assert!(out.status.success(), "postconf failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.postfix(&["reload"]);
+    }
+
+    /// Takes every recipient, also the `reject-` ones (a relay that passes mail on, leaving the
+    /// refusal to the server behind it).
+    pub fn accept_every_recipient(&self) {
+        fs::write(self.dir.path().join("conf/rcpt_access"), "").unwrap();
+        self.postfix(&["reload"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Stops the relay, as an outage would: its ports refuse connections until `resume`.
     pub fn stop(&self) {
         self.postfix(&["stop"]);

@@ -328,6 +328,18 @@ pub(crate) async fn restore_settings(State(p): State<Panel>, By(by): By, ApiPath
 /// would be after saving them (the form's unsaved edits), storing nothing. The answer says
 /// which (`draft`).
 #[derive(Deserialize, Default, schemars::JsonSchema)]
+pub(crate) struct BouncesQuery {
+    /// Only the reports that matched no message.
+    unmatched: Option<bool>,
+    /// At most this many, 1-1000 (default 50).
+    limit: Option<usize>,
+}
+
+pub(crate) async fn bounces(State(p): State<Panel>, ApiQuery(q): ApiQuery<BouncesQuery>) -> ApiResult {
+    ok(p.bounces(q.unmatched.unwrap_or(false), q.limit.unwrap_or(50)).await?)
+}
+
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 pub(crate) struct CheckQuery {
     /// With a body: the standby route the fields are for (default: the primary).
     route: Option<String>,

@@ -73,6 +73,7 @@ api_routes! {
     GET "/api/v1/messages/{id}/eml" => Viewer, message_eml, answers::Eml, "The message as an .eml file (message/rfc822): what goes after DATA, or would have, when captured";
     POST "/api/v1/messages/{id}/retry" => Operator, retry_message, views::RetryResult, "Send one message now: a failed or partly failed one to its refused recipients, a retrying one before its retry time";
     POST "/api/v1/messages/{id}/cancel" => Operator, cancel_message, answers::Cancelled, body CancelRequest, "Cancel a message still to be sent ({\"reason\"}): final, never retried; who and why are logged";
+    GET "/api/v1/bounces" => Viewer, bounces, Vec<views::Bounce>, query BouncesQuery, "Reports received for the bounce domain, newest first: bounces, delay notices, auto-replies (?unmatched=true: only those that matched no message; ?limit, default 50)";
     GET "/api/v1/services" => Viewer, services, Vec<views::Service>, "Running Panel Services and workers";
     GET "/api/v1/queue" => Viewer, queue, views::QueueStats, "Queue depth and ages";
     GET "/api/v1/dashboard" => Viewer, ui::dashboard_api, views::Dashboard, "Counts per state (last hour, day), per hour, the last relay error";

@@ -5,6 +5,7 @@
 mod common;
 
 mod automation;
+mod bounces;
 mod cli;
 mod credentials;
 mod faults;

@@ -603,3 +603,29 @@ fn a_standby_route_is_added_checked_and_shown_taking_the_mail_in_the_ui() {
     let attempts = b.wait_text("#attempts", 10, |t| t.contains("(route standby)"));
     assert!(attempts.contains("(route primary)"), "{attempts}");
 }
+
+#[test]
+fn a_bounce_after_the_relays_250_shows_on_the_message_and_the_dashboard() {
+    let Some(b) = Browser::start() else { return };
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    let listen = panel_testlab::free_port();
+    env.relay_on(sink.port, &["--bounce-domain", "bounces.panel.test"]);
+    account(&env, "ann", "admin");
+    let port = env.serve_with(&["--bounce-listen", &format!("127.0.0.1:{listen}")]);
+    let id = id_of(&env.ok(&["send", "--to", "gone@example.net", "--subject", "Reset", "--text", "x", "--json"]));
+    env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    let mail = sink.mail_commands().pop().unwrap();
+    let verp = mail.trim_start_matches("MAIL FROM:<").split('>').next().unwrap().to_string();
+    let ndr = "From: postmaster@contoso.example\nSubject: Undeliverable: Reset\n\nDelivery has failed to these recipients or groups:\ngone@example.net\nRemote Server returned '550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found'";
+    assert!(crate::bounces::smtp_deliver(listen, &verp, ndr).last().unwrap().starts_with("250"));
+    env.wait_message(id, WAIT, |m| m["state"] == "bounced");
+
+    sign_in(&b, port, "ann");
+    b.goto(&format!("http://127.0.0.1:{port}/messages/{id}"));
+    let table = b.wait_text("#bounces", 10, |t| t.contains("bounced"));
+    assert!(table.contains("gone@example.net") && table.contains("550 5.1.10"), "{table}");
+    b.screenshot(&screenshots().join("bounce.png"));
+    b.goto(&format!("http://127.0.0.1:{port}/"));
+    assert_eq!(b.wait_text("#last-day-bounced", 10, |t| t.contains("bounced")), "1 bounced");
+}

@@ -228,9 +228,17 @@ impl Env {
     /// A free port can be taken by another test between the check and the bind: when the
     /// service says "Address already in use", it is started again on another port.
     pub fn serve(&mut self) -> u16 {
+        self.serve_with(&[])
+    }
+
+    /// `panel serve` with `extra` arguments (e.g. `--bounce-listen`); returns its HTTP port.
+    pub fn serve_with(&mut self, extra: &[&str]) -> u16 {
         for _ in 0..5 {
             let port = panel_testlab::free_port();
-            let pid = self.start(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+            let listen = format!("127.0.0.1:{port}");
+            let mut args = vec!["serve", "--listen", &listen];
+            args.extend_from_slice(extra);
+            let pid = self.start(&args);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let child = self.children.iter_mut().find(|c| c.id() == pid).expect("our child");
