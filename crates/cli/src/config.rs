@@ -26,6 +26,25 @@ pub struct FileConfig {
     pub web: WebSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub bounces: BouncesSection,
+}
+
+/// `[bounces]`: a mailbox that bounces land in (the From mailbox, when no bounce domain routes
+/// them to the listener), read over IMAP. Only here, on the service's machine: it names a file
+/// whose content is sent to the IMAP server as the password.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BouncesSection {
+    /// `imaps://USER@HOST[:PORT][/FOLDER]`, or `imap://...` for STARTTLS (required).
+    pub imap_url: Option<String>,
+    pub imap_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) added to the system roots for the IMAP server's certificate.
+    pub imap_ca_file: Option<PathBuf>,
+    /// Where what matched a message is moved [default: Panel/Bounces].
+    pub processed_folder: Option<String>,
+    /// How often the service reads it [default: 1m].
+    pub interval: Option<String>,
 }
 
 /// `[retention]`: how long message content, messages (with runs and events) and audit entries
@@ -103,6 +122,7 @@ impl FileConfig {
             http,
             web,
             retention,
+            bounces,
         } = started;
         let mut changed = Vec::new();
         let mut compare = |name, differs: bool| {
@@ -120,6 +140,7 @@ impl FileConfig {
         compare("[http]", *http != now.http);
         compare("[web]", *web != now.web);
         compare("[retention]", *retention != now.retention);
+        compare("[bounces]", *bounces != now.bounces);
         changed
     }
 }

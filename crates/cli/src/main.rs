@@ -49,6 +49,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum BouncesCommand {
+    /// Read the bounce mailbox of the config file's [bounces] once, now: match what is new,
+    /// move it to the processed folder, leave the rest.
+    Fetch {
+        #[arg(long)]
+        json: bool,
+    },
     /// List received reports, newest first: the message each is about, what the remote server
     /// said, or why it matched no message.
     List {
@@ -427,18 +433,36 @@ async fn run(cli: Cli) -> CmdResult {
             let http = http_limits(&resolved.file, &config)?;
             let proxies = trusted_proxies(&resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
-            let listeners = serve::Listeners { http: Some(listen), bounces: bounce_listen };
+            let mailbox = serve::bounce_mailbox(&resolved.file)?;
+            let listeners = serve::Listeners { http: Some(listen), bounces: bounce_listen, mailbox };
             serve(panel, listeners, config, http, proxies, retention, resolved.config).await
         }
         Command::Worker { worker } => {
             let config = worker_config(&worker, &resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
-            let listeners = serve::Listeners { http: None, bounces: None };
+            let mailbox = serve::bounce_mailbox(&resolved.file)?;
+            let listeners = serve::Listeners { http: None, bounces: None, mailbox };
             serve(panel, listeners, config, HttpLimits::default(), Vec::new(), retention, resolved.config).await
         }
         Command::Smtp(cmd) => smtp(panel, cmd).await,
         Command::Send(args) => send(panel, *args).await,
         Command::Messages(cmd) => messages(panel, cmd).await,
+        Command::Bounces(BouncesCommand::Fetch { json }) => {
+            let Some((mailbox, _)) = serve::bounce_mailbox(&resolved.file)? else {
+                return Err(bad_input(
+                    "no bounce mailbox is configured: set [bounces] imap_url and imap_password_file in the config file",
+                ));
+            };
+            let pass = panel.read_bounce_mailbox(&mailbox).await?;
+            match json {
+                true => output::print_json(&pass),
+                false => println!(
+                    "Read {} new message(s): {} matched a message (moved to {}), {} left in {}.",
+                    pass.read, pass.matched, mailbox.processed, pass.left, mailbox.folder
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bounces(BouncesCommand::List { unmatched, limit, json }) => {
             output::bounces(&panel.bounces(unmatched, limit).await?, json);
             Ok(ExitCode::SUCCESS)

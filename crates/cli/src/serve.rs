@@ -117,6 +117,90 @@ pub(crate) fn retention_policy(file: &FileConfig) -> Result<RetentionPolicy, Fai
     Ok(policy)
 }
 
+/// `[bounces]` as the service uses it: the mailbox and how often to read it; `None` when no
+/// `imap_url` is set. Every problem at once, each naming its key.
+pub(crate) fn bounce_mailbox(file: &FileConfig) -> Result<Option<(panel_service::BounceMailbox, Duration)>, Failed> {
+    let section = &file.bounces;
+    let Some(url) = &section.imap_url else {
+        return match section.imap_password_file.is_some() || section.processed_folder.is_some() {
+            true => Err(bad_input("bounces: imap_url is required with the other [bounces] keys")),
+            false => Ok(None),
+        };
+    };
+    let mut problems = Vec::new();
+    let parsed =
+        panel_domain::bounce::ImapUrl::parse(url).map_err(|e| problems.push(format!("bounces.imap_url: {e}"))).ok();
+    let password = match &section.imap_password_file {
+        None => {
+            problems.push("bounces.imap_password_file is required: a file holding the mailbox's password".to_string());
+            None
+        }
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(p) => Some(zeroize::Zeroizing::new(p.trim_end_matches(['\r', '\n']).to_string())),
+            Err(e) => {
+                problems.push(format!("bounces.imap_password_file: cannot read {}: {e}", f.display()));
+                None
+            }
+        },
+    };
+    let interval = match &section.interval {
+        None => Duration::from_secs(60),
+        Some(v) => match panel_domain::duration::parse(v) {
+            Ok(d) if d >= Duration::from_secs(5) => d,
+            Ok(_) => {
+                problems.push(format!("bounces.interval '{v}' is shorter than 5s"));
+                Duration::from_secs(60)
+            }
+            Err(e) => {
+                problems.push(format!("bounces.interval: {e}"));
+                Duration::from_secs(60)
+            }
+        },
+    };
+    let processed = section.processed_folder.clone().unwrap_or_else(|| "Panel/Bounces".into());
+    if processed.trim().is_empty() || processed.chars().any(char::is_control) {
+        problems.push("bounces.processed_folder must be a folder name".into());
+    }
+    match (parsed, password) {
+        (Some(u), Some(password)) if problems.is_empty() => {
+            let imap = panel_relay::imap::ImapConfig {
+                host: u.host,
+                port: u.port,
+                security: if u.implicit_tls {
+                    panel_relay::imap::ImapSecurity::Tls
+                } else {
+                    panel_relay::imap::ImapSecurity::Starttls
+                },
+                username: u.username,
+                password,
+                ca_file: section.imap_ca_file.clone(),
+                timeout: Duration::from_secs(60),
+            };
+            Ok(Some((panel_service::BounceMailbox { imap, folder: u.folder, processed }, interval)))
+        }
+        _ => Err(bad_input(problems.join("; "))),
+    }
+}
+
+/// Reads the bounce mailbox every `interval` until `stop`; a failed pass is logged and tried
+/// again at the next one.
+async fn read_mailbox_every(
+    panel: Panel,
+    mailbox: panel_service::BounceMailbox,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(e) = panel.read_bounce_mailbox(&mailbox).await {
+            tracing::warn!(error = %e, "could not read the bounce mailbox; trying again at the next interval");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// The config file a service loaded, watched while it runs.
 pub(crate) struct ConfigSource {
     /// `--config`, or DATA_DIR/panel.toml (watched even when absent at start: it may appear).
@@ -245,10 +329,12 @@ async fn hangup_signal(_: &mut Option<()>) {
     std::future::pending().await
 }
 
-/// What `panel serve` listens on: the web UI and API, and the bounce listener (SMTP).
+/// What `panel serve` listens on: the web UI and API, and the bounce listener (SMTP); and the
+/// bounce mailbox it reads (`[bounces]`), with how often.
 pub(crate) struct Listeners {
     pub http: Option<String>,
     pub bounces: Option<String>,
+    pub mailbox: Option<(panel_service::BounceMailbox, Duration)>,
 }
 
 pub(crate) async fn serve(
@@ -263,7 +349,7 @@ pub(crate) async fn serve(
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
     tracing::info!(file = %panel.master_key_file().display(), key, "master key loaded");
-    let Listeners { http: listen, bounces } = listeners;
+    let Listeners { http: listen, bounces, mailbox } = listeners;
     // Bound before anything runs, so a taken port stops the start with the reason.
     let bounce_listener = match &bounces {
         None => None,
@@ -347,6 +433,14 @@ pub(crate) async fn serve(
                 let _ = rx.wait_for(|s| *s).await;
             };
             panel_web::serve(panel, l, http, proxies, shutdown).await.map_err(|e| e.to_string())
+        });
+    }
+    if let Some((mailbox, interval)) = mailbox {
+        let (p, rx) = (panel.clone(), stop_rx.clone());
+        tracing::info!(mailbox = %format!("{}@{}/{}", mailbox.imap.username, mailbox.imap.host, mailbox.folder), "reading bounces from the mailbox");
+        tasks.spawn("bounce mailbox", async move {
+            read_mailbox_every(p, mailbox, interval, rx).await;
+            Ok(())
         });
     }
     if let Some(l) = bounce_listener {

@@ -279,6 +279,49 @@ fn xtext_decode(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The mailbox bounces land in, as `[bounces] imap_url` names it:
+/// `imaps://USER@HOST[:PORT][/FOLDER]` (TLS, port 993) or `imap://...` (STARTTLS required, port
+/// 143); the folder defaults to INBOX.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImapUrl {
+    pub implicit_tls: bool,
+    pub username: String,
+    pub host: String,
+    pub port: u16,
+    pub folder: String,
+}
+
+impl ImapUrl {
+    pub fn parse(url: &str) -> Result<ImapUrl, String> {
+        let bad =
+            |why: &str| format!("'{url}' {why}; write imaps://USER@HOST[:PORT][/FOLDER] (or imap:// for STARTTLS)");
+        let (implicit_tls, rest) = match url.split_once("://") {
+            Some((s, rest)) if s.eq_ignore_ascii_case("imaps") => (true, rest),
+            Some((s, rest)) if s.eq_ignore_ascii_case("imap") => (false, rest),
+            _ => return Err(bad("is not an imaps:// or imap:// URL")),
+        };
+        let (authority, folder) = rest.split_once('/').unwrap_or((rest, ""));
+        let Some((user, hostport)) = authority.rsplit_once('@') else { return Err(bad("names no user")) };
+        let user = user.replace("%40", "@");
+        if user.is_empty() || user.chars().any(|c| c.is_control() || c == '"') {
+            return Err(bad("has an empty or unusable user"));
+        }
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
+                (h, p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("has a bad port"))?)
+            }
+            _ => (hostport, if implicit_tls { 993 } else { 143 }),
+        };
+        let host =
+            crate::settings::validate_host("imap_url", host.trim_matches(['[', ']'])).map_err(|e| bad(&e.message))?;
+        let folder = if folder.is_empty() { "INBOX".to_string() } else { folder.to_string() };
+        if folder.chars().any(|c| c.is_control()) {
+            return Err(bad("has a control character in its folder"));
+        }
+        Ok(ImapUrl { implicit_tls, username: user, host, port, folder })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +427,25 @@ Subject: Reset your password\r
         assert_eq!(verp_token("postmaster@bounces.example.org", "bounces.example.org"), None);
         assert_eq!(xtext_encode("<a+b=c@x>"), "<a+2Bb+3Dc@x>");
         assert_eq!(xtext_decode("<a+2Bb+3Dc@x>"), "<a+b=c@x>");
+    }
+
+    #[test]
+    fn an_imap_url_names_the_mailbox_with_secure_defaults() {
+        let u = ImapUrl::parse("imaps://bounces%40example.org@mail.example.org/Bounces").unwrap();
+        assert_eq!(
+            u,
+            ImapUrl {
+                implicit_tls: true,
+                username: "bounces@example.org".into(),
+                host: "mail.example.org".into(),
+                port: 993,
+                folder: "Bounces".into()
+            }
+        );
+        let u = ImapUrl::parse("imap://panel@127.0.0.1:1143").unwrap();
+        assert_eq!((u.implicit_tls, u.port, u.folder.as_str()), (false, 1143, "INBOX"));
+        for bad in ["http://x@y", "imaps://host.example", "imaps://u@host:0", "imaps://u@bad host"] {
+            assert!(ImapUrl::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod graph;
 pub mod gssapi;
 pub mod http;
+pub mod imap;
 pub mod inbound;
 pub mod ntlm;
 pub mod oauth;

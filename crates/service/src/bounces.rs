@@ -13,6 +13,16 @@ const TAG_BYTES: usize = 10;
 /// Bytes of a report kept with its record.
 const KEPT: usize = 64 * 1024;
 
+/// Where a report came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The bounce listener: matched by the VERP token of its envelope recipient only.
+    Listener,
+    /// A mailbox read over IMAP: by a VERP token in its To header, else by the Message-ID it
+    /// returns.
+    Mailbox,
+}
+
 /// What one received report did, for the listener's log and reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -63,6 +73,10 @@ impl Panel {
     /// (`message.bounced`). A report without a token that verifies is kept unmatched and
     /// changes no message. Bounded: at most `MAX_REPORT` bytes are read.
     pub async fn receive_report(&self, envelope_to: &[String], raw: &[u8]) -> Result<Receipt, OpsError> {
+        self.take_report(envelope_to, raw, Source::Listener).await
+    }
+
+    async fn take_report(&self, envelope_to: &[String], raw: &[u8], source: Source) -> Result<Receipt, OpsError> {
         let settings = self.settings().await?.map(|(_, s)| s);
         let domain = settings.as_ref().and_then(|s| s.bounce_domain.clone());
         let report = read_report(raw);
@@ -70,18 +84,33 @@ impl Panel {
         let to = envelope_to.first().cloned().unwrap_or_default();
         let mut message = None;
         let mut reason = None;
-        match &domain {
-            None => reason = Some("no bounce domain is set (panel smtp set --bounce-domain)".to_string()),
-            Some(domain) => match envelope_to.iter().find_map(|a| verp_token(a, domain)) {
-                None => reason = Some(format!("sent to no bounces+TOKEN@{domain} address")),
-                Some(token) => match self.token_message(token).await? {
-                    None => reason = Some("its token does not verify: forged, or from another installation".into()),
-                    Some(id) => match self.store.bounce_target(id).await? {
-                        None => reason = Some(format!("message {id} is no longer stored")),
-                        Some(target) => message = Some(target),
-                    },
+        let token = domain.as_deref().and_then(|d| envelope_to.iter().find_map(|a| verp_token(a, d)));
+        match (token, source) {
+            (Some(token), _) => match self.token_message(token).await? {
+                None => reason = Some("its token does not verify: forged, or from another installation".into()),
+                Some(id) => match self.store.bounce_target(id).await? {
+                    None => reason = Some(format!("message {id} is no longer stored")),
+                    Some(target) => message = Some(target),
                 },
             },
+            // In a mailbox (bounces to the From address): by the Message-ID the report returns,
+            // 128 random bits that only the message's recipients and relays have seen.
+            (None, Source::Mailbox) => {
+                let returned = report.original_message_id.clone().or_else(|| report.envid.clone());
+                match returned {
+                    None => reason = Some("it returns no Message-ID of a message Panel sent".into()),
+                    Some(mid) => match self.store.message_by_header_id(&mid).await? {
+                        None => reason = Some(format!("no stored message has the Message-ID {mid}")),
+                        Some(id) => message = self.store.bounce_target(id).await?,
+                    },
+                }
+            }
+            (None, Source::Listener) => {
+                reason = Some(match &domain {
+                    None => "no bounce domain is set (panel smtp set --bounce-domain)".to_string(),
+                    Some(domain) => format!("sent to no bounces+TOKEN@{domain} address"),
+                })
+            }
         }
         let base = BounceRow {
             kind: report.kind.as_str().to_string(),
@@ -206,4 +235,89 @@ impl panel_relay::inbound::InboundHandler for BounceHandler {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move { self.0.receive_report(&recipients, &data).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
+}
+
+/// The mailbox bounces land in (`[bounces] imap_url` and its password), and where Panel moves
+/// what it matched.
+#[derive(Clone)]
+pub struct BounceMailbox {
+    pub imap: panel_relay::imap::ImapConfig,
+    pub folder: String,
+    pub processed: String,
+}
+
+/// What one pass over the mailbox did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MailboxPass {
+    /// New messages read.
+    pub read: usize,
+    /// Of them, matched to a message (and moved to the processed folder).
+    pub matched: usize,
+    /// Of them, left in the folder (unmatched; listed by `panel bounces list --unmatched`).
+    pub left: usize,
+}
+
+/// At most this many messages in one pass; the next pass takes the rest.
+const PASS_LIMIT: usize = 1000;
+
+impl Panel {
+    /// Reads the new messages of the bounce mailbox once: each is taken as a report (its own
+    /// short transaction: none is held across the network), what matched a message is moved
+    /// to `processed`, the rest is left alone, and how far it read is remembered (by UID under
+    /// the folder's UIDVALIDITY), so nothing is read twice.
+    pub async fn read_bounce_mailbox(&self, m: &BounceMailbox) -> Result<MailboxPass, OpsError> {
+        // The mailbox, not the way to it: IMAPS or STARTTLS, it is read from where it was left.
+        let key = format!("{}@{}/{}", m.imap.username, m.imap.host, m.folder);
+        let fail = |e: String| OpsError::internal("reading the bounce mailbox", e);
+        let mut session = panel_relay::imap::Session::connect(&m.imap).await.map_err(fail)?;
+        let validity = session.select(&m.folder).await.map_err(fail)? as i64;
+        let after = match self.store.mailbox_mark(&key).await? {
+            Some((v, last)) if v == validity => last as u32,
+            _ => 0,
+        };
+        let uids = session.uids_after(after, PASS_LIMIT).await.map_err(fail)?;
+        let mut pass = MailboxPass::default();
+        if !uids.is_empty() {
+            session.ensure_folder(&m.processed).await.map_err(fail)?;
+        }
+        for uid in uids {
+            let raw = session.fetch(uid).await.map_err(fail)?;
+            let to = header_addresses(&raw, "to");
+            let receipt = self.take_report(&to, &raw, Source::Mailbox).await?;
+            pass.read += 1;
+            if receipt.message.is_some() {
+                session.move_to(uid, &m.processed).await.map_err(fail)?;
+                pass.matched += 1;
+            } else {
+                pass.left += 1;
+            }
+            self.store.set_mailbox_mark(&key, validity, i64::from(uid)).await?;
+        }
+        session.logout().await;
+        if pass.read > 0 {
+            tracing::info!(mailbox = %key, read = pass.read, matched = pass.matched, left = pass.left, "bounce mailbox read");
+        }
+        Ok(pass)
+    }
+}
+
+/// The addresses of header `name` of a raw message (for a VERP token in a bounce's To).
+fn header_addresses(raw: &[u8], name: &str) -> Vec<String> {
+    let head = &raw[..raw.len().min(64 * 1024)];
+    let text = String::from_utf8_lossy(head);
+    let value = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.to_string())
+        })
+        .unwrap_or_default();
+    value
+        .split([',', ' ', '<', '>'])
+        .filter(|w| w.contains('@'))
+        .map(|w| w.trim_matches(['"', '\'', ';']).to_string())
+        .take(20)
+        .collect()
 }

@@ -831,6 +831,20 @@ impl Store {
         self.observe(self.backend.message_bounces(id).await)
     }
 
+    /// The message with this Message-ID header, if stored.
+    pub async fn message_by_header_id(&self, message_id: &str) -> Result<Option<i64>> {
+        self.observe(self.backend.message_by_header_id(message_id).await)
+    }
+
+    /// How far a bounce mailbox was read: its UIDVALIDITY and the last UID taken.
+    pub async fn mailbox_mark(&self, mailbox: &str) -> Result<Option<(i64, i64)>> {
+        self.observe(self.backend.mailbox_mark(mailbox).await)
+    }
+
+    pub async fn set_mailbox_mark(&self, mailbox: &str, validity: i64, last_uid: i64) -> Result<()> {
+        self.observe(self.backend.set_mailbox_mark(mailbox, validity, last_uid).await)
+    }
+
     /// How many received reports matched no message.
     pub async fn unmatched_bounces(&self) -> Result<i64> {
         self.observe(self.backend.unmatched_bounces().await)

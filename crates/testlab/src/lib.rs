@@ -6,6 +6,7 @@
 //! `cargo test` passes; with `PANEL_TEST_REAL=1` (set by `.ci/run`) a missing component fails.
 
 mod browser;
+mod dovecot;
 mod exim;
 mod graph;
 pub mod kerberos;
@@ -24,6 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use browser::{Browser, Element};
+pub use dovecot::{DovecotLab, IMAP_PASSWORD, IMAP_USER};
 pub use exim::{EXIM_RECIPIENTS_MAX, EXIM_SIZE_LIMIT, EximLab};
 pub use graph::{GraphDouble, GraphMessage};
 pub use kerberos::Kdc;

@@ -179,3 +179,96 @@ fn without_dsn_at_the_relay_the_verp_address_still_matches_a_non_standard_bounce
     env.wait_message(id, WAIT, |m| m["state"] == "delivered");
     assert_eq!(sink.mail_commands().pop().unwrap(), "MAIL FROM:<panel@example.org>");
 }
+
+/// Appends `[bounces]` for the Dovecot lab's mailbox to the Env's config file.
+fn read_mailbox_of(env: &Env, lab: &panel_testlab::DovecotLab, url: &str) {
+    let password = env.write("imap-password", panel_testlab::IMAP_PASSWORD);
+    let config = env.path().join("panel.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[bounces]\nimap_url = \"{url}\"\nimap_password_file = \"{}\"\nimap_ca_file = \"{}\"\ninterval = \"5s\"\n",
+        password.display(),
+        lab.ca_file.display()
+    ));
+    std::fs::write(config, text).unwrap();
+}
+
+/// A DSN for `message_id`, as a relay writes it to the From mailbox, refusing `recipient`.
+fn dsn_for(message_id: &str, recipient: &str) -> String {
+    format!(
+        "From: MAILER-DAEMON@relay.example.org\nTo: panel@example.org\nSubject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n--B\nContent-Type: text/plain\n\nYour message could not be delivered.\n\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; relay.example.org\n\nFinal-Recipient: rfc822; {recipient}\nAction: failed\nStatus: 5.2.1\nRemote-MTA: dns; mx.example.net\nDiagnostic-Code: smtp; 550 5.2.1 mailbox disabled\n\n--B\nContent-Type: text/rfc822-headers\n\nFrom: Identity Panel <panel@example.org>\nMessage-ID: {message_id}\nSubject: Reset\n\n--B--\n"
+    )
+}
+
+/// A DSN for `message_id` whose one recipient is `action` (failed, delayed).
+fn dsn_with(message_id: &str, recipient: &str, action: &str) -> String {
+    dsn_for(message_id, recipient).replace("Action: failed", &format!("Action: {action}"))
+}
+
+#[test]
+fn bounces_in_the_from_mailbox_are_read_over_imap_matched_moved_and_the_rest_left_alone() {
+    let Some(lab) = panel_testlab::DovecotLab::start() else { return };
+    let mut env = Env::new();
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &[]);
+    // This service started before the mailbox was configured: only the CLI reads it, so each
+    // pass below is the test's own.
+    env.serve();
+    let id = id_of(&env.ok(&["send", "--to", "frank@example.net", "--subject", "Reset", "--text", "x", "--json"]));
+    let m = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    let message_id = m["message_id"].as_str().unwrap().to_string();
+    // STARTTLS (required) on the IMAP port; the folder is the INBOX.
+    let starttls = format!("imap://{}@localhost:{}", panel_testlab::IMAP_USER, lab.imap_port);
+    read_mailbox_of(&env, &lab, &starttls);
+
+    // The mailbox holds its bounce, an out-of-office reply and a bounce of mail Panel never sent.
+    lab.deliver(&dsn_for(&message_id, "frank@example.net"));
+    lab.deliver("From: Grace <grace@example.net>\nTo: panel@example.org\nSubject: Automatic reply: Reset\nAuto-Submitted: auto-replied\n\nAway.\n");
+    lab.deliver(&dsn_for("<not-ours@elsewhere.example>", "heidi@example.net"));
+    let pass = env.ok(&["bounces", "fetch", "--json"]).json();
+    assert_eq!(
+        (pass["read"].as_i64(), pass["matched"].as_i64(), pass["left"].as_i64()),
+        (Some(3), Some(1), Some(2)),
+        "{pass}"
+    );
+    let m = env.message(id);
+    assert_eq!(m["state"], "bounced", "{m:#}");
+    assert!(recipient(&m, "frank@example.net")["reply"].as_str().unwrap().contains("550 5.2.1 mailbox disabled"));
+    assert_eq!(m["bounces"][0]["remote_mta"], "mx.example.net");
+    // What matched is moved away; the rest stays where it was, and is not read again.
+    assert_eq!((lab.count("Panel/Bounces"), lab.count("")), (1, 2), "{}", lab.log());
+    let again = env.ok(&["bounces", "fetch", "--json"]).json();
+    assert_eq!(again["read"], 0, "{again}");
+    let unmatched = env.ok(&["bounces", "list", "--unmatched", "--json"]).json();
+    let reasons: Vec<&str> = unmatched.as_array().unwrap().iter().map(|b| b["reason"].as_str().unwrap()).collect();
+    assert!(reasons.iter().any(|r| r.contains("no stored message has the Message-ID")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("returns no Message-ID")), "the auto-reply: {reasons:?}");
+
+    // A service started with the mailbox configured reads it by itself (every 5 s here): a
+    // delay notice makes the recipient delayed, the failure that follows bounced.
+    env.serve();
+    let id = id_of(&env.ok(&["send", "--to", "ivan@example.net", "--subject", "Reset", "--text", "x", "--json"]));
+    let m = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    let ivan = m["message_id"].as_str().unwrap().to_string();
+    lab.deliver(&dsn_with(&ivan, "ivan@example.net", "delayed"));
+    let m = env.wait_message(id, WAIT, |m| recipient(m, "ivan@example.net")["state"] == "delayed");
+    assert_eq!(m["state"], "delivered", "a delay is not a failure: {m:#}");
+    lab.deliver(&dsn_with(&ivan, "ivan@example.net", "failed"));
+    env.wait_message(id, WAIT, |m| m["state"] == "bounced");
+
+    // Over IMAPS the same mailbox is read on from where it was left.
+    let config = env.path().join("panel.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let imaps = format!("imaps://{}@localhost:{}", panel_testlab::IMAP_USER, lab.imaps_port);
+    std::fs::write(&config, text.replace(&starttls, &imaps)).unwrap();
+    assert_eq!(env.ok(&["bounces", "fetch", "--json"]).json()["read"], 0);
+    // A wrong password is an error that names the mailbox and the server's words, not the password.
+    env.write("imap-password", "Wr0ng-Pa55word-x7");
+    let r = env.panel(&["bounces", "fetch"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("signing in as bounces failed") && !r.stderr.contains("Wr0ng-Pa55word-x7"),
+        "{}",
+        r.stderr
+    );
+}

@@ -25,3 +25,12 @@ CREATE TABLE bounce_key (
 );
 DROP INDEX messages_finished;
 CREATE INDEX messages_finished ON messages (updated_at) WHERE state IN ('delivered', 'partly_failed', 'failed', 'cancelled', 'captured', 'bounced');
+-- A bounce read from a mailbox has no VERP token: it is matched by the Message-ID it returns.
+CREATE INDEX messages_message_id ON messages (message_id);
+-- How far each bounce mailbox was read (its UIDVALIDITY and the last UID taken), so that what
+-- Panel leaves there is not read again.
+CREATE TABLE mailbox_marks (
+    mailbox  TEXT PRIMARY KEY,
+    validity BIGINT NOT NULL,
+    last_uid BIGINT NOT NULL
+);

@@ -148,6 +148,37 @@ impl SqlStore {
         rows.iter().map(bounce_record).collect()
     }
 
+    /// The message with this Message-ID header (`<...>`), if stored.
+    pub async fn message_by_header_id(&self, message_id: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT id FROM messages WHERE message_id = $1 ORDER BY id DESC LIMIT 1")
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// How far `mailbox` was read: its UIDVALIDITY and the last UID taken.
+    pub async fn mailbox_mark(&self, mailbox: &str) -> Result<Option<(i64, i64)>> {
+        Ok(sqlx::query_as("SELECT validity, last_uid FROM mailbox_marks WHERE mailbox = $1")
+            .bind(mailbox)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn set_mailbox_mark(&self, mailbox: &str, validity: i64, last_uid: i64) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO mailbox_marks (mailbox, validity, last_uid) VALUES ($1, $2, $3)
+             ON CONFLICT (mailbox) DO UPDATE SET validity = excluded.validity, last_uid = excluded.last_uid",
+        )
+        .bind(mailbox)
+        .bind(validity)
+        .bind(last_uid)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// How many received reports matched no message (for `/metrics`).
     pub async fn unmatched_bounces(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM bounces WHERE message_id IS NULL").fetch_one(&self.pool).await?)
