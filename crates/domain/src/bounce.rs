@@ -262,11 +262,16 @@ pub fn xtext_encode(value: &str) -> String {
 }
 
 fn xtext_decode(value: &str) -> String {
+    hex_unescape(value, b'+')
+}
+
+/// Undoes `MARKER` + two hex digits (xtext's `+2B`, a URL's `%40`); anything else stays.
+pub fn hex_unescape(value: &str, marker: u8) -> String {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'+'
+        if bytes[i] == marker
             && let Some(b) = value.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(b);
@@ -302,7 +307,7 @@ impl ImapUrl {
         };
         let (authority, folder) = rest.split_once('/').unwrap_or((rest, ""));
         let Some((user, hostport)) = authority.rsplit_once('@') else { return Err(bad("names no user")) };
-        let user = user.replace("%40", "@");
+        let user = hex_unescape(user, b'%');
         if user.is_empty() || user.chars().any(|c| c.is_control() || c == '"') {
             return Err(bad("has an empty or unusable user"));
         }

@@ -648,35 +648,23 @@ async fn settle_and_record(
     let metrics = &shared.panel.metrics;
     let route_label = route_name.as_deref().unwrap_or_default();
     if let Some(delay) = delay {
-        if throttled {
+        let why = if throttled {
             metrics.throttled();
-            tracing::warn!(
-                route = route_label,
-                relay = %relay_addr,
-                stage = settlement.stage.as_str(),
-                detail = %settlement.detail,
-                pause_secs = delay.as_secs(),
-                "the relay asked Panel to slow down; the route pauses, then resumes one message at a time"
-            );
+            "the relay asked Panel to slow down; the route pauses, then resumes one message at a time"
+        } else if unreachable {
+            metrics.connection_error(settlement.stage.as_str());
+            "relay unreachable; backing off before trying it again"
         } else {
-            let why = match unreachable {
-                true => {
-                    metrics.connection_error(settlement.stage.as_str());
-                    "relay unreachable; backing off before trying it again"
-                }
-                false => {
-                    "the route refuses Panel (its settings, credential or TLS); backing off before trying it again"
-                }
-            };
-            tracing::warn!(
-                route = route_label,
-                relay = %relay_addr,
-                stage = settlement.stage.as_str(),
-                detail = %settlement.detail,
-                backoff_secs = delay.as_secs(),
-                "{why}"
-            );
-        }
+            "the route refuses Panel (its settings, credential or TLS); backing off before trying it again"
+        };
+        tracing::warn!(
+            route = route_label,
+            relay = %relay_addr,
+            stage = settlement.stage.as_str(),
+            detail = %settlement.detail,
+            backoff_secs = delay.as_secs(),
+            "{why}"
+        );
     }
     let settlement = match failed_over {
         Some(j) => {
