@@ -81,6 +81,12 @@ enum Command {
         /// only (panel smtp set --bounce-domain); route that domain to it on the relay
         #[arg(long, env = "PANEL_BOUNCE_LISTEN", value_name = "ADDRESS:PORT")]
         bounce_listen: Option<String>,
+        /// The bounce listener's certificate (PEM chain): STARTTLS is offered with it
+        #[arg(long, env = "PANEL_BOUNCE_TLS_CERT", value_name = "FILE", requires = "bounce_tls_key")]
+        bounce_tls_cert: Option<std::path::PathBuf>,
+        /// The private key of --bounce-tls-cert (PEM)
+        #[arg(long, env = "PANEL_BOUNCE_TLS_KEY", value_name = "FILE", requires = "bounce_tls_cert")]
+        bounce_tls_key: Option<std::path::PathBuf>,
         #[command(flatten)]
         worker: WorkerArgs,
     },
@@ -427,21 +433,22 @@ async fn run(cli: Cli) -> CmdResult {
         }
     }
     match cli.command {
-        Command::Serve { listen, bounce_listen, worker } => {
+        Command::Serve { listen, bounce_listen, bounce_tls_cert, bounce_tls_key, worker } => {
             let listen = listen.or(resolved.file.listen.clone()).unwrap_or_else(|| "127.0.0.1:8025".into());
             let config = worker_config(&worker, &resolved.file)?;
             let http = http_limits(&resolved.file, &config)?;
             let proxies = trusted_proxies(&resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
             let mailbox = serve::bounce_mailbox(&resolved.file)?;
-            let listeners = serve::Listeners { http: Some(listen), bounces: bounce_listen, mailbox };
+            let bounce_tls = bounce_tls_cert.zip(bounce_tls_key);
+            let listeners = serve::Listeners { http: Some(listen), bounces: bounce_listen, bounce_tls, mailbox };
             serve(panel, listeners, config, http, proxies, retention, resolved.config).await
         }
         Command::Worker { worker } => {
             let config = worker_config(&worker, &resolved.file)?;
             let retention = retention_policy(&resolved.file)?;
             let mailbox = serve::bounce_mailbox(&resolved.file)?;
-            let listeners = serve::Listeners { http: None, bounces: None, mailbox };
+            let listeners = serve::Listeners { http: None, bounces: None, bounce_tls: None, mailbox };
             serve(panel, listeners, config, HttpLimits::default(), Vec::new(), retention, resolved.config).await
         }
         Command::Smtp(cmd) => smtp(panel, cmd).await,

@@ -334,6 +334,8 @@ async fn hangup_signal(_: &mut Option<()>) {
 pub(crate) struct Listeners {
     pub http: Option<String>,
     pub bounces: Option<String>,
+    /// The bounce listener's certificate and key: STARTTLS is offered with them.
+    pub bounce_tls: Option<(PathBuf, PathBuf)>,
     pub mailbox: Option<(panel_service::BounceMailbox, Duration)>,
 }
 
@@ -349,7 +351,14 @@ pub(crate) async fn serve(
     // A missing or wrong master key stops the service here, with the reason, not at first use.
     let key = panel.open_vault().await.map_err(|e| Failed(1, format!("cannot start: {e}")))?;
     tracing::info!(file = %panel.master_key_file().display(), key, "master key loaded");
-    let Listeners { http: listen, bounces, mailbox } = listeners;
+    let Listeners { http: listen, bounces, bounce_tls, mailbox } = listeners;
+    let bounce_tls = match (&bounces, bounce_tls) {
+        (_, None) => None,
+        (None, Some(_)) => return Err(bad_input("--bounce-tls-cert and --bounce-tls-key need --bounce-listen")),
+        (Some(_), Some((cert, key))) => Some(
+            panel_relay::inbound::server_tls(&cert, &key).map_err(|e| bad_input(format!("--bounce-tls-cert: {e}")))?,
+        ),
+    };
     // Bound before anything runs, so a taken port stops the start with the reason.
     let bounce_listener = match &bounces {
         None => None,
@@ -451,7 +460,7 @@ pub(crate) async fn serve(
             tracing::info!(%addr, "taking bounces by SMTP for the bounce domain");
         }
         tasks.spawn("bounce listener", async move {
-            panel_relay::inbound::serve_inbound(l, name, Default::default(), handler, rx).await;
+            panel_relay::inbound::serve_inbound(l, name, Default::default(), bounce_tls, handler, rx).await;
             Ok(())
         });
     }

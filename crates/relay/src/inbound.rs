@@ -8,7 +8,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -47,11 +50,32 @@ impl Default for InboundLimits {
     }
 }
 
-/// Serves until `shutdown` turns true. `name` is the host name in the greeting.
+/// The listener's certificate for STARTTLS: a PEM chain and its private key (TLS 1.2 and 1.3).
+pub fn server_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("the certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("the certificate {} holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("the key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not go together: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// Serves until `shutdown` turns true. `name` is the host name in the greeting; with `tls`,
+/// STARTTLS is offered (RFC 3207).
 pub async fn serve_inbound(
     listener: TcpListener,
     name: String,
     limits: InboundLimits,
+    tls: Option<Arc<ServerConfig>>,
     handler: Arc<dyn InboundHandler>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -75,9 +99,9 @@ pub async fn serve_inbound(
             let _ = stream.write_all(b"421 4.3.2 too many connections, try again later\r\n").await;
             continue;
         };
-        let (handler, name) = (handler.clone(), name.clone());
+        let (handler, name, tls) = (handler.clone(), name.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = session(stream, &name, limits, &*handler).await {
+            if let Err(e) = session(stream, &name, limits, tls, &*handler).await {
                 tracing::debug!(%peer, error = %e, "bounce listener: session ended");
             }
             drop(permit);
@@ -110,29 +134,63 @@ fn path_of(arg: &str) -> Option<&str> {
     Some(arg[open + 1..close].trim())
 }
 
+/// How a session's dialogue ended.
+enum Ended {
+    Closed,
+    /// The client asked for TLS and was told to go ahead: the dialogue starts again over TLS.
+    StartTls,
+}
+
 async fn session(
     stream: TcpStream,
     name: &str,
     limits: InboundLimits,
+    tls: Option<Arc<ServerConfig>>,
     handler: &dyn InboundHandler,
 ) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    write.write_all(format!("220 {name} ESMTP Panel bounce listener\r\n").as_bytes()).await?;
+    let mut reader = BufReader::new(stream);
+    reader.get_mut().write_all(format!("220 {name} ESMTP Panel bounce listener\r\n").as_bytes()).await?;
+    match dialogue(&mut reader, name, limits, tls.is_some(), handler).await? {
+        Ended::Closed => Ok(()),
+        Ended::StartTls => {
+            // RFC 3207 5: nothing the client sent before the handshake may be taken after it.
+            if !reader.buffer().is_empty() {
+                return Err(std::io::Error::other("data after STARTTLS before the handshake"));
+            }
+            let config = tls.expect("STARTTLS is offered only with a certificate");
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(reader.into_inner());
+            let stream = tokio::time::timeout(limits.command_timeout, accept)
+                .await
+                .map_err(|_| std::io::Error::other("the TLS handshake timed out"))??;
+            // The session starts over: no greeting, the client's EHLO first.
+            let mut reader = BufReader::new(stream);
+            dialogue(&mut reader, name, limits, false, handler).await.map(|_| ())
+        }
+    }
+}
+
+/// The SMTP dialogue on one stream, until QUIT, EOF, an error or STARTTLS (when `offer_tls`).
+async fn dialogue<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    reader: &mut BufReader<S>,
+    name: &str,
+    limits: InboundLimits,
+    offer_tls: bool,
+    handler: &dyn InboundHandler,
+) -> std::io::Result<Ended> {
     let mut mail_from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
     let timeout = limits.command_timeout;
     loop {
-        let line = match tokio::time::timeout(timeout, read_line(&mut reader, limits.max_line)).await {
+        let line = match tokio::time::timeout(timeout, read_line(reader, limits.max_line)).await {
             Err(_) => {
-                write.write_all(b"421 4.4.2 idle too long, closing connection\r\n").await?;
-                return Ok(());
+                reader.get_mut().write_all(b"421 4.4.2 idle too long, closing connection\r\n").await?;
+                return Ok(Ended::Closed);
             }
             Ok(Err(e)) => {
-                let _ = write.write_all(b"500 5.5.2 line too long, closing connection\r\n").await;
+                let _ = reader.get_mut().write_all(b"500 5.5.2 line too long, closing connection\r\n").await;
                 return Err(e);
             }
-            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(None)) => return Ok(Ended::Closed),
             Ok(Ok(Some(l))) => String::from_utf8_lossy(&l).into_owned(),
         };
         let (verb, arg) = match line.split_once(' ') {
@@ -141,7 +199,9 @@ async fn session(
         };
         let reply: String = match verb.as_str() {
             "EHLO" => {
-                format!("250-{name}\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", limits.max_message)
+                let starttls = if offer_tls { "250-STARTTLS\r\n" } else { "" };
+                let size = limits.max_message;
+                format!("250-{name}\r\n250-SIZE {size}\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES")
             }
             "HELO" => format!("250 {name}"),
             "NOOP" => "250 2.0.0 ok".into(),
@@ -150,8 +210,8 @@ async fn session(
                 "250 2.0.0 ok".into()
             }
             "QUIT" => {
-                write.write_all(b"221 2.0.0 bye\r\n").await?;
-                return Ok(());
+                reader.get_mut().write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(Ended::Closed);
             }
             "VRFY" => "252 2.5.0 cannot verify".into(),
             "MAIL" if !arg.to_ascii_uppercase().starts_with("FROM:") => "501 5.5.4 syntax: MAIL FROM:<address>".into(),
@@ -180,16 +240,15 @@ async fn session(
             },
             "DATA" if rcpts.is_empty() => "503 5.5.1 RCPT first".into(),
             "DATA" => {
-                write.write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n").await?;
+                reader.get_mut().write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n").await?;
                 let mut data = Vec::new();
                 let mut too_big = false;
                 loop {
-                    let line =
-                        match tokio::time::timeout(timeout, read_line(&mut reader, 1000.max(limits.max_line))).await {
-                            Err(_) => return Ok(()),
-                            Ok(r) => r?,
-                        };
-                    let Some(line) = line else { return Ok(()) };
+                    let line = match tokio::time::timeout(timeout, read_line(reader, 1000.max(limits.max_line))).await {
+                        Err(_) => return Ok(Ended::Closed),
+                        Ok(r) => r?,
+                    };
+                    let Some(line) = line else { return Ok(Ended::Closed) };
                     if line == b"." {
                         break;
                     }
@@ -216,10 +275,13 @@ async fn session(
                     }
                 }
             }
+            "STARTTLS" if offer_tls => {
+                reader.get_mut().write_all(b"220 2.0.0 ready to start TLS\r\n").await?;
+                return Ok(Ended::StartTls);
+            }
             "STARTTLS" => "454 4.7.0 TLS not available".into(),
             _ => "500 5.5.2 command not recognised".into(),
         };
-        write.write_all(reply.as_bytes()).await?;
-        write.write_all(b"\r\n").await?;
+        reader.get_mut().write_all(format!("{reply}\r\n").as_bytes()).await?;
     }
 }

@@ -363,12 +363,24 @@ impl PostfixLab {
 
     /// Sends mail for `domain` to 127.0.0.1:`port` (as a relay routes a bounce domain to the
     /// service that takes its bounces), whatever else the lab does with mail.
-    pub fn route_domain(&self, domain: &str, port: u16) {
+    /// With `encrypt`, only over TLS (STARTTLS, Postfix's `encrypt` policy), logged.
+    pub fn route_domain(&self, domain: &str, port: u16, encrypt: bool) {
         let table = self.config_dir().join("transport");
         fs::write(&table, format!("{domain} smtp:[127.0.0.1]:{port}\n")).unwrap();
-        let map = format!("transport_maps = texthash:{}", table.display());
-        let out =
-            Command::new("postconf").arg("-c").arg(self.config_dir()).arg("-e").arg(&map).output().expect("postconf");
+        let mut settings = vec![format!("transport_maps = texthash:{}", table.display())];
+        if encrypt {
+            let policy = self.config_dir().join("tls_policy");
+            fs::write(&policy, format!("[127.0.0.1]:{port} encrypt\n")).unwrap();
+            settings.push(format!("smtp_tls_policy_maps = texthash:{}", policy.display()));
+            settings.push("smtp_tls_loglevel = 1".into());
+        }
+        let out = Command::new("postconf")
+            .arg("-c")
+            .arg(self.config_dir())
+            .arg("-e")
+            .args(&settings)
+            .output()
+            .expect("postconf");
         assert!(out.status.success(), "postconf failed: {}", String::from_utf8_lossy(&out.stderr));
         self.postfix(&["reload"]);
     }
@@ -488,8 +500,9 @@ impl Drop for PostfixLab {
     }
 }
 
-/// A test CA and a server certificate for localhost, 127.0.0.1 and ::1. Returns the CA file.
-pub(crate) fn make_certificates(dir: &Path) -> PathBuf {
+/// A test CA and a server certificate for localhost, 127.0.0.1 and ::1 (`dir/server.pem`,
+/// `dir/server.key`). Returns the CA file.
+pub fn make_certificates(dir: &Path) -> PathBuf {
     let d = |f: &str| dir.join(f);
     let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
     openssl(&[

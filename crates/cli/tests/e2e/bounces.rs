@@ -60,10 +60,22 @@ fn a_recipient_refused_behind_the_relay_shows_as_bounced_with_the_remote_reply_w
     let Some(relay) = PostfixLab::start_relaying_to(remote.plain_port) else { return };
     let mut env = Env::new();
     let listen = free_port();
-    relay.route_domain(DOMAIN, listen);
+    // The relay hands bounces to the listener over TLS only (STARTTLS, the listener's own certificate).
+    relay.route_domain(DOMAIN, listen, true);
     relay.accept_every_recipient();
+    let certs = env.path().join("listener-tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    panel_testlab::make_certificates(&certs);
+    let (cert, key) = (certs.join("server.pem"), certs.join("server.key"));
     env.configure(&relay, relay.plain_port, "none", &["--bounce-domain", DOMAIN]);
-    let port = env.serve_with(&["--bounce-listen", &format!("127.0.0.1:{listen}")]);
+    let port = env.serve_with(&[
+        "--bounce-listen",
+        &format!("127.0.0.1:{listen}"),
+        "--bounce-tls-cert",
+        cert.to_str().unwrap(),
+        "--bounce-tls-key",
+        key.to_str().unwrap(),
+    ]);
     let check = env.ok(&["smtp", "check"]).stdout;
     assert!(check.contains(&format!("bounces+0-check@{DOMAIN}")), "the check tries the VERP sender: {check}");
 
@@ -83,7 +95,12 @@ fn a_recipient_refused_behind_the_relay_shows_as_bounced_with_the_remote_reply_w
     ]));
     let delivered = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
     let accepted_at = Instant::now();
-    let m = env.wait_message(id, WAIT, |m| recipient(m, &bob)["state"] == "bounced");
+    let deadline = Instant::now() + WAIT;
+    while recipient(&env.message(id), &bob)["state"] != "bounced" {
+        assert!(Instant::now() < deadline, "no bounce; the relay's log:\n{}\n{}", relay.log(), env.service_logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = env.message(id);
     let bounced_after = accepted_at.elapsed();
     assert_eq!(m["state"], "partly_failed", "alice has it, bob's server refused it: {m:#}");
     assert_eq!(recipient(&m, "alice@example.net")["state"], "delivered");
@@ -99,6 +116,11 @@ fn a_recipient_refused_behind_the_relay_shows_as_bounced_with_the_remote_reply_w
         "bounce: the relay's 250 -> the bounce in the message log: {} ms (seen by this test after {} ms)",
         (at(&b["received_at"]) - at(&delivered["attempts"][0]["finished_at"])).num_milliseconds(),
         bounced_after.as_millis()
+    );
+    assert!(
+        relay.log().contains(&format!("TLS connection established to 127.0.0.1[127.0.0.1]:{listen}")),
+        "{}",
+        relay.log()
     );
     let shown = env.ok(&["messages", "show", &id.to_string()]).stdout;
     assert!(shown.contains("After the relay's 250:") && shown.contains("bounced by 127.0.0.1: 550 5.1.1"), "{shown}");
