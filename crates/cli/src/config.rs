@@ -39,6 +39,10 @@ pub struct BouncesSection {
     /// `imaps://USER@HOST[:PORT][/FOLDER]`, or `imap://...` for STARTTLS (required).
     pub imap_url: Option<String>,
     pub imap_password_file: Option<PathBuf>,
+    /// Or a stored credential: a password, or a Microsoft or Google app (XOAUTH2 as the mailbox).
+    pub imap_credential: Option<String>,
+    /// Overrides the provider's token endpoint for `imap_credential` (https; http to loopback only).
+    pub imap_token_endpoint: Option<String>,
     /// PEM CA certificate(s) added to the system roots for the IMAP server's certificate.
     pub imap_ca_file: Option<PathBuf>,
     /// Where what matched a message is moved [default: Panel/Bounces].

@@ -465,7 +465,7 @@ async fn run(cli: Cli) -> CmdResult {
                 true => output::print_json(&pass),
                 false => println!(
                     "Read {} new message(s): {} matched a message (moved to {}), {} left in {}.",
-                    pass.read, pass.matched, mailbox.processed, pass.left, mailbox.folder
+                    pass.read, pass.matched, mailbox.processed, pass.left, mailbox.url.folder
                 ),
             }
             Ok(ExitCode::SUCCESS)

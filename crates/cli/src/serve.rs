@@ -122,7 +122,10 @@ pub(crate) fn retention_policy(file: &FileConfig) -> Result<RetentionPolicy, Fai
 pub(crate) fn bounce_mailbox(file: &FileConfig) -> Result<Option<(panel_service::BounceMailbox, Duration)>, Failed> {
     let section = &file.bounces;
     let Some(url) = &section.imap_url else {
-        return match section.imap_password_file.is_some() || section.processed_folder.is_some() {
+        let others = section.imap_password_file.is_some()
+            || section.imap_credential.is_some()
+            || section.processed_folder.is_some();
+        return match others {
             true => Err(bad_input("bounces: imap_url is required with the other [bounces] keys")),
             false => Ok(None),
         };
@@ -130,18 +133,32 @@ pub(crate) fn bounce_mailbox(file: &FileConfig) -> Result<Option<(panel_service:
     let mut problems = Vec::new();
     let parsed =
         panel_domain::bounce::ImapUrl::parse(url).map_err(|e| problems.push(format!("bounces.imap_url: {e}"))).ok();
-    let password = match &section.imap_password_file {
-        None => {
-            problems.push("bounces.imap_password_file is required: a file holding the mailbox's password".to_string());
+    let token_endpoint = section.imap_token_endpoint.as_deref().and_then(|u| {
+        panel_domain::EndpointUrl::parse(u).map_err(|e| problems.push(format!("bounces.imap_token_endpoint: {e}"))).ok()
+    });
+    let auth = match (&section.imap_password_file, &section.imap_credential) {
+        (Some(_), Some(_)) => {
+            problems.push("bounces: give imap_password_file or imap_credential, not both".to_string());
             None
         }
-        Some(f) => match std::fs::read_to_string(f) {
-            Ok(p) => Some(zeroize::Zeroizing::new(p.trim_end_matches(['\r', '\n']).to_string())),
+        (None, None) => {
+            problems.push(
+                "bounces: imap_password_file (a file holding the mailbox's password) or imap_credential \
+                 (a stored credential) is required"
+                    .to_string(),
+            );
+            None
+        }
+        (Some(f), None) => match std::fs::read_to_string(f) {
+            Ok(p) => Some(panel_service::MailboxAuth::Password(zeroize::Zeroizing::new(
+                p.trim_end_matches(['\r', '\n']).to_string(),
+            ))),
             Err(e) => {
                 problems.push(format!("bounces.imap_password_file: cannot read {}: {e}", f.display()));
                 None
             }
         },
+        (None, Some(name)) => Some(panel_service::MailboxAuth::Credential { name: name.clone(), token_endpoint }),
     };
     let interval = match &section.interval {
         None => Duration::from_secs(60),
@@ -161,22 +178,10 @@ pub(crate) fn bounce_mailbox(file: &FileConfig) -> Result<Option<(panel_service:
     if processed.trim().is_empty() || processed.chars().any(char::is_control) {
         problems.push("bounces.processed_folder must be a folder name".into());
     }
-    match (parsed, password) {
-        (Some(u), Some(password)) if problems.is_empty() => {
-            let imap = panel_relay::imap::ImapConfig {
-                host: u.host,
-                port: u.port,
-                security: if u.implicit_tls {
-                    panel_relay::imap::ImapSecurity::Tls
-                } else {
-                    panel_relay::imap::ImapSecurity::Starttls
-                },
-                username: u.username,
-                password,
-                ca_file: section.imap_ca_file.clone(),
-                timeout: Duration::from_secs(60),
-            };
-            Ok(Some((panel_service::BounceMailbox { imap, folder: u.folder, processed }, interval)))
+    match (parsed, auth) {
+        (Some(url), Some(auth)) if problems.is_empty() => {
+            let ca_file = section.imap_ca_file.clone();
+            Ok(Some((panel_service::BounceMailbox { url, auth, ca_file, processed }, interval)))
         }
         _ => Err(bad_input(problems.join("; "))),
     }
@@ -446,7 +451,7 @@ pub(crate) async fn serve(
     }
     if let Some((mailbox, interval)) = mailbox {
         let (p, rx) = (panel.clone(), stop_rx.clone());
-        tracing::info!(mailbox = %format!("{}@{}/{}", mailbox.imap.username, mailbox.imap.host, mailbox.folder), "reading bounces from the mailbox");
+        tracing::info!(mailbox = %mailbox.name(), "reading bounces from the mailbox");
         tasks.spawn("bounce mailbox", async move {
             read_mailbox_every(p, mailbox, interval, rx).await;
             Ok(())

@@ -21,13 +21,22 @@ pub enum ImapSecurity {
     Starttls,
 }
 
+/// How Panel signs in to the mailbox.
+#[derive(Clone)]
+pub enum ImapAuth {
+    /// LOGIN with the mailbox's password (from a file on the service's machine).
+    Password(Zeroizing<String>),
+    /// A stored credential: a password (LOGIN), or an OAuth2 token (SASL XOAUTH2).
+    Stored(std::sync::Arc<dyn crate::CredentialSource>),
+}
+
 #[derive(Clone)]
 pub struct ImapConfig {
     pub host: String,
     pub port: u16,
     pub security: ImapSecurity,
     pub username: String,
-    pub password: Zeroizing<String>,
+    pub auth: ImapAuth,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
 }
@@ -86,7 +95,18 @@ impl Session {
         if c.security == ImapSecurity::Tls {
             session.greeting().await?;
         }
-        session.login(&c.username, &c.password).await?;
+        match &c.auth {
+            ImapAuth::Password(password) => session.login(&c.username, password).await?,
+            ImapAuth::Stored(source) => {
+                let resolved = source.resolve(false).await.map_err(|f| f.detail)?;
+                match resolved.secret {
+                    crate::AuthSecret::Password { username, password } => {
+                        session.login(&username, password.expose()).await?
+                    }
+                    crate::AuthSecret::XOAuth2 { user, token, .. } => session.xoauth2(&user, token.expose()).await?,
+                }
+            }
+        }
         Ok(session)
     }
 
@@ -108,12 +128,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ImapSession<S> {
         Ok(())
     }
 
+    /// SASL XOAUTH2 (the initial response inline, RFC 4959); a refusal's JSON challenge is
+    /// answered with an empty line, as the mechanism asks, and the server's NO reported.
+    async fn xoauth2(&mut self, user: &str, token: &str) -> Result<(), String> {
+        use base64::Engine;
+        let blob = Zeroizing::new(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+        let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(blob.as_bytes()));
+        self.tag += 1;
+        let tag = format!("p{}", self.tag);
+        let line = Zeroizing::new(format!("{tag} AUTHENTICATE XOAUTH2 {}\r\n", encoded.as_str()));
+        self.write_line(&line).await?;
+        loop {
+            let (text, _) = self.read_response_line().await?;
+            if text.starts_with('+') {
+                self.write_line("\r\n").await?;
+                continue;
+            }
+            if let Some(rest) = text.strip_prefix(&format!("{tag} ")) {
+                return match rest.split_whitespace().next() {
+                    Some("OK") => self.learn_capabilities(rest).await,
+                    _ => Err(format!(
+                        "signing in as {user} with an OAuth2 token failed: {}",
+                        rest.chars().take(300).collect::<String>()
+                    )),
+                };
+            }
+        }
+    }
+
+    async fn write_line(&mut self, line: &str) -> Result<(), String> {
+        tokio::time::timeout(self.timeout, async {
+            self.io.get_mut().write_all(line.as_bytes()).await?;
+            self.io.get_mut().flush().await
+        })
+        .await
+        .map_err(|_| "the server did not take the command in time".to_string())?
+        .map_err(|e| format!("writing to the server: {e}"))
+    }
+
     async fn login(&mut self, user: &str, password: &str) -> Result<(), String> {
         let r = self.command(&format!("LOGIN {} {}", quoted(user)?, quoted(password)?)).await.map_err(|e| {
             // The server's words, never the command (it holds the password).
             format!("signing in as {user} failed: {e}")
         })?;
-        if let Some(caps) = r.status.split_once("[CAPABILITY ").map(|(_, c)| c.split(']').next().unwrap_or_default()) {
+        self.learn_capabilities(&r.status).await
+    }
+
+    /// The capabilities after signing in: from the OK's `[CAPABILITY ...]`, else asked for.
+    async fn learn_capabilities(&mut self, status: &str) -> Result<(), String> {
+        if let Some(caps) = status.split_once("[CAPABILITY ").map(|(_, c)| c.split(']').next().unwrap_or_default()) {
             self.capabilities = caps.split_whitespace().map(|c| c.to_ascii_uppercase()).collect();
         } else {
             let r = self.command("CAPABILITY").await?;
@@ -191,14 +254,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ImapSession<S> {
     async fn command(&mut self, cmd: &str) -> Result<Response, String> {
         self.tag += 1;
         let tag = format!("p{}", self.tag);
-        let line = format!("{tag} {cmd}\r\n");
-        tokio::time::timeout(self.timeout, async {
-            self.io.get_mut().write_all(line.as_bytes()).await?;
-            self.io.get_mut().flush().await
-        })
-        .await
-        .map_err(|_| "the server did not take the command in time".to_string())?
-        .map_err(|e| format!("writing to the server: {e}"))?;
+        // Zeroized: a LOGIN line holds the password.
+        self.write_line(&Zeroizing::new(format!("{tag} {cmd}\r\n"))).await?;
         let verb = cmd.split(' ').take(if cmd.starts_with("UID ") { 2 } else { 1 }).collect::<Vec<_>>().join(" ");
         let mut response = Response::default();
         loop {

@@ -237,13 +237,31 @@ impl panel_relay::inbound::InboundHandler for BounceHandler {
     }
 }
 
-/// The mailbox bounces land in (`[bounces] imap_url` and its password), and where Panel moves
-/// what it matched.
+/// The mailbox bounces land in (`[bounces] imap_url` and how to sign in), and where Panel
+/// moves what it matched.
 #[derive(Clone)]
 pub struct BounceMailbox {
-    pub imap: panel_relay::imap::ImapConfig,
-    pub folder: String,
+    pub url: panel_domain::bounce::ImapUrl,
+    pub auth: MailboxAuth,
+    pub ca_file: Option<std::path::PathBuf>,
     pub processed: String,
+}
+
+/// How Panel signs in to the bounce mailbox.
+#[derive(Clone)]
+pub enum MailboxAuth {
+    /// The password read from `imap_password_file`.
+    Password(zeroize::Zeroizing<String>),
+    /// A stored credential: a password one (LOGIN), or a Microsoft or Google app (XOAUTH2 with
+    /// a token for the mailbox), the token endpoint overridable like the relay's.
+    Credential { name: String, token_endpoint: Option<panel_domain::EndpointUrl> },
+}
+
+impl BounceMailbox {
+    /// The mailbox as its key and logs name it: `user@host/folder`.
+    pub fn name(&self) -> String {
+        format!("{}@{}/{}", self.url.username, self.url.host, self.url.folder)
+    }
 }
 
 /// What one pass over the mailbox did.
@@ -266,11 +284,27 @@ impl Panel {
     /// to `processed`, the rest is left alone, and how far it read is remembered (by UID under
     /// the folder's UIDVALIDITY), so nothing is read twice.
     pub async fn read_bounce_mailbox(&self, m: &BounceMailbox) -> Result<MailboxPass, OpsError> {
+        use panel_relay::imap::{ImapAuth, ImapConfig, ImapSecurity};
         // The mailbox, not the way to it: IMAPS or STARTTLS, it is read from where it was left.
-        let key = format!("{}@{}/{}", m.imap.username, m.imap.host, m.folder);
+        let key = m.name();
         let fail = |e: String| OpsError::internal("reading the bounce mailbox", e);
-        let mut session = panel_relay::imap::Session::connect(&m.imap).await.map_err(fail)?;
-        let validity = session.select(&m.folder).await.map_err(fail)? as i64;
+        let auth = match &m.auth {
+            MailboxAuth::Password(p) => ImapAuth::Password(p.clone()),
+            MailboxAuth::Credential { name, token_endpoint } => {
+                ImapAuth::Stored(self.mailbox_credential(name, &m.url.username, token_endpoint.clone()).await?)
+            }
+        };
+        let imap = ImapConfig {
+            host: m.url.host.clone(),
+            port: m.url.port,
+            security: if m.url.implicit_tls { ImapSecurity::Tls } else { ImapSecurity::Starttls },
+            username: m.url.username.clone(),
+            auth,
+            ca_file: m.ca_file.clone(),
+            timeout: std::time::Duration::from_secs(60),
+        };
+        let mut session = panel_relay::imap::Session::connect(&imap).await.map_err(fail)?;
+        let validity = session.select(&m.url.folder).await.map_err(fail)? as i64;
         let after = match self.store.mailbox_mark(&key).await? {
             Some((v, last)) if v == validity => last as u32,
             _ => 0,
@@ -298,6 +332,39 @@ impl Panel {
             tracing::info!(mailbox = %key, read = pass.read, matched = pass.matched, left = pass.left, "bounce mailbox read");
         }
         Ok(pass)
+    }
+
+    /// The stored credential `name` as the mailbox's sign-in: a password credential signs in
+    /// as its own user; a Microsoft or Google app gets a token for `mailbox` (license-gated and
+    /// cached like the relay's).
+    async fn mailbox_credential(
+        &self,
+        name: &str,
+        mailbox: &str,
+        token_endpoint: Option<panel_domain::EndpointUrl>,
+    ) -> Result<std::sync::Arc<dyn panel_relay::CredentialSource>, OpsError> {
+        use panel_domain::{Auth, CredentialKind, OAuthProvider};
+        let row = self
+            .store
+            .credential(name)
+            .await?
+            .ok_or_else(|| OpsError::NotFoundNamed { what: "credential", name: name.to_string() })?;
+        let provider = [OAuthProvider::Microsoft, OAuthProvider::Google]
+            .into_iter()
+            .find(|p| CredentialKind::for_provider(*p).iter().any(|k| k.as_str() == row.kind));
+        let auth = match provider {
+            None => Auth::Stored { credential: name.to_string() },
+            Some(provider) => {
+                let mailbox = panel_domain::EmailAddress::parse("imap_url", mailbox).map_err(|e| {
+                    OpsError::Invalid(panel_domain::FieldErrors(vec![panel_domain::FieldError::new(
+                        "bounces.imap_url",
+                        format!("with an OAuth2 credential the user is the mailbox's address: {}", e.message),
+                    )]))
+                })?;
+                Auth::OAuth2 { provider, mailbox, credential: name.to_string(), token_endpoint }
+            }
+        };
+        Ok(crate::credential_source::StoredCredentials::for_auth(self, auth, "bounce mailbox"))
     }
 }
 

@@ -48,6 +48,20 @@ impl StoredCredentials {
         }))
     }
 
+    /// A source for `auth` outside the relay settings (the bounce mailbox): Microsoft tokens
+    /// for Outlook (SMTP and IMAP share the scope).
+    pub(crate) fn for_auth(panel: &Panel, auth: Auth, actor: &str) -> Arc<dyn CredentialSource> {
+        Arc::new(StoredCredentials {
+            panel: panel.clone(),
+            auth,
+            actor: actor.to_string(),
+            timeout: Duration::from_secs(30),
+            scope: OAuthProvider::Microsoft.scope(),
+            token: tokio::sync::Mutex::new(None),
+            opened: Mutex::new(None),
+        })
+    }
+
     async fn open(
         &self,
         stage: Stage,

@@ -21,7 +21,7 @@ pub mod views;
 pub mod wake;
 pub mod worker;
 
-pub use bounces::{BounceHandler, BounceMailbox, MailboxPass, Receipt};
+pub use bounces::{BounceHandler, BounceMailbox, MailboxAuth, MailboxPass, Receipt};
 pub use error::{ErrorKind, OpsError};
 pub use ops::{Panel, SettingsUpdate};
 pub use panel_store::redact_url;

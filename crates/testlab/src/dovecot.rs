@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::{free_port, make_certificates, require, run, unique};
 
-pub const IMAP_USER: &str = "bounces";
+pub const IMAP_USER: &str = "bounces@panel.test";
 pub const IMAP_PASSWORD: &str = "imap-lab-password-not-secret";
 
 pub struct DovecotLab {
@@ -22,6 +22,16 @@ pub struct DovecotLab {
 
 impl DovecotLab {
     pub fn start() -> Option<DovecotLab> {
+        DovecotLab::start_with(None)
+    }
+
+    /// Signing in with XOAUTH2 too: each token is checked at `introspection_url` (RFC 7662,
+    /// Dovecot's oauth2 passdb), and must name the lab's user.
+    pub fn start_with_oauth(introspection_url: &str) -> Option<DovecotLab> {
+        DovecotLab::start_with(Some(introspection_url))
+    }
+
+    fn start_with(introspection: Option<&str>) -> Option<DovecotLab> {
         if !require("Dovecot (dovecot-imapd)", Path::new("/usr/sbin/dovecot").exists()) {
             return None;
         }
@@ -39,6 +49,19 @@ impl DovecotLab {
         run(Command::new("chown").args(["-R", "nobody:nogroup"]).arg(root.join("home")));
         fs::write(root.join("users"), format!("{IMAP_USER}:{{PLAIN}}{IMAP_PASSWORD}::::::\n")).unwrap();
         let r = root.display();
+        let (mechanisms, oauth_passdb) = match introspection {
+            None => ("plain login", String::new()),
+            Some(url) => {
+                let conf = format!(
+                    "introspection_mode = post\nintrospection_url = {url}\nusername_attribute = username\n\
+                     active_attribute = active\nactive_value = true\nforce_introspection = yes\n"
+                );
+                fs::write(root.join("oauth2.conf"), conf).unwrap();
+                let passdb =
+                    format!("passdb {{\n  driver = oauth2\n  mechanisms = xoauth2\n  args = {r}/oauth2.conf\n}}\n");
+                ("plain login xoauth2", passdb)
+            }
+        };
         for _ in 0..3 {
             let (imaps_port, imap_port) = (free_port(), free_port());
             let conf = format!(
@@ -52,8 +75,8 @@ ssl = required
 ssl_cert = <{r}/tls/server.pem
 ssl_key = <{r}/tls/server.key
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
-passdb {{
+auth_mechanisms = {mechanisms}
+{oauth_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN {r}/users
 }}

@@ -49,6 +49,8 @@ struct TokenState {
     issued: Vec<Issued>,
     /// The application roles a Microsoft token carries (the app's admin-consented permissions).
     roles: Vec<String>,
+    /// Who introspection says an app-only token belongs to.
+    introspect_as: Option<String>,
 }
 
 /// The scopes a Microsoft client may ask for.
@@ -88,7 +90,8 @@ impl TokenServer {
     fn start(client: Client, lifetime: Duration) -> TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = TokenState { client, lifetime, issued: Vec::new(), roles: vec!["Mail.Send".into()] };
+        let state =
+            TokenState { client, lifetime, issued: Vec::new(), roles: vec!["Mail.Send".into()], introspect_as: None };
         let server = TokenServer { port, state: Arc::new(Mutex::new(state)) };
         let s = server.clone();
         std::thread::spawn(move || {
@@ -126,6 +129,17 @@ impl TokenServer {
         if let Client::Microsoft { client_secret, .. } = &mut self.state.lock().unwrap().client {
             *client_secret = secret.to_string();
         }
+    }
+
+    /// Its introspection endpoint (RFC 7662), for a server that checks the tokens it is given.
+    pub fn introspection_url(&self) -> String {
+        format!("http://127.0.0.1:{}/introspect", self.port)
+    }
+
+    /// The user introspection names for an app-only token (Microsoft's client credentials,
+    /// which carry no user): the mailbox the app was allowed.
+    pub fn introspect_as(&self, user: &str) {
+        self.state.lock().unwrap().introspect_as = Some(user.to_string());
     }
 
     /// True when `token` was issued here, is live, and (for Google) was delegated for `user`.
@@ -166,7 +180,16 @@ impl TokenServer {
         let mut body = vec![0; length];
         reader.read_exact(&mut body).unwrap_or_default();
         let form = parse_form(&String::from_utf8_lossy(&body));
-        let (status, json) = if !request_line.starts_with("POST /token ") {
+        let (status, json) = if request_line.starts_with("POST /introspect ") {
+            // RFC 7662, as Dovecot's oauth2 passdb asks it: is the token live, and whose.
+            match self.live(form.get("token").map(String::as_str).unwrap_or_default()) {
+                Some((subject, _)) => {
+                    let user = subject.or_else(|| self.state.lock().unwrap().introspect_as.clone());
+                    (200, serde_json::json!({"active": true, "username": user}))
+                }
+                None => (200, serde_json::json!({"active": false})),
+            }
+        } else if !request_line.starts_with("POST /token ") {
             (404, serde_json::json!({"error": "not_found"}))
         } else {
             self.grant(&form)
