@@ -440,6 +440,13 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
     settle_and_record(&shared, &state, info, started, report, Via { route: None, relay: String::new(), ctx }).await;
 }
 
+/// The route `index` took no attempt after all: its probe (if this was one) is free again.
+fn free_probe(shared: &Shared, index: usize) {
+    if let Some(h) = shared.health.lock().expect("not poisoned").get_mut(index) {
+        h.probe_out = false;
+    }
+}
+
 /// Where an attempt went: the route (its index in the state's routes; none when the
 /// delivery panicked before it was known), the relay's address, and how it was connected.
 struct Via {
@@ -474,13 +481,21 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
     // outside the allowed domains, which are refused for good and never sent to).
     let plan = state.settings.policy.plan(&claim.message, &recipients);
     let message = plan.message.as_ref().unwrap_or(&claim.message);
-    let index = pick_route(&mut shared.health.lock().expect("not poisoned"), Instant::now());
+    let index = {
+        let mut health = shared.health.lock().expect("not poisoned");
+        // Health of newer settings' routes (a save during the claim): this claim's settings go
+        // by their primary, as they would have before.
+        match health.len() == state.routes.len() {
+            true => pick_route(&mut health, Instant::now()),
+            false => 0,
+        }
+    };
     let route = &state.routes[index];
     if route.limits.any()
         && !plan.envelope.is_empty()
         && !within_limits(shared, &claim, route, plan.envelope.len()).await
     {
-        shared.health.lock().expect("not poisoned")[index].probe_out = false;
+        free_probe(shared, index);
         drop(renewal);
         return;
     }
@@ -516,7 +531,7 @@ async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim) {
             };
             let Some(report) = sent else {
                 drop(renewal);
-                shared.health.lock().expect("not poisoned")[index].probe_out = false;
+                free_probe(shared, index);
                 tracing::warn!(
                     message_id = id,
                     "lease lost before sending (this worker was paused or cut off); another worker owns the message; nothing sent"
@@ -630,21 +645,26 @@ async fn settle_and_record(
     let throttled = settlement.failure_class == Some(panel_domain::FailureClass::Transient)
         && settlement.reply.as_ref().is_some_and(panel_domain::is_throttling);
     let unreachable = is_relay_unreachable(settlement.stage, settlement.failure_class, settlement.reply.as_ref());
-    let (mut delay, mut failed_over, mut outage_ended) = (None, None, false);
-    if let Some(i) = route {
-        let now = Instant::now();
+    let (delay, failed_over, outage_ended) = {
+        let (mut delay, mut failed_over, mut outage_ended) = (None, None, false);
+        // Settings replaced while the attempt ran come with routes of their own, whose health
+        // starts afresh: this attempt says nothing about them.
         let mut health = shared.health.lock().expect("not poisoned");
-        health[i].probe_out = false;
-        let several = health.len() > 1;
-        if throttled || unreachable || (several && route_failed(&settlement)) {
-            delay = Some(health[i].backoff.failed(now, report_retry_after));
-            if several {
-                failed_over = (0..health.len()).find(|&j| j != i && health[j].backoff.wait(now).is_none());
+        if let Some(i) = route.filter(|_| health.len() == state.routes.len()) {
+            let now = Instant::now();
+            health[i].probe_out = false;
+            let several = health.len() > 1;
+            if throttled || unreachable || (several && route_failed(&settlement)) {
+                delay = Some(health[i].backoff.failed(now, report_retry_after));
+                if several {
+                    failed_over = (0..health.len()).find(|&j| j != i && health[j].backoff.wait(now).is_none());
+                }
+            } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
+                outage_ended = health[i].backoff.reached();
             }
-        } else if !matches!(settlement.stage, panel_domain::Stage::Config | panel_domain::Stage::Policy) {
-            outage_ended = health[i].backoff.reached();
         }
-    }
+        (delay, failed_over, outage_ended)
+    };
     let metrics = &shared.panel.metrics;
     let route_label = route_name.as_deref().unwrap_or_default();
     if let Some(delay) = delay {
