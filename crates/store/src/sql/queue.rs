@@ -263,6 +263,7 @@ impl SqlStore {
     /// Gives a claimed message back unsent, due at `until`, with why in its last error (the
     /// sending limit): no attempt is recorded. Fenced by the claim token.
     pub async fn defer_claim(&self, claim: &ClaimRef, until: i64, now: i64, note: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
         let done = sqlx::query(
             "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'queued' END,
                     lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $3
@@ -273,20 +274,23 @@ impl SqlStore {
         .bind(now)
         .bind(claim.id)
         .bind(claim.token)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
     pub async fn renew_lease(&self, claim: &ClaimRef, until: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
         let done = sqlx::query(
             "UPDATE messages SET lease_expires_at = $1 WHERE id = $2 AND claim_token = $3 AND state = 'sending'",
         )
         .bind(until)
         .bind(claim.id)
         .bind(claim.token)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
