@@ -236,8 +236,8 @@ pub async fn run_worker(
         }
         let probing = matches!(gate, Gate::Probe);
         // While probing, one message at a time finds out whether a route is back.
-        let free = if probing { usize::from(tasks.is_empty()) } else { slots.available_permits() };
-        let claimed = if free == 0 { Ok(None) } else { claim(&shared, free as u32).await };
+        let free = || if probing { u32::from(tasks.is_empty()) } else { slots.available_permits() as u32 };
+        let claimed = if free() == 0 { Ok(None) } else { claim(&shared, &free).await };
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
@@ -276,14 +276,18 @@ pub async fn run_worker(
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
 /// is checked once per claim, not once per message.
-async fn claim(shared: &Shared, limit: u32) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
+async fn claim(
+    shared: &Shared,
+    limit: &(dyn Fn() -> u32 + Sync),
+) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
     let Some(state) = current_relay(shared).await? else {
         return Ok(None); // Not configured yet: messages wait, nothing is lost.
     };
     // Every BULK_SHARE-th claim takes bulk mail first: urgent mail goes ahead, and bulk mail is
     // never starved by it.
     let bulk_first = shared.claims.fetch_add(1, Ordering::Relaxed) % BULK_SHARE == BULK_SHARE - 1;
-    let claims = shared.store.claim(&shared.owner, shared.panel.now(), shared.config.lease, limit, bulk_first).await?;
+    let claims =
+        shared.store.claim_up_to(&shared.owner, shared.panel.now(), shared.config.lease, limit, bulk_first).await?;
     Ok(Some((state, claims)))
 }
 

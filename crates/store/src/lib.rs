@@ -664,6 +664,20 @@ impl Store {
         limit: u32,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
+        self.claim_up_to(owner, now, lease, &|| limit, bulk_first).await
+    }
+
+    /// `claim`, with as many as `limit` says once the write transaction has begun: a worker
+    /// that waited for its turn to write (behind an enqueue or its own records) takes every
+    /// slot that freed meanwhile in one commit, instead of one commit per slot.
+    pub async fn claim_up_to(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: &(dyn Fn() -> u32 + Sync),
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
         self.observe(self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit, bulk_first).await)
     }
 

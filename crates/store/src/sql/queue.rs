@@ -61,10 +61,9 @@ impl SqlStore {
     /// Many messages in one transaction: one commit (one fsync) for the whole batch.
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
         let mut tx = self.write().await?;
-        let mut ids = Vec::with_capacity(items.len());
-        for (origin, m) in items {
-            ids.push(insert_message(&mut tx, *origin, m, now, None, None).await?.expect("no key, no conflict"));
-        }
+        let messages: Vec<NewMessage<'_>> =
+            items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now }).collect();
+        let ids = insert_messages(&mut tx, &messages).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -74,10 +73,11 @@ impl SqlStore {
         owner: &str,
         now: i64,
         lease_ms: i64,
-        limit: u32,
+        limit: &(dyn Fn() -> u32 + Sync),
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
+        let limit = limit();
         // Several services may look at once: each takes the expired leases it can lock.
         let sql = format!(
             "SELECT id, lease_owner FROM messages{} WHERE state = 'sending' AND lease_expires_at < $1{}",
