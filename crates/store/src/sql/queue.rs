@@ -43,12 +43,23 @@ impl SqlStore {
     /// commit), each at its own time; the outcomes in their order.
     pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
         let mut tx = self.write().await?;
+        // The messages in a few statements together, then the events one by one.
+        let messages: Vec<NewMessage<'_>> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                crate::GroupJob::Message { origin, message, now } => {
+                    Some(NewMessage { origin: *origin, message, now: *now })
+                }
+                crate::GroupJob::Event { .. } => None,
+            })
+            .collect();
+        let mut ids = insert_messages(&mut tx, &messages).await?.into_iter();
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
             done.push(match job {
-                crate::GroupJob::Message { origin, message, now } => crate::GroupDone::Message(
-                    insert_message(&mut tx, *origin, message, *now, None, None).await?.expect("no key, no conflict"),
-                ),
+                crate::GroupJob::Message { .. } => {
+                    crate::GroupDone::Message(ids.next().expect("one id for each message"))
+                }
                 crate::GroupJob::Event { event_type, object, now, plan } => crate::GroupDone::Event(
                     super::automation::insert_event(&mut tx, event_type, object, None, *now, plan).await?,
                 ),
@@ -470,6 +481,101 @@ pub(super) async fn insert_message(
         .await?;
     }
     Ok(Some(id))
+}
+
+/// A message to insert with others (no idempotency key, no run).
+struct NewMessage<'a> {
+    origin: Origin,
+    message: &'a OutgoingMessage,
+    now: i64,
+}
+
+/// Messages in a chunk this size share one INSERT (10 parameters each: far below either
+/// database's limit on parameters).
+const INSERT_CHUNK: usize = 100;
+
+/// Inserts `messages` and their recipients with one statement per chunk for each table rather
+/// than one per row: in a group commit the statements, not the commit, were most of the time
+/// the write lock was held. Their ids, in their order.
+async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(messages.len());
+    for chunk in messages.chunks(INSERT_CHUNK) {
+        // The returned rows are matched to the messages by their Message-ID (128 random bits),
+        // not by their order, which neither database promises. Two alike (only a test's fixed
+        // randomness could make them) go one by one.
+        let distinct: std::collections::HashSet<&str> = chunk.iter().map(|m| m.message.message_id.as_str()).collect();
+        if distinct.len() < chunk.len() {
+            for m in chunk {
+                ids.push(insert_message(tx, m.origin, m.message, m.now, None, None).await?.expect("no key, no conflict"));
+            }
+            continue;
+        }
+        let rows = (0..chunk.len())
+            .map(|i| {
+                let p = |k: usize| format!("${}", i * 8 + k);
+                format!(
+                    "({}, 'queued', {}, {}, {}, {}, {}, {t}, {t}, {t}, {t}, {})",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    p(5),
+                    p(6),
+                    p(8),
+                    t = p(7)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
+                                   created_at, updated_at, next_attempt_at, window_start, priority)
+             VALUES {rows} RETURNING id, message_id"
+        );
+        let mut query = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(sql));
+        for m in chunk {
+            query = query
+                .bind(m.origin.as_str())
+                .bind(serde_json::to_string(m.message).expect("message serializes"))
+                .bind(m.message.from.to_string())
+                .bind(&m.message.subject)
+                .bind(&m.message.message_id)
+                .bind(m.message.used_fallback_recipient)
+                .bind(m.now)
+                .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank());
+        }
+        let returned: std::collections::HashMap<String, i64> =
+            query.fetch_all(&mut **tx).await?.into_iter().map(|(id, message_id)| (message_id, id)).collect();
+        let first = ids.len();
+        for m in chunk {
+            let id = returned.get(&m.message.message_id).copied();
+            ids.push(id.ok_or_else(|| crate::StoreError::Corrupt("an inserted message was not returned".into()))?);
+        }
+        let recipients: Vec<(i64, i64, &str, &str)> = chunk
+            .iter()
+            .zip(&ids[first..])
+            .flat_map(|(m, &id)| {
+                m.message
+                    .recipients()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(position, (kind, address))| (id, position as i64, kind.as_str(), address.as_str()))
+            })
+            .collect();
+        for part in recipients.chunks(INSERT_CHUNK * 2) {
+            let rows = (0..part.len())
+                .map(|i| format!("(${}, ${}, ${}, ${}, 'pending')", i * 4 + 1, i * 4 + 2, i * 4 + 3, i * 4 + 4))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("INSERT INTO recipients (message_id, position, kind, address, state) VALUES {rows}");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, position, kind, address) in part {
+                query = query.bind(*id).bind(*position).bind(*kind).bind(*address);
+            }
+            query.execute(&mut **tx).await?;
+        }
+    }
+    Ok(ids)
 }
 
 /// One attempt's outcome, fenced by the claim token: false (nothing written) when another
