@@ -285,9 +285,10 @@ impl Panel {
             return;
         }
         let local_host = panel_relay::local_hostname();
+        let own = self.local_waker.as_ref().and_then(Waker::port);
         if let Ok(services) = self.recent_services().await {
-            wake::poke(services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port))
-                .await;
+            let ports = services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port);
+            wake::poke(ports.filter(|&p| Some(p) != own)).await;
         }
     }
 }

@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 #[derive(Clone, Default)]
 pub struct Waker {
     notify: Arc<Notify>,
+    /// The loopback port it listens on, once `listen` ran: an enqueue in this process wakes
+    /// its worker directly and does not poke its own port as well.
+    port: Arc<std::sync::OnceLock<u16>>,
 }
 
 impl Waker {
@@ -27,6 +30,7 @@ impl Waker {
     pub async fn listen(&self) -> std::io::Result<u16> {
         let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let port = socket.local_addr()?.port();
+        let _ = self.port.set(port);
         let notify = self.notify.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 16];
@@ -35,6 +39,11 @@ impl Waker {
             }
         });
         Ok(port)
+    }
+
+    /// The port `listen` opened, if it ran.
+    pub fn port(&self) -> Option<u16> {
+        self.port.get().copied()
     }
 }
 
@@ -55,10 +64,22 @@ pub async fn listen_shared(store: &panel_store::Store, waker: Waker) -> panel_st
     Ok(())
 }
 
-/// Pokes the given loopback ports; best effort.
+/// Pokes the given loopback ports; best effort. One socket serves every poke of the process
+/// (an enqueue is not worth a socket of its own); a plain one, since a datagram to loopback
+/// does not block and the socket outlives any one runtime.
 pub async fn poke(ports: impl IntoIterator<Item = u16>) {
-    let Ok(socket) = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await else { return };
+    static SOCKET: std::sync::OnceLock<Option<std::net::UdpSocket>> = std::sync::OnceLock::new();
+    let mut ports = ports.into_iter().peekable();
+    if ports.peek().is_none() {
+        return;
+    }
+    let socket = SOCKET.get_or_init(|| {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+        socket.set_nonblocking(true).ok()?;
+        Some(socket)
+    });
+    let Some(socket) = socket else { return };
     for port in ports {
-        let _ = socket.send_to(b"wake", SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
+        let _ = socket.send_to(b"wake", SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     }
 }
