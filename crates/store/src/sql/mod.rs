@@ -159,7 +159,12 @@ impl Dialect {
 
 #[derive(Clone)]
 pub struct SqlStore {
+    /// Reads (and the few single-statement writes outside a transaction).
     pool: AnyPool,
+    /// Write transactions. SQLite: a connection of their own, so a writer whose turn came never
+    /// waits for a pooled connection busy with reads (API requests' token and settings
+    /// lookups); PostgreSQL: the same pool.
+    writer: AnyPool,
     pub(crate) dialect: Dialect,
     url: String,
     /// SQLite: this process's writers take turns here, in arrival order, before `BEGIN
@@ -218,41 +223,51 @@ async fn outside_transaction(conn: &mut sqlx::AnyConnection) -> std::result::Res
     Ok(!conn.is_in_transaction())
 }
 
+/// A pool of `max` connections to the SQLite database at `path`, each set up alike.
+async fn sqlite_pool(path: &str, max: u32) -> Result<AnyPool> {
+    let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
+    Ok(AnyPoolOptions::new()
+        .max_connections(max)
+        // A local file does not drop connections: no ping (a round trip) before each use.
+        .test_before_acquire(false)
+        .after_release(|conn, _| Box::pin(outside_transaction(conn)))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA busy_timeout = 15000; PRAGMA journal_mode = WAL; PRAGMA mmap_size = 268435456; PRAGMA cache_size = -16000; \
+                     PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .connect_with(options)
+        .await?)
+}
+
 impl SqlStore {
     /// Opens `url` (`sqlite://PATH` or `postgres://...`) and applies pending migrations.
     pub async fn open(url: &str, dialect: Dialect) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
-        let pool = match dialect {
+        let (pool, writer) = match dialect {
             Dialect::Sqlite => {
                 let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
-                let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
-                AnyPoolOptions::new()
-                    .max_connections(4)
-                    .after_release(|conn, _| Box::pin(outside_transaction(conn)))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute(
-                                "PRAGMA busy_timeout = 15000; PRAGMA journal_mode = WAL; PRAGMA mmap_size = 268435456; PRAGMA cache_size = -16000; \
-                                 PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-                            )
-                            .await
-                            .map(|_| ())
-                        })
-                    })
-                    .connect_with(options)
-                    .await?
+                // The writer's connection first: it creates the file and turns WAL on.
+                let writer = sqlite_pool(path, 1).await?;
+                (sqlite_pool(path, 4).await?, writer)
             }
             Dialect::Postgres => {
                 let options: AnyConnectOptions = url.parse()?;
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(15))
                     .after_release(|conn, _| Box::pin(outside_transaction(conn)))
                     .connect_with(options)
-                    .await?
+                    .await?;
+                (pool.clone(), pool)
             }
         };
-        let store = SqlStore { pool, dialect, url: url.to_string(), turn: Default::default() };
+        let store = SqlStore { pool, writer, dialect, url: url.to_string(), turn: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -262,9 +277,9 @@ impl SqlStore {
             Dialect::Sqlite => {
                 // The turn first, then a connection: a writer waiting its turn holds none.
                 let turn = self.turn.clone().lock_owned().await;
-                Tx { inner: self.pool.begin_with("BEGIN IMMEDIATE").await?, _turn: Some(turn) }
+                Tx { inner: self.writer.begin_with("BEGIN IMMEDIATE").await?, _turn: Some(turn) }
             }
-            Dialect::Postgres => Tx { inner: self.pool.begin().await?, _turn: None },
+            Dialect::Postgres => Tx { inner: self.writer.begin().await?, _turn: None },
         })
     }
 
