@@ -179,16 +179,17 @@ async fn record_in_batches(store: Store, mut queue: mpsc::Receiver<Record>) {
                 Err(_) => break,
             }
         }
-        let items: Vec<_> = batch.iter().map(|r| (r.claim, r.meta.clone(), r.settlement.clone())).collect();
-        match store.record_attempts(&items).await {
+        let (items, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|r| ((r.claim, r.meta, r.settlement), r.reply)).unzip();
+        match store.record_attempts(items).await {
             Ok(results) => {
-                for (r, ok) in batch.into_iter().zip(results) {
-                    let _ = r.reply.send(Ok(ok));
+                for (reply, ok) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(ok));
                 }
             }
             Err(e) => {
-                for r in batch {
-                    let _ = r.reply.send(Err(e.to_string()));
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
                 }
             }
         }
@@ -236,8 +237,19 @@ pub async fn run_worker(
         }
         let probing = matches!(gate, Gate::Probe);
         // While probing, one message at a time finds out whether a route is back.
-        let free = || if probing { u32::from(tasks.is_empty()) } else { slots.available_permits() as u32 };
-        let claimed = if free() == 0 { Ok(None) } else { claim(&shared, &free).await };
+        // Counted again when the claim's transaction begins: slots that free while it waits
+        // for its turn are filled by the same commit.
+        let free: panel_store::ClaimLimit = match probing {
+            true => {
+                let one = u32::from(tasks.is_empty());
+                Arc::new(move || one)
+            }
+            false => {
+                let slots = slots.clone();
+                Arc::new(move || slots.available_permits() as u32)
+            }
+        };
+        let claimed = if free() == 0 { Ok(None) } else { claim(&shared, free).await };
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
@@ -276,10 +288,7 @@ pub async fn run_worker(
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
 /// is checked once per claim, not once per message.
-async fn claim(
-    shared: &Shared,
-    limit: &(dyn Fn() -> u32 + Sync),
-) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
+async fn claim(shared: &Shared, limit: panel_store::ClaimLimit) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
     let Some(state) = current_relay(shared).await? else {
         return Ok(None); // Not configured yet: messages wait, nothing is lost.
     };

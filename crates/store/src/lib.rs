@@ -114,16 +114,26 @@ pub struct Store {
 /// to store with it. Called once per commit attempt, so a group that fails can be replayed.
 pub type EventPlan = Box<dyn Fn(i64) -> Vec<NewRun> + Send + Sync>;
 
+/// How many messages a claim takes, asked once its transaction has begun (`Store::claim_up_to`).
+pub type ClaimLimit = std::sync::Arc<dyn Fn() -> u32 + Send + Sync>;
+
+/// Attempts to record, each fenced by its claim.
+pub type AttemptBatch = Vec<(ClaimRef, AttemptMeta, Settlement)>;
+
 /// One caller's write in a group commit.
 pub enum GroupJob<'a> {
     Message { origin: Origin, message: &'a OutgoingMessage, now: i64 },
     Event { event_type: &'a str, object: &'a serde_json::Value, now: i64, plan: &'a EventPlan },
+    Record { batch: &'a [(ClaimRef, AttemptMeta, Settlement)] },
+    Claim { owner: &'a str, now: i64, lease_ms: i64, limit: &'a (dyn Fn() -> u32 + Send + Sync), bulk_first: bool },
 }
 
 /// Its outcome.
 pub enum GroupDone {
     Message(i64),
     Event(EventRecord),
+    Recorded(Vec<bool>),
+    Claimed(Vec<Claim>),
 }
 
 /// A write waiting for the next group commit, and its caller.
@@ -142,6 +152,18 @@ enum Pending {
         plan: EventPlan,
         reply: tokio::sync::oneshot::Sender<Result<EventRecord>>,
     },
+    Record {
+        batch: AttemptBatch,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<bool>>>,
+    },
+    Claim {
+        owner: String,
+        now: i64,
+        lease_ms: i64,
+        limit: ClaimLimit,
+        bulk_first: bool,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Claim>>>,
+    },
 }
 
 impl Pending {
@@ -151,6 +173,10 @@ impl Pending {
             Pending::Event { event_type, object, now, plan, .. } => {
                 GroupJob::Event { event_type, object, now: *now, plan }
             }
+            Pending::Record { batch, .. } => GroupJob::Record { batch },
+            Pending::Claim { owner, now, lease_ms, limit, bulk_first, .. } => {
+                GroupJob::Claim { owner, now: *now, lease_ms: *lease_ms, limit: &**limit, bulk_first: *bulk_first }
+            }
         }
     }
 
@@ -159,11 +185,17 @@ impl Pending {
         match (self, done) {
             (Pending::Message { reply, .. }, Some(GroupDone::Message(id))) => drop(reply.send(Ok(id))),
             (Pending::Event { reply, .. }, Some(GroupDone::Event(record))) => drop(reply.send(Ok(record))),
+            (Pending::Record { reply, .. }, Some(GroupDone::Recorded(done))) => drop(reply.send(Ok(done))),
+            (Pending::Claim { reply, .. }, Some(GroupDone::Claimed(claims))) => drop(reply.send(Ok(claims))),
             (Pending::Message { origin, message, now, reply }, _) => {
                 drop(reply.send(backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)))
             }
             (Pending::Event { event_type, object, now, plan, reply }, _) => {
                 drop(reply.send(backend.record_event(&event_type, &object, None, now, &plan).await))
+            }
+            (Pending::Record { batch, reply }, _) => drop(reply.send(backend.record_attempts(&batch).await)),
+            (Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }, _) => {
+                drop(reply.send(backend.claim(&owner, now, lease_ms, &*limit, bulk_first).await))
             }
         }
     }
@@ -179,9 +211,11 @@ fn committer_stopped() -> StoreError {
 /// Most writes one group commit takes.
 const GROUP_COMMIT_MAX: usize = 256;
 
-/// Commits what concurrent callers wrote meanwhile (single messages, events) in one transaction:
-/// one fsync for all, every caller answered after that commit. A group that fails is tried again
-/// one write a transaction, so each caller gets its own outcome.
+/// Commits what concurrent callers wrote meanwhile (single messages, events, the workers'
+/// records and claims) in one transaction: one fsync for all, every caller answered after that
+/// commit. On SQLite, where one writer at a time holds the lock, a busy service pays one BEGIN
+/// and one COMMIT per turn instead of one for each kind of write. A group that fails is tried
+/// again one write a transaction, so each caller gets its own outcome.
 async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -584,18 +618,8 @@ impl Store {
         if idempotency_key.is_some() {
             return self.observe(self.backend.record_event(event_type, object, idempotency_key, now, &plan).await);
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
         let (event_type, object) = (event_type.to_string(), object.clone());
-        let pending = Pending::Event { event_type, object, now, plan, reply };
-        let result = match self.committer().await.send(pending).await {
-            Ok(()) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
-            // The committer's runtime is gone before it took the write: commit it here.
-            Err(tokio::sync::mpsc::error::SendError(Pending::Event { event_type, object, plan, .. })) => {
-                self.backend.record_event(&event_type, &object, None, now, &plan).await
-            }
-            Err(_) => Err(committer_stopped()),
-        };
-        self.observe(result)
+        self.submit(|reply| Pending::Event { event_type, object, now, plan, reply }).await
     }
 
     pub async fn run(&self, id: i64) -> Result<Option<RunRow>> {
@@ -622,18 +646,19 @@ impl Store {
     /// commit (group commit: many writes, one fsync), each still answered after its own.
     /// Takes the message (it travels to the committer; no copy of a body up to 10 MiB).
     pub async fn enqueue(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
+        let message = Box::new(message);
+        self.submit(|reply| Pending::Message { origin, message, now: ms(now), reply }).await
+    }
+
+    /// Hands a write to the group committer and waits for its outcome.
+    async fn submit<T>(&self, pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> Pending) -> Result<T> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let pending = Pending::Message { origin, message: Box::new(message), now: ms(now), reply };
-        let result = match self.committer().await.send(pending).await {
-            Ok(()) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
+        if let Err(tokio::sync::mpsc::error::SendError(pending)) = self.committer().await.send(pending(reply)).await {
             // The committer's runtime is gone (a store carried into another runtime), before it
-            // took the write: commit it here.
-            Err(tokio::sync::mpsc::error::SendError(Pending::Message { message, now, .. })) => {
-                self.backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)
-            }
-            Err(_) => Err(committer_stopped()),
-        };
-        self.observe(result)
+            // took the write: commit it here, alone.
+            pending.answer(None, &self.backend).await;
+        }
+        self.observe(answer.await.unwrap_or_else(|_| Err(committer_stopped())))
     }
 
     /// Enqueues many messages in one transaction (one commit for all; all or none).
@@ -664,21 +689,23 @@ impl Store {
         limit: u32,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
-        self.claim_up_to(owner, now, lease, &|| limit, bulk_first).await
+        self.claim_up_to(owner, now, lease, std::sync::Arc::new(move || limit), bulk_first).await
     }
 
     /// `claim`, with as many as `limit` says once the write transaction has begun: a worker
     /// that waited for its turn to write (behind an enqueue or its own records) takes every
-    /// slot that freed meanwhile in one commit, instead of one commit per slot.
+    /// slot that freed meanwhile in one commit, instead of one commit per slot. Group-committed
+    /// with the service's other writes.
     pub async fn claim_up_to(
         &self,
         owner: &str,
         now: DateTime<Utc>,
         lease: Duration,
-        limit: &(dyn Fn() -> u32 + Sync),
+        limit: ClaimLimit,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
-        self.observe(self.backend.claim(owner, ms(now), lease.as_millis() as i64, limit, bulk_first).await)
+        let (owner, now, lease_ms) = (owner.to_string(), ms(now), lease.as_millis() as i64);
+        self.submit(|reply| Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }).await
     }
 
     /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
@@ -721,13 +748,14 @@ impl Store {
         attempt: &AttemptMeta,
         settlement: &Settlement,
     ) -> Result<bool> {
-        Ok(self.observe(self.backend.record_attempts(&[(*claim, attempt.clone(), settlement.clone())]).await)?[0])
+        Ok(self.record_attempts(vec![(*claim, attempt.clone(), settlement.clone())]).await?[0])
     }
 
     /// `record_attempt` for several attempts in one transaction: what a busy worker does to
     /// pay one commit (one fsync on SQLite) for many messages. One result per attempt.
-    pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
-        self.observe(self.backend.record_attempts(batch).await)
+    /// Group-committed with the service's other writes.
+    pub async fn record_attempts(&self, batch: AttemptBatch) -> Result<Vec<bool>> {
+        self.submit(|reply| Pending::Record { batch, reply }).await
     }
 
     pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {

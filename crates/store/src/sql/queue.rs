@@ -50,7 +50,7 @@ impl SqlStore {
                 crate::GroupJob::Message { origin, message, now } => {
                     Some(NewMessage { origin: *origin, message, now: *now })
                 }
-                crate::GroupJob::Event { .. } => None,
+                _ => None,
             })
             .collect();
         let mut ids = insert_messages(&mut tx, &messages).await?.into_iter();
@@ -62,6 +62,10 @@ impl SqlStore {
                 }
                 crate::GroupJob::Event { event_type, object, now, plan } => crate::GroupDone::Event(
                     super::automation::insert_event(&mut tx, event_type, object, None, *now, plan).await?,
+                ),
+                crate::GroupJob::Record { batch } => crate::GroupDone::Recorded(record_in(&mut tx, batch).await?),
+                crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => crate::GroupDone::Claimed(
+                    self.claim_in(&mut tx, owner, *now, *lease_ms, limit(), *bulk_first).await?,
                 ),
             });
         }
@@ -84,18 +88,32 @@ impl SqlStore {
         owner: &str,
         now: i64,
         lease_ms: i64,
-        limit: &(dyn Fn() -> u32 + Sync),
+        limit: &(dyn Fn() -> u32 + Send + Sync),
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
-        let limit = limit();
+        let claims = self.claim_in(&mut tx, owner, now, lease_ms, limit(), bulk_first).await?;
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    /// `claim`, inside the caller's transaction.
+    async fn claim_in(
+        &self,
+        tx: &mut Tx,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
         // Several services may look at once: each takes the expired leases it can lock.
         let sql = format!(
             "SELECT id, lease_owner FROM messages{} WHERE state = 'sending' AND lease_expires_at < $1{}",
             self.dialect.use_index("messages_leased"),
             self.dialect.skip_locked()
         );
-        let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut *tx).await?;
+        let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut **tx).await?;
         for row in &expired {
             let id: i64 = cell(row, "messages", "id")?;
             let previous: Option<String> = cell(row, "messages", "lease_owner")?;
@@ -106,7 +124,7 @@ impl SqlStore {
             )
             .bind(id)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             if taken.rows_affected() == 0 {
                 continue;
@@ -121,7 +139,7 @@ impl SqlStore {
             .bind(previous.unwrap_or_default())
             .bind("the worker holding this message stopped before recording an outcome")
             .bind("the relay may already have accepted it; a duplicate delivery is possible")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
@@ -143,7 +161,7 @@ impl SqlStore {
             .bind(now + lease_ms)
             .bind(now)
             .bind(limit as i64)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?;
         let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
         if !claims.is_empty() {
@@ -153,7 +171,7 @@ impl SqlStore {
                 "SELECT message_id, position, address, state, reply FROM recipients
                  WHERE message_id IN ({ids}) ORDER BY message_id, position"
             );
-            let recipients = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
+            let recipients = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?;
             for row in recipients {
                 let state = closed_cell(&row, "recipients", "state", RecipientState::parse)?;
                 if state != RecipientState::Pending {
@@ -183,7 +201,6 @@ impl SqlStore {
                 }
             }
         }
-        tx.commit().await?;
         claims.sort_by_key(|c| c.reference.id);
         Ok(claims)
     }
@@ -309,10 +326,7 @@ impl SqlStore {
     /// Each is fenced by its claim token on its own: a stale one is skipped, the others kept.
     pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
         let mut tx = self.write().await?;
-        let mut recorded = Vec::with_capacity(batch.len());
-        for (claim, meta, s) in batch {
-            recorded.push(record_one(&mut tx, claim, meta, s).await?);
-        }
+        let recorded = record_in(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(recorded)
     }
@@ -578,73 +592,145 @@ async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec
     Ok(ids)
 }
 
-/// One attempt's outcome, fenced by the claim token: false (nothing written) when another
-/// worker has claimed the message since.
-async fn record_one(tx: &mut Tx, claim: &ClaimRef, meta: &AttemptMeta, s: &Settlement) -> Result<bool> {
-    let finished = meta.finished_at.timestamp_millis();
-    let next = s.retry_after.map(|d| finished + d.as_millis() as i64);
-    let updated = sqlx::query(
-        "UPDATE messages SET state = $1, attempts = attempts + 1, updated_at = $2,
-                next_attempt_at = COALESCE($3, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
-                failure_class = $4, last_error = $5, interrupted = interrupted + $8
-         WHERE id = $6 AND claim_token = $7 AND state = 'sending'",
-    )
-    .bind(s.state.as_str())
-    .bind(finished)
-    .bind(next)
-    .bind(s.failure_class.map(FailureClass::as_str))
-    .bind(&s.last_error)
-    .bind(claim.id)
-    .bind(claim.token)
-    // An attempt with an unknown outcome counts like one a worker abandoned: a copy may exist.
-    .bind(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted))
-    .execute(&mut **tx)
-    .await?;
-    if updated.rows_affected() != 1 {
-        return Ok(false);
+/// Attempts recorded in one statement, at most (15 parameters each).
+const RECORD_CHUNK: usize = 64;
+
+/// `record_attempts`, inside the caller's transaction: a few statements for the whole batch
+/// (the messages, their recipients, the attempts), not four for each attempt. Each attempt is
+/// fenced by its claim token on its own: a stale one changes nothing and is reported false.
+async fn record_in(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+    let mut recorded = Vec::with_capacity(batch.len());
+    for chunk in batch.chunks(RECORD_CHUNK) {
+        recorded.extend(record_chunk(tx, chunk).await?);
     }
-    let pending: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT position, address FROM recipients WHERE message_id = $1 AND state = 'pending' ORDER BY position",
-    )
-    .bind(claim.id)
+    Ok(recorded)
+}
+
+async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+    // The messages' new states, each only while its claim is still the current one.
+    let rows = (0..batch.len())
+        .map(|i| {
+            let p = |k: usize| i * 8 + k;
+            format!(
+                "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
+                  CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    // VALUES columns are column1, column2, ... in both databases.
+    let sql = format!(
+        "UPDATE messages SET state = v.column3, attempts = attempts + 1, updated_at = v.column4,
+                next_attempt_at = COALESCE(v.column5, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
+                failure_class = v.column6, last_error = v.column7, interrupted = interrupted + v.column8
+         FROM (VALUES {rows}) AS v
+         WHERE messages.id = v.column1 AND messages.claim_token = v.column2 AND messages.state = 'sending'
+         RETURNING messages.id, messages.claim_token"
+    );
+    let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(sql));
+    for (claim, meta, s) in batch {
+        let finished = meta.finished_at.timestamp_millis();
+        query = query
+            .bind(claim.id)
+            .bind(claim.token)
+            .bind(s.state.as_str())
+            .bind(finished)
+            .bind(s.retry_after.map(|d| finished + d.as_millis() as i64))
+            .bind(s.failure_class.map(FailureClass::as_str))
+            .bind(&s.last_error)
+            // An attempt with an unknown outcome counts like one a worker abandoned: a copy may exist.
+            .bind(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted));
+    }
+    // (id, token) of each message recorded: a message claimed twice (a lease lost and taken
+    // again) can have a stale attempt in the same batch as the current one.
+    let ours: std::collections::HashSet<(i64, i64)> = query.fetch_all(&mut **tx).await?.into_iter().collect();
+    let is_ours = |claim: &ClaimRef| ours.contains(&(claim.id, claim.token));
+    let recorded: Vec<bool> = batch.iter().map(|(claim, _, _)| is_ours(claim)).collect();
+    if ours.is_empty() {
+        return Ok(recorded);
+    }
+    // Their pending recipients, which the settlements' results follow in order. The ids are
+    // integers read from the database: safe to list in the statement.
+    let ids = ours.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
+    let pending: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT message_id, position, address FROM recipients WHERE message_id IN ({ids}) AND state = 'pending'
+         ORDER BY message_id, position"
+    )))
     .fetch_all(&mut **tx)
     .await?;
-    let mut per_recipient = Vec::with_capacity(pending.len());
-    for ((position, address), r) in pending.iter().zip(&s.recipients) {
-        sqlx::query(
-            "UPDATE recipients SET state = $1, reply = COALESCE($2, reply) WHERE message_id = $3 AND position = $4",
-        )
-        .bind(r.state.as_str())
-        .bind(&r.reply)
-        .bind(claim.id)
-        .bind(position)
-        .execute(&mut **tx)
-        .await?;
-        per_recipient.push(serde_json::json!({
-            "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
-        }));
+    let mut per_message: std::collections::HashMap<i64, Vec<(i64, String)>> = Default::default();
+    for (id, position, address) in pending {
+        per_message.entry(id).or_default().push((position, address));
     }
-    sqlx::query(
+    // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
+    let mut alike: Vec<((&str, Option<&str>), Vec<(i64, i64)>)> = Vec::new();
+    let mut reports = Vec::with_capacity(batch.len());
+    for (claim, _, s) in batch.iter().filter(|(claim, _, _)| is_ours(claim)) {
+        let mut per_recipient = Vec::new();
+        for ((position, address), r) in per_message.get(&claim.id).into_iter().flatten().zip(&s.recipients) {
+            let key = (r.state.as_str(), r.reply.as_deref());
+            match alike.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, rows)) => rows.push((claim.id, *position)),
+                None => alike.push((key, vec![(claim.id, *position)])),
+            }
+            per_recipient.push(serde_json::json!({
+                "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
+            }));
+        }
+        reports.push(serde_json::Value::Array(per_recipient).to_string());
+    }
+    for ((state, reply), rows) in &alike {
+        for part in rows.chunks(500) {
+            // Integers read from the database again.
+            let list = part.iter().map(|(id, position)| format!("({id}, {position})")).collect::<Vec<_>>().join(", ");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE recipients SET state = $1, reply = COALESCE($2, reply)
+                 WHERE (message_id, position) IN (VALUES {list})"
+            )))
+            .bind(*state)
+            .bind(*reply)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    // The attempts, one row each.
+    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).collect();
+    let rows = (0..mine.len())
+        .map(|i| format!("({})", (1..=15).map(|k| format!("${}", i * 15 + k)).collect::<Vec<_>>().join(", ")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
         "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
                                stage, code, enhanced_code, reply, detail, hint, recipients, route)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(claim.id)
-    .bind(meta.started_at.timestamp_millis())
-    .bind(finished)
-    .bind(&meta.service_id)
-    .bind(&meta.relay)
-    .bind(meta.settings_version)
-    .bind(s.outcome.as_str())
-    .bind(s.stage.as_str())
-    .bind(s.reply.as_ref().map(|r| r.code as i64))
-    .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
-    .bind(s.reply.as_ref().map(|r| r.text.clone()))
-    .bind(&s.detail)
-    .bind(&s.hint)
-    .bind(serde_json::Value::Array(per_recipient).to_string())
-    .bind(&meta.route)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
+         VALUES {rows}"
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for ((claim, meta, s), report) in mine.into_iter().zip(reports) {
+        query = query
+            .bind(claim.id)
+            .bind(meta.started_at.timestamp_millis())
+            .bind(meta.finished_at.timestamp_millis())
+            .bind(&meta.service_id)
+            .bind(&meta.relay)
+            .bind(meta.settings_version)
+            .bind(s.outcome.as_str())
+            .bind(s.stage.as_str())
+            .bind(s.reply.as_ref().map(|r| r.code as i64))
+            .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
+            .bind(s.reply.as_ref().map(|r| r.text.clone()))
+            .bind(&s.detail)
+            .bind(&s.hint)
+            .bind(report)
+            .bind(&meta.route);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(recorded)
 }
