@@ -48,21 +48,31 @@ impl SqlStore {
             .iter()
             .filter_map(|job| match job {
                 crate::GroupJob::Message { origin, message, now } => {
-                    Some(NewMessage { origin: *origin, message, now: *now })
+                    Some(NewMessage { origin: *origin, message, now: *now, run: None })
                 }
                 _ => None,
             })
             .collect();
         let mut ids = insert_messages(&mut tx, &messages).await?.into_iter();
+        let events: Vec<super::automation::NewEvent<'_>> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                crate::GroupJob::Event { event_type, object, now, plan } => {
+                    Some(super::automation::NewEvent { event_type, object, now: *now, plan })
+                }
+                _ => None,
+            })
+            .collect();
+        let mut events = super::automation::insert_events(&mut tx, &events).await?.into_iter();
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
             done.push(match job {
                 crate::GroupJob::Message { .. } => {
                     crate::GroupDone::Message(ids.next().expect("one id for each message"))
                 }
-                crate::GroupJob::Event { event_type, object, now, plan } => crate::GroupDone::Event(
-                    super::automation::insert_event(&mut tx, event_type, object, None, *now, plan).await?,
-                ),
+                crate::GroupJob::Event { .. } => {
+                    crate::GroupDone::Event(events.next().expect("one record for each event"))
+                }
                 crate::GroupJob::Record { batch } => crate::GroupDone::Recorded(record_in(&mut tx, batch).await?),
                 crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => crate::GroupDone::Claimed(
                     self.claim_in(&mut tx, owner, *now, *lease_ms, limit(), *bulk_first).await?,
@@ -77,7 +87,7 @@ impl SqlStore {
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
         let mut tx = self.write().await?;
         let messages: Vec<NewMessage<'_>> =
-            items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now }).collect();
+            items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
         let ids = insert_messages(&mut tx, &messages).await?;
         tx.commit().await?;
         Ok(ids)
@@ -497,21 +507,22 @@ pub(super) async fn insert_message(
     Ok(Some(id))
 }
 
-/// A message to insert with others (no idempotency key, no run).
-struct NewMessage<'a> {
-    origin: Origin,
-    message: &'a OutgoingMessage,
-    now: i64,
+/// A message to insert with others (no idempotency key), and the run that sent it.
+pub(super) struct NewMessage<'a> {
+    pub origin: Origin,
+    pub message: &'a OutgoingMessage,
+    pub now: i64,
+    pub run: Option<i64>,
 }
 
-/// Messages in a chunk this size share one INSERT (10 parameters each: far below either
+/// Messages in a chunk this size share one INSERT (9 parameters each: far below either
 /// database's limit on parameters).
 const INSERT_CHUNK: usize = 100;
 
 /// Inserts `messages` and their recipients with one statement per chunk for each table rather
 /// than one per row: in a group commit the statements, not the commit, were most of the time
 /// the write lock was held. Their ids, in their order.
-async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec<i64>> {
+pub(super) async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(messages.len());
     for chunk in messages.chunks(INSERT_CHUNK) {
         // The returned rows are matched to the messages by their Message-ID (128 random bits),
@@ -520,15 +531,15 @@ async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec
         let distinct: std::collections::HashSet<&str> = chunk.iter().map(|m| m.message.message_id.as_str()).collect();
         if distinct.len() < chunk.len() {
             for m in chunk {
-                ids.push(insert_message(tx, m.origin, m.message, m.now, None, None).await?.expect("no key, no conflict"));
+                ids.push(insert_message(tx, m.origin, m.message, m.now, None, m.run).await?.expect("no key, no conflict"));
             }
             continue;
         }
         let rows = (0..chunk.len())
             .map(|i| {
-                let p = |k: usize| format!("${}", i * 8 + k);
+                let p = |k: usize| format!("${}", i * 9 + k);
                 format!(
-                    "({}, 'queued', {}, {}, {}, {}, {}, {t}, {t}, {t}, {t}, {})",
+                    "({}, 'queued', {}, {}, {}, {}, {}, {t}, {t}, {t}, {t}, {}, {})",
                     p(1),
                     p(2),
                     p(3),
@@ -536,6 +547,7 @@ async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec
                     p(5),
                     p(6),
                     p(8),
+                    p(9),
                     t = p(7)
                 )
             })
@@ -543,7 +555,7 @@ async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec
             .join(", ");
         let sql = format!(
             "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                                   created_at, updated_at, next_attempt_at, window_start, priority)
+                                   created_at, updated_at, next_attempt_at, window_start, priority, run_id)
              VALUES {rows} RETURNING id, message_id"
         );
         let mut query = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(sql));
@@ -556,7 +568,8 @@ async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec
                 .bind(&m.message.message_id)
                 .bind(m.message.used_fallback_recipient)
                 .bind(m.now)
-                .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank());
+                .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank())
+                .bind(m.run);
         }
         let returned: std::collections::HashMap<String, i64> =
             query.fetch_all(&mut **tx).await?.into_iter().map(|(id, message_id)| (message_id, id)).collect();
