@@ -99,26 +99,34 @@ async fn a_repeated_event_key_runs_nothing_again(b: &Backend) {
 }
 
 async fn concurrent_events_share_commits_and_each_gets_its_runs(b: &Backend) {
-    let tasks: Vec<_> = (0..20)
+    // 20 events, the last two alike (interchangeable), each with a run and a message of its own.
+    let at = Utc::now();
+    let tasks: Vec<_> = (0..22)
         .map(|i| {
             let s = b.store.clone();
+            let n = i.min(20);
             tokio::spawn(async move {
-                let plan: panel_store::EventPlan = Box::new(move |_| vec![run("welcome", None, &format!("s{i}"))]);
-                s.record_event("user.created", &json!({"id": i}), None, Utc::now(), plan).await
+                let plan: panel_store::EventPlan =
+                    Box::new(move |_| vec![run(&format!("welcome-{n}"), None, &format!("s{i}"))]);
+                s.record_event("user.created", &json!({"id": n}), None, at, plan).await
             })
         })
         .collect();
     let mut events = Vec::new();
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         let record = t.await.unwrap().unwrap();
         assert!(record.created && record.runs.len() == 1);
         let r = b.store.run(record.runs[0]).await.unwrap().unwrap();
         assert_eq!(r.event_id, Some(record.id), "each run belongs to its own event");
+        assert_eq!((r.name.clone(), r.service.clone()), (format!("welcome-{}", i.min(20)), format!("s{i}")));
+        assert_eq!(r.messages.len(), 1, "{r:?}");
+        assert_eq!(r.messages[0].subject, r.name, "the run's own message");
+        assert_eq!(r.steps[0]["message_id"], json!(r.messages[0].id), "its step names it");
         events.push(record.id);
     }
     events.sort();
     events.dedup();
-    assert_eq!(events.len(), 20);
+    assert_eq!(events.len(), 22);
 }
 
 async fn definitions_are_created_updated_and_enabled(b: &Backend) {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Backend, message};
+use crate::common::{Backend, message, settled};
 use chrono::Utc;
 use panel_domain::{Origin, SettingsDoc};
 use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
@@ -274,22 +274,52 @@ async fn urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share(b: &Backe
 
 async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(b: &Backend) {
     let s = &b.store;
-    let tasks: Vec<_> = (0..40)
+    // Two of them share a Message-ID (rows of a group are matched back by it): they go one by
+    // one and are stored all the same.
+    let twin = message("m-twin");
+    let tasks: Vec<_> = (0..42)
         .map(|i| {
             let s = s.clone();
-            tokio::spawn(async move { s.enqueue(Origin::MailTester, message(&format!("m{i}")), Utc::now()).await })
+            let m = if i < 40 { message(&format!("m{i}")) } else { twin.clone() };
+            tokio::spawn(async move { s.enqueue(Origin::MailTester, m, Utc::now()).await })
         })
         .collect();
     let mut ids = Vec::new();
-    for t in tasks {
-        ids.push(t.await.unwrap().unwrap());
+    for (i, t) in tasks.into_iter().enumerate() {
+        let id = t.await.unwrap().unwrap();
+        let m = s.message(id).await.unwrap().expect("stored before the answer");
+        let subject = if i < 40 { format!("m{i}") } else { "m-twin".into() };
+        assert_eq!(m.subject, subject, "each caller gets the id of its own message");
+        ids.push(id);
     }
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 40, "one message each");
+    assert_eq!(ids.len(), 42, "one message each");
+    let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 100, false).await.unwrap();
+    assert_eq!(claims.len(), 42);
+    assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its own recipient");
+}
+
+/// One batch of records with different outcomes: each message and recipient gets its own.
+async fn a_batch_of_records_with_different_outcomes_gives_each_message_its_own(b: &Backend) {
+    let s = &b.store;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(s.enqueue(Origin::MailTester, message(&format!("r{i}")), Utc::now()).await.unwrap());
+    }
+    let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
+    assert_eq!(claims.len(), 6);
+    let batch: Vec<_> = claims.iter().map(|c| (c.reference, meta(), settled(c.reference.id % 2 == 0))).collect();
+    assert_eq!(s.record_attempts(batch).await.unwrap(), [true; 6]);
     for id in ids {
-        let m = s.message(id).await.unwrap().expect("stored before the answer");
-        assert!(m.subject.starts_with('m'));
+        let m = s.message(id).await.unwrap().unwrap();
+        let (state, recipient) = if id % 2 == 0 { ("delivered", "delivered") } else { ("failed", "failed") };
+        assert_eq!((m.id, m.state.as_str()), (id, state));
+        assert_eq!(m.recipients[0].state.as_str(), recipient, "{m:?}");
+        assert_eq!(m.attempts.len(), 1, "one attempt each");
+        if id % 2 == 1 {
+            assert!(m.recipients[0].reply.as_deref().unwrap_or_default().contains("5.1.1"), "{m:?}");
+        }
     }
 }
 
@@ -389,6 +419,7 @@ async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_n
 
 contract!(
     a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing,
+    a_batch_of_records_with_different_outcomes_gives_each_message_its_own,
     each_routes_latest_attempt_is_found_and_every_attempt_names_its_route,
     the_sending_budget_is_shared_and_never_overdrawn,
     concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,

@@ -59,7 +59,10 @@ pub fn message(subject: &str) -> OutgoingMessage {
         Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
     let from = Mailbox::parse("from", "p@example.org").unwrap();
     let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
-    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1).unwrap()
+    // Each its own Message-ID, as in production (the store matches inserted rows by it).
+    static RANDOM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let random = RANDOM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), u128::from(random)).unwrap()
 }
 
 /// The settlement of one attempt at a one-recipient message: delivered, or refused with a 550.
