@@ -216,9 +216,12 @@ impl Panel {
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
+        // Two reads at once: an event's answer waits for both.
+        let (settings, rows) =
+            tokio::try_join!(self.settings(), async { Ok(self.store.workflows_for(event_type).await?) })?;
+        let (_, settings) = settings.ok_or(OpsError::NotConfigured)?;
         let mut workflows = Vec::new();
-        for row in self.store.workflows_for(event_type).await? {
+        for row in rows {
             let def: WorkflowDef = parse_doc(&row)?;
             let templates = self.templates_for(&def.steps).await?;
             workflows.push((def, templates));
