@@ -297,7 +297,10 @@ pub async fn run_worker(
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
 /// is checked once per claim, not once per message.
-async fn claim(shared: &Shared, limit: panel_store::ClaimLimit) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
+async fn claim(
+    shared: &Shared,
+    limit: panel_store::ClaimLimit,
+) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
     let Some(state) = current_relay(shared).await? else {
         return Ok(None); // Not configured yet: messages wait, nothing is lost.
     };

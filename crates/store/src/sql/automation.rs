@@ -375,7 +375,12 @@ pub(super) async fn insert_events(tx: &mut Tx, events: &[NewEvent<'_>]) -> Resul
     let mut messages = Vec::new();
     for ((i, run), &run_id) in runs.iter().zip(&run_ids) {
         for (origin, message) in run.steps.iter().filter_map(|step| step.message.as_ref()) {
-            messages.push(super::queue::NewMessage { origin: *origin, message, now: events[*i].now, run: Some(run_id) });
+            messages.push(super::queue::NewMessage {
+                origin: *origin,
+                message,
+                now: events[*i].now,
+                run: Some(run_id),
+            });
         }
     }
     let mut message_ids = super::queue::insert_messages(tx, &messages).await?.into_iter();
@@ -399,8 +404,7 @@ pub(super) async fn insert_events(tx: &mut Tx, events: &[NewEvent<'_>]) -> Resul
             .map(|i| format!("(CAST(${} AS BIGINT), CAST(${} AS TEXT))", i * 2 + 1, i * 2 + 2))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql =
-            format!("UPDATE runs SET steps = v.column2 FROM (VALUES {rows}) AS v WHERE runs.id = v.column1");
+        let sql = format!("UPDATE runs SET steps = v.column2 FROM (VALUES {rows}) AS v WHERE runs.id = v.column1");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (run_id, outcomes) in chunk {
             query = query.bind(*run_id).bind(outcomes.as_str());
@@ -472,7 +476,9 @@ async fn insert_event_runs(tx: &mut Tx, runs: &[(usize, NewRun)], events: &[NewE
         .map(|(id, event, kind, name)| ((event.unwrap_or_default(), kind, name), id))
         .collect();
     runs.iter()
-        .map(|(_, r)| returned.get(&key(r)).copied().ok_or_else(|| StoreError::Corrupt("an inserted run was not returned".into())))
+        .map(|(_, r)| {
+            returned.get(&key(r)).copied().ok_or_else(|| StoreError::Corrupt("an inserted run was not returned".into()))
+        })
         .collect()
 }
 

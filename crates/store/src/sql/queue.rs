@@ -531,7 +531,9 @@ pub(super) async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) ->
         let distinct: std::collections::HashSet<&str> = chunk.iter().map(|m| m.message.message_id.as_str()).collect();
         if distinct.len() < chunk.len() {
             for m in chunk {
-                ids.push(insert_message(tx, m.origin, m.message, m.now, None, m.run).await?.expect("no key, no conflict"));
+                ids.push(
+                    insert_message(tx, m.origin, m.message, m.now, None, m.run).await?.expect("no key, no conflict"),
+                );
             }
             continue;
         }
@@ -619,6 +621,9 @@ async fn record_in(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -
     Ok(recorded)
 }
 
+/// A recipient's new state and the reply that gave it.
+type Outcome<'a> = (&'a str, Option<&'a str>);
+
 async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
     // The messages' new states, each only while its claim is still the current one.
     let rows = (0..batch.len())
@@ -684,7 +689,7 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
         per_message.entry(id).or_default().push((position, address));
     }
     // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
-    let mut alike: Vec<((&str, Option<&str>), Vec<(i64, i64)>)> = Vec::new();
+    let mut alike: Vec<(Outcome<'_>, Vec<(i64, i64)>)> = Vec::new();
     let mut reports = Vec::with_capacity(batch.len());
     for (claim, _, s) in batch.iter().filter(|(claim, _, _)| is_ours(claim)) {
         let mut per_recipient = Vec::new();

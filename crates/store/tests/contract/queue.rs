@@ -152,7 +152,8 @@ async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: 
     assert_eq!(retaken.len(), 2, "both leases expired");
     let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap().reference;
     let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap().reference;
-    let results = s.record_attempts(vec![(fresh_a, meta(), delivered()), (stale_c, meta(), delivered())]).await.unwrap();
+    let results =
+        s.record_attempts(vec![(fresh_a, meta(), delivered()), (stale_c, meta(), delivered())]).await.unwrap();
     assert_eq!(results, [true, false]);
     assert_eq!(s.message_state(a).await.unwrap().unwrap().as_str(), "delivered");
     assert_eq!(s.message_state(c).await.unwrap().unwrap().as_str(), "sending", "still w2's");
