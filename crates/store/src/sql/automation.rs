@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use std::collections::HashMap;
 
-use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state};
+use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state, values};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
@@ -336,10 +336,7 @@ pub(super) async fn insert_events(tx: &mut Tx, events: &[NewEvent<'_>]) -> Resul
     // interchangeable, so either id may go to either.
     let mut ids = Vec::with_capacity(events.len());
     for chunk in events.chunks(EVENT_CHUNK) {
-        let rows = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, NULL, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = values(chunk.len(), 3, "(?1, ?2, NULL, ?3)");
         let sql = format!(
             "INSERT INTO events (type, object, idempotency_key, received_at) VALUES {rows}
              RETURNING id, type, object, received_at"
@@ -400,10 +397,7 @@ pub(super) async fn insert_events(tx: &mut Tx, events: &[NewEvent<'_>]) -> Resul
         steps.push((run_id, serde_json::to_string(&outcomes).expect("JSON serializes")));
     }
     for chunk in steps.chunks(EVENT_CHUNK) {
-        let rows = (0..chunk.len())
-            .map(|i| format!("(CAST(${} AS BIGINT), CAST(${} AS TEXT))", i * 2 + 1, i * 2 + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = values(chunk.len(), 2, "(CAST(?1 AS BIGINT), CAST(?2 AS TEXT))");
         let sql = format!("UPDATE runs SET steps = v.column2 FROM (VALUES {rows}) AS v WHERE runs.id = v.column1");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (run_id, outcomes) in chunk {
@@ -432,25 +426,7 @@ async fn insert_event_runs(tx: &mut Tx, runs: &[(usize, NewRun)], events: &[NewE
         }
         return Ok(ids);
     }
-    let rows = (0..runs.len())
-        .map(|i| {
-            let p = |k: usize| format!("${}", i * 10 + k);
-            format!(
-                "({}, {}, {}, NULL, {}, {}, {}, {}, {}, {}, {}, '[]')",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8),
-                p(9),
-                p(10)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let rows = values(runs.len(), 10, "(?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '[]')");
     let sql = format!(
         "INSERT INTO runs (kind, name, trigger, fire_key, fire_time, event_id, started_at, missed, status, detail, service, steps)
          VALUES {rows} RETURNING id, event_id, kind, name"

@@ -223,6 +223,20 @@ async fn outside_transaction(conn: &mut sqlx::AnyConnection) -> std::result::Res
     Ok(!conn.is_in_transaction())
 }
 
+/// The rows of a multi-row `VALUES`: `rows` copies of `row`, whose `?1` .. `?width` become
+/// the next free parameters (`$1`, `$2`, ...), numbered on from row to row.
+pub(super) fn values(rows: usize, width: usize, row: &str) -> String {
+    (0..rows)
+        .map(|i| {
+            // The highest first, so that `?1` never eats the start of `?10`.
+            (1..=width)
+                .rev()
+                .fold(row.to_string(), |row, k| row.replace(&format!("?{k}"), &format!("${}", i * width + k)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A pool of `max` connections to the SQLite database at `path`, each set up alike.
 async fn sqlite_pool(path: &str, max: u32) -> Result<AnyPool> {
     let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
@@ -379,4 +393,14 @@ fn known_state(text: &str) -> Result<MessageState> {
 
 fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_number_the_parameters_on_from_row_to_row() {
+        assert_eq!(super::values(2, 2, "(?1, 'x', ?2, ?1)"), "($1, 'x', $2, $1), ($3, 'x', $4, $3)");
+        let wide = super::values(2, 10, "(?1, ?10)");
+        assert_eq!(wide, "($1, $10), ($11, $20)");
+    }
 }

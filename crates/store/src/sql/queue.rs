@@ -537,24 +537,7 @@ pub(super) async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) ->
             }
             continue;
         }
-        let rows = (0..chunk.len())
-            .map(|i| {
-                let p = |k: usize| format!("${}", i * 9 + k);
-                format!(
-                    "({}, 'queued', {}, {}, {}, {}, {}, {t}, {t}, {t}, {t}, {}, {})",
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4),
-                    p(5),
-                    p(6),
-                    p(8),
-                    p(9),
-                    t = p(7)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = values(chunk.len(), 9, "(?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7, ?8, ?9)");
         let sql = format!(
             "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
                                    created_at, updated_at, next_attempt_at, window_start, priority, run_id)
@@ -592,10 +575,7 @@ pub(super) async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) ->
             })
             .collect();
         for part in recipients.chunks(INSERT_CHUNK * 2) {
-            let rows = (0..part.len())
-                .map(|i| format!("(${}, ${}, ${}, ${}, 'pending')", i * 4 + 1, i * 4 + 2, i * 4 + 3, i * 4 + 4))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let rows = values(part.len(), 4, "(?1, ?2, ?3, ?4, 'pending')");
             let sql = format!("INSERT INTO recipients (message_id, position, kind, address, state) VALUES {rows}");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (id, position, kind, address) in part {
@@ -626,24 +606,12 @@ type Outcome<'a> = (&'a str, Option<&'a str>);
 
 async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
     // The messages' new states, each only while its claim is still the current one.
-    let rows = (0..batch.len())
-        .map(|i| {
-            let p = |k: usize| i * 8 + k;
-            format!(
-                "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
-                  CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let rows = values(
+        batch.len(),
+        8,
+        "(CAST(?1 AS BIGINT), CAST(?2 AS BIGINT), CAST(?3 AS TEXT), CAST(?4 AS BIGINT), CAST(?5 AS BIGINT), \
+          CAST(?6 AS TEXT), CAST(?7 AS TEXT), CAST(?8 AS BIGINT))",
+    );
     // VALUES columns are column1, column2, ... in both databases.
     let sql = format!(
         "UPDATE messages SET state = v.column3, attempts = attempts + 1, updated_at = v.column4,
@@ -721,10 +689,7 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
     }
     // The attempts, one row each.
     let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).collect();
-    let rows = (0..mine.len())
-        .map(|i| format!("({})", (1..=15).map(|k| format!("${}", i * 15 + k)).collect::<Vec<_>>().join(", ")))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let rows = values(mine.len(), 15, "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)");
     let sql = format!(
         "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
                                stage, code, enhanced_code, reply, detail, hint, recipients, route)
