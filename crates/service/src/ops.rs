@@ -42,6 +42,10 @@ pub struct Panel {
     pub(crate) setup: Arc<std::sync::Mutex<Option<crate::accounts::SetupLink>>>,
     /// The key that signs VERP tokens, once read (`bounces.rs`).
     pub(crate) bounce_key: Arc<std::sync::OnceLock<ring::hmac::Key>>,
+    /// Inside a Panel Service on PostgreSQL: asks a task of its own to NOTIFY the other
+    /// services, so that an enqueue's answer does not wait for that round trip, and wake-ups
+    /// asked for while one is on its way go out together as the next.
+    notifier: Arc<std::sync::OnceLock<Arc<tokio::sync::Notify>>>,
 }
 
 /// A read of the live services and when it was made.
@@ -67,6 +71,7 @@ impl Panel {
             local_waker: None,
             clock: Arc::new(SystemClock),
             services_seen: Arc::default(),
+            notifier: Arc::default(),
             setup: Arc::default(),
             bounce_key: Arc::default(),
         }
@@ -274,13 +279,32 @@ impl Panel {
         Ok(rows)
     }
 
+    /// The service's notifier task, started at the first wake-up it sends.
+    fn notifier(&self) -> &Arc<tokio::sync::Notify> {
+        self.notifier.get_or_init(|| {
+            let asked = Arc::new(tokio::sync::Notify::new());
+            let (waiting, store) = (asked.clone(), self.store.clone());
+            tokio::spawn(async move {
+                loop {
+                    waiting.notified().await;
+                    notify_services(&store).await;
+                }
+            });
+            asked
+        })
+    }
+
     pub(crate) async fn wake_workers(&self) {
         if let Some(w) = &self.local_waker {
             w.wake();
         }
         if self.store.is_shared() {
-            if let Err(e) = self.store.notify_wake().await {
-                tracing::warn!(error = %e, "could not notify the other services; their poll picks the work up");
+            match self.local_waker {
+                // A service lives on: its notifier sends the NOTIFY (a wake-up is best effort;
+                // the poll is the safety net either way).
+                Some(_) => self.notifier().notify_one(),
+                // A CLI command exits after it returns: it sends the NOTIFY itself.
+                None => notify_services(&self.store).await,
             }
             return;
         }
@@ -290,5 +314,12 @@ impl Panel {
             let ports = services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port);
             wake::poke(ports.filter(|&p| Some(p) != own)).await;
         }
+    }
+}
+
+/// NOTIFYs the services sharing the store; a failure is only logged (their poll picks the work up).
+async fn notify_services(store: &Store) {
+    if let Err(e) = store.notify_wake().await {
+        tracing::warn!(error = %e, "could not notify the other services; their poll picks the work up");
     }
 }
