@@ -84,6 +84,8 @@ panel_api() { # kind sqlite|pg services
   pkill -f "listen 127.0.0.1:$PORT" || true
   [ "$services" -gt 1 ] && pkill -f "$PANEL worker" || true
   wait 2>/dev/null || true
+  # A database made for this run goes with it.
+  if [ "${url#postgres}" != "$url" ]; then psql "$PG" -qc "DROP DATABASE IF EXISTS ${url##*/} WITH (FORCE)"; fi
 }
 
 declare -A R
