@@ -312,7 +312,7 @@ impl Panel {
         let own = self.local_waker.as_ref().and_then(Waker::port);
         if let Ok(services) = self.recent_services().await {
             let ports = services.into_iter().filter(|s| s.info.host == local_host).filter_map(|s| s.info.wake_port);
-            wake::poke(ports.filter(|&p| Some(p) != own)).await;
+            wake::poke(ports.filter(|&p| Some(p) != own));
         }
     }
 }

@@ -67,7 +67,7 @@ pub async fn listen_shared(store: &panel_store::Store, waker: Waker) -> panel_st
 /// Pokes the given loopback ports; best effort. One socket serves every poke of the process
 /// (an enqueue is not worth a socket of its own); a plain one, since a datagram to loopback
 /// does not block and the socket outlives any one runtime.
-pub async fn poke(ports: impl IntoIterator<Item = u16>) {
+pub fn poke(ports: impl IntoIterator<Item = u16>) {
     static SOCKET: std::sync::OnceLock<Option<std::net::UdpSocket>> = std::sync::OnceLock::new();
     let mut ports = ports.into_iter().peekable();
     if ports.peek().is_none() {

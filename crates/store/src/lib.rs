@@ -195,7 +195,7 @@ impl Pending {
             }
             (Pending::Record { batch, reply }, _) => drop(reply.send(backend.record_attempts(&batch).await)),
             (Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }, _) => {
-                drop(reply.send(backend.claim(&owner, now, lease_ms, &*limit, bulk_first).await))
+                drop(reply.send(backend.claim(&owner, now, lease_ms, limit(), bulk_first).await))
             }
         }
     }

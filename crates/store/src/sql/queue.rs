@@ -98,11 +98,11 @@ impl SqlStore {
         owner: &str,
         now: i64,
         lease_ms: i64,
-        limit: &(dyn Fn() -> u32 + Send + Sync),
+        limit: u32,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
-        let claims = self.claim_in(&mut tx, owner, now, lease_ms, limit(), bulk_first).await?;
+        let claims = self.claim_in(&mut tx, owner, now, lease_ms, limit, bulk_first).await?;
         tx.commit().await?;
         Ok(claims)
     }
