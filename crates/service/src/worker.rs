@@ -226,7 +226,7 @@ pub async fn run_worker(
         outside: Mutex::new(OutsideFiles::default()),
     });
     let mut tasks = JoinSet::new();
-    let mut looked = Instant::now() - LOOK_AROUND;
+    let mut looked: Option<Instant> = None;
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
@@ -241,19 +241,21 @@ pub async fn run_worker(
         }
         let probing = matches!(gate, Gate::Probe);
         // While probing, one message at a time finds out whether a route is back.
-        // Counted again when the claim's transaction begins: slots that free while it waits
-        // for its turn are filled by the same commit.
-        let free: panel_store::ClaimLimit = match probing {
-            true => {
-                let one = u32::from(tasks.is_empty());
-                Arc::new(move || one)
-            }
-            false => {
-                let slots = slots.clone();
-                Arc::new(move || slots.available_permits() as u32)
-            }
+        let free = if probing { u32::from(tasks.is_empty()) } else { slots.available_permits() as u32 };
+        let claimed = if free == 0 {
+            Ok(None)
+        } else {
+            // Counted again when the claim's transaction begins: slots that free while it
+            // waits for its turn are filled by the same commit.
+            let limit: panel_store::ClaimLimit = match probing {
+                true => Arc::new(move || free),
+                false => {
+                    let slots = slots.clone();
+                    Arc::new(move || slots.available_permits() as u32)
+                }
+            };
+            claim(&shared, limit).await
         };
-        let claimed = if free() == 0 { Ok(None) } else { claim(&shared, free).await };
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
@@ -279,8 +281,8 @@ pub async fn run_worker(
         prune_idle(&shared);
         // A busy worker passes here after every message: the files and the check requests
         // (a query) are looked at a few times a second, not each time.
-        if looked.elapsed() >= LOOK_AROUND {
-            looked = Instant::now();
+        if looked.is_none_or(|at| at.elapsed() >= LOOK_AROUND) {
+            looked = Some(Instant::now());
             notice_outside_fixes(&shared).await;
             answer_checks(&shared).await;
         }
