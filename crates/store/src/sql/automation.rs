@@ -4,9 +4,7 @@
 
 use sqlx::any::AnyRow;
 
-use std::collections::HashMap;
-
-use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state, values};
+use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
 use panel_domain::run::{RunKind, RunStatus, Trigger};
@@ -325,137 +323,98 @@ pub(super) struct NewEvent<'a> {
     pub plan: &'a crate::EventPlan,
 }
 
-/// Events in a chunk this size share one INSERT, and so do runs.
-const EVENT_CHUNK: usize = 100;
-
-/// `insert_event` for many events at once (a group commit's): a few statements for all of them,
-/// their runs and their messages, not five or more for each. Their records, in their order.
-pub(super) async fn insert_events(tx: &mut Tx, events: &[NewEvent<'_>]) -> Result<Vec<EventRecord>> {
-    // The events. Rows come back matched by what they hold, not by the order RETURNING gives
-    // (neither database promises one): two events alike in type, object and time are
-    // interchangeable, so either id may go to either.
-    let mut ids = Vec::with_capacity(events.len());
-    for chunk in events.chunks(EVENT_CHUNK) {
-        let rows = values(chunk.len(), 3, "(?1, ?2, NULL, ?3)");
-        let sql = format!(
-            "INSERT INTO events (type, object, idempotency_key, received_at) VALUES {rows}
-             RETURNING id, type, object, received_at"
-        );
-        let objects: Vec<String> =
-            chunk.iter().map(|e| serde_json::to_string(e.object).expect("JSON serializes")).collect();
-        let mut query = sqlx::query_as::<_, (i64, String, String, i64)>(sqlx::AssertSqlSafe(sql));
-        for (e, object) in chunk.iter().zip(&objects) {
-            query = query.bind(e.event_type).bind(object.as_str()).bind(e.now);
-        }
-        let mut returned: HashMap<(String, String, i64), Vec<i64>> = HashMap::new();
-        for (id, kind, object, at) in query.fetch_all(&mut **tx).await? {
-            returned.entry((kind, object, at)).or_default().push(id);
-        }
-        for (e, object) in chunk.iter().zip(objects) {
-            let id = returned.get_mut(&(e.event_type.to_string(), object, e.now)).and_then(Vec::pop);
-            ids.push(id.ok_or_else(|| StoreError::Corrupt("an inserted event was not returned".into()))?);
-        }
+/// `insert_event` for many events at once (a group commit's), with the ids taken for them:
+/// each event's plan makes its runs given its id, and the events, the runs (their steps
+/// naming their messages' ids) and the messages are added to `inserts`, which the caller sends
+/// together. Their records, in their order.
+pub(super) async fn add_events(
+    tx: &mut Tx,
+    ids: &mut super::batch::Ids,
+    inserts: &mut super::batch::Inserts,
+    events: &[NewEvent<'_>],
+    event_ids: &[i64],
+) -> Result<Vec<EventRecord>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
     }
-    // Their runs, as each event's plan makes them given its id.
-    let mut runs: Vec<(usize, NewRun)> = Vec::new();
-    for (i, (e, &event_id)) in events.iter().zip(&ids).enumerate() {
-        for mut run in (e.plan)(event_id) {
-            run.event_id = Some(event_id);
-            runs.push((i, run));
-        }
-    }
-    let mut run_ids = Vec::with_capacity(runs.len());
-    for chunk in runs.chunks(EVENT_CHUNK) {
-        run_ids.extend(insert_event_runs(tx, chunk, events).await?);
-    }
-    // The runs' messages, then each run's steps with their message ids.
-    let mut messages = Vec::new();
-    for ((i, run), &run_id) in runs.iter().zip(&run_ids) {
-        for (origin, message) in run.steps.iter().filter_map(|step| step.message.as_ref()) {
-            messages.push(super::queue::NewMessage {
-                origin: *origin,
-                message,
-                now: events[*i].now,
-                run: Some(run_id),
-            });
-        }
-    }
-    let mut message_ids = super::queue::insert_messages(tx, &messages).await?.into_iter();
-    let mut steps = Vec::with_capacity(runs.len());
-    for ((_, run), &run_id) in runs.iter().zip(&run_ids) {
+    let runs: Vec<(usize, NewRun)> = events
+        .iter()
+        .zip(event_ids)
+        .enumerate()
+        .flat_map(|(i, (e, &event_id))| {
+            (e.plan)(event_id).into_iter().map(move |mut run| {
+                run.event_id = Some(event_id);
+                (i, run)
+            })
+        })
+        .collect();
+    let count = runs.iter().map(|(_, run)| run.steps.iter().filter(|s| s.message.is_some()).count()).sum();
+    let taken = ids.take(tx, &[("runs", runs.len()), ("messages", count)]).await?;
+    let (run_ids, message_ids) = (&taken[0], &taken[1]);
+    // Each run's steps name their messages' ids, known before either is written.
+    let mut messages = Vec::with_capacity(count);
+    let mut next_message = message_ids.iter().copied();
+    let mut rows = Vec::with_capacity(runs.len());
+    for ((i, run), &run_id) in runs.iter().zip(run_ids) {
         let outcomes: Vec<serde_json::Value> = run
             .steps
             .iter()
             .map(|step| {
                 let mut outcome = step.outcome.clone();
-                if step.message.is_some() {
-                    outcome["message_id"] = message_ids.next().expect("one id for each message").into();
+                if let Some((origin, message)) = &step.message {
+                    outcome["message_id"] = next_message.next().expect("an id for each message").into();
+                    messages.push(super::queue::NewMessage {
+                        origin: *origin,
+                        message,
+                        now: events[*i].now,
+                        run: Some(run_id),
+                    });
                 }
                 outcome
             })
             .collect();
-        steps.push((run_id, serde_json::to_string(&outcomes).expect("JSON serializes")));
+        rows.push((run_id, run, events[*i].now, serde_json::to_string(&outcomes).expect("JSON serializes")));
     }
-    for chunk in steps.chunks(EVENT_CHUNK) {
-        let rows = values(chunk.len(), 2, "(CAST(?1 AS BIGINT), CAST(?2 AS TEXT))");
-        let sql = format!("UPDATE runs SET steps = v.column2 FROM (VALUES {rows}) AS v WHERE runs.id = v.column1");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (run_id, outcomes) in chunk {
-            query = query.bind(*run_id).bind(outcomes.as_str());
-        }
-        query.execute(&mut **tx).await?;
-    }
+    let event_rows: Vec<(i64, &NewEvent<'_>)> = event_ids.iter().copied().zip(events).collect();
+    inserts.rows(
+        "events (id, type, object, idempotency_key, received_at)",
+        "(?1, ?2, ?3, NULL, ?4)",
+        4,
+        &event_rows,
+        |row, (id, e)| {
+            row.bind(*id)
+                .bind(e.event_type)
+                .bind(serde_json::to_string(e.object).expect("JSON serializes"))
+                .bind(e.now);
+        },
+    );
+    inserts.rows(
+        "runs (id, kind, name, trigger, fire_key, fire_time, event_id, started_at, missed, status, detail, service, steps)",
+        "(?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        12,
+        &rows,
+        |row, (id, run, now, steps)| {
+            row.bind(*id)
+                .bind(run.kind.as_str())
+                .bind(run.name.as_str())
+                .bind(run.trigger.as_str())
+                .bind(run.fire_time.map(ms))
+                .bind(run.event_id)
+                .bind(*now)
+                .bind(run.missed as i64)
+                .bind(run.status.as_str())
+                .bind(run.detail.as_deref())
+                .bind(run.service.as_str())
+                .bind(steps.as_str());
+        },
+    );
+    super::queue::add_messages(inserts, &messages, message_ids);
     let mut records: Vec<EventRecord> =
-        ids.iter().map(|&id| EventRecord { id, created: true, runs: Vec::new() }).collect();
-    for ((i, _), run_id) in runs.iter().zip(run_ids) {
+        event_ids.iter().map(|&id| EventRecord { id, created: true, runs: Vec::new() }).collect();
+    for ((i, _), &run_id) in runs.iter().zip(run_ids) {
         records[*i].runs.push(run_id);
     }
     Ok(records)
-}
-
-/// Inserts event runs (no fire keys) with one statement; their ids in their order, matched back
-/// by (event, kind, name), which an event's plan never repeats; runs alike in those go one
-/// by one.
-async fn insert_event_runs(tx: &mut Tx, runs: &[(usize, NewRun)], events: &[NewEvent<'_>]) -> Result<Vec<i64>> {
-    let key = |r: &NewRun| (r.event_id.unwrap_or_default(), r.kind.as_str().to_string(), r.name.clone());
-    let distinct: std::collections::HashSet<_> = runs.iter().map(|(_, r)| key(r)).collect();
-    if distinct.len() < runs.len() {
-        let mut ids = Vec::with_capacity(runs.len());
-        for (i, run) in runs {
-            ids.push(insert_run(tx, run, events[*i].now).await?.expect("event runs have no fire key"));
-        }
-        return Ok(ids);
-    }
-    let rows = values(runs.len(), 10, "(?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '[]')");
-    let sql = format!(
-        "INSERT INTO runs (kind, name, trigger, fire_key, fire_time, event_id, started_at, missed, status, detail, service, steps)
-         VALUES {rows} RETURNING id, event_id, kind, name"
-    );
-    let mut query = sqlx::query_as::<_, (i64, Option<i64>, String, String)>(sqlx::AssertSqlSafe(sql));
-    for (i, run) in runs {
-        query = query
-            .bind(run.kind.as_str())
-            .bind(&run.name)
-            .bind(run.trigger.as_str())
-            .bind(run.fire_time.map(ms))
-            .bind(run.event_id)
-            .bind(events[*i].now)
-            .bind(run.missed as i64)
-            .bind(run.status.as_str())
-            .bind(&run.detail)
-            .bind(&run.service);
-    }
-    let returned: HashMap<(i64, String, String), i64> = query
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .map(|(id, event, kind, name)| ((event.unwrap_or_default(), kind, name), id))
-        .collect();
-    runs.iter()
-        .map(|(_, r)| {
-            returned.get(&key(r)).copied().ok_or_else(|| StoreError::Corrupt("an inserted run was not returned".into()))
-        })
-        .collect()
 }
 
 /// Writes the run, its steps' messages, and the outcomes with their message ids; `None` (nothing

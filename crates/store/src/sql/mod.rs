@@ -58,6 +58,7 @@ mod retention;
 pub use accounts::TOKEN_ID_CHARS;
 pub use retention::RetainedTable;
 mod automation;
+mod batch;
 mod log;
 mod queue;
 mod registry;
@@ -178,6 +179,7 @@ pub struct SqlStore {
 /// A write transaction; on SQLite it holds the process's write turn until it ends.
 pub(crate) struct Tx {
     inner: sqlx::Transaction<'static, sqlx::Any>,
+    pub(crate) dialect: Dialect,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -226,12 +228,17 @@ async fn outside_transaction(conn: &mut sqlx::AnyConnection) -> std::result::Res
 /// The rows of a multi-row `VALUES`: `rows` copies of `row`, whose `?1` .. `?width` become
 /// the next free parameters (`$1`, `$2`, ...), numbered on from row to row.
 pub(super) fn values(rows: usize, width: usize, row: &str) -> String {
+    values_from(0, rows, width, row)
+}
+
+/// `values` for a statement whose parameters start after the first `taken`.
+pub(super) fn values_from(taken: usize, rows: usize, width: usize, row: &str) -> String {
     (0..rows)
         .map(|i| {
             // The highest first, so that `?1` never eats the start of `?10`.
             (1..=width)
                 .rev()
-                .fold(row.to_string(), |row, k| row.replace(&format!("?{k}"), &format!("${}", i * width + k)))
+                .fold(row.to_string(), |row, k| row.replace(&format!("?{k}"), &format!("${}", taken + i * width + k)))
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -291,9 +298,9 @@ impl SqlStore {
             Dialect::Sqlite => {
                 // The turn first, then a connection: a writer waiting its turn holds none.
                 let turn = self.turn.clone().lock_owned().await;
-                Tx { inner: self.writer.begin_with("BEGIN IMMEDIATE").await?, _turn: Some(turn) }
+                Tx { inner: self.writer.begin_with("BEGIN IMMEDIATE").await?, dialect: self.dialect, _turn: Some(turn) }
             }
-            Dialect::Postgres => Tx { inner: self.writer.begin().await?, _turn: None },
+            Dialect::Postgres => Tx { inner: self.writer.begin().await?, dialect: self.dialect, _turn: None },
         })
     }
 
@@ -402,5 +409,7 @@ mod tests {
         assert_eq!(super::values(2, 2, "(?1, 'x', ?2, ?1)"), "($1, 'x', $2, $1), ($3, 'x', $4, $3)");
         let wide = super::values(2, 10, "(?1, ?10)");
         assert_eq!(wide, "($1, $10), ($11, $20)");
+        // A statement sent after others in one round trip numbers on after theirs.
+        assert_eq!(super::values_from(7, 2, 2, "(?1, ?2)"), "($8, $9), ($10, $11)");
     }
 }

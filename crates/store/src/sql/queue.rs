@@ -43,7 +43,6 @@ impl SqlStore {
     /// commit), each at its own time; the outcomes in their order.
     pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
         let mut tx = self.write().await?;
-        // The messages in a few statements together, then the events one by one.
         let messages: Vec<NewMessage<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -53,7 +52,6 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
-        let mut ids = insert_messages(&mut tx, &messages).await?.into_iter();
         let events: Vec<super::automation::NewEvent<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -63,15 +61,24 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
-        let mut events = super::automation::insert_events(&mut tx, &events).await?.into_iter();
+        // The messages' and the events' rows go to the database together, after the events'
+        // plans (which need the events' ids) made their runs.
+        let mut ids = super::batch::Ids::default();
+        let mut inserts = super::batch::Inserts::default();
+        let taken = ids.take(&mut tx, &[("messages", messages.len()), ("events", events.len())]).await?;
+        let (message_ids, event_ids) = (&taken[0], &taken[1]);
+        add_messages(&mut inserts, &messages, message_ids);
+        let records = super::automation::add_events(&mut tx, &mut ids, &mut inserts, &events, event_ids).await?;
+        inserts.execute(&mut tx).await?;
+        let (mut message_ids, mut records) = (message_ids.iter().copied(), records.into_iter());
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
             done.push(match job {
                 crate::GroupJob::Message { .. } => {
-                    crate::GroupDone::Message(ids.next().expect("one id for each message"))
+                    crate::GroupDone::Message(message_ids.next().expect("one id for each message"))
                 }
                 crate::GroupJob::Event { .. } => {
-                    crate::GroupDone::Event(events.next().expect("one record for each event"))
+                    crate::GroupDone::Event(records.next().expect("one record for each event"))
                 }
                 crate::GroupJob::Record { batch } => crate::GroupDone::Recorded(record_in(&mut tx, batch).await?),
                 crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => crate::GroupDone::Claimed(
@@ -88,7 +95,10 @@ impl SqlStore {
         let mut tx = self.write().await?;
         let messages: Vec<NewMessage<'_>> =
             items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
-        let ids = insert_messages(&mut tx, &messages).await?;
+        let ids = super::batch::Ids::default().take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
+        let mut inserts = super::batch::Inserts::default();
+        add_messages(&mut inserts, &messages, &ids);
+        inserts.execute(&mut tx).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -515,76 +525,49 @@ pub(super) struct NewMessage<'a> {
     pub run: Option<i64>,
 }
 
-/// Messages in a chunk this size share one INSERT (9 parameters each: far below either
-/// database's limit on parameters).
-const INSERT_CHUNK: usize = 100;
-
-/// Inserts `messages` and their recipients with one statement per chunk for each table rather
-/// than one per row: in a group commit the statements, not the commit, were most of the time
-/// the write lock was held. Their ids, in their order.
-pub(super) async fn insert_messages(tx: &mut Tx, messages: &[NewMessage<'_>]) -> Result<Vec<i64>> {
-    let mut ids = Vec::with_capacity(messages.len());
-    for chunk in messages.chunks(INSERT_CHUNK) {
-        // The returned rows are matched to the messages by their Message-ID (128 random bits),
-        // not by their order, which neither database promises. Two alike (only a test's fixed
-        // randomness could make them) go one by one.
-        let distinct: std::collections::HashSet<&str> = chunk.iter().map(|m| m.message.message_id.as_str()).collect();
-        if distinct.len() < chunk.len() {
-            for m in chunk {
-                ids.push(
-                    insert_message(tx, m.origin, m.message, m.now, None, m.run).await?.expect("no key, no conflict"),
-                );
-            }
-            continue;
-        }
-        let rows = values(chunk.len(), 9, "(?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7, ?8, ?9)");
-        let sql = format!(
-            "INSERT INTO messages (origin, state, content, from_addr, subject, message_id, used_fallback,
-                                   created_at, updated_at, next_attempt_at, window_start, priority, run_id)
-             VALUES {rows} RETURNING id, message_id"
-        );
-        let mut query = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(sql));
-        for m in chunk {
-            query = query
+/// Adds `messages`, with the ids taken for them, and their recipients to `inserts`: a few
+/// statements for them all, sent with whatever else the transaction inserts.
+pub(super) fn add_messages(inserts: &mut super::batch::Inserts, messages: &[NewMessage<'_>], ids: &[i64]) {
+    debug_assert_eq!(messages.len(), ids.len());
+    let rows: Vec<(i64, &NewMessage<'_>)> = ids.iter().copied().zip(messages).collect();
+    inserts.rows(
+        "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
+                   created_at, updated_at, next_attempt_at, window_start, priority, run_id)",
+        "(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10)",
+        10,
+        &rows,
+        |row, (id, m)| {
+            row.bind(*id)
                 .bind(m.origin.as_str())
                 .bind(serde_json::to_string(m.message).expect("message serializes"))
                 .bind(m.message.from.to_string())
-                .bind(&m.message.subject)
-                .bind(&m.message.message_id)
+                .bind(m.message.subject.as_str())
+                .bind(m.message.message_id.as_str())
                 .bind(m.message.used_fallback_recipient)
                 .bind(m.now)
                 .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank())
                 .bind(m.run);
-        }
-        let returned: std::collections::HashMap<String, i64> =
-            query.fetch_all(&mut **tx).await?.into_iter().map(|(id, message_id)| (message_id, id)).collect();
-        let first = ids.len();
-        for m in chunk {
-            let id = returned.get(&m.message.message_id).copied();
-            ids.push(id.ok_or_else(|| crate::StoreError::Corrupt("an inserted message was not returned".into()))?);
-        }
-        let recipients: Vec<(i64, i64, &str, &str)> = chunk
-            .iter()
-            .zip(&ids[first..])
-            .flat_map(|(m, &id)| {
-                m.message
-                    .recipients()
-                    .into_iter()
-                    .enumerate()
-                    .map(move |(position, (kind, address))| (id, position as i64, kind.as_str(), address.as_str()))
-            })
-            .collect();
-        for part in recipients.chunks(INSERT_CHUNK * 2) {
-            let rows = values(part.len(), 4, "(?1, ?2, ?3, ?4, 'pending')");
-            let sql = format!("INSERT INTO recipients (message_id, position, kind, address, state) VALUES {rows}");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, position, kind, address) in part {
-                query = query.bind(*id).bind(*position).bind(*kind).bind(*address);
-            }
-            query.execute(&mut **tx).await?;
-        }
-    }
-    Ok(ids)
+        },
+    );
+    let recipients: Vec<(i64, i64, &str, &str)> = rows
+        .iter()
+        .flat_map(|&(id, m)| {
+            m.message
+                .recipients()
+                .into_iter()
+                .enumerate()
+                .map(move |(position, (kind, address))| (id, position as i64, kind.as_str(), address.as_str()))
+        })
+        .collect();
+    inserts.rows(
+        "recipients (message_id, position, kind, address, state)",
+        "(?1, ?2, ?3, ?4, 'pending')",
+        4,
+        &recipients,
+        |row, &(id, position, kind, address)| {
+            row.bind(id).bind(position).bind(kind).bind(address);
+        },
+    );
 }
 
 /// Attempts recorded in one statement, at most (15 parameters each).

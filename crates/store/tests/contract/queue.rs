@@ -171,6 +171,28 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
     assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
 }
 
+/// A group's ids are chosen before its rows are written: they follow every id the table ever
+/// held, also a deleted one, whether the rows before came one by one or in a batch, and a row
+/// inserted one by one afterwards follows them.
+async fn ids_chosen_ahead_never_reuse_an_id_and_interleave_with_single_inserts(b: &Backend) {
+    let s = &b.store;
+    let now = Utc::now();
+    let first = s.enqueue_once(Origin::MailTester, &message("first"), now, "k1").await.unwrap().0;
+    let claims = s.claim("w", now, Duration::from_secs(60), 10, false).await.unwrap();
+    assert!(s.record_attempts(vec![(claims[0].reference, meta(), delivered())]).await.unwrap()[0]);
+    assert_eq!(s.delete_finished(now + chrono::Duration::days(1), 10).await.unwrap(), 1, "the highest id is gone");
+    let batch =
+        s.enqueue_many(&[(Origin::Dispatch, message("b1")), (Origin::Dispatch, message("b2"))], now).await.unwrap();
+    assert!(batch[0] > first, "{batch:?} after the deleted {first}");
+    let single = s.enqueue_once(Origin::MailTester, &message("single"), now, "k2").await.unwrap().0;
+    let grouped = s.enqueue(Origin::MailTester, message("grouped"), now).await.unwrap();
+    assert!(batch[1] < single && single < grouped, "{batch:?} {single} {grouped}");
+    for (id, subject) in [(batch[0], "b1"), (batch[1], "b2"), (single, "single"), (grouped, "grouped")] {
+        let m = s.message(id).await.unwrap().unwrap();
+        assert_eq!((m.subject.as_str(), m.recipients.len()), (subject, 1), "{m:?}");
+    }
+}
+
 /// A row the store cannot read is an error that names the table and the column, never a panic
 /// (in the worker a panic would stop delivery); the other messages stay readable.
 async fn a_corrupt_row_is_an_error_naming_its_table_and_column(b: &Backend) {
@@ -275,8 +297,8 @@ async fn urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share(b: &Backe
 
 async fn concurrent_single_enqueues_share_commits_and_each_gets_its_own_message(b: &Backend) {
     let s = &b.store;
-    // Two of them share a Message-ID (rows of a group are matched back by it): they go one by
-    // one and are stored all the same.
+    // Two of them share a Message-ID (once the key rows of a group were matched back by): each
+    // caller still gets its own row.
     let twin = message("m-twin");
     let tasks: Vec<_> = (0..42)
         .map(|i| {
@@ -429,6 +451,7 @@ contract!(
     a_cancelled_message_is_final_never_claimed_and_its_cancel_audited,
     a_corrupt_row_is_an_error_naming_its_table_and_column,
     a_bulk_enqueue_stores_every_message_in_one_transaction,
+    ids_chosen_ahead_never_reuse_an_id_and_interleave_with_single_inserts,
     a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped,
     an_idempotency_key_enqueued_concurrently_creates_one_step,
     concurrent_claimers_never_take_the_same_step,

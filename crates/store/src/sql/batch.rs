@@ -1,0 +1,184 @@
+//! Rows that point at each other (a recipient at its message, a message at its run, a run's
+//! steps at its messages) written with their ids chosen first: nothing is read back and matched
+//! to its caller, and a group's inserts travel to the database together, one round trip for
+//! several tables (SQLite runs the statements of one string in turn; PostgreSQL runs them as
+//! the data-modifying `WITH` parts of one statement). In a group commit the round trips, each a
+//! hand-off to the database and back, not the rows, were most of the time the write lock was
+//! held.
+
+use std::collections::HashMap;
+
+use sqlx::Arguments;
+use sqlx::any::AnyArguments;
+
+use super::{Dialect, Tx, values_from};
+use crate::{Result, StoreError};
+
+/// The tables whose ids are chosen here, each with an `id` key from a sequence.
+pub(super) const ID_TABLES: [&str; 3] = ["messages", "events", "runs"];
+
+/// Ids for the rows a write transaction is about to insert.
+#[derive(Default)]
+pub(super) struct Ids {
+    /// SQLite: each table's next id. The transaction holds the database's write lock from
+    /// `BEGIN IMMEDIATE` to its end, so nobody else inserts meanwhile: the ids are read once and
+    /// counted on here, and inserting them moves `sqlite_sequence` on as a default id would.
+    next: Option<HashMap<&'static str, i64>>,
+}
+
+impl Ids {
+    /// `n` new ids of each table asked for, in the order asked.
+    pub(super) async fn take(&mut self, tx: &mut Tx, wanted: &[(&'static str, usize)]) -> Result<Vec<Vec<i64>>> {
+        debug_assert!(wanted.iter().all(|(table, _)| ID_TABLES.contains(table)));
+        match tx.dialect {
+            Dialect::Sqlite => {
+                if self.next.is_none() {
+                    // AUTOINCREMENT never reuses an id: past the highest the sequence has seen
+                    // and the highest the table holds.
+                    let sql = ID_TABLES
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "SELECT '{t}', MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
+                                 COALESCE((SELECT MAX(id) FROM {t}), 0)) + 1"
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" UNION ALL ");
+                    let rows: Vec<(String, i64)> =
+                        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?;
+                    let next = ID_TABLES
+                        .iter()
+                        .map(|&t| {
+                            let row = rows.iter().find(|(name, _)| name == t);
+                            row.map(|&(_, next)| (t, next))
+                                .ok_or_else(|| StoreError::Corrupt(format!("no next id of table {t}")))
+                        })
+                        .collect::<Result<_>>()?;
+                    self.next = Some(next);
+                }
+                let next = self.next.as_mut().expect("read above");
+                Ok(wanted
+                    .iter()
+                    .map(|&(table, n)| {
+                        let first = next[table];
+                        next.insert(table, first + n as i64);
+                        (first..first + n as i64).collect()
+                    })
+                    .collect())
+            }
+            Dialect::Postgres => {
+                // The sequences hand out each id once, whatever other services take meanwhile.
+                let mut out = vec![Vec::new(); wanted.len()];
+                let parts: Vec<String> = wanted
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (table, _))| {
+                        format!(
+                            "SELECT CAST({i} AS BIGINT), nextval(pg_get_serial_sequence('{table}', 'id')) \
+                             FROM generate_series(1, CAST(${} AS BIGINT))",
+                            i + 1
+                        )
+                    })
+                    .collect();
+                if wanted.iter().all(|&(_, n)| n == 0) {
+                    return Ok(out);
+                }
+                let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(parts.join(" UNION ALL ")));
+                for &(_, n) in wanted {
+                    query = query.bind(n as i64);
+                }
+                for (i, id) in query.fetch_all(&mut **tx).await? {
+                    out[i as usize].push(id);
+                }
+                if out.iter().zip(wanted).any(|(ids, &(_, n))| ids.len() != n) {
+                    return Err(StoreError::Corrupt("a sequence gave fewer ids than asked for".into()));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Most parameters one round trip carries: below SQLite's 32,766 in a statement and
+/// PostgreSQL's 65,535.
+const MOST_PARAMETERS: usize = 30_000;
+
+/// Statements sent together, in the order added (a row's parents before it); past
+/// `MOST_PARAMETERS` they go in more round trips, still in that order.
+#[derive(Default)]
+pub(super) struct Inserts {
+    trips: Vec<Trip>,
+    /// A value the driver could not encode (none of the types bound here can fail).
+    error: Option<sqlx::error::BoxDynError>,
+}
+
+#[derive(Default)]
+struct Trip {
+    statements: Vec<String>,
+    args: AnyArguments,
+}
+
+/// The values of one row, bound in the order of its `?1` .. `?width`.
+pub(super) struct Row<'a> {
+    args: &'a mut AnyArguments,
+    error: &'a mut Option<sqlx::error::BoxDynError>,
+}
+
+impl Row<'_> {
+    pub(super) fn bind<'q, T: sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any>>(&mut self, value: T) -> &mut Self {
+        if let Err(e) = self.args.add(value) {
+            self.error.get_or_insert(e);
+        }
+        self
+    }
+}
+
+impl Inserts {
+    /// `INSERT INTO {into} VALUES` with a row for each item: `row` names its values `?1` ..
+    /// `?width` (as `values` does) and `bind` binds an item's, in that order.
+    pub(super) fn rows<T>(
+        &mut self,
+        into: &str,
+        row: &str,
+        width: usize,
+        items: &[T],
+        mut bind: impl FnMut(&mut Row<'_>, &T),
+    ) {
+        for chunk in items.chunks(MOST_PARAMETERS / width) {
+            let fits = self.trips.last().is_some_and(|t| t.args.len() + chunk.len() * width <= MOST_PARAMETERS);
+            if !fits {
+                self.trips.push(Trip::default());
+            }
+            let trip = self.trips.last_mut().expect("pushed above");
+            let rows = values_from(trip.args.len(), chunk.len(), width, row);
+            trip.statements.push(format!("INSERT INTO {into} VALUES {rows}"));
+            for item in chunk {
+                bind(&mut Row { args: &mut trip.args, error: &mut self.error }, item);
+            }
+        }
+    }
+
+    /// Runs the statements, in as few round trips as their parameters allow.
+    pub(super) async fn execute(self, tx: &mut Tx) -> Result<()> {
+        if let Some(e) = self.error {
+            return Err(sqlx::Error::Encode(e).into());
+        }
+        for trip in self.trips {
+            let sql = match tx.dialect {
+                Dialect::Sqlite => trip.statements.join(";\n"),
+                Dialect::Postgres => {
+                    // Every part sees the database as the statement began, and a foreign key
+                    // is checked once the whole statement has run: a recipient may point at a
+                    // message a part before it inserts.
+                    let (last, parts) = trip.statements.split_last().expect("a trip has a statement");
+                    let parts: Vec<String> =
+                        parts.iter().enumerate().map(|(i, s)| format!("part{i} AS ({s})")).collect();
+                    if parts.is_empty() { last.clone() } else { format!("WITH {} {last}", parts.join(", ")) }
+                }
+            };
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), trip.args).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
