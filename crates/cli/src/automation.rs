@@ -401,10 +401,7 @@ pub async fn event(panel: Panel, cmd: EventCommand) -> CmdResult {
     let EventCommand::Post { event_type, data, idempotency_key, json } = cmd;
     let object: Value = read_json(&data)?;
     let record = panel.post_event(&event_type, &object, idempotency_key.as_deref(), &actor()).await?;
-    let mut runs = Vec::new();
-    for id in &record.runs {
-        runs.push(panel.run(*id).await?);
-    }
+    let runs = record.runs;
     if json {
         print_json(&serde_json::json!({ "event_id": record.id, "created": record.created, "runs": runs }));
     } else if !record.created {

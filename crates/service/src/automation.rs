@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use panel_automation::{DispatchDef, Rendered, ScheduleDef, Sender, Step, Template, WorkflowDef, event_context};
@@ -46,9 +45,30 @@ fn saved(kind: DefinitionKind, name: &str, outcome: SaveOutcome) -> Result<SaveO
 }
 
 fn parse_doc<T: serde::de::DeserializeOwned>(row: &DefinitionRow) -> Result<T, OpsError> {
-    serde_json::from_value(row.doc.clone()).map_err(|e| {
-        OpsError::Store(panel_store::StoreError::Corrupt(format!("{} '{}': {e}", row.kind.as_str(), row.name)))
-    })
+    parse_row(row).map_err(corrupt)
+}
+
+/// A stored definition's document, or what is wrong with it.
+fn parse_row<T: serde::de::DeserializeOwned>(row: &DefinitionRow) -> Result<T, String> {
+    serde_json::from_value(row.doc.clone()).map_err(|e| format!("{} '{}': {e}", row.kind.as_str(), row.name))
+}
+
+fn corrupt(what: String) -> OpsError {
+    OpsError::Store(panel_store::StoreError::Corrupt(what))
+}
+
+/// A workflow and the stored templates its steps name (one missing fails its step when it runs).
+type Workflow = (WorkflowDef, HashMap<String, Template>);
+
+/// The enabled workflows by trigger, parsed, as of one definitions generation. Every change to
+/// a template or workflow, by any service or the CLI, moves the generation in its own
+/// transaction, and each event reads the generation with the settings: a kept copy is used only
+/// while it is current, so an event sees what it would have read.
+pub(crate) struct Workflows {
+    generation: i64,
+    /// A workflow stored in a shape this build cannot read fails the events it would run, as
+    /// reading it for each event did, and no others.
+    by_trigger: HashMap<String, Vec<Result<Arc<Workflow>, String>>>,
 }
 
 impl Panel {
@@ -216,27 +236,21 @@ impl Panel {
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        // Two reads at once: an event's answer waits for both.
-        let (settings, rows) =
-            tokio::try_join!(self.settings(), async { Ok(self.store.workflows_for(event_type).await?) })?;
-        let (_, settings) = settings.ok_or(OpsError::NotConfigured)?;
-        let mut workflows = Vec::new();
-        for row in rows {
-            let def: WorkflowDef = parse_doc(&row)?;
-            let templates = self.templates_for(&def.steps).await?;
-            workflows.push((def, templates));
-        }
+        // One read: the settings, and whether the workflows kept in memory are current.
+        let (stored, generation) = self.store.settings_and_definitions().await?;
+        let (_, settings) = crate::settings::valid_settings(stored)?.ok_or(OpsError::NotConfigured)?;
+        let workflows = self.triggered(event_type, generation).await?;
         let now = self.now();
         // The plan owns what it needs: the store may run it in a group commit (and again, if
         // the group fails and each write is committed alone), after this call returned.
-        let queued = Arc::new(AtomicUsize::new(0));
-        let (counted, service) = (queued.clone(), by.to_string());
+        let service = by.to_string();
         let (event, context_object) = (event_type.to_string(), object.clone());
         let plan: panel_store::EventPlan = Box::new(move |event_id| {
             let ctx = event_context(event_id, &event, &context_object, now);
-            let runs: Vec<NewRun> = workflows
+            workflows
                 .iter()
-                .filter_map(|(def, templates)| {
+                .filter_map(|workflow| {
+                    let (def, templates) = &**workflow;
                     let (status, detail, steps) = match def.matches(&ctx) {
                         Ok(false) => return None,
                         Ok(true) => {
@@ -260,14 +274,12 @@ impl Panel {
                         steps,
                     })
                 })
-                .collect();
-            counted.store(runs.iter().map(messages_in).sum(), Ordering::Relaxed);
-            runs
+                .collect()
         });
         let record = self.store.record_event(event_type, object, key, now, plan).await?;
-        let queued = queued.load(Ordering::Relaxed);
         if record.created {
-            self.queued(Origin::Workflow, queued).await;
+            // New runs are as written: each of their messages was queued now.
+            self.queued(Origin::Workflow, record.runs.iter().map(|r| r.messages.len()).sum()).await;
         }
         Ok(record.into())
     }
@@ -462,6 +474,42 @@ impl Panel {
     /// The newest runs of a schedule, workflow or dispatch name.
     pub async fn history(&self, kind: &str, name: &str, limit: u32) -> Result<Vec<Run>, OpsError> {
         Ok(self.store.runs(kind, name, limit).await?.into_iter().map(Into::into).collect())
+    }
+
+    /// The enabled workflows `event_type` triggers, from memory while `generation` is the
+    /// definitions generation they were read at.
+    async fn triggered(&self, event_type: &str, generation: i64) -> Result<Vec<Arc<Workflow>>, OpsError> {
+        let kept = self.workflows.lock().expect("not poisoned").clone().filter(|w| w.generation == generation);
+        let current = match kept {
+            Some(current) => current,
+            None => {
+                // Read after the generation: a change in between moves it again, and the next
+                // event reads once more.
+                let read = Arc::new(self.read_workflows(generation).await?);
+                *self.workflows.lock().expect("not poisoned") = Some(read.clone());
+                read
+            }
+        };
+        let triggered = current.by_trigger.get(event_type).map(Vec::as_slice).unwrap_or_default();
+        triggered.iter().map(|w| w.clone().map_err(corrupt)).collect()
+    }
+
+    /// Every enabled workflow with the templates it names: two reads, whatever their number.
+    async fn read_workflows(&self, generation: i64) -> Result<Workflows, OpsError> {
+        let (rows, templates) =
+            tokio::try_join!(self.store.enabled_workflows(), self.store.definitions(DefinitionKind::Template))?;
+        let templates: HashMap<&str, &DefinitionRow> = templates.iter().map(|t| (t.name.as_str(), t)).collect();
+        let mut by_trigger: HashMap<String, Vec<Result<Arc<Workflow>, String>>> = HashMap::new();
+        for row in &rows {
+            let Some(trigger) = &row.trigger else { continue };
+            let workflow = parse_row::<WorkflowDef>(row).and_then(|def| {
+                let named = def.steps.iter().filter_map(Step::template_name).filter_map(|name| templates.get(name));
+                let templates = named.map(|t| Ok((t.name.clone(), parse_row(t)?))).collect::<Result<_, String>>()?;
+                Ok(Arc::new((def, templates)))
+            });
+            by_trigger.entry(trigger.clone()).or_default().push(workflow);
+        }
+        Ok(Workflows { generation, by_trigger })
     }
 
     /// The stored templates `steps` name (a missing one makes that step fail when it runs).

@@ -46,6 +46,9 @@ pub struct Panel {
     /// services, so that an enqueue's answer does not wait for that round trip, and wake-ups
     /// asked for while one is on its way go out together as the next.
     notifier: Arc<std::sync::OnceLock<Arc<tokio::sync::Notify>>>,
+    /// The enabled workflows and their templates, as of a definitions generation
+    /// (`automation.rs`): an event reads them only when the generation moved.
+    pub(crate) workflows: Arc<std::sync::Mutex<Option<Arc<crate::automation::Workflows>>>>,
 }
 
 /// A read of the live services and when it was made.
@@ -74,6 +77,7 @@ impl Panel {
             notifier: Arc::default(),
             setup: Arc::default(),
             bounce_key: Arc::default(),
+            workflows: Arc::default(),
         }
     }
 

@@ -22,10 +22,7 @@ const CHECK_RUN_WAIT: Duration = Duration::from_secs(300);
 impl Panel {
     /// The settings in force, validated; `None` before the first save.
     pub async fn settings(&self) -> Result<Option<(i64, RelaySettings)>, OpsError> {
-        let Some(stored) = self.store.current_settings().await? else { return Ok(None) };
-        RelaySettings::validate(&stored.doc)
-            .map(|s| Some((stored.version, s)))
-            .map_err(|errors| OpsError::StoredSettingsInvalid { version: stored.version, errors })
+        valid_settings(self.store.current_settings().await?)
     }
 
     pub async fn stored_settings(&self) -> Result<Option<StoredSettings>, OpsError> {
@@ -381,4 +378,14 @@ fn route_view(s: &RelaySettings) -> serde_json::Map<String, serde_json::Value> {
         view.insert("credential_status".into(), if s.credential_attached { "attached" } else { "detached" }.into());
     }
     view
+}
+
+/// Stored settings, validated (`Panel::settings`).
+pub(crate) fn valid_settings(
+    stored: Option<panel_store::StoredSettings>,
+) -> Result<Option<(i64, RelaySettings)>, OpsError> {
+    let Some(stored) = stored else { return Ok(None) };
+    RelaySettings::validate(&stored.doc)
+        .map(|s| Some((stored.version, s)))
+        .map_err(|errors| OpsError::StoredSettingsInvalid { version: stored.version, errors })
 }

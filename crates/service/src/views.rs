@@ -383,15 +383,21 @@ impl From<panel_store::RunRow> for Run {
     }
 }
 
-view!(
-    /// A posted event: its id, whether it was new, and the workflow runs it started.
-    Event from panel_store::EventRecord {
-        id: i64,
-        /// False when the idempotency key was seen before: nothing ran this time.
-        created: bool,
-        runs: Vec<i64>,
+/// A posted event: its id, whether it was new, and the workflow runs it started (as they were
+/// written, their messages queued; for a repeated key, as they are now).
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct Event {
+    pub id: i64,
+    /// False when the idempotency key was seen before: nothing ran this time.
+    pub created: bool,
+    pub runs: Vec<Run>,
+}
+
+impl From<panel_store::EventRecord> for Event {
+    fn from(r: panel_store::EventRecord) -> Event {
+        Event { id: r.id, created: r.created, runs: r.runs.into_iter().map(Into::into).collect() }
     }
-);
+}
 
 /// An admin account (never its password hash), with its sign-in lock state.
 #[derive(Debug, Clone, Serialize)]

@@ -294,6 +294,12 @@ impl Store {
         self.observe(self.backend.current_settings().await)
     }
 
+    /// The current settings and the definitions generation (moved on by every change to a
+    /// template, workflow or schedule), in one read.
+    pub async fn settings_and_definitions(&self) -> Result<(Option<StoredSettings>, i64)> {
+        self.observe(self.backend.settings_and_definitions().await)
+    }
+
     /// Saved settings versions, newest first, at most `limit`.
     pub async fn settings_versions(&self, limit: i64) -> Result<Vec<StoredSettings>> {
         self.observe(self.backend.settings_versions(limit).await)
@@ -575,9 +581,9 @@ impl Store {
         self.observe(self.backend.set_enabled(kind, name, enabled, next_fire_at.map(ms), by, ms(now)).await)
     }
 
-    /// Enabled workflows whose trigger is `event_type`.
-    pub async fn workflows_for(&self, event_type: &str) -> Result<Vec<DefinitionRow>> {
-        self.observe(self.backend.workflows_for(event_type).await)
+    /// Every enabled workflow, by name.
+    pub async fn enabled_workflows(&self) -> Result<Vec<DefinitionRow>> {
+        self.observe(self.backend.enabled_workflows().await)
     }
 
     /// Enabled schedules whose next fire time is at or before `now`.

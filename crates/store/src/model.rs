@@ -340,6 +340,8 @@ pub struct DefinitionRow {
     /// The JSON the user wrote (for a template: subject, text, html).
     pub doc: serde_json::Value,
     pub enabled: bool,
+    /// A workflow's event type.
+    pub trigger: Option<String>,
     pub next_fire_at: Option<DateTime<Utc>>,
     pub last_fire_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -440,7 +442,8 @@ pub struct EventRecord {
     pub id: i64,
     /// False when the idempotency key was seen before: nothing ran this time.
     pub created: bool,
-    pub runs: Vec<i64>,
+    /// The workflow runs it started: as written, or for a repeated key as they are now.
+    pub runs: Vec<RunRow>,
 }
 
 #[derive(Debug, Clone, Serialize)]

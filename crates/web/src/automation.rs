@@ -184,13 +184,10 @@ pub(crate) async fn post_event(
     JsonObject(body): JsonObject<EventRequest>,
 ) -> ApiResult {
     let req = body;
-    let record = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
-    let mut runs = Vec::with_capacity(record.runs.len());
-    for id in &record.runs {
-        runs.push(p.run(*id).await?);
-    }
-    let status = if record.created { StatusCode::ACCEPTED } else { StatusCode::OK };
-    Ok((status, Json(crate::answers::Event { event_id: record.id, created: record.created, runs })).into_response())
+    let event = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
+    let status = if event.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let answer = crate::answers::Event { event_id: event.id, created: event.created, runs: event.runs };
+    Ok((status, Json(answer)).into_response())
 }
 
 pub(crate) async fn dispatch(

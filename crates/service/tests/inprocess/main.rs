@@ -5,6 +5,7 @@
 mod harness;
 
 mod accounts;
+mod events;
 mod recipients;
 mod retention;
 mod schedules;

@@ -7,6 +7,7 @@ use sqlx::any::AnyRow;
 use super::{SqlStore, Tx, audit, cell, closed_cell, insert_message, json, parse_state};
 use crate::model::*;
 use crate::{Result, StoreError, from_ms, ms};
+use panel_domain::MessageState;
 use panel_domain::run::{RunKind, RunStatus, Trigger};
 
 fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow> {
@@ -15,6 +16,7 @@ fn definition_from_row(kind: DefinitionKind, r: &AnyRow) -> Result<DefinitionRow
         name: cell(r, "definitions", "name")?,
         doc: json(&cell::<String>(r, "definitions", "doc")?)?,
         enabled: cell::<i64>(r, "definitions", "enabled")? != 0,
+        trigger: cell(r, "definitions", "trigger")?,
         next_fire_at: cell::<Option<i64>>(r, "definitions", "next_fire_at")?.map(from_ms),
         last_fire_at: cell::<Option<i64>>(r, "definitions", "last_fire_at")?.map(from_ms),
         created_at: from_ms(cell(r, "definitions", "created_at")?),
@@ -56,6 +58,7 @@ impl SqlStore {
         .bind(by)
         .execute(&mut *tx)
         .await?;
+        definitions_changed(&mut tx).await?;
         let action =
             format!("{}.{}", d.kind.as_str(), if outcome == SaveOutcome::Created { "created" } else { "updated" });
         let detail = if d.enabled { "enabled" } else { "disabled" };
@@ -94,6 +97,7 @@ impl SqlStore {
             .rows_affected()
             == 1;
         if deleted {
+            definitions_changed(&mut tx).await?;
             audit(&mut tx, by, now, &[AuditEvent::new(&format!("{}.deleted", kind.as_str()), name, "")]).await?;
         }
         tx.commit().await?;
@@ -127,6 +131,7 @@ impl SqlStore {
         .rows_affected()
             == 1;
         if changed {
+            definitions_changed(&mut tx).await?;
             let action = format!("{}.{}", kind.as_str(), if enabled { "enabled" } else { "disabled" });
             audit(&mut tx, by, now, &[AuditEvent::new(&action, name, "")]).await?;
         }
@@ -134,10 +139,9 @@ impl SqlStore {
         Ok(changed)
     }
 
-    /// Enabled workflows started by `trigger`.
-    pub async fn workflows_for(&self, trigger: &str) -> Result<Vec<DefinitionRow>> {
-        sqlx::query("SELECT * FROM definitions WHERE kind = 'workflow' AND trigger = $1 AND enabled = 1 ORDER BY name")
-            .bind(trigger)
+    /// Every enabled workflow, by name.
+    pub async fn enabled_workflows(&self) -> Result<Vec<DefinitionRow>> {
+        sqlx::query("SELECT * FROM definitions WHERE kind = 'workflow' AND enabled = 1 ORDER BY name")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -212,7 +216,7 @@ impl SqlStore {
         let Some(r) = sqlx::query("SELECT * FROM runs WHERE id = $1").bind(id).fetch_optional(&self.pool).await? else {
             return Ok(None);
         };
-        let mut rows = self.with_messages(vec![r]).await?;
+        let mut rows = with_messages(&self.pool, vec![r]).await?;
         Ok(rows.pop())
     }
 
@@ -224,55 +228,65 @@ impl SqlStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        self.with_messages(rows).await
+        with_messages(&self.pool, rows).await
     }
+}
 
-    /// The runs with their messages, fetched in one query for all of them.
-    async fn with_messages(&self, rows: Vec<AnyRow>) -> Result<Vec<RunRow>> {
-        let ids: Vec<i64> = rows.iter().map(|r| cell(r, "runs", "id")).collect::<Result<_>>()?;
-        let mut by_run: std::collections::HashMap<i64, Vec<RunMessage>> = std::collections::HashMap::new();
-        if !ids.is_empty() {
-            // Only numbered placeholders are formatted into the statement.
-            let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT run_id, id, state, subject, last_error FROM messages WHERE run_id IN ({}) ORDER BY id",
-                placeholders.join(", ")
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in &ids {
-                query = query.bind(*id);
-            }
-            for m in query.fetch_all(&self.pool).await? {
-                by_run.entry(cell(&m, "messages", "run_id")?).or_default().push(RunMessage {
-                    id: cell(&m, "messages", "id")?,
-                    state: parse_state(&m)?,
-                    subject: cell(&m, "messages", "subject")?,
-                    last_error: cell(&m, "messages", "last_error")?,
-                });
-            }
+/// Moves the definitions generation on, in the transaction that changes a definition: whoever
+/// keeps definitions in memory sees the change with its next read of the generation.
+async fn definitions_changed(tx: &mut Tx) -> Result<()> {
+    sqlx::query("UPDATE generations SET value = value + 1 WHERE name = 'definitions'").execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// The runs with their messages, fetched in one query for all of them.
+async fn with_messages<'e>(
+    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    rows: Vec<AnyRow>,
+) -> Result<Vec<RunRow>> {
+    let ids: Vec<i64> = rows.iter().map(|r| cell(r, "runs", "id")).collect::<Result<_>>()?;
+    let mut by_run: std::collections::HashMap<i64, Vec<RunMessage>> = std::collections::HashMap::new();
+    if !ids.is_empty() {
+        // Only numbered placeholders are formatted into the statement.
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT run_id, id, state, subject, last_error FROM messages WHERE run_id IN ({}) ORDER BY id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in &ids {
+            query = query.bind(*id);
         }
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = cell(&r, "runs", "id")?;
-            let messages = by_run.remove(&id).unwrap_or_default();
-            out.push(RunRow {
-                id,
-                kind: closed_cell(&r, "runs", "kind", RunKind::parse)?,
-                name: cell(&r, "runs", "name")?,
-                trigger: closed_cell(&r, "runs", "trigger", Trigger::parse)?,
-                fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
-                event_id: cell(&r, "runs", "event_id")?,
-                started_at: from_ms(cell(&r, "runs", "started_at")?),
-                missed: cell(&r, "runs", "missed")?,
-                status: closed_cell(&r, "runs", "status", RunStatus::parse)?,
-                detail: cell(&r, "runs", "detail")?,
-                service: cell(&r, "runs", "service")?,
-                steps: json(&cell::<String>(&r, "runs", "steps")?)?,
-                messages,
+        for m in query.fetch_all(exec).await? {
+            by_run.entry(cell(&m, "messages", "run_id")?).or_default().push(RunMessage {
+                id: cell(&m, "messages", "id")?,
+                state: parse_state(&m)?,
+                subject: cell(&m, "messages", "subject")?,
+                last_error: cell(&m, "messages", "last_error")?,
             });
         }
-        Ok(out)
     }
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id: i64 = cell(&r, "runs", "id")?;
+        let messages = by_run.remove(&id).unwrap_or_default();
+        out.push(RunRow {
+            id,
+            kind: closed_cell(&r, "runs", "kind", RunKind::parse)?,
+            name: cell(&r, "runs", "name")?,
+            trigger: closed_cell(&r, "runs", "trigger", Trigger::parse)?,
+            fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
+            event_id: cell(&r, "runs", "event_id")?,
+            started_at: from_ms(cell(&r, "runs", "started_at")?),
+            missed: cell(&r, "runs", "missed")?,
+            status: closed_cell(&r, "runs", "status", RunStatus::parse)?,
+            detail: cell(&r, "runs", "detail")?,
+            service: cell(&r, "runs", "service")?,
+            steps: json(&cell::<String>(&r, "runs", "steps")?)?,
+            messages,
+        });
+    }
+    Ok(out)
 }
 
 /// Stores an event and the runs `plan` makes for it (given its id); with a key seen before,
@@ -300,19 +314,20 @@ pub(super) async fn insert_event(
             .bind(key)
             .fetch_one(&mut **tx)
             .await?;
-        let runs = sqlx::query_scalar("SELECT id FROM runs WHERE event_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(&mut **tx)
-            .await?;
-        return Ok(EventRecord { id, created: false, runs });
+        return Ok(EventRecord { id, created: false, runs: event_runs(tx, id).await? });
     };
-    let mut runs = Vec::new();
     for mut run in plan(event_id) {
         run.event_id = Some(event_id);
-        let run_id = write_run(tx, run, now).await?.expect("event runs have no fire key");
-        runs.push(run_id);
+        write_run(tx, run, now).await?.expect("event runs have no fire key");
     }
-    Ok(EventRecord { id: event_id, created: true, runs })
+    Ok(EventRecord { id: event_id, created: true, runs: event_runs(tx, event_id).await? })
+}
+
+/// An event's runs, as its transaction sees them.
+async fn event_runs(tx: &mut Tx, event_id: i64) -> Result<Vec<RunRow>> {
+    let rows =
+        sqlx::query("SELECT * FROM runs WHERE event_id = $1 ORDER BY id").bind(event_id).fetch_all(&mut **tx).await?;
+    with_messages(&mut **tx, rows).await
 }
 
 /// An event to store with others (no idempotency key), and what plans its runs.
@@ -355,14 +370,24 @@ pub(super) async fn add_events(
     let mut messages = Vec::with_capacity(count);
     let mut next_message = message_ids.iter().copied();
     let mut rows = Vec::with_capacity(runs.len());
+    // Each run as written, for the answer: its messages queued, none of them sent yet.
+    let mut written: Vec<(usize, RunRow)> = Vec::with_capacity(runs.len());
     for ((i, run), &run_id) in runs.iter().zip(run_ids) {
+        let mut queued = Vec::new();
         let outcomes: Vec<serde_json::Value> = run
             .steps
             .iter()
             .map(|step| {
                 let mut outcome = step.outcome.clone();
                 if let Some((origin, message)) = &step.message {
-                    outcome["message_id"] = next_message.next().expect("an id for each message").into();
+                    let id = next_message.next().expect("an id for each message");
+                    outcome["message_id"] = id.into();
+                    queued.push(RunMessage {
+                        id,
+                        state: MessageState::Queued,
+                        subject: message.subject.clone(),
+                        last_error: None,
+                    });
                     messages.push(super::queue::NewMessage {
                         origin: *origin,
                         message,
@@ -373,7 +398,27 @@ pub(super) async fn add_events(
                 outcome
             })
             .collect();
-        rows.push((run_id, run, events[*i].now, serde_json::to_string(&outcomes).expect("JSON serializes")));
+        let steps = serde_json::to_string(&outcomes).expect("JSON serializes");
+        rows.push((run_id, run, events[*i].now, steps));
+        written.push((
+            *i,
+            RunRow {
+                id: run_id,
+                kind: run.kind,
+                name: run.name.clone(),
+                trigger: run.trigger,
+                // As the database keeps it: to the millisecond.
+                fire_time: run.fire_time.map(|t| from_ms(ms(t))),
+                event_id: run.event_id,
+                started_at: from_ms(events[*i].now),
+                missed: run.missed.into(),
+                status: run.status,
+                detail: run.detail.clone(),
+                service: run.service.clone(),
+                steps: serde_json::Value::Array(outcomes),
+                messages: queued,
+            },
+        ));
     }
     let event_rows: Vec<(i64, &NewEvent<'_>)> = event_ids.iter().copied().zip(events).collect();
     inserts.rows(
@@ -411,8 +456,8 @@ pub(super) async fn add_events(
     super::queue::add_messages(inserts, &messages, message_ids);
     let mut records: Vec<EventRecord> =
         event_ids.iter().map(|&id| EventRecord { id, created: true, runs: Vec::new() }).collect();
-    for ((i, _), &run_id) in runs.iter().zip(run_ids) {
-        records[*i].runs.push(run_id);
+    for (i, run) in written {
+        records[i].runs.push(run);
     }
     Ok(records)
 }

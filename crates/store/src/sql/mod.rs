@@ -86,6 +86,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (15, include_str!("../../migrations/sqlite/0015_send_log.sql")),
     (16, include_str!("../../migrations/sqlite/0016_routes.sql")),
     (17, include_str!("../../migrations/sqlite/0017_bounces.sql")),
+    (18, include_str!("../../migrations/sqlite/0018_definitions_generation.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -106,6 +107,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (15, include_str!("../../migrations/postgres/0015_send_log.sql")),
     (16, include_str!("../../migrations/postgres/0016_routes.sql")),
     (17, include_str!("../../migrations/postgres/0017_bounces.sql")),
+    (18, include_str!("../../migrations/postgres/0018_definitions_generation.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -33,6 +33,23 @@ impl SqlStore {
         row.as_ref().map(stored_settings).transpose()
     }
 
+    /// The current settings and the definitions generation, in one read: an event needs both
+    /// before it knows whether the workflows it keeps in memory are current.
+    pub async fn settings_and_definitions(&self) -> Result<(Option<StoredSettings>, i64)> {
+        let row = sqlx::query(
+            "SELECT g.value AS definitions, s.version, s.doc, s.saved_at, s.saved_by
+             FROM generations g
+             LEFT JOIN (SELECT version, doc, saved_at, saved_by FROM relay_settings ORDER BY version DESC LIMIT 1) s
+                 ON 1 = 1
+             WHERE g.name = 'definitions'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let version: Option<i64> = cell(&row, "relay_settings", "version")?;
+        let settings = version.is_some().then(|| stored_settings(&row)).transpose()?;
+        Ok((settings, cell(&row, "generations", "definitions")?))
+    }
+
     pub async fn config_generation(&self) -> Result<ConfigGeneration> {
         let (settings, secrets): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT COALESCE(MAX(version), 0) FROM relay_settings),

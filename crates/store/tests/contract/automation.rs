@@ -93,9 +93,16 @@ async fn a_repeated_event_key_runs_nothing_again(b: &Backend) {
         .await
         .unwrap();
     assert!(!again.created);
-    assert_eq!((again.id, again.runs), (first.id, first.runs.clone()));
-    let r = b.store.run(first.runs[0]).await.unwrap().unwrap();
+    let ids = |runs: &[panel_store::RunRow]| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!((again.id, ids(&again.runs)), (first.id, ids(&first.runs)));
+    let r = b.store.run(first.runs[0].id).await.unwrap().unwrap();
     assert_eq!(r.event_id, Some(first.id));
+    let same = |a: &panel_store::RunRow| serde_json::to_value(a).unwrap();
+    assert_eq!(
+        (same(&first.runs[0]), same(&again.runs[0])),
+        (same(&r), same(&r)),
+        "the answers hold the run as stored"
+    );
 }
 
 async fn concurrent_events_share_commits_and_each_gets_its_runs(b: &Backend) {
@@ -116,8 +123,10 @@ async fn concurrent_events_share_commits_and_each_gets_its_runs(b: &Backend) {
     for (i, t) in tasks.into_iter().enumerate() {
         let record = t.await.unwrap().unwrap();
         assert!(record.created && record.runs.len() == 1);
-        let r = b.store.run(record.runs[0]).await.unwrap().unwrap();
+        let r = b.store.run(record.runs[0].id).await.unwrap().unwrap();
         assert_eq!(r.event_id, Some(record.id), "each run belongs to its own event");
+        let written = serde_json::to_value(&record.runs[0]).unwrap();
+        assert_eq!(written, serde_json::to_value(&r).unwrap(), "the answer holds the run as written");
         assert_eq!((r.name.clone(), r.service.clone()), (format!("welcome-{}", i.min(20)), format!("s{i}")));
         assert_eq!(r.messages.len(), 1, "{r:?}");
         assert_eq!(r.messages[0].subject, r.name, "the run's own message");
@@ -140,17 +149,29 @@ async fn definitions_are_created_updated_and_enabled(b: &Backend) {
     };
     let s = &b.store;
     let now = Utc::now();
+    // Every change moves the definitions generation on (services keep workflows in memory
+    // until it moves); a save that changes nothing does not.
+    let generation = async || s.settings_and_definitions().await.unwrap().1;
+    let start = generation().await;
     assert_eq!(s.save_definition(&def(true), SaveMode::Update, "t", now).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(generation().await, start, "nothing saved");
     assert_eq!(s.save_definition(&def(true), SaveMode::Create, "t", now).await.unwrap(), SaveOutcome::Created);
     assert_eq!(s.save_definition(&def(true), SaveMode::Create, "t", now).await.unwrap(), SaveOutcome::Exists);
-    assert_eq!(s.workflows_for("user.created").await.unwrap().len(), 1);
+    assert_eq!(generation().await, start + 1, "created once");
+    let enabled = s.enabled_workflows().await.unwrap();
+    assert_eq!(
+        enabled.iter().map(|w| (w.name.as_str(), w.trigger.as_deref())).collect::<Vec<_>>(),
+        [("welcome", Some("user.created"))]
+    );
     assert!(s.set_enabled(DefinitionKind::Workflow, "welcome", false, None, "t", now).await.unwrap());
-    assert!(s.workflows_for("user.created").await.unwrap().is_empty(), "disabled workflows do not match");
-    assert!(s.workflows_for("user.deleted").await.unwrap().is_empty());
+    assert!(s.enabled_workflows().await.unwrap().is_empty(), "a disabled workflow is not enabled");
+    assert_eq!(generation().await, start + 2, "disabled");
     let audit: Vec<String> = s.audit_log(10).await.unwrap().into_iter().map(|a| a.action).collect();
     assert!(audit.contains(&"workflow.created".to_string()) && audit.contains(&"workflow.disabled".to_string()));
     assert!(s.delete_definition(DefinitionKind::Workflow, "welcome", "t", now).await.unwrap());
     assert!(s.definition(DefinitionKind::Workflow, "welcome").await.unwrap().is_none());
+    assert_eq!(generation().await, start + 3, "deleted");
+    assert!(s.settings_and_definitions().await.unwrap().0.is_none(), "no settings saved yet");
 }
 
 contract!(

@@ -60,6 +60,8 @@ async fn settings_saves_are_versioned_and_conflicts_detected(b: &Backend) {
         Err(StoreError::SettingsConflict { current: 1 })
     ));
     assert_eq!(s.current_settings().await.unwrap().unwrap().doc, doc);
+    let (with_generation, _) = s.settings_and_definitions().await.unwrap();
+    assert_eq!(with_generation.map(|w| (w.version, w.doc)), Some((1, doc)), "the same settings in the one read");
 }
 
 async fn only_failed_messages_can_be_retried(b: &Backend) {

@@ -1,0 +1,58 @@
+//! Events run the workflows they trigger as stored at that moment, also when another service
+//! or the CLI changed them: each service keeps the workflows in memory only while the
+//! definitions generation says they are current.
+
+use panel_automation::{Template, WorkflowDef};
+use panel_service::Panel;
+use panel_service::views::{DefinitionKind, SaveMode};
+use serde_json::json;
+
+use crate::harness::Harness;
+
+fn template(subject: &str) -> Template {
+    Template { subject: subject.into(), text: "Welcome, {{ object.login }}.".into(), html: None }
+}
+
+/// The subjects of the messages the event's runs queued, by workflow run.
+async fn subjects(panel: &Panel, login: &str) -> Vec<String> {
+    let object = json!({"login": login, "mail": format!("{login}@example.org")});
+    let event = panel.post_event("user.created", &object, None, "test").await.unwrap();
+    let mut subjects = Vec::new();
+    for run in event.runs {
+        // The answer holds each run as written; a read of it now (no worker runs here) agrees.
+        let read = panel.run(run.id).await.unwrap();
+        assert_eq!(serde_json::to_value(&run).unwrap(), serde_json::to_value(&read).unwrap());
+        subjects.extend(run.messages.into_iter().map(|m| m.subject));
+    }
+    subjects
+}
+
+#[tokio::test]
+async fn an_event_runs_the_workflows_and_templates_as_they_are_now_whoever_changed_them() {
+    let h = Harness::start(None, &[]).await;
+    let other = h.another_service().await;
+    h.panel.save_template("welcome", &template("Hello {{ object.login }}"), SaveMode::Create, "test").await.unwrap();
+    let workflow: WorkflowDef = serde_json::from_value(json!({
+        "name": "welcome", "trigger": "user.created",
+        "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]
+    }))
+    .unwrap();
+    h.panel.save_workflow(&workflow, SaveMode::Create, "test").await.unwrap();
+    assert_eq!(subjects(&h.panel, "ann").await, ["Hello ann"]);
+    assert_eq!(subjects(&h.panel, "bob").await, ["Hello bob"], "the same, from memory");
+
+    // Another service changes the template, then disables and enables the workflow: the next
+    // event here sees each change at once.
+    other.save_template("welcome", &template("Hi {{ object.login }}"), SaveMode::Update, "test").await.unwrap();
+    assert_eq!(subjects(&h.panel, "cy").await, ["Hi cy"]);
+    other.set_enabled(DefinitionKind::Workflow, "welcome", false, "test").await.unwrap();
+    assert!(subjects(&h.panel, "dee").await.is_empty(), "a disabled workflow runs no more");
+    other.set_enabled(DefinitionKind::Workflow, "welcome", true, "test").await.unwrap();
+    let second = WorkflowDef { name: "audit".into(), ..workflow.clone() };
+    other.save_workflow(&second, SaveMode::Create, "test").await.unwrap();
+    let mut both = subjects(&h.panel, "eve").await;
+    both.sort();
+    assert_eq!(both, ["Hi eve", "Hi eve"], "both workflows run");
+    other.delete_definition(DefinitionKind::Workflow, "audit", "test").await.unwrap();
+    assert_eq!(subjects(&h.panel, "fay").await, ["Hi fay"], "a deleted workflow runs no more");
+}
