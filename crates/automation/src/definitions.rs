@@ -1,13 +1,15 @@
 //! Schedules, workflows and dispatches as users write them (JSON files, API bodies), with their
 //! validation. Every problem is reported at once, each naming its field.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use panel_domain::FieldErrors;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::step::Step;
-use crate::template::{Engine, TemplateError};
+use crate::template::{Engine, Template, TemplateError};
 use crate::timing::{Timing, WeeklyRule};
 
 pub const MAX_STEPS: usize = 50;
@@ -154,6 +156,19 @@ impl WorkflowDef {
         errors.into_result(|| ())
     }
 
+    /// Whether the condition or any step (with the stored templates it names) may read the
+    /// top-level variable `name` of the context, e.g. `event`: a run that does not can be
+    /// planned before the event has its id.
+    pub fn reads(&self, name: &str, templates: &HashMap<String, Template>) -> bool {
+        let engine = Engine::strict();
+        self.condition.as_deref().is_some_and(|c| engine.condition_reads(c, name))
+            || self.steps.iter().any(|step| {
+                let named = step.template_name().and_then(|t| templates.get(t));
+                let stored = named.into_iter().flat_map(Template::sources);
+                step.sources().into_iter().map(|(_, s)| s).chain(stored).any(|s| engine.reads(s, name))
+            })
+    }
+
     /// True when the event satisfies the condition (or there is none).
     pub fn matches(&self, ctx: &Value) -> Result<bool, TemplateError> {
         match &self.condition {
@@ -194,6 +209,34 @@ pub fn event_context(event_id: i64, event_type: &str, object: &Value, received_a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workflow_reads_the_event_when_its_condition_a_step_or_a_named_template_does() {
+        let workflow = |condition: Option<&str>, step: Value| -> WorkflowDef {
+            serde_json::from_value(
+                json!({"name": "w", "trigger": "user.created", "condition": condition, "steps": [step]}),
+            )
+            .unwrap()
+        };
+        let inline = |text: &str| json!({"kind": "email", "subject": "s", "text": text, "to": ["{{ object.mail }}"]});
+        let named = json!({"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]});
+        let templates = |text: &str| {
+            HashMap::from([("welcome".to_string(), Template { subject: "Hi".into(), text: text.into(), html: None })])
+        };
+        let none = HashMap::new();
+        assert!(!workflow(Some("object.x == 1"), inline("{{ object.login }}")).reads("event", &none));
+        assert!(workflow(Some("event.id > 3"), inline("t")).reads("event", &none), "the condition");
+        assert!(workflow(None, inline("Event {{ event.id }}")).reads("event", &none), "an inline part");
+        let to = json!({"kind": "email", "subject": "s", "text": "t", "to": ["{{ event.type }}@example.org"]});
+        assert!(workflow(None, to).reads("event", &none), "a recipient");
+        assert!(
+            workflow(None, named.clone()).reads("event", &templates("{{ event.received_at }}")),
+            "a stored template"
+        );
+        assert!(!workflow(None, named.clone()).reads("event", &templates("{{ object.login }}")));
+        assert!(!workflow(None, inline("{% set event = 1 %}{{ event }}")).reads("event", &none), "its own variable");
+        assert!(workflow(None, named).reads("event", &templates("{{ broken")), "what it cannot parse, it may");
+    }
 
     #[test]
     fn the_issue_s_workflow_shape_parses_and_validates() {

@@ -77,6 +77,13 @@ impl Step {
         }
     }
 
+    /// Every template source the step renders itself (not a stored template it names), by part.
+    pub fn sources(&self) -> Vec<(String, &str)> {
+        match self {
+            Step::Email(e) => e.sources(),
+        }
+    }
+
     /// Checks the step's shape and template syntax; `field` prefixes each error (`steps[0]`).
     pub fn check(&self, field: &str, errors: &mut FieldErrors) {
         match self {
@@ -104,16 +111,7 @@ impl EmailStep {
             errors.push(format!("{field}.template"), e);
         }
         let engine = Engine::strict();
-        let mut sources: Vec<(String, &str)> = Vec::new();
-        for (part, source) in [("subject", &self.subject), ("text", &self.text), ("html", &self.html)] {
-            sources.extend(source.as_deref().map(|s| (part.to_string(), s)));
-        }
-        for (kind, list) in [("to", &self.to), ("cc", &self.cc), ("bcc", &self.bcc)] {
-            sources.extend(list.iter().enumerate().map(|(i, expr)| (format!("{kind}[{i}]"), expr.as_str())));
-        }
-        for (kind, value) in [("reply_to", &self.reply_to), ("from", &self.from)] {
-            sources.extend(value.as_deref().map(|v| (kind.to_string(), v)));
-        }
+        let sources = self.sources();
         // An address written out (no template in it) is checked now, not when the run fails.
         let lists = [("to", &self.to), ("cc", &self.cc), ("bcc", &self.bcc)];
         let literals = lists.iter().flat_map(|(kind, list)| {
@@ -129,8 +127,6 @@ impl EmailStep {
             }
         }
         for (i, a) in self.attachments.iter().enumerate() {
-            sources.push((format!("attachments[{i}].filename"), &a.filename));
-            sources.push((format!("attachments[{i}].content"), &a.content));
             if !panel_domain::message::is_valid_content_type(&a.content_type) {
                 errors
                     .push(format!("{field}.attachments[{i}].content_type"), "is not a valid MIME type (e.g. text/csv)");
@@ -141,6 +137,25 @@ impl EmailStep {
                 errors.push(format!("{field}.{part}"), e.to_string());
             }
         }
+    }
+
+    /// Every template source the step renders itself (not a stored template it names), by part.
+    fn sources(&self) -> Vec<(String, &str)> {
+        let mut sources: Vec<(String, &str)> = Vec::new();
+        for (part, source) in [("subject", &self.subject), ("text", &self.text), ("html", &self.html)] {
+            sources.extend(source.as_deref().map(|s| (part.to_string(), s)));
+        }
+        for (kind, list) in [("to", &self.to), ("cc", &self.cc), ("bcc", &self.bcc)] {
+            sources.extend(list.iter().enumerate().map(|(i, expr)| (format!("{kind}[{i}]"), expr.as_str())));
+        }
+        for (kind, value) in [("reply_to", &self.reply_to), ("from", &self.from)] {
+            sources.extend(value.as_deref().map(|v| (kind.to_string(), v)));
+        }
+        for (i, a) in self.attachments.iter().enumerate() {
+            sources.push((format!("attachments[{i}].filename"), &a.filename));
+            sources.push((format!("attachments[{i}].content"), &a.content));
+        }
+        sources
     }
 
     /// Renders the step against `ctx`. `template` is the stored template when the step names one.

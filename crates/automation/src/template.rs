@@ -130,6 +130,16 @@ impl Engine {
         self.env.template_from_named_str("check", source).map(|_| ()).map_err(|e| error(part, source, &e))
     }
 
+    /// Whether `source` may read the top-level variable `name` (a template it cannot parse may).
+    pub fn reads(&self, source: &str, name: &str) -> bool {
+        self.env.template_from_named_str("check", source).map_or(true, |t| t.undeclared_variables(false).contains(name))
+    }
+
+    /// Whether the condition `expression` may read the top-level variable `name`.
+    pub fn condition_reads(&self, expression: &str, name: &str) -> bool {
+        self.env.compile_expression(expression).map_or(true, |e| e.undeclared_variables(false).contains(name))
+    }
+
     /// Checks a condition's syntax without evaluating it.
     pub fn condition_syntax(&self, expression: &str) -> Result<(), TemplateError> {
         self.env.compile_expression(expression).map(|_| ()).map_err(|e| error("condition", expression, &e))
@@ -168,6 +178,11 @@ impl Template {
             text: engine.render("text", &self.text, ctx)?,
             html: self.html.as_deref().map(|h| engine.render("html", h, ctx)).transpose()?,
         })
+    }
+
+    /// The sources of its parts.
+    pub fn sources(&self) -> impl Iterator<Item = &str> {
+        self.parts().map(|(_, source)| source)
     }
 
     fn parts(&self) -> impl Iterator<Item = (&'static str, &str)> {

@@ -58,7 +58,12 @@ fn corrupt(what: String) -> OpsError {
 }
 
 /// A workflow and the stored templates its steps name (one missing fails its step when it runs).
-type Workflow = (WorkflowDef, HashMap<String, Template>);
+struct Workflow {
+    def: WorkflowDef,
+    templates: HashMap<String, Template>,
+    /// Whether its condition or a step may read `event` (its id is known only once stored).
+    reads_event: bool,
+}
 
 /// The enabled workflows by trigger, parsed, as of one definitions generation. Every change to
 /// a template or workflow, by any service or the CLI, moves the generation in its own
@@ -69,6 +74,53 @@ pub(crate) struct Workflows {
     /// A workflow stored in a shape this build cannot read fails the events it would run, as
     /// reading it for each event did, and no others.
     by_trigger: HashMap<String, Vec<Result<Arc<Workflow>, String>>>,
+}
+
+/// What an event's runs are planned from. The plan owns it: the store may run it in a group
+/// commit (and again, if the group fails and each write is committed alone), after
+/// `post_event` handed it over.
+struct EventInputs {
+    workflows: Vec<Arc<Workflow>>,
+    settings: RelaySettings,
+    event: String,
+    object: Value,
+    now: DateTime<Utc>,
+    by: String,
+}
+
+impl EventInputs {
+    /// The runs of the workflows whose condition holds, each step rendered, for the event `id`.
+    fn plan(&self, id: i64) -> Vec<NewRun> {
+        let ctx = event_context(id, &self.event, &self.object, self.now);
+        let planned = self.workflows.iter().filter_map(|w| {
+            let (status, detail, steps) = match w.def.matches(&ctx) {
+                Ok(false) => return None,
+                Ok(true) => plan_steps(
+                    &w.def.steps,
+                    &ctx,
+                    &w.templates,
+                    &self.settings,
+                    (Origin::Workflow, w.def.priority),
+                    self.now,
+                ),
+                Err(e) => (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![]),
+            };
+            Some(NewRun {
+                kind: RunKind::Workflow,
+                name: w.def.name.clone(),
+                trigger: Trigger::Event,
+                fire_key: None,
+                fire_time: None,
+                event_id: Some(id),
+                missed: 0,
+                status,
+                detail,
+                service: self.by.clone(),
+                steps,
+            })
+        });
+        planned.collect()
+    }
 }
 
 impl Panel {
@@ -243,39 +295,22 @@ impl Panel {
         let now = self.now();
         // The plan owns what it needs: the store may run it in a group commit (and again, if
         // the group fails and each write is committed alone), after this call returned.
-        let service = by.to_string();
-        let (event, context_object) = (event_type.to_string(), object.clone());
-        let plan: panel_store::EventPlan = Box::new(move |event_id| {
-            let ctx = event_context(event_id, &event, &context_object, now);
-            workflows
-                .iter()
-                .filter_map(|workflow| {
-                    let (def, templates) = &**workflow;
-                    let (status, detail, steps) = match def.matches(&ctx) {
-                        Ok(false) => return None,
-                        Ok(true) => {
-                            plan_steps(&def.steps, &ctx, templates, &settings, (Origin::Workflow, def.priority), now)
-                        }
-                        Err(e) => {
-                            (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![])
-                        }
-                    };
-                    Some(NewRun {
-                        kind: RunKind::Workflow,
-                        name: def.name.clone(),
-                        trigger: Trigger::Event,
-                        fire_key: None,
-                        fire_time: None,
-                        event_id: Some(event_id),
-                        missed: 0,
-                        status,
-                        detail,
-                        service: service.clone(),
-                        steps,
-                    })
-                })
-                .collect()
-        });
+        let inputs = EventInputs {
+            workflows,
+            settings,
+            event: event_type.to_string(),
+            object: object.clone(),
+            now,
+            by: by.to_string(),
+        };
+        let plan: panel_store::EventPlan = if inputs.workflows.iter().any(|w| w.reads_event) {
+            Box::new(move |event_id| inputs.plan(event_id))
+        } else {
+            // Nothing the runs render reads the event (its id is known only inside the store's
+            // commit): planned here, so the rendering does not hold up the group's writes.
+            let runs = inputs.plan(0);
+            Box::new(move |_| runs.clone())
+        };
         let record = self.store.record_event(event_type, object, key, now, plan).await?;
         if record.created {
             // New runs are as written: each of their messages was queued now.
@@ -505,7 +540,8 @@ impl Panel {
             let workflow = parse_row::<WorkflowDef>(row).and_then(|def| {
                 let named = def.steps.iter().filter_map(Step::template_name).filter_map(|name| templates.get(name));
                 let templates = named.map(|t| Ok((t.name.clone(), parse_row(t)?))).collect::<Result<_, String>>()?;
-                Ok(Arc::new((def, templates)))
+                let reads_event = def.reads("event", &templates);
+                Ok(Arc::new(Workflow { def, templates, reads_event }))
             });
             by_trigger.entry(trigger.clone()).or_default().push(workflow);
         }

@@ -56,3 +56,39 @@ async fn an_event_runs_the_workflows_and_templates_as_they_are_now_whoever_chang
     other.delete_definition(DefinitionKind::Workflow, "audit", "test").await.unwrap();
     assert_eq!(subjects(&h.panel, "fay").await, ["Hi fay"], "a deleted workflow runs no more");
 }
+
+#[tokio::test]
+async fn a_workflow_that_reads_the_event_gets_its_id_and_one_that_does_not_is_planned_alike() {
+    let h = Harness::start(None, &[]).await;
+    let workflow = |name: &str, subject: &str| -> WorkflowDef {
+        serde_json::from_value(json!({
+            "name": name, "trigger": "user.created",
+            "steps": [{"kind": "email", "subject": subject, "text": "t", "to": ["{{ object.mail }}"]}]
+        }))
+        .unwrap()
+    };
+    // Runs that read only the object are planned before the event is stored, the others inside
+    // its commit, once it has an id: both kinds in one event.
+    h.panel
+        .save_workflow(&workflow("a-id", "Event {{ event.id }} for {{ object.login }}"), SaveMode::Create, "test")
+        .await
+        .unwrap();
+    h.panel.save_workflow(&workflow("b-plain", "Plain {{ object.login }}"), SaveMode::Create, "test").await.unwrap();
+    for login in ["gus", "hal"] {
+        let object = json!({"login": login, "mail": format!("{login}@example.org")});
+        let event = h.panel.post_event("user.created", &object, None, "test").await.unwrap();
+        let subjects: Vec<String> = event.runs.iter().map(|r| r.messages[0].subject.clone()).collect();
+        assert_eq!(subjects, [format!("Event {} for {login}", event.id), format!("Plain {login}")]);
+        assert!(event.runs.iter().all(|r| r.event_id == Some(event.id)), "{:?}", event.runs);
+    }
+    // Alone, the one that reads nothing of the event still belongs to its event.
+    h.panel.set_enabled(DefinitionKind::Workflow, "a-id", false, "test").await.unwrap();
+    let event = h
+        .panel
+        .post_event("user.created", &json!({"login": "ida", "mail": "ida@example.org"}), None, "test")
+        .await
+        .unwrap();
+    assert_eq!(event.runs.len(), 1);
+    let run = h.panel.run(event.runs[0].id).await.unwrap();
+    assert_eq!((run.event_id, run.messages[0].subject.as_str()), (Some(event.id), "Plain ida"));
+}
