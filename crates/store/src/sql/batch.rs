@@ -30,6 +30,10 @@ impl Ids {
     /// `n` new ids of each table asked for, in the order asked.
     pub(super) async fn take(&mut self, tx: &mut Tx, wanted: &[(&'static str, usize)]) -> Result<Vec<Vec<i64>>> {
         debug_assert!(wanted.iter().all(|(table, _)| ID_TABLES.contains(table)));
+        if wanted.iter().all(|&(_, n)| n == 0) {
+            // A group of claims and records only: no round trip.
+            return Ok(vec![Vec::new(); wanted.len()]);
+        }
         match tx.dialect {
             Dialect::Sqlite => {
                 if self.next.is_none() {
@@ -81,9 +85,6 @@ impl Ids {
                         )
                     })
                     .collect();
-                if wanted.iter().all(|&(_, n)| n == 0) {
-                    return Ok(out);
-                }
                 let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(parts.join(" UNION ALL ")));
                 for &(_, n) in wanted {
                     query = query.bind(n as i64);
