@@ -117,7 +117,7 @@ LEFT=$(python3 -c "import urllib.request,re; t=urllib.request.urlopen('http://12
 PEER=$(median ${R[peer]})
 ratio() { python3 -c "print(f'{$1/$PEER:.2f}x')"; }
 printf '\n%-92s %8s %8s\n' "path (N = $N messages of ~1 KB, median of $RUNS interleaved rounds)" "msg/s" "ratio"
-printf '%-92s %8s %8s\n' "durable peer: smtp-source -s 8 -> private Postfix (fsync'd queue) -> smtp-sink" "$PEER" "1.00x"
+printf '%-92s %8s %8s   rounds:%s\n' "durable peer: smtp-source -s 8 -> private Postfix (fsync'd queue) -> smtp-sink" "$PEER" "1.00x" "${R[peer]}"
 for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
   case $k in
     base) label="baseline build ($BASELINE_PANEL): 8 clients, POST /api/v1/messages -> SQLite" ;;
@@ -128,7 +128,7 @@ for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
     pg) label="Panel: 8 clients, POST /api/v1/messages -> PostgreSQL, 1 serve + 2 workers" ;;
   esac
   v=$(median ${R[$k]})
-  printf '%-92s %8s %8s\n' "$label" "$v" "$(ratio "$v")"
+  printf '%-92s %8s %8s   rounds:%s\n' "$label" "$v" "$(ratio "$v")" "${R[$k]}"
 done
 printf '\nUrgent mail behind bulk: 10,000 bulk messages queued for a relay taking 500 msg/s, then 20 Test Messages\n'
 printf '  enqueue -> relay 250: median %s ms, worst of %s %s ms; bulk messages still queued after the 20: %s\n' \
