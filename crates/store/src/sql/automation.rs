@@ -345,7 +345,7 @@ pub(super) struct NewEvent<'a> {
 pub(super) async fn add_events(
     tx: &mut Tx,
     ids: &mut super::batch::Ids,
-    inserts: &mut super::batch::Inserts,
+    inserts: &mut super::batch::Writes,
     events: &[NewEvent<'_>],
     event_ids: &[i64],
 ) -> Result<Vec<EventRecord>> {

@@ -108,7 +108,7 @@ const MOST_PARAMETERS: usize = 30_000;
 /// Statements sent together, in the order added (a row's parents before it); past
 /// `MOST_PARAMETERS` they go in more round trips, still in that order.
 #[derive(Default)]
-pub(super) struct Inserts {
+pub(super) struct Writes {
     trips: Vec<Trip>,
     /// A value the driver could not encode (none of the types bound here can fail).
     error: Option<sqlx::error::BoxDynError>,
@@ -135,7 +135,7 @@ impl Row<'_> {
     }
 }
 
-impl Inserts {
+impl Writes {
     /// `INSERT INTO {into} VALUES` with a row for each item: `row` names its values `?1` ..
     /// `?width` (as `values` does) and `bind` binds an item's, in that order.
     pub(super) fn rows<T>(
@@ -147,17 +147,21 @@ impl Inserts {
         mut bind: impl FnMut(&mut Row<'_>, &T),
     ) {
         for chunk in items.chunks(MOST_PARAMETERS / width) {
-            let fits = self.trips.last().is_some_and(|t| t.args.len() + chunk.len() * width <= MOST_PARAMETERS);
-            if !fits {
-                self.trips.push(Trip::default());
-            }
-            let trip = self.trips.last_mut().expect("pushed above");
+            let trip = room_for(&mut self.trips, chunk.len() * width);
             let rows = values_from(trip.args.len(), chunk.len(), width, row);
             trip.statements.push(format!("INSERT INTO {into} VALUES {rows}"));
             for item in chunk {
                 bind(&mut Row { args: &mut trip.args, error: &mut self.error }, item);
             }
         }
+    }
+
+    /// One statement (no rows come back) whose values are `?1` .. `?width`, bound by `bind`.
+    pub(super) fn statement(&mut self, sql: &str, width: usize, bind: impl FnOnce(&mut Row<'_>)) {
+        let trip = room_for(&mut self.trips, width);
+        let sql = values_from(trip.args.len(), 1, width, sql);
+        trip.statements.push(sql);
+        bind(&mut Row { args: &mut trip.args, error: &mut self.error });
     }
 
     /// Runs the statements, in as few round trips as their parameters allow.
@@ -182,4 +186,13 @@ impl Inserts {
         }
         Ok(())
     }
+}
+
+/// The round trip the next `parameters` go in: the last, or a new one when they would not fit.
+fn room_for(trips: &mut Vec<Trip>, parameters: usize) -> &mut Trip {
+    let fits = trips.last().is_some_and(|t| t.args.len() + parameters <= MOST_PARAMETERS);
+    if !fits {
+        trips.push(Trip::default());
+    }
+    trips.last_mut().expect("pushed above")
 }

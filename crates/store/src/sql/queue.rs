@@ -64,7 +64,7 @@ impl SqlStore {
         // The messages' and the events' rows go to the database together, after the events'
         // plans (which need the events' ids) made their runs.
         let mut ids = super::batch::Ids::default();
-        let mut inserts = super::batch::Inserts::default();
+        let mut inserts = super::batch::Writes::default();
         let taken = ids.take(&mut tx, &[("messages", messages.len()), ("events", events.len())]).await?;
         let (message_ids, event_ids) = (&taken[0], &taken[1]);
         add_messages(&mut inserts, &messages, message_ids);
@@ -96,7 +96,7 @@ impl SqlStore {
         let messages: Vec<NewMessage<'_>> =
             items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
         let ids = super::batch::Ids::default().take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
-        let mut inserts = super::batch::Inserts::default();
+        let mut inserts = super::batch::Writes::default();
         add_messages(&mut inserts, &messages, &ids);
         inserts.execute(&mut tx).await?;
         tx.commit().await?;
@@ -527,7 +527,7 @@ pub(super) struct NewMessage<'a> {
 
 /// Adds `messages`, with the ids taken for them, and their recipients to `inserts`: a few
 /// statements for them all, sent with whatever else the transaction inserts.
-pub(super) fn add_messages(inserts: &mut super::batch::Inserts, messages: &[NewMessage<'_>], ids: &[i64]) {
+pub(super) fn add_messages(inserts: &mut super::batch::Writes, messages: &[NewMessage<'_>], ids: &[i64]) {
     debug_assert_eq!(messages.len(), ids.len());
     let rows: Vec<(i64, &NewMessage<'_>)> = ids.iter().copied().zip(messages).collect();
     inserts.rows(
@@ -656,47 +656,46 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
         }
         reports.push(serde_json::Value::Array(per_recipient).to_string());
     }
+    // The recipients' and the attempts' writes return nothing: they go in one round trip.
+    let mut writes = super::batch::Writes::default();
     for ((state, reply), rows) in &alike {
         for part in rows.chunks(500) {
             // Integers read from the database again.
             let list = part.iter().map(|(id, position)| format!("({id}, {position})")).collect::<Vec<_>>().join(", ");
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE recipients SET state = $1, reply = COALESCE($2, reply)
-                 WHERE (message_id, position) IN (VALUES {list})"
-            )))
-            .bind(*state)
-            .bind(*reply)
-            .execute(&mut **tx)
-            .await?;
+            let sql = format!(
+                "UPDATE recipients SET state = ?1, reply = COALESCE(?2, reply) WHERE (message_id, position) IN (VALUES {list})"
+            );
+            writes.statement(&sql, 2, |row| {
+                row.bind(*state).bind(*reply);
+            });
         }
     }
     // The attempts, one row each.
-    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).collect();
-    let rows = values(mine.len(), 15, "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)");
-    let sql = format!(
-        "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
-                               stage, code, enhanced_code, reply, detail, hint, recipients, route)
-         VALUES {rows}"
+    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).zip(reports).collect();
+    writes.rows(
+        "attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
+                   stage, code, enhanced_code, reply, detail, hint, recipients, route)",
+        "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        15,
+        &mine,
+        |row, ((claim, meta, s), report)| {
+            row.bind(claim.id)
+                .bind(meta.started_at.timestamp_millis())
+                .bind(meta.finished_at.timestamp_millis())
+                .bind(meta.service_id.as_str())
+                .bind(meta.relay.as_str())
+                .bind(meta.settings_version)
+                .bind(s.outcome.as_str())
+                .bind(s.stage.as_str())
+                .bind(s.reply.as_ref().map(|r| r.code as i64))
+                .bind(s.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
+                .bind(s.reply.as_ref().map(|r| r.text.as_str()))
+                .bind(s.detail.as_str())
+                .bind(s.hint.as_deref())
+                .bind(report.as_str())
+                .bind(meta.route.as_deref());
+        },
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for ((claim, meta, s), report) in mine.into_iter().zip(reports) {
-        query = query
-            .bind(claim.id)
-            .bind(meta.started_at.timestamp_millis())
-            .bind(meta.finished_at.timestamp_millis())
-            .bind(&meta.service_id)
-            .bind(&meta.relay)
-            .bind(meta.settings_version)
-            .bind(s.outcome.as_str())
-            .bind(s.stage.as_str())
-            .bind(s.reply.as_ref().map(|r| r.code as i64))
-            .bind(s.reply.as_ref().and_then(|r| r.enhanced.clone()))
-            .bind(s.reply.as_ref().map(|r| r.text.clone()))
-            .bind(&s.detail)
-            .bind(&s.hint)
-            .bind(report)
-            .bind(&meta.route);
-    }
-    query.execute(&mut **tx).await?;
+    writes.execute(tx).await?;
     Ok(recorded)
 }
