@@ -176,6 +176,8 @@ pub struct SqlStore {
     /// those sleeps, not the fsyncs, were most of a message's time in the queue. Other
     /// processes (the CLI) still queue on the lock itself.
     turn: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// When (store time, ms) this process last looked for expired leases in a claim.
+    expired_scan: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A write transaction; on SQLite it holds the process's write turn until it ends.
@@ -290,7 +292,14 @@ impl SqlStore {
                 (pool.clone(), pool)
             }
         };
-        let store = SqlStore { pool, writer, dialect, url: url.to_string(), turn: Default::default() };
+        let store = SqlStore {
+            pool,
+            writer,
+            dialect,
+            url: url.to_string(),
+            turn: Default::default(),
+            expired_scan: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+        };
         store.migrate().await?;
         Ok(store)
     }

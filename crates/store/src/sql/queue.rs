@@ -117,23 +117,16 @@ impl SqlStore {
         Ok(claims)
     }
 
-    /// `claim`, inside the caller's transaction.
-    async fn claim_in(
-        &self,
-        tx: &mut Tx,
-        owner: &str,
-        now: i64,
-        lease_ms: i64,
-        limit: u32,
-        bulk_first: bool,
-    ) -> Result<Vec<Claim>> {
-        // Several services may look at once: each takes the expired leases it can lock.
+    /// Records each expired lease it can lock as an interrupted attempt and makes its message due
+    /// again; how many it took. Several services may look at once: each takes the ones it locks.
+    async fn take_expired(&self, tx: &mut Tx, now: i64) -> Result<usize> {
         let sql = format!(
             "SELECT id, lease_owner FROM messages{} WHERE state = 'sending' AND lease_expires_at < $1{}",
             self.dialect.use_index("messages_leased"),
             self.dialect.skip_locked()
         );
         let expired = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).fetch_all(&mut **tx).await?;
+        let mut count = 0;
         for row in &expired {
             let id: i64 = cell(row, "messages", "id")?;
             let previous: Option<String> = cell(row, "messages", "lease_owner")?;
@@ -149,6 +142,7 @@ impl SqlStore {
             if taken.rows_affected() == 0 {
                 continue;
             }
+            count += 1;
             sqlx::query(
                 "INSERT INTO attempts (message_id, started_at, finished_at, service_id, relay, settings_version,
                                        outcome, stage, detail, hint, recipients)
@@ -161,6 +155,28 @@ impl SqlStore {
             .bind("the relay may already have accepted it; a duplicate delivery is possible")
             .execute(&mut **tx)
             .await?;
+        }
+        Ok(count)
+    }
+
+    /// `claim`, inside the caller's transaction.
+    async fn claim_in(
+        &self,
+        tx: &mut Tx,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
+        // Expired leases are looked for at most every EXPIRED_SCAN_EVERY while claims fill up
+        // (a round trip saved on nearly every claim under load), and always when due messages
+        // do not fill the claim: then an expired lease is taken at once, as before.
+        let last = self.expired_scan.load(std::sync::atomic::Ordering::Relaxed);
+        let scanned = now.saturating_sub(last) >= EXPIRED_SCAN_EVERY_MS;
+        if scanned {
+            self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
+            self.take_expired(tx, now).await?;
         }
         // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
         // round for this claim: the worker asks so every few claims, so that bulk mail keeps a
@@ -176,7 +192,7 @@ impl SqlStore {
             self.dialect.use_index("messages_due"),
             self.dialect.skip_locked()
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
             .bind(owner)
             .bind(now + lease_ms)
             .bind(now)
@@ -184,6 +200,19 @@ impl SqlStore {
             .fetch_all(&mut **tx)
             .await?;
         let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+        if !scanned && claims.len() < limit as usize {
+            self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
+            if self.take_expired(tx, now).await? > 0 {
+                let more = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(owner)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind((limit as usize - claims.len()) as i64)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                claims.extend(more.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?);
+            }
+        }
         if !claims.is_empty() {
             // The ids are integers read from the database: safe to list in the statement.
             let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
@@ -569,6 +598,9 @@ pub(super) fn add_messages(inserts: &mut super::batch::Writes, messages: &[NewMe
         },
     );
 }
+
+/// How often a busy service looks for expired leases (store time, ms).
+const EXPIRED_SCAN_EVERY_MS: i64 = 100;
 
 /// Attempts recorded in one statement, at most (15 parameters each).
 const RECORD_CHUNK: usize = 64;

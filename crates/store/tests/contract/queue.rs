@@ -50,6 +50,28 @@ async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend)
     assert_eq!(outcomes, ["interrupted", "delivered"]);
 }
 
+/// While due messages fill every claim, expired leases are looked for at most every 100 ms
+/// (store time), not in every claim; a claim they do not fill looks at once (the test above).
+async fn a_busy_claimer_takes_an_expired_lease_within_the_scan_interval(b: &Backend) {
+    let s = &b.store;
+    let t0 = Utc::now();
+    let at = |ms: i64| t0 + chrono::Duration::milliseconds(ms);
+    let stale = s.enqueue(Origin::MailTester, message("stale"), t0).await.unwrap();
+    assert_eq!(s.claim("w1", t0, Duration::from_millis(10), 1, false).await.unwrap()[0].reference.id, stale);
+    for i in 0..2 {
+        s.enqueue(Origin::MailTester, message(&format!("due {i}")), t0).await.unwrap();
+    }
+    let interrupted = async || s.message(stale).await.unwrap().unwrap().interrupted;
+    let second = s.claim("w2", at(50), Duration::from_secs(60), 1, false).await.unwrap();
+    assert_ne!(second[0].reference.id, stale, "a due message fills the claim");
+    assert_eq!(interrupted().await, 0, "50 ms after the last look: not looked for yet");
+    let third = s.claim("w2", at(150), Duration::from_secs(60), 1, false).await.unwrap();
+    assert_eq!(third.len(), 1);
+    assert_eq!(interrupted().await, 1, "150 ms: taken, recorded as interrupted and due again");
+    let last = s.claim("w2", at(160), Duration::from_secs(60), 5, false).await.unwrap();
+    assert!(last.iter().any(|c| c.reference.id == stale), "and claimed again: {last:?}");
+}
+
 async fn settings_saves_are_versioned_and_conflicts_detected(b: &Backend) {
     let s = &b.store;
     assert_eq!(s.config_generation().await.unwrap().settings, 0);
@@ -460,6 +482,7 @@ contract!(
     concurrent_settings_saves_conflict_instead_of_overwriting,
     a_claimed_message_is_not_claimed_twice_while_leased,
     an_expired_lease_is_fenced_out_and_recorded_as_interrupted,
+    a_busy_claimer_takes_an_expired_lease_within_the_scan_interval,
     settings_saves_are_versioned_and_conflicts_detected,
     only_failed_messages_can_be_retried,
     an_enqueued_message_survives_reopening_the_database
