@@ -192,24 +192,15 @@ impl SqlStore {
             self.dialect.use_index("messages_due"),
             self.dialect.skip_locked()
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(owner)
-            .bind(now + lease_ms)
-            .bind(now)
-            .bind(limit as i64)
-            .fetch_all(&mut **tx)
-            .await?;
+        let take = |n: usize| {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(owner).bind(now + lease_ms).bind(now).bind(n as i64)
+        };
+        let rows = take(limit as usize).fetch_all(&mut **tx).await?;
         let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
         if !scanned && claims.len() < limit as usize {
             self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
             if self.take_expired(tx, now).await? > 0 {
-                let more = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(owner)
-                    .bind(now + lease_ms)
-                    .bind(now)
-                    .bind((limit as usize - claims.len()) as i64)
-                    .fetch_all(&mut **tx)
-                    .await?;
+                let more = take(limit as usize - claims.len()).fetch_all(&mut **tx).await?;
                 claims.extend(more.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?);
             }
         }
