@@ -293,8 +293,6 @@ impl Panel {
         let (_, settings) = crate::settings::valid_settings(stored)?.ok_or(OpsError::NotConfigured)?;
         let workflows = self.triggered(event_type, generation).await?;
         let now = self.now();
-        // The plan owns what it needs: the store may run it in a group commit (and again, if
-        // the group fails and each write is committed alone), after this call returned.
         let inputs = EventInputs {
             workflows,
             settings,
