@@ -169,12 +169,13 @@ impl SqlStore {
         limit: u32,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
-        // Expired leases are looked for at most every EXPIRED_SCAN_EVERY while claims fill up
-        // (a round trip saved on nearly every claim under load), and always when due messages
-        // do not fill the claim: then an expired lease is taken at once, as before.
+        // Expired leases are looked for at most every EXPIRED_SCAN_EVERY (store time), busy or
+        // idle: a lease runs for a minute, so 100 ms more before it is taken changes nothing,
+        // while looking in every claim cost a statement per claim, and with several services
+        // most claims (woken together, one of them getting the mail) come back empty and
+        // looked each time. A clock that went back (a test's) looks at once.
         let last = self.expired_scan.load(std::sync::atomic::Ordering::Relaxed);
-        let scanned = now.saturating_sub(last) >= EXPIRED_SCAN_EVERY_MS;
-        if scanned {
+        if now.saturating_sub(last) >= EXPIRED_SCAN_EVERY_MS || now < last {
             self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
             self.take_expired(tx, now).await?;
         }
@@ -183,7 +184,7 @@ impl SqlStore {
         // share while urgent mail keeps coming. SKIP LOCKED (PostgreSQL): N services claiming
         // at once each get different steps, no waiting.
         let order = if bulk_first { "priority DESC, next_attempt_at, id" } else { "priority, next_attempt_at, id" };
-        let sql = format!(
+        let update = format!(
             "UPDATE messages SET state = 'sending', lease_owner = $1, lease_expires_at = $2,
                     claim_token = claim_token + 1, updated_at = $3
              WHERE id IN (SELECT id FROM messages{} WHERE state IN ('queued', 'retrying') AND next_attempt_at <= $3
@@ -192,52 +193,65 @@ impl SqlStore {
             self.dialect.use_index("messages_due"),
             self.dialect.skip_locked()
         );
-        let take = |n: usize| {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(owner).bind(now + lease_ms).bind(now).bind(n as i64)
+        let bind = |sql: String| {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(owner).bind(now + lease_ms).bind(now).bind(i64::from(limit))
         };
-        let rows = take(limit as usize).fetch_all(&mut **tx).await?;
-        let mut claims = rows.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
-        if !scanned && claims.len() < limit as usize {
-            self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
-            if self.take_expired(tx, now).await? > 0 {
-                let more = take(limit as usize - claims.len()).fetch_all(&mut **tx).await?;
-                claims.extend(more.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?);
-            }
-        }
-        if !claims.is_empty() {
-            // The ids are integers read from the database: safe to list in the statement.
-            let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
-            let sql = format!(
-                "SELECT message_id, position, address, state, reply FROM recipients
-                 WHERE message_id IN ({ids}) ORDER BY message_id, position"
-            );
-            let recipients = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?;
-            for row in recipients {
-                let state = closed_cell(&row, "recipients", "state", RecipientState::parse)?;
-                if state != RecipientState::Pending {
-                    // Settled by an earlier attempt: counted, so the state follows every recipient.
-                    let id: i64 = cell(&row, "recipients", "message_id")?;
-                    if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
-                        match state {
-                            RecipientState::Delivered => c.earlier.delivered += 1,
-                            _ => {
-                                c.earlier.failed += 1;
-                                if c.earlier.refusal.is_none() {
-                                    let address: String = cell(&row, "recipients", "address")?;
-                                    let reply: Option<String> = cell(&row, "recipients", "reply")?;
-                                    c.earlier.refusal = Some(format!("{address}: {}", reply.unwrap_or_default()));
-                                }
-                            }
-                        }
-                    }
-                    continue;
+        let (mut claims, recipients): (Vec<Claim>, Vec<ClaimedRecipient>) = match self.dialect {
+            // One statement, one round trip: each claimed row with its recipients as a JSON
+            // array (a row per message: its content is not repeated per recipient).
+            Dialect::Postgres => {
+                let sql = format!(
+                    "WITH claimed AS ({update})
+                         SELECT c.*, CAST((SELECT json_agg(json_build_array(r.position, r.address, r.state, r.reply)
+                                                           ORDER BY r.position)
+                                           FROM recipients r WHERE r.message_id = c.id) AS TEXT) AS recipients
+                         FROM claimed c"
+                );
+                let rows = bind(sql).fetch_all(&mut **tx).await?;
+                let mut recipients = Vec::new();
+                for row in &rows {
+                    let id: i64 = cell(row, "messages", "id")?;
+                    let list: Option<String> = cell(row, "recipients", "recipients")?;
+                    let list: Vec<(i64, String, String, Option<String>)> =
+                        list.map(|l| json(&l)).transpose()?.unwrap_or_default();
+                    recipients.extend(list.into_iter().map(|(p, a, s, r)| (id, p, a, s, r)));
                 }
-                let id: i64 = cell(&row, "recipients", "message_id")?;
-                if let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) {
-                    c.pending.push(PendingRecipient {
-                        position: cell(&row, "recipients", "position")?,
-                        address: cell(&row, "recipients", "address")?,
-                    });
+                (rows.iter().map(claim_from_row).collect::<Result<_>>()?, recipients)
+            }
+            // SQLite has no UPDATE inside WITH; its statements cost no round trip.
+            Dialect::Sqlite => {
+                let claims =
+                    bind(update).fetch_all(&mut **tx).await?.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+                let recipients = match claims.is_empty() {
+                    true => Vec::new(),
+                    false => {
+                        // The ids are integers read from the database: safe to list in the statement.
+                        let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
+                        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT message_id, position, address, state, reply FROM recipients
+                                 WHERE message_id IN ({ids}) ORDER BY message_id, position"
+                        )))
+                        .fetch_all(&mut **tx)
+                        .await?
+                    }
+                };
+                (claims, recipients)
+            }
+        };
+        for (id, position, address, state, reply) in recipients {
+            let Some(c) = claims.iter_mut().find(|c| c.reference.id == id) else { continue };
+            let state = RecipientState::parse(&state).ok_or_else(|| {
+                crate::StoreError::Corrupt(format!("recipients.state: '{state}' is not one this build knows"))
+            })?;
+            match state {
+                RecipientState::Pending => c.pending.push(PendingRecipient { position, address }),
+                // Settled by an earlier attempt: counted, so the state follows every recipient.
+                RecipientState::Delivered => c.earlier.delivered += 1,
+                _ => {
+                    c.earlier.failed += 1;
+                    if c.earlier.refusal.is_none() {
+                        c.earlier.refusal = Some(format!("{address}: {}", reply.unwrap_or_default()));
+                    }
                 }
             }
         }
@@ -590,7 +604,10 @@ pub(super) fn add_messages(inserts: &mut super::batch::Writes, messages: &[NewMe
     );
 }
 
-/// How often a busy service looks for expired leases (store time, ms).
+/// A claimed message's recipient: (message, position, address, state, reply).
+type ClaimedRecipient = (i64, i64, String, String, Option<String>);
+
+/// How often a service looks for expired leases (store time, ms).
 const EXPIRED_SCAN_EVERY_MS: i64 = 100;
 
 /// Attempts recorded in one statement, at most (15 parameters each).

@@ -33,15 +33,17 @@ async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
 
 async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend) {
     let s = &b.store;
-    let id = s.enqueue(Origin::MailTester, message("two"), Utc::now()).await.unwrap();
-    let stale = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap().remove(0);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let fresh = s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
+    let t0 = Utc::now();
+    let id = s.enqueue(Origin::MailTester, message("two"), t0).await.unwrap();
+    let stale = s.claim("w1", t0, Duration::from_millis(1), 10, false).await.unwrap().remove(0);
+    // Expired, and past the interval at which expired leases are looked for.
+    let later = t0 + chrono::Duration::milliseconds(150);
+    let fresh = s.claim("w2", later, Duration::from_secs(60), 10, false).await.unwrap().remove(0);
     assert_eq!(fresh.reference.id, id);
     assert!(fresh.reference.token > stale.reference.token);
     // The paused worker wakes up: its outcome is refused, the new owner's is kept.
     assert!(!s.record_attempt(&stale.reference, &meta(), &delivered()).await.unwrap());
-    assert!(!s.renew_lease(&stale.reference, Utc::now(), Duration::from_secs(60)).await.unwrap());
+    assert!(!s.renew_lease(&stale.reference, later, Duration::from_secs(60)).await.unwrap());
     assert!(s.record_attempt(&fresh.reference, &meta(), &delivered()).await.unwrap());
     let m = s.message(id).await.unwrap().unwrap();
     assert_eq!(m.state.as_str(), "delivered");
@@ -50,8 +52,8 @@ async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend)
     assert_eq!(outcomes, ["interrupted", "delivered"]);
 }
 
-/// While due messages fill every claim, expired leases are looked for at most every 100 ms
-/// (store time), not in every claim; a claim they do not fill looks at once (the test above).
+/// Expired leases are looked for at most every 100 ms (store time), not in every claim, also
+/// while due messages fill every claim.
 async fn a_busy_claimer_takes_an_expired_lease_within_the_scan_interval(b: &Backend) {
     let s = &b.store;
     let t0 = Utc::now();
@@ -65,11 +67,12 @@ async fn a_busy_claimer_takes_an_expired_lease_within_the_scan_interval(b: &Back
     let second = s.claim("w2", at(50), Duration::from_secs(60), 1, false).await.unwrap();
     assert_ne!(second[0].reference.id, stale, "a due message fills the claim");
     assert_eq!(interrupted().await, 0, "50 ms after the last look: not looked for yet");
-    let third = s.claim("w2", at(150), Duration::from_secs(60), 1, false).await.unwrap();
-    assert_eq!(third.len(), 1);
+    let third = s.claim("w2", at(60), Duration::from_secs(60), 5, false).await.unwrap();
+    assert_eq!(third.len(), 1, "the other due message: {third:?}");
+    assert_eq!(interrupted().await, 0, "a claim due mail does not fill does not look before the interval either");
+    let last = s.claim("w2", at(150), Duration::from_secs(60), 5, false).await.unwrap();
     assert_eq!(interrupted().await, 1, "150 ms: taken, recorded as interrupted and due again");
-    let last = s.claim("w2", at(160), Duration::from_secs(60), 5, false).await.unwrap();
-    assert!(last.iter().any(|c| c.reference.id == stale), "and claimed again: {last:?}");
+    assert!(last.iter().any(|c| c.reference.id == stale), "and claimed again in the same claim: {last:?}");
 }
 
 async fn settings_saves_are_versioned_and_conflicts_detected(b: &Backend) {
@@ -167,12 +170,13 @@ async fn an_idempotency_key_enqueued_concurrently_creates_one_step(b: &Backend) 
 
 async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: &Backend) {
     let s = &b.store;
-    let a = s.enqueue(Origin::MailTester, message("a"), Utc::now()).await.unwrap();
-    let c = s.enqueue(Origin::MailTester, message("c"), Utc::now()).await.unwrap();
-    let claims = s.claim("w1", Utc::now(), Duration::from_millis(1), 10, false).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // Message c's lease expired and w2 took it: w1's outcome for c is stale.
-    let retaken = s.claim("w2", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
+    let t0 = Utc::now();
+    let a = s.enqueue(Origin::MailTester, message("a"), t0).await.unwrap();
+    let c = s.enqueue(Origin::MailTester, message("c"), t0).await.unwrap();
+    let claims = s.claim("w1", t0, Duration::from_millis(1), 10, false).await.unwrap();
+    // Message c's lease expired and w2 took it (past the scan interval): w1's outcome for c is stale.
+    let later = t0 + chrono::Duration::milliseconds(150);
+    let retaken = s.claim("w2", later, Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(retaken.len(), 2, "both leases expired");
     let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap().reference;
     let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap().reference;
