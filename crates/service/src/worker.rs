@@ -298,20 +298,41 @@ pub async fn run_worker(
 }
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
-/// is checked once per claim, not once per message.
+/// is checked once per claim, not once per message, and after the claim, only when it took
+/// something (with several services most wake-ups find the mail taken: their claims come back
+/// empty and need no settings).
 async fn claim(
     shared: &Shared,
     limit: panel_store::ClaimLimit,
 ) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
-    let Some(state) = current_relay(shared).await? else {
-        return Ok(None); // Not configured yet: messages wait, nothing is lost.
-    };
+    // Before the first settings there is nothing to send with: messages wait, nothing is lost.
+    if shared.relay.lock().expect("not poisoned").is_none() && current_relay(shared).await?.is_none() {
+        return Ok(None);
+    }
     // Every BULK_SHARE-th claim takes bulk mail first: urgent mail goes ahead, and bulk mail is
     // never starved by it.
     let bulk_first = shared.claims.fetch_add(1, Ordering::Relaxed) % BULK_SHARE == BULK_SHARE - 1;
-    let claims =
-        shared.store.claim_up_to(&shared.owner, shared.panel.now(), shared.config.lease, limit, bulk_first).await?;
-    Ok(Some((state, claims)))
+    let now = shared.panel.now();
+    let claims = shared.store.claim_up_to(&shared.owner, now, shared.config.lease, limit, bulk_first).await?;
+    if claims.is_empty() {
+        return Ok(None);
+    }
+    match current_relay(shared).await {
+        Ok(Some(state)) => Ok(Some((state, claims))),
+        // The settings became unusable (or unreadable) since: the messages go back unsent, due
+        // again at once, and wait as they would have before the claim.
+        outcome => {
+            // The next claim looks at the settings first again, and waits while they are unusable.
+            *shared.relay.lock().expect("not poisoned") = None;
+            for c in &claims {
+                let note = "not sent: the relay settings could not be read or are invalid; waiting for them";
+                if let Err(e) = shared.store.defer_claim(&c.reference, now, now, note).await {
+                    tracing::warn!(message_id = c.reference.id, error = %e, "could not give the message back; its lease will expire");
+                }
+            }
+            outcome.map(|_| None)
+        }
+    }
 }
 
 /// The relay for the settings and secrets in force, rebuilt when either changes.

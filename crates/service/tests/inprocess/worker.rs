@@ -343,3 +343,45 @@ async fn a_failing_route_hands_its_message_to_the_standby_at_once_and_traffic_re
     assert_eq!(d.routes[0].state, "in use", "{:?}", d.routes);
     h.stop().await;
 }
+
+/// The worker claims first and reads the settings only when a claim took something; settings
+/// that turned unusable in between (a database written by a newer build, by hand) send the
+/// claimed message back unsent, waiting for them, instead of sending it with the old ones.
+#[tokio::test]
+async fn a_message_claimed_when_the_settings_turned_unusable_goes_back_unsent_and_waits_for_them() {
+    let h = Harness::start(Some(fast()), &[]).await;
+    let first = h.send("first").await;
+    h.wait_for(first, MessageState::Delivered, Duration::from_secs(10)).await;
+    let store = panel_store::Store::open(&h.url).await.unwrap();
+    let good = store.current_settings().await.unwrap().unwrap();
+    let bad = panel_domain::SettingsDoc { host: Some("not a host name!".into()), ..good.doc.clone() };
+    let now = h.panel.now();
+    let version = store.save_settings(good.version, &bad, "test", now, &[]).await.unwrap();
+    let second = store.enqueue(Origin::MailTester, h_message(&good.doc), now).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let m = store.message(second).await.unwrap().unwrap();
+        if m.last_error.is_some() {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "never claimed: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(waiting.state, MessageState::Queued, "back in the queue");
+    assert!(waiting.last_error.unwrap().contains("relay settings"));
+    assert!(waiting.attempts.is_empty(), "no attempt: the relay was never asked");
+    assert_eq!(h.sink.total(), 1, "only the first message reached the relay");
+    // Fixed, the message goes with the settings now in force.
+    store.save_settings(version, &good.doc, "test", now, &[]).await.unwrap();
+    let m = h.wait_for(second, MessageState::Delivered, Duration::from_secs(10)).await;
+    assert_eq!(m.attempts.len(), 1);
+    assert_eq!(h.sink.total(), 2);
+    h.stop().await;
+}
+
+fn h_message(doc: &panel_domain::SettingsDoc) -> panel_domain::OutgoingMessage {
+    let settings = panel_domain::RelaySettings::validate(doc).unwrap();
+    let draft = Draft { subject: "second".into(), text: "Hi.".into(), ..Default::default() };
+    panel_domain::OutgoingMessage::prepare(&draft, &settings.from, &settings.fallback_recipient, chrono::Utc::now(), 7)
+        .unwrap()
+}
