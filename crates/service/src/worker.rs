@@ -163,11 +163,13 @@ struct Shared {
     slot_freed: Notify,
 }
 
-/// A delivery's share of `WorkerConfig::concurrency`, handed back as soon as its attempt is
-/// handed to the recorder, not once the record is committed: the claim that fills the slot
-/// again then rides the same group commit as that record, and a slot costs one commit per
-/// message instead of two in a row (record, then claim). Handed back on drop too (a delivery
-/// that ended early or panicked).
+/// A delivery's share of `WorkerConfig::concurrency`, handed back as soon as its attempt is in
+/// the group committer's queue, not once the record is committed: the claim that fills the
+/// slot again then rides the same group commit as that record (or a later one, never an
+/// earlier one), and a slot costs one commit per message instead of two in a row (record,
+/// then claim). What that claim takes is sent after the record is committed, so a worker
+/// killed at any moment still holds at most one unrecorded sent message per slot. Handed back
+/// on drop too (a delivery that ended early or panicked).
 struct Slot {
     permit: Mutex<Option<OwnedSemaphorePermit>>,
     shared: Arc<Shared>,
@@ -193,6 +195,8 @@ struct Record {
     meta: AttemptMeta,
     settlement: panel_domain::Settlement,
     reply: oneshot::Sender<Result<bool, String>>,
+    /// Handed back once the record is in the committer's queue.
+    slot: Arc<Slot>,
 }
 
 /// Group commit: whatever attempts finished while the previous batch was being written go
@@ -208,9 +212,10 @@ async fn record_in_batches(store: Store, mut queue: mpsc::Receiver<Record>) {
                 Err(_) => break,
             }
         }
-        let (items, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|r| ((r.claim, r.meta, r.settlement), r.reply)).unzip();
-        match store.record_attempts(items).await {
+        let (items, rest): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|r| ((r.claim, r.meta, r.settlement), (r.reply, r.slot))).unzip();
+        let (replies, slots): (Vec<_>, Vec<_>) = rest.into_iter().unzip();
+        match store.record_attempts_then(items, || slots.iter().for_each(|s| s.free())).await {
             Ok(results) => {
                 for (reply, ok) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(ok));
@@ -493,7 +498,7 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
     let started = shared.panel.now();
     let inner = tokio::spawn({
         let (shared, state, slot) = (shared.clone(), state.clone(), slot.clone());
-        async move { deliver(&shared, &state, claim, &slot).await }
+        async move { deliver(&shared, &state, claim, slot).await }
     });
     let Err(e) = inner.await else { return };
     if !e.is_panic() {
@@ -512,7 +517,7 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
     };
     let ctx = ConnectionContext { port: 0, security: panel_domain::Security::None };
     let via = Via { route: None, relay: String::new(), ctx };
-    settle_and_record(&shared, &state, info, started, report, via, &slot).await;
+    settle_and_record(&shared, &state, info, started, report, via, slot).await;
 }
 
 /// The route `index` took no attempt after all: its probe (if this was one) is free again.
@@ -539,7 +544,7 @@ impl Drop for Renewal {
     }
 }
 
-async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim, slot: &Slot) {
+async fn deliver(shared: &Arc<Shared>, state: &RelayState, claim: Claim, slot: Arc<Slot>) {
     let started = shared.panel.now();
     let id = claim.reference.id;
     let info = ClaimInfo::of(&claim);
@@ -693,7 +698,7 @@ async fn settle_and_record(
     started: DateTime<Utc>,
     report: SendReport,
     via: Via,
-    slot: &Slot,
+    slot: Arc<Slot>,
 ) {
     let id = claim.reference.id;
     let Via { route, relay: relay_addr, ctx } = via;
@@ -813,12 +818,9 @@ async fn settle_and_record(
         release_proven(shared, state).await;
     }
     let (reply, recorded) = oneshot::channel();
-    let record = Record { claim: claim.reference, meta, settlement, reply };
+    let record = Record { claim: claim.reference, meta, settlement, reply, slot };
     let result = match shared.recorder.send(record).await {
-        Ok(()) => {
-            slot.free();
-            recorded.await.unwrap_or_else(|_| Err("the recorder stopped".into()))
-        }
+        Ok(()) => recorded.await.unwrap_or_else(|_| Err("the recorder stopped".into())),
         Err(_) => Err("the recorder stopped".into()),
     };
     match result {

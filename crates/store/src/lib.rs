@@ -658,12 +658,23 @@ impl Store {
 
     /// Hands a write to the group committer and waits for its outcome.
     async fn submit<T>(&self, pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> Pending) -> Result<T> {
+        self.submit_then(pending, || {}).await
+    }
+
+    /// `submit`, calling `queued` once the write is in the committer's queue: a write handed
+    /// over after that is committed with it or after it, never before.
+    async fn submit_then<T>(
+        &self,
+        pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> Pending,
+        queued: impl FnOnce(),
+    ) -> Result<T> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if let Err(tokio::sync::mpsc::error::SendError(pending)) = self.committer().await.send(pending(reply)).await {
             // The committer's runtime is gone (a store carried into another runtime), before it
             // took the write: commit it here, alone.
             pending.answer(None, &self.backend).await;
         }
+        queued();
         self.observe(answer.await.unwrap_or_else(|_| Err(committer_stopped())))
     }
 
@@ -762,6 +773,13 @@ impl Store {
     /// Group-committed with the service's other writes.
     pub async fn record_attempts(&self, batch: AttemptBatch) -> Result<Vec<bool>> {
         self.submit(|reply| Pending::Record { batch, reply }).await
+    }
+
+    /// `record_attempts`, calling `queued` once the batch is in the group committer's queue: a
+    /// claim made after that is committed in the same transaction or a later one, so what it
+    /// takes is sent only once these attempts are recorded.
+    pub async fn record_attempts_then(&self, batch: AttemptBatch, queued: impl FnOnce()) -> Result<Vec<bool>> {
+        self.submit_then(|reply| Pending::Record { batch, reply }, queued).await
     }
 
     pub async fn list_messages(&self, filter: &MessageFilter) -> Result<Vec<MessageSummary>> {

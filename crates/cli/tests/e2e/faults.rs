@@ -158,7 +158,11 @@ fn chaos_three_services_on_postgres_lose_nothing_while_workers_are_killed_throug
         started.elapsed().as_secs_f64()
     );
     assert_eq!(lost, 0);
-    assert!(duplicates <= kills, "{duplicates} duplicates for {kills} kills");
+    // A copy comes only from a send the relay accepted whose record the kill cut off: a worker
+    // holds at most one such send per slot (WorkerConfig's default concurrency, 4), because a
+    // slot's next message is sent only once the record before it is committed. How many of
+    // the four a kill catches grows with the worker's speed (~1 a kill here).
+    assert!(duplicates <= kills * 4, "{duplicates} duplicates for {kills} kills");
     assert!(kills >= 5, "workers were killed all through the run: {kills}");
 }
 

@@ -385,3 +385,37 @@ fn h_message(doc: &panel_domain::SettingsDoc) -> panel_domain::OutgoingMessage {
     panel_domain::OutgoingMessage::prepare(&draft, &settings.from, &settings.fallback_recipient, chrono::Utc::now(), 7)
         .unwrap()
 }
+
+/// The store the hook below reads, and what it saw: (subject, messages recorded as delivered
+/// at the moment that message was about to be sent).
+static SLOT_STORE: std::sync::OnceLock<panel_store::Store> = std::sync::OnceLock::new();
+static SLOT_SEEN: std::sync::Mutex<Vec<(String, i64)>> = std::sync::Mutex::new(Vec::new());
+
+fn count_recorded(m: &panel_domain::OutgoingMessage) {
+    let Some(store) = SLOT_STORE.get() else { return };
+    let stats = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(store.queue_stats(chrono::Utc::now()))
+    });
+    SLOT_SEEN.lock().unwrap().push((m.subject.clone(), stats.unwrap().delivered));
+}
+
+/// A slot is handed back for the next claim once its attempt is in the group committer's
+/// queue, but what that claim takes is sent only after the record is committed: with one slot,
+/// every message is sent after all the ones before it are recorded (so a worker killed at any
+/// moment holds at most one unrecorded sent message per slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slots_next_message_is_sent_only_once_the_one_before_is_recorded() {
+    let mut h = Harness::start(None, &[]).await;
+    SLOT_STORE.set(panel_store::Store::open(&h.url).await.unwrap()).ok().unwrap();
+    let drafts: Vec<Draft> =
+        (0..6).map(|i| Draft { subject: format!("slot {i}"), text: "Hi.".into(), ..Default::default() }).collect();
+    let ids = h.panel.enqueue_drafts(Origin::Dispatch, &drafts).await.unwrap();
+    h.start_worker(WorkerConfig { concurrency: 1, before_send: Some(count_recorded), ..fast() });
+    for id in &ids {
+        h.wait_for(*id, MessageState::Delivered, Duration::from_secs(10)).await;
+    }
+    let seen = SLOT_SEEN.lock().unwrap().clone();
+    let expected: Vec<(String, i64)> = (0..6).map(|i| (format!("slot {i}"), i)).collect();
+    assert_eq!(seen, expected, "each sent once all before it were recorded");
+    h.stop().await;
+}
