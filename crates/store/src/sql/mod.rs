@@ -236,16 +236,46 @@ pub(super) fn values(rows: usize, width: usize, row: &str) -> String {
 }
 
 /// `values` for a statement whose parameters start after the first `taken`.
+///
+/// The template is split once into its text and its `?k`, and each row written out from
+/// that: a group commit builds thousands of placeholders, and replacing each `?k` in a copy
+/// per row (as this did) was ~3 % of a busy service's CPU, on the committer's path.
 pub(super) fn values_from(taken: usize, rows: usize, width: usize, row: &str) -> String {
-    (0..rows)
-        .map(|i| {
-            // The highest first, so that `?1` never eats the start of `?10`.
-            (1..=width)
-                .rev()
-                .fold(row.to_string(), |row, k| row.replace(&format!("?{k}"), &format!("${}", taken + i * width + k)))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    use std::fmt::Write as _;
+    enum Part<'a> {
+        Text(&'a str),
+        Param(usize),
+    }
+    let mut parts = Vec::new();
+    let mut rest = row;
+    while let Some(at) = rest.find('?') {
+        let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
+        match rest[at + 1..at + 1 + digits].parse::<usize>() {
+            Ok(k) if (1..=width).contains(&k) => {
+                parts.push(Part::Text(&rest[..at]));
+                parts.push(Part::Param(k));
+            }
+            // Not one of ours: kept as written.
+            _ => parts.push(Part::Text(&rest[..at + 1 + digits])),
+        }
+        rest = &rest[at + 1 + digits..];
+    }
+    parts.push(Part::Text(rest));
+    let mut out = String::with_capacity(rows * (row.len() + width * 3 + 2));
+    for i in 0..rows {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for part in &parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Param(k) => {
+                    let _ = write!(out, "${}", taken + i * width + k);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A pool of `max` connections to the SQLite database at `path`, each set up alike.
@@ -422,5 +452,7 @@ mod tests {
         assert_eq!(wide, "($1, $10), ($11, $20)");
         // A statement sent after others in one round trip numbers on after theirs.
         assert_eq!(super::values_from(7, 2, 2, "(?1, ?2)"), "($8, $9), ($10, $11)");
+        // A `?` that is not one of the row's parameters stays as written.
+        assert_eq!(super::values(1, 2, "(?1, '?', ?3, ?2?)"), "($1, '?', ?3, $2?)");
     }
 }
