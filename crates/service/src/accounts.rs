@@ -31,6 +31,8 @@ pub struct Actor {
     pub role: Role,
     /// Set for a browser session: state-changing requests must carry this token.
     pub csrf: Option<String>,
+    /// What was current when the request was authenticated (`Panel::as_seen`).
+    pub seen: crate::ops::Seen,
 }
 
 impl Actor {
@@ -336,6 +338,7 @@ impl Panel {
             name: o.admin,
             role: Role::parse(&o.role).unwrap_or(Role::Viewer),
             csrf: if o.kind == "session" { o.csrf } else { None },
+            seen: crate::ops::Seen { settings: o.settings_version, definitions: o.definitions },
         }))
     }
 

@@ -288,9 +288,23 @@ impl Panel {
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        // One read: the settings, and whether the workflows kept in memory are current.
-        let (stored, generation) = self.store.settings_and_definitions().await?;
-        let (_, settings) = crate::settings::valid_settings(stored)?.ok_or(OpsError::NotConfigured)?;
+        // The settings and workflows kept in memory when they are as new as the request saw
+        // (`Seen`), else one read: the settings, and whether the workflows kept are current.
+        let kept = self.seen.and_then(|seen| {
+            let (_, settings) = self.kept_settings()?;
+            let workflows = self.workflows.lock().expect("not poisoned");
+            let generation = workflows.as_ref().map(|w| w.generation).filter(|&g| g >= seen.definitions)?;
+            Some((settings, generation))
+        });
+        let (settings, generation) = match kept {
+            Some(kept) => kept,
+            None => {
+                let (stored, generation) = self.store.settings_and_definitions().await?;
+                let read = crate::settings::valid_settings(stored)?;
+                self.keep_settings(&read);
+                (read.ok_or(OpsError::NotConfigured)?.1, generation)
+            }
+        };
         let workflows = self.triggered(event_type, generation).await?;
         let now = self.now();
         let inputs = EventInputs {

@@ -23,7 +23,7 @@ pub mod worker;
 
 pub use bounces::{BounceHandler, BounceMailbox, MailboxAuth, MailboxPass, Receipt};
 pub use error::{ErrorKind, OpsError};
-pub use ops::{Panel, SettingsUpdate};
+pub use ops::{Panel, Seen, SettingsUpdate};
 pub use panel_store::redact_url;
 pub use registry::{ConfigReport, ConfigReporter, ServiceHandle, liveness_window};
 pub use scheduler::run_scheduler;

@@ -49,6 +49,21 @@ pub struct Panel {
     /// The enabled workflows and their templates, as of a definitions generation
     /// (`automation.rs`): an event reads them only when the generation moved.
     pub(crate) workflows: Arc<std::sync::Mutex<Option<Arc<crate::automation::Workflows>>>>,
+    /// The newest valid relay settings this process read, with their version.
+    settings_kept: Arc<std::sync::Mutex<Option<(i64, RelaySettings)>>>,
+    /// Set for one request (`Panel::as_seen`): what was current when it was authenticated.
+    pub(crate) seen: Option<Seen>,
+}
+
+/// The relay settings version and the definitions generation current while a request was
+/// authenticated, read in the statement that read its token. Both only ever move forward, so
+/// settings and workflows kept in memory that are at least this new are what a read of its
+/// own during the request would have given: the request takes them without that read (on
+/// PostgreSQL a round trip, with a pooled connection's pings, for every message sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub settings: i64,
+    pub definitions: i64,
 }
 
 /// A read of the live services and when it was made.
@@ -78,6 +93,28 @@ impl Panel {
             setup: Arc::default(),
             bounce_key: Arc::default(),
             workflows: Arc::default(),
+            settings_kept: Arc::default(),
+            seen: None,
+        }
+    }
+
+    /// This Panel for one request authenticated when `seen` was current (`Seen`).
+    pub fn as_seen(&self, seen: Seen) -> Panel {
+        Panel { seen: Some(seen), ..self.clone() }
+    }
+
+    /// The settings kept in memory, when they are at least as new as the request saw.
+    pub(crate) fn kept_settings(&self) -> Option<(i64, RelaySettings)> {
+        let seen = self.seen?;
+        self.settings_kept.lock().expect("not poisoned").clone().filter(|(version, _)| *version >= seen.settings)
+    }
+
+    /// Keeps `read` when it is newer than the settings kept.
+    pub(crate) fn keep_settings(&self, read: &Option<(i64, RelaySettings)>) {
+        let Some((version, settings)) = read else { return };
+        let mut kept = self.settings_kept.lock().expect("not poisoned");
+        if kept.as_ref().is_none_or(|(old, _)| old < version) {
+            *kept = Some((*version, settings.clone()));
         }
     }
 

@@ -22,7 +22,12 @@ const CHECK_RUN_WAIT: Duration = Duration::from_secs(300);
 impl Panel {
     /// The settings in force, validated; `None` before the first save.
     pub async fn settings(&self) -> Result<Option<(i64, RelaySettings)>, OpsError> {
-        valid_settings(self.store.current_settings().await?)
+        if let Some(kept) = self.kept_settings() {
+            return Ok(Some(kept));
+        }
+        let read = valid_settings(self.store.current_settings().await?)?;
+        self.keep_settings(&read);
+        Ok(read)
     }
 
     pub async fn stored_settings(&self) -> Result<Option<StoredSettings>, OpsError> {

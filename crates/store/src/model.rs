@@ -464,6 +464,11 @@ pub struct TokenOwner {
     pub kind: String,
     /// Sessions only: the CSRF token every state-changing request must carry.
     pub csrf: Option<String>,
+    /// The newest relay settings version (0 before the first save) and the definitions
+    /// generation, read in the same statement: what was current while the request that
+    /// brought the token was on its way, without a read of its own.
+    pub settings_version: i64,
+    pub definitions: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -139,6 +139,19 @@ impl<S: Send + Sync> FromRequestParts<S> for By {
     }
 }
 
+/// What was current when the request was authenticated: a handler that sends mail takes
+/// the settings and workflows kept in memory when they are at least this new
+/// (`Panel::as_seen`).
+pub struct SeenBy(pub panel_service::Seen);
+
+impl<S: Send + Sync> FromRequestParts<S> for SeenBy {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Actor>().map(|a| SeenBy(a.seen)).ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
 /// The OpenAPI 3.1 document of `ROUTES`.
 pub fn openapi() -> serde_json::Value {
     use schemars::generate::SchemaSettings;

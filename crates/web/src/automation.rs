@@ -11,7 +11,7 @@ use panel_service::views::{DefinitionKind, SaveMode, SaveOutcome};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::auth::By;
+use crate::auth::{By, SeenBy};
 use crate::{ApiPath, ApiQuery, ApiResult, JsonObject, ok};
 
 fn saved(outcome: SaveOutcome, name: &str) -> ApiResult {
@@ -181,9 +181,10 @@ pub(crate) struct EventRequest {
 pub(crate) async fn post_event(
     State(p): State<Panel>,
     By(by): By,
+    SeenBy(seen): SeenBy,
     JsonObject(body): JsonObject<EventRequest>,
 ) -> ApiResult {
-    let req = body;
+    let (p, req) = (p.as_seen(seen), body);
     let event = p.post_event(&req.event_type, &req.object, req.idempotency_key.as_deref(), &by).await?;
     let status = if event.created { StatusCode::ACCEPTED } else { StatusCode::OK };
     let answer = crate::answers::Event { event_id: event.id, created: event.created, runs: event.runs };

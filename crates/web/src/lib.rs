@@ -27,7 +27,7 @@ use panel_domain::{Origin, SettingsDoc};
 use panel_service::ops::effective_view;
 use panel_service::{ErrorKind, OpsError, Panel};
 
-use crate::auth::By;
+use crate::auth::{By, SeenBy};
 use panel_service::views::{PutOutcome, RetryResult};
 use serde::Deserialize;
 use serde_json::json;
@@ -393,8 +393,12 @@ pub(crate) struct SendRequest {
     idempotency_key: Option<String>,
 }
 
-pub(crate) async fn send_message(State(p): State<Panel>, JsonObject(body): JsonObject<SendRequest>) -> ApiResult {
-    let req = body;
+pub(crate) async fn send_message(
+    State(p): State<Panel>,
+    SeenBy(seen): SeenBy,
+    JsonObject(body): JsonObject<SendRequest>,
+) -> ApiResult {
+    let (p, req) = (p.as_seen(seen), body);
     let (id, created) = p.enqueue_draft(Origin::MailTester, &req.draft, req.idempotency_key.as_deref()).await?;
     let mut response = enqueued(&p, id, req.wait).await?;
     if !created {
@@ -414,8 +418,12 @@ pub(crate) struct BulkRequest {
 }
 
 /// `{"messages": [draft, ...]}`: all stored in one transaction, or none (400 names the index).
-pub(crate) async fn send_bulk(State(p): State<Panel>, JsonObject(body): JsonObject<BulkRequest>) -> ApiResult {
-    let req = body;
+pub(crate) async fn send_bulk(
+    State(p): State<Panel>,
+    SeenBy(seen): SeenBy,
+    JsonObject(body): JsonObject<BulkRequest>,
+) -> ApiResult {
+    let (p, req) = (p.as_seen(seen), body);
     if req.messages.is_empty() || req.messages.len() > BULK_LIMIT {
         let mut errors = panel_domain::FieldErrors::default();
         errors.push("messages", format!("give 1 to {BULK_LIMIT} messages per request"));

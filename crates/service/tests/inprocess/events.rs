@@ -92,3 +92,44 @@ async fn a_workflow_that_reads_the_event_gets_its_id_and_one_that_does_not_is_pl
     let run = h.panel.run(event.runs[0].id).await.unwrap();
     assert_eq!((run.event_id, run.messages[0].subject.as_str()), (Some(event.id), "Plain ida"));
 }
+
+/// A request (an API token's) takes the settings and workflows this service keeps in memory
+/// only while they are as new as what was current when it was authenticated (`Panel::as_seen`):
+/// whatever another service saved before that, the request sees, for events and for messages.
+#[tokio::test]
+async fn a_request_sees_every_change_saved_before_it_was_authenticated_whichever_service_saved_it() {
+    use panel_domain::Secret;
+    use panel_domain::settings::patch::Channel;
+    use panel_service::accounts::Role;
+
+    let h = Harness::start(None, &[]).await;
+    let other = h.another_service().await;
+    h.panel.put_admin("ann", Role::Operator, &Secret::new("ann-password-123".into()), false, "test").await.unwrap();
+    let token = h.panel.create_api_token("ann", "hr-sync").await.unwrap();
+    let request = || async { h.panel.as_seen(h.panel.authenticate(&token).await.unwrap().unwrap().seen) };
+    h.panel.save_template("welcome", &template("Hello {{ object.login }}"), SaveMode::Create, "test").await.unwrap();
+    let workflow: WorkflowDef = serde_json::from_value(json!({
+        "name": "welcome", "trigger": "user.created",
+        "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]
+    }))
+    .unwrap();
+    h.panel.save_workflow(&workflow, SaveMode::Create, "test").await.unwrap();
+    assert_eq!(subjects(&request().await, "ann").await, ["Hello ann"]);
+    let mail_from = |p: Panel| async move {
+        let draft = panel_domain::message::Draft { subject: "x".into(), text: "x".into(), ..Default::default() };
+        let id = p.enqueue_draft(panel_domain::Origin::MailTester, &draft, None).await.unwrap().0;
+        p.message(id).await.unwrap().from
+    };
+    assert!(mail_from(request().await).await.contains("panel@example.org"));
+    // Both are kept here now. Another service changes the template, then the sender.
+    other.save_template("welcome", &template("Hi {{ object.login }}"), SaveMode::Update, "test").await.unwrap();
+    assert_eq!(subjects(&request().await, "bob").await, ["Hi bob"]);
+    let from = panel_domain::SettingsDoc::from_texts([("from", "Other <other@example.org>")]).unwrap();
+    other.update_settings(&from, "test", Channel::Local).await.unwrap();
+    assert!(mail_from(request().await).await.contains("other@example.org"));
+    assert_eq!(subjects(&request().await, "cy").await, ["Hi cy"]);
+    // The service's own save, too.
+    let back = panel_domain::SettingsDoc::from_texts([("from", "Panel <panel@example.org>")]).unwrap();
+    h.panel.update_settings(&back, "test", Channel::Local).await.unwrap();
+    assert!(mail_from(request().await).await.contains("panel@example.org"));
+}

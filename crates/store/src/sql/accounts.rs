@@ -159,7 +159,10 @@ impl SqlStore {
     /// The owner of an unexpired session or token.
     pub async fn token_owner(&self, token_hash: &str, now: i64) -> Result<Option<TokenOwner>> {
         let row = sqlx::query(
-            "SELECT t.kind, t.admin, t.csrf, t.last_used_at, a.role FROM auth_tokens t JOIN admins a ON a.name = t.admin
+            "SELECT t.kind, t.admin, t.csrf, t.last_used_at, a.role,
+                    (SELECT COALESCE(MAX(version), 0) FROM relay_settings) AS settings_version,
+                    (SELECT value FROM generations WHERE name = 'definitions') AS definitions
+             FROM auth_tokens t JOIN admins a ON a.name = t.admin
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
         )
         .bind(token_hash)
@@ -186,6 +189,8 @@ impl SqlStore {
                 role: cell(&r, "admins", "role")?,
                 kind: cell(&r, "auth_tokens", "kind")?,
                 csrf: cell(&r, "auth_tokens", "csrf")?,
+                settings_version: cell(&r, "relay_settings", "settings_version")?,
+                definitions: cell(&r, "generations", "definitions")?,
             })
         })
         .transpose()

@@ -66,6 +66,24 @@ async fn api_tokens_are_listed_and_revoked_by_id(b: &Backend) {
         [("aaaaaaaaaaaa", "hr-sync"), ("bbbbbbbbbbbb", "ci")]
     );
     assert_eq!(b.store.tokens(Some("bob")).await.unwrap().len(), 1);
+    // The token's read says which settings version and definitions generation are current.
+    let seen = |o: panel_store::TokenOwner| (o.settings_version, o.definitions);
+    let before = seen(b.store.token_owner(&"b".repeat(64), now).await.unwrap().unwrap());
+    assert_eq!(before.0, 0, "no settings saved yet");
+    let doc = panel_domain::SettingsDoc { host: Some("relay.example.org".into()), ..Default::default() };
+    assert_eq!(b.store.save_settings(0, &doc, "t", now, &[]).await.unwrap(), 1);
+    assert_eq!(b.store.token_owner(&"b".repeat(64), now).await.unwrap().map(seen), Some((1, before.1)));
+    let def = panel_store::NewDefinition {
+        kind: panel_store::DefinitionKind::Template,
+        name: "welcome".into(),
+        doc: serde_json::json!({"subject": "Hi"}),
+        enabled: true,
+        trigger: None,
+        next_fire_at: None,
+    };
+    b.store.save_definition(&def, panel_store::SaveMode::Create, "t", now).await.unwrap();
+    let after = b.store.token_owner(&"b".repeat(64), now).await.unwrap().map(seen).unwrap();
+    assert!(after.0 == 1 && after.1 > before.1, "{before:?} -> {after:?}");
     assert!(b.store.revoke_token("cccccccccccc", "test", now).await.unwrap().is_none(), "sessions are not API tokens");
     let revoked = b.store.revoke_token("aaaaaaaaaaaa", "root", now).await.unwrap().unwrap();
     assert_eq!(revoked.admin, "ann");
