@@ -106,8 +106,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     backend: sql::SqlStore,
     health: std::sync::Arc<Health>,
-    /// Group commit of concurrent single enqueues (`enqueue`), started at the first one.
-    committer: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<Pending>>>,
+    /// Group committers of concurrent writes, each started at the first write it takes (see
+    /// `Store::lane`).
+    committers: std::sync::Arc<[tokio::sync::OnceCell<tokio::sync::mpsc::Sender<Pending>>; 2]>,
 }
 
 /// What an event's workflows run: given the event's id (their templates may use it), the runs
@@ -249,7 +250,7 @@ impl Store {
         Ok(Store {
             backend: sql::SqlStore::open(url, dialect).await?,
             health: Default::default(),
-            committer: Default::default(),
+            committers: Default::default(),
         })
     }
 
@@ -637,9 +638,22 @@ impl Store {
         self.observe(self.backend.runs(kind, name, limit).await)
     }
 
-    /// The group committer, started at the first write that uses it.
-    async fn committer(&self) -> &tokio::sync::mpsc::Sender<Pending> {
-        self.committer
+    /// Which group committer takes `pending`. SQLite has one writer at a time: one committer,
+    /// so a busy service pays one BEGIN and one COMMIT a turn for every kind of write.
+    /// PostgreSQL commits concurrent transactions side by side (one WAL flush can serve
+    /// several): enqueues go in one committer and the workers' claims and records in another,
+    /// so that neither waits for the other's round trips and fsync. A record and the claim that
+    /// refills its slot stay in the same committer, in order (`submit_then`).
+    fn lane(&self, pending: &Pending) -> usize {
+        match pending {
+            Pending::Message { .. } | Pending::Event { .. } if self.is_shared() => 1,
+            _ => 0,
+        }
+    }
+
+    /// The group committer of `lane`, started at the first write that uses it.
+    async fn committer(&self, lane: usize) -> &tokio::sync::mpsc::Sender<Pending> {
+        self.committers[lane]
             .get_or_init(|| async {
                 let (tx, rx) = tokio::sync::mpsc::channel(GROUP_COMMIT_MAX * 4);
                 tokio::spawn(group_commit(self.backend.clone(), rx));
@@ -669,7 +683,9 @@ impl Store {
         queued: impl FnOnce(),
     ) -> Result<T> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        if let Err(tokio::sync::mpsc::error::SendError(pending)) = self.committer().await.send(pending(reply)).await {
+        let pending = pending(reply);
+        let committer = self.committer(self.lane(&pending)).await;
+        if let Err(tokio::sync::mpsc::error::SendError(pending)) = committer.send(pending).await {
             // The committer's runtime is gone (a store carried into another runtime), before it
             // took the write: commit it here, alone.
             pending.answer(None, &self.backend).await;
