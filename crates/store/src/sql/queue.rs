@@ -644,40 +644,71 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
          WHERE messages.id = v.column1 AND messages.claim_token = v.column2 AND messages.state = 'sending'
          RETURNING messages.id, messages.claim_token"
     );
-    let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(sql));
+    let mut args = sqlx::any::AnyArguments::default();
     for (claim, meta, s) in batch {
+        use sqlx::Arguments;
         let finished = meta.finished_at.timestamp_millis();
-        query = query
-            .bind(claim.id)
-            .bind(claim.token)
-            .bind(s.state.as_str())
-            .bind(finished)
-            .bind(s.retry_after.map(|d| finished + d.as_millis() as i64))
-            .bind(s.failure_class.map(FailureClass::as_str))
-            .bind(&s.last_error)
+        (|| {
+            args.add(claim.id)?;
+            args.add(claim.token)?;
+            args.add(s.state.as_str())?;
+            args.add(finished)?;
+            args.add(s.retry_after.map(|d| finished + d.as_millis() as i64))?;
+            args.add(s.failure_class.map(FailureClass::as_str))?;
+            args.add(&s.last_error)?;
             // An attempt with an unknown outcome counts like one a worker abandoned: a copy may exist.
-            .bind(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted));
+            args.add(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted))
+        })()
+        .map_err(sqlx::Error::Encode)?;
     }
     // (id, token) of each message recorded: a message claimed twice (a lease lost and taken
-    // again) can have a stale attempt in the same batch as the current one.
-    let ours: std::collections::HashSet<(i64, i64)> = query.fetch_all(&mut **tx).await?.into_iter().collect();
+    // again) can have a stale attempt in the same batch as the current one. With each, its
+    // pending recipients, which the settlements' results follow in order.
+    let mut per_message: std::collections::HashMap<i64, Vec<(i64, String)>> = Default::default();
+    let ours: std::collections::HashSet<(i64, i64)> = match tx.dialect {
+        // One round trip: each recorded message with its pending recipients as a JSON array
+        // (as a claim reads them).
+        Dialect::Postgres => {
+            let sql = format!(
+                "WITH recorded AS ({sql})
+                     SELECT r.id, r.claim_token,
+                            CAST((SELECT json_agg(json_build_array(p.position, p.address) ORDER BY p.position)
+                                  FROM recipients p WHERE p.message_id = r.id AND p.state = 'pending') AS TEXT)
+                     FROM recorded r"
+            );
+            let rows: Vec<(i64, i64, Option<String>)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?;
+            let mut ours = std::collections::HashSet::with_capacity(rows.len());
+            for (id, token, list) in rows {
+                per_message.insert(id, list.map(|l| json(&l)).transpose()?.unwrap_or_default());
+                ours.insert((id, token));
+            }
+            ours
+        }
+        // SQLite has no UPDATE inside WITH; its statements cost no round trip.
+        Dialect::Sqlite => {
+            let ours: std::collections::HashSet<(i64, i64)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?.into_iter().collect();
+            if !ours.is_empty() {
+                // The ids are integers read from the database: safe to list in the statement.
+                let ids = ours.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
+                let pending: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT message_id, position, address FROM recipients WHERE message_id IN ({ids}) AND state = 'pending'
+                     ORDER BY message_id, position"
+                )))
+                .fetch_all(&mut **tx)
+                .await?;
+                for (id, position, address) in pending {
+                    per_message.entry(id).or_default().push((position, address));
+                }
+            }
+            ours
+        }
+    };
     let is_ours = |claim: &ClaimRef| ours.contains(&(claim.id, claim.token));
     let recorded: Vec<bool> = batch.iter().map(|(claim, _, _)| is_ours(claim)).collect();
     if ours.is_empty() {
         return Ok(recorded);
-    }
-    // Their pending recipients, which the settlements' results follow in order. The ids are
-    // integers read from the database: safe to list in the statement.
-    let ids = ours.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
-    let pending: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT message_id, position, address FROM recipients WHERE message_id IN ({ids}) AND state = 'pending'
-         ORDER BY message_id, position"
-    )))
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut per_message: std::collections::HashMap<i64, Vec<(i64, String)>> = Default::default();
-    for (id, position, address) in pending {
-        per_message.entry(id).or_default().push((position, address));
     }
     // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
     let mut alike: Vec<(Outcome<'_>, Vec<(i64, i64)>)> = Vec::new();
