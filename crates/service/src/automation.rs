@@ -326,7 +326,16 @@ impl Panel {
         let record = self.store.record_event(event_type, object, key, now, plan).await?;
         if record.created {
             // New runs are as written: each of their messages was queued now.
-            self.queued(Origin::Workflow, record.runs.iter().map(|r| r.messages.len()).sum()).await;
+            let queued = record.runs.iter().map(|r| r.messages.len()).sum();
+            if key.is_some() {
+                self.queued(Origin::Workflow, queued).await;
+            } else {
+                // Group-committed: the commit woke every service already.
+                self.count_queued(Origin::Workflow, queued);
+                if queued > 0 {
+                    self.wake_workers_after_commit().await;
+                }
+            }
         }
         Ok(record.into())
     }
@@ -506,11 +515,15 @@ impl Panel {
 
     /// Counts `n` queued messages and wakes the workers for them.
     async fn queued(&self, origin: Origin, n: usize) {
-        for _ in 0..n {
-            self.metrics.step_enqueued(origin.as_str());
-        }
+        self.count_queued(origin, n);
         if n > 0 {
             self.wake_workers().await;
+        }
+    }
+
+    fn count_queued(&self, origin: Origin, n: usize) {
+        for _ in 0..n {
+            self.metrics.step_enqueued(origin.as_str());
         }
     }
 

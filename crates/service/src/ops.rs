@@ -335,6 +335,19 @@ impl Panel {
         })
     }
 
+    /// `wake_workers` after a write whose commit woke every service already (messages inserted
+    /// together: `Store::enqueue`, `enqueue_many` and events without a key, see the store's
+    /// `Writes::wake_on_commit`): on PostgreSQL, only this service's own workers are left to
+    /// tell, at once instead of by the NOTIFY's round trip.
+    pub(crate) async fn wake_workers_after_commit(&self) {
+        if !self.store.is_shared() {
+            return self.wake_workers().await;
+        }
+        if let Some(w) = &self.local_waker {
+            w.wake();
+        }
+    }
+
     pub(crate) async fn wake_workers(&self) {
         if let Some(w) = &self.local_waker {
             w.wake();

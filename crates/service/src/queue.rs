@@ -82,7 +82,7 @@ impl Panel {
         for _ in &ids {
             self.metrics.step_enqueued(origin.as_str());
         }
-        self.wake_workers().await;
+        self.wake_workers_after_commit().await;
         Ok(ids)
     }
 
@@ -101,7 +101,12 @@ impl Panel {
                 .map_err(OpsError::Invalid)?;
         let (id, created) = match key {
             Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
-            None => (self.store.enqueue(origin, message, now).await?, true),
+            None => {
+                let id = self.store.enqueue(origin, message, now).await?;
+                self.metrics.step_enqueued(origin.as_str());
+                self.wake_workers_after_commit().await;
+                return Ok((id, true));
+            }
         };
         if created {
             self.metrics.step_enqueued(origin.as_str());

@@ -213,10 +213,12 @@ fn committer_stopped() -> StoreError {
 const GROUP_COMMIT_MAX: usize = 256;
 
 /// Commits what concurrent callers wrote meanwhile (single messages, events, the workers'
-/// records and claims) in one transaction: one fsync for all, every caller answered after that
-/// commit. On SQLite, where one writer at a time holds the lock, a busy service pays one BEGIN
-/// and one COMMIT per turn instead of one for each kind of write. A group that fails is tried
-/// again one write a transaction, so each caller gets its own outcome.
+/// records and claims; on PostgreSQL each committer takes its own kinds, see `Store::lane`) in
+/// one transaction: one fsync for all, every caller answered after that commit. On SQLite,
+/// where one writer at a time holds the lock, a busy service pays one BEGIN and one COMMIT per
+/// turn instead of one for each kind of write; on PostgreSQL a group of messages alone is one
+/// statement without BEGIN and COMMIT. A group that fails is tried again one write a
+/// transaction, so each caller gets its own outcome.
 async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -663,7 +665,8 @@ impl Store {
     }
 
     /// Enqueues one message, durably: it returns after the commit. Concurrent callers share a
-    /// commit (group commit: many writes, one fsync), each still answered after its own.
+    /// commit (group commit: many writes, one fsync), each still answered after its own. The
+    /// commit wakes every service's idle workers (PostgreSQL; on SQLite the caller does).
     /// Takes the message (it travels to the committer; no copy of a body up to 10 MiB).
     pub async fn enqueue(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
         let message = Box::new(message);
@@ -694,7 +697,8 @@ impl Store {
         self.observe(answer.await.unwrap_or_else(|_| Err(committer_stopped())))
     }
 
-    /// Enqueues many messages in one transaction (one commit for all; all or none).
+    /// Enqueues many messages in one transaction (one commit for all; all or none), which
+    /// wakes every service's idle workers (PostgreSQL; on SQLite the caller does).
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: DateTime<Utc>) -> Result<Vec<i64>> {
         self.observe(self.backend.enqueue_many(items, ms(now)).await)
     }

@@ -112,6 +112,8 @@ pub(super) struct Writes {
     trips: Vec<Trip>,
     /// A value the driver could not encode (none of the types bound here can fail).
     error: Option<sqlx::error::BoxDynError>,
+    /// Wake every service's workers at commit (`wake_on_commit`).
+    wake: bool,
 }
 
 #[derive(Default)]
@@ -164,12 +166,48 @@ impl Writes {
         bind(&mut Row { args: &mut trip.args, error: &mut self.error });
     }
 
+    /// Wakes the idle workers of every service sharing a PostgreSQL database once the
+    /// transaction commits: a NOTIFY in the last round trip, which PostgreSQL delivers at the
+    /// commit (once, however many ask in one transaction; never if it rolls back). A separate
+    /// NOTIFY after each commit was a round trip of its own, with a pooled connection's pings,
+    /// for every enqueue. SQLite's services are woken locally.
+    pub(super) fn wake_on_commit(&mut self) {
+        self.wake = true;
+    }
+
+    /// Whether the commit is to wake the services (`wake_on_commit`).
+    pub(super) fn wakes(&self) -> bool {
+        self.wake
+    }
+
+    /// PostgreSQL: the statements as one, after `with` (more `WITH` parts, which the
+    /// statements may use) and ending in `select`, or `None` when their parameters need more
+    /// than one round trip. Run outside a transaction, the statement is one on its own: atomic,
+    /// and durable at its end, without the round trips of `BEGIN` and `COMMIT`. The wake-up
+    /// (`wakes`) is the caller's to place: a `WITH` part that no other part uses and that
+    /// modifies nothing is never run.
+    pub(super) fn into_one_statement(mut self, with: &str, select: &str) -> Result<Option<(String, AnyArguments)>> {
+        if let Some(e) = self.error {
+            return Err(sqlx::Error::Encode(e).into());
+        }
+        if self.trips.len() != 1 {
+            return Ok(None);
+        }
+        let trip = self.trips.pop().expect("one trip");
+        let parts: Vec<String> = trip.statements.iter().enumerate().map(|(i, s)| format!("part{i} AS ({s})")).collect();
+        Ok(Some((format!("WITH {with}, {} {select}", parts.join(", ")), trip.args)))
+    }
+
     /// Runs the statements, in as few round trips as their parameters allow.
     pub(super) async fn execute(self, tx: &mut Tx) -> Result<()> {
         if let Some(e) = self.error {
             return Err(sqlx::Error::Encode(e).into());
         }
-        for trip in self.trips {
+        let trips = self.trips.len();
+        for (i, mut trip) in self.trips.into_iter().enumerate() {
+            if self.wake && tx.dialect == Dialect::Postgres && i + 1 == trips {
+                trip.statements.push(format!("SELECT pg_notify('{}', '')", super::WAKE_CHANNEL));
+            }
             let sql = match tx.dialect {
                 Dialect::Sqlite => trip.statements.join(";\n"),
                 Dialect::Postgres => {

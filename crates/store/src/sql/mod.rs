@@ -111,7 +111,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
-const WAKE_CHANNEL: &str = "panel_wake";
+pub(super) const WAKE_CHANNEL: &str = "panel_wake";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

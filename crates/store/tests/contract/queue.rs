@@ -468,7 +468,42 @@ async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_n
     assert_eq!(s.queue_stats(Utc::now()).await.unwrap().bounced, 1);
 }
 
+/// Whatever inserts messages wakes every service sharing a PostgreSQL store by its own commit
+/// (a NOTIFY that rides its last round trip; the caller sends none): a single enqueue, a bulk
+/// one written in one statement, and one too large for one round trip, written in a
+/// transaction. SQLite has no subscription: its services are woken on their host.
+async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
+    let other = Store::open(&b.url).await.unwrap();
+    let Some(mut wakes) = other.subscribe_wakes().await.unwrap() else { return };
+    let s = &b.store;
+    let within = Duration::from_secs(10);
+    s.enqueue(Origin::MailTester, message("one"), Utc::now()).await.unwrap();
+    tokio::time::timeout(within, wakes.next()).await.expect("woken by the single enqueue").unwrap();
+    s.enqueue_many(&[(Origin::Dispatch, message("two"))], Utc::now()).await.unwrap();
+    tokio::time::timeout(within, wakes.next()).await.expect("woken by the bulk enqueue").unwrap();
+    // 700 messages of ten recipients: 35,000 parameters, more than one round trip carries.
+    let to: Vec<String> = (0..10).map(|i| format!("r{i}@example.org")).collect();
+    let wide = |i: usize| {
+        let draft = panel_domain::message::Draft {
+            to: to.clone(),
+            subject: format!("wide {i}"),
+            text: "x".into(),
+            ..Default::default()
+        };
+        let from = panel_domain::Mailbox::parse("from", "p@example.org").unwrap();
+        let fallback = panel_domain::EmailAddress::parse("f", "f@example.org").unwrap();
+        panel_domain::OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), 1_000_000 + i as u128).unwrap()
+    };
+    let items: Vec<_> = (0..700).map(|i| (Origin::Dispatch, wide(i))).collect();
+    let ids = s.enqueue_many(&items, Utc::now()).await.unwrap();
+    assert_eq!(ids.len(), 700);
+    let last = s.message(ids[699]).await.unwrap().unwrap();
+    assert_eq!((last.subject.as_str(), last.recipients.len()), ("wide 699", 10));
+    tokio::time::timeout(within, wakes.next()).await.expect("woken by the large bulk enqueue").unwrap();
+}
+
 contract!(
+    an_enqueue_wakes_the_other_services_by_its_own_commit,
     a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing,
     a_batch_of_records_with_different_outcomes_gives_each_message_its_own,
     each_routes_latest_attempt_is_found_and_every_attempt_names_its_route,
