@@ -42,6 +42,17 @@ impl SqlStore {
     /// What concurrent callers asked for (single messages, events), in one transaction (group
     /// commit), each at its own time; the outcomes in their order.
     pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
+        // A claim alone with no expired leases to look for is one statement on PostgreSQL,
+        // atomic on its own: without BEGIN and COMMIT, two round trips (with several services
+        // most claims, woken together, come back empty).
+        if let [crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first }] = jobs
+            && self.dialect == Dialect::Postgres
+            && !self.expired_scan_due(*now)
+        {
+            let mut conn = self.writer.acquire().await?;
+            let claims = self.claim_due(&mut conn, owner, *now, *lease_ms, limit(), *bulk_first).await?;
+            return Ok(vec![crate::GroupDone::Claimed(claims)]);
+        }
         if self.dialect == Dialect::Postgres && jobs.iter().all(|j| matches!(j, crate::GroupJob::Message { .. })) {
             let messages: Vec<NewMessage<'_>> = jobs
                 .iter()
@@ -207,6 +218,17 @@ impl SqlStore {
         Ok(count)
     }
 
+    /// Whether a claim at `now` looks for expired leases first. They are looked for at most
+    /// every EXPIRED_SCAN_EVERY_MS (store time), busy or idle: a lease runs for a minute, so
+    /// 100 ms more before it is taken changes nothing, while looking in every claim cost a
+    /// statement per claim, and with several services most claims (woken together, one of
+    /// them getting the mail) come back empty and looked each time. A clock that went back (a
+    /// test's) looks at once.
+    fn expired_scan_due(&self, now: i64) -> bool {
+        let last = self.expired_scan.load(std::sync::atomic::Ordering::Relaxed);
+        now.saturating_sub(last) >= EXPIRED_SCAN_EVERY_MS || now < last
+    }
+
     /// `claim`, inside the caller's transaction.
     async fn claim_in(
         &self,
@@ -217,16 +239,23 @@ impl SqlStore {
         limit: u32,
         bulk_first: bool,
     ) -> Result<Vec<Claim>> {
-        // Expired leases are looked for at most every EXPIRED_SCAN_EVERY (store time), busy or
-        // idle: a lease runs for a minute, so 100 ms more before it is taken changes nothing,
-        // while looking in every claim cost a statement per claim, and with several services
-        // most claims (woken together, one of them getting the mail) come back empty and
-        // looked each time. A clock that went back (a test's) looks at once.
-        let last = self.expired_scan.load(std::sync::atomic::Ordering::Relaxed);
-        if now.saturating_sub(last) >= EXPIRED_SCAN_EVERY_MS || now < last {
+        if self.expired_scan_due(now) {
             self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
             self.take_expired(tx, now).await?;
         }
+        self.claim_due(tx, owner, now, lease_ms, limit, bulk_first).await
+    }
+
+    /// The claim's one statement (PostgreSQL; SQLite's two): in a transaction or on its own.
+    async fn claim_due(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
         // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
         // round for this claim: the worker asks so every few claims, so that bulk mail keeps a
         // share while urgent mail keeps coming. SKIP LOCKED (PostgreSQL): N services claiming
@@ -255,7 +284,7 @@ impl SqlStore {
                                            FROM recipients r WHERE r.message_id = c.id) AS TEXT) AS recipients
                          FROM claimed c"
                 );
-                let rows = bind(sql).fetch_all(&mut **tx).await?;
+                let rows = bind(sql).fetch_all(&mut *conn).await?;
                 let mut recipients = Vec::new();
                 for row in &rows {
                     let id: i64 = cell(row, "messages", "id")?;
@@ -269,7 +298,7 @@ impl SqlStore {
             // SQLite has no UPDATE inside WITH; its statements cost no round trip.
             Dialect::Sqlite => {
                 let claims =
-                    bind(update).fetch_all(&mut **tx).await?.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
+                    bind(update).fetch_all(&mut *conn).await?.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
                 let recipients = match claims.is_empty() {
                     true => Vec::new(),
                     false => {
@@ -279,7 +308,7 @@ impl SqlStore {
                             "SELECT message_id, position, address, state, reply FROM recipients
                                  WHERE message_id IN ({ids}) ORDER BY message_id, position"
                         )))
-                        .fetch_all(&mut **tx)
+                        .fetch_all(&mut *conn)
                         .await?
                     }
                 };
