@@ -27,16 +27,21 @@ async fn subjects(panel: &Panel, login: &str) -> Vec<String> {
     subjects
 }
 
+/// `welcome` on `user.created`: the `welcome` template to the object's mail.
+fn welcome_workflow() -> WorkflowDef {
+    serde_json::from_value(json!({
+        "name": "welcome", "trigger": "user.created",
+        "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]
+    }))
+    .unwrap()
+}
+
 #[tokio::test]
 async fn an_event_runs_the_workflows_and_templates_as_they_are_now_whoever_changed_them() {
     let h = Harness::start(None, &[]).await;
     let other = h.another_service().await;
     h.panel.save_template("welcome", &template("Hello {{ object.login }}"), SaveMode::Create, "test").await.unwrap();
-    let workflow: WorkflowDef = serde_json::from_value(json!({
-        "name": "welcome", "trigger": "user.created",
-        "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]
-    }))
-    .unwrap();
+    let workflow = welcome_workflow();
     h.panel.save_workflow(&workflow, SaveMode::Create, "test").await.unwrap();
     assert_eq!(subjects(&h.panel, "ann").await, ["Hello ann"]);
     assert_eq!(subjects(&h.panel, "bob").await, ["Hello bob"], "the same, from memory");
@@ -108,11 +113,7 @@ async fn a_request_sees_every_change_saved_before_it_was_authenticated_whichever
     let token = h.panel.create_api_token("ann", "hr-sync").await.unwrap();
     let request = || async { h.panel.as_seen(h.panel.authenticate(&token).await.unwrap().unwrap().seen) };
     h.panel.save_template("welcome", &template("Hello {{ object.login }}"), SaveMode::Create, "test").await.unwrap();
-    let workflow: WorkflowDef = serde_json::from_value(json!({
-        "name": "welcome", "trigger": "user.created",
-        "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]
-    }))
-    .unwrap();
+    let workflow = welcome_workflow();
     h.panel.save_workflow(&workflow, SaveMode::Create, "test").await.unwrap();
     assert_eq!(subjects(&request().await, "ann").await, ["Hello ann"]);
     let mail_from = |p: Panel| async move {

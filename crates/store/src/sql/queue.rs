@@ -53,21 +53,6 @@ impl SqlStore {
             let claims = self.claim_due(&mut conn, owner, *now, *lease_ms, limit(), *bulk_first).await?;
             return Ok(vec![crate::GroupDone::Claimed(claims)]);
         }
-        if self.dialect == Dialect::Postgres && jobs.iter().all(|j| matches!(j, crate::GroupJob::Message { .. })) {
-            let messages: Vec<NewMessage<'_>> = jobs
-                .iter()
-                .filter_map(|job| match job {
-                    crate::GroupJob::Message { origin, message, now } => {
-                        Some(NewMessage { origin: *origin, message, now: *now, run: None })
-                    }
-                    _ => None,
-                })
-                .collect();
-            if let Some(ids) = self.insert_in_one_statement(&messages).await? {
-                return Ok(ids.into_iter().map(crate::GroupDone::Message).collect());
-            }
-        }
-        let mut tx = self.write().await?;
         let messages: Vec<NewMessage<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -77,6 +62,13 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
+        if self.dialect == Dialect::Postgres
+            && messages.len() == jobs.len()
+            && let Some(ids) = self.insert_in_one_statement(&messages).await?
+        {
+            return Ok(ids.into_iter().map(crate::GroupDone::Message).collect());
+        }
+        let mut tx = self.write().await?;
         let events: Vec<super::automation::NewEvent<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
