@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use panel_domain::{MessageState, Origin, OutgoingMessage, SettingsDoc, Settlement};
 
 pub use model::*;
-pub use sql::{RetainedTable, TOKEN_ID_CHARS};
+pub use sql::{POOL_IDLE_CHECK, RetainedTable, TOKEN_ID_CHARS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -278,6 +278,9 @@ pub(super) fn values_from(taken: usize, rows: usize, width: usize, row: &str) ->
     out
 }
 
+/// How long a pooled PostgreSQL connection may sit idle and still be used without a ping.
+pub const POOL_IDLE_CHECK: Duration = Duration::from_secs(1);
+
 /// A pool of `max` connections to the SQLite database at `path`, each set up alike.
 async fn sqlite_pool(path: &str, max: u32) -> Result<AnyPool> {
     let options: AnyConnectOptions = format!("sqlite://{path}?mode=rwc").parse()?;
@@ -316,6 +319,20 @@ impl SqlStore {
                 let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(15))
+                    // sqlx pings every connection as it comes back to the pool, so one idle for
+                    // less than POOL_IDLE_CHECK answered a moment ago: pinging it again before
+                    // each use was a round trip per query for nothing (with three busy services,
+                    // the most frequent thing said to PostgreSQL). One idle for longer (the
+                    // server may have restarted meanwhile) is pinged before use, as before.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for >= POOL_IDLE_CHECK {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .after_release(|conn, _| Box::pin(outside_transaction(conn)))
                     .connect_with(options)
                     .await?;

@@ -502,7 +502,38 @@ async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
     tokio::time::timeout(within, wakes.next()).await.expect("woken by the large bulk enqueue").unwrap();
 }
 
+/// PostgreSQL only (SQLite has no server to lose): connections the server closed while they
+/// sat in the pool are not handed out once idle for `POOL_IDLE_CHECK` (those are pinged first;
+/// one used within it was pinged as it came back): the first read and write after every
+/// connection of the database was terminated succeed.
+async fn connections_the_server_dropped_while_idle_are_replaced_before_use(b: &Backend) {
+    if !b.url.starts_with("postgres") {
+        return;
+    }
+    let s = &b.store;
+    // Several connections in the pool (reads at once), idle.
+    let now = Utc::now();
+    let reads = tokio::join!(s.queue_stats(now), s.queue_stats(now), s.queue_stats(now), s.queue_stats(now));
+    for r in [reads.0, reads.1, reads.2, reads.3] {
+        r.unwrap();
+    }
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&b.url).await.unwrap();
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!dropped.is_empty(), "the store held connections");
+    // The condition under test is the pool's idle time itself.
+    tokio::time::sleep(panel_store::POOL_IDLE_CHECK + Duration::from_millis(200)).await;
+    s.queue_stats(Utc::now()).await.expect("the first read after the server dropped its connections");
+    s.enqueue(Origin::MailTester, message("after"), Utc::now()).await.expect("and the first write");
+}
+
 contract!(
+    connections_the_server_dropped_while_idle_are_replaced_before_use,
     an_enqueue_wakes_the_other_services_by_its_own_commit,
     a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing,
     a_batch_of_records_with_different_outcomes_gives_each_message_its_own,
