@@ -326,15 +326,11 @@ impl Panel {
         let record = self.store.record_event(event_type, object, key, now, plan).await?;
         if record.created {
             // New runs are as written: each of their messages was queued now.
+            // The commit woke every service already.
             let queued = record.runs.iter().map(|r| r.messages.len()).sum();
-            if key.is_some() {
-                self.queued(Origin::Workflow, queued).await;
-            } else {
-                // Group-committed: the commit woke every service already.
-                self.count_queued(Origin::Workflow, queued);
-                if queued > 0 {
-                    self.wake_workers_after_commit().await;
-                }
+            self.count_queued(Origin::Workflow, queued);
+            if queued > 0 {
+                self.wake_workers_after_commit().await;
             }
         }
         Ok(record.into())

@@ -335,10 +335,10 @@ impl Panel {
         })
     }
 
-    /// `wake_workers` after a write whose commit woke every service already (messages inserted
-    /// together: `Store::enqueue`, `enqueue_many` and events without a key, see the store's
-    /// `Writes::wake_on_commit`): on PostgreSQL, only this service's own workers are left to
-    /// tell, at once instead of by the NOTIFY's round trip.
+    /// `wake_workers` after a write whose commit woke every service already (the store's
+    /// enqueues and events: `Store::enqueue`, `enqueue_once`, `enqueue_many`, `record_event`):
+    /// on PostgreSQL, only this service's own workers are left to tell, at once instead of by
+    /// the NOTIFY's round trip.
     pub(crate) async fn wake_workers_after_commit(&self) {
         if !self.store.is_shared() {
             return self.wake_workers().await;

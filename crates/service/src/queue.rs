@@ -101,16 +101,11 @@ impl Panel {
                 .map_err(OpsError::Invalid)?;
         let (id, created) = match key {
             Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
-            None => {
-                let id = self.store.enqueue(origin, message, now).await?;
-                self.metrics.step_enqueued(origin.as_str());
-                self.wake_workers_after_commit().await;
-                return Ok((id, true));
-            }
+            None => (self.store.enqueue(origin, message, now).await?, true),
         };
         if created {
             self.metrics.step_enqueued(origin.as_str());
-            self.wake_workers().await;
+            self.wake_workers_after_commit().await;
         }
         Ok((id, created))
     }

@@ -613,8 +613,9 @@ impl Store {
 
     /// Stores an event and the workflow runs `plan` makes for it (given the event id) in one
     /// transaction; a repeated idempotency key returns the first event and runs nothing.
-    /// Stores an event and the runs `plan` makes for it, in one transaction; without a key,
-    /// group-committed with what concurrent callers write meanwhile.
+    /// Without a key, group-committed with what concurrent callers write meanwhile. A commit
+    /// that queued messages wakes every service's idle workers (PostgreSQL; on SQLite the
+    /// caller does).
     pub async fn record_event(
         &self,
         event_type: &str,
@@ -704,7 +705,8 @@ impl Store {
     }
 
     /// Enqueues once per `key`: the first call creates the step, any later or concurrent call
-    /// (from any service) gets the same id back. Returns (id, created).
+    /// (from any service) gets the same id back. Returns (id, created). A created step's commit
+    /// wakes every service's idle workers (PostgreSQL; on SQLite the caller does).
     pub async fn enqueue_once(
         &self,
         origin: Origin,

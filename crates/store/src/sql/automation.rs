@@ -208,6 +208,9 @@ impl SqlStore {
     ) -> Result<EventRecord> {
         let mut tx = self.write().await?;
         let record = insert_event(&mut tx, event_type, object, key, now, plan).await?;
+        if record.created && record.runs.iter().any(|r| !r.messages.is_empty()) {
+            super::wake_at_commit(&mut tx).await?;
+        }
         tx.commit().await?;
         Ok(record)
     }

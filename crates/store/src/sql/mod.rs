@@ -413,6 +413,16 @@ impl SqlStore {
     }
 }
 
+/// `notify_wake` at the commit of `tx` (PostgreSQL delivers a NOTIFY when its transaction
+/// commits): for the writes that insert messages one by one, so that every enqueue wakes the
+/// services by its own commit, as the batched inserts do (`Writes::wake_on_commit`).
+pub(super) async fn wake_at_commit(tx: &mut Tx) -> Result<()> {
+    if tx.dialect == Dialect::Postgres {
+        sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 fn waiting(state: MessageState) -> bool {
     matches!(state, MessageState::Queued | MessageState::Retrying)
 }

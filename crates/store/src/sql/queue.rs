@@ -35,12 +35,14 @@ impl SqlStore {
             }
             return Ok((existing, false));
         };
+        wake_at_commit(&mut tx).await?;
         tx.commit().await?;
         Ok((id, true))
     }
 
-    /// What concurrent callers asked for (single messages, events), in one transaction (group
-    /// commit), each at its own time; the outcomes in their order.
+    /// What concurrent callers asked for (single messages, events, claims, records), in one
+    /// transaction (group commit), each at its own time; the outcomes in their order. On
+    /// PostgreSQL a group of messages alone, or a claim alone, is one statement without one.
     pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
         // A claim alone with no expired leases to look for is one statement on PostgreSQL,
         // atomic on its own: without BEGIN and COMMIT, two round trips (with several services

@@ -470,8 +470,9 @@ async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_n
 
 /// Whatever inserts messages wakes every service sharing a PostgreSQL store by its own commit
 /// (a NOTIFY that rides its last round trip; the caller sends none): a single enqueue, a bulk
-/// one written in one statement, and one too large for one round trip, written in a
-/// transaction. SQLite has no subscription: its services are woken on their host.
+/// one written in one statement, one with an idempotency key, and one too large for one round
+/// trip, written in a transaction. SQLite has no subscription: its services are woken on
+/// their host.
 async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
     let other = Store::open(&b.url).await.unwrap();
     let Some(mut wakes) = other.subscribe_wakes().await.unwrap() else { return };
@@ -481,6 +482,10 @@ async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
     tokio::time::timeout(within, wakes.next()).await.expect("woken by the single enqueue").unwrap();
     s.enqueue_many(&[(Origin::Dispatch, message("two"))], Utc::now()).await.unwrap();
     tokio::time::timeout(within, wakes.next()).await.expect("woken by the bulk enqueue").unwrap();
+    // Written alone (an idempotency key's path, and a failed group's, write by write).
+    let (_, created) = s.enqueue_once(Origin::MailTester, &message("keyed"), Utc::now(), "key-1").await.unwrap();
+    assert!(created);
+    tokio::time::timeout(within, wakes.next()).await.expect("woken by the keyed enqueue").unwrap();
     // 700 messages of ten recipients: 35,000 parameters, more than one round trip carries.
     let to: Vec<String> = (0..10).map(|i| format!("r{i}@example.org")).collect();
     let wide = |i: usize| {
