@@ -329,9 +329,8 @@ pub async fn run_worker(
 }
 
 /// Claims due messages together with the relay they are to be sent with: the settings version
-/// is checked once per claim, not once per message, and after the claim, only when it took
-/// something (with several services most wake-ups find the mail taken: their claims come back
-/// empty and need no settings).
+/// is checked once per claim, not once per message, as the claim's own statement read it (a
+/// read of its own after each claim that took something was a round trip per claim).
 async fn claim(
     shared: &Shared,
     limit: panel_store::ClaimLimit,
@@ -348,7 +347,7 @@ async fn claim(
     if claims.is_empty() {
         return Ok(None);
     }
-    match current_relay(shared).await {
+    match relay_for(shared, claims[0].seen).await {
         Ok(Some(state)) => Ok(Some((state, claims))),
         // The settings became unusable (or unreadable) since: the messages go back unsent, due
         // again at once, and wait as they would have before the claim.
@@ -368,7 +367,11 @@ async fn claim(
 
 /// The relay for the settings and secrets in force, rebuilt when either changes.
 async fn current_relay(shared: &Shared) -> panel_store::Result<Option<Arc<RelayState>>> {
-    let generation = shared.store.config_generation().await?;
+    relay_for(shared, shared.store.config_generation().await?).await
+}
+
+/// `current_relay` for the settings and secrets `generation` (as a claim read them).
+async fn relay_for(shared: &Shared, generation: ConfigGeneration) -> panel_store::Result<Option<Arc<RelayState>>> {
     if generation.settings == 0 {
         return Ok(None);
     }
@@ -472,7 +475,8 @@ struct ClaimInfo {
     origin: panel_domain::Origin,
     attempts: i64,
     created_at: DateTime<Utc>,
-    recipients: usize,
+    /// The claim's pending recipients, which the attempt is for (its record writes them).
+    recipients: Vec<panel_store::PendingRecipient>,
     earlier: panel_domain::Earlier,
 }
 
@@ -483,7 +487,7 @@ impl ClaimInfo {
             origin: claim.origin,
             attempts: claim.attempts,
             created_at: claim.created_at,
-            recipients: claim.pending.len(),
+            recipients: claim.pending.clone(),
             earlier: claim.earlier.clone(),
         }
     }
@@ -507,7 +511,7 @@ async fn deliver_supervised(shared: Arc<Shared>, state: Arc<RelayState>, claim: 
     let why = crate::supervisor::panic_message(e.into_panic());
     tracing::error!(message_id = info.reference.id, panic = %why, "delivering the message panicked; recorded as an internal failure");
     let report = SendReport {
-        recipients: vec![RecipientResult::NotTried; info.recipients],
+        recipients: vec![RecipientResult::NotTried; info.recipients.len()],
         failure: Some(Failure::new(
             panel_domain::Stage::Internal,
             panel_domain::FailureKind::Internal,
@@ -791,6 +795,7 @@ async fn settle_and_record(
         relay: relay_addr.clone(),
         route: route_name.clone(),
         settings_version: state.version(),
+        recipients: claim.recipients,
     };
     tracing::info!(
         message_id = id,

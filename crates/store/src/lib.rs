@@ -217,9 +217,11 @@ const GROUP_COMMIT_MAX: usize = 256;
 /// one transaction: one fsync for all, every caller answered after that commit. On SQLite,
 /// where one writer at a time holds the lock, a busy service pays one BEGIN and one COMMIT per
 /// turn instead of one for each kind of write; on PostgreSQL a group of messages alone is one
-/// statement without BEGIN and COMMIT. A group that fails is tried again one write a
-/// transaction, so each caller gets its own outcome.
+/// statement, and records and claims one each, without BEGIN and COMMIT, on a connection the
+/// committer keeps. A group that fails is tried again one write a transaction, so each caller
+/// gets its own outcome.
 async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
+    let mut held = sql::Held::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
@@ -229,7 +231,7 @@ async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receive
             }
         }
         let jobs: Vec<GroupJob<'_>> = batch.iter().map(Pending::job).collect();
-        let done = backend.commit_group(&jobs).await.ok();
+        let done = backend.commit_group(&jobs, &mut held).await.ok();
         drop(jobs);
         let mut done = done.map(Vec::into_iter);
         for p in batch {

@@ -42,6 +42,9 @@ pub struct Claim {
     pub pending: Vec<PendingRecipient>,
     /// What earlier attempts settled for the other recipients.
     pub earlier: panel_domain::Earlier,
+    /// The settings and secrets generations as the claim read them (in its own statement): what
+    /// the worker compares with the relay state it holds, without a read of its own.
+    pub seen: ConfigGeneration,
 }
 
 /// Facts about an attempt that the settlement does not carry.
@@ -55,6 +58,10 @@ pub struct AttemptMeta {
     /// The route it went by (`primary` or a standby's name); `None` for a lease found expired.
     pub route: Option<String>,
     pub settings_version: i64,
+    /// The recipients the attempt was for: its claim's `pending`, in order. The settlement's
+    /// results follow them; the record writes them without reading them again (while the claim
+    /// is current nothing else changes a pending recipient).
+    pub recipients: Vec<PendingRecipient>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -180,12 +180,13 @@ impl Writes {
         self.wake
     }
 
-    /// PostgreSQL: the statements as one, after `with` (more `WITH` parts, which the
-    /// statements may use) and ending in `select`, or `None` when their parameters need more
-    /// than one round trip. Run outside a transaction, the statement is one on its own: atomic,
-    /// and durable at its end, without the round trips of `BEGIN` and `COMMIT`. The wake-up
-    /// (`wakes`) is the caller's to place: a `WITH` part that no other part uses and that
-    /// modifies nothing is never run.
+    /// PostgreSQL: the statements as one, after `with` (more `WITH` parts, or none) and ending
+    /// in `select`, or `None` when their parameters need more than one round trip. The
+    /// statements are its parts `part0`, `part1`... in the order added; a part may use the
+    /// ones before it and `with`'s. Run outside a transaction, the statement is one on its own:
+    /// atomic, and durable at its end, without the round trips of `BEGIN` and `COMMIT`. The
+    /// wake-up (`wakes`) is the caller's to place: a `WITH` part that no other part uses and
+    /// that modifies nothing is never run.
     pub(super) fn into_one_statement(mut self, with: &str, select: &str) -> Result<Option<(String, AnyArguments)>> {
         if let Some(e) = self.error {
             return Err(sqlx::Error::Encode(e).into());
@@ -194,8 +195,22 @@ impl Writes {
             return Ok(None);
         }
         let trip = self.trips.pop().expect("one trip");
-        let parts: Vec<String> = trip.statements.iter().enumerate().map(|(i, s)| format!("part{i} AS ({s})")).collect();
-        Ok(Some((format!("WITH {with}, {} {select}", parts.join(", ")), trip.args)))
+        let mut parts: Vec<String> =
+            trip.statements.iter().enumerate().map(|(i, s)| format!("part{i} AS ({s})")).collect();
+        if !with.is_empty() {
+            parts.insert(0, with.to_string());
+        }
+        Ok(Some((format!("WITH {} {select}", parts.join(", ")), trip.args)))
+    }
+
+    /// The one statement added, to run where its rows are wanted.
+    pub(super) fn into_statement(mut self) -> Result<(String, AnyArguments)> {
+        if let Some(e) = self.error {
+            return Err(sqlx::Error::Encode(e).into());
+        }
+        let mut trip = self.trips.pop().expect("a statement was added");
+        debug_assert!(self.trips.is_empty() && trip.statements.len() == 1);
+        Ok((trip.statements.remove(0), trip.args))
     }
 
     /// Runs the statements, in as few round trips as their parameters allow.

@@ -231,6 +231,7 @@ async fn outside_transaction(conn: &mut sqlx::AnyConnection) -> std::result::Res
 
 /// The rows of a multi-row `VALUES`: `rows` copies of `row`, whose `?1` .. `?width` become
 /// the next free parameters (`$1`, `$2`, ...), numbered on from row to row.
+#[cfg(test)]
 pub(super) fn values(rows: usize, width: usize, row: &str) -> String {
     values_from(0, rows, width, row)
 }
@@ -241,6 +242,16 @@ pub(super) fn values(rows: usize, width: usize, row: &str) -> String {
 /// that: a group commit builds thousands of placeholders, and replacing each `?k` in a copy
 /// per row (as this did) was ~3 % of a busy service's CPU, on the committer's path.
 pub(super) fn values_from(taken: usize, rows: usize, width: usize, row: &str) -> String {
+    numbered(taken, rows, width, row, '$')
+}
+
+/// `values` as a template again: the rows' parameters `?1` .. `?{rows * width}`, for a
+/// statement whose values are bound as one (`Writes::statement`).
+pub(super) fn values_template(rows: usize, width: usize, row: &str) -> String {
+    numbered(0, rows, width, row, '?')
+}
+
+fn numbered(taken: usize, rows: usize, width: usize, row: &str, sigil: char) -> String {
     use std::fmt::Write as _;
     enum Part<'a> {
         Text(&'a str),
@@ -270,12 +281,46 @@ pub(super) fn values_from(taken: usize, rows: usize, width: usize, row: &str) ->
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Param(k) => {
-                    let _ = write!(out, "${}", taken + i * width + k);
+                    let _ = write!(out, "{sigil}{}", taken + i * width + k);
                 }
             }
         }
     }
     out
+}
+
+/// A group committer's own connection (PostgreSQL), kept from one group to the next: a
+/// connection returned to sqlx's pool is pinged on its way back (a round trip, not
+/// configurable), which every group paid. Like a pooled one, it is pinged before use once idle
+/// for `POOL_IDLE_CHECK` (the server may have restarted meanwhile), and after a statement on it
+/// failed it goes back to the pool (which closes it if it is broken) for a fresh one.
+#[derive(Default)]
+pub struct Held {
+    conn: Option<(sqlx::pool::PoolConnection<sqlx::Any>, std::time::Instant)>,
+}
+
+impl Held {
+    /// The connection, from `pool` when there is none or it did not answer its ping.
+    pub(crate) async fn get(&mut self, pool: &AnyPool) -> Result<&mut sqlx::AnyConnection> {
+        use sqlx::Connection;
+        if let Some((conn, used)) = &mut self.conn
+            && used.elapsed() >= POOL_IDLE_CHECK
+            && conn.ping().await.is_err()
+        {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some((pool.acquire().await?, std::time::Instant::now()));
+        }
+        let (conn, used) = self.conn.as_mut().expect("taken above");
+        *used = std::time::Instant::now();
+        Ok(&mut **conn)
+    }
+
+    /// After a failed statement: the connection's state is not known, the next use takes another.
+    pub(crate) fn failed(&mut self) {
+        self.conn = None;
+    }
 }
 
 /// How long a pooled PostgreSQL connection may sit idle and still be used without a ping.
@@ -317,7 +362,8 @@ impl SqlStore {
             Dialect::Postgres => {
                 let options: AnyConnectOptions = url.parse()?;
                 let pool = AnyPoolOptions::new()
-                    .max_connections(8)
+                    // Eight for reads and single writes, and the group committers' own two.
+                    .max_connections(10)
                     .acquire_timeout(Duration::from_secs(15))
                     // sqlx pings every connection as it comes back to the pool, so one idle for
                     // less than POOL_IDLE_CHECK answered a moment ago: pinging it again before
@@ -481,5 +527,7 @@ mod tests {
         assert_eq!(super::values_from(7, 2, 2, "(?1, ?2)"), "($8, $9), ($10, $11)");
         // A `?` that is not one of the row's parameters stays as written.
         assert_eq!(super::values(1, 2, "(?1, '?', ?3, ?2?)"), "($1, '?', ?3, $2?)");
+        // As a template of one statement's values, numbered on for `Writes::statement`.
+        assert_eq!(super::values_template(2, 2, "(?1, ?2)"), "(?1, ?2), (?3, ?4)");
     }
 }

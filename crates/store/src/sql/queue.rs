@@ -42,18 +42,14 @@ impl SqlStore {
 
     /// What concurrent callers asked for (single messages, events, claims, records), in one
     /// transaction (group commit), each at its own time; the outcomes in their order. On
-    /// PostgreSQL a group of messages alone, or a claim alone, is one statement without one.
-    pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>]) -> Result<Vec<crate::GroupDone>> {
-        // A claim alone with no expired leases to look for is one statement on PostgreSQL,
-        // atomic on its own: without BEGIN and COMMIT, two round trips (with several services
-        // most claims, woken together, come back empty).
-        if let [crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first }] = jobs
-            && self.dialect == Dialect::Postgres
-            && !self.expired_scan_due(*now)
+    /// PostgreSQL a group that needs no transaction runs without one on the committer's own
+    /// connection (`commit_without_transaction`). Fewer outcomes than jobs: those after the
+    /// last are to be written alone.
+    pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>], held: &mut Held) -> Result<Vec<crate::GroupDone>> {
+        if self.dialect == Dialect::Postgres
+            && let Some(done) = self.commit_without_transaction(jobs, held).await?
         {
-            let mut conn = self.writer.acquire().await?;
-            let claims = self.claim_due(&mut conn, owner, *now, *lease_ms, limit(), *bulk_first).await?;
-            return Ok(vec![crate::GroupDone::Claimed(claims)]);
+            return Ok(done);
         }
         let messages: Vec<NewMessage<'_>> = jobs
             .iter()
@@ -64,12 +60,6 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
-        if self.dialect == Dialect::Postgres
-            && messages.len() == jobs.len()
-            && let Some(ids) = self.insert_in_one_statement(&messages).await?
-        {
-            return Ok(ids.into_iter().map(crate::GroupDone::Message).collect());
-        }
         let mut tx = self.write().await?;
         let events: Vec<super::automation::NewEvent<'_>> = jobs
             .iter()
@@ -109,12 +99,81 @@ impl SqlStore {
         Ok(done)
     }
 
+    /// PostgreSQL: a group of messages alone, as one statement; or of the workers' records
+    /// and claims, each one statement on its own, in the order submitted (a record before the
+    /// claim that refills its slot). Each statement is atomic and durable on its own: no
+    /// `BEGIN` and `COMMIT` round trips, and none of the pool's pings. `None` for any other
+    /// group (events), or one too large for a round trip: it takes a transaction. A write that
+    /// fails ends the group: the ones before it are done, the rest are written alone.
+    async fn commit_without_transaction(
+        &self,
+        jobs: &[crate::GroupJob<'_>],
+        held: &mut Held,
+    ) -> Result<Option<Vec<crate::GroupDone>>> {
+        use crate::GroupJob;
+        if jobs.iter().all(|job| matches!(job, GroupJob::Message { .. })) {
+            let messages: Vec<NewMessage<'_>> = jobs
+                .iter()
+                .filter_map(|job| match job {
+                    GroupJob::Message { origin, message, now } => {
+                        Some(NewMessage { origin: *origin, message, now: *now, run: None })
+                    }
+                    _ => None,
+                })
+                .collect();
+            let ids = self.insert_in_one_statement(held.get(&self.writer).await?, &messages).await;
+            return match ids {
+                Ok(ids) => Ok(ids.map(|ids| ids.into_iter().map(crate::GroupDone::Message).collect())),
+                Err(e) => {
+                    held.failed();
+                    Err(e)
+                }
+            };
+        }
+        if !jobs.iter().all(|job| matches!(job, GroupJob::Record { .. } | GroupJob::Claim { .. })) {
+            return Ok(None);
+        }
+        let mut done = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let outcome = match job {
+                GroupJob::Record { batch } => match record_in_one_statement(held.get(&self.writer).await?, batch).await
+                {
+                    Ok(Some(recorded)) => Ok(recorded),
+                    Ok(None) => self.record_attempts(batch).await,
+                    Err(e) => Err(e),
+                }
+                .map(crate::GroupDone::Recorded),
+                // Looking for expired leases first takes a transaction (at most every 100 ms).
+                GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => match self.expired_scan_due(*now) {
+                    true => self.claim(owner, *now, *lease_ms, limit(), *bulk_first).await,
+                    false => {
+                        let conn = held.get(&self.writer).await?;
+                        self.claim_due(conn, owner, *now, *lease_ms, limit(), *bulk_first).await
+                    }
+                }
+                .map(crate::GroupDone::Claimed),
+                GroupJob::Message { .. } | GroupJob::Event { .. } => unreachable!("records and claims only"),
+            };
+            match outcome {
+                Ok(outcome) => done.push(outcome),
+                Err(e) => {
+                    held.failed();
+                    if done.is_empty() {
+                        return Err(e);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(Some(done))
+    }
+
     /// Many messages in one transaction: one commit (one fsync) for the whole batch.
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
         let messages: Vec<NewMessage<'_>> =
             items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
         if self.dialect == Dialect::Postgres
-            && let Some(ids) = self.insert_in_one_statement(&messages).await?
+            && let Some(ids) = self.insert_in_one_statement(&mut *self.writer.acquire().await?, &messages).await?
         {
             return Ok(ids);
         }
@@ -131,7 +190,11 @@ impl SqlStore {
     /// their ids from the sequence itself: one round trip where `BEGIN`, the ids, the inserts
     /// and `COMMIT` were four (a busy service's enqueues wait for each other's). `None`, with
     /// nothing written, when they need more than one round trip. Their ids, in their order.
-    async fn insert_in_one_statement(&self, messages: &[NewMessage<'_>]) -> Result<Option<Vec<i64>>> {
+    async fn insert_in_one_statement(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        messages: &[NewMessage<'_>],
+    ) -> Result<Option<Vec<i64>>> {
         if messages.is_empty() {
             return Ok(Some(Vec::new()));
         }
@@ -151,7 +214,7 @@ impl SqlStore {
         let select = "SELECT new_ids.a[i] FROM new_ids, generate_subscripts(new_ids.a, 1) AS i ORDER BY i";
         let Some((sql, args)) = inserts.into_one_statement(&with, select)? else { return Ok(None) };
         // Committed once this returns: no error after it (a group that fails is written again).
-        let ids: Vec<i64> = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&self.writer).await?;
+        let ids: Vec<i64> = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), args).fetch_all(conn).await?;
         debug_assert_eq!(ids.len(), messages.len());
         Ok(Some(ids))
     }
@@ -271,12 +334,16 @@ impl SqlStore {
             // One statement, one round trip: each claimed row with its recipients as a JSON
             // array (a row per message: its content is not repeated per recipient).
             Dialect::Postgres => {
+                // The settings and secrets generations too: a worker's read of them after
+                // each claim that took something was a round trip of its own.
                 let sql = format!(
                     "WITH claimed AS ({update})
                          SELECT c.*, CAST((SELECT json_agg(json_build_array(r.position, r.address, r.state, r.reply)
                                                            ORDER BY r.position)
-                                           FROM recipients r WHERE r.message_id = c.id) AS TEXT) AS recipients
-                         FROM claimed c"
+                                           FROM recipients r WHERE r.message_id = c.id) AS TEXT) AS recipients,
+                                {}
+                         FROM claimed c",
+                    super::settings::GENERATION_COLUMNS
                 );
                 let rows = bind(sql).fetch_all(&mut *conn).await?;
                 let mut recipients = Vec::new();
@@ -287,17 +354,24 @@ impl SqlStore {
                         list.map(|l| json(&l)).transpose()?.unwrap_or_default();
                     recipients.extend(list.into_iter().map(|(p, a, s, r)| (id, p, a, s, r)));
                 }
-                (rows.iter().map(claim_from_row).collect::<Result<_>>()?, recipients)
+                let claims = rows
+                    .iter()
+                    .map(|row| claim_from_row(row, super::settings::generation_from_row(row)?))
+                    .collect::<Result<_>>()?;
+                (claims, recipients)
             }
             // SQLite has no UPDATE inside WITH; its statements cost no round trip.
             Dialect::Sqlite => {
-                let claims =
-                    bind(update).fetch_all(&mut *conn).await?.iter().map(claim_from_row).collect::<Result<Vec<_>>>()?;
-                let recipients = match claims.is_empty() {
+                let rows = bind(update).fetch_all(&mut *conn).await?;
+                let recipients = match rows.is_empty() {
                     true => Vec::new(),
                     false => {
                         // The ids are integers read from the database: safe to list in the statement.
-                        let ids = claims.iter().map(|c| c.reference.id.to_string()).collect::<Vec<_>>().join(",");
+                        let ids = rows
+                            .iter()
+                            .map(|r| cell::<i64>(r, "messages", "id").map(|id| id.to_string()))
+                            .collect::<Result<Vec<_>>>()?
+                            .join(",");
                         sqlx::query_as(sqlx::AssertSqlSafe(format!(
                             "SELECT message_id, position, address, state, reply FROM recipients
                                  WHERE message_id IN ({ids}) ORDER BY message_id, position"
@@ -306,7 +380,15 @@ impl SqlStore {
                         .await?
                     }
                 };
-                (claims, recipients)
+                let seen = match rows.is_empty() {
+                    true => Default::default(),
+                    false => super::settings::generation_from_row(
+                        &sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {}", super::settings::GENERATION_COLUMNS)))
+                            .fetch_one(&mut *conn)
+                            .await?,
+                    )?,
+                };
+                (rows.iter().map(|row| claim_from_row(row, seen)).collect::<Result<_>>()?, recipients)
             }
         };
         for (id, position, address, state, reply) in recipients {
@@ -449,7 +531,13 @@ impl SqlStore {
 
     /// Records several attempts in one transaction (one commit, one fsync, for all of them).
     /// Each is fenced by its claim token on its own: a stale one is skipped, the others kept.
+    /// On PostgreSQL one statement outside a transaction when it fits (`record_in_one_statement`).
     pub async fn record_attempts(&self, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+        if self.dialect == Dialect::Postgres
+            && let Some(recorded) = record_in_one_statement(&mut *self.writer.acquire().await?, batch).await?
+        {
+            return Ok(recorded);
+        }
         let mut tx = self.write().await?;
         let recorded = record_in(&mut tx, batch).await?;
         tx.commit().await?;
@@ -566,7 +654,7 @@ impl SqlStore {
     }
 }
 
-fn claim_from_row(r: &AnyRow) -> Result<Claim> {
+fn claim_from_row(r: &AnyRow, seen: ConfigGeneration) -> Result<Claim> {
     Ok(Claim {
         reference: ClaimRef { id: cell(r, "messages", "id")?, token: cell(r, "messages", "claim_token")? },
         origin: parse_origin(r)?,
@@ -575,6 +663,7 @@ fn claim_from_row(r: &AnyRow) -> Result<Claim> {
         created_at: from_ms(cell(r, "messages", "window_start")?),
         pending: Vec::new(),
         earlier: Default::default(),
+        seen,
     })
 }
 
@@ -710,111 +799,116 @@ async fn record_in(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -
 /// A recipient's new state and the reply that gave it.
 type Outcome<'a> = (&'a str, Option<&'a str>);
 
-async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
-    // The messages' new states, each only while its claim is still the current one.
-    let rows = values(
+/// The messages' new states, each only while its claim is still the current one: an UPDATE
+/// returning `(id, claim_token)` of each message it recorded, its values `?1` .. `?{8 *
+/// batch.len()}` as `bind_message_states` binds them.
+fn update_messages(batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> String {
+    let rows = values_template(
         batch.len(),
         8,
         "(CAST(?1 AS BIGINT), CAST(?2 AS BIGINT), CAST(?3 AS TEXT), CAST(?4 AS BIGINT), CAST(?5 AS BIGINT), \
           CAST(?6 AS TEXT), CAST(?7 AS TEXT), CAST(?8 AS BIGINT))",
     );
     // VALUES columns are column1, column2, ... in both databases.
-    let sql = format!(
+    format!(
         "UPDATE messages SET state = v.column3, attempts = attempts + 1, updated_at = v.column4,
                 next_attempt_at = COALESCE(v.column5, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL,
                 failure_class = v.column6, last_error = v.column7, interrupted = interrupted + v.column8
          FROM (VALUES {rows}) AS v
          WHERE messages.id = v.column1 AND messages.claim_token = v.column2 AND messages.state = 'sending'
          RETURNING messages.id, messages.claim_token"
-    );
-    let mut args = sqlx::any::AnyArguments::default();
+    )
+}
+
+fn bind_message_states(row: &mut super::batch::Row<'_>, batch: &[(ClaimRef, AttemptMeta, Settlement)]) {
     for (claim, meta, s) in batch {
-        use sqlx::Arguments;
         let finished = meta.finished_at.timestamp_millis();
-        (|| {
-            args.add(claim.id)?;
-            args.add(claim.token)?;
-            args.add(s.state.as_str())?;
-            args.add(finished)?;
-            args.add(s.retry_after.map(|d| finished + d.as_millis() as i64))?;
-            args.add(s.failure_class.map(FailureClass::as_str))?;
-            args.add(&s.last_error)?;
+        row.bind(claim.id)
+            .bind(claim.token)
+            .bind(s.state.as_str())
+            .bind(finished)
+            .bind(s.retry_after.map(|d| finished + d.as_millis() as i64))
+            .bind(s.failure_class.map(FailureClass::as_str))
+            .bind(&s.last_error)
             // An attempt with an unknown outcome counts like one a worker abandoned: a copy may exist.
-            args.add(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted))
-        })()
-        .map_err(sqlx::Error::Encode)?;
+            .bind(i64::from(s.outcome == panel_domain::AttemptOutcome::Interrupted));
     }
-    // (id, token) of each message recorded: a message claimed twice (a lease lost and taken
-    // again) can have a stale attempt in the same batch as the current one. With each, its
-    // pending recipients, which the settlements' results follow in order.
-    let mut per_message: std::collections::HashMap<i64, Vec<(i64, String)>> = Default::default();
-    let ours: std::collections::HashSet<(i64, i64)> = match tx.dialect {
-        // One round trip: each recorded message with its pending recipients as a JSON array
-        // (as a claim reads them).
-        Dialect::Postgres => {
-            let sql = format!(
-                "WITH recorded AS ({sql})
-                     SELECT r.id, r.claim_token,
-                            CAST((SELECT json_agg(json_build_array(p.position, p.address) ORDER BY p.position)
-                                  FROM recipients p WHERE p.message_id = r.id AND p.state = 'pending') AS TEXT)
-                     FROM recorded r"
-            );
-            let rows: Vec<(i64, i64, Option<String>)> =
-                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?;
-            let mut ours = std::collections::HashSet::with_capacity(rows.len());
-            for (id, token, list) in rows {
-                per_message.insert(id, list.map(|l| json(&l)).transpose()?.unwrap_or_default());
-                ours.insert((id, token));
-            }
-            ours
-        }
-        // SQLite has no UPDATE inside WITH; its statements cost no round trip.
-        Dialect::Sqlite => {
-            let ours: std::collections::HashSet<(i64, i64)> =
-                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?.into_iter().collect();
-            if !ours.is_empty() {
-                // The ids are integers read from the database: safe to list in the statement.
-                let ids = ours.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
-                let pending: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT message_id, position, address FROM recipients WHERE message_id IN ({ids}) AND state = 'pending'
-                     ORDER BY message_id, position"
-                )))
-                .fetch_all(&mut **tx)
-                .await?;
-                for (id, position, address) in pending {
-                    per_message.entry(id).or_default().push((position, address));
-                }
-            }
-            ours
-        }
-    };
+}
+
+/// Each recipient of an attempt with what it settled, in the claim's order: (message, claim
+/// token, position, outcome).
+fn settled_recipients<'a>(
+    batch: &'a [(ClaimRef, AttemptMeta, Settlement)],
+) -> impl Iterator<Item = (&'a ClaimRef, i64, Outcome<'a>)> {
+    batch.iter().flat_map(|(claim, meta, s)| {
+        meta.recipients
+            .iter()
+            .zip(&s.recipients)
+            .map(move |(p, r)| (claim, p.position, (r.state.as_str(), r.reply.as_deref())))
+    })
+}
+
+/// An attempt's recipients as the message log shows them, each with its outcome.
+fn report(meta: &AttemptMeta, s: &Settlement) -> String {
+    let per_recipient: Vec<serde_json::Value> = meta
+        .recipients
+        .iter()
+        .zip(&s.recipients)
+        .map(|(p, r)| serde_json::json!({"address": p.address, "state": r.state, "stage": r.stage, "reply": r.reply}))
+        .collect();
+    serde_json::Value::Array(per_recipient).to_string()
+}
+
+/// The attempts table's columns a record writes, and its 15 values as `bind_attempt` binds them.
+const ATTEMPT_COLUMNS: &str =
+    "attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
+                   stage, code, enhanced_code, reply, detail, hint, recipients, route)";
+
+fn bind_attempt(row: &mut super::batch::Row<'_>, (claim, meta, s): &(ClaimRef, AttemptMeta, Settlement), report: &str) {
+    row.bind(claim.id)
+        .bind(meta.started_at.timestamp_millis())
+        .bind(meta.finished_at.timestamp_millis())
+        .bind(meta.service_id.as_str())
+        .bind(meta.relay.as_str())
+        .bind(meta.settings_version)
+        .bind(s.outcome.as_str())
+        .bind(s.stage.as_str())
+        .bind(s.reply.as_ref().map(|r| r.code as i64))
+        .bind(s.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
+        .bind(s.reply.as_ref().map(|r| r.text.as_str()))
+        .bind(s.detail.as_str())
+        .bind(s.hint.as_deref())
+        .bind(report)
+        .bind(meta.route.as_deref());
+}
+
+/// `record_in` for one chunk, in the caller's transaction: the messages first (which tells
+/// which attempts are current), then their recipients and attempts in one round trip.
+async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+    let mut update = super::batch::Writes::default();
+    update.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
+    let (sql, args) = update.into_statement()?;
+    let ours: std::collections::HashSet<(i64, i64)> =
+        sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?.into_iter().collect();
     let is_ours = |claim: &ClaimRef| ours.contains(&(claim.id, claim.token));
     let recorded: Vec<bool> = batch.iter().map(|(claim, _, _)| is_ours(claim)).collect();
     if ours.is_empty() {
         return Ok(recorded);
     }
+    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).cloned().collect();
     // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
     let mut alike: Vec<(Outcome<'_>, Vec<(i64, i64)>)> = Vec::new();
-    let mut reports = Vec::with_capacity(batch.len());
-    for (claim, _, s) in batch.iter().filter(|(claim, _, _)| is_ours(claim)) {
-        let mut per_recipient = Vec::new();
-        for ((position, address), r) in per_message.get(&claim.id).into_iter().flatten().zip(&s.recipients) {
-            let key = (r.state.as_str(), r.reply.as_deref());
-            match alike.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, rows)) => rows.push((claim.id, *position)),
-                None => alike.push((key, vec![(claim.id, *position)])),
-            }
-            per_recipient.push(serde_json::json!({
-                "address": address, "state": r.state, "stage": r.stage, "reply": r.reply,
-            }));
+    for (claim, position, key) in settled_recipients(&mine) {
+        match alike.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, rows)) => rows.push((claim.id, position)),
+            None => alike.push((key, vec![(claim.id, position)])),
         }
-        reports.push(serde_json::Value::Array(per_recipient).to_string());
     }
     // The recipients' and the attempts' writes return nothing: they go in one round trip.
     let mut writes = super::batch::Writes::default();
     for ((state, reply), rows) in &alike {
         for part in rows.chunks(500) {
-            // Integers read from the database again.
+            // Integers the claim read from the database.
             let list = part.iter().map(|(id, position)| format!("({id}, {position})")).collect::<Vec<_>>().join(", ");
             let sql = format!(
                 "UPDATE recipients SET state = ?1, reply = COALESCE(?2, reply) WHERE (message_id, position) IN (VALUES {list})"
@@ -824,32 +918,77 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
             });
         }
     }
-    // The attempts, one row each.
-    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).zip(reports).collect();
+    let reports: Vec<String> = mine.iter().map(|(_, meta, s)| report(meta, s)).collect();
+    let rows: Vec<_> = mine.iter().zip(&reports).collect();
     writes.rows(
-        "attempts (message_id, started_at, finished_at, service_id, relay, settings_version, outcome,
-                   stage, code, enhanced_code, reply, detail, hint, recipients, route)",
+        ATTEMPT_COLUMNS,
         "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         15,
-        &mine,
-        |row, ((claim, meta, s), report)| {
-            row.bind(claim.id)
-                .bind(meta.started_at.timestamp_millis())
-                .bind(meta.finished_at.timestamp_millis())
-                .bind(meta.service_id.as_str())
-                .bind(meta.relay.as_str())
-                .bind(meta.settings_version)
-                .bind(s.outcome.as_str())
-                .bind(s.stage.as_str())
-                .bind(s.reply.as_ref().map(|r| r.code as i64))
-                .bind(s.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
-                .bind(s.reply.as_ref().map(|r| r.text.as_str()))
-                .bind(s.detail.as_str())
-                .bind(s.hint.as_deref())
-                .bind(report.as_str())
-                .bind(meta.route.as_deref());
-        },
+        &rows,
+        |row, (attempt, report)| bind_attempt(row, attempt, report),
     );
     writes.execute(tx).await?;
     Ok(recorded)
+}
+
+/// PostgreSQL: `record_attempts` as one statement outside a transaction, which writes the
+/// messages, their recipients and the attempts as parts of it (each recipient and attempt
+/// fenced by its message's part, so a stale attempt writes nothing): one round trip where
+/// `BEGIN`, the messages, the rest and `COMMIT` were four. Its statement text depends only on
+/// how many attempts and recipients it has, so it is prepared once per shape. `None`, with
+/// nothing written, when its parameters need more than one round trip.
+pub(super) async fn record_in_one_statement(
+    conn: &mut sqlx::AnyConnection,
+    batch: &[(ClaimRef, AttemptMeta, Settlement)],
+) -> Result<Option<Vec<bool>>> {
+    if batch.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let mut writes = super::batch::Writes::default();
+    // part0: the messages recorded, (id, claim_token).
+    writes.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
+    let recipients: Vec<_> = settled_recipients(batch).collect();
+    if !recipients.is_empty() {
+        let rows = values_template(
+            recipients.len(),
+            5,
+            "(CAST(?1 AS BIGINT), CAST(?2 AS BIGINT), CAST(?3 AS BIGINT), CAST(?4 AS TEXT), CAST(?5 AS TEXT))",
+        );
+        let sql = format!(
+            "UPDATE recipients SET state = u.column4, reply = COALESCE(u.column5, recipients.reply)
+             FROM (VALUES {rows}) AS u JOIN part0 ON part0.id = u.column1 AND part0.claim_token = u.column2
+             WHERE recipients.message_id = u.column1 AND recipients.position = u.column3"
+        );
+        writes.statement(&sql, 5 * recipients.len(), |row| {
+            for (claim, position, (state, reply)) in &recipients {
+                row.bind(claim.id).bind(claim.token).bind(*position).bind(*state).bind(*reply);
+            }
+        });
+    }
+    let reports: Vec<String> = batch.iter().map(|(_, meta, s)| report(meta, s)).collect();
+    let rows = values_template(
+        batch.len(),
+        16,
+        "(CAST(?1 AS BIGINT), CAST(?2 AS BIGINT), CAST(?3 AS BIGINT), CAST(?4 AS BIGINT), CAST(?5 AS TEXT), \
+          CAST(?6 AS TEXT), CAST(?7 AS BIGINT), CAST(?8 AS TEXT), CAST(?9 AS TEXT), CAST(?10 AS BIGINT), \
+          CAST(?11 AS TEXT), CAST(?12 AS TEXT), CAST(?13 AS TEXT), CAST(?14 AS TEXT), CAST(?15 AS TEXT), \
+          CAST(?16 AS TEXT))",
+    );
+    let columns = (1..=15).map(|i| format!("a.column{}", i + 1)).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "INSERT INTO {ATTEMPT_COLUMNS}
+         SELECT {columns} FROM (VALUES {rows}) AS a JOIN part0 ON part0.id = a.column2 AND part0.claim_token = a.column1"
+    );
+    writes.statement(&sql, 16 * batch.len(), |row| {
+        for (attempt, report) in batch.iter().zip(&reports) {
+            row.bind(attempt.0.token);
+            bind_attempt(row, attempt, report);
+        }
+    });
+    let Some((sql, args)) = writes.into_one_statement("", "SELECT id, claim_token FROM part0")? else {
+        return Ok(None);
+    };
+    let ours: std::collections::HashSet<(i64, i64)> =
+        sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(conn).await?.into_iter().collect();
+    Ok(Some(batch.iter().map(|(claim, _, _)| ours.contains(&(claim.id, claim.token))).collect()))
 }

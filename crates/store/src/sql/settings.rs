@@ -51,13 +51,9 @@ impl SqlStore {
     }
 
     pub async fn config_generation(&self) -> Result<ConfigGeneration> {
-        let (settings, secrets): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT COALESCE(MAX(version), 0) FROM relay_settings),
-                    (SELECT value FROM generations WHERE name = 'secrets')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(ConfigGeneration { settings, secrets })
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {GENERATION_COLUMNS}"))).fetch_one(&self.pool).await?;
+        generation_from_row(&row)
     }
 
     pub async fn save_settings(
@@ -124,6 +120,19 @@ impl SqlStore {
         tx.commit().await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The settings version and the secrets generation, as the columns of a SELECT: read on their
+/// own, or with a claim (`generation_from_row` reads them back).
+pub(super) const GENERATION_COLUMNS: &str =
+    "(SELECT COALESCE(MAX(version), 0) FROM relay_settings) AS settings_generation,
+     (SELECT value FROM generations WHERE name = 'secrets') AS secrets_generation";
+
+pub(super) fn generation_from_row(row: &sqlx::any::AnyRow) -> Result<ConfigGeneration> {
+    Ok(ConfigGeneration {
+        settings: cell(row, "relay_settings", "settings_generation")?,
+        secrets: cell(row, "generations", "secrets_generation")?,
+    })
 }
 
 fn stored_settings(r: &sqlx::any::AnyRow) -> Result<StoredSettings> {

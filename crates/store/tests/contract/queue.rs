@@ -2,24 +2,13 @@
 
 use std::time::Duration;
 
-use crate::common::{Backend, message, settled};
+use crate::common::{Backend, message, message_to, meta, settled, settled_each};
 use chrono::Utc;
 use panel_domain::{Origin, SettingsDoc};
 use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
 
 fn delivered() -> panel_domain::Settlement {
     crate::common::settled(true)
-}
-
-fn meta() -> AttemptMeta {
-    AttemptMeta {
-        started_at: Utc::now(),
-        finished_at: Utc::now(),
-        service_id: "t".into(),
-        relay: "r:25".into(),
-        route: Some("primary".into()),
-        settings_version: 1,
-    }
 }
 
 async fn a_claimed_message_is_not_claimed_twice_while_leased(b: &Backend) {
@@ -42,9 +31,9 @@ async fn an_expired_lease_is_fenced_out_and_recorded_as_interrupted(b: &Backend)
     assert_eq!(fresh.reference.id, id);
     assert!(fresh.reference.token > stale.reference.token);
     // The paused worker wakes up: its outcome is refused, the new owner's is kept.
-    assert!(!s.record_attempt(&stale.reference, &meta(), &delivered()).await.unwrap());
+    assert!(!s.record_attempt(&stale.reference, &meta(&stale), &delivered()).await.unwrap());
     assert!(!s.renew_lease(&stale.reference, later, Duration::from_secs(60)).await.unwrap());
-    assert!(s.record_attempt(&fresh.reference, &meta(), &delivered()).await.unwrap());
+    assert!(s.record_attempt(&fresh.reference, &meta(&fresh), &delivered()).await.unwrap());
     let m = s.message(id).await.unwrap().unwrap();
     assert_eq!(m.state.as_str(), "delivered");
     assert_eq!(m.interrupted, 1);
@@ -178,10 +167,15 @@ async fn a_batch_of_attempts_is_recorded_together_and_a_stale_one_is_skipped(b: 
     let later = t0 + chrono::Duration::milliseconds(150);
     let retaken = s.claim("w2", later, Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(retaken.len(), 2, "both leases expired");
-    let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap().reference;
-    let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap().reference;
-    let results =
-        s.record_attempts(vec![(fresh_a, meta(), delivered()), (stale_c, meta(), delivered())]).await.unwrap();
+    let fresh_a = retaken.iter().find(|x| x.reference.id == a).unwrap();
+    let stale_c = claims.iter().find(|x| x.reference.id == c).unwrap();
+    let results = s
+        .record_attempts(vec![
+            (fresh_a.reference, meta(fresh_a), delivered()),
+            (stale_c.reference, meta(stale_c), delivered()),
+        ])
+        .await
+        .unwrap();
     assert_eq!(results, [true, false]);
     assert_eq!(s.message_state(a).await.unwrap().unwrap().as_str(), "delivered");
     assert_eq!(s.message_state(c).await.unwrap().unwrap().as_str(), "sending", "still w2's");
@@ -207,7 +201,7 @@ async fn ids_chosen_ahead_never_reuse_an_id_and_interleave_with_single_inserts(b
     let now = Utc::now();
     let first = s.enqueue_once(Origin::MailTester, &message("first"), now, "k1").await.unwrap().0;
     let claims = s.claim("w", now, Duration::from_secs(60), 10, false).await.unwrap();
-    assert!(s.record_attempts(vec![(claims[0].reference, meta(), delivered())]).await.unwrap()[0]);
+    assert!(s.record_attempts(vec![(claims[0].reference, meta(&claims[0]), delivered())]).await.unwrap()[0]);
     assert_eq!(s.delete_finished(now + chrono::Duration::days(1), 10).await.unwrap(), 1, "the highest id is gone");
     let batch =
         s.enqueue_many(&[(Origin::Dispatch, message("b1")), (Origin::Dispatch, message("b2"))], now).await.unwrap();
@@ -360,7 +354,7 @@ async fn a_batch_of_records_with_different_outcomes_gives_each_message_its_own(b
     }
     let claims = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap();
     assert_eq!(claims.len(), 6);
-    let batch: Vec<_> = claims.iter().map(|c| (c.reference, meta(), settled(c.reference.id % 2 == 0))).collect();
+    let batch: Vec<_> = claims.iter().map(|c| (c.reference, meta(c), settled(c.reference.id % 2 == 0))).collect();
     assert_eq!(s.record_attempts(batch).await.unwrap(), [true; 6]);
     for id in ids {
         let m = s.message(id).await.unwrap().unwrap();
@@ -414,7 +408,7 @@ async fn each_routes_latest_attempt_is_found_and_every_attempt_names_its_route(b
     for (route, settlement) in [("primary", &down), ("standby", &delivered()), ("primary", &delivered())] {
         let id = s.enqueue(Origin::MailTester, message(route), Utc::now()).await.unwrap();
         let claim = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
-        let meta = AttemptMeta { route: Some(route.into()), ..meta() };
+        let meta = AttemptMeta { route: Some(route.into()), ..meta(&claim) };
         assert!(s.record_attempt(&claim.reference, &meta, settlement).await.unwrap());
         ids.push(id);
     }
@@ -438,7 +432,7 @@ async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_n
     assert_eq!(s.bounce_key("second").await.unwrap(), "first", "made once");
     let id = s.enqueue(Origin::MailTester, message("reset"), Utc::now()).await.unwrap();
     let claim = s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
-    assert!(s.record_attempt(&claim.reference, &meta(), &delivered()).await.unwrap());
+    assert!(s.record_attempt(&claim.reference, &meta(&claim), &delivered()).await.unwrap());
     let row = |kind: &str, moves_to| BounceRow {
         kind: kind.into(),
         recipient: Some("A@example.org".into()),
@@ -537,7 +531,84 @@ async fn connections_the_server_dropped_while_idle_are_replaced_before_use(b: &B
     s.enqueue(Origin::MailTester, message("after"), Utc::now()).await.expect("and the first write");
 }
 
+/// A record writes each recipient's own outcome, at the recipient's position, from the
+/// recipients its claim read; a stale attempt in the same batch (its message claimed again
+/// since) writes nothing: neither its recipients nor its attempt.
+async fn a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_nothing(b: &Backend) {
+    let s = &b.store;
+    let t0 = Utc::now();
+    let to = ["a@example.org", "b@example.org", "c@example.org"];
+    let id = s.enqueue(Origin::MailTester, message_to("three", &to), t0).await.unwrap();
+    let stale = s.claim("w1", t0, Duration::from_millis(1), 10, false).await.unwrap().remove(0);
+    let later = t0 + chrono::Duration::milliseconds(150);
+    let fresh = s.claim("w2", later, Duration::from_secs(60), 10, false).await.unwrap().remove(0);
+    assert_eq!(fresh.pending.len(), 3);
+    let results = s
+        .record_attempts(vec![
+            (stale.reference, meta(&stale), settled_each(&[false, false, false])),
+            (fresh.reference, meta(&fresh), settled_each(&[true, false, true])),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results, [false, true]);
+    let states = |m: &panel_store::MessageDetail| {
+        m.recipients.iter().map(|r| (r.address.clone(), r.state.as_str().to_string())).collect::<Vec<_>>()
+    };
+    let m = s.message(id).await.unwrap().unwrap();
+    let expected = |b: &str| {
+        vec![
+            (to[0].to_string(), "delivered".to_string()),
+            (to[1].to_string(), b.to_string()),
+            (to[2].to_string(), "delivered".to_string()),
+        ]
+    };
+    assert_eq!(states(&m), expected("failed"));
+    assert!(m.recipients[1].reply.as_deref().unwrap_or_default().contains("5.1.1"), "{m:?}");
+    let outcomes: Vec<_> = m.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes.len(), 2, "the interrupted lease and the current attempt, not the stale one: {outcomes:?}");
+    let report: Vec<_> = m.attempts[1].recipients.as_array().unwrap().iter().map(|r| r["address"].clone()).collect();
+    assert_eq!(report, to.map(serde_json::Value::from), "the attempt names its recipients in order");
+    // Retried: only the failed recipient is pending, and its outcome lands at its position.
+    assert_eq!(s.retry_message(id, Utc::now()).await.unwrap(), RetryResult::Requeued);
+    let again = s.claim("w3", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0);
+    assert_eq!(again.pending.iter().map(|p| p.position).collect::<Vec<_>>(), [1]);
+    assert!(s.record_attempt(&again.reference, &meta(&again), &settled(true)).await.unwrap());
+    let m = s.message(id).await.unwrap().unwrap();
+    assert_eq!(states(&m), expected("delivered"));
+    assert_eq!(m.state.as_str(), "delivered");
+}
+
+/// A claim that takes messages reads, in its own statement, the settings version and the
+/// secrets generation they are to be sent with (the worker's relay follows them).
+async fn a_claim_reads_the_settings_and_secrets_generations_it_sends_with(b: &Backend) {
+    let s = &b.store;
+    let take = || async {
+        s.enqueue(Origin::MailTester, message("x"), Utc::now()).await.unwrap();
+        s.claim("w", Utc::now(), Duration::from_secs(60), 10, false).await.unwrap().remove(0).seen
+    };
+    assert_eq!(take().await, s.config_generation().await.unwrap());
+    let doc = SettingsDoc { host: Some("relay.example.org".into()), ..Default::default() };
+    s.save_settings(0, &doc, "t", Utc::now(), &[]).await.unwrap();
+    let credential = panel_store::NewCredential {
+        id: "cred_a".into(),
+        name: "a".into(),
+        kind: "password".into(),
+        username: "u".into(),
+        attributes: Default::default(),
+        master_key_id: "mk_1".into(),
+        wrapped_key: vec![1],
+        ciphertext: vec![2],
+    };
+    let before = s.config_generation().await.unwrap();
+    s.put_credential(&credential, "t", Utc::now()).await.unwrap();
+    let after = s.config_generation().await.unwrap();
+    assert_eq!((after.settings, after.secrets), (1, before.secrets + 1));
+    assert_eq!(take().await, after);
+}
+
 contract!(
+    a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_nothing,
+    a_claim_reads_the_settings_and_secrets_generations_it_sends_with,
     connections_the_server_dropped_while_idle_are_replaced_before_use,
     an_enqueue_wakes_the_other_services_by_its_own_commit,
     a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_nothing,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Backend, message, settled};
+use crate::common::{Backend, message, meta, settled};
 use chrono::Utc;
 use panel_domain::Origin;
 use panel_store::{AttemptMeta, RetainedTable, RetryResult};
@@ -14,15 +14,8 @@ async fn content_is_removed_then_finished_messages_deleted_and_queued_ones_kept(
     let failed = s.enqueue(Origin::MailTester, message("failed"), now).await.unwrap();
     let claims = s.claim("w", now, Duration::from_secs(60), 10, false).await.unwrap();
     let queued = s.enqueue(Origin::MailTester, message("queued"), now).await.unwrap();
-    let meta = AttemptMeta {
-        started_at: now,
-        finished_at: now,
-        service_id: "w".into(),
-        relay: "r".into(),
-        route: None,
-        settings_version: 1,
-    };
     for c in &claims {
+        let meta = AttemptMeta { started_at: now, finished_at: now, route: None, ..meta(c) };
         s.record_attempt(&c.reference, &meta, &settled(c.reference.id == delivered)).await.unwrap();
     }
 

@@ -55,8 +55,13 @@ macro_rules! contract {
 
 /// A valid one-recipient message with `subject`.
 pub fn message(subject: &str) -> OutgoingMessage {
-    let draft =
-        Draft { to: vec!["a@example.org".into()], subject: subject.into(), text: "x".into(), ..Default::default() };
+    message_to(subject, &["a@example.org"])
+}
+
+/// The same, to each of `to`.
+pub fn message_to(subject: &str, to: &[&str]) -> OutgoingMessage {
+    let to = to.iter().map(|a| a.to_string()).collect();
+    let draft = Draft { to, subject: subject.into(), text: "x".into(), ..Default::default() };
     let from = Mailbox::parse("from", "p@example.org").unwrap();
     let fallback = EmailAddress::parse("f", "f@example.org").unwrap();
     // Each its own Message-ID, as in production (the store matches inserted rows by it).
@@ -65,21 +70,41 @@ pub fn message(subject: &str) -> OutgoingMessage {
     OutgoingMessage::prepare(&draft, &from, &fallback, Utc::now(), u128::from(random)).unwrap()
 }
 
+/// An attempt's facts for `claim`: for its pending recipients, by the primary route.
+pub fn meta(claim: &panel_store::Claim) -> panel_store::AttemptMeta {
+    panel_store::AttemptMeta {
+        started_at: chrono::Utc::now(),
+        finished_at: chrono::Utc::now(),
+        service_id: "t".into(),
+        relay: "r:25".into(),
+        route: Some("primary".into()),
+        settings_version: 1,
+        recipients: claim.pending.clone(),
+    }
+}
+
 /// The settlement of one attempt at a one-recipient message: delivered, or refused with a 550.
 pub fn settled(accepted: bool) -> panel_domain::Settlement {
+    settled_each(&[accepted])
+}
+
+/// The same for a message with a recipient for each of `accepted`: each taken or refused.
+pub fn settled_each(accepted: &[bool]) -> panel_domain::Settlement {
     use panel_domain::delivery::{AttemptContext, settle};
     use panel_domain::{
         ConnectionContext, Failure, RecipientResult, RetryPolicy, Security, SendReport, SmtpReply, Stage,
     };
-    let recipient = if accepted {
-        RecipientResult::Accepted
-    } else {
-        RecipientResult::Rejected(Failure::reply(Stage::Rcpt, SmtpReply::from_lines(550, &["550 5.1.1 no such user"])))
+    let recipient = |accepted: bool| match accepted {
+        true => RecipientResult::Accepted,
+        false => RecipientResult::Rejected(Failure::reply(
+            Stage::Rcpt,
+            SmtpReply::from_lines(550, &["550 5.1.1 no such user"]),
+        )),
     };
     let report = SendReport {
-        recipients: vec![recipient],
+        recipients: accepted.iter().map(|&a| recipient(a)).collect(),
         failure: None,
-        data_reply: accepted.then(|| SmtpReply::from_lines(250, &["250 2.0.0 Ok: queued as X"])),
+        data_reply: accepted.iter().any(|&a| a).then(|| SmtpReply::from_lines(250, &["250 2.0.0 Ok: queued as X"])),
     };
     let policy = RetryPolicy::default();
     let ctx = AttemptContext {
