@@ -109,6 +109,50 @@ pub struct Store {
     /// Group committers of concurrent writes, each started at the first write it takes (see
     /// `Store::lane`).
     committers: std::sync::Arc<[tokio::sync::OnceCell<tokio::sync::mpsc::Sender<Pending>>; 2]>,
+    /// PostgreSQL: the reader that looks up concurrent requests' tokens together (see
+    /// `Store::token_owner`), started at the first.
+    token_reader: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<TokenLookup>>>,
+}
+
+/// A token to look up in the next batched read, with its request's time, and its caller.
+struct TokenLookup {
+    hash: String,
+    now: i64,
+    reply: tokio::sync::oneshot::Sender<Result<Option<TokenOwner>>>,
+}
+
+/// Most tokens one batched read looks up.
+const TOKEN_READ_MAX: usize = 64;
+
+/// Looks up the tokens of the requests that arrived while the previous read was running in one
+/// statement, on a connection of its own: a busy service's API requests each paid a round trip
+/// and a pooled connection's ping for their token. Each request is answered after a read that
+/// began after it arrived, so it sees every revocation (and settings change) saved before. A
+/// read that fails is tried again one token at a time, so each caller gets its own outcome.
+async fn read_tokens(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<TokenLookup>) {
+    let mut held = sql::Held::default();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < TOKEN_READ_MAX {
+            match rx.try_recv() {
+                Ok(lookup) => batch.push(lookup),
+                Err(_) => break,
+            }
+        }
+        let lookups: Vec<(&str, i64)> = batch.iter().map(|l| (l.hash.as_str(), l.now)).collect();
+        match backend.token_owners_held(&mut held, &lookups).await {
+            Ok(owners) => {
+                for (lookup, owner) in batch.into_iter().zip(owners) {
+                    drop(lookup.reply.send(Ok(owner)));
+                }
+            }
+            Err(_) => {
+                for lookup in batch {
+                    drop(lookup.reply.send(backend.token_owner(&lookup.hash, lookup.now).await));
+                }
+            }
+        }
+    }
 }
 
 /// What an event's workflows run: given the event's id (their templates may use it), the runs
@@ -255,6 +299,7 @@ impl Store {
             backend: sql::SqlStore::open(url, dialect).await?,
             health: Default::default(),
             committers: Default::default(),
+            token_reader: Default::default(),
         })
     }
 
@@ -472,8 +517,32 @@ impl Store {
         self.observe(self.backend.add_token(token_hash, kind, admin, label, csrf, expires_at.map(ms), ms(now)).await)
     }
 
+    /// The owner of an unexpired session or token, as of a read that began after this call. On
+    /// PostgreSQL concurrent callers share one read (`read_tokens`); SQLite's reads are local.
     pub async fn token_owner(&self, token_hash: &str, now: DateTime<Utc>) -> Result<Option<TokenOwner>> {
-        self.observe(self.backend.token_owner(token_hash, ms(now)).await)
+        if !self.is_shared() {
+            return self.observe(self.backend.token_owner(token_hash, ms(now)).await);
+        }
+        let reader = self
+            .token_reader
+            .get_or_init(|| async {
+                let (tx, rx) = tokio::sync::mpsc::channel(TOKEN_READ_MAX * 4);
+                tokio::spawn(read_tokens(self.backend.clone(), rx));
+                tx
+            })
+            .await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let lookup = TokenLookup { hash: token_hash.to_string(), now: ms(now), reply };
+        match reader.send(lookup).await {
+            Ok(()) => match answer.await {
+                Ok(owner) => self.observe(owner),
+                // The reader stopped before answering (its runtime is shutting down): a read
+                // changes nothing, so it is made here instead.
+                Err(_) => self.observe(self.backend.token_owner(token_hash, ms(now)).await),
+            },
+            // The reader's runtime is gone (a store carried into another runtime): read here.
+            Err(_) => self.observe(self.backend.token_owner(token_hash, ms(now)).await),
+        }
     }
 
     pub async fn delete_token(&self, token_hash: &str) -> Result<()> {

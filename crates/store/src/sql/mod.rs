@@ -362,8 +362,9 @@ impl SqlStore {
             Dialect::Postgres => {
                 let options: AnyConnectOptions = url.parse()?;
                 let pool = AnyPoolOptions::new()
-                    // Eight for reads and single writes, and the group committers' own two.
-                    .max_connections(10)
+                    // Eight for reads and single writes, and the ones kept by the two group
+                    // committers and the token reader.
+                    .max_connections(11)
                     .acquire_timeout(Duration::from_secs(15))
                     // sqlx pings every connection as it comes back to the pool, so one idle for
                     // less than POOL_IDLE_CHECK answered a moment ago: pinging it again before

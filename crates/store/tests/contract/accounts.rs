@@ -114,7 +114,47 @@ async fn the_first_admin_is_made_once_however_many_services_try(b: &Backend) {
     assert!(!b.store.create_first_admin("late", "admin", "$argon2id$x", "setup", now).await.unwrap());
 }
 
+/// Concurrent requests' tokens are looked up together on PostgreSQL (one read for those that
+/// arrive while another runs): each gets its own token's owner as of its own time, and an
+/// unknown, expired or revoked token nobody.
+async fn concurrent_token_lookups_each_get_their_own_owner_as_of_their_own_time(b: &Backend) {
+    let now = Utc::now();
+    for admin in ["ann", "bob"] {
+        b.store.put_admin(admin, "admin", "$argon2id$x", false, "test", now).await.unwrap();
+    }
+    let [a, bb, c, d, unknown] = ["a", "b", "c", "d", "e"].map(|x| x.repeat(64));
+    b.store.add_token(&a, "token", "ann", "one", None, None, now).await.unwrap();
+    b.store.add_token(&bb, "token", "bob", "two", None, None, now).await.unwrap();
+    let ends = now + Duration::minutes(1);
+    b.store.add_token(&c, "session", "ann", "web", Some("csrf"), Some(ends), now).await.unwrap();
+    b.store.add_token(&d, "token", "bob", "gone", None, None, now).await.unwrap();
+    b.store.revoke_token("dddddddddddd", "root", now).await.unwrap().unwrap();
+    let cases = [
+        (a.clone(), now, Some("ann")),
+        (bb.clone(), now, Some("bob")),
+        (c.clone(), now, Some("ann")),
+        (c.clone(), ends + Duration::seconds(1), None),
+        (d.clone(), now, None),
+        (unknown.clone(), now, None),
+    ];
+    let lookups: Vec<_> = (0..60)
+        .map(|i| {
+            let (hash, at, owner) = cases[i % cases.len()].clone();
+            let store = b.store.clone();
+            (owner, tokio::spawn(async move { store.token_owner(&hash, at).await.unwrap() }))
+        })
+        .collect();
+    for (i, (owner, lookup)) in lookups.into_iter().enumerate() {
+        let found = lookup.await.unwrap();
+        assert_eq!(found.as_ref().map(|o| o.admin.as_str()), owner, "lookup {i}");
+        if let Some(o) = found {
+            assert_eq!(o.csrf.is_some(), o.kind == "session", "lookup {i}: {o:?}");
+        }
+    }
+}
+
 contract!(
+    concurrent_token_lookups_each_get_their_own_owner_as_of_their_own_time,
     parallel_sign_ins_from_two_services_reserve_at_most_the_limit,
     api_tokens_are_listed_and_revoked_by_id,
     the_first_admin_is_made_once_however_many_services_try

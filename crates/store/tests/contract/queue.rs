@@ -510,8 +510,11 @@ async fn connections_the_server_dropped_while_idle_are_replaced_before_use(b: &B
         return;
     }
     let s = &b.store;
-    // Several connections in the pool (reads at once), idle.
+    // Several connections in the pool (reads at once), idle, and the token reader's own.
     let now = Utc::now();
+    s.put_admin("ann", "admin", "$argon2id$x", false, "test", now).await.unwrap();
+    s.add_token(&"a".repeat(64), "token", "ann", "one", None, None, now).await.unwrap();
+    assert!(s.token_owner(&"a".repeat(64), now).await.unwrap().is_some());
     let reads = tokio::join!(s.queue_stats(now), s.queue_stats(now), s.queue_stats(now), s.queue_stats(now));
     for r in [reads.0, reads.1, reads.2, reads.3] {
         r.unwrap();
@@ -528,6 +531,8 @@ async fn connections_the_server_dropped_while_idle_are_replaced_before_use(b: &B
     // The condition under test is the pool's idle time itself.
     tokio::time::sleep(panel_store::POOL_IDLE_CHECK + Duration::from_millis(200)).await;
     s.queue_stats(Utc::now()).await.expect("the first read after the server dropped its connections");
+    let owner = s.token_owner(&"a".repeat(64), Utc::now()).await.expect("and the first token's");
+    assert_eq!(owner.map(|o| o.admin), Some("ann".to_string()));
     s.enqueue(Origin::MailTester, message("after"), Utc::now()).await.expect("and the first write");
 }
 
