@@ -2,7 +2,7 @@
 //! attempt. Settings are re-read whenever their version changes, so a change made anywhere
 //! applies to the next message this worker sends.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -259,6 +259,11 @@ pub async fn run_worker(
     });
     let mut tasks = JoinSet::new();
     let mut looked: Option<Instant> = None;
+    // How many the last claim asked for (counted when it ran), and whether it came back with
+    // fewer: then nothing else was due, and claiming again when a slot frees would come back
+    // empty (with several services, most wake-ups already do). Until new mail wakes the
+    // worker, or the poll interval passes (mail due by its time: a retry), it waits.
+    let asked = Arc::new(AtomicU32::new(0));
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
@@ -274,20 +279,34 @@ pub async fn run_worker(
         let probing = matches!(gate, Gate::Probe);
         // While probing, one message at a time finds out whether a route is back.
         let free = if probing { u32::from(tasks.is_empty()) } else { slots.available_permits() as u32 };
+        asked.store(0, Ordering::Relaxed);
         let claimed = if free == 0 {
             Ok(None)
         } else {
-            // Counted again when the claim's transaction begins: slots that free while it
-            // waits for its turn are filled by the same commit.
+            // Counted again when the claim runs: slots that free while it waits for its turn
+            // are filled by the same claim.
+            let asked = asked.clone();
             let limit: panel_store::ClaimLimit = match probing {
-                true => Arc::new(move || free),
+                true => Arc::new(move || {
+                    asked.store(free, Ordering::Relaxed);
+                    free
+                }),
                 false => {
                     let slots = slots.clone();
-                    Arc::new(move || slots.available_permits() as u32)
+                    Arc::new(move || {
+                        let free = slots.available_permits() as u32;
+                        asked.store(free, Ordering::Relaxed);
+                        free
+                    })
                 }
             };
             claim(&shared, limit).await
         };
+        let took = match &claimed {
+            Ok(Some((_, claims))) => claims.len() as u32,
+            _ => 0,
+        };
+        let drained = claimed.is_ok() && took < asked.load(Ordering::Relaxed);
         match claimed {
             Ok(Some((state, claims))) if !claims.is_empty() => {
                 for c in claims {
@@ -297,7 +316,9 @@ pub async fn run_worker(
                     let (shared, state) = (shared.clone(), state.clone());
                     tasks.spawn(deliver_supervised(shared, state, c, slot));
                 }
-                continue;
+                if !drained {
+                    continue;
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "claiming failed; retrying"),
@@ -306,8 +327,8 @@ pub async fn run_worker(
             _ = waker.woken() => {}
             _ = tokio::time::sleep(shared.config.poll) => {}
             _ = shutdown.changed() => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = shared.slot_freed.notified() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() && !drained => {}
+            _ = shared.slot_freed.notified(), if !drained => {}
         }
         prune_idle(&shared);
         // A busy worker passes here after every message: the files and the check requests
