@@ -47,13 +47,35 @@ impl Waker {
     }
 }
 
-/// Forwards PostgreSQL wake-ups to `waker` for as long as the process runs (no-op on SQLite).
+/// How long a service leaves mail another service enqueued to that service's own workers
+/// before it looks too. The enqueuing service wakes its workers at its commit; the others hear
+/// of it by a NOTIFY at about the same time, and with all of them claiming at every enqueue
+/// most of their claims came back empty (the mail was taken), each a round trip and a wake-up
+/// of a process and of its database connection. Looking a moment later, once for all the
+/// wake-ups of that moment, still takes whatever the enqueuing service leaves (its workers are
+/// busy), a few ms later.
+pub const HAND_OFF: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Forwards PostgreSQL wake-ups to `waker` for as long as the process runs (no-op on SQLite):
+/// another service's after `HAND_OFF` (all of them within it as one), this store's own not at
+/// all (its workers were woken at the commit).
 pub async fn listen_shared(store: &panel_store::Store, waker: Waker) -> panel_store::Result<()> {
     let Some(mut subscription) = store.subscribe_wakes().await? else { return Ok(()) };
+    let waiting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         loop {
             match subscription.next().await {
-                Ok(()) => waker.wake(),
+                Ok(panel_store::WakeFrom::ThisStore) => {}
+                Ok(panel_store::WakeFrom::Another) => {
+                    if !waiting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (waiting, waker) = (waiting.clone(), waker.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(HAND_OFF).await;
+                            waiting.store(false, std::sync::atomic::Ordering::Release);
+                            waker.wake();
+                        });
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "wake-up channel lost; reconnecting (the poll covers the gap)");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -331,7 +331,9 @@ impl Store {
     /// Wake-ups from every service sharing this store: `None` on SQLite (one host; services
     /// there are woken directly). Each `next()` returns when some service enqueued work.
     pub async fn subscribe_wakes(&self) -> Result<Option<WakeSubscription>> {
-        Ok(self.observe(self.backend.listen_wakes().await)?.map(|listener| WakeSubscription { listener }))
+        Ok(self
+            .observe(self.backend.listen_wakes().await)?
+            .map(|(listener, origin)| WakeSubscription { listener, origin }))
     }
 
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
@@ -1031,14 +1033,28 @@ impl Store {
 /// PostgreSQL LISTEN on the wake-up channel.
 pub struct WakeSubscription {
     listener: sqlx::postgres::PgListener,
+    /// What this store's own wake-ups carry.
+    origin: std::sync::Arc<str>,
+}
+
+/// Who sent a wake-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeFrom {
+    /// This store (this service): its own workers were told at the commit.
+    ThisStore,
+    /// Another service, or a CLI command.
+    Another,
 }
 
 impl WakeSubscription {
     /// Waits for the next wake-up. After a lost connection sqlx reconnects on the next call;
     /// notifications sent meanwhile are lost, which the workers' slow poll covers.
-    pub async fn next(&mut self) -> Result<()> {
-        self.listener.recv().await?;
-        Ok(())
+    pub async fn next(&mut self) -> Result<WakeFrom> {
+        let notification = self.listener.recv().await?;
+        Ok(match notification.payload() == &*self.origin {
+            true => WakeFrom::ThisStore,
+            false => WakeFrom::Another,
+        })
     }
 }
 

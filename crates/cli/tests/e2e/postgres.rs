@@ -98,3 +98,46 @@ fn the_same_idempotency_key_from_several_services_at_once_creates_one_step() {
     ]);
     assert!(r.stdout.contains(&format!("Message {id} already exists")), "{}", r.stdout);
 }
+
+/// With the poll at a minute, mail moves only by wake-ups: a service's own enqueue wakes its
+/// workers at once (its own NOTIFY, heard back, is not a second wake-up), another service's
+/// after the hand-off. A service whose only slot is busy leaves its mail to the other, which
+/// takes it; mail sent from the CLI (another process) is taken too.
+#[test]
+fn services_on_postgres_take_their_own_mail_at_once_and_what_another_leaves_after_the_hand_off() {
+    let Some(mut env) = Env::postgres() else { return };
+    env.write("panel.toml", "[worker]\nlease = \"30s\"\npoll = \"60s\"\nidle_connection = \"1s\"\n");
+    let sink = panel_testlab::RecordingSink::start();
+    // Each message holds its slot for a while: the serve's one slot is busy with the first.
+    sink.set_data_reply_delay(Duration::from_millis(1500));
+    env.relay_on(sink.port, &[]);
+    let port = env.serve_with(&["--concurrency", "1"]);
+    let worker = env.spawn(&["worker", "--concurrency", "4"]);
+    let worker_id = env.wait_for_pid(worker);
+    let serve_id = env
+        .ok(&["services", "list", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] != worker_id.as_str())
+        .expect("the serve")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = format!(r#"{{"to": ["a@example.org"], "subject": "api {i}", "text": "x"}}"#);
+        let (status, body) = http(port, "POST", "/api/v1/messages", &body);
+        assert_eq!(status, 202, "{body}");
+        ids.push(serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap());
+    }
+    ids.push(id_of(&env.ok(&["send", "--to", "a@example.org", "--subject", "cli", "--text", "x", "--json"])));
+    let by = |id: i64| {
+        let m = env.wait_message(id, Duration::from_secs(20), |m| m["state"] == "delivered");
+        m["attempts"][0]["service_id"].as_str().unwrap().to_string()
+    };
+    let services: Vec<String> = ids.into_iter().map(by).collect();
+    assert_eq!(services[0], serve_id, "the serve's own mail, taken at once: {services:?}");
+    assert!(services[1..3].contains(&worker_id), "the other service took what the busy one left: {services:?}");
+}

@@ -221,7 +221,7 @@ impl Writes {
         let trips = self.trips.len();
         for (i, mut trip) in self.trips.into_iter().enumerate() {
             if self.wake && tx.dialect == Dialect::Postgres && i + 1 == trips {
-                trip.statements.push(format!("SELECT pg_notify('{}', '')", super::WAKE_CHANNEL));
+                trip.statements.push(format!("SELECT pg_notify('{}', '{}')", super::WAKE_CHANNEL, tx.wake_origin));
             }
             let sql = match tx.dialect {
                 Dialect::Sqlite => trip.statements.join(";\n"),

@@ -178,12 +178,27 @@ pub struct SqlStore {
     turn: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// When (store time, ms) this process last looked for expired leases in a claim.
     expired_scan: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Names this store in the wake-ups it sends (the NOTIFY's payload), so that its own
+    /// subscription can tell them from other services' (`WakeSubscription::next`). Digits and
+    /// dots only: written into statements as it is.
+    wake_origin: std::sync::Arc<str>,
+}
+
+/// A `wake_origin` no other store has: this process's id, a count of the stores it opened, and
+/// the time.
+fn new_wake_origin() -> std::sync::Arc<str> {
+    static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{}.{count}.{nanos}", std::process::id()).into()
 }
 
 /// A write transaction; on SQLite it holds the process's write turn until it ends.
 pub(crate) struct Tx {
     inner: sqlx::Transaction<'static, sqlx::Any>,
     pub(crate) dialect: Dialect,
+    /// The store's `wake_origin`, for the NOTIFY a transaction sends.
+    pub(crate) wake_origin: std::sync::Arc<str>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -393,6 +408,7 @@ impl SqlStore {
             url: url.to_string(),
             turn: Default::default(),
             expired_scan: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            wake_origin: new_wake_origin(),
         };
         store.migrate().await?;
         Ok(store)
@@ -403,9 +419,19 @@ impl SqlStore {
             Dialect::Sqlite => {
                 // The turn first, then a connection: a writer waiting its turn holds none.
                 let turn = self.turn.clone().lock_owned().await;
-                Tx { inner: self.writer.begin_with("BEGIN IMMEDIATE").await?, dialect: self.dialect, _turn: Some(turn) }
+                Tx {
+                    inner: self.writer.begin_with("BEGIN IMMEDIATE").await?,
+                    dialect: self.dialect,
+                    wake_origin: self.wake_origin.clone(),
+                    _turn: Some(turn),
+                }
             }
-            Dialect::Postgres => Tx { inner: self.writer.begin().await?, dialect: self.dialect, _turn: None },
+            Dialect::Postgres => Tx {
+                inner: self.writer.begin().await?,
+                dialect: self.dialect,
+                wake_origin: self.wake_origin.clone(),
+                _turn: None,
+            },
         })
     }
 
@@ -442,19 +468,24 @@ impl SqlStore {
     }
 
     /// A dedicated connection listening for wake-ups (PostgreSQL only).
-    pub async fn listen_wakes(&self) -> Result<Option<sqlx::postgres::PgListener>> {
+    /// With the store's `wake_origin`, which its own wake-ups carry.
+    pub async fn listen_wakes(&self) -> Result<Option<(sqlx::postgres::PgListener, std::sync::Arc<str>)>> {
         if self.dialect != Dialect::Postgres {
             return Ok(None);
         }
         let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
         listener.listen(WAKE_CHANNEL).await?;
-        Ok(Some(listener))
+        Ok(Some((listener, self.wake_origin.clone())))
     }
 
     /// Wakes idle workers of every service (PostgreSQL NOTIFY); SQLite services are woken locally.
     pub async fn notify_wake(&self) -> Result<()> {
         if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&self.pool).await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(WAKE_CHANNEL)
+                .bind(&*self.wake_origin)
+                .execute(&self.pool)
+                .await?;
         }
         Ok(())
     }
@@ -465,7 +496,8 @@ impl SqlStore {
 /// services by its own commit, as the batched inserts do (`Writes::wake_on_commit`).
 pub(super) async fn wake_at_commit(tx: &mut Tx) -> Result<()> {
     if tx.dialect == Dialect::Postgres {
-        sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut **tx).await?;
+        let origin = tx.wake_origin.clone();
+        sqlx::query("SELECT pg_notify($1, $2)").bind(WAKE_CHANNEL).bind(&*origin).execute(&mut **tx).await?;
     }
     Ok(())
 }

@@ -203,7 +203,7 @@ impl SqlStore {
         add_messages_with(&mut inserts, messages, &numbers, NUMBERED_ID);
         // In the one part every other uses: a part nothing uses is not run.
         let wake = match inserts.wakes() {
-            true => format!(", (SELECT 1 FROM pg_notify('{WAKE_CHANNEL}', '')) AS woke"),
+            true => format!(", (SELECT 1 FROM pg_notify('{WAKE_CHANNEL}', '{}')) AS woke", self.wake_origin),
             false => String::new(),
         };
         let with = format!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::common::{Backend, message, message_to, meta, settled, settled_each};
 use chrono::Utc;
 use panel_domain::{Origin, SettingsDoc};
-use panel_store::{AttemptMeta, RetryResult, Store, StoreError};
+use panel_store::{AttemptMeta, RetryResult, Store, StoreError, WakeFrom};
 
 fn delivered() -> panel_domain::Settlement {
     crate::common::settled(true)
@@ -465,21 +465,31 @@ async fn a_bounce_moves_its_recipient_and_message_and_an_unmatched_one_changes_n
 /// Whatever inserts messages wakes every service sharing a PostgreSQL store by its own commit
 /// (a NOTIFY that rides its last round trip; the caller sends none): a single enqueue, a bulk
 /// one written in one statement, one with an idempotency key, and one too large for one round
-/// trip, written in a transaction. SQLite has no subscription: its services are woken on
-/// their host.
+/// trip, written in a transaction. Each wake-up says whether it came from the subscriber's own
+/// store (whose workers were told at the commit). SQLite has no subscription: its services are
+/// woken on their host.
 async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
     let other = Store::open(&b.url).await.unwrap();
     let Some(mut wakes) = other.subscribe_wakes().await.unwrap() else { return };
     let s = &b.store;
     let within = Duration::from_secs(10);
     s.enqueue(Origin::MailTester, message("one"), Utc::now()).await.unwrap();
-    tokio::time::timeout(within, wakes.next()).await.expect("woken by the single enqueue").unwrap();
+    assert_eq!(
+        tokio::time::timeout(within, wakes.next()).await.expect("woken by the single enqueue").unwrap(),
+        WakeFrom::Another
+    );
     s.enqueue_many(&[(Origin::Dispatch, message("two"))], Utc::now()).await.unwrap();
-    tokio::time::timeout(within, wakes.next()).await.expect("woken by the bulk enqueue").unwrap();
+    assert_eq!(
+        tokio::time::timeout(within, wakes.next()).await.expect("woken by the bulk enqueue").unwrap(),
+        WakeFrom::Another
+    );
     // Written alone (an idempotency key's path, and a failed group's, write by write).
     let (_, created) = s.enqueue_once(Origin::MailTester, &message("keyed"), Utc::now(), "key-1").await.unwrap();
     assert!(created);
-    tokio::time::timeout(within, wakes.next()).await.expect("woken by the keyed enqueue").unwrap();
+    assert_eq!(
+        tokio::time::timeout(within, wakes.next()).await.expect("woken by the keyed enqueue").unwrap(),
+        WakeFrom::Another
+    );
     // 700 messages of ten recipients: 35,000 parameters, more than one round trip carries.
     let to: Vec<String> = (0..10).map(|i| format!("r{i}@example.org")).collect();
     let wide = |i: usize| {
@@ -498,7 +508,14 @@ async fn an_enqueue_wakes_the_other_services_by_its_own_commit(b: &Backend) {
     assert_eq!(ids.len(), 700);
     let last = s.message(ids[699]).await.unwrap().unwrap();
     assert_eq!((last.subject.as_str(), last.recipients.len()), ("wide 699", 10));
-    tokio::time::timeout(within, wakes.next()).await.expect("woken by the large bulk enqueue").unwrap();
+    assert_eq!(
+        tokio::time::timeout(within, wakes.next()).await.expect("woken by the large bulk enqueue").unwrap(),
+        WakeFrom::Another
+    );
+    let mut own = s.subscribe_wakes().await.unwrap().expect("PostgreSQL");
+    s.enqueue(Origin::MailTester, message("mine"), Utc::now()).await.unwrap();
+    assert_eq!(tokio::time::timeout(within, own.next()).await.expect("heard").unwrap(), WakeFrom::ThisStore);
+    assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("heard").unwrap(), WakeFrom::Another);
 }
 
 /// PostgreSQL only (SQLite has no server to lose): connections the server closed while they
