@@ -131,14 +131,7 @@ const TOKEN_READ_MAX: usize = 64;
 /// read that fails is tried again one token at a time, so each caller gets its own outcome.
 async fn read_tokens(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<TokenLookup>) {
     let mut held = sql::Held::default();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < TOKEN_READ_MAX {
-            match rx.try_recv() {
-                Ok(lookup) => batch.push(lookup),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&mut rx, TOKEN_READ_MAX).await {
         let lookups: Vec<(&str, i64)> = batch.iter().map(|l| (l.hash.as_str(), l.now)).collect();
         match backend.token_owners_held(&mut held, &lookups).await {
             Ok(owners) => {
@@ -253,6 +246,19 @@ fn committer_stopped() -> StoreError {
     StoreError::Database(sqlx::Error::PoolClosed)
 }
 
+/// The next item of `rx` and whatever else is already waiting, up to `most`: what arrived while
+/// the previous batch was being written or read. `None` once every sender is gone.
+async fn next_batch<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, most: usize) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < most {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// Most writes one group commit takes.
 const GROUP_COMMIT_MAX: usize = 256;
 
@@ -266,14 +272,7 @@ const GROUP_COMMIT_MAX: usize = 256;
 /// gets its own outcome.
 async fn group_commit(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
     let mut held = sql::Held::default();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_COMMIT_MAX {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&mut rx, GROUP_COMMIT_MAX).await {
         let jobs: Vec<GroupJob<'_>> = batch.iter().map(Pending::job).collect();
         let done = backend.commit_group(&jobs, &mut held).await.ok();
         drop(jobs);
