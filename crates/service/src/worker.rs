@@ -161,6 +161,9 @@ struct Shared {
     outside: Mutex<OutsideFiles>,
     /// Told when a delivery hands its slot back (`Slot::free`): the loop claims for it then.
     slot_freed: Notify,
+    /// The last claim came back with fewer messages than it asked for: nothing is left to
+    /// claim, so a slot that frees is room for mail enqueued here (`Store::offer_room`).
+    drained: AtomicBool,
 }
 
 /// A delivery's share of `WorkerConfig::concurrency`, handed back as soon as its attempt is in
@@ -179,6 +182,9 @@ impl Slot {
     fn free(&self) {
         if self.permit.lock().expect("not poisoned").take().is_some() {
             self.shared.slot_freed.notify_one();
+            if self.shared.drained.load(Ordering::Acquire) {
+                self.shared.store.add_room(1);
+            }
         }
     }
 }
@@ -256,7 +262,10 @@ pub async fn run_worker(
         held_checked: Mutex::new(None),
         outside: Mutex::new(OutsideFiles::default()),
         slot_freed: Notify::new(),
+        drained: AtomicBool::new(false),
     });
+    // However the worker ends (stopped, or a panic), the mail enqueued here is no longer its own.
+    let _no_room = NoRoomAfter(shared.store.clone());
     let mut tasks = JoinSet::new();
     let mut looked: Option<Instant> = None;
     // How many the last claim asked for (counted when it ran), and whether it came back with
@@ -269,7 +278,10 @@ pub async fn run_worker(
         while tasks.try_join_next().is_some() {}
         let gate = gate(&shared.health.lock().expect("not poisoned"), Instant::now());
         if let Gate::Wait(wait) = gate {
-            // Every route is unreachable: leave them (and the queued messages) alone until then.
+            // Every route is unreachable: leave them (and the queued messages) alone until then,
+            // and the mail enqueued here meanwhile to the other services.
+            shared.drained.store(false, Ordering::Release);
+            shared.store.offer_room(0);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
@@ -316,12 +328,18 @@ pub async fn run_worker(
                     let (shared, state) = (shared.clone(), state.clone());
                     tasks.spawn(deliver_supervised(shared, state, c, slot));
                 }
-                if !drained {
-                    continue;
-                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "claiming failed; retrying"),
+        }
+        // Free slots and nothing left to claim: mail enqueued in this process that fits is this
+        // worker's to take (it is woken locally), and its commit wakes no other service. Busy,
+        // probing a route, or with mail left to claim, it offers none.
+        let room = if drained && !probing { slots.available_permits() as u32 } else { 0 };
+        shared.drained.store(room > 0, Ordering::Release);
+        shared.store.offer_room(room);
+        if took > 0 && !drained {
+            continue;
         }
         tokio::select! {
             _ = waker.woken() => {}
@@ -347,6 +365,15 @@ pub async fn run_worker(
     }
     drop(shared);
     let _ = recording.await;
+}
+
+/// Takes back the room a worker offered (`Store::offer_room`) when it ends.
+struct NoRoomAfter(Store);
+
+impl Drop for NoRoomAfter {
+    fn drop(&mut self) {
+        self.0.offer_room(0);
+    }
 }
 
 /// Claims due messages together with the relay they are to be sent with: the settings version

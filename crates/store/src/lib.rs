@@ -335,6 +335,19 @@ impl Store {
             .map(|(listener, origin)| WakeSubscription { listener, origin }))
     }
 
+    /// This process's workers wait with `slots` free and nothing left to claim (0: they are
+    /// busy, stopped, or waiting for a route): messages enqueued here that fit are theirs, and
+    /// their commit wakes no other service (PostgreSQL). Each enqueue that does takes its
+    /// messages from the room; the workers offer it again each time they wait.
+    pub fn offer_room(&self, slots: u32) {
+        self.backend.offer_room(slots);
+    }
+
+    /// One more slot of room (`offer_room`): a slot that freed while the workers wait.
+    pub fn add_room(&self, slots: u32) {
+        self.backend.add_room(slots);
+    }
+
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
     /// SQLite, whose services are woken on this host directly).
     pub async fn notify_wake(&self) -> Result<()> {

@@ -114,6 +114,8 @@ pub(super) struct Writes {
     error: Option<sqlx::error::BoxDynError>,
     /// Wake every service's workers at commit (`wake_on_commit`).
     wake: bool,
+    /// How many messages the writes insert (`wake_on_commit`).
+    messages: usize,
 }
 
 #[derive(Default)]
@@ -167,15 +169,23 @@ impl Writes {
     }
 
     /// Wakes the idle workers of every service sharing a PostgreSQL database once the
-    /// transaction commits: a NOTIFY in the last round trip, which PostgreSQL delivers at the
-    /// commit (once, however many ask in one transaction; never if it rolls back). A separate
-    /// NOTIFY after each commit was a round trip of its own, with a pooled connection's pings,
-    /// for every enqueue. SQLite's services are woken locally.
-    pub(super) fn wake_on_commit(&mut self) {
+    /// transaction commits (for `messages` more messages): a NOTIFY in the last round trip,
+    /// which PostgreSQL delivers at the commit (once, however many ask in one transaction;
+    /// never if it rolls back). A separate NOTIFY after each commit was a round trip of its own,
+    /// with a pooled connection's pings, for every enqueue. SQLite's services are woken locally.
+    pub(super) fn wake_on_commit(&mut self, messages: usize) {
         self.wake = true;
+        self.messages += messages;
     }
 
-    /// Whether the commit is to wake the services (`wake_on_commit`).
+    /// Keeps the NOTIFY only if `others` (given how many messages) says the other services are
+    /// needed for them (`SqlStore::wake_others`); else this process's workers, woken locally,
+    /// take them.
+    pub(super) fn wake_only_if(&mut self, others: impl FnOnce(usize) -> bool) {
+        self.wake = self.wake && others(self.messages);
+    }
+
+    /// Whether the commit is to wake the services (`wake_on_commit`, `wake_only_if`).
     pub(super) fn wakes(&self) -> bool {
         self.wake
     }

@@ -182,6 +182,9 @@ pub struct SqlStore {
     /// subscription can tell them from other services' (`WakeSubscription::next`). Digits and
     /// dots only: written into statements as it is.
     wake_origin: std::sync::Arc<str>,
+    /// How many messages this process's workers, waiting with free slots and nothing left to
+    /// claim, can take at once (`Store::offer_room`): enqueues that fit wake no other service.
+    local_room: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// A `wake_origin` no other store has: this process's id, a count of the stores it opened, and
@@ -409,6 +412,7 @@ impl SqlStore {
             turn: Default::default(),
             expired_scan: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
             wake_origin: new_wake_origin(),
+            local_room: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -465,6 +469,28 @@ impl SqlStore {
         let current: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&self.pool).await?;
         Ok((current, self.dialect.migrations().last().map_or(0, |m| m.0)))
+    }
+
+    /// Whether a commit inserting `messages` messages is to wake the other services: not when
+    /// this process's workers have room for them (they are woken locally, and take them at
+    /// once), which they then no longer have. With every service claiming at every enqueue,
+    /// most of their claims came back empty, each a round trip and a wake-up of a process and
+    /// its database connection; measured, that cost a third of the throughput of three
+    /// services. When the workers are busy, or mail is left to claim, the others are woken.
+    pub(super) fn wake_others(&self, messages: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
+        self.local_room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| room.checked_sub(messages)).is_err()
+    }
+
+    /// `Store::offer_room`.
+    pub fn offer_room(&self, slots: u32) {
+        self.local_room.store(slots, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `Store::add_room`.
+    pub fn add_room(&self, slots: u32) {
+        self.local_room.fetch_add(slots, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// A dedicated connection listening for wake-ups (PostgreSQL only).

@@ -78,6 +78,7 @@ impl SqlStore {
         let (message_ids, event_ids) = (&taken[0], &taken[1]);
         add_messages(&mut inserts, &messages, message_ids);
         let records = super::automation::add_events(&mut tx, &mut ids, &mut inserts, &events, event_ids).await?;
+        inserts.wake_only_if(|n| self.wake_others(n));
         inserts.execute(&mut tx).await?;
         let (mut message_ids, mut records) = (message_ids.iter().copied(), records.into_iter());
         let mut done = Vec::with_capacity(jobs.len());
@@ -181,6 +182,7 @@ impl SqlStore {
         let ids = super::batch::Ids::default().take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
         let mut inserts = super::batch::Writes::default();
         add_messages(&mut inserts, &messages, &ids);
+        inserts.wake_only_if(|n| self.wake_others(n));
         inserts.execute(&mut tx).await?;
         tx.commit().await?;
         Ok(ids)
@@ -202,6 +204,7 @@ impl SqlStore {
         let mut inserts = super::batch::Writes::default();
         add_messages_with(&mut inserts, messages, &numbers, NUMBERED_ID);
         // In the one part every other uses: a part nothing uses is not run.
+        inserts.wake_only_if(|n| self.wake_others(n));
         let wake = match inserts.wakes() {
             true => format!(", (SELECT 1 FROM pg_notify('{WAKE_CHANNEL}', '{}')) AS woke", self.wake_origin),
             false => String::new(),
@@ -733,7 +736,7 @@ const NUMBERED_ID: &str = "(SELECT new_ids.a[CAST(?1 AS INTEGER)] FROM new_ids)"
 fn add_messages_with(inserts: &mut super::batch::Writes, messages: &[NewMessage<'_>], ids: &[i64], id: &str) {
     debug_assert_eq!(messages.len(), ids.len());
     if !messages.is_empty() {
-        inserts.wake_on_commit();
+        inserts.wake_on_commit(messages.len());
     }
     let rows: Vec<(i64, &NewMessage<'_>)> = ids.iter().copied().zip(messages).collect();
     inserts.rows(

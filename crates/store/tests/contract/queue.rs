@@ -628,7 +628,32 @@ async fn a_claim_reads_the_settings_and_secrets_generations_it_sends_with(b: &Ba
     assert_eq!(take().await, after);
 }
 
+/// Mail this process's workers have room for (waiting, with free slots and nothing left to
+/// claim) wakes no other service: they take it, woken on their host. Mail that does not fit,
+/// or once the room is used up, wakes the others as before.
+async fn mail_the_local_workers_have_room_for_wakes_no_other_service(b: &Backend) {
+    let other = Store::open(&b.url).await.unwrap();
+    let Some(mut wakes) = other.subscribe_wakes().await.unwrap() else { return };
+    let s = &b.store;
+    let within = Duration::from_secs(10);
+    s.offer_room(2);
+    let three: Vec<_> = (0..3).map(|i| (Origin::Dispatch, message(&format!("bulk {i}")))).collect();
+    s.enqueue_many(&three, Utc::now()).await.unwrap();
+    assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("three do not fit").unwrap(), WakeFrom::Another);
+    s.enqueue(Origin::MailTester, message("one"), Utc::now()).await.unwrap();
+    s.enqueue(Origin::MailTester, message("two"), Utc::now()).await.unwrap();
+    s.enqueue(Origin::MailTester, message("three"), Utc::now()).await.unwrap();
+    assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("the room used up").unwrap(), WakeFrom::Another);
+    // The two that fit sent nothing: every NOTIFY committed so far has arrived by now.
+    let more = tokio::time::timeout(Duration::from_millis(300), wakes.next()).await;
+    assert!(more.is_err(), "one wake-up for the three single enqueues, not three: {more:?}");
+    s.offer_room(0);
+    s.enqueue(Origin::MailTester, message("four"), Utc::now()).await.unwrap();
+    assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("no room").unwrap(), WakeFrom::Another);
+}
+
 contract!(
+    mail_the_local_workers_have_room_for_wakes_no_other_service,
     a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_nothing,
     a_claim_reads_the_settings_and_secrets_generations_it_sends_with,
     connections_the_server_dropped_while_idle_are_replaced_before_use,
