@@ -161,8 +161,8 @@ struct Shared {
     outside: Mutex<OutsideFiles>,
     /// Told when a delivery hands its slot back (`Slot::free`): the loop claims for it then.
     slot_freed: Notify,
-    /// The last claim came back with fewer messages than it asked for: nothing is left to
-    /// claim, so a slot that frees is room for mail enqueued here (`Store::offer_room`).
+    /// The worker waits with room offered (`Store::offer_room`: free slots, nothing left to
+    /// claim): a slot that frees meanwhile is room for one more message enqueued here.
     drained: AtomicBool,
 }
 

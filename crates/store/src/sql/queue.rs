@@ -46,11 +46,6 @@ impl SqlStore {
     /// connection (`commit_without_transaction`). Fewer outcomes than jobs: those after the
     /// last are to be written alone.
     pub async fn commit_group(&self, jobs: &[crate::GroupJob<'_>], held: &mut Held) -> Result<Vec<crate::GroupDone>> {
-        if self.dialect == Dialect::Postgres
-            && let Some(done) = self.commit_without_transaction(jobs, held).await?
-        {
-            return Ok(done);
-        }
         let messages: Vec<NewMessage<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -60,6 +55,11 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
+        if self.dialect == Dialect::Postgres
+            && let Some(done) = self.commit_without_transaction(jobs, &messages, held).await?
+        {
+            return Ok(done);
+        }
         let mut tx = self.write().await?;
         let events: Vec<super::automation::NewEvent<'_>> = jobs
             .iter()
@@ -109,27 +109,19 @@ impl SqlStore {
     async fn commit_without_transaction(
         &self,
         jobs: &[crate::GroupJob<'_>],
+        messages: &[NewMessage<'_>],
         held: &mut Held,
     ) -> Result<Option<Vec<crate::GroupDone>>> {
         use crate::GroupJob;
-        if jobs.iter().all(|job| matches!(job, GroupJob::Message { .. })) {
-            let messages: Vec<NewMessage<'_>> = jobs
-                .iter()
-                .filter_map(|job| match job {
-                    GroupJob::Message { origin, message, now } => {
-                        Some(NewMessage { origin: *origin, message, now: *now, run: None })
-                    }
-                    _ => None,
-                })
-                .collect();
-            let ids = self.insert_in_one_statement(held.get(&self.writer).await?, &messages).await;
-            return match ids {
-                Ok(ids) => Ok(ids.map(|ids| ids.into_iter().map(crate::GroupDone::Message).collect())),
-                Err(e) => {
-                    held.failed();
-                    Err(e)
-                }
+        if messages.len() == jobs.len() {
+            let ids = match held.get(&self.writer).await {
+                Ok(conn) => self.insert_in_one_statement(conn, messages).await,
+                Err(e) => Err(e),
             };
+            if ids.is_err() {
+                held.failed();
+            }
+            return Ok(ids?.map(|ids| ids.into_iter().map(crate::GroupDone::Message).collect()));
         }
         if !jobs.iter().all(|job| matches!(job, GroupJob::Record { .. } | GroupJob::Claim { .. })) {
             return Ok(None);
@@ -137,22 +129,11 @@ impl SqlStore {
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
             let outcome = match job {
-                GroupJob::Record { batch } => match record_in_one_statement(held.get(&self.writer).await?, batch).await
-                {
-                    Ok(Some(recorded)) => Ok(recorded),
-                    Ok(None) => self.record_attempts(batch).await,
-                    Err(e) => Err(e),
-                }
-                .map(crate::GroupDone::Recorded),
-                // Looking for expired leases first takes a transaction (at most every 100 ms).
-                GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => match self.expired_scan_due(*now) {
-                    true => self.claim(owner, *now, *lease_ms, limit(), *bulk_first).await,
-                    false => {
-                        let conn = held.get(&self.writer).await?;
-                        self.claim_due(conn, owner, *now, *lease_ms, limit(), *bulk_first).await
-                    }
-                }
-                .map(crate::GroupDone::Claimed),
+                GroupJob::Record { batch } => self.record_alone(held, batch).await.map(crate::GroupDone::Recorded),
+                GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => self
+                    .claim_alone(held, owner, *now, *lease_ms, limit(), *bulk_first)
+                    .await
+                    .map(crate::GroupDone::Claimed),
                 GroupJob::Message { .. } | GroupJob::Event { .. } => unreachable!("records and claims only"),
             };
             match outcome {
@@ -167,6 +148,32 @@ impl SqlStore {
             }
         }
         Ok(Some(done))
+    }
+
+    /// A group's record on its own (`commit_without_transaction`): one statement on the
+    /// committer's connection, or a transaction when too large for one round trip.
+    async fn record_alone(&self, held: &mut Held, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
+        match record_in_one_statement(held.get(&self.writer).await?, batch).await? {
+            Some(recorded) => Ok(recorded),
+            None => self.record_attempts(batch).await,
+        }
+    }
+
+    /// A group's claim on its own: one statement on the committer's connection, or a
+    /// transaction when it looks for expired leases first (at most every 100 ms).
+    async fn claim_alone(
+        &self,
+        held: &mut Held,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+        bulk_first: bool,
+    ) -> Result<Vec<Claim>> {
+        match self.expired_scan_due(now) {
+            true => self.claim(owner, now, lease_ms, limit, bulk_first).await,
+            false => self.claim_due(held.get(&self.writer).await?, owner, now, lease_ms, limit, bulk_first).await,
+        }
     }
 
     /// Many messages in one transaction: one commit (one fsync) for the whole batch.
