@@ -233,7 +233,8 @@ impl Pending {
             }
             (Pending::Record { batch, reply }, _) => drop(reply.send(backend.record_attempts(&batch).await)),
             (Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }, _) => {
-                drop(reply.send(backend.claim(&owner, now, lease_ms, limit(), bulk_first).await))
+                let ask = sql::ClaimAsk { owner: &owner, now, lease_ms, limit: limit(), bulk_first };
+                drop(reply.send(backend.claim(ask).await))
             }
         }
     }

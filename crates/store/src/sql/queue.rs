@@ -91,9 +91,9 @@ impl SqlStore {
                     crate::GroupDone::Event(records.next().expect("one record for each event"))
                 }
                 crate::GroupJob::Record { batch } => crate::GroupDone::Recorded(record_in(&mut tx, batch).await?),
-                crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => crate::GroupDone::Claimed(
-                    self.claim_in(&mut tx, owner, *now, *lease_ms, limit(), *bulk_first).await?,
-                ),
+                crate::GroupJob::Claim { .. } => {
+                    crate::GroupDone::Claimed(self.claim_in(&mut tx, ClaimAsk::of(job).expect("a claim")).await?)
+                }
             });
         }
         tx.commit().await?;
@@ -130,10 +130,9 @@ impl SqlStore {
         for job in jobs {
             let outcome = match job {
                 GroupJob::Record { batch } => self.record_alone(held, batch).await.map(crate::GroupDone::Recorded),
-                GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => self
-                    .claim_alone(held, owner, *now, *lease_ms, limit(), *bulk_first)
-                    .await
-                    .map(crate::GroupDone::Claimed),
+                GroupJob::Claim { .. } => {
+                    self.claim_alone(held, ClaimAsk::of(job).expect("a claim")).await.map(crate::GroupDone::Claimed)
+                }
                 GroupJob::Message { .. } | GroupJob::Event { .. } => unreachable!("records and claims only"),
             };
             match outcome {
@@ -161,18 +160,10 @@ impl SqlStore {
 
     /// A group's claim on its own: one statement on the committer's connection, or a
     /// transaction when it looks for expired leases first (at most every 100 ms).
-    async fn claim_alone(
-        &self,
-        held: &mut Held,
-        owner: &str,
-        now: i64,
-        lease_ms: i64,
-        limit: u32,
-        bulk_first: bool,
-    ) -> Result<Vec<Claim>> {
-        match self.expired_scan_due(now) {
-            true => self.claim(owner, now, lease_ms, limit, bulk_first).await,
-            false => self.claim_due(held.get(&self.writer).await?, owner, now, lease_ms, limit, bulk_first).await,
+    async fn claim_alone(&self, held: &mut Held, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {
+        match self.expired_scan_due(ask.now) {
+            true => self.claim(ask).await,
+            false => self.claim_due(held.get(&self.writer).await?, ask).await,
         }
     }
 
@@ -229,16 +220,9 @@ impl SqlStore {
         Ok(Some(ids))
     }
 
-    pub async fn claim(
-        &self,
-        owner: &str,
-        now: i64,
-        lease_ms: i64,
-        limit: u32,
-        bulk_first: bool,
-    ) -> Result<Vec<Claim>> {
+    pub async fn claim(&self, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {
         let mut tx = self.write().await?;
-        let claims = self.claim_in(&mut tx, owner, now, lease_ms, limit, bulk_first).await?;
+        let claims = self.claim_in(&mut tx, ask).await?;
         tx.commit().await?;
         Ok(claims)
     }
@@ -297,36 +281,21 @@ impl SqlStore {
     }
 
     /// `claim`, inside the caller's transaction.
-    async fn claim_in(
-        &self,
-        tx: &mut Tx,
-        owner: &str,
-        now: i64,
-        lease_ms: i64,
-        limit: u32,
-        bulk_first: bool,
-    ) -> Result<Vec<Claim>> {
-        if self.expired_scan_due(now) {
-            self.expired_scan.store(now, std::sync::atomic::Ordering::Relaxed);
-            self.take_expired(tx, now).await?;
+    async fn claim_in(&self, tx: &mut Tx, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {
+        if self.expired_scan_due(ask.now) {
+            self.expired_scan.store(ask.now, std::sync::atomic::Ordering::Relaxed);
+            self.take_expired(tx, ask.now).await?;
         }
-        self.claim_due(tx, owner, now, lease_ms, limit, bulk_first).await
+        self.claim_due(tx, ask).await
     }
 
     /// The claim's one statement (PostgreSQL; SQLite's two): in a transaction or on its own.
-    async fn claim_due(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        owner: &str,
-        now: i64,
-        lease_ms: i64,
-        limit: u32,
-        bulk_first: bool,
-    ) -> Result<Vec<Claim>> {
+    async fn claim_due(&self, conn: &mut sqlx::AnyConnection, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {
         // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
         // round for this claim: the worker asks so every few claims, so that bulk mail keeps a
         // share while urgent mail keeps coming. SKIP LOCKED (PostgreSQL): N services claiming
         // at once each get different steps, no waiting.
+        let ClaimAsk { owner, now, lease_ms, limit, bulk_first } = ask;
         let order = if bulk_first { "priority DESC, next_attempt_at, id" } else { "priority, next_attempt_at, id" };
         let update = format!(
             "UPDATE messages SET state = 'sending', lease_owner = $1, lease_expires_at = $2,
@@ -784,6 +753,29 @@ fn add_messages_with(inserts: &mut super::batch::Writes, messages: &[NewMessage<
             row.bind(id).bind(position).bind(kind).bind(address);
         },
     );
+}
+
+/// What a claim asks for: up to `limit` due messages for `owner`, leased for `lease_ms` from
+/// `now`, bulk mail before urgent when `bulk_first` (the share bulk mail keeps).
+#[derive(Clone, Copy)]
+pub(crate) struct ClaimAsk<'a> {
+    pub owner: &'a str,
+    pub now: i64,
+    pub lease_ms: i64,
+    pub limit: u32,
+    pub bulk_first: bool,
+}
+
+impl<'a> ClaimAsk<'a> {
+    /// A group's claim, with its limit counted now; `None` for any other job.
+    fn of(job: &crate::GroupJob<'a>) -> Option<ClaimAsk<'a>> {
+        match *job {
+            crate::GroupJob::Claim { owner, now, lease_ms, limit, bulk_first } => {
+                Some(ClaimAsk { owner, now, lease_ms, limit: limit(), bulk_first })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A claimed message's recipient: (message, position, address, state, reply).
