@@ -840,9 +840,9 @@ fn bind_message_states(row: &mut super::batch::Row<'_>, batch: &[(ClaimRef, Atte
 /// Each recipient of an attempt with what it settled, in the claim's order: (message, claim
 /// token, position, outcome).
 fn settled_recipients<'a>(
-    batch: &'a [(ClaimRef, AttemptMeta, Settlement)],
+    batch: impl IntoIterator<Item = &'a (ClaimRef, AttemptMeta, Settlement)>,
 ) -> impl Iterator<Item = (&'a ClaimRef, i64, Outcome<'a>)> {
-    batch.iter().flat_map(|(claim, meta, s)| {
+    batch.into_iter().flat_map(|(claim, meta, s)| {
         meta.recipients
             .iter()
             .zip(&s.recipients)
@@ -897,10 +897,10 @@ async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]
     if ours.is_empty() {
         return Ok(recorded);
     }
-    let mine: Vec<_> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).cloned().collect();
+    let mine: Vec<&(ClaimRef, AttemptMeta, Settlement)> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).collect();
     // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
     let mut alike: Vec<(Outcome<'_>, Vec<(i64, i64)>)> = Vec::new();
-    for (claim, position, key) in settled_recipients(&mine) {
+    for (claim, position, key) in settled_recipients(mine.iter().copied()) {
         match alike.iter_mut().find(|(k, _)| *k == key) {
             Some((_, rows)) => rows.push((claim.id, position)),
             None => alike.push((key, vec![(claim.id, position)])),
