@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use sqlx::Arguments;
-use sqlx::any::AnyArguments;
+use sqlx::Row as _;
+use sqlx::any::{AnyArguments, AnyRow};
 
 use super::{Dialect, Tx, values_from};
 use crate::{Result, StoreError};
@@ -27,6 +28,41 @@ pub(super) struct Ids {
 }
 
 impl Ids {
+    /// SQLite: reads each table's next id (`from_next`), with the transaction's `BEGIN` when
+    /// it is known to insert (`SqlStore::write_with_ids`).
+    pub(super) fn next_sql() -> &'static str {
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        SQL.get_or_init(|| {
+            // AUTOINCREMENT never reuses an id: past the highest the sequence has seen and the
+            // highest the table holds.
+            ID_TABLES
+                .iter()
+                .map(|t| {
+                    format!(
+                        "SELECT '{t}', MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
+                         COALESCE((SELECT MAX(id) FROM {t}), 0)) + 1"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ")
+        })
+    }
+
+    /// The ids after the rows of `next_sql`.
+    pub(super) fn from_next(rows: &[AnyRow]) -> Result<Ids> {
+        let mut next = HashMap::new();
+        for row in rows {
+            let (table, id): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+            if let Some(&t) = ID_TABLES.iter().find(|&&t| t == table) {
+                next.insert(t, id);
+            }
+        }
+        match ID_TABLES.iter().find(|t| !next.contains_key(*t)) {
+            Some(t) => Err(StoreError::Corrupt(format!("no next id of table {t}"))),
+            None => Ok(Ids { next: Some(next) }),
+        }
+    }
+
     /// `n` new ids of each table asked for, in the order asked.
     pub(super) async fn take(&mut self, tx: &mut Tx, wanted: &[(&'static str, usize)]) -> Result<Vec<Vec<i64>>> {
         debug_assert!(wanted.iter().all(|(table, _)| ID_TABLES.contains(table)));
@@ -37,29 +73,8 @@ impl Ids {
         match tx.dialect {
             Dialect::Sqlite => {
                 if self.next.is_none() {
-                    // AUTOINCREMENT never reuses an id: past the highest the sequence has seen
-                    // and the highest the table holds.
-                    let sql = ID_TABLES
-                        .iter()
-                        .map(|t| {
-                            format!(
-                                "SELECT '{t}', MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
-                                 COALESCE((SELECT MAX(id) FROM {t}), 0)) + 1"
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" UNION ALL ");
-                    let rows: Vec<(String, i64)> =
-                        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?;
-                    let next = ID_TABLES
-                        .iter()
-                        .map(|&t| {
-                            let row = rows.iter().find(|(name, _)| name == t);
-                            row.map(|&(_, next)| (t, next))
-                                .ok_or_else(|| StoreError::Corrupt(format!("no next id of table {t}")))
-                        })
-                        .collect::<Result<_>>()?;
-                    self.next = Some(next);
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(Ids::next_sql())).fetch_all(&mut **tx).await?;
+                    *self = Ids::from_next(&rows)?;
                 }
                 let next = self.next.as_mut().expect("read above");
                 Ok(wanted
@@ -224,6 +239,22 @@ impl Writes {
     }
 
     /// Runs the statements, in as few round trips as their parameters allow.
+    /// Sends the writes and commits `tx`. SQLite: the `COMMIT` goes with the last round trip.
+    pub(super) async fn commit(mut self, mut tx: Tx) -> Result<()> {
+        match self.trips.last_mut() {
+            Some(last) if tx.dialect == Dialect::Sqlite && self.error.is_none() => {
+                last.statements.push("COMMIT".into());
+                self.execute(&mut tx).await?;
+                tx.ended();
+            }
+            _ => {
+                self.execute(&mut tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn execute(self, tx: &mut Tx) -> Result<()> {
         if let Some(e) = self.error {
             return Err(sqlx::Error::Encode(e).into());

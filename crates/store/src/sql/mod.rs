@@ -176,7 +176,7 @@ pub struct SqlStore {
     /// loser 1, 2, 5, 10... ms: under load (an enqueue commit, a claim and a record at once)
     /// those sleeps, not the fsyncs, were most of a message's time in the queue. Other
     /// processes (the CLI) still queue on the lock itself.
-    turn: std::sync::Arc<tokio::sync::Mutex<()>>,
+    turn: std::sync::Arc<tokio::sync::Mutex<WriterSlot>>,
     /// When (store time, ms) this process last looked for expired leases in a claim.
     expired_scan: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Names this store in the wake-ups it sends (the NOTIFY's payload), so that its own
@@ -199,33 +199,132 @@ fn new_wake_origin() -> std::sync::Arc<str> {
 
 /// A write transaction; on SQLite it holds the process's write turn until it ends.
 pub(crate) struct Tx {
-    inner: sqlx::Transaction<'static, sqlx::Any>,
+    conn: TxConn,
     pub(crate) dialect: Dialect,
     /// The store's `wake_origin`, for the NOTIFY a transaction sends.
     pub(crate) wake_origin: std::sync::Arc<str>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+enum TxConn {
+    /// PostgreSQL: sqlx's transaction on a pooled connection.
+    Pooled(sqlx::Transaction<'static, sqlx::Any>),
+    /// SQLite: the turn, with the writer's connection inside `BEGIN IMMEDIATE`.
+    Turn(Turn),
 }
 
 impl Tx {
     pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
-        self.inner.commit().await
+        match self.conn {
+            TxConn::Pooled(tx) => tx.commit().await,
+            TxConn::Turn(mut turn) => turn.end("COMMIT").await,
+        }
     }
 
     pub(crate) async fn rollback(self) -> std::result::Result<(), sqlx::Error> {
-        self.inner.rollback().await
+        match self.conn {
+            TxConn::Pooled(tx) => tx.rollback().await,
+            TxConn::Turn(mut turn) => turn.end("ROLLBACK").await,
+        }
+    }
+
+    /// SQLite: the transaction was ended by a `COMMIT` sent with its last statements
+    /// (`Writes::commit`).
+    pub(super) fn ended(mut self) {
+        if let TxConn::Turn(turn) = &mut self.conn {
+            turn.slot().open = false;
+        }
     }
 }
 
 impl std::ops::Deref for Tx {
     type Target = sqlx::AnyConnection;
     fn deref(&self) -> &sqlx::AnyConnection {
-        &self.inner
+        match &self.conn {
+            TxConn::Pooled(tx) => tx,
+            TxConn::Turn(turn) => {
+                turn.0.as_ref().and_then(|slot| slot.conn.as_deref()).expect("a turn holds the writer")
+            }
+        }
     }
 }
 
 impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.inner
+        match &mut self.conn {
+            TxConn::Pooled(tx) => tx,
+            TxConn::Turn(turn) => turn.slot().conn(),
+        }
+    }
+}
+
+/// SQLite: the writer's one connection, kept with this process's write turn. Taken from its
+/// pool once and kept: sqlx returns a released connection to its pool from a task of its own,
+/// and the next writer's acquire waited for that task, ~150 us of every write transaction
+/// (with the BEGIN's and the COMMIT's round trips, most of a small group commit's time).
+#[derive(Default)]
+struct WriterSlot {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// A transaction began on `conn` and has not ended (its `Tx` was dropped on an error or a
+    /// cancelled caller, or its COMMIT failed): rolled back before anyone writes again.
+    open: bool,
+}
+
+impl WriterSlot {
+    fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        self.conn.as_deref_mut().expect("a turn holds the writer")
+    }
+
+    /// Rolls back a transaction left open. A connection whose state is then not known is
+    /// closed; the next writer opens another.
+    async fn end_open(&mut self) {
+        if !self.open {
+            return;
+        }
+        self.open = false;
+        let Some(conn) = self.conn.as_deref_mut() else { return };
+        match sqlx::raw_sql("ROLLBACK").execute(conn).await {
+            Ok(_) => {}
+            // SQLite ended it itself (a COMMIT that failed on a full disk rolls back).
+            Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => {}
+            Err(_) => {
+                if let Some(conn) = self.conn.take() {
+                    drop(conn.close().await);
+                }
+            }
+        }
+    }
+}
+
+/// A transaction's hold on the turn. Dropped with its transaction still open, it rolls that
+/// back before the next writer's turn: SQLite's write lock must not stay held, other
+/// processes (the CLI) wait for it.
+struct Turn(Option<tokio::sync::OwnedMutexGuard<WriterSlot>>);
+
+impl Turn {
+    fn slot(&mut self) -> &mut WriterSlot {
+        self.0.as_mut().expect("held until dropped")
+    }
+
+    /// `COMMIT` or `ROLLBACK`. Failed, the transaction counts as open (rolled back on drop).
+    async fn end(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
+        let slot = self.slot();
+        sqlx::query(sql).execute(slot.conn()).await?;
+        slot.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let Some(mut slot) = self.0.take() else { return };
+        if !slot.open {
+            return;
+        }
+        // The guard goes with the rollback: the next writer's turn comes after it. Without a
+        // runtime (shutting down) the next `write` rolls back first.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { slot.end_open().await });
+        }
     }
 }
 
@@ -420,24 +519,58 @@ impl SqlStore {
     }
 
     async fn write(&self) -> Result<Tx> {
-        Ok(match self.dialect {
+        Ok(self.write_reading("").await?.0)
+    }
+
+    /// `write` for a transaction that inserts rows with their ids chosen first (`batch::Ids`):
+    /// on SQLite the ids are read with its `BEGIN`.
+    async fn write_with_ids(&self) -> Result<(Tx, batch::Ids)> {
+        match self.dialect {
             Dialect::Sqlite => {
-                // The turn first, then a connection: a writer waiting its turn holds none.
-                let turn = self.turn.clone().lock_owned().await;
-                Tx {
-                    inner: self.writer.begin_with("BEGIN IMMEDIATE").await?,
+                let (tx, rows) = self.write_reading(batch::Ids::next_sql()).await?;
+                Ok((tx, batch::Ids::from_next(&rows)?))
+            }
+            Dialect::Postgres => Ok((self.write().await?, batch::Ids::default())),
+        }
+    }
+
+    /// `write`, and the rows of `select` (no parameters) read in the transaction. SQLite sends
+    /// the `BEGIN IMMEDIATE` and `select` together: one round trip.
+    async fn write_reading(&self, select: &str) -> Result<(Tx, Vec<AnyRow>)> {
+        let mut tx = match self.dialect {
+            Dialect::Sqlite => {
+                // The turn first, then the connection kept in it.
+                let mut slot = self.turn.clone().lock_owned().await;
+                slot.end_open().await;
+                if slot.conn.is_none() {
+                    slot.conn = Some(self.writer.acquire().await?);
+                }
+                // Open until it is known ended: a BEGIN that failed is rolled back for nothing.
+                slot.open = true;
+                let mut tx = Tx {
+                    conn: TxConn::Turn(Turn(Some(slot))),
                     dialect: self.dialect,
                     wake_origin: self.wake_origin.clone(),
-                    _turn: Some(turn),
-                }
+                };
+                // A prepared statement, kept by sqlx like any other.
+                let sql = match select {
+                    "" => "BEGIN IMMEDIATE".to_string(),
+                    select => format!("BEGIN IMMEDIATE; {select}"),
+                };
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
+                return Ok((tx, rows));
             }
             Dialect::Postgres => Tx {
-                inner: self.writer.begin().await?,
+                conn: TxConn::Pooled(self.writer.begin().await?),
                 dialect: self.dialect,
                 wake_origin: self.wake_origin.clone(),
-                _turn: None,
             },
-        })
+        };
+        let rows = match select {
+            "" => Vec::new(),
+            select => sqlx::query(sqlx::AssertSqlSafe(select.to_string())).fetch_all(&mut *tx).await?,
+        };
+        Ok((tx, rows))
     }
 
     async fn migrate(&self) -> Result<()> {

@@ -60,7 +60,6 @@ impl SqlStore {
         {
             return Ok(done);
         }
-        let mut tx = self.write().await?;
         let events: Vec<super::automation::NewEvent<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -70,16 +69,28 @@ impl SqlStore {
                 _ => None,
             })
             .collect();
+        let (mut tx, mut ids) = match messages.len() + events.len() {
+            0 => (self.write().await?, super::batch::Ids::default()),
+            _ => self.write_with_ids().await?,
+        };
         // The messages' and the events' rows go to the database together, after the events'
         // plans (which need the events' ids) made their runs.
-        let mut ids = super::batch::Ids::default();
         let mut inserts = super::batch::Writes::default();
         let taken = ids.take(&mut tx, &[("messages", messages.len()), ("events", events.len())]).await?;
         let (message_ids, event_ids) = (&taken[0], &taken[1]);
         add_messages(&mut inserts, &messages, message_ids);
         let records = super::automation::add_events(&mut tx, &mut ids, &mut inserts, &events, event_ids).await?;
         inserts.wake_only_if(|n| self.wake_others(n));
-        inserts.execute(&mut tx).await?;
+        // Inserts alone: their COMMIT goes with them (one round trip on SQLite).
+        let inserts_only =
+            jobs.iter().all(|job| matches!(job, crate::GroupJob::Message { .. } | crate::GroupJob::Event { .. }));
+        let mut tx = if inserts_only {
+            inserts.commit(tx).await?;
+            None
+        } else {
+            inserts.execute(&mut tx).await?;
+            Some(tx)
+        };
         let (mut message_ids, mut records) = (message_ids.iter().copied(), records.into_iter());
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -90,13 +101,19 @@ impl SqlStore {
                 crate::GroupJob::Event { .. } => {
                     crate::GroupDone::Event(records.next().expect("one record for each event"))
                 }
-                crate::GroupJob::Record { batch } => crate::GroupDone::Recorded(record_in(&mut tx, batch).await?),
+                crate::GroupJob::Record { batch } => {
+                    let tx = tx.as_mut().expect("open for records and claims");
+                    crate::GroupDone::Recorded(record_in(tx, batch).await?)
+                }
                 crate::GroupJob::Claim { .. } => {
-                    crate::GroupDone::Claimed(self.claim_in(&mut tx, ClaimAsk::of(job).expect("a claim")).await?)
+                    let tx = tx.as_mut().expect("open for records and claims");
+                    crate::GroupDone::Claimed(self.claim_in(tx, ClaimAsk::of(job).expect("a claim")).await?)
                 }
             });
         }
-        tx.commit().await?;
+        if let Some(tx) = tx {
+            tx.commit().await?;
+        }
         Ok(done)
     }
 
@@ -176,13 +193,12 @@ impl SqlStore {
         {
             return Ok(ids);
         }
-        let mut tx = self.write().await?;
-        let ids = super::batch::Ids::default().take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
+        let (mut tx, mut ids) = self.write_with_ids().await?;
+        let ids = ids.take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
         let mut inserts = super::batch::Writes::default();
         add_messages(&mut inserts, &messages, &ids);
         inserts.wake_only_if(|n| self.wake_others(n));
-        inserts.execute(&mut tx).await?;
-        tx.commit().await?;
+        inserts.commit(tx).await?;
         Ok(ids)
     }
 

@@ -193,6 +193,38 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
     assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
 }
 
+/// A write whose caller stops waiting (a cancelled request), wherever that happens, is written
+/// whole or not at all, and leaves the database writable at once: by this store, and by
+/// another process's (SQLite's write lock is not left held by the abandoned transaction).
+async fn a_write_cancelled_at_any_point_is_all_or_nothing_and_leaves_the_database_writable(b: &Backend) {
+    let s = &b.store;
+    let other = Store::open(&b.url).await.unwrap();
+    let items: Vec<_> = (0..200).map(|i| (Origin::Dispatch, message(&format!("cancelled {i}")))).collect();
+    let (mut tries, mut cancelled, mut micros) = (0, 0, 0);
+    // Waits a little longer each time, until a write was not cancelled.
+    loop {
+        tries += 1;
+        match tokio::time::timeout(Duration::from_micros(micros), s.enqueue_many(&items, Utc::now())).await {
+            Ok(done) => drop(done.unwrap()),
+            Err(_) => cancelled += 1,
+        }
+        for (store, who) in [(&other, "another process"), (s, "this store")] {
+            let one = [(Origin::Dispatch, message(who))];
+            let write = tokio::time::timeout(Duration::from_secs(5), store.enqueue_many(&one, Utc::now())).await;
+            assert!(matches!(write, Ok(Ok(_))), "{who} could not write after a cancel at {micros} us: {write:?}");
+        }
+        if cancelled < tries || micros > 5_000_000 {
+            break;
+        }
+        micros = micros * 5 / 4 + 100;
+    }
+    assert!(cancelled > 1 && cancelled < tries, "{cancelled} of {tries} cancelled: both cases were tried");
+    // Whole or absent: a cancelled caller does not know which (on PostgreSQL a statement sent
+    // runs to its end), but never a part.
+    let bulk = s.queue_stats(Utc::now()).await.unwrap().queued - 2 * tries;
+    assert_eq!(bulk % 200, 0, "all or nothing: {bulk} bulk messages are not a multiple of 200");
+}
+
 /// A group's ids are chosen before its rows are written: they follow every id the table ever
 /// held, also a deleted one, whether the rows before came one by one or in a batch, and a row
 /// inserted one by one afterwards follows them.
@@ -653,6 +685,7 @@ async fn mail_the_local_workers_have_room_for_wakes_no_other_service(b: &Backend
 }
 
 contract!(
+    a_write_cancelled_at_any_point_is_all_or_nothing_and_leaves_the_database_writable,
     mail_the_local_workers_have_room_for_wakes_no_other_service,
     a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_nothing,
     a_claim_reads_the_settings_and_secrets_generations_it_sends_with,
