@@ -228,17 +228,6 @@ impl Writes {
         Ok(Some((format!("WITH {} {select}", parts.join(", ")), trip.args)))
     }
 
-    /// The one statement added, to run where its rows are wanted.
-    pub(super) fn into_statement(mut self) -> Result<(String, AnyArguments)> {
-        if let Some(e) = self.error {
-            return Err(sqlx::Error::Encode(e).into());
-        }
-        let mut trip = self.trips.pop().expect("a statement was added");
-        debug_assert!(self.trips.is_empty() && trip.statements.len() == 1);
-        Ok((trip.statements.remove(0), trip.args))
-    }
-
-    /// Runs the statements, in as few round trips as their parameters allow.
     /// Sends the writes and commits `tx`. SQLite: the `COMMIT` goes with the last round trip.
     pub(super) async fn commit(mut self, mut tx: Tx) -> Result<()> {
         match self.trips.last_mut() {
@@ -255,13 +244,26 @@ impl Writes {
         Ok(())
     }
 
+    /// Runs the statements, in as few round trips as their parameters allow.
     pub(super) async fn execute(self, tx: &mut Tx) -> Result<()> {
+        self.run(tx, false).await.map(drop)
+    }
+
+    /// `execute`, and the rows its last statement returns.
+    pub(super) async fn fetch_last(self, tx: &mut Tx) -> Result<Vec<AnyRow>> {
+        self.run(tx, true).await
+    }
+
+    async fn run(self, tx: &mut Tx, fetch: bool) -> Result<Vec<AnyRow>> {
+        debug_assert!(!(fetch && self.wake), "the wake-up would be the last statement");
         if let Some(e) = self.error {
             return Err(sqlx::Error::Encode(e).into());
         }
         let trips = self.trips.len();
+        let mut rows = Vec::new();
         for (i, mut trip) in self.trips.into_iter().enumerate() {
-            if self.wake && tx.dialect == Dialect::Postgres && i + 1 == trips {
+            let last = i + 1 == trips;
+            if self.wake && tx.dialect == Dialect::Postgres && last {
                 trip.statements.push(format!("SELECT pg_notify('{}', '{}')", super::WAKE_CHANNEL, tx.wake_origin));
             }
             let sql = match tx.dialect {
@@ -276,9 +278,13 @@ impl Writes {
                     if parts.is_empty() { last.clone() } else { format!("WITH {} {last}", parts.join(", ")) }
                 }
             };
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), trip.args).execute(&mut **tx).await?;
+            let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), trip.args);
+            match fetch && last {
+                true => rows = query.fetch_all(&mut **tx).await?,
+                false => drop(query.execute(&mut **tx).await?),
+            }
         }
-        Ok(())
+        Ok(rows)
     }
 }
 

@@ -355,35 +355,42 @@ impl SqlStore {
                     .collect::<Result<_>>()?;
                 (claims, recipients)
             }
-            // SQLite has no UPDATE inside WITH; its statements cost no round trip.
+            // SQLite has no UPDATE inside WITH: the claim, its messages' recipients and the
+            // generations are three statements sent as one (each statement is a hop to
+            // SQLite's thread and back, ~100 us on a busy two-core machine). Their rows come
+            // back in that order, told apart by their first column. The recipients' statement
+            // finds the claimed messages by owner and times; one claimed by an earlier claim of
+            // the same owner at the same instant is not this claim's and is passed over.
             Dialect::Sqlite => {
-                let rows = bind(update).fetch_all(&mut *conn).await?;
-                let recipients = match rows.is_empty() {
-                    true => Vec::new(),
-                    false => {
-                        // The ids are integers read from the database: safe to list in the statement.
-                        let ids = rows
-                            .iter()
-                            .map(|r| cell::<i64>(r, "messages", "id").map(|id| id.to_string()))
-                            .collect::<Result<Vec<_>>>()?
-                            .join(",");
-                        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                            "SELECT message_id, position, address, state, reply FROM recipients
-                                 WHERE message_id IN ({ids}) ORDER BY message_id, position"
-                        )))
-                        .fetch_all(&mut *conn)
-                        .await?
+                let sql = format!(
+                    "{update};
+                     SELECT message_id, position, address, state, reply FROM recipients
+                      WHERE message_id IN (SELECT id FROM messages INDEXED BY messages_leased
+                                            WHERE state = 'sending' AND lease_expires_at = $2
+                                              AND lease_owner = $1 AND updated_at = $3)
+                      ORDER BY message_id, position;
+                     SELECT {}",
+                    super::settings::GENERATION_COLUMNS
+                );
+                let rows = bind(sql).fetch_all(&mut *conn).await?;
+                let mut recipients = Vec::new();
+                let mut seen = None;
+                let mut claimed = Vec::new();
+                for row in &rows {
+                    match row.columns().first().map(sqlx::Column::name).unwrap_or_default() {
+                        "message_id" => recipients.push((
+                            cell(row, "recipients", "message_id")?,
+                            cell(row, "recipients", "position")?,
+                            cell(row, "recipients", "address")?,
+                            cell(row, "recipients", "state")?,
+                            cell(row, "recipients", "reply")?,
+                        )),
+                        "settings_generation" => seen = Some(super::settings::generation_from_row(row)?),
+                        _ => claimed.push(row),
                     }
-                };
-                let seen = match rows.is_empty() {
-                    true => Default::default(),
-                    false => super::settings::generation_from_row(
-                        &sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {}", super::settings::GENERATION_COLUMNS)))
-                            .fetch_one(&mut *conn)
-                            .await?,
-                    )?,
-                };
-                (rows.iter().map(|row| claim_from_row(row, seen)).collect::<Result<_>>()?, recipients)
+                }
+                let seen = seen.ok_or_else(|| crate::StoreError::Corrupt("the claim read no generations".into()))?;
+                (claimed.into_iter().map(|row| claim_from_row(row, seen)).collect::<Result<_>>()?, recipients)
             }
         };
         for (id, position, address, state, reply) in recipients {
@@ -900,85 +907,46 @@ fn bind_attempt(row: &mut super::batch::Row<'_>, (claim, meta, s): &(ClaimRef, A
         .bind(meta.route.as_deref());
 }
 
-/// `record_in` for one chunk, in the caller's transaction: the messages first (which tells
-/// which attempts are current), then their recipients and attempts in one round trip.
+/// `record_in` for one chunk, in the caller's transaction, in one round trip: the recipients
+/// and the attempts of the messages still under the attempt's claim, then the messages
+/// (which tells which attempts were current).
 async fn record_chunk(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -> Result<Vec<bool>> {
-    let mut update = super::batch::Writes::default();
-    update.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
-    let (sql, args) = update.into_statement()?;
-    let ours: std::collections::HashSet<(i64, i64)> =
-        sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut **tx).await?.into_iter().collect();
-    let is_ours = |claim: &ClaimRef| ours.contains(&(claim.id, claim.token));
-    let recorded: Vec<bool> = batch.iter().map(|(claim, _, _)| is_ours(claim)).collect();
-    if ours.is_empty() {
-        return Ok(recorded);
-    }
-    let mine: Vec<&(ClaimRef, AttemptMeta, Settlement)> = batch.iter().filter(|(claim, _, _)| is_ours(claim)).collect();
-    // One UPDATE for the recipients that end alike (the usual batch: all delivered, one reply).
-    let mut alike: Vec<(Outcome<'_>, Vec<(i64, i64)>)> = Vec::new();
-    for (claim, position, key) in settled_recipients(mine.iter().copied()) {
-        match alike.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, rows)) => rows.push((claim.id, position)),
-            None => alike.push((key, vec![(claim.id, position)])),
-        }
-    }
-    // The recipients' and the attempts' writes return nothing: they go in one round trip.
     let mut writes = super::batch::Writes::default();
-    for ((state, reply), rows) in &alike {
-        for part in rows.chunks(500) {
-            // Integers the claim read from the database.
-            let list = part.iter().map(|(id, position)| format!("({id}, {position})")).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "UPDATE recipients SET state = ?1, reply = COALESCE(?2, reply) WHERE (message_id, position) IN (VALUES {list})"
-            );
-            writes.statement(&sql, 2, |row| {
-                row.bind(*state).bind(*reply);
-            });
-        }
+    // The fence reads the messages before the last statement changes them.
+    add_recipients_and_attempts(&mut writes, batch, ("messages AS f", " AND f.state = 'sending'"));
+    writes.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
+    let mut ours = std::collections::HashSet::new();
+    for row in writes.fetch_last(tx).await? {
+        ours.insert((cell::<i64>(&row, "messages", "id")?, cell::<i64>(&row, "messages", "claim_token")?));
     }
-    let reports: Vec<String> = mine.iter().map(|(_, meta, s)| report(meta, s)).collect();
-    let rows: Vec<_> = mine.iter().zip(&reports).collect();
-    writes.rows(
-        ATTEMPT_COLUMNS,
-        "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        15,
-        &rows,
-        |row, (attempt, report)| bind_attempt(row, attempt, report),
-    );
-    writes.execute(tx).await?;
-    Ok(recorded)
+    Ok(batch.iter().map(|(claim, _, _)| ours.contains(&(claim.id, claim.token))).collect())
 }
 
-/// PostgreSQL: `record_attempts` as one statement outside a transaction, which writes the
-/// messages, their recipients and the attempts as parts of it (each recipient and attempt
-/// fenced by its message's part, so a stale attempt writes nothing): one round trip where
-/// `BEGIN`, the messages, the rest and `COMMIT` were four. Its statement text depends only on
-/// how many attempts and recipients it has, so it is prepared once per shape. `None`, with
-/// nothing written, when its parameters need more than one round trip.
-pub(super) async fn record_in_one_statement(
-    conn: &mut sqlx::AnyConnection,
+/// Most recipients one statement of a record updates (5 parameters each).
+const RECIPIENTS_PER_STATEMENT: usize = 2000;
+
+/// A record's writes of its recipients' outcomes and of its attempts, each row only where its
+/// message is under the attempt's claim: joined to `fence`, a relation `f` with the columns `id`
+/// and `claim_token` of the messages still current, and its condition. Neither returns rows.
+fn add_recipients_and_attempts(
+    writes: &mut super::batch::Writes,
     batch: &[(ClaimRef, AttemptMeta, Settlement)],
-) -> Result<Option<Vec<bool>>> {
-    if batch.is_empty() {
-        return Ok(Some(Vec::new()));
-    }
-    let mut writes = super::batch::Writes::default();
-    // part0: the messages recorded, (id, claim_token).
-    writes.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
+    (fence, condition): (&str, &str),
+) {
     let recipients: Vec<_> = settled_recipients(batch).collect();
-    if !recipients.is_empty() {
+    for part in recipients.chunks(RECIPIENTS_PER_STATEMENT) {
         let rows = values_template(
-            recipients.len(),
+            part.len(),
             5,
             "(CAST(?1 AS BIGINT), CAST(?2 AS BIGINT), CAST(?3 AS BIGINT), CAST(?4 AS TEXT), CAST(?5 AS TEXT))",
         );
         let sql = format!(
             "UPDATE recipients SET state = u.column4, reply = COALESCE(u.column5, recipients.reply)
-             FROM (VALUES {rows}) AS u JOIN part0 ON part0.id = u.column1 AND part0.claim_token = u.column2
+             FROM (VALUES {rows}) AS u JOIN {fence} ON f.id = u.column1 AND f.claim_token = u.column2{condition}
              WHERE recipients.message_id = u.column1 AND recipients.position = u.column3"
         );
-        writes.statement(&sql, 5 * recipients.len(), |row| {
-            for (claim, position, (state, reply)) in &recipients {
+        writes.statement(&sql, 5 * part.len(), |row| {
+            for (claim, position, (state, reply)) in part {
                 row.bind(claim.id).bind(claim.token).bind(*position).bind(*state).bind(*reply);
             }
         });
@@ -995,7 +963,7 @@ pub(super) async fn record_in_one_statement(
     let columns = (1..=15).map(|i| format!("a.column{}", i + 1)).collect::<Vec<_>>().join(", ");
     let sql = format!(
         "INSERT INTO {ATTEMPT_COLUMNS}
-         SELECT {columns} FROM (VALUES {rows}) AS a JOIN part0 ON part0.id = a.column2 AND part0.claim_token = a.column1"
+         SELECT {columns} FROM (VALUES {rows}) AS a JOIN {fence} ON f.id = a.column2 AND f.claim_token = a.column1{condition}"
     );
     writes.statement(&sql, 16 * batch.len(), |row| {
         for (attempt, report) in batch.iter().zip(&reports) {
@@ -1003,6 +971,25 @@ pub(super) async fn record_in_one_statement(
             bind_attempt(row, attempt, report);
         }
     });
+}
+
+/// PostgreSQL: `record_attempts` as one statement outside a transaction, which writes the
+/// messages, their recipients and the attempts as parts of it (each recipient and attempt
+/// fenced by its message's part, so a stale attempt writes nothing): one round trip where
+/// `BEGIN`, the messages, the rest and `COMMIT` were four. Its statement text depends only on
+/// how many attempts and recipients it has, so it is prepared once per shape. `None`, with
+/// nothing written, when its parameters need more than one round trip.
+pub(super) async fn record_in_one_statement(
+    conn: &mut sqlx::AnyConnection,
+    batch: &[(ClaimRef, AttemptMeta, Settlement)],
+) -> Result<Option<Vec<bool>>> {
+    if batch.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let mut writes = super::batch::Writes::default();
+    // part0: the messages recorded, (id, claim_token); the other parts join it.
+    writes.statement(&update_messages(batch), 8 * batch.len(), |row| bind_message_states(row, batch));
+    add_recipients_and_attempts(&mut writes, batch, ("part0 AS f", ""));
     let Some((sql, args)) = writes.into_one_statement("", "SELECT id, claim_token FROM part0")? else {
         return Ok(None);
     };

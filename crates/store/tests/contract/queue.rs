@@ -193,6 +193,26 @@ async fn a_bulk_enqueue_stores_every_message_in_one_transaction(b: &Backend) {
     assert!(claims.iter().all(|c| c.pending.len() == 1), "every message has its recipient");
 }
 
+/// A claim reads its messages' recipients in the statements that claim them (on SQLite found by
+/// owner and time): a second claim by the same owner at the same instant gets its own message
+/// and recipients, none of the first's.
+async fn two_claims_of_one_owner_at_one_instant_each_get_their_own_messages_and_recipients(b: &Backend) {
+    let s = &b.store;
+    let now = Utc::now();
+    let a = s.enqueue(Origin::MailTester, message_to("a", &["a1@example.org", "a2@example.org"]), now).await.unwrap();
+    let b_ = s.enqueue(Origin::MailTester, message_to("b", &["b1@example.org"]), now).await.unwrap();
+    let lease = Duration::from_secs(60);
+    let first = s.claim("w", now, lease, 1, false).await.unwrap();
+    let second = s.claim("w", now, lease, 1, false).await.unwrap();
+    let addresses = |c: &panel_store::Claim| c.pending.iter().map(|p| p.address.clone()).collect::<Vec<_>>();
+    assert_eq!((first.len(), second.len()), (1, 1), "{first:?} {second:?}");
+    assert_eq!(
+        (first[0].reference.id, addresses(&first[0])),
+        (a, vec!["a1@example.org".into(), "a2@example.org".into()])
+    );
+    assert_eq!((second[0].reference.id, addresses(&second[0])), (b_, vec!["b1@example.org".to_string()]));
+}
+
 /// A write whose caller stops waiting (a cancelled request), wherever that happens, is written
 /// whole or not at all, and leaves the database writable at once: by this store, and by
 /// another process's (SQLite's write lock is not left held by the abandoned transaction).
@@ -597,6 +617,14 @@ async fn a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_no
     let later = t0 + chrono::Duration::milliseconds(150);
     let fresh = s.claim("w2", later, Duration::from_secs(60), 10, false).await.unwrap().remove(0);
     assert_eq!(fresh.pending.len(), 3);
+    let states = |m: &panel_store::MessageDetail| {
+        m.recipients.iter().map(|r| (r.address.clone(), r.state.as_str().to_string())).collect::<Vec<_>>()
+    };
+    // Alone, while the message is being sent again: nothing changes.
+    let alone = s.record_attempts(vec![(stale.reference, meta(&stale), settled_each(&[false, false, false]))]);
+    assert_eq!(alone.await.unwrap(), [false]);
+    let pending = to.map(|a| (a.to_string(), "pending".to_string()));
+    assert_eq!(states(&s.message(id).await.unwrap().unwrap()), pending, "the stale attempt wrote its recipients");
     let results = s
         .record_attempts(vec![
             (stale.reference, meta(&stale), settled_each(&[false, false, false])),
@@ -605,9 +633,6 @@ async fn a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_no
         .await
         .unwrap();
     assert_eq!(results, [false, true]);
-    let states = |m: &panel_store::MessageDetail| {
-        m.recipients.iter().map(|r| (r.address.clone(), r.state.as_str().to_string())).collect::<Vec<_>>()
-    };
     let m = s.message(id).await.unwrap().unwrap();
     let expected = |b: &str| {
         vec![
@@ -685,6 +710,7 @@ async fn mail_the_local_workers_have_room_for_wakes_no_other_service(b: &Backend
 }
 
 contract!(
+    two_claims_of_one_owner_at_one_instant_each_get_their_own_messages_and_recipients,
     a_write_cancelled_at_any_point_is_all_or_nothing_and_leaves_the_database_writable,
     mail_the_local_workers_have_room_for_wakes_no_other_service,
     a_record_gives_each_recipient_its_outcome_and_a_stale_attempt_writes_nothing,
