@@ -305,7 +305,8 @@ impl SqlStore {
         self.claim_due(tx, ask).await
     }
 
-    /// The claim's one statement (PostgreSQL; SQLite's two): in a transaction or on its own.
+    /// The claim's one round trip (PostgreSQL: one statement; SQLite: three in one string): in a
+    /// transaction or on its own.
     async fn claim_due(&self, conn: &mut sqlx::AnyConnection, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {
         // Urgent mail first, then bulk (priority, then due time). `bulk_first` turns the order
         // round for this claim: the worker asks so every few claims, so that bulk mail keeps a
