@@ -295,6 +295,18 @@ impl WriterSlot {
     }
 }
 
+impl Drop for WriterSlot {
+    fn drop(&mut self) {
+        // sqlx hands a dropped connection back to its pool from a task, which panics without a
+        // runtime: a store dropped after its runtime (a test's, a tool's) lets it go instead.
+        if tokio::runtime::Handle::try_current().is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            drop(conn.detach());
+        }
+    }
+}
+
 /// A transaction's hold on the turn. Dropped with its transaction still open, it rolls that
 /// back before the next writer's turn: SQLite's write lock must not stay held, other
 /// processes (the CLI) wait for it.
