@@ -279,9 +279,10 @@ impl Writes {
                 }
             };
             let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), trip.args);
-            match fetch && last {
-                true => rows = query.fetch_all(&mut **tx).await?,
-                false => drop(query.execute(&mut **tx).await?),
+            if fetch && last {
+                rows = query.fetch_all(&mut **tx).await?;
+            } else {
+                query.execute(&mut **tx).await?;
             }
         }
         Ok(rows)
