@@ -266,6 +266,7 @@ pub async fn run_worker(
     });
     // However the worker ends (stopped, or a panic), the mail enqueued here is no longer its own.
     let _no_room = NoRoomAfter(shared.store.clone());
+    shared.store.take_mail_as(Some((&shared.owner, shared.config.lease)));
     let mut tasks = JoinSet::new();
     let mut looked: Option<Instant> = None;
     // How many the last claim asked for (counted when it ran), and whether it came back with
@@ -292,7 +293,12 @@ pub async fn run_worker(
         // While probing, one message at a time finds out whether a route is back.
         let free = if probing { u32::from(tasks.is_empty()) } else { slots.available_permits() as u32 };
         asked.store(0, Ordering::Relaxed);
-        let claimed = if free == 0 {
+        // Mail enqueued here into the room offered, inserted already claimed for this worker.
+        let handed = shared.store.take_handed();
+        let from_hand = !handed.is_empty();
+        let claimed = if from_hand {
+            with_relay(&shared, handed, shared.panel.now()).await
+        } else if free == 0 {
             Ok(None)
         } else {
             // Counted again when the claim runs: slots that free while it waits for its turn
@@ -318,18 +324,12 @@ pub async fn run_worker(
             Ok(Some((_, claims))) => claims.len() as u32,
             _ => 0,
         };
-        let drained = claimed.is_ok() && took < asked.load(Ordering::Relaxed);
+        // Handed over, the worker stays drained: room was offered only with nothing left to
+        // claim, and mail due since then that was not handed over woke it (it claims next).
+        let drained = claimed.is_ok() && (from_hand || took < asked.load(Ordering::Relaxed));
         match claimed {
-            Ok(Some((state, claims))) if !claims.is_empty() => {
-                for c in claims {
-                    shared.panel.metrics.step_claimed(c.origin.as_str());
-                    let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-                    let slot = Arc::new(Slot { permit: Mutex::new(Some(permit)), shared: shared.clone() });
-                    let (shared, state) = (shared.clone(), state.clone());
-                    tasks.spawn(deliver_supervised(shared, state, c, slot));
-                }
-            }
-            Ok(_) => {}
+            Ok(Some((state, claims))) => start_deliveries(&shared, &slots, &mut tasks, state, claims).await,
+            Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "claiming failed; retrying"),
         }
         // Free slots and nothing left to claim: mail enqueued in this process that fits is this
@@ -357,6 +357,14 @@ pub async fn run_worker(
             answer_checks(&shared).await;
         }
     }
+    // Handed over since the last pass: in hand too (else they would wait for their leases).
+    shared.store.take_mail_as(None);
+    let handed = shared.store.take_handed();
+    if !handed.is_empty()
+        && let Ok(Some((state, claims))) = with_relay(&shared, handed, shared.panel.now()).await
+    {
+        start_deliveries(&shared, &slots, &mut tasks, state, claims).await;
+    }
     tracing::info!(in_flight = tasks.len(), "worker stopping; finishing messages in hand");
     while tasks.join_next().await.is_some() {}
     let idle: Vec<_> = shared.pool.lock().expect("not poisoned").drain(..).collect();
@@ -372,7 +380,23 @@ struct NoRoomAfter(Store);
 
 impl Drop for NoRoomAfter {
     fn drop(&mut self) {
-        self.0.offer_room(0);
+        self.0.take_mail_as(None);
+    }
+}
+
+/// A delivery for each of `claims`, each in a slot of its own (waiting for one to free).
+async fn start_deliveries(
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    state: Arc<RelayState>,
+    claims: Vec<Claim>,
+) {
+    for c in claims {
+        shared.panel.metrics.step_claimed(c.origin.as_str());
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let slot = Arc::new(Slot { permit: Mutex::new(Some(permit)), shared: shared.clone() });
+        tasks.spawn(deliver_supervised(shared.clone(), state.clone(), c, slot));
     }
 }
 
@@ -392,10 +416,18 @@ async fn claim(
     let bulk_first = shared.claims.fetch_add(1, Ordering::Relaxed) % BULK_SHARE == BULK_SHARE - 1;
     let now = shared.panel.now();
     let claims = shared.store.claim_up_to(&shared.owner, now, shared.config.lease, limit, bulk_first).await?;
-    if claims.is_empty() {
-        return Ok(None);
-    }
-    match relay_for(shared, claims[0].seen).await {
+    with_relay(shared, claims, now).await
+}
+
+/// The relay to send `claims` with, for the settings and secrets their claim saw; `None` when
+/// there are none, or when the settings became unusable: then the claims are given back.
+async fn with_relay(
+    shared: &Shared,
+    claims: Vec<Claim>,
+    now: DateTime<Utc>,
+) -> panel_store::Result<Option<(Arc<RelayState>, Vec<Claim>)>> {
+    let Some(first) = claims.first() else { return Ok(None) };
+    match relay_for(shared, first.seen).await {
         Ok(Some(state)) => Ok(Some((state, claims))),
         // The settings became unusable (or unreadable) since: the messages go back unsent, due
         // again at once, and wait as they would have before the claim.

@@ -349,6 +349,22 @@ impl Store {
         self.backend.add_room(slots);
     }
 
+    /// `owner`, this process's worker, takes the messages enqueued here that fit in its room
+    /// (`offer_room`) as they are inserted (PostgreSQL): inserted already claimed, under a
+    /// lease of `lease`, and handed over in memory (`take_handed`). Each such message costs the
+    /// database no claim (a statement, an update of its row and a commit); a claim is still
+    /// what finds everything else. `None`: from now on nothing is handed over, and no room is
+    /// offered (the worker stops).
+    pub fn take_mail_as(&self, taker: Option<(&str, Duration)>) {
+        self.backend.take_mail_as(taker.map(|(owner, lease)| (owner.to_string(), lease.as_millis() as i64)));
+    }
+
+    /// The messages inserted already claimed for this process's worker (`take_mail_as`) since
+    /// it last asked, in the order enqueued.
+    pub fn take_handed(&self) -> Vec<Claim> {
+        self.backend.take_handed()
+    }
+
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
     /// SQLite, whose services are woken on this host directly).
     pub async fn notify_wake(&self) -> Result<()> {

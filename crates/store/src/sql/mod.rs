@@ -184,8 +184,20 @@ pub struct SqlStore {
     /// dots only: written into statements as it is.
     wake_origin: std::sync::Arc<str>,
     /// How many messages this process's workers, waiting with free slots and nothing left to
-    /// claim, can take at once (`Store::offer_room`): enqueues that fit wake no other service.
-    local_room: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// claim, can take at once (`Store::offer_room`): enqueues that fit wake no other service;
+    /// on PostgreSQL they are inserted already claimed for the worker (`LocalRoom::taker`).
+    local_room: std::sync::Arc<std::sync::Mutex<LocalRoom>>,
+}
+
+/// This process's worker as the taker of the mail enqueued here (`Store::offer_room`).
+#[derive(Default)]
+pub(crate) struct LocalRoom {
+    /// Slots free and waiting, with nothing left to claim.
+    room: u32,
+    /// PostgreSQL: the worker that takes mail inserted already claimed, and its lease (ms).
+    taker: Option<(String, i64)>,
+    /// Claims inserted for the taker and not yet taken (`Store::take_handed`).
+    handed: Vec<crate::Claim>,
 }
 
 /// A `wake_origin` no other store has: this process's id, a count of the stores it opened, and
@@ -624,19 +636,55 @@ impl SqlStore {
     /// its database connection; measured, that cost a third of the throughput of three
     /// services. When the workers are busy, or mail is left to claim, the others are woken.
     pub(super) fn wake_others(&self, messages: usize) -> bool {
-        use std::sync::atomic::Ordering;
         let messages = u32::try_from(messages).unwrap_or(u32::MAX);
-        self.local_room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| room.checked_sub(messages)).is_err()
+        let mut local = self.local_room.lock().expect("not poisoned");
+        match local.room.checked_sub(messages) {
+            Some(left) => {
+                local.room = left;
+                false
+            }
+            None => true,
+        }
     }
 
-    /// `Store::offer_room`.
+    /// `wake_others` for messages that can be inserted already claimed: the worker that takes
+    /// them and its lease when they fit in its room (which they then take), else `None`.
+    pub(super) fn hand_over(&self, messages: usize) -> Option<(String, i64)> {
+        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
+        let mut local = self.local_room.lock().expect("not poisoned");
+        let taker = local.taker.clone()?;
+        local.room = local.room.checked_sub(messages)?;
+        Some(taker)
+    }
+
+    /// Claims inserted for the taker (`hand_over`), for it to take.
+    pub(super) fn handed(&self, claims: Vec<crate::Claim>) {
+        self.local_room.lock().expect("not poisoned").handed.extend(claims);
+    }
+
+    /// `Store::offer_room`: the claims handed over and not yet taken hold their slots.
     pub fn offer_room(&self, slots: u32) {
-        self.local_room.store(slots, std::sync::atomic::Ordering::Release);
+        let mut local = self.local_room.lock().expect("not poisoned");
+        local.room = slots.saturating_sub(u32::try_from(local.handed.len()).unwrap_or(u32::MAX));
     }
 
     /// `Store::add_room`.
     pub fn add_room(&self, slots: u32) {
-        self.local_room.fetch_add(slots, std::sync::atomic::Ordering::AcqRel);
+        let mut local = self.local_room.lock().expect("not poisoned");
+        local.room = local.room.saturating_add(slots);
+    }
+
+    /// `Store::take_mail_as`. On SQLite a claim rides the same group commit as the records and
+    /// the enqueues: nothing is handed over there.
+    pub fn take_mail_as(&self, taker: Option<(String, i64)>) {
+        let mut local = self.local_room.lock().expect("not poisoned");
+        local.room = 0;
+        local.taker = taker.filter(|_| self.dialect == Dialect::Postgres);
+    }
+
+    /// `Store::take_handed`.
+    pub fn take_handed(&self) -> Vec<crate::Claim> {
+        std::mem::take(&mut self.local_room.lock().expect("not poisoned").handed)
     }
 
     /// A dedicated connection listening for wake-ups (PostgreSQL only).

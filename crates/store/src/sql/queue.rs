@@ -216,9 +216,13 @@ impl SqlStore {
         }
         let numbers: Vec<i64> = (1..=messages.len() as i64).collect();
         let mut inserts = super::batch::Writes::default();
-        add_messages_with(&mut inserts, messages, &numbers, NUMBERED_ID);
+        // Room for them in this process's worker: inserted already claimed for it.
+        let taker = self.hand_over(messages.len());
+        let now = messages[0].now;
+        let lease = taker.as_ref().map(|(owner, lease_ms)| (owner.as_str(), now + lease_ms));
+        add_messages_with(&mut inserts, messages, &numbers, NUMBERED_ID, lease);
         // In the one part every other uses: a part nothing uses is not run.
-        inserts.wake_only_if(|n| self.wake_others(n));
+        inserts.wake_only_if(|n| taker.is_none() && self.wake_others(n));
         let wake = match inserts.wakes() {
             true => format!(", (SELECT 1 FROM pg_notify('{WAKE_CHANNEL}', '{}')) AS woke", self.wake_origin),
             false => String::new(),
@@ -228,11 +232,28 @@ impl SqlStore {
                          FROM generate_series(1, {}) AS n)",
             messages.len()
         );
-        let select = "SELECT new_ids.a[i] FROM new_ids, generate_subscripts(new_ids.a, 1) AS i ORDER BY i";
-        let Some((sql, args)) = inserts.into_one_statement(&with, select)? else { return Ok(None) };
+        // A claim reads the settings and secrets generations in its statement: so does this.
+        let select = format!(
+            "SELECT new_ids.a[i] AS id{} FROM new_ids, generate_subscripts(new_ids.a, 1) AS i ORDER BY i",
+            match taker {
+                Some(_) => format!(", {}", super::settings::GENERATION_COLUMNS),
+                None => String::new(),
+            }
+        );
+        let Some((sql, args)) = inserts.into_one_statement(&with, &select)? else {
+            if taker.is_some() {
+                self.add_room(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+            }
+            return Ok(None);
+        };
         // Committed once this returns: no error after it (a group that fails is written again).
-        let ids: Vec<i64> = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), args).fetch_all(conn).await?;
+        let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(conn).await?;
+        let ids = rows.iter().map(|row| cell(row, "messages", "id")).collect::<Result<Vec<i64>>>()?;
         debug_assert_eq!(ids.len(), messages.len());
+        if taker.is_some() {
+            let seen = super::settings::generation_from_row(rows.first().expect("a row for each message"))?;
+            self.handed(messages.iter().zip(&ids).map(|(m, &id)| handed_claim(m, id, seen)).collect());
+        }
         Ok(Some(ids))
     }
 
@@ -726,38 +747,78 @@ pub(super) struct NewMessage<'a> {
 /// statements for them all, sent with whatever else the transaction inserts. Their commit
 /// wakes every service's workers (`Writes::wake_on_commit`).
 pub(super) fn add_messages(inserts: &mut super::batch::Writes, messages: &[NewMessage<'_>], ids: &[i64]) {
-    add_messages_with(inserts, messages, ids, "?1");
+    add_messages_with(inserts, messages, ids, "?1", None);
+}
+
+/// A message inserted already claimed (`SqlStore::hand_over`), as a claim of it would find it:
+/// its first claim (token 1), every recipient pending.
+fn handed_claim(m: &NewMessage<'_>, id: i64, seen: ConfigGeneration) -> Claim {
+    let pending = m.message.recipients().into_iter().enumerate();
+    Claim {
+        reference: ClaimRef { id, token: 1 },
+        origin: m.origin,
+        message: m.message.clone(),
+        attempts: 0,
+        created_at: from_ms(m.now),
+        pending: pending
+            .map(|(position, (_, address))| PendingRecipient {
+                position: position as i64,
+                address: address.as_str().to_string(),
+            })
+            .collect(),
+        earlier: Default::default(),
+        seen,
+    }
 }
 
 /// An id taken inside the statement (`insert_in_one_statement`): the `?1`th of `new_ids`.
 const NUMBERED_ID: &str = "(SELECT new_ids.a[CAST(?1 AS INTEGER)] FROM new_ids)";
 
-/// `add_messages`, each message's id written as `id` with `ids`' value bound as its `?1`.
-fn add_messages_with(inserts: &mut super::batch::Writes, messages: &[NewMessage<'_>], ids: &[i64], id: &str) {
+/// `add_messages`, each message's id written as `id` with `ids`' value bound as its `?1`; with
+/// `lease` (owner, expiry), already claimed for that owner (`SqlStore::hand_over`).
+fn add_messages_with(
+    inserts: &mut super::batch::Writes,
+    messages: &[NewMessage<'_>],
+    ids: &[i64],
+    id: &str,
+    lease: Option<(&str, i64)>,
+) {
     debug_assert_eq!(messages.len(), ids.len());
     if !messages.is_empty() {
         inserts.wake_on_commit(messages.len());
     }
     let rows: Vec<(i64, &NewMessage<'_>)> = ids.iter().copied().zip(messages).collect();
-    inserts.rows(
-        "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
-                   created_at, updated_at, next_attempt_at, window_start, priority, run_id)",
-        &format!("({id}, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10)"),
-        10,
-        &rows,
-        |row, (id, m)| {
-            row.bind(*id)
-                .bind(m.origin.as_str())
-                .bind(serde_json::to_string(m.message).expect("message serializes"))
-                .bind(m.message.from.to_string())
-                .bind(m.message.subject.as_str())
-                .bind(m.message.message_id.as_str())
-                .bind(m.message.used_fallback_recipient)
-                .bind(m.now)
-                .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank())
-                .bind(m.run);
-        },
-    );
+    let (table, values, width) = match lease {
+        None => (
+            "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
+                       created_at, updated_at, next_attempt_at, window_start, priority, run_id)",
+            format!("({id}, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10)"),
+            10,
+        ),
+        // As a claim leaves it: sending, leased, its first claim token.
+        Some(_) => (
+            "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
+                       created_at, updated_at, next_attempt_at, window_start, priority, run_id,
+                       lease_owner, lease_expires_at, claim_token)",
+            format!("({id}, ?2, 'sending', ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, ?11, ?12, 1)"),
+            12,
+        ),
+    };
+    inserts.rows(table, &values, width, &rows, |row, (id, m)| {
+        row.bind(*id)
+            .bind(m.origin.as_str())
+            .bind(serde_json::to_string(m.message).expect("message serializes"))
+            .bind(m.message.from.to_string())
+            .bind(m.message.subject.as_str())
+            .bind(m.message.message_id.as_str())
+            .bind(m.message.used_fallback_recipient)
+            .bind(m.now)
+            .bind(m.message.priority.unwrap_or(Priority::default_for(m.origin)).rank())
+            .bind(m.run);
+        if let Some((owner, expires)) = lease {
+            row.bind(owner).bind(expires);
+        }
+    });
     let recipients: Vec<(i64, i64, &str, &str)> = rows
         .iter()
         .flat_map(|&(id, m)| {

@@ -709,7 +709,67 @@ async fn mail_the_local_workers_have_room_for_wakes_no_other_service(b: &Backend
     assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("no room").unwrap(), WakeFrom::Another);
 }
 
+/// PostgreSQL: mail enqueued into the room of this process's worker (`take_mail_as`) is
+/// inserted already claimed for it and handed over in memory, once, as a claim would have
+/// found it: nobody else claims it, its attempt is recorded with the handed claim, and a
+/// handed message whose worker died is taken back when its lease runs out. Mail that does not
+/// fit, or once the worker stopped, is queued for any claimer. SQLite hands nothing over (its
+/// claims ride the group commit): its messages are claimed as before.
+async fn mail_enqueued_into_the_workers_room_is_handed_over_already_claimed(b: &Backend) {
+    let s = &b.store;
+    let lease = Duration::from_secs(60);
+    s.take_mail_as(Some(("w", lease)));
+    s.offer_room(2);
+    let t0 = Utc::now();
+    let one = message("one");
+    let id = s.enqueue(Origin::MailTester, one.clone(), t0).await.unwrap();
+    let handed = s.take_handed();
+    if !s.is_shared() {
+        assert!(handed.is_empty(), "SQLite hands nothing over");
+        assert_eq!(s.claim("w", t0, lease, 10, false).await.unwrap()[0].reference.id, id);
+        return;
+    }
+    assert_eq!(handed.len(), 1, "{handed:?}");
+    let h = &handed[0];
+    assert_eq!((h.reference.id, h.attempts, h.origin), (id, 0, Origin::MailTester));
+    assert_eq!(h.message, one);
+    let addresses: Vec<&str> = h.pending.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(addresses, ["a@example.org"]);
+    assert_eq!(h.seen, s.config_generation().await.unwrap());
+    assert!(s.take_handed().is_empty(), "handed over once");
+    assert_eq!(s.message(id).await.unwrap().unwrap().state.as_str(), "sending");
+    assert!(s.claim("other", t0, lease, 10, false).await.unwrap().is_empty(), "nobody else claims it");
+    // Three do not fit the slot left: queued for any claimer, nothing handed over.
+    let three: Vec<_> = (0..3).map(|i| (Origin::Dispatch, message(&format!("bulk {i}")))).collect();
+    let bulk = s.enqueue_many(&three, t0).await.unwrap();
+    assert!(s.take_handed().is_empty());
+    let claimed: Vec<i64> =
+        s.claim("other", t0, lease, 10, false).await.unwrap().iter().map(|c| c.reference.id).collect();
+    assert_eq!(claimed, bulk);
+    assert!(s.record_attempt(&h.reference, &meta(h), &delivered()).await.unwrap());
+    assert_eq!(s.message(id).await.unwrap().unwrap().state.as_str(), "delivered");
+    // The slot left takes one more; its worker dies: its lease runs out like a claim's.
+    let two = s.enqueue(Origin::MailTester, message("two"), t0).await.unwrap();
+    let lost = s.take_handed().remove(0);
+    assert_eq!(lost.reference.id, two);
+    let later = t0 + chrono::Duration::seconds(61);
+    // (The bulk messages' leases ran out too.)
+    let again = s.claim("other", later, lease, 10, false).await.unwrap().into_iter().find(|c| c.reference.id == two);
+    let again = again.expect("taken back and claimed again");
+    assert_eq!((again.reference.id, again.message.clone()), (two, lost.message.clone()));
+    assert_eq!(again.pending.len(), lost.pending.len());
+    assert!(again.reference.token > lost.reference.token);
+    assert!(!s.record_attempt(&lost.reference, &meta(&lost), &delivered()).await.unwrap(), "fenced out");
+    // A stopped worker takes nothing: room or not, mail is queued.
+    s.take_mail_as(None);
+    s.offer_room(4);
+    let three = s.enqueue(Origin::MailTester, message("three"), t0).await.unwrap();
+    assert!(s.take_handed().is_empty());
+    assert_eq!(s.claim("other", t0, lease, 10, false).await.unwrap()[0].reference.id, three);
+}
+
 contract!(
+    mail_enqueued_into_the_workers_room_is_handed_over_already_claimed,
     two_claims_of_one_owner_at_one_instant_each_get_their_own_messages_and_recipients,
     a_write_cancelled_at_any_point_is_all_or_nothing_and_leaves_the_database_writable,
     mail_the_local_workers_have_room_for_wakes_no_other_service,
