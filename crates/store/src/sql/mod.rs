@@ -657,9 +657,15 @@ impl SqlStore {
         Some(taker)
     }
 
-    /// Claims inserted for the taker (`hand_over`), for it to take.
-    pub(super) fn handed(&self, claims: Vec<crate::Claim>) {
-        self.local_room.lock().expect("not poisoned").handed.extend(claims);
+    /// Claims inserted for `taker` (`hand_over`), for it to take; false (nothing kept) when
+    /// that worker stopped meanwhile.
+    pub(super) fn handed(&self, taker: &(String, i64), claims: Vec<crate::Claim>) -> bool {
+        let mut local = self.local_room.lock().expect("not poisoned");
+        if local.taker.as_ref() != Some(taker) {
+            return false;
+        }
+        local.handed.extend(claims);
+        true
     }
 
     /// `Store::offer_room`: the claims handed over and not yet taken hold their slots.

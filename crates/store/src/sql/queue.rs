@@ -247,12 +247,25 @@ impl SqlStore {
             return Ok(None);
         };
         // Committed once this returns: no error after it (a group that fails is written again).
-        let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(conn).await?;
+        let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *conn).await?;
         let ids = rows.iter().map(|row| cell(row, "messages", "id")).collect::<Result<Vec<i64>>>()?;
         debug_assert_eq!(ids.len(), messages.len());
-        if taker.is_some() {
+        if let Some(taker) = &taker {
             let seen = super::settings::generation_from_row(rows.first().expect("a row for each message"))?;
-            self.handed(messages.iter().zip(&ids).map(|(m, &id)| handed_claim(m, id, seen)).collect());
+            let claims = messages.iter().zip(&ids).map(|(m, &id)| handed_claim(m, id, seen)).collect();
+            if !self.handed(taker, claims) {
+                // The worker stopped while they were inserted: queued again at once, for any
+                // worker, instead of waiting for their leases to run out. Committed already,
+                // so a failure here leaves them to the leases.
+                let release = format!(
+                    "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL
+                      WHERE id IN ({}) AND state = 'sending' AND claim_token = 1",
+                    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                );
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(release)).execute(&mut *conn).await {
+                    tracing::warn!(error = %e, "messages inserted for a worker that stopped wait for their leases");
+                }
+            }
         }
         Ok(Some(ids))
     }

@@ -766,6 +766,26 @@ async fn mail_enqueued_into_the_workers_room_is_handed_over_already_claimed(b: &
     let three = s.enqueue(Origin::MailTester, message("three"), t0).await.unwrap();
     assert!(s.take_handed().is_empty());
     assert_eq!(s.claim("other", t0, lease, 10, false).await.unwrap()[0].reference.id, three);
+    // The worker stops while an enqueue into its room is under way: whichever comes first,
+    // the message is handed over or queued for any claimer, never left leased to nobody.
+    for delay in 0..40u64 {
+        s.take_mail_as(Some(("w", lease)));
+        s.offer_room(1);
+        let stopper = s.clone();
+        let stop = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_micros(delay * 50));
+            stopper.take_mail_as(None);
+        });
+        let id = s.enqueue(Origin::MailTester, message("racing"), t0).await.unwrap();
+        stop.await.unwrap();
+        let handed: Vec<i64> = s.take_handed().iter().map(|c| c.reference.id).collect();
+        let claimed: Vec<i64> =
+            s.claim("other", t0, lease, 10, false).await.unwrap().iter().map(|c| c.reference.id).collect();
+        match handed.as_slice() {
+            [] => assert_eq!(claimed, [id], "not handed over: queued (after {delay} x 50 us)"),
+            _ => assert_eq!((handed, claimed), (vec![id], vec![]), "handed over once (after {delay} x 50 us)"),
+        }
+    }
 }
 
 contract!(
