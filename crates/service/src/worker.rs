@@ -324,9 +324,15 @@ pub async fn run_worker(
             Ok(Some((_, claims))) => claims.len() as u32,
             _ => 0,
         };
-        // Handed over, the worker stays drained: room was offered only with nothing left to
-        // claim, and mail due since then that was not handed over woke it (it claims next).
-        let drained = claimed.is_ok() && (from_hand || took < asked.load(Ordering::Relaxed));
+        // Handed over and sent on, the worker stays drained: room was offered only with nothing
+        // left to claim, and mail due since then that was not handed over woke it (it claims
+        // next). Handed over and given back (the settings became unusable): no room, as after
+        // a claim that found no relay to send with.
+        let drained = claimed.is_ok()
+            && match from_hand {
+                true => took > 0,
+                false => took < asked.load(Ordering::Relaxed),
+            };
         match claimed {
             Ok(Some((state, claims))) => start_deliveries(&shared, &slots, &mut tasks, state, claims).await,
             Ok(None) => {}
