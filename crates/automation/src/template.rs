@@ -71,6 +71,20 @@ pub enum Undefined {
 /// every render (building an environment per message would repeat its setup on the hot path).
 pub struct Engine {
     env: Environment<'static>,
+    /// The parts rendered so far, compiled, each named by its escaping and its source: the
+    /// same source renders again for every event a workflow mails and every message of a
+    /// schedule run, and compiling it anew was most of a render's time. Emptied when it holds
+    /// `MAX_COMPILED` (previews render arbitrary sources).
+    compiled: std::sync::RwLock<(Environment<'static>, usize)>,
+}
+
+/// Most compiled parts an engine keeps.
+const MAX_COMPILED: usize = 512;
+
+/// A compiled part's name: its escaping (`html` or `plain`, what the auto-escape callback
+/// reads), then its source.
+fn compiled_name(escape_name: &str, source: &str) -> String {
+    format!("{escape_name}\u{0}{source}")
 }
 
 impl Engine {
@@ -95,9 +109,40 @@ impl Engine {
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(64);
         // Only a part named `html` is escaped; subject and text are plain text.
-        env.set_auto_escape_callback(|name| if name == "html" { AutoEscape::Html } else { AutoEscape::None });
+        env.set_auto_escape_callback(|name| match name.split('\u{0}').next() == Some("html") {
+            true => AutoEscape::Html,
+            false => AutoEscape::None,
+        });
         env.set_keep_trailing_newline(true);
-        Engine { env }
+        Engine { compiled: std::sync::RwLock::new((env.clone(), 0)), env }
+    }
+
+    /// `source` compiled (once) as the part `escape_name`, rendered by `render` under the
+    /// cache's lock (a read lock: renders run side by side).
+    fn with_compiled<T>(
+        &self,
+        escape_name: &str,
+        source: &str,
+        render: impl FnOnce(minijinja::Template<'_, '_>) -> T,
+    ) -> Result<T, minijinja::Error> {
+        let name = compiled_name(escape_name, source);
+        {
+            let compiled = self.compiled.read().unwrap_or_else(|e| e.into_inner());
+            if let Ok(template) = compiled.0.get_template(&name) {
+                return Ok(render(template));
+            }
+        }
+        let mut compiled = self.compiled.write().unwrap_or_else(|e| e.into_inner());
+        if compiled.1 >= MAX_COMPILED {
+            compiled.0.clear_templates();
+            compiled.1 = 0;
+        }
+        if compiled.0.get_template(&name).is_err() {
+            compiled.0.add_template_owned(name.clone(), source.to_string())?;
+            compiled.1 += 1;
+        }
+        let template = compiled.0.get_template(&name)?;
+        Ok(render(template))
     }
 
     /// Renders one part's `source` against `ctx`.
@@ -111,10 +156,12 @@ impl Engine {
             });
         }
         let escape_name = if part == "html" { "html" } else { "plain" };
-        let template = self.env.template_from_named_str(escape_name, source).map_err(|e| error(part, source, &e))?;
         let mut out = LimitedWriter::default();
-        match template.render_captured_to(ctx, &mut out) {
-            Ok(_) => Ok(String::from_utf8(out.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())),
+        let rendered = self
+            .with_compiled(escape_name, source, |template| template.render_captured_to(ctx, &mut out).map(drop))
+            .map_err(|e| error(part, source, &e))?;
+        match rendered {
+            Ok(()) => Ok(String::from_utf8(out.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())),
             Err(_) if out.overflow => Err(TemplateError {
                 part: part.into(),
                 line: None,
@@ -248,6 +295,34 @@ mod tests {
         assert_eq!(r.subject, "Welcome <b>Ann</b> & co");
         assert_eq!(r.text, "Hi <b>Ann</b> & co!\n");
         assert_eq!(r.html.unwrap(), "<p>Hi &lt;b&gt;Ann&lt;&#x2f;b&gt; &amp; co</p>");
+    }
+
+    #[test]
+    fn a_part_is_compiled_once_and_escaped_by_the_part_it_renders() {
+        let engine = Engine::new(Undefined::Strict);
+        let source = "Hi {{ object.name }}";
+        let ctx = |name: &str| json!({"object": {"name": name}});
+        assert_eq!(engine.render("text", source, &ctx("<b>Ann</b>")).unwrap(), "Hi <b>Ann</b>");
+        assert_eq!(engine.render("html", source, &ctx("<b>Ann</b>")).unwrap(), "Hi &lt;b&gt;Ann&lt;&#x2f;b&gt;");
+        // Each context its own output, the same compiled parts: one for text, one for HTML.
+        assert_eq!(engine.render("subject", source, &ctx("Bob")).unwrap(), "Hi Bob");
+        assert_eq!(engine.render("html", source, &ctx("Bob & co")).unwrap(), "Hi Bob &amp; co");
+        assert_eq!(engine.compiled.read().unwrap().1, 2);
+        // An error is the same each time, and a part that does not compile is not kept.
+        for _ in 0..2 {
+            let e = engine.render("text", "line one\nHello {{ user.nmae }}", &json!({"user": {}})).unwrap_err();
+            assert_eq!((e.line, e.near.as_deref()), (Some(2), Some("user.nmae")), "{e}");
+            let e = engine.render("text", "{% if %}", &json!({})).unwrap_err();
+            assert_eq!(e.part, "text");
+        }
+        assert_eq!(engine.compiled.read().unwrap().1, 3);
+        // Past the most it keeps, it starts again and renders as before.
+        for i in 0..MAX_COMPILED + 10 {
+            let source = format!("{i}: {{{{ object.name }}}}");
+            assert_eq!(engine.render("text", &source, &ctx("Ann")).unwrap(), format!("{i}: Ann"));
+        }
+        assert!(engine.compiled.read().unwrap().1 <= MAX_COMPILED);
+        assert_eq!(engine.render("html", source, &ctx("<i>")).unwrap(), "Hi &lt;i&gt;");
     }
 
     #[test]
