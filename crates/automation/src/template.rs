@@ -74,7 +74,8 @@ pub struct Engine {
     /// The parts rendered so far, compiled, each named by its escaping and its source: the
     /// same source renders again for every event a workflow mails and every message of a
     /// schedule run, and compiling it anew was most of a render's time. Emptied when it holds
-    /// `MAX_COMPILED` (previews render arbitrary sources).
+    /// `MAX_COMPILED` (previews render arbitrary sources). A part could name another kept here
+    /// (`include`) only by its whole source: nothing it does not hold already.
     compiled: std::sync::RwLock<(Environment<'static>, usize)>,
 }
 
