@@ -73,14 +73,24 @@ pub struct Engine {
     env: Environment<'static>,
     /// The parts rendered so far, compiled, each named by its escaping and its source: the
     /// same source renders again for every event a workflow mails and every message of a
-    /// schedule run, and compiling it anew was most of a render's time. Emptied when it holds
-    /// `MAX_COMPILED` (previews render arbitrary sources). A part could name another kept here
-    /// (`include`) only by its whole source: nothing it does not hold already.
-    compiled: std::sync::RwLock<(Environment<'static>, usize)>,
+    /// schedule run, and compiling it anew was most of a render's time. Emptied when it would
+    /// hold more than `MAX_COMPILED` parts or `MAX_COMPILED_BYTES` of names and sources
+    /// (previews render arbitrary sources, each up to `MAX_SOURCE_BYTES`). A part could name
+    /// another kept here (`include`) only by its whole source: nothing it does not hold already.
+    compiled: std::sync::RwLock<Compiled>,
+}
+
+/// An engine's compiled parts (`Engine::compiled`), how many, and their names' and sources' bytes.
+struct Compiled {
+    env: Environment<'static>,
+    parts: usize,
+    bytes: usize,
 }
 
 /// Most compiled parts an engine keeps.
 const MAX_COMPILED: usize = 512;
+/// Most bytes of names and sources an engine keeps compiled.
+const MAX_COMPILED_BYTES: usize = 16 << 20;
 
 /// A compiled part's name: its escaping (`html` or `plain`, what the auto-escape callback
 /// reads), then its source.
@@ -115,7 +125,7 @@ impl Engine {
             false => AutoEscape::None,
         });
         env.set_keep_trailing_newline(true);
-        Engine { compiled: std::sync::RwLock::new((env.clone(), 0)), env }
+        Engine { compiled: std::sync::RwLock::new(Compiled { env: env.clone(), parts: 0, bytes: 0 }), env }
     }
 
     /// `source` compiled (once) as the part `escape_name`, rendered by `render` under the
@@ -129,20 +139,22 @@ impl Engine {
         let name = compiled_name(escape_name, source);
         {
             let compiled = self.compiled.read().unwrap_or_else(|e| e.into_inner());
-            if let Ok(template) = compiled.0.get_template(&name) {
+            if let Ok(template) = compiled.env.get_template(&name) {
                 return Ok(render(template));
             }
         }
         let mut compiled = self.compiled.write().unwrap_or_else(|e| e.into_inner());
-        if compiled.1 >= MAX_COMPILED {
-            compiled.0.clear_templates();
-            compiled.1 = 0;
+        if compiled.env.get_template(&name).is_err() {
+            let bytes = name.len() + source.len();
+            if compiled.parts >= MAX_COMPILED || compiled.bytes + bytes > MAX_COMPILED_BYTES {
+                compiled.env.clear_templates();
+                (compiled.parts, compiled.bytes) = (0, 0);
+            }
+            compiled.env.add_template_owned(name.clone(), source.to_string())?;
+            compiled.parts += 1;
+            compiled.bytes += bytes;
         }
-        if compiled.0.get_template(&name).is_err() {
-            compiled.0.add_template_owned(name.clone(), source.to_string())?;
-            compiled.1 += 1;
-        }
-        let template = compiled.0.get_template(&name)?;
+        let template = compiled.env.get_template(&name)?;
         Ok(render(template))
     }
 
@@ -308,7 +320,7 @@ mod tests {
         // Each context its own output, the same compiled parts: one for text, one for HTML.
         assert_eq!(engine.render("subject", source, &ctx("Bob")).unwrap(), "Hi Bob");
         assert_eq!(engine.render("html", source, &ctx("Bob & co")).unwrap(), "Hi Bob &amp; co");
-        assert_eq!(engine.compiled.read().unwrap().1, 2);
+        assert_eq!(engine.compiled.read().unwrap().parts, 2);
         // An error is the same each time, and a part that does not compile is not kept.
         for _ in 0..2 {
             let e = engine.render("text", "line one\nHello {{ user.nmae }}", &json!({"user": {}})).unwrap_err();
@@ -316,13 +328,20 @@ mod tests {
             let e = engine.render("text", "{% if %}", &json!({})).unwrap_err();
             assert_eq!(e.part, "text");
         }
-        assert_eq!(engine.compiled.read().unwrap().1, 3);
-        // Past the most it keeps, it starts again and renders as before.
+        assert_eq!(engine.compiled.read().unwrap().parts, 3);
+        // Past the most parts it keeps, it starts again and renders as before.
         for i in 0..MAX_COMPILED + 10 {
             let source = format!("{i}: {{{{ object.name }}}}");
             assert_eq!(engine.render("text", &source, &ctx("Ann")).unwrap(), format!("{i}: Ann"));
         }
-        assert!(engine.compiled.read().unwrap().1 <= MAX_COMPILED);
+        assert!(engine.compiled.read().unwrap().parts <= MAX_COMPILED);
+        // Past the most bytes too: large sources (previews) are not all kept.
+        for i in 0..40 {
+            let source = format!("{i}{}{{{{ object.name }}}}", " ".repeat(MAX_SOURCE_BYTES - 100));
+            assert!(engine.render("text", &source, &ctx("Ann")).unwrap().ends_with("Ann"));
+            let kept = engine.compiled.read().unwrap().bytes;
+            assert!(kept <= MAX_COMPILED_BYTES, "{kept} bytes kept");
+        }
         assert_eq!(engine.render("html", source, &ctx("<i>")).unwrap(), "Hi &lt;i&gt;");
     }
 
