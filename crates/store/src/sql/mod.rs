@@ -200,6 +200,20 @@ pub(crate) struct LocalRoom {
     handed: Vec<crate::Claim>,
 }
 
+impl LocalRoom {
+    /// Takes room for `messages`; false (nothing taken) when they do not fit.
+    fn take(&mut self, messages: usize) -> bool {
+        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
+        match self.room.checked_sub(messages) {
+            Some(left) => {
+                self.room = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A `wake_origin` no other store has: this process's id, a count of the stores it opened, and
 /// the time.
 fn new_wake_origin() -> std::sync::Arc<str> {
@@ -636,25 +650,15 @@ impl SqlStore {
     /// its database connection; measured, that cost a third of the throughput of three
     /// services. When the workers are busy, or mail is left to claim, the others are woken.
     pub(super) fn wake_others(&self, messages: usize) -> bool {
-        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
-        let mut local = self.local_room.lock().expect("not poisoned");
-        match local.room.checked_sub(messages) {
-            Some(left) => {
-                local.room = left;
-                false
-            }
-            None => true,
-        }
+        !self.local_room.lock().expect("not poisoned").take(messages)
     }
 
     /// `wake_others` for messages that can be inserted already claimed: the worker that takes
     /// them and its lease when they fit in its room (which they then take), else `None`.
     pub(super) fn hand_over(&self, messages: usize) -> Option<(String, i64)> {
-        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
         let mut local = self.local_room.lock().expect("not poisoned");
         let taker = local.taker.clone()?;
-        local.room = local.room.checked_sub(messages)?;
-        Some(taker)
+        local.take(messages).then_some(taker)
     }
 
     /// Claims inserted for `taker` (`hand_over`), for it to take; false (nothing kept) when
