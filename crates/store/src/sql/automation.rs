@@ -219,7 +219,7 @@ impl SqlStore {
         let Some(r) = sqlx::query("SELECT * FROM runs WHERE id = $1").bind(id).fetch_optional(&self.pool).await? else {
             return Ok(None);
         };
-        let mut rows = with_messages(&self.pool, vec![r]).await?;
+        let mut rows = with_messages(&mut *self.pool.acquire().await?, vec![r]).await?;
         Ok(rows.pop())
     }
 
@@ -231,7 +231,7 @@ impl SqlStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        with_messages(&self.pool, rows).await
+        with_messages(&mut *self.pool.acquire().await?, rows).await
     }
 }
 
@@ -242,50 +242,69 @@ async fn definitions_changed(tx: &mut Tx) -> Result<()> {
     Ok(())
 }
 
-/// The runs with their messages, fetched in one query for all of them.
-async fn with_messages<'e>(
-    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
-    rows: Vec<AnyRow>,
-) -> Result<Vec<RunRow>> {
-    let ids: Vec<i64> = rows.iter().map(|r| cell(r, "runs", "id")).collect::<Result<_>>()?;
-    let mut by_run: std::collections::HashMap<i64, Vec<RunMessage>> = std::collections::HashMap::new();
-    if !ids.is_empty() {
+/// Most message ids one query of `with_messages` names: below both databases' limits on
+/// parameters, however many runs (up to 1,000) of up to 50 steps are listed.
+const MESSAGE_IDS_PER_QUERY: usize = 1000;
+
+/// The runs with their messages: the ids their steps name, fetched together (a query per
+/// `MESSAGE_IDS_PER_QUERY`). A run's steps have named their messages' ids since runs were first
+/// stored; finding them by the messages' `run_id` took an index that every event's message
+/// wrote to.
+async fn with_messages(conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>) -> Result<Vec<RunRow>> {
+    let mut runs = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let steps: serde_json::Value = json(&cell::<String>(r, "runs", "steps")?)?;
+        let ids: Vec<i64> = steps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|step| step.get("message_id").and_then(serde_json::Value::as_i64))
+            .collect();
+        runs.push((steps, ids));
+    }
+    let wanted: Vec<i64> = runs.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+    let mut found: std::collections::HashMap<i64, RunMessage> = std::collections::HashMap::new();
+    for chunk in wanted.chunks(MESSAGE_IDS_PER_QUERY) {
         // Only numbered placeholders are formatted into the statement.
-        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT run_id, id, state, subject, last_error FROM messages WHERE run_id IN ({}) ORDER BY id",
-            placeholders.join(", ")
-        );
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql =
+            format!("SELECT id, state, subject, last_error FROM messages WHERE id IN ({})", placeholders.join(", "));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for id in &ids {
+        for id in chunk {
             query = query.bind(*id);
         }
-        for m in query.fetch_all(exec).await? {
-            by_run.entry(cell(&m, "messages", "run_id")?).or_default().push(RunMessage {
-                id: cell(&m, "messages", "id")?,
-                state: parse_state(&m)?,
-                subject: cell(&m, "messages", "subject")?,
-                last_error: cell(&m, "messages", "last_error")?,
-            });
+        for m in query.fetch_all(&mut *conn).await? {
+            let id = cell(&m, "messages", "id")?;
+            found.insert(
+                id,
+                RunMessage {
+                    id,
+                    state: parse_state(&m)?,
+                    subject: cell(&m, "messages", "subject")?,
+                    last_error: cell(&m, "messages", "last_error")?,
+                },
+            );
         }
     }
     let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let id: i64 = cell(&r, "runs", "id")?;
-        let messages = by_run.remove(&id).unwrap_or_default();
+    for (r, (steps, ids)) in rows.iter().zip(runs) {
+        let id: i64 = cell(r, "runs", "id")?;
+        // In id order, as they were queued; a message retention deleted is no longer listed.
+        let mut messages: Vec<RunMessage> = ids.iter().filter_map(|id| found.remove(id)).collect();
+        messages.sort_by_key(|m| m.id);
         out.push(RunRow {
             id,
-            kind: closed_cell(&r, "runs", "kind", RunKind::parse)?,
-            name: cell(&r, "runs", "name")?,
-            trigger: closed_cell(&r, "runs", "trigger", Trigger::parse)?,
-            fire_time: cell::<Option<i64>>(&r, "runs", "fire_time")?.map(from_ms),
-            event_id: cell(&r, "runs", "event_id")?,
-            started_at: from_ms(cell(&r, "runs", "started_at")?),
-            missed: cell(&r, "runs", "missed")?,
-            status: closed_cell(&r, "runs", "status", RunStatus::parse)?,
-            detail: cell(&r, "runs", "detail")?,
-            service: cell(&r, "runs", "service")?,
-            steps: json(&cell::<String>(&r, "runs", "steps")?)?,
+            kind: closed_cell(r, "runs", "kind", RunKind::parse)?,
+            name: cell(r, "runs", "name")?,
+            trigger: closed_cell(r, "runs", "trigger", Trigger::parse)?,
+            fire_time: cell::<Option<i64>>(r, "runs", "fire_time")?.map(from_ms),
+            event_id: cell(r, "runs", "event_id")?,
+            started_at: from_ms(cell(r, "runs", "started_at")?),
+            missed: cell(r, "runs", "missed")?,
+            status: closed_cell(r, "runs", "status", RunStatus::parse)?,
+            detail: cell(r, "runs", "detail")?,
+            service: cell(r, "runs", "service")?,
+            steps,
             messages,
         });
     }
@@ -313,23 +332,29 @@ pub(super) async fn insert_event(
     .fetch_optional(&mut **tx)
     .await?;
     let Some(event_id) = inserted else {
-        let id: i64 = sqlx::query_scalar("SELECT id FROM events WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_one(&mut **tx)
-            .await?;
-        return Ok(EventRecord { id, created: false, runs: event_runs(tx, id).await? });
+        let (id, received_at): (i64, i64) =
+            sqlx::query_as("SELECT id, received_at FROM events WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut **tx)
+                .await?;
+        return Ok(EventRecord { id, created: false, runs: event_runs(tx, id, received_at).await? });
     };
     for mut run in plan(event_id) {
         run.event_id = Some(event_id);
         write_run(tx, run, now).await?.expect("event runs have no fire key");
     }
-    Ok(EventRecord { id: event_id, created: true, runs: event_runs(tx, event_id).await? })
+    Ok(EventRecord { id: event_id, created: true, runs: event_runs(tx, event_id, now).await? })
 }
 
-/// An event's runs, as its transaction sees them.
-async fn event_runs(tx: &mut Tx, event_id: i64) -> Result<Vec<RunRow>> {
-    let rows =
-        sqlx::query("SELECT * FROM runs WHERE event_id = $1 ORDER BY id").bind(event_id).fetch_all(&mut **tx).await?;
+/// An event's runs, as its transaction sees them. They started when it was received (both
+/// written in one transaction, at one time): runs_started finds the few runs of that
+/// millisecond, and their event id tells the event's apart.
+async fn event_runs(tx: &mut Tx, event_id: i64, received_at: i64) -> Result<Vec<RunRow>> {
+    let rows = sqlx::query("SELECT * FROM runs WHERE started_at = $1 AND event_id = $2 ORDER BY id")
+        .bind(received_at)
+        .bind(event_id)
+        .fetch_all(&mut **tx)
+        .await?;
     with_messages(&mut **tx, rows).await
 }
 

@@ -88,6 +88,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (16, include_str!("../../migrations/sqlite/0016_routes.sql")),
     (17, include_str!("../../migrations/sqlite/0017_bounces.sql")),
     (18, include_str!("../../migrations/sqlite/0018_definitions_generation.sql")),
+    (19, include_str!("../../migrations/sqlite/0019_run_lookups.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -109,6 +110,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (16, include_str!("../../migrations/postgres/0016_routes.sql")),
     (17, include_str!("../../migrations/postgres/0017_bounces.sql")),
     (18, include_str!("../../migrations/postgres/0018_definitions_generation.sql")),
+    (19, include_str!("../../migrations/postgres/0019_run_lookups.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

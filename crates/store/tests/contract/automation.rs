@@ -174,7 +174,61 @@ async fn definitions_are_created_updated_and_enabled(b: &Backend) {
     assert!(s.settings_and_definitions().await.unwrap().0.is_none(), "no settings saved yet");
 }
 
+/// A run with `steps` steps, each queueing a message whose subject names the run and the step.
+fn run_of(name: &str, steps: usize) -> NewRun {
+    let mut r = run(name, None, "s");
+    r.steps = (0..steps)
+        .map(|i| PlannedStep {
+            outcome: json!({"step": i, "status": "queued"}),
+            message: Some((Origin::Workflow, message(&format!("{name} {i}")))),
+        })
+        .collect();
+    r
+}
+
+async fn an_events_runs_are_its_own_among_runs_started_at_the_same_instant(b: &Backend) {
+    // Keyed events received at one instant, each with runs of its own; their runs are found
+    // again by that instant and told apart by event.
+    let at = Utc::now();
+    let mut first = Vec::new();
+    for n in 0..3 {
+        let plan: panel_store::EventPlan =
+            Box::new(move |_| vec![run_of(&format!("e{n}-a"), 2), run_of(&format!("e{n}-b"), 1)]);
+        let (object, key) = (json!({"n": n}), format!("same-{n}"));
+        first.push(b.store.record_event("user.created", &object, Some(&key), at, plan).await.unwrap());
+    }
+    for (n, record) in first.iter().enumerate() {
+        let (object, key) = (json!({"n": n}), format!("same-{n}"));
+        let again =
+            b.store.record_event("user.created", &object, Some(&key), at, Box::new(|_| Vec::new())).await.unwrap();
+        assert!(!again.created);
+        let names: Vec<&str> = again.runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, [format!("e{n}-a"), format!("e{n}-b")], "event {n}: its own runs, in order");
+        assert_eq!(serde_json::to_value(&again.runs).unwrap(), serde_json::to_value(&record.runs).unwrap());
+        let subjects: Vec<&str> = again.runs[0].messages.iter().map(|m| m.subject.as_str()).collect();
+        assert_eq!(subjects, [format!("e{n}-a 0"), format!("e{n}-a 1")], "each run with its own messages");
+    }
+}
+
+async fn a_listing_holds_every_runs_messages_past_one_querys_worth(b: &Backend) {
+    // 25 runs of 50 steps: 1,250 messages, more than one query of the listing names.
+    for _ in 0..25 {
+        b.store.commit_run(run_of("big", 50), None, Utc::now()).await.unwrap().unwrap();
+    }
+    let runs = b.store.runs("schedule", "big", 100).await.unwrap();
+    assert_eq!(runs.len(), 25);
+    for r in &runs {
+        let ids: Vec<i64> = r.messages.iter().map(|m| m.id).collect();
+        let named: Vec<i64> = r.steps.as_array().unwrap().iter().map(|s| s["message_id"].as_i64().unwrap()).collect();
+        assert_eq!(ids, named, "run {}: each step's message, in order", r.id);
+        let subjects: Vec<String> = r.messages.iter().map(|m| m.subject.clone()).collect();
+        assert_eq!(subjects, (0..50).map(|i| format!("big {i}")).collect::<Vec<_>>());
+    }
+}
+
 contract!(
+    an_events_runs_are_its_own_among_runs_started_at_the_same_instant,
+    a_listing_holds_every_runs_messages_past_one_querys_worth,
     concurrent_events_share_commits_and_each_gets_its_runs,
     each_fire_time_runs_once_when_services_race,
     a_repeated_event_key_runs_nothing_again,
