@@ -91,36 +91,42 @@ struct EventInputs {
 impl EventInputs {
     /// The runs of the workflows whose condition holds, each step rendered, for the event `id`.
     fn plan(&self, id: i64) -> Vec<NewRun> {
-        let ctx = event_context(id, &self.event, &self.object, self.now);
-        let planned = self.workflows.iter().filter_map(|w| {
-            let (status, detail, steps) = match w.def.matches(&ctx) {
-                Ok(false) => return None,
-                Ok(true) => plan_steps(
-                    &w.def.steps,
-                    &ctx,
-                    &w.templates,
-                    &self.settings,
-                    (Origin::Workflow, w.def.priority),
-                    self.now,
-                ),
-                Err(e) => (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![]),
-            };
-            Some(NewRun {
-                kind: RunKind::Workflow,
-                name: w.def.name.clone(),
-                trigger: Trigger::Event,
-                fire_key: None,
-                fire_time: None,
-                event_id: Some(id),
-                missed: 0,
-                status,
-                detail,
-                service: self.by.clone(),
-                steps,
-            })
-        });
-        planned.collect()
+        let EventInputs { workflows, settings, event, object, now, by } = self;
+        plan_event(workflows, settings, (event, object, *now), by, id)
     }
+}
+
+/// `EventInputs::plan` on borrowed inputs: an event whose runs do not read its id is planned
+/// before it is stored, with nothing copied.
+fn plan_event(
+    workflows: &[Arc<Workflow>],
+    settings: &RelaySettings,
+    (event, object, now): (&str, &Value, DateTime<Utc>),
+    by: &str,
+    id: i64,
+) -> Vec<NewRun> {
+    let ctx = event_context(id, event, object, now);
+    let planned = workflows.iter().filter_map(|w| {
+        let (status, detail, steps) = match w.def.matches(&ctx) {
+            Ok(false) => return None,
+            Ok(true) => plan_steps(&w.def.steps, &ctx, &w.templates, settings, (Origin::Workflow, w.def.priority), now),
+            Err(e) => (RunStatus::Failed, Some(format!("the condition could not be evaluated: {e}")), vec![]),
+        };
+        Some(NewRun {
+            kind: RunKind::Workflow,
+            name: w.def.name.clone(),
+            trigger: Trigger::Event,
+            fire_key: None,
+            fire_time: None,
+            event_id: Some(id),
+            missed: 0,
+            status,
+            detail,
+            service: by.to_string(),
+            steps,
+        })
+    });
+    planned.collect()
 }
 
 impl Panel {
@@ -307,20 +313,20 @@ impl Panel {
         };
         let workflows = self.triggered(event_type, generation).await?;
         let now = self.now();
-        let inputs = EventInputs {
-            workflows,
-            settings,
-            event: event_type.to_string(),
-            object: object.clone(),
-            now,
-            by: by.to_string(),
-        };
-        let plan: panel_store::EventPlan = if inputs.workflows.iter().any(|w| w.reads_event) {
+        let plan: panel_store::EventPlan = if workflows.iter().any(|w| w.reads_event) {
+            let inputs = EventInputs {
+                workflows,
+                settings,
+                event: event_type.to_string(),
+                object: object.clone(),
+                now,
+                by: by.to_string(),
+            };
             Box::new(move |event_id| inputs.plan(event_id))
         } else {
             // Nothing the runs render reads the event (its id is known only inside the store's
             // commit): planned here, so the rendering does not hold up the group's writes.
-            let runs = inputs.plan(0);
+            let runs = plan_event(&workflows, &settings, (event_type, object, now), by, 0);
             Box::new(move |_| runs.clone())
         };
         let record = self.store.record_event(event_type, object, key, now, plan).await?;

@@ -158,10 +158,10 @@ pub type ClaimLimit = std::sync::Arc<dyn Fn() -> u32 + Send + Sync>;
 /// Attempts to record, each fenced by its claim.
 pub type AttemptBatch = Vec<(ClaimRef, AttemptMeta, Settlement)>;
 
-/// One caller's write in a group commit.
+/// One caller's write in a group commit (an event's `object` as the JSON text stored).
 pub enum GroupJob<'a> {
     Message { origin: Origin, message: &'a OutgoingMessage, now: i64 },
-    Event { event_type: &'a str, object: &'a serde_json::Value, now: i64, plan: &'a EventPlan },
+    Event { event_type: &'a str, object: &'a str, now: i64, plan: &'a EventPlan },
     Record { batch: &'a [(ClaimRef, AttemptMeta, Settlement)] },
     Claim { owner: &'a str, now: i64, lease_ms: i64, limit: &'a (dyn Fn() -> u32 + Send + Sync), bulk_first: bool },
 }
@@ -185,7 +185,8 @@ enum Pending {
     },
     Event {
         event_type: String,
-        object: serde_json::Value,
+        /// Serialized by the caller, not under the group's write lock.
+        object: String,
         now: i64,
         plan: EventPlan,
         reply: tokio::sync::oneshot::Sender<Result<EventRecord>>,
@@ -727,10 +728,11 @@ impl Store {
         plan: EventPlan,
     ) -> Result<EventRecord> {
         let now = ms(now);
+        let object = serde_json::to_string(object).expect("JSON serializes");
         if idempotency_key.is_some() {
-            return self.observe(self.backend.record_event(event_type, object, idempotency_key, now, &plan).await);
+            return self.observe(self.backend.record_event(event_type, &object, idempotency_key, now, &plan).await);
         }
-        let (event_type, object) = (event_type.to_string(), object.clone());
+        let event_type = event_type.to_string();
         self.submit(|reply| Pending::Event { event_type, object, now, plan, reply }).await
     }
 

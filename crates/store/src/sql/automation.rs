@@ -201,7 +201,7 @@ impl SqlStore {
     pub async fn record_event(
         &self,
         event_type: &str,
-        object: &serde_json::Value,
+        object: &str,
         key: Option<&str>,
         now: i64,
         plan: &crate::EventPlan,
@@ -316,7 +316,7 @@ async fn with_messages(conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>) -> Res
 pub(super) async fn insert_event(
     tx: &mut Tx,
     event_type: &str,
-    object: &serde_json::Value,
+    object: &str,
     key: Option<&str>,
     now: i64,
     plan: &crate::EventPlan,
@@ -326,7 +326,7 @@ pub(super) async fn insert_event(
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(event_type)
-    .bind(serde_json::to_string(object).expect("JSON serializes"))
+    .bind(object)
     .bind(key)
     .bind(now)
     .fetch_optional(&mut **tx)
@@ -361,7 +361,8 @@ async fn event_runs(tx: &mut Tx, event_id: i64, received_at: i64) -> Result<Vec<
 /// An event to store with others (no idempotency key), and what plans its runs.
 pub(super) struct NewEvent<'a> {
     pub event_type: &'a str,
-    pub object: &'a serde_json::Value,
+    /// As the JSON text stored.
+    pub object: &'a str,
     pub now: i64,
     pub plan: &'a crate::EventPlan,
 }
@@ -455,10 +456,7 @@ pub(super) async fn add_events(
         4,
         &event_rows,
         |row, (id, e)| {
-            row.bind(*id)
-                .bind(e.event_type)
-                .bind(serde_json::to_string(e.object).expect("JSON serializes"))
-                .bind(e.now);
+            row.bind(*id).bind(e.event_type).bind(e.object).bind(e.now);
         },
     );
     inserts.rows(
