@@ -78,14 +78,18 @@ panel_api() { # kind sqlite|pg services
     echo '{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]}' > "$dir/wf.json"
     $PANEL workflow create --file "$dir/wf.json" > /dev/null
   fi
+  # Each row starts with nothing of an earlier row's left to write back to the disk.
+  sync
   s=$(date +%s.%N)
   $APILOAD "$PORT" "$TOKEN" "$N" 8 "${kind/limited/single}" > "$dir/latency"
   drained "$PORT" "$N" "$s"
   pkill -f "listen 127.0.0.1:$PORT" || true
   [ "$services" -gt 1 ] && pkill -f "$PANEL worker" || true
   wait 2>/dev/null || true
-  # A database made for this run goes with it.
+  # A database made for this run goes with it: its files before the kernel writes them back
+  # during a later row's run.
   if [ "${url#postgres}" != "$url" ]; then psql "$PG" -qc "DROP DATABASE IF EXISTS ${url##*/} WITH (FORCE)"; fi
+  rm -rf "$dir"
 }
 
 declare -A R
