@@ -355,7 +355,7 @@ async fn event_runs(tx: &mut Tx, event_id: i64, received_at: i64) -> Result<Vec<
         .bind(event_id)
         .fetch_all(&mut **tx)
         .await?;
-    with_messages(&mut **tx, rows).await
+    with_messages(tx, rows).await
 }
 
 /// An event to store with others (no idempotency key), and what plans its runs.
