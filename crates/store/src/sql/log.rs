@@ -120,8 +120,10 @@ impl SqlStore {
         Ok(out)
     }
 
+    /// A message as of one instant: its state, recipients and attempts read in one snapshot.
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>> {
-        let Some(r) = sqlx::query("SELECT * FROM messages WHERE id = $1").bind(id).fetch_optional(&self.pool).await?
+        let mut tx = self.snapshot().await?;
+        let Some(r) = sqlx::query("SELECT * FROM messages WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?
         else {
             return Ok(None);
         };
@@ -130,7 +132,7 @@ impl SqlStore {
         let recipients =
             sqlx::query("SELECT kind, address, state, reply FROM recipients WHERE message_id = $1 ORDER BY position")
                 .bind(id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?
                 .into_iter()
                 .map(|r| {
@@ -144,7 +146,7 @@ impl SqlStore {
                 .collect::<Result<Vec<_>>>()?;
         let attempts = sqlx::query("SELECT * FROM attempts WHERE message_id = $1 ORDER BY id")
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?
             .into_iter()
             .map(|a| {
@@ -166,6 +168,7 @@ impl SqlStore {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
         let state = parse_state(&r)?;
         Ok(Some(MessageDetail {
             id,

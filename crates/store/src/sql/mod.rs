@@ -613,6 +613,18 @@ impl SqlStore {
         Ok((tx, rows))
     }
 
+    /// A read-only transaction whose reads all see the database as of one instant: a view built
+    /// from several statements (a message with its recipients and attempts) never mixes one
+    /// commit's rows with the rows before it. SQLite's WAL gives a transaction one snapshot;
+    /// PostgreSQL's default gives each statement its own, hence REPEATABLE READ.
+    pub(super) async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        }
+        Ok(tx)
+    }
+
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.write().await?;
         if self.dialect == Dialect::Postgres {

@@ -787,8 +787,48 @@ async fn mail_enqueued_into_the_workers_room_is_handed_over_already_claimed(b: &
         }
     }
 }
+/// A message is shown as of one instant: its state, recipients and attempts read together. Read
+/// one by one, a record committed between the reads showed a message still `sending` beside
+/// the attempt that delivered it (seen in CI by an e2e test).
+async fn a_messages_state_and_attempts_are_read_at_one_instant(b: &Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let (current, done) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicBool::new(false)));
+    let reader = {
+        let (s, current, done) = (b.store.clone(), current.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !done.load(Ordering::Relaxed) {
+                let id = current.load(Ordering::Relaxed);
+                let Some(m) = s.message(id).await.unwrap() else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                // One recipient, one attempt: an attempt listed is the one that delivered it.
+                let outcomes: Vec<_> = m.attempts.iter().map(|a| a.outcome.as_str()).collect();
+                assert!(
+                    outcomes.is_empty() || m.state.as_str() == "delivered",
+                    "message {id} read as {} with attempts {outcomes:?}",
+                    m.state.as_str()
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let s = &b.store;
+    for i in 0..150 {
+        let id = s.enqueue(Origin::MailTester, message(&format!("m{i}")), Utc::now()).await.unwrap();
+        current.store(id, Ordering::Relaxed);
+        let claim = s.claim("w", Utc::now(), Duration::from_secs(60), 1, false).await.unwrap().remove(0);
+        assert!(s.record_attempt(&claim.reference, &meta(&claim), &delivered()).await.unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    assert!(reader.await.unwrap() >= 150, "the reader read throughout");
+}
 
 contract!(
+    a_messages_state_and_attempts_are_read_at_one_instant,
     mail_enqueued_into_the_workers_room_is_handed_over_already_claimed,
     two_claims_of_one_owner_at_one_instant_each_get_their_own_messages_and_recipients,
     a_write_cancelled_at_any_point_is_all_or_nothing_and_leaves_the_database_writable,
