@@ -323,7 +323,7 @@ pub(super) async fn insert_event(
 ) -> Result<EventRecord> {
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO events (type, object, idempotency_key, received_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
     )
     .bind(event_type)
     .bind(object)
@@ -513,7 +513,7 @@ async fn insert_run(tx: &mut Tx, run: &NewRun, now: i64) -> Result<Option<i64>> 
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO runs (kind, name, trigger, fire_key, fire_time, event_id, started_at, missed, status, detail, service, steps)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, '[]')
-         ON CONFLICT (fire_key) DO NOTHING RETURNING id",
+         ON CONFLICT (fire_key) WHERE fire_key IS NOT NULL DO NOTHING RETURNING id",
     )
     .bind(run.kind.as_str())
     .bind(&run.name)

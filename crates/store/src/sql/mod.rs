@@ -89,6 +89,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (17, include_str!("../../migrations/sqlite/0017_bounces.sql")),
     (18, include_str!("../../migrations/sqlite/0018_definitions_generation.sql")),
     (19, include_str!("../../migrations/sqlite/0019_run_lookups.sql")),
+    (20, include_str!("../../migrations/sqlite/0020_partial_keys.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -111,6 +112,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (17, include_str!("../../migrations/postgres/0017_bounces.sql")),
     (18, include_str!("../../migrations/postgres/0018_definitions_generation.sql")),
     (19, include_str!("../../migrations/postgres/0019_run_lookups.sql")),
+    (20, include_str!("../../migrations/postgres/0020_partial_keys.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -509,6 +511,12 @@ async fn sqlite_pool(path: &str, max: u32) -> Result<AnyPool> {
 impl SqlStore {
     /// Opens `url` (`sqlite://PATH` or `postgres://...`) and applies pending migrations.
     pub async fn open(url: &str, dialect: Dialect) -> Result<SqlStore> {
+        let store = SqlStore::connect(url, dialect).await?;
+        store.migrate_to(i64::MAX).await?;
+        Ok(store)
+    }
+
+    async fn connect(url: &str, dialect: Dialect) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
         let (pool, writer) = match dialect {
             Dialect::Sqlite => {
@@ -554,7 +562,6 @@ impl SqlStore {
             wake_origin: new_wake_origin(),
             local_room: Default::default(),
         };
-        store.migrate().await?;
         Ok(store)
     }
 
@@ -625,7 +632,8 @@ impl SqlStore {
         Ok(tx)
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// Applies the pending migrations up to version `last` (a test stops at an older one).
+    async fn migrate_to(&self, last: i64) -> Result<()> {
         let mut tx = self.write().await?;
         if self.dialect == Dialect::Postgres {
             // Several services may start at once: one migrates, the others wait and see it done.
@@ -638,7 +646,7 @@ impl SqlStore {
         .await?;
         let current: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetch_one(&mut *tx).await?;
-        for (version, sql) in self.dialect.migrations().iter().filter(|(v, _)| *v > current) {
+        for (version, sql) in self.dialect.migrations().iter().filter(|(v, _)| *v > current && *v <= last) {
             sqlx::raw_sql(*sql).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
@@ -795,6 +803,74 @@ fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::{Dialect, SqlStore};
+    use crate::{EventPlan, NewRun};
+    use panel_domain::run::{RunKind, RunStatus, Trigger};
+
+    /// Migration 20 (the keys' unique indexes made partial; SQLite makes events and runs anew)
+    /// on a database with keyed and unkeyed rows whose newest event and run retention deleted:
+    /// every key stays unique, rows without one are as many as wanted, and no id is handed out
+    /// twice.
+    async fn keys_and_ids_survive_the_partial_keys_migration(url: &str, dialect: Dialect) {
+        let store = SqlStore::connect(url, dialect).await.unwrap();
+        store.migrate_to(19).await.unwrap();
+        let none: EventPlan = Box::new(|_| Vec::new());
+        let run = |fire_key: Option<&str>| NewRun {
+            kind: RunKind::Schedule,
+            name: "nightly".into(),
+            trigger: Trigger::Cron,
+            fire_key: fire_key.map(str::to_string),
+            fire_time: None,
+            event_id: None,
+            missed: 0,
+            status: RunStatus::Queued,
+            detail: None,
+            service: "test".into(),
+            steps: Vec::new(),
+        };
+        for key in [Some("k1"), None, Some("k3")] {
+            assert!(store.record_event("user.created", "{}", key, 1, &none).await.unwrap().created);
+        }
+        for key in [Some("schedule:nightly@1"), None, Some("schedule:nightly@3")] {
+            assert!(store.commit_run(run(key), None, 1).await.unwrap().is_some());
+        }
+        // Retention took the newest of each.
+        sqlx::raw_sql("DELETE FROM events WHERE id = 3; DELETE FROM runs WHERE id = 3")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.migrate_to(i64::MAX).await.unwrap();
+
+        let mut ids = vec![];
+        for key in [Some("k3"), None, None] {
+            let event = store.record_event("user.created", "{}", key, 2, &none).await.unwrap();
+            assert!(event.created, "{key:?}");
+            ids.push(event.id);
+        }
+        for key in [Some("schedule:nightly@3"), None, None] {
+            ids.push(store.commit_run(run(key), None, 2).await.unwrap().expect("written"));
+        }
+        let again = store.record_event("user.created", "{}", Some("k1"), 2, &none).await.unwrap();
+        assert_eq!((again.id, again.created), (1, false), "a key taken before the migration stays taken");
+        assert_eq!(store.commit_run(run(Some("schedule:nightly@1")), None, 2).await.unwrap(), None);
+        // Ids go on past the deleted 3.
+        assert!(ids[..3].iter().all(|&id| id > 3) && ids[1] > ids[0] && ids[2] > ids[1], "events {ids:?}");
+        assert!(ids[3..].iter().all(|&id| id > 3) && ids[4] > ids[3] && ids[5] > ids[4], "runs {ids:?}");
+    }
+
+    #[tokio::test]
+    async fn keys_and_ids_survive_the_partial_keys_migration_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        keys_and_ids_survive_the_partial_keys_migration(&url, Dialect::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn keys_and_ids_survive_the_partial_keys_migration_on_postgres() {
+        let Some(db) = panel_testlab::TestDatabase::create() else { return };
+        keys_and_ids_survive_the_partial_keys_migration(&db.url, Dialect::Postgres).await;
+    }
+
     #[test]
     fn values_number_the_parameters_on_from_row_to_row() {
         assert_eq!(super::values(2, 2, "(?1, 'x', ?2, ?1)"), "($1, 'x', $2, $1), ($3, 'x', $4, $3)");

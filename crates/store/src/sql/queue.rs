@@ -722,7 +722,7 @@ pub(super) async fn insert_message(
                                created_at, updated_at, next_attempt_at, window_start, idempotency_key, run_id,
                                priority)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $7, $7, $7, $8, $9, $10)
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
     )
     .bind(origin.as_str())
     .bind(serde_json::to_string(m).expect("message serializes"))
