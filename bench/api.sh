@@ -134,6 +134,15 @@ for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
   v=$(median ${R[$k]})
   printf '%-92s %8s %8s   rounds:%s\n' "$label" "$v" "$(ratio "$v")" "${R[$k]}"
 done
+# The machine's speed drifts between rounds: each round's rows against its own single row.
+per_round() { # row
+  python3 -c 'import sys, statistics
+a, b = sys.argv[1].split(), sys.argv[2].split()
+r = [100 * float(x) / float(y) for x, y in zip(a, b)]
+print(f"median {statistics.median(r):.0f} %   rounds: " + " ".join(f"{x:.0f}" for x in r))' "${R[$1]}" "${R[single]}"
+}
+printf '\nAgainst the single row of the same round: events %s\n' "$(per_round event)"
+printf '%43s%s %s\n' '' 'PostgreSQL' "$(per_round pg)"
 printf '\nUrgent mail behind bulk: 10,000 bulk messages queued for a relay taking 500 msg/s, then 20 Test Messages\n'
 printf '  enqueue -> relay 250: median %s ms, worst of %s %s ms; bulk messages still queued after the 20: %s\n' \
   "$URGENT_MED" 20 "$URGENT_WORST" "$LEFT"
