@@ -164,6 +164,7 @@ pub enum GroupJob<'a> {
     Event { event_type: &'a str, object: &'a str, now: i64, plan: &'a EventPlan },
     Record { batch: &'a [(ClaimRef, AttemptMeta, Settlement)] },
     Claim { owner: &'a str, now: i64, lease_ms: i64, limit: &'a (dyn Fn() -> u32 + Send + Sync), bulk_first: bool },
+    Reserve { now: i64, route: &'a str, recipients: i64, per_minute: Option<i64>, per_day: Option<i64> },
 }
 
 /// Its outcome.
@@ -172,6 +173,8 @@ pub enum GroupDone {
     Event(EventRecord),
     Recorded(Vec<bool>),
     Claimed(Vec<Claim>),
+    /// `None`: taken from the budget; else when it has room again.
+    Reserved(Option<i64>),
 }
 
 /// A write waiting for the next group commit, and its caller.
@@ -203,6 +206,14 @@ enum Pending {
         bulk_first: bool,
         reply: tokio::sync::oneshot::Sender<Result<Vec<Claim>>>,
     },
+    Reserve {
+        now: i64,
+        route: String,
+        recipients: i64,
+        per_minute: Option<i64>,
+        per_day: Option<i64>,
+        reply: tokio::sync::oneshot::Sender<Result<Option<i64>>>,
+    },
 }
 
 impl Pending {
@@ -216,6 +227,13 @@ impl Pending {
             Pending::Claim { owner, now, lease_ms, limit, bulk_first, .. } => {
                 GroupJob::Claim { owner, now: *now, lease_ms: *lease_ms, limit: &**limit, bulk_first: *bulk_first }
             }
+            Pending::Reserve { now, route, recipients, per_minute, per_day, .. } => GroupJob::Reserve {
+                now: *now,
+                route,
+                recipients: *recipients,
+                per_minute: *per_minute,
+                per_day: *per_day,
+            },
         }
     }
 
@@ -226,6 +244,7 @@ impl Pending {
             (Pending::Event { reply, .. }, Some(GroupDone::Event(record))) => drop(reply.send(Ok(record))),
             (Pending::Record { reply, .. }, Some(GroupDone::Recorded(done))) => drop(reply.send(Ok(done))),
             (Pending::Claim { reply, .. }, Some(GroupDone::Claimed(claims))) => drop(reply.send(Ok(claims))),
+            (Pending::Reserve { reply, .. }, Some(GroupDone::Reserved(until))) => drop(reply.send(Ok(until))),
             (Pending::Message { origin, message, now, reply }, _) => {
                 drop(reply.send(backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)))
             }
@@ -236,6 +255,10 @@ impl Pending {
             (Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }, _) => {
                 let ask = sql::ClaimAsk { owner: &owner, now, lease_ms, limit: limit(), bulk_first };
                 drop(reply.send(backend.claim(ask).await))
+            }
+            (Pending::Reserve { now, route, recipients, per_minute, per_day, reply }, _) => {
+                let ask = sql::SendAsk { now, route: &route, recipients, per_minute, per_day };
+                drop(reply.send(backend.reserve_send(ask).await))
             }
         }
     }
@@ -851,9 +874,11 @@ impl Store {
         self.submit(|reply| Pending::Claim { owner, now, lease_ms, limit, bulk_first, reply }).await
     }
 
-    /// Extends a lease; false when the claim is no longer ours (expired and taken by another worker).
     /// Takes one send of `recipients` by `route` from that route's sending limits' budget,
-    /// which every service shares; `None` when taken, else when there is room again.
+    /// which every service shares; `None` when taken, else when there is room again. Group-
+    /// committed with the records, claims and other sends of the moment: each send taken in its
+    /// own transaction was a commit (and an fsync) of its own for every message, which held
+    /// the service with limits on to ~40 % of its speed without.
     pub async fn reserve_send(
         &self,
         now: DateTime<Utc>,
@@ -863,8 +888,9 @@ impl Store {
         per_day: Option<u32>,
     ) -> Result<Option<DateTime<Utc>>> {
         let (per_minute, per_day) = (per_minute.map(i64::from), per_day.map(i64::from));
+        let (now, route, recipients) = (ms(now), route.to_string(), recipients as i64);
         let until =
-            self.observe(self.backend.reserve_send(ms(now), route, recipients as i64, per_minute, per_day).await)?;
+            self.submit(|reply| Pending::Reserve { now, route, recipients, per_minute, per_day, reply }).await?;
         Ok(until.map(from_ms))
     }
 

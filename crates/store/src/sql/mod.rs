@@ -56,7 +56,7 @@ mod accounts;
 mod bounces;
 mod retention;
 pub use accounts::TOKEN_ID_CHARS;
-pub(crate) use queue::ClaimAsk;
+pub(crate) use queue::{ClaimAsk, SendAsk};
 pub use retention::RetainedTable;
 mod automation;
 mod batch;

@@ -93,6 +93,7 @@ impl SqlStore {
         };
         let (mut message_ids, mut records) = (message_ids.iter().copied(), records.into_iter());
         let mut done = Vec::with_capacity(jobs.len());
+        let mut budget_locked = false;
         for job in jobs {
             done.push(match job {
                 crate::GroupJob::Message { .. } => {
@@ -108,6 +109,16 @@ impl SqlStore {
                 crate::GroupJob::Claim { .. } => {
                     let tx = tx.as_mut().expect("open for records and claims");
                     crate::GroupDone::Claimed(self.claim_in(tx, ClaimAsk::of(job).expect("a claim")).await?)
+                }
+                &crate::GroupJob::Reserve { now, route, recipients, per_minute, per_day } => {
+                    let tx = tx.as_mut().expect("open for reservations");
+                    // The group's sends take from the budget in turn, under one lock.
+                    if !budget_locked {
+                        lock_budget(tx).await?;
+                        budget_locked = true;
+                    }
+                    let ask = SendAsk { now, route, recipients, per_minute, per_day };
+                    crate::GroupDone::Reserved(reserve_in(tx, ask).await?)
                 }
             });
         }
@@ -150,7 +161,9 @@ impl SqlStore {
                 GroupJob::Claim { .. } => {
                     self.claim_alone(held, ClaimAsk::of(job).expect("a claim")).await.map(crate::GroupDone::Claimed)
                 }
-                GroupJob::Message { .. } | GroupJob::Event { .. } => unreachable!("records and claims only"),
+                GroupJob::Message { .. } | GroupJob::Event { .. } | GroupJob::Reserve { .. } => {
+                    unreachable!("records and claims only")
+                }
             };
             match outcome {
                 Ok(outcome) => done.push(outcome),
@@ -452,87 +465,14 @@ impl SqlStore {
         Ok(claims)
     }
 
-    /// Takes a send from the sending limits' shared budget: `None` when taken (and logged),
-    /// else when the budget has room again. Serialized across services (SQLite's BEGIN
-    /// IMMEDIATE; a table lock on PostgreSQL), so two services never both take the last slot.
-    pub async fn reserve_send(
-        &self,
-        now: i64,
-        route: &str,
-        recipients: i64,
-        per_minute: Option<i64>,
-        per_day: Option<i64>,
-    ) -> Result<Option<i64>> {
-        const MINUTE: i64 = 60_000;
-        const DAY: i64 = 86_400_000;
+    /// Takes a send from the sending limits' shared budget, in a transaction of its own:
+    /// `None` when taken (and logged), else when the budget has room again.
+    pub async fn reserve_send(&self, ask: SendAsk<'_>) -> Result<Option<i64>> {
         let mut tx = self.write().await?;
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("LOCK TABLE send_log IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
-        }
-        if let Some(limit) = per_minute {
-            // Counted in the database (one index range), not read out: this runs for every send.
-            let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE route = $2 AND at > $1")
-                .bind(now - MINUTE)
-                .bind(route)
-                .fetch_one(&mut *tx)
-                .await?;
-            if recent >= limit {
-                // Room comes when the send `limit` places from the newest ages out of the minute.
-                let frees: i64 = sqlx::query_scalar(
-                    "SELECT at FROM send_log WHERE route = $3 AND at > $1 ORDER BY at LIMIT 1 OFFSET $2",
-                )
-                .bind(now - MINUTE)
-                .bind(recent - limit)
-                .bind(route)
-                .fetch_one(&mut *tx)
-                .await?;
-                return Ok(Some(frees + MINUTE));
-            }
-        }
-        if let Some(limit) = per_day {
-            let used: i64 = sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE route = $2 AND at > $1",
-            )
-            .bind(now - DAY)
-            .bind(route)
-            .fetch_one(&mut *tx)
-            .await?;
-            // A message bigger than the whole budget goes once nothing else was sent for a day.
-            let need = recipients.min(limit);
-            if used + need > limit {
-                // Only over budget: find when enough ages out (oldest first).
-                let rows: Vec<(i64, i64)> = sqlx::query_as(
-                    "SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE route = $2 AND at > $1 ORDER BY at",
-                )
-                .bind(now - DAY)
-                .bind(route)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut left = used;
-                for (at, n) in &rows {
-                    left -= n;
-                    if left + need <= limit {
-                        return Ok(Some(at + DAY));
-                    }
-                }
-            }
-        }
-        sqlx::query("INSERT INTO send_log (at, recipients, route) VALUES ($1, $2, $3)")
-            .bind(now)
-            .bind(recipients)
-            .bind(route)
-            .execute(&mut *tx)
-            .await?;
-        // Kept as long as the longest limit of the route looks back; no route's longer than a day.
-        let keep = if per_day.is_some() { DAY } else { MINUTE };
-        sqlx::query("DELETE FROM send_log WHERE at <= $1 OR (route = $2 AND at <= $3)")
-            .bind(now - DAY)
-            .bind(route)
-            .bind(now - keep)
-            .execute(&mut *tx)
-            .await?;
+        lock_budget(&mut tx).await?;
+        let until = reserve_in(&mut tx, ask).await?;
         tx.commit().await?;
-        Ok(None)
+        Ok(until)
     }
 
     /// Gives a claimed message back unsent, due at `until`, with why in its last error (the
@@ -860,6 +800,98 @@ fn add_messages_with(
     );
 }
 
+/// Several services' sends take from one budget: SQLite's writer holds the database's write
+/// lock for the whole transaction (BEGIN IMMEDIATE); PostgreSQL takes the budget's table lock,
+/// held to the commit, so that two services never both take the last slot.
+async fn lock_budget(tx: &mut Tx) -> Result<()> {
+    if tx.dialect == Dialect::Postgres {
+        sqlx::query("LOCK TABLE send_log IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// What a send takes from its route's budget (`reserve_in`).
+#[derive(Clone, Copy)]
+pub(crate) struct SendAsk<'a> {
+    pub now: i64,
+    pub route: &'a str,
+    pub recipients: i64,
+    pub per_minute: Option<i64>,
+    pub per_day: Option<i64>,
+}
+
+/// Takes a send from the sending limits' budget inside `tx`, which holds the budget
+/// (`lock_budget`): `None` when taken (and logged), else when the budget has room again
+/// (nothing written then).
+async fn reserve_in(tx: &mut Tx, ask: SendAsk<'_>) -> Result<Option<i64>> {
+    const MINUTE: i64 = 60_000;
+    const DAY: i64 = 86_400_000;
+    let SendAsk { now, route, recipients, per_minute, per_day } = ask;
+    if let Some(limit) = per_minute {
+        // Counted in the database (one index range), not read out: this runs for every send.
+        let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE route = $2 AND at > $1")
+            .bind(now - MINUTE)
+            .bind(route)
+            .fetch_one(&mut **tx)
+            .await?;
+        if recent >= limit {
+            // Room comes when the send `limit` places from the newest ages out of the minute.
+            let frees: i64 = sqlx::query_scalar(
+                "SELECT at FROM send_log WHERE route = $3 AND at > $1 ORDER BY at LIMIT 1 OFFSET $2",
+            )
+            .bind(now - MINUTE)
+            .bind(recent - limit)
+            .bind(route)
+            .fetch_one(&mut **tx)
+            .await?;
+            return Ok(Some(frees + MINUTE));
+        }
+    }
+    if let Some(limit) = per_day {
+        let used: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE route = $2 AND at > $1",
+        )
+        .bind(now - DAY)
+        .bind(route)
+        .fetch_one(&mut **tx)
+        .await?;
+        // A message bigger than the whole budget goes once nothing else was sent for a day.
+        let need = recipients.min(limit);
+        if used + need > limit {
+            // Only over budget: find when enough ages out (oldest first).
+            let rows: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE route = $2 AND at > $1 ORDER BY at",
+            )
+            .bind(now - DAY)
+            .bind(route)
+            .fetch_all(&mut **tx)
+            .await?;
+            let mut left = used;
+            for (at, n) in &rows {
+                left -= n;
+                if left + need <= limit {
+                    return Ok(Some(at + DAY));
+                }
+            }
+        }
+    }
+    sqlx::query("INSERT INTO send_log (at, recipients, route) VALUES ($1, $2, $3)")
+        .bind(now)
+        .bind(recipients)
+        .bind(route)
+        .execute(&mut **tx)
+        .await?;
+    // Kept as long as the longest limit of the route looks back; no route's longer than a day.
+    let keep = if per_day.is_some() { DAY } else { MINUTE };
+    sqlx::query("DELETE FROM send_log WHERE at <= $1 OR (route = $2 AND at <= $3)")
+        .bind(now - DAY)
+        .bind(route)
+        .bind(now - keep)
+        .execute(&mut **tx)
+        .await?;
+    Ok(None)
+}
+
 /// What a claim asks for: up to `limit` due messages for `owner`, leased for `lease_ms` from
 /// `now`, bulk mail before urgent when `bulk_first` (the share bulk mail keeps).
 #[derive(Clone, Copy)]
@@ -1083,6 +1115,59 @@ pub(super) async fn record_in_one_statement(
 #[cfg(test)]
 mod tests {
     use panel_domain::{Draft, EmailAddress, Mailbox, Origin, OutgoingMessage};
+
+    use super::super::{Dialect, Held, SqlStore};
+    use crate::{GroupDone, GroupJob};
+
+    /// The sends of one group commit take from the budget in turn, each seeing the ones
+    /// before it, and are committed with the group's other writes (here a message).
+    async fn a_groups_sends_take_from_the_budget_in_turn(url: &str, dialect: Dialect) {
+        let store = SqlStore::open(url, dialect).await.unwrap();
+        let draft = Draft { to: vec!["a@corp.example".into()], subject: "Reset".into(), ..Default::default() };
+        let from = Mailbox::parse("from", "panel@corp.example").unwrap();
+        let fallback = EmailAddress::parse("fallback", "ops@corp.example").unwrap();
+        let message = OutgoingMessage::prepare(&draft, &from, &fallback, chrono::Utc::now(), 1).unwrap();
+        let now = 1_000_000;
+        let send = |route| GroupJob::Reserve { now, route, recipients: 1, per_minute: Some(2), per_day: Some(100) };
+        let jobs = [
+            send("primary"),
+            GroupJob::Message { origin: Origin::Dispatch, message: &message, now },
+            send("primary"),
+            send("standby"),
+            send("primary"),
+        ];
+        let done = store.commit_group(&jobs, &mut Held::default()).await.unwrap();
+        let outcomes: Vec<Option<Option<i64>>> = done
+            .iter()
+            .map(|d| match d {
+                GroupDone::Reserved(until) => Some(*until),
+                _ => None,
+            })
+            .collect();
+        // The third of the primary's sends finds its minute full: room when the first ages out.
+        assert_eq!(outcomes, [Some(None), None, Some(None), Some(None), Some(Some(now + 60_000))]);
+        let logged: Vec<(String, i64)> =
+            sqlx::query_as("SELECT route, CAST(COUNT(*) AS BIGINT) FROM send_log GROUP BY route ORDER BY route")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(logged, [("primary".to_string(), 2), ("standby".to_string(), 1)]);
+        let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(messages, 1);
+    }
+
+    #[tokio::test]
+    async fn a_groups_sends_take_from_the_budget_in_turn_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        a_groups_sends_take_from_the_budget_in_turn(&url, Dialect::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn a_groups_sends_take_from_the_budget_in_turn_on_postgres() {
+        let Some(db) = panel_testlab::TestDatabase::create() else { return };
+        a_groups_sends_take_from_the_budget_in_turn(&db.url, Dialect::Postgres).await;
+    }
 
     #[test]
     fn messages_are_inserted_with_anonymous_parameters_on_sqlite() {
