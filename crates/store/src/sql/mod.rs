@@ -90,6 +90,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (18, include_str!("../../migrations/sqlite/0018_definitions_generation.sql")),
     (19, include_str!("../../migrations/sqlite/0019_run_lookups.sql")),
     (20, include_str!("../../migrations/sqlite/0020_partial_keys.sql")),
+    (21, include_str!("../../migrations/sqlite/0021_budget_totals.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -113,6 +114,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (18, include_str!("../../migrations/postgres/0018_definitions_generation.sql")),
     (19, include_str!("../../migrations/postgres/0019_run_lookups.sql")),
     (20, include_str!("../../migrations/postgres/0020_partial_keys.sql")),
+    (21, include_str!("../../migrations/postgres/0021_budget_totals.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.
@@ -869,6 +871,51 @@ mod tests {
     async fn keys_and_ids_survive_the_partial_keys_migration_on_postgres() {
         let Some(db) = panel_testlab::TestDatabase::create() else { return };
         keys_and_ids_survive_the_partial_keys_migration(&db.url, Dialect::Postgres).await;
+    }
+
+    /// Migration 21 (the budget's running totals) on sends logged before it, not in time order:
+    /// the windows after it hold what they held before, each route its own.
+    async fn sends_logged_before_the_totals_migration_still_count(url: &str, dialect: Dialect) {
+        let store = SqlStore::connect(url, dialect).await.unwrap();
+        store.migrate_to(20).await.unwrap();
+        let t: i64 = 1_800_000_000_000;
+        for (at, recipients, route) in [
+            (t - 50_000, 2, "primary"),
+            (t - 70_000, 1, "primary"),
+            (t - 10_000, 3, "primary"),
+            (t - 5_000, 4, "standby"),
+        ] {
+            sqlx::query("INSERT INTO send_log (at, recipients, route) VALUES ($1, $2, $3)")
+                .bind(at)
+                .bind(recipients)
+                .bind(route)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        store.migrate_to(i64::MAX).await.unwrap();
+        let ask =
+            |route, recipients, per_minute, per_day| super::SendAsk { now: t, route, recipients, per_minute, per_day };
+        // Two of the primary's sends are in the last minute: room when the older ages out.
+        assert_eq!(store.reserve_send(ask("primary", 1, Some(2), None)).await.unwrap(), Some(t - 50_000 + 60_000));
+        // Six recipients in the day: two more fit once the oldest send (one recipient) ages out.
+        assert_eq!(store.reserve_send(ask("primary", 2, None, Some(7))).await.unwrap(), Some(t - 70_000 + 86_400_000));
+        assert_eq!(store.reserve_send(ask("primary", 1, None, Some(7))).await.unwrap(), None, "one more fits");
+        assert_eq!(store.reserve_send(ask("standby", 1, None, Some(5))).await.unwrap(), None);
+        assert!(store.reserve_send(ask("standby", 1, None, Some(5))).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn sends_logged_before_the_totals_migration_still_count_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        sends_logged_before_the_totals_migration_still_count(&url, Dialect::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn sends_logged_before_the_totals_migration_still_count_on_postgres() {
+        let Some(db) = panel_testlab::TestDatabase::create() else { return };
+        sends_logged_before_the_totals_migration_still_count(&db.url, Dialect::Postgres).await;
     }
 
     #[test]

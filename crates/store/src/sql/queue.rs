@@ -827,61 +827,75 @@ async fn reserve_in(tx: &mut Tx, ask: SendAsk<'_>) -> Result<Option<i64>> {
     const MINUTE: i64 = 60_000;
     const DAY: i64 = 86_400_000;
     let SendAsk { now, route, recipients, per_minute, per_day } = ask;
+    // The route's newest send (its running totals: migration 0021), and the totals before the
+    // first send of each window: what a window holds is the difference. One round trip of
+    // index seeks, however many sends the day holds.
+    let (newest_at, sends, sent, sends_before, sent_before): (Option<i64>, i64, i64, Option<i64>, Option<i64>) =
+        sqlx::query_as(
+            "SELECT (SELECT at FROM send_log WHERE route = $1 ORDER BY at DESC, sends_total DESC LIMIT 1),
+                    COALESCE((SELECT sends_total FROM send_log WHERE route = $1
+                               ORDER BY at DESC, sends_total DESC LIMIT 1), 0),
+                    COALESCE((SELECT recipients_total FROM send_log WHERE route = $1
+                               ORDER BY at DESC, sends_total DESC LIMIT 1), 0),
+                    (SELECT sends_total - 1 FROM send_log WHERE route = $1 AND at > $2
+                      ORDER BY at, sends_total LIMIT 1),
+                    (SELECT recipients_total - recipients FROM send_log WHERE route = $1 AND at > $3
+                      ORDER BY at, sends_total LIMIT 1)",
+        )
+        .bind(route)
+        .bind(now - MINUTE)
+        .bind(now - DAY)
+        .fetch_one(&mut **tx)
+        .await?;
     if let Some(limit) = per_minute {
-        // Counted in the database (one index range), not read out: this runs for every send.
-        let recent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log WHERE route = $2 AND at > $1")
-            .bind(now - MINUTE)
-            .bind(route)
-            .fetch_one(&mut **tx)
-            .await?;
+        let recent = sends_before.map_or(0, |before| sends - before);
         if recent >= limit {
             // Room comes when the send `limit` places from the newest ages out of the minute.
-            let frees: i64 = sqlx::query_scalar(
-                "SELECT at FROM send_log WHERE route = $3 AND at > $1 ORDER BY at LIMIT 1 OFFSET $2",
-            )
-            .bind(now - MINUTE)
-            .bind(recent - limit)
-            .bind(route)
-            .fetch_one(&mut **tx)
-            .await?;
+            let frees: i64 =
+                sqlx::query_scalar("SELECT at FROM send_log WHERE route = $1 AND at > $2 AND sends_total = $3")
+                    .bind(route)
+                    .bind(now - MINUTE)
+                    .bind(sends - limit + 1)
+                    .fetch_one(&mut **tx)
+                    .await?;
             return Ok(Some(frees + MINUTE));
         }
     }
     if let Some(limit) = per_day {
-        let used: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM send_log WHERE route = $2 AND at > $1",
-        )
-        .bind(now - DAY)
-        .bind(route)
-        .fetch_one(&mut **tx)
-        .await?;
+        let used = sent_before.map_or(0, |before| sent - before);
         // A message bigger than the whole budget goes once nothing else was sent for a day.
         let need = recipients.min(limit);
         if used + need > limit {
-            // Only over budget: find when enough ages out (oldest first).
-            let rows: Vec<(i64, i64)> = sqlx::query_as(
-                "SELECT at, CAST(recipients AS BIGINT) FROM send_log WHERE route = $2 AND at > $1 ORDER BY at",
+            // Room comes when the oldest sends up to the first whose total reaches this (the
+            // newest does: need <= limit) have aged out of the day.
+            let frees: i64 = sqlx::query_scalar(
+                "SELECT at FROM send_log WHERE route = $1 AND at > $2 AND recipients_total >= $3
+                  ORDER BY at, sends_total LIMIT 1",
             )
-            .bind(now - DAY)
             .bind(route)
-            .fetch_all(&mut **tx)
+            .bind(now - DAY)
+            .bind(sent + need - limit)
+            .fetch_one(&mut **tx)
             .await?;
-            let mut left = used;
-            for (at, n) in &rows {
-                left -= n;
-                if left + need <= limit {
-                    return Ok(Some(at + DAY));
-                }
-            }
+            return Ok(Some(frees + DAY));
         }
     }
-    sqlx::query("INSERT INTO send_log (at, recipients, route) VALUES ($1, $2, $3)")
-        .bind(now)
-        .bind(recipients)
-        .bind(route)
-        .execute(&mut **tx)
-        .await?;
+    // Stamped no earlier than the newest send (a clock that went back): the route's sends stay
+    // in the order taken, which their totals follow, and count in a window as long as the
+    // newest.
+    let at = newest_at.map_or(now, |newest| newest.max(now));
+    sqlx::query(
+        "INSERT INTO send_log (at, recipients, route, sends_total, recipients_total) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(at)
+    .bind(recipients)
+    .bind(route)
+    .bind(sends + 1)
+    .bind(sent + recipients)
+    .execute(&mut **tx)
+    .await?;
     // Kept as long as the longest limit of the route looks back; no route's longer than a day.
+    // The totals of the sends kept are what counts: taking older ones away changes no window.
     let keep = if per_day.is_some() { DAY } else { MINUTE };
     sqlx::query("DELETE FROM send_log WHERE at <= $1 OR (route = $2 AND at <= $3)")
         .bind(now - DAY)

@@ -451,6 +451,90 @@ async fn the_sending_budget_is_shared_and_never_overdrawn(b: &Backend) {
     assert!(b.store.reserve_send(day, "standby", 1, None, Some(10)).await.unwrap().is_some());
 }
 
+/// What the budget decides, computed the plain way (every send of the window counted), for
+/// `the_budget_decides_as_counting_every_send_would`: `None` when the send fits, else when
+/// there is room (ms).
+fn budget_by_counting(
+    log: &[(i64, i64)],
+    now: i64,
+    n: i64,
+    per_minute: Option<i64>,
+    per_day: Option<i64>,
+) -> Option<i64> {
+    let (minute, day) = (now - 60_000, now - 86_400_000);
+    if let Some(limit) = per_minute {
+        let recent: Vec<i64> = log.iter().filter(|(at, _)| *at > minute).map(|(at, _)| *at).collect();
+        if recent.len() as i64 >= limit {
+            return Some(recent[recent.len() - limit as usize] + 60_000);
+        }
+    }
+    if let Some(limit) = per_day {
+        let window: Vec<&(i64, i64)> = log.iter().filter(|(at, _)| *at > day).collect();
+        let mut left: i64 = window.iter().map(|(_, k)| k).sum();
+        let need = n.min(limit);
+        if left + need > limit {
+            for (at, k) in window {
+                left -= k;
+                if left + need <= limit {
+                    return Some(at + 86_400_000);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Over two simulated days of sends of one to five recipients, minutes apart or bunched in the
+/// same millisecond, against a minute's and a day's limit: each answer (taken, or when there is
+/// room) is the one counting every send of the window gives, as the budget's totals stand in
+/// for that count.
+async fn the_budget_decides_as_counting_every_send_would(b: &Backend) {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z").unwrap().with_timezone(&Utc);
+    let mut log: Vec<(i64, i64)> = Vec::new();
+    let (mut t, mut seed) = (start.timestamp_millis(), 7u64);
+    let (per_minute, per_day) = (4, 600);
+    let (mut taken, mut by_minute, mut by_day) = (0, 0, 0);
+    for i in 0..600 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let step = match (seed >> 33) % 6 {
+            0..=2 => 0,
+            3 => 7_000,
+            4 => 45_000,
+            _ => 20 * 60_000,
+        };
+        t += step;
+        let n = 1 + ((seed >> 40) % 5) as i64;
+        let now = chrono::DateTime::from_timestamp_millis(t).unwrap();
+        let want = budget_by_counting(&log, t, n, Some(per_minute.into()), Some(per_day.into()));
+        let got = b.store.reserve_send(now, "primary", n as usize, Some(per_minute), Some(per_day)).await.unwrap();
+        assert_eq!(got.map(|u| u.timestamp_millis()), want, "send {i} of {n} at {t}");
+        match want {
+            None => {
+                log.push((t, n));
+                taken += 1;
+            }
+            Some(until) if until <= t + 60_000 => by_minute += 1,
+            Some(_) => by_day += 1,
+        }
+    }
+    // Each limit decided often: the minute's and the day's windows both moved along.
+    assert!(taken > 100 && by_minute > 100 && by_day > 100, "{taken} taken, {by_minute} + {by_day} refused");
+}
+
+/// A clock that went back never widens the budget: a send stamped before the newest one is
+/// counted as late as the newest, so the minute still holds both.
+async fn a_clock_that_went_back_never_widens_the_budget(b: &Backend) {
+    let t = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z").unwrap().with_timezone(&Utc);
+    let back = t - chrono::Duration::seconds(30);
+    assert!(b.store.reserve_send(t, "primary", 1, Some(2), None).await.unwrap().is_none());
+    assert!(b.store.reserve_send(back, "primary", 1, Some(2), None).await.unwrap().is_none());
+    // 45 s after the clock went back: the send taken then counts as of `t`, so the minute
+    // holds two, and there is room once it ages out, a minute after `t`.
+    let later = back + chrono::Duration::seconds(45);
+    let until = b.store.reserve_send(later, "primary", 1, Some(2), None).await.unwrap();
+    assert_eq!(until.map(|u| u.timestamp_millis()), Some((t + chrono::Duration::minutes(1)).timestamp_millis()));
+}
+
 /// The dashboard's route states read each route's latest attempt; the message log names the
 /// route of every attempt.
 async fn each_routes_latest_attempt_is_found_and_every_attempt_names_its_route(b: &Backend) {
@@ -841,6 +925,8 @@ contract!(
     a_batch_of_records_with_different_outcomes_gives_each_message_its_own,
     each_routes_latest_attempt_is_found_and_every_attempt_names_its_route,
     the_sending_budget_is_shared_and_never_overdrawn,
+    the_budget_decides_as_counting_every_send_would,
+    a_clock_that_went_back_never_widens_the_budget,
     concurrent_single_enqueues_share_commits_and_each_gets_its_own_message,
     urgent_mail_is_claimed_before_bulk_mail_which_keeps_its_share,
     a_check_request_is_taken_by_one_service_and_answered,
