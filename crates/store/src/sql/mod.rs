@@ -185,6 +185,9 @@ pub struct SqlStore {
     turn: std::sync::Arc<tokio::sync::Mutex<WriterSlot>>,
     /// When (store time, ms) this process last looked for expired leases in a claim.
     expired_scan: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// When (store time, ms) this process last took the sends older than a day out of the
+    /// sending limits' budget (`SqlStore::trim_budget`).
+    budget_trimmed: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Names this store in the wake-ups it sends (the NOTIFY's payload), so that its own
     /// subscription can tell them from other services' (`WakeSubscription::next`). Digits and
     /// dots only: written into statements as it is.
@@ -561,6 +564,7 @@ impl SqlStore {
             url: url.to_string(),
             turn: Default::default(),
             expired_scan: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            budget_trimmed: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
             wake_origin: new_wake_origin(),
             local_room: Default::default(),
         };

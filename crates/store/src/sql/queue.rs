@@ -93,9 +93,8 @@ impl SqlStore {
         };
         let (mut message_ids, mut records) = (message_ids.iter().copied(), records.into_iter());
         let mut done = Vec::with_capacity(jobs.len());
-        let mut budget_locked = false;
         for job in jobs {
-            done.push(match job {
+            done.push(Some(match job {
                 crate::GroupJob::Message { .. } => {
                     crate::GroupDone::Message(message_ids.next().expect("one id for each message"))
                 }
@@ -104,24 +103,52 @@ impl SqlStore {
                 }
                 crate::GroupJob::Record { batch } => {
                     let tx = tx.as_mut().expect("open for records and claims");
-                    crate::GroupDone::Recorded(record_in(tx, batch).await?)
+                    // PostgreSQL (a group with sends to take from the budget): one statement, as
+                    // outside a transaction, where the messages, recipients and attempts were
+                    // three.
+                    let one = match tx.dialect {
+                        Dialect::Postgres => record_in_one_statement(tx, batch).await?,
+                        Dialect::Sqlite => None,
+                    };
+                    crate::GroupDone::Recorded(match one {
+                        Some(recorded) => recorded,
+                        None => record_in(tx, batch).await?,
+                    })
                 }
                 crate::GroupJob::Claim { .. } => {
                     let tx = tx.as_mut().expect("open for records and claims");
                     crate::GroupDone::Claimed(self.claim_in(tx, ClaimAsk::of(job).expect("a claim")).await?)
                 }
-                &crate::GroupJob::Reserve { now, route, recipients, per_minute, per_day } => {
-                    let tx = tx.as_mut().expect("open for reservations");
-                    // The group's sends take from the budget in turn, under one lock.
-                    if !budget_locked {
-                        lock_budget(tx).await?;
-                        budget_locked = true;
-                    }
-                    let ask = SendAsk { now, route, recipients, per_minute, per_day };
-                    crate::GroupDone::Reserved(reserve_in(tx, ask).await?)
+                // Last, below: the budget's lock is held from then to the commit.
+                crate::GroupJob::Reserve { .. } => {
+                    done.push(None);
+                    continue;
                 }
-            });
+            }));
         }
+        // The group's sends take from their routes' budgets in turn, each seeing the ones
+        // before it, after the group's other writes: the budgets stay locked only for them
+        // and the commit.
+        let sends: Vec<(usize, SendAsk<'_>)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, job)| match *job {
+                crate::GroupJob::Reserve { now, route, recipients, per_minute, per_day } => {
+                    Some((i, SendAsk { now, route, recipients, per_minute, per_day }))
+                }
+                _ => None,
+            })
+            .collect();
+        if !sends.is_empty() {
+            let tx = tx.as_mut().expect("open for sends");
+            lock_budgets(tx, sends.iter().map(|(_, ask)| ask.route)).await?;
+            let now = sends[0].1.now;
+            for (i, ask) in sends {
+                done[i] = Some(crate::GroupDone::Reserved(reserve_in(tx, ask).await?));
+            }
+            self.trim_budget(tx, now).await?;
+        }
+        let done: Vec<crate::GroupDone> = done.into_iter().map(|d| d.expect("every job answered")).collect();
         if let Some(tx) = tx {
             tx.commit().await?;
         }
@@ -465,12 +492,28 @@ impl SqlStore {
         Ok(claims)
     }
 
+    /// Takes the sends older than a day (the longest a limit looks back) out of the budget, at
+    /// most every `BUDGET_TRIM_EVERY_MS`: housekeeping only, since a window is counted by the
+    /// totals of the sends in it, whatever older ones are kept. Deleting them at every send was
+    /// a statement more for each, under the budget's lock.
+    async fn trim_budget(&self, tx: &mut Tx, now: i64) -> Result<()> {
+        const DAY: i64 = 86_400_000;
+        let last = self.budget_trimmed.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) < BUDGET_TRIM_EVERY_MS && now >= last {
+            return Ok(());
+        }
+        self.budget_trimmed.store(now, std::sync::atomic::Ordering::Relaxed);
+        sqlx::query("DELETE FROM send_log WHERE at <= $1").bind(now - DAY).execute(&mut **tx).await?;
+        Ok(())
+    }
+
     /// Takes a send from the sending limits' shared budget, in a transaction of its own:
     /// `None` when taken (and logged), else when the budget has room again.
     pub async fn reserve_send(&self, ask: SendAsk<'_>) -> Result<Option<i64>> {
         let mut tx = self.write().await?;
-        lock_budget(&mut tx).await?;
+        lock_budgets(&mut tx, std::iter::once(ask.route)).await?;
         let until = reserve_in(&mut tx, ask).await?;
+        self.trim_budget(&mut tx, ask.now).await?;
         tx.commit().await?;
         Ok(until)
     }
@@ -800,15 +843,33 @@ fn add_messages_with(
     );
 }
 
-/// Several services' sends take from one budget: SQLite's writer holds the database's write
-/// lock for the whole transaction (BEGIN IMMEDIATE); PostgreSQL takes the budget's table lock,
-/// held to the commit, so that two services never both take the last slot.
-async fn lock_budget(tx: &mut Tx) -> Result<()> {
-    if tx.dialect == Dialect::Postgres {
-        sqlx::query("LOCK TABLE send_log IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
+/// Several services' sends take from one budget per route, so that two services never both
+/// take its last slot: SQLite's writer holds the database's write lock for the whole
+/// transaction (BEGIN IMMEDIATE); PostgreSQL takes a transaction-level advisory lock for each
+/// route, held to the commit, all in one statement and in the routes' order (two groups never
+/// wait for each other's). A table lock did the same for every route at once, and also waited
+/// for autovacuum on the table, which a busy budget's inserts and deletes start often.
+async fn lock_budgets<'a>(tx: &mut Tx, routes: impl Iterator<Item = &'a str>) -> Result<()> {
+    if tx.dialect == Dialect::Sqlite {
+        return Ok(());
     }
+    let mut routes: Vec<&str> = routes.collect();
+    routes.sort_unstable();
+    routes.dedup();
+    // Keyed (namespace, hash of the route): apart from the single-key locks of migrations.
+    let locks: Vec<String> =
+        (1..=routes.len()).map(|i| format!("pg_advisory_xact_lock({BUDGET_LOCKS}, hashtext(${i}))")).collect();
+    let sql = format!("SELECT {}", locks.join(", "));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for route in routes {
+        query = query.bind(route);
+    }
+    query.execute(&mut **tx).await?;
     Ok(())
 }
+
+/// The advisory locks' namespace of the sending budgets (`lock_budgets`).
+const BUDGET_LOCKS: i32 = 7215015;
 
 /// What a send takes from its route's budget (`reserve_in`).
 #[derive(Clone, Copy)]
@@ -894,17 +955,11 @@ async fn reserve_in(tx: &mut Tx, ask: SendAsk<'_>) -> Result<Option<i64>> {
     .bind(sent + recipients)
     .execute(&mut **tx)
     .await?;
-    // Kept as long as the longest limit of the route looks back; no route's longer than a day.
-    // The totals of the sends kept are what counts: taking older ones away changes no window.
-    let keep = if per_day.is_some() { DAY } else { MINUTE };
-    sqlx::query("DELETE FROM send_log WHERE at <= $1 OR (route = $2 AND at <= $3)")
-        .bind(now - DAY)
-        .bind(route)
-        .bind(now - keep)
-        .execute(&mut **tx)
-        .await?;
     Ok(None)
 }
+
+/// How often (store time, ms) a service takes the sends older than a day out of the budget.
+const BUDGET_TRIM_EVERY_MS: i64 = 1_000;
 
 /// What a claim asks for: up to `limit` due messages for `owner`, leased for `lease_ms` from
 /// `now`, bulk mail before urgent when `bulk_first` (the share bulk mail keeps).
@@ -1101,10 +1156,10 @@ fn add_recipients_and_attempts(
     });
 }
 
-/// PostgreSQL: `record_attempts` as one statement outside a transaction, which writes the
-/// messages, their recipients and the attempts as parts of it (each recipient and attempt
-/// fenced by its message's part, so a stale attempt writes nothing): one round trip where
-/// `BEGIN`, the messages, the rest and `COMMIT` were four. Its statement text depends only on
+/// PostgreSQL: `record_attempts` as one statement outside a transaction (or in a group's),
+/// which writes the messages, their recipients and the attempts as parts of it (each recipient
+/// and attempt fenced by its message's part, so a stale attempt writes nothing): one round
+/// trip where `BEGIN`, the messages, the rest and `COMMIT` were four. Its statement text depends only on
 /// how many attempts and recipients it has, so it is prepared once per shape. `None`, with
 /// nothing written, when its parameters need more than one round trip.
 pub(super) async fn record_in_one_statement(
@@ -1168,6 +1223,41 @@ mod tests {
         assert_eq!(logged, [("primary".to_string(), 2), ("standby".to_string(), 1)]);
         let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages").fetch_one(&store.pool).await.unwrap();
         assert_eq!(messages, 1);
+    }
+
+    /// Sends older than a day leave the budget's log, looked for at most every second.
+    async fn sends_older_than_a_day_are_trimmed(url: &str, dialect: Dialect) {
+        let store = SqlStore::open(url, dialect).await.unwrap();
+        let (t, day) = (1_800_000_000_000_i64, 86_400_000);
+        let send = |now| super::SendAsk { now, route: "primary", recipients: 1, per_minute: None, per_day: Some(100) };
+        let logged = || async {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM send_log").fetch_one(&store.pool).await.unwrap();
+            n
+        };
+        assert_eq!(store.reserve_send(send(t)).await.unwrap(), None);
+        assert_eq!(store.reserve_send(send(t + 500)).await.unwrap(), None);
+        assert_eq!(logged().await, 2);
+        // A day after the first: it goes, the second (500 ms younger) stays.
+        assert_eq!(store.reserve_send(send(t + day)).await.unwrap(), None);
+        assert_eq!(logged().await, 2);
+        // The second is a day old 500 ms later, but the last look was less than a second ago.
+        assert_eq!(store.reserve_send(send(t + day + 600)).await.unwrap(), None);
+        assert_eq!(logged().await, 3);
+        assert_eq!(store.reserve_send(send(t + day + 1_000)).await.unwrap(), None);
+        assert_eq!(logged().await, 3, "the second went, the fourth was logged");
+    }
+
+    #[tokio::test]
+    async fn sends_older_than_a_day_are_trimmed_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        sends_older_than_a_day_are_trimmed(&url, Dialect::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn sends_older_than_a_day_are_trimmed_on_postgres() {
+        let Some(db) = panel_testlab::TestDatabase::create() else { return };
+        sends_older_than_a_day_are_trimmed(&db.url, Dialect::Postgres).await;
     }
 
     #[tokio::test]
