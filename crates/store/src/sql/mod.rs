@@ -52,6 +52,27 @@ pub(crate) fn optional_closed_cell<T>(
     .transpose()
 }
 
+/// Unit tests of the SQL itself (a migration, a group commit) on both databases: each
+/// `async fn check(url, dialect)` becomes a test on a fresh SQLite file and one on a fresh
+/// PostgreSQL database (skipped without a server), as `contract!` does for the store's API.
+#[cfg(test)]
+macro_rules! on_both_databases {
+    ($($check:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test]
+        async fn $sqlite() {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("panel.db").display());
+            $check(&url, $crate::sql::Dialect::Sqlite).await;
+        }
+
+        #[tokio::test]
+        async fn $postgres() {
+            let Some(db) = panel_testlab::TestDatabase::create() else { return };
+            $check(&db.url, $crate::sql::Dialect::Postgres).await;
+        }
+    )*};
+}
+
 mod accounts;
 mod bounces;
 mod retention;
@@ -864,17 +885,8 @@ mod tests {
         assert!(ids[3..].iter().all(|&id| id > 3) && ids[4] > ids[3] && ids[5] > ids[4], "runs {ids:?}");
     }
 
-    #[tokio::test]
-    async fn keys_and_ids_survive_the_partial_keys_migration_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-        keys_and_ids_survive_the_partial_keys_migration(&url, Dialect::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn keys_and_ids_survive_the_partial_keys_migration_on_postgres() {
-        let Some(db) = panel_testlab::TestDatabase::create() else { return };
-        keys_and_ids_survive_the_partial_keys_migration(&db.url, Dialect::Postgres).await;
+    on_both_databases! {
+        keys_and_ids_survive_the_partial_keys_migration => keys_and_ids_survive_the_partial_keys_migration_on_sqlite, keys_and_ids_survive_the_partial_keys_migration_on_postgres;
     }
 
     /// Migration 21 (the budget's running totals) on sends logged before it, not in time order:
@@ -909,17 +921,8 @@ mod tests {
         assert!(store.reserve_send(ask("standby", 1, None, Some(5))).await.unwrap().is_some());
     }
 
-    #[tokio::test]
-    async fn sends_logged_before_the_totals_migration_still_count_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-        sends_logged_before_the_totals_migration_still_count(&url, Dialect::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn sends_logged_before_the_totals_migration_still_count_on_postgres() {
-        let Some(db) = panel_testlab::TestDatabase::create() else { return };
-        sends_logged_before_the_totals_migration_still_count(&db.url, Dialect::Postgres).await;
+    on_both_databases! {
+        sends_logged_before_the_totals_migration_still_count => sends_logged_before_the_totals_migration_still_count_on_sqlite, sends_logged_before_the_totals_migration_still_count_on_postgres;
     }
 
     #[test]

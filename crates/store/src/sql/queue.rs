@@ -1247,30 +1247,12 @@ mod tests {
         assert_eq!(logged().await, 3, "the second went, the fourth was logged");
     }
 
-    #[tokio::test]
-    async fn sends_older_than_a_day_are_trimmed_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-        sends_older_than_a_day_are_trimmed(&url, Dialect::Sqlite).await;
+    on_both_databases! {
+        sends_older_than_a_day_are_trimmed => sends_older_than_a_day_are_trimmed_on_sqlite, sends_older_than_a_day_are_trimmed_on_postgres;
     }
 
-    #[tokio::test]
-    async fn sends_older_than_a_day_are_trimmed_on_postgres() {
-        let Some(db) = panel_testlab::TestDatabase::create() else { return };
-        sends_older_than_a_day_are_trimmed(&db.url, Dialect::Postgres).await;
-    }
-
-    #[tokio::test]
-    async fn a_groups_sends_take_from_the_budget_in_turn_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("panel.db").display());
-        a_groups_sends_take_from_the_budget_in_turn(&url, Dialect::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn a_groups_sends_take_from_the_budget_in_turn_on_postgres() {
-        let Some(db) = panel_testlab::TestDatabase::create() else { return };
-        a_groups_sends_take_from_the_budget_in_turn(&db.url, Dialect::Postgres).await;
+    on_both_databases! {
+        a_groups_sends_take_from_the_budget_in_turn => a_groups_sends_take_from_the_budget_in_turn_on_sqlite, a_groups_sends_take_from_the_budget_in_turn_on_postgres;
     }
 
     #[test]
