@@ -886,7 +886,9 @@ mod tests {
     }
 
     on_both_databases! {
-        keys_and_ids_survive_the_partial_keys_migration => keys_and_ids_survive_the_partial_keys_migration_on_sqlite, keys_and_ids_survive_the_partial_keys_migration_on_postgres;
+        keys_and_ids_survive_the_partial_keys_migration =>
+            keys_and_ids_survive_the_partial_keys_migration_on_sqlite,
+            keys_and_ids_survive_the_partial_keys_migration_on_postgres;
     }
 
     /// Migration 21 (the budget's running totals) on sends logged before it, not in time order:
@@ -922,7 +924,9 @@ mod tests {
     }
 
     on_both_databases! {
-        sends_logged_before_the_totals_migration_still_count => sends_logged_before_the_totals_migration_still_count_on_sqlite, sends_logged_before_the_totals_migration_still_count_on_postgres;
+        sends_logged_before_the_totals_migration_still_count =>
+            sends_logged_before_the_totals_migration_still_count_on_sqlite,
+            sends_logged_before_the_totals_migration_still_count_on_postgres;
     }
 
     #[test]

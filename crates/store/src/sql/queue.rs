@@ -881,8 +881,8 @@ pub(crate) struct SendAsk<'a> {
     pub per_day: Option<i64>,
 }
 
-/// Takes a send from the sending limits' budget inside `tx`, which holds the budget
-/// (`lock_budget`): `None` when taken (and logged), else when the budget has room again
+/// Takes a send from the sending limits' budget inside `tx`, which holds the route's budget
+/// (`lock_budgets`): `None` when taken (and logged), else when the budget has room again
 /// (nothing written then).
 async fn reserve_in(tx: &mut Tx, ask: SendAsk<'_>) -> Result<Option<i64>> {
     const MINUTE: i64 = 60_000;
@@ -912,13 +912,15 @@ async fn reserve_in(tx: &mut Tx, ask: SendAsk<'_>) -> Result<Option<i64>> {
         let recent = sends_before.map_or(0, |before| sends - before);
         if recent >= limit {
             // Room comes when the send `limit` places from the newest ages out of the minute.
-            let frees: i64 =
-                sqlx::query_scalar("SELECT at FROM send_log WHERE route = $1 AND at > $2 AND sends_total = $3")
-                    .bind(route)
-                    .bind(now - MINUTE)
-                    .bind(sends - limit + 1)
-                    .fetch_one(&mut **tx)
-                    .await?;
+            let frees: i64 = sqlx::query_scalar(
+                "SELECT at FROM send_log WHERE route = $1 AND at > $2 AND sends_total = $3
+                      ORDER BY at, sends_total LIMIT 1",
+            )
+            .bind(route)
+            .bind(now - MINUTE)
+            .bind(sends - limit + 1)
+            .fetch_one(&mut **tx)
+            .await?;
             return Ok(Some(frees + MINUTE));
         }
     }
@@ -1248,11 +1250,15 @@ mod tests {
     }
 
     on_both_databases! {
-        sends_older_than_a_day_are_trimmed => sends_older_than_a_day_are_trimmed_on_sqlite, sends_older_than_a_day_are_trimmed_on_postgres;
+        sends_older_than_a_day_are_trimmed =>
+            sends_older_than_a_day_are_trimmed_on_sqlite,
+            sends_older_than_a_day_are_trimmed_on_postgres;
     }
 
     on_both_databases! {
-        a_groups_sends_take_from_the_budget_in_turn => a_groups_sends_take_from_the_budget_in_turn_on_sqlite, a_groups_sends_take_from_the_budget_in_turn_on_postgres;
+        a_groups_sends_take_from_the_budget_in_turn =>
+            a_groups_sends_take_from_the_budget_in_turn_on_sqlite,
+            a_groups_sends_take_from_the_budget_in_turn_on_postgres;
     }
 
     #[test]
