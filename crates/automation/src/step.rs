@@ -162,6 +162,7 @@ impl EmailStep {
     /// A recipient that renders to something that is not an address fails the step: a mangled
     /// address is never sent to.
     pub fn render(&self, template: Option<&Template>, ctx: &Value) -> Result<StepMessage, TemplateError> {
+        let ctx = &crate::template::context(ctx);
         let inline;
         let template = match template {
             Some(t) => t,
@@ -245,7 +246,7 @@ impl EmailStep {
         engine: &Engine,
         part: &str,
         expr: &Option<String>,
-        ctx: &Value,
+        ctx: &minijinja::Value,
     ) -> Result<Option<String>, TemplateError> {
         let Some(expr) = expr else { return Ok(None) };
         let value = engine.render(part, expr, ctx)?;

@@ -158,8 +158,14 @@ impl Engine {
         Ok(render(template))
     }
 
-    /// Renders one part's `source` against `ctx`.
-    pub fn render(&self, part: &str, source: &str, ctx: &Value) -> Result<String, TemplateError> {
+    /// Renders one part's `source` against `ctx`: a JSON value, or a context made once for the
+    /// several parts of a message (`context`), which renders without being copied again.
+    pub fn render<S: serde::Serialize + ?Sized>(
+        &self,
+        part: &str,
+        source: &str,
+        ctx: &S,
+    ) -> Result<String, TemplateError> {
         if source.len() > MAX_SOURCE_BYTES {
             return Err(TemplateError {
                 part: part.into(),
@@ -213,6 +219,14 @@ impl Engine {
     }
 }
 
+/// `ctx` as the engine reads it, made once for the parts of one message: rendering a JSON
+/// value copies all of it into the engine's own values, for each part (an event's object for
+/// its subject, again for its text and again for each recipient); a context made here is read
+/// where it is.
+pub fn context(ctx: &Value) -> minijinja::Value {
+    minijinja::Value::from_serialize(ctx)
+}
+
 impl Template {
     /// Checks every part's syntax, reporting all problems.
     pub fn check(&self) -> Result<(), Vec<TemplateError>> {
@@ -229,7 +243,7 @@ impl Template {
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
-    pub fn render(&self, ctx: &Value) -> Result<Rendered, TemplateError> {
+    pub fn render<S: serde::Serialize + ?Sized>(&self, ctx: &S) -> Result<Rendered, TemplateError> {
         let engine = Engine::strict();
         let subject = engine.render("subject", &self.subject, ctx)?;
         Ok(Rendered {
@@ -308,6 +322,25 @@ mod tests {
         assert_eq!(r.subject, "Welcome <b>Ann</b> & co");
         assert_eq!(r.text, "Hi <b>Ann</b> & co!\n");
         assert_eq!(r.html.unwrap(), "<p>Hi &lt;b&gt;Ann&lt;&#x2f;b&gt; &amp; co</p>");
+    }
+
+    #[test]
+    fn a_context_made_once_renders_every_part_as_its_json_does() {
+        let t = tpl(
+            "Welcome {{ object.name }} ({{ object.n }})",
+            "{% for g in object.groups %}{{ g }},{% endfor %} {{ object.ok }} {{ object.none }}\n",
+            Some("<p>{{ object.name }} {{ object.manager.mail }}</p>"),
+        );
+        let ctx = json!({"object": {"name": "<b>Ann</b>", "n": 1.5, "groups": ["a", "b"], "ok": true, "none": null,
+            "manager": {"mail": "boss@example.org"}}});
+        assert_eq!(t.render(&context(&ctx)).unwrap(), t.render(&ctx).unwrap());
+        assert_eq!(
+            t.render(&context(&ctx)).unwrap().html.unwrap(),
+            "<p>&lt;b&gt;Ann&lt;&#x2f;b&gt; boss@example.org</p>"
+        );
+        // A missing value fails alike: the same part, line and expression.
+        let missing = tpl("s", "line one\n{{ object.nope.deeper }}", None);
+        assert_eq!(missing.render(&context(&ctx)).unwrap_err(), missing.render(&ctx).unwrap_err());
     }
 
     #[test]
