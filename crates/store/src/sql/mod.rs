@@ -475,11 +475,12 @@ fn numbered(taken: usize, rows: usize, width: usize, row: &str, sigil: char) -> 
     out
 }
 
-/// A group committer's own connection (PostgreSQL), kept from one group to the next: a
-/// connection returned to sqlx's pool is pinged on its way back (a round trip, not
-/// configurable), which every group paid. Like a pooled one, it is pinged before use once idle
-/// for `POOL_IDLE_CHECK` (the server may have restarted meanwhile), and after a statement on it
-/// failed it goes back to the pool (which closes it if it is broken) for a fresh one.
+/// A group committer's own connection (PostgreSQL), or the token reader's (both databases; on
+/// SQLite one of the four readers), kept from one use to the next: a connection returned to sqlx's
+/// pool is pinged on its way back (a round trip, not configurable), which every group paid. Like a
+/// pooled one, it is pinged before use once idle for `POOL_IDLE_CHECK` (the server may have
+/// restarted meanwhile), and after a statement on it failed it goes back to the pool (which closes
+/// it if it is broken) for a fresh one.
 #[derive(Default)]
 pub struct Held {
     conn: Option<(sqlx::pool::PoolConnection<sqlx::Any>, std::time::Instant)>,
@@ -547,7 +548,8 @@ impl SqlStore {
         let (pool, writer) = match dialect {
             Dialect::Sqlite => {
                 let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
-                // The writer's connection first: it creates the file and turns WAL on.
+                // The writer's connection first: it creates the file and turns WAL on. Four
+                // readers, one of them kept by the token reader while it runs (`Held`).
                 let writer = sqlite_pool(path, 1).await?;
                 (sqlite_pool(path, 4).await?, writer)
             }
