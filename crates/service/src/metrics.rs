@@ -40,6 +40,7 @@ impl Counters {
 pub struct Metrics {
     enqueued: Counters,
     claimed: Counters,
+    claims: Counters,
     finished: Counters,
     attempts: Counters,
     connection_errors: Counters,
@@ -61,6 +62,12 @@ impl Metrics {
 
     pub fn step_claimed(&self, origin: &str) {
         self.claimed.add(format!("origin=\"{}\"", label(origin)));
+    }
+
+    /// A claim by this process's worker (a statement on the database), and whether it found due
+    /// mail: one that found none was a wake-up or poll for nothing.
+    pub fn claim(&self, found: bool) {
+        self.claims.add(format!("found=\"{}\"", if found { "some" } else { "none" }));
     }
 
     /// One attempt's outcome; `final_state` is the message's state after it.
@@ -116,6 +123,11 @@ impl Metrics {
             &mut out,
             "panel_steps_claimed_total",
             "Steps claimed by this process's worker, by origin.",
+        );
+        self.claims.render(
+            &mut out,
+            "panel_claims_total",
+            "Claims made by this process's worker, by whether they found due mail (found=some|none); mail handed over to it at its enqueue needs none.",
         );
         self.finished.render(
             &mut out,

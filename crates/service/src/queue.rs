@@ -78,11 +78,14 @@ impl Panel {
         if !errors.is_empty() {
             return Err(OpsError::Invalid(errors));
         }
-        let ids = self.store.enqueue_many(&messages, now).await?;
+        let (ids, handed_over) = self.store.enqueue_many_here(&messages, now).await?;
         for _ in &ids {
             self.metrics.step_enqueued(origin.as_str());
         }
-        self.wake_workers_after_commit().await;
+        // Handed over, they are this process's worker's, which the hand-over woke.
+        if !handed_over {
+            self.wake_workers_after_commit().await;
+        }
         Ok(ids)
     }
 
@@ -99,12 +102,21 @@ impl Panel {
             OutgoingMessage::prepare(draft, &settings.from, &settings.fallback_recipient, now, crate::random_u128())
                 .and_then(|m| settings.policy.check(&m).map(|()| m))
                 .map_err(OpsError::Invalid)?;
-        let (id, created) = match key {
-            Some(k) => self.store.enqueue_once(origin, &message, now, k).await?,
-            None => (self.store.enqueue(origin, message, now).await?, true),
+        let (id, created, handed_over) = match key {
+            Some(k) => {
+                let (id, created) = self.store.enqueue_once(origin, &message, now, k).await?;
+                (id, created, false)
+            }
+            None => {
+                let enqueued = self.store.enqueue_here(origin, message, now).await?;
+                (enqueued.id, true, enqueued.handed_over)
+            }
         };
         if created {
             self.metrics.step_enqueued(origin.as_str());
+        }
+        // Handed over, it is this process's worker's, which the hand-over woke.
+        if created && !handed_over {
             self.wake_workers_after_commit().await;
         }
         Ok((id, created))

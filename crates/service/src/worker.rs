@@ -111,6 +111,81 @@ fn gate(health: &[RouteHealth], now: Instant) -> Gate {
     }
 }
 
+/// What woke the worker's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Mail enqueued (here, or another service's), the poll, a slot freed, routes back: all
+    /// may have left mail to claim.
+    Claimable,
+    /// Mail handed over to it at its enqueue (`Store::handed_ready`), and nothing else.
+    HandedOver,
+}
+
+/// What one pass of the loop does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Takes the mail handed over to it.
+    Handed,
+    /// Claims due mail, up to its free slots.
+    Claim,
+    /// Nothing: no claim is owed (woken only for mail it had taken already).
+    Idle,
+    /// Nothing: every slot is busy; it claims when one frees.
+    Full,
+}
+
+/// Whether the worker owes a claim: at its start, after every wake-up but a hand-over's, and
+/// while its last pass did not end drained (mail may be left); a claim pays it. The decisions
+/// of `run_worker`'s passes, apart from their I/O. A hand-over alone owes none: whatever else
+/// is due woke the worker too, or will (with a wake-up per enqueue, most of its claims found
+/// nothing). An owed claim is never dropped: a pass without a free slot keeps it owed, and one
+/// that took handed mail meanwhile claims next, before it waits (else that mail waited for
+/// the poll).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Claiming {
+    owed: bool,
+}
+
+impl Claiming {
+    fn start() -> Claiming {
+        Claiming { owed: true }
+    }
+
+    fn woken(&mut self, by: Wake) {
+        self.owed |= by == Wake::Claimable;
+    }
+
+    /// This pass, given whether mail was handed over and how many slots are free.
+    fn pass(&mut self, handed: bool, free: u32) -> Pass {
+        if handed {
+            Pass::Handed
+        } else if free == 0 {
+            Pass::Full
+        } else if !self.owed {
+            Pass::Idle
+        } else {
+            self.owed = false;
+            Pass::Claim
+        }
+    }
+
+    /// Whether the worker is drained after `pass` (it went through: `ok`; it took `took`, a
+    /// claim having asked for `asked`): nothing is left to claim, so it waits with its free
+    /// slots offered as room for mail enqueued here. A claim that came back full, or with no
+    /// relay to send with, or handed mail given back (the settings became unusable) leave it
+    /// undrained, as does handed mail taken while a claim is owed.
+    fn drained(&mut self, pass: Pass, ok: bool, took: u32, asked: u32) -> bool {
+        let drained = match pass {
+            Pass::Handed => ok && took > 0 && !self.owed,
+            Pass::Claim => ok && took < asked,
+            Pass::Idle => true,
+            Pass::Full => false,
+        };
+        self.owed |= !drained;
+        drained
+    }
+}
+
 /// The route an attempt takes: the first, in order, that is not backing off; a route whose
 /// backoff ran out takes one probe at a time while the next one carries the rest. With every
 /// route backing off, the one back soonest.
@@ -274,6 +349,7 @@ pub async fn run_worker(
     // empty (with several services, most wake-ups already do). Until new mail wakes the
     // worker, or the poll interval passes (mail due by its time: a retry), it waits.
     let asked = Arc::new(AtomicU32::new(0));
+    let mut claiming = Claiming::start();
     tracing::info!(worker = %shared.owner, "worker started");
     while !*shutdown.borrow() {
         while tasks.try_join_next().is_some() {}
@@ -283,6 +359,7 @@ pub async fn run_worker(
             // and the mail enqueued here meanwhile to the other services.
             shared.drained.store(false, Ordering::Release);
             shared.store.offer_room(0);
+            claiming.woken(Wake::Claimable);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
@@ -295,10 +372,10 @@ pub async fn run_worker(
         asked.store(0, Ordering::Relaxed);
         // Mail enqueued here into the room offered, inserted already claimed for this worker.
         let handed = shared.store.take_handed();
-        let from_hand = !handed.is_empty();
-        let claimed = if from_hand {
+        let pass = claiming.pass(!handed.is_empty(), free);
+        let claimed = if pass == Pass::Handed {
             with_relay(&shared, handed, shared.panel.now()).await
-        } else if free == 0 {
+        } else if pass != Pass::Claim {
             Ok(None)
         } else {
             // Counted again when the claim runs: slots that free while it waits for its turn
@@ -324,15 +401,11 @@ pub async fn run_worker(
             Ok(Some((_, claims))) => claims.len() as u32,
             _ => 0,
         };
-        // Handed over and sent on, the worker stays drained: room was offered only with nothing
-        // left to claim, and mail due since then that was not handed over woke it (it claims
-        // next). Handed over and given back (the settings became unusable): no room, as after
-        // a claim that found no relay to send with.
-        let drained = claimed.is_ok()
-            && match from_hand {
-                true => took > 0,
-                false => took < asked.load(Ordering::Relaxed),
-            };
+        let asked_for = asked.load(Ordering::Relaxed);
+        if claimed.is_ok() && asked_for > 0 {
+            shared.panel.metrics.claim(took > 0);
+        }
+        let drained = claiming.drained(pass, claimed.is_ok(), took, asked_for);
         match claimed {
             Ok(Some((state, claims))) => start_deliveries(&shared, &slots, &mut tasks, state, claims).await,
             Ok(None) => {}
@@ -344,16 +417,20 @@ pub async fn run_worker(
         let room = if drained && !probing { slots.available_permits() as u32 } else { 0 };
         shared.drained.store(room > 0, Ordering::Release);
         shared.store.offer_room(room);
+        // More mail may be due (a full claim), or mail was handed over on a wake-up that owes
+        // a claim: it claims now, without waiting.
         if took > 0 && !drained {
             continue;
         }
-        tokio::select! {
-            _ = waker.woken() => {}
-            _ = tokio::time::sleep(shared.config.poll) => {}
-            _ = shutdown.changed() => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() && !drained => {}
-            _ = shared.slot_freed.notified(), if !drained => {}
-        }
+        let woken = tokio::select! {
+            _ = waker.woken() => Wake::Claimable,
+            _ = shared.store.handed_ready() => Wake::HandedOver,
+            _ = tokio::time::sleep(shared.config.poll) => Wake::Claimable,
+            _ = shutdown.changed() => Wake::Claimable,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() && !drained => Wake::Claimable,
+            _ = shared.slot_freed.notified(), if !drained => Wake::Claimable,
+        };
+        claiming.woken(woken);
         prune_idle(&shared);
         // A busy worker passes here after every message: the files and the check requests
         // (a query) are looked at a few times a second, not each time.
@@ -1165,5 +1242,70 @@ fn give_back(shared: &Shared, serial: u64, conn: Connection) {
         shared.pool.lock().expect("not poisoned").push((serial, Instant::now(), conn));
     } else {
         retire(vec![conn]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Claiming, Pass, Wake};
+
+    /// A worker at its start claims; a claim that came back short leaves it drained, and a
+    /// hand-over then costs no claim: it takes the mail, and a wake-up for mail it had taken
+    /// already (a hand-over's second) does nothing at all.
+    #[test]
+    fn mail_handed_over_costs_no_claim() {
+        let mut c = Claiming::start();
+        assert_eq!(c.pass(false, 16), Pass::Claim);
+        assert!(c.drained(Pass::Claim, true, 0, 16), "nothing due");
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(true, 16), Pass::Handed);
+        assert!(c.drained(Pass::Handed, true, 2, 0));
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(false, 14), Pass::Idle);
+        assert!(c.drained(Pass::Idle, true, 0, 0), "still drained: room stays offered");
+        // New mail that was not handed over (no room, or another service's) is claimed.
+        c.woken(Wake::Claimable);
+        assert_eq!(c.pass(false, 14), Pass::Claim);
+    }
+
+    /// Mail queued while every slot was busy owes a claim, and nothing drops it: not the
+    /// passes without a free slot, not mail handed over meanwhile (the worker claims right
+    /// after taking it), not a wake-up for a hand-over. Once, that mail waited for the poll.
+    #[test]
+    fn a_claim_owed_is_never_dropped() {
+        let mut c = Claiming::start();
+        assert_eq!(c.pass(false, 16), Pass::Claim);
+        assert!(c.drained(Pass::Claim, true, 3, 16));
+        c.woken(Wake::Claimable);
+        assert_eq!(c.pass(false, 0), Pass::Full);
+        assert!(!c.drained(Pass::Full, true, 0, 0), "busy: it claims when a slot frees");
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(true, 0), Pass::Handed);
+        assert!(!c.drained(Pass::Handed, true, 2, 0), "a claim is owed: no room offered");
+        assert_eq!(c.pass(false, 12), Pass::Claim, "claims before it waits");
+        assert!(c.drained(Pass::Claim, true, 5, 12));
+        // Handed mail taken on a wake-up for new mail: the claim comes next.
+        c.woken(Wake::Claimable);
+        assert_eq!(c.pass(true, 7), Pass::Handed);
+        assert!(!c.drained(Pass::Handed, true, 1, 0));
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(false, 6), Pass::Claim);
+    }
+
+    /// A claim that came back full leaves mail to claim: a hand-over's wake-up claims too.
+    /// A claim that failed, or handed mail given back (the settings became unusable), leaves
+    /// the worker undrained and owing a claim.
+    #[test]
+    fn a_full_or_failed_pass_keeps_the_claim_owed() {
+        let mut c = Claiming::start();
+        assert_eq!(c.pass(false, 4), Pass::Claim);
+        assert!(!c.drained(Pass::Claim, true, 4, 4), "full: more may be due");
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(false, 2), Pass::Claim);
+        assert!(!c.drained(Pass::Claim, false, 0, 2), "failed");
+        c.woken(Wake::HandedOver);
+        assert_eq!(c.pass(true, 2), Pass::Handed);
+        assert!(!c.drained(Pass::Handed, true, 0, 0), "given back");
+        assert_eq!(c.pass(false, 2), Pass::Claim);
     }
 }

@@ -157,6 +157,15 @@ pub type EventPlan = Box<dyn Fn(i64) -> Vec<NewRun> + Send + Sync>;
 /// How many messages a claim takes, asked once its transaction has begun (`Store::claim_up_to`).
 pub type ClaimLimit = std::sync::Arc<dyn Fn() -> u32 + Send + Sync>;
 
+/// A message enqueued: its id, and whether it was inserted already claimed for this process's
+/// worker and handed to it (`Store::take_mail_as`; PostgreSQL). Such a message is the worker's
+/// at once, which the hand-over told (`Store::handed_ready`): no wake-up is owed to anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: i64,
+    pub handed_over: bool,
+}
+
 /// Attempts to record, each fenced by its claim.
 pub type AttemptBatch = Vec<(ClaimRef, AttemptMeta, Settlement)>;
 
@@ -171,7 +180,11 @@ pub enum GroupJob<'a> {
 
 /// Its outcome.
 pub enum GroupDone {
-    Message(i64),
+    /// Its id, and whether it was handed over to this process's worker (`Store::take_mail_as`).
+    Message {
+        id: i64,
+        handed_over: bool,
+    },
     Event(EventRecord),
     Recorded(Vec<bool>),
     Claimed(Vec<Claim>),
@@ -186,7 +199,7 @@ enum Pending {
         // Boxed: a message is large, and most of the queue's traffic.
         message: Box<OutgoingMessage>,
         now: i64,
-        reply: tokio::sync::oneshot::Sender<Result<i64>>,
+        reply: tokio::sync::oneshot::Sender<Result<Enqueued>>,
     },
     Event {
         event_type: String,
@@ -242,13 +255,16 @@ impl Pending {
     /// Answers the caller with `done`, or with the outcome of committing its write alone.
     async fn answer(self, done: Option<GroupDone>, backend: &sql::SqlStore) {
         match (self, done) {
-            (Pending::Message { reply, .. }, Some(GroupDone::Message(id))) => drop(reply.send(Ok(id))),
+            (Pending::Message { reply, .. }, Some(GroupDone::Message { id, handed_over })) => {
+                drop(reply.send(Ok(Enqueued { id, handed_over })))
+            }
             (Pending::Event { reply, .. }, Some(GroupDone::Event(record))) => drop(reply.send(Ok(record))),
             (Pending::Record { reply, .. }, Some(GroupDone::Recorded(done))) => drop(reply.send(Ok(done))),
             (Pending::Claim { reply, .. }, Some(GroupDone::Claimed(claims))) => drop(reply.send(Ok(claims))),
             (Pending::Reserve { reply, .. }, Some(GroupDone::Reserved(until))) => drop(reply.send(Ok(until))),
             (Pending::Message { origin, message, now, reply }, _) => {
-                drop(reply.send(backend.enqueue(origin, &message, now, None).await.map(|(id, _)| id)))
+                let enqueued = backend.enqueue(origin, &message, now, None).await;
+                drop(reply.send(enqueued.map(|(id, _)| Enqueued { id, handed_over: false })))
             }
             (Pending::Event { event_type, object, now, plan, reply }, _) => {
                 drop(reply.send(backend.record_event(&event_type, &object, None, now, &plan).await))
@@ -389,6 +405,15 @@ impl Store {
     /// it last asked, in the order enqueued.
     pub fn take_handed(&self) -> Vec<Claim> {
         self.backend.take_handed()
+    }
+
+    /// Returns once messages were handed over to this process's worker (`take_handed`), at
+    /// once when some were since the last call. The worker wakes here for them, and not for
+    /// the enqueues that handed them over (`Enqueued::handed_over`): with those wake-ups
+    /// (several per group commit, some after it had taken the messages already) most of its
+    /// claims came back empty, each a statement on the connection that records its attempts.
+    pub async fn handed_ready(&self) {
+        self.backend.handed_ready().await;
     }
 
     /// Tells idle workers of every service that work is due (PostgreSQL NOTIFY; a no-op on
@@ -796,6 +821,11 @@ impl Store {
     /// commit wakes every service's idle workers (PostgreSQL; on SQLite the caller does).
     /// Takes the message (it travels to the committer; no copy of a body up to 10 MiB).
     pub async fn enqueue(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<i64> {
+        Ok(self.enqueue_here(origin, message, now).await?.id)
+    }
+
+    /// `enqueue`, telling whether the message was handed over to this process's worker.
+    pub async fn enqueue_here(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<Enqueued> {
         let message = Box::new(message);
         self.submit(|reply| Pending::Message { origin, message, now: ms(now), reply }).await
     }
@@ -827,6 +857,16 @@ impl Store {
     /// Enqueues many messages in one transaction (one commit for all; all or none), which
     /// wakes every service's idle workers (PostgreSQL; on SQLite the caller does).
     pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: DateTime<Utc>) -> Result<Vec<i64>> {
+        Ok(self.enqueue_many_here(items, now).await?.0)
+    }
+
+    /// `enqueue_many`, telling whether the messages were handed over to this process's worker
+    /// (all of them or none).
+    pub async fn enqueue_many_here(
+        &self,
+        items: &[(Origin, OutgoingMessage)],
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<i64>, bool)> {
         self.observe(self.backend.enqueue_many(items, ms(now)).await)
     }
 

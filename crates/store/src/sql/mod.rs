@@ -217,6 +217,9 @@ pub struct SqlStore {
     /// claim, can take at once (`Store::offer_room`): enqueues that fit wake no other service;
     /// on PostgreSQL they are inserted already claimed for the worker (`LocalRoom::taker`).
     local_room: std::sync::Arc<std::sync::Mutex<LocalRoom>>,
+    /// Told at each hand-over (`SqlStore::handed`): the worker wakes for the claims handed to
+    /// it, and knows the wake-up is for them alone (`Store::handed_ready`).
+    handed_ready: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// This process's worker as the taker of the mail enqueued here (`Store::offer_room`).
@@ -590,6 +593,7 @@ impl SqlStore {
             budget_trimmed: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
             wake_origin: new_wake_origin(),
             local_room: Default::default(),
+            handed_ready: Default::default(),
         };
         Ok(store)
     }
@@ -720,7 +724,13 @@ impl SqlStore {
             return false;
         }
         local.handed.extend(claims);
+        self.handed_ready.notify_one();
         true
+    }
+
+    /// `Store::handed_ready`.
+    pub async fn handed_ready(&self) {
+        self.handed_ready.notified().await;
     }
 
     /// `Store::offer_room`: the claims handed over and not yet taken hold their slots.

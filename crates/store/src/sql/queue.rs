@@ -95,9 +95,10 @@ impl SqlStore {
         let mut done = Vec::with_capacity(jobs.len());
         for job in jobs {
             done.push(Some(match job {
-                crate::GroupJob::Message { .. } => {
-                    crate::GroupDone::Message(message_ids.next().expect("one id for each message"))
-                }
+                crate::GroupJob::Message { .. } => crate::GroupDone::Message {
+                    id: message_ids.next().expect("one id for each message"),
+                    handed_over: false,
+                },
                 crate::GroupJob::Event { .. } => {
                     crate::GroupDone::Event(records.next().expect("one record for each event"))
                 }
@@ -176,7 +177,9 @@ impl SqlStore {
             if ids.is_err() {
                 held.failed();
             }
-            return Ok(ids?.map(|ids| ids.into_iter().map(crate::GroupDone::Message).collect()));
+            return Ok(ids?.map(|(ids, handed_over)| {
+                ids.into_iter().map(|id| crate::GroupDone::Message { id, handed_over }).collect()
+            }));
         }
         if !jobs.iter().all(|job| matches!(job, GroupJob::Record { .. } | GroupJob::Claim { .. })) {
             return Ok(None);
@@ -224,14 +227,15 @@ impl SqlStore {
         }
     }
 
-    /// Many messages in one transaction: one commit (one fsync) for the whole batch.
-    pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<Vec<i64>> {
+    /// Many messages in one transaction: one commit (one fsync) for the whole batch. With
+    /// whether they were handed over to this process's worker (`insert_in_one_statement`).
+    pub async fn enqueue_many(&self, items: &[(Origin, OutgoingMessage)], now: i64) -> Result<(Vec<i64>, bool)> {
         let messages: Vec<NewMessage<'_>> =
             items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
         if self.dialect == Dialect::Postgres
-            && let Some(ids) = self.insert_in_one_statement(&mut *self.writer.acquire().await?, &messages).await?
+            && let Some(inserted) = self.insert_in_one_statement(&mut *self.writer.acquire().await?, &messages).await?
         {
-            return Ok(ids);
+            return Ok(inserted);
         }
         let (mut tx, mut ids) = self.write_with_ids().await?;
         let ids = ids.take(&mut tx, &[("messages", messages.len())]).await?.remove(0);
@@ -239,20 +243,21 @@ impl SqlStore {
         add_messages(&mut inserts, &messages, &ids);
         inserts.wake_only_if(|n| self.wake_others(n));
         inserts.commit(tx).await?;
-        Ok(ids)
+        Ok((ids, false))
     }
 
     /// PostgreSQL: `messages` inserted by one statement outside a transaction, which takes
     /// their ids from the sequence itself: one round trip where `BEGIN`, the ids, the inserts
     /// and `COMMIT` were four (a busy service's enqueues wait for each other's). `None`, with
-    /// nothing written, when they need more than one round trip. Their ids, in their order.
+    /// nothing written, when they need more than one round trip. Their ids, in their order, and
+    /// whether they were handed over to this process's worker (which was told, `handed_ready`).
     async fn insert_in_one_statement(
         &self,
         conn: &mut sqlx::AnyConnection,
         messages: &[NewMessage<'_>],
-    ) -> Result<Option<Vec<i64>>> {
+    ) -> Result<Option<(Vec<i64>, bool)>> {
         if messages.is_empty() {
-            return Ok(Some(Vec::new()));
+            return Ok(Some((Vec::new(), false)));
         }
         let numbers: Vec<i64> = (1..=messages.len() as i64).collect();
         let mut inserts = super::batch::Writes::default();
@@ -290,10 +295,12 @@ impl SqlStore {
         let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *conn).await?;
         let ids = rows.iter().map(|row| cell(row, "messages", "id")).collect::<Result<Vec<i64>>>()?;
         debug_assert_eq!(ids.len(), messages.len());
+        let mut handed_over = false;
         if let Some(taker) = &taker {
             let seen = super::settings::generation_from_row(rows.first().expect("a row for each message"))?;
             let claims = messages.iter().zip(&ids).map(|(m, &id)| handed_claim(m, id, seen)).collect();
-            if !self.handed(taker, claims) {
+            handed_over = self.handed(taker, claims);
+            if !handed_over {
                 // The worker stopped while they were inserted: queued again at once, for any
                 // worker, instead of waiting for their leases to run out. Committed already,
                 // so a failure here leaves them to the leases.
@@ -307,7 +314,7 @@ impl SqlStore {
                 }
             }
         }
-        Ok(Some(ids))
+        Ok(Some((ids, handed_over)))
     }
 
     pub async fn claim(&self, ask: ClaimAsk<'_>) -> Result<Vec<Claim>> {

@@ -793,6 +793,12 @@ async fn mail_the_local_workers_have_room_for_wakes_no_other_service(b: &Backend
     assert_eq!(tokio::time::timeout(within, wakes.next()).await.expect("no room").unwrap(), WakeFrom::Another);
 }
 
+/// Whether the worker was told of mail handed over to it (`Store::handed_ready`) since it last
+/// looked: a hand-over waiting for it is taken at once.
+async fn told(s: &Store) -> bool {
+    tokio::time::timeout(Duration::ZERO, s.handed_ready()).await.is_ok()
+}
+
 /// PostgreSQL: mail enqueued into the room of this process's worker (`take_mail_as`) is
 /// inserted already claimed for it and handed over in memory, once, as a claim would have
 /// found it: nobody else claims it, its attempt is recorded with the handed claim, and a
@@ -806,7 +812,11 @@ async fn mail_enqueued_into_the_workers_room_is_handed_over_already_claimed(b: &
     s.offer_room(2);
     let t0 = Utc::now();
     let one = message("one");
-    let id = s.enqueue(Origin::MailTester, one.clone(), t0).await.unwrap();
+    let enqueued = s.enqueue_here(Origin::MailTester, one.clone(), t0).await.unwrap();
+    let id = enqueued.id;
+    // The hand-over tells the worker (it wakes for it, not for the enqueue), once.
+    assert_eq!((enqueued.handed_over, told(s).await), (s.is_shared(), s.is_shared()));
+    assert!(!told(s).await, "told once");
     let handed = s.take_handed();
     if !s.is_shared() {
         assert!(handed.is_empty(), "SQLite hands nothing over");
@@ -825,7 +835,8 @@ async fn mail_enqueued_into_the_workers_room_is_handed_over_already_claimed(b: &
     assert!(s.claim("other", t0, lease, 10, false).await.unwrap().is_empty(), "nobody else claims it");
     // Three do not fit the slot left: queued for any claimer, nothing handed over.
     let three: Vec<_> = (0..3).map(|i| (Origin::Dispatch, message(&format!("bulk {i}")))).collect();
-    let bulk = s.enqueue_many(&three, t0).await.unwrap();
+    let (bulk, handed_over) = s.enqueue_many_here(&three, t0).await.unwrap();
+    assert!(!handed_over && !told(s).await, "queued for a claim: the enqueue wakes the workers");
     assert!(s.take_handed().is_empty());
     let claimed: Vec<i64> =
         s.claim("other", t0, lease, 10, false).await.unwrap().iter().map(|c| c.reference.id).collect();
