@@ -1248,48 +1248,55 @@ fn give_back(shared: &Shared, serial: u64, conn: Connection) {
 #[cfg(test)]
 mod tests {
     use super::{Claiming, Pass, Wake};
+    use Pass::{Claim, Full, Handed, Idle};
+    use Wake::{Claimable, HandedOver};
+
+    /// A pass: the wake-up before it (`None`: right after the last, without waiting), whether
+    /// mail was handed over, the free slots, what it got (went through, took, a claim asked
+    /// for), then what is expected: the pass, and whether it ended drained.
+    type Step = (Option<Wake>, bool, u32, (bool, u32, u32), Pass, bool);
+
+    /// Runs `steps` from the worker's start; each step's line in the message when it fails.
+    fn scenario(steps: &[Step]) {
+        let mut c = Claiming::start();
+        for (i, &(wake, handed, free, (ok, took, asked), pass, drained)) in steps.iter().enumerate() {
+            if let Some(wake) = wake {
+                c.woken(wake);
+            }
+            assert_eq!(c.pass(handed, free), pass, "step {i}");
+            assert_eq!(c.drained(pass, ok, took, asked), drained, "step {i}");
+        }
+    }
 
     /// A worker at its start claims; a claim that came back short leaves it drained, and a
     /// hand-over then costs no claim: it takes the mail, and a wake-up for mail it had taken
-    /// already (a hand-over's second) does nothing at all.
+    /// already (a hand-over's second) does nothing at all, room still offered. Mail that was
+    /// not handed over (no room, or another service's) is claimed.
     #[test]
     fn mail_handed_over_costs_no_claim() {
-        let mut c = Claiming::start();
-        assert_eq!(c.pass(false, 16), Pass::Claim);
-        assert!(c.drained(Pass::Claim, true, 0, 16), "nothing due");
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(true, 16), Pass::Handed);
-        assert!(c.drained(Pass::Handed, true, 2, 0));
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(false, 14), Pass::Idle);
-        assert!(c.drained(Pass::Idle, true, 0, 0), "still drained: room stays offered");
-        // New mail that was not handed over (no room, or another service's) is claimed.
-        c.woken(Wake::Claimable);
-        assert_eq!(c.pass(false, 14), Pass::Claim);
+        scenario(&[
+            (None, false, 16, (true, 0, 16), Claim, true),
+            (Some(HandedOver), true, 16, (true, 2, 0), Handed, true),
+            (Some(HandedOver), false, 14, (true, 0, 0), Idle, true),
+            (Some(Claimable), false, 14, (true, 1, 14), Claim, true),
+        ]);
     }
 
     /// Mail queued while every slot was busy owes a claim, and nothing drops it: not the
     /// passes without a free slot, not mail handed over meanwhile (the worker claims right
-    /// after taking it), not a wake-up for a hand-over. Once, that mail waited for the poll.
+    /// after taking it, offering no room before), not a wake-up for a hand-over. Once, that
+    /// mail waited for the poll.
     #[test]
     fn a_claim_owed_is_never_dropped() {
-        let mut c = Claiming::start();
-        assert_eq!(c.pass(false, 16), Pass::Claim);
-        assert!(c.drained(Pass::Claim, true, 3, 16));
-        c.woken(Wake::Claimable);
-        assert_eq!(c.pass(false, 0), Pass::Full);
-        assert!(!c.drained(Pass::Full, true, 0, 0), "busy: it claims when a slot frees");
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(true, 0), Pass::Handed);
-        assert!(!c.drained(Pass::Handed, true, 2, 0), "a claim is owed: no room offered");
-        assert_eq!(c.pass(false, 12), Pass::Claim, "claims before it waits");
-        assert!(c.drained(Pass::Claim, true, 5, 12));
-        // Handed mail taken on a wake-up for new mail: the claim comes next.
-        c.woken(Wake::Claimable);
-        assert_eq!(c.pass(true, 7), Pass::Handed);
-        assert!(!c.drained(Pass::Handed, true, 1, 0));
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(false, 6), Pass::Claim);
+        scenario(&[
+            (None, false, 16, (true, 3, 16), Claim, true),
+            (Some(Claimable), false, 0, (true, 0, 0), Full, false),
+            (Some(HandedOver), true, 0, (true, 2, 0), Handed, false),
+            (None, false, 12, (true, 5, 12), Claim, true),
+            // Handed mail taken on a wake-up for new mail: the claim comes next.
+            (Some(Claimable), true, 7, (true, 1, 0), Handed, false),
+            (Some(HandedOver), false, 6, (true, 0, 6), Claim, true),
+        ]);
     }
 
     /// A claim that came back full leaves mail to claim: a hand-over's wake-up claims too.
@@ -1297,15 +1304,11 @@ mod tests {
     /// the worker undrained and owing a claim.
     #[test]
     fn a_full_or_failed_pass_keeps_the_claim_owed() {
-        let mut c = Claiming::start();
-        assert_eq!(c.pass(false, 4), Pass::Claim);
-        assert!(!c.drained(Pass::Claim, true, 4, 4), "full: more may be due");
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(false, 2), Pass::Claim);
-        assert!(!c.drained(Pass::Claim, false, 0, 2), "failed");
-        c.woken(Wake::HandedOver);
-        assert_eq!(c.pass(true, 2), Pass::Handed);
-        assert!(!c.drained(Pass::Handed, true, 0, 0), "given back");
-        assert_eq!(c.pass(false, 2), Pass::Claim);
+        scenario(&[
+            (None, false, 4, (true, 4, 4), Claim, false),
+            (Some(HandedOver), false, 2, (false, 0, 2), Claim, false),
+            (Some(HandedOver), true, 2, (true, 0, 0), Handed, false),
+            (None, false, 2, (true, 0, 2), Claim, true),
+        ]);
     }
 }
