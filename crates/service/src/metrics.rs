@@ -64,8 +64,9 @@ impl Metrics {
         self.claimed.add(format!("origin=\"{}\"", label(origin)));
     }
 
-    /// A claim by this process's worker (a statement on the database), and whether it found due
-    /// mail: one that found none was a wake-up or poll for nothing.
+    /// A claim by this process's worker (a statement on the database), and whether it took mail
+    /// to send: one that took none was a wake-up or poll for nothing (or its mail went back
+    /// unsent, the settings having become unusable).
     pub fn claim(&self, found: bool) {
         self.claims.add(format!("found=\"{}\"", if found { "some" } else { "none" }));
     }
@@ -127,7 +128,7 @@ impl Metrics {
         self.claims.render(
             &mut out,
             "panel_claims_total",
-            "Claims made by this process's worker, by whether they found due mail (found=some|none); mail handed over to it at its enqueue needs none.",
+            "Claims made by this process's worker, by whether they took mail to send (found=some|none); mail handed over to it at its enqueue needs none.",
         );
         self.finished.render(
             &mut out,
