@@ -42,6 +42,20 @@ impl Actor {
     }
 }
 
+fn actor(o: panel_store::TokenOwner, kept: Option<std::sync::Arc<crate::ops::Kept>>) -> Actor {
+    Actor {
+        name: o.admin,
+        role: Role::parse(&o.role).unwrap_or(Role::Viewer),
+        csrf: if o.kind == "session" { o.csrf } else { None },
+        seen: crate::ops::Seen { settings: o.settings_version, definitions: o.definitions, kept },
+    }
+}
+
+/// Why a request is refused for its role: the API's and the UI's words for a 403.
+pub fn role_refusal(role: Role, needed: Role) -> String {
+    format!("your role ({}) may not do this; it needs {}", role.as_str(), needed.as_str())
+}
+
 /// Failed sign-ins allowed within `SIGN_IN_WINDOW`: for one account from one address; from one
 /// address over every name; and for one account from everywhere together (guessing spread over
 /// many addresses). The last does not apply from an address the account signed in from before,
@@ -334,12 +348,29 @@ impl Panel {
     /// The actor behind a session or API token, if it is valid.
     pub async fn authenticate(&self, token: &str) -> Result<Option<Actor>, OpsError> {
         let owner = self.store.token_owner(&token_digest(token), self.now()).await?;
-        Ok(owner.map(|o| Actor {
-            name: o.admin,
-            role: Role::parse(&o.role).unwrap_or(Role::Viewer),
-            csrf: if o.kind == "session" { o.csrf } else { None },
-            seen: crate::ops::Seen { settings: o.settings_version, definitions: o.definitions },
-        }))
+        self.metrics.token_checked(false);
+        Ok(owner.map(|o| actor(o, None)))
+    }
+
+    /// `authenticate`, for a request that sends one message and needs at least `needs`: on
+    /// PostgreSQL from the token's owner as this service read it within the last minute
+    /// (`Store::token_owner_kept`), without a read. Its message is then written only while the
+    /// token, its owner's role and the relay settings are as that read found them; when they
+    /// changed, the request reads its token again and is answered by that (`Panel::reauthorized`).
+    pub async fn authenticate_kept(&self, token: &str, needs: Role) -> Result<Option<Actor>, OpsError> {
+        let owner = self.store.token_owner_kept(&token_digest(token), self.now()).await?;
+        match owner {
+            // A kept owner whose role is too low may have been raised since: only a read refuses.
+            Some((o, Some(fence))) if Role::parse(&o.role).is_some_and(|role| role >= needs) => {
+                self.metrics.token_checked(true);
+                Ok(Some(actor(o, Some(std::sync::Arc::new(crate::ops::Kept { fence, needs })))))
+            }
+            Some((_, Some(_))) => self.authenticate(token).await,
+            owner => {
+                self.metrics.token_checked(false);
+                Ok(owner.map(|(o, _)| actor(o, None)))
+            }
+        }
     }
 
     /// A new API token for `admin` (shown once; only its digest is stored).

@@ -296,7 +296,7 @@ impl Panel {
         }
         // The settings and workflows kept in memory when they are as new as the request saw
         // (`Seen`), else one read: the settings, and whether the workflows kept are current.
-        let kept = self.seen.and_then(|seen| {
+        let kept = self.seen.as_ref().and_then(|seen| {
             let (_, settings) = self.kept_settings()?;
             let workflows = self.workflows.lock().expect("not poisoned");
             let generation = workflows.as_ref().map(|w| w.generation).filter(|&g| g >= seen.definitions)?;

@@ -19,6 +19,11 @@ pub enum OpsError {
     NotFound(i64),
     #[error("{what} '{name}' not found")]
     NotFoundNamed { what: &'static str, name: String },
+    /// The request's token was revoked (or its session ended) while it was on its way: HTTP 401.
+    #[error(
+        "the token was revoked or the session ended while the request was on its way; sign in again or use a valid API token"
+    )]
+    SignedOut,
     /// The actor's role does not allow this use of an operation: exit code 1, HTTP 403.
     #[error("{0}")]
     Forbidden(String),
@@ -65,7 +70,8 @@ impl OpsError {
             OpsError::Store(StoreError::SettingsConflict { .. } | StoreError::MasterKeyChanged { .. }) => {
                 ErrorKind::Conflict
             }
-            OpsError::Store(StoreError::Conflict(_)) => ErrorKind::Conflict,
+            OpsError::Store(StoreError::Conflict(_) | StoreError::Stale) => ErrorKind::Conflict,
+            OpsError::SignedOut => ErrorKind::Unauthenticated,
             OpsError::Store(e) if e.is_unavailable() => ErrorKind::Unavailable,
             OpsError::StoredSettingsInvalid { .. }
             | OpsError::Vault(_)
@@ -91,6 +97,8 @@ pub enum ErrorKind {
     /// Larger than the one size limit (`MAX_BODY_BYTES` of content per message).
     TooLarge,
     NotFound,
+    /// Not signed in, or no longer: the token or session is gone.
+    Unauthenticated,
     /// A license or role does not allow it.
     Forbidden,
     /// The request conflicts with what is stored (a name taken, nothing configured yet).
@@ -105,7 +113,11 @@ impl ErrorKind {
     pub fn exit_code(self) -> u8 {
         match self {
             ErrorKind::Invalid | ErrorKind::TooLarge | ErrorKind::NotFound => 2,
-            ErrorKind::Forbidden | ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Internal => 1,
+            ErrorKind::Unauthenticated
+            | ErrorKind::Forbidden
+            | ErrorKind::Conflict
+            | ErrorKind::Unavailable
+            | ErrorKind::Internal => 1,
         }
     }
 
@@ -114,6 +126,7 @@ impl ErrorKind {
             ErrorKind::Invalid => 400,
             ErrorKind::TooLarge => 413,
             ErrorKind::NotFound => 404,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::Forbidden => 403,
             ErrorKind::Conflict => 409,
             ErrorKind::Unavailable => 503,
@@ -135,6 +148,8 @@ mod tests {
             (OpsError::License("no license".into()), 1, 403),
             (OpsError::NotConfigured, 1, 409),
             (OpsError::Conflict("taken".into()), 1, 409),
+            (OpsError::SignedOut, 1, 401),
+            (OpsError::Store(StoreError::Stale), 1, 409),
             (OpsError::Store(StoreError::Corrupt("messages.state".into())), 1, 500),
             (OpsError::internal("rendering the page", "syntax error"), 1, 500),
         ];

@@ -45,8 +45,13 @@ pub struct Metrics {
     attempts: Counters,
     connection_errors: Counters,
     bounces: Counters,
+    /// Tokens checked from a kept owner, and by a read: on every request, so not a `Counters`
+    /// (a lock and a label string each).
+    tokens_kept: AtomicU64,
+    tokens_read: AtomicU64,
     throttled: std::sync::atomic::AtomicU64,
     failovers: std::sync::atomic::AtomicU64,
+    access_changed: std::sync::atomic::AtomicU64,
     delivery: Histogram,
 }
 
@@ -82,6 +87,19 @@ impl Metrics {
         if matches!(final_state, "delivered" | "partly_failed" | "failed") {
             self.finished.add(format!("origin=\"{}\",state=\"{}\"", label(origin), label(final_state)));
         }
+    }
+
+    /// A request's token checked: from the owner this service kept (`Panel::authenticate_kept`)
+    /// or by a read of the database.
+    pub fn token_checked(&self, kept: bool) {
+        let counter = if kept { &self.tokens_kept } else { &self.tokens_read };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write on a kept token owner found its token, role or the settings changed: nothing
+    /// was written, and the request was answered as of a read of its token.
+    pub fn access_changed(&self) {
+        self.access_changed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The relay (or provider) asked to slow down: the transport paused.
@@ -149,6 +167,18 @@ impl Metrics {
             &mut out,
             "panel_bounces_total",
             "Reports received for the bounce domain by this process, by kind (failed, delayed, auto_reply, unmatched, ...).",
+        );
+        let name = "panel_token_checks_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests' tokens checked by this process, by whether the owner was one it kept for at most a minute (owner=kept; only for sending one message, on PostgreSQL) or read (owner=read).\n# TYPE {name} counter\n{name}{{owner=\"kept\"}} {}\n{name}{{owner=\"read\"}} {}",
+            self.tokens_kept.load(Ordering::Relaxed),
+            self.tokens_read.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP panel_access_changes_total Messages sent on a kept token owner whose token, role or relay settings had changed meanwhile: none was written, each request was answered after its token was read again.\n# TYPE panel_access_changes_total counter\npanel_access_changes_total {}",
+            self.access_changed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

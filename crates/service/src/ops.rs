@@ -56,14 +56,27 @@ pub struct Panel {
 }
 
 /// The relay settings version and the definitions generation current while a request was
-/// authenticated, read in the statement that read its token. Both only ever move forward, so
+/// authenticated, read in the statement that read its token (or kept with its owner, `Kept`:
+/// then its write confirms the settings version is still current). Both only ever move forward, so
 /// settings and workflows kept in memory that are at least this new are what a read of its
 /// own during the request would have given: the request takes them without that read (on
 /// PostgreSQL a round trip, with a pooled connection's pings, for every message sent).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Seen {
     pub settings: i64,
     pub definitions: i64,
+    /// Set when the token's owner was one this service kept (`Panel::authenticate_kept`): the
+    /// request's write carries its fence.
+    pub kept: Option<Arc<Kept>>,
+}
+
+/// A request authenticated by a kept token owner (`Store::token_owner_kept`): the fence its
+/// write carries, and the least role the request needs, which a read of its token after the
+/// fence did not hold must still show (`Panel::reauthorized`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub(crate) fence: panel_store::AccessFence,
+    pub(crate) needs: crate::accounts::Role,
 }
 
 /// A read of the live services and when it was made.
@@ -103,9 +116,28 @@ impl Panel {
         Panel { seen: Some(seen), ..self.clone() }
     }
 
+    /// The fence a write for this request carries (`Kept`), if its token owner was kept.
+    pub(crate) fn fence(&self) -> Option<panel_store::AccessFence> {
+        self.seen.as_ref()?.kept.as_ref().map(|kept| kept.fence.clone())
+    }
+
+    /// This request as of a read of its token now, for a write whose fence did not hold
+    /// (`StoreError::Stale`) or that cannot carry one: what the read says, or why the request is
+    /// refused now (the token is gone, or its role no longer allows the request). A request
+    /// whose token owner was not kept is already as of a read: itself.
+    pub(crate) async fn reauthorized(&self) -> Result<Panel, OpsError> {
+        let Some(kept) = self.seen.as_ref().and_then(|seen| seen.kept.clone()) else { return Ok(self.clone()) };
+        let owner = self.store.token_owner(kept.fence.token_hash(), self.now()).await?.ok_or(OpsError::SignedOut)?;
+        let role = crate::accounts::Role::parse(&owner.role).unwrap_or(crate::accounts::Role::Viewer);
+        if role < kept.needs {
+            return Err(OpsError::Forbidden(crate::accounts::role_refusal(role, kept.needs)));
+        }
+        Ok(self.as_seen(Seen { settings: owner.settings_version, definitions: owner.definitions, kept: None }))
+    }
+
     /// The settings kept in memory, when they are at least as new as the request saw.
     pub(crate) fn kept_settings(&self) -> Option<(i64, RelaySettings)> {
-        let seen = self.seen?;
+        let seen = self.seen.as_ref()?;
         self.settings_kept.lock().expect("not poisoned").clone().filter(|(version, _)| *version >= seen.settings)
     }
 

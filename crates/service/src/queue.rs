@@ -7,6 +7,8 @@ use chrono::Utc;
 use panel_domain::message::Draft;
 use panel_domain::{FieldErrors, MessageState, Origin, OutgoingMessage, RelaySettings};
 
+use panel_store::StoreError;
+
 use crate::error::OpsError;
 use crate::ops::Panel;
 use crate::views::{CancelResult, MessageDetail, MessageFilter, MessageSummary, QueueStats, RetryResult};
@@ -46,6 +48,28 @@ impl Panel {
             .map(validate_idempotency_key)
             .transpose()
             .map_err(|e| OpsError::Invalid(FieldErrors(vec![e])))?;
+        // A request on a kept token owner writes under its fence (`Kept`). A write with a key
+        // can carry none (it may find the key's message instead of writing): its token is read.
+        if key.is_some() && self.fence().is_some() {
+            return self.reauthorized().await?.enqueue_draft_as_seen(origin, draft, key).await;
+        }
+        match self.enqueue_draft_as_seen(origin, draft, key).await {
+            // The token, its role or the settings changed since the owner was kept: nothing was
+            // written; the request is answered as of a read of its token now.
+            Err(OpsError::Store(StoreError::Stale)) => {
+                self.metrics.access_changed();
+                self.reauthorized().await?.enqueue_draft_as_seen(origin, draft, key).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn enqueue_draft_as_seen(
+        &self,
+        origin: Origin,
+        draft: &Draft,
+        key: Option<&str>,
+    ) -> Result<(i64, bool), OpsError> {
         let (_, settings) = self.settings().await?.ok_or(OpsError::NotConfigured)?;
         self.enqueue(origin, draft, &settings, key).await
     }
@@ -108,7 +132,7 @@ impl Panel {
                 (id, created, false)
             }
             None => {
-                let enqueued = self.store.enqueue_here(origin, message, now).await?;
+                let enqueued = self.store.enqueue_fenced(origin, message, now, self.fence()).await?;
                 (enqueued.id, true, enqueued.handed_over)
             }
         };

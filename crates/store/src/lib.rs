@@ -28,6 +28,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("the master key was rotated meanwhile (now {current}); try again")]
     MasterKeyChanged { current: String },
+    /// A write fenced by an `AccessFence` whose token, role or settings changed: nothing was
+    /// written. The caller reads the token again and answers by that.
+    #[error("the token, its role or the relay settings changed while the request was on its way; send it again")]
+    Stale,
 }
 
 impl StoreError {
@@ -112,7 +116,18 @@ pub struct Store {
     /// The reader that looks up concurrent requests' tokens together (see `Store::token_owner`),
     /// started at the first.
     token_reader: std::sync::Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<TokenLookup>>>,
+    /// PostgreSQL: the owners of the tokens read last, and when (`Store::token_owner_kept`).
+    kept_owners: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (TokenOwner, std::time::Instant)>>>,
 }
+
+/// How long a service sends on the owner of a token it read (`Store::token_owner_kept`) without
+/// reading the token again. Each write on it is fenced, so a revocation stops the next one at
+/// once; this bounds how stale `last_used_at` (written by a read) can get.
+pub const TOKEN_OWNER_KEPT: Duration = Duration::from_secs(60);
+
+/// Most token owners kept: a service sees a handful of tokens; past this many (tokens created
+/// faster than they age out) the oldest half is forgotten.
+const TOKEN_OWNERS_KEPT_MAX: usize = 1024;
 
 /// A token to look up in the next batched read, with its request's time, and its caller.
 struct TokenLookup {
@@ -171,7 +186,7 @@ pub type AttemptBatch = Vec<(ClaimRef, AttemptMeta, Settlement)>;
 
 /// One caller's write in a group commit (an event's `object` as the JSON text stored).
 pub enum GroupJob<'a> {
-    Message { origin: Origin, message: &'a OutgoingMessage, now: i64 },
+    Message { origin: Origin, message: &'a OutgoingMessage, now: i64, fence: Option<&'a AccessFence> },
     Event { event_type: &'a str, object: &'a str, now: i64, plan: &'a EventPlan },
     Record { batch: &'a [(ClaimRef, AttemptMeta, Settlement)] },
     Claim { owner: &'a str, now: i64, lease_ms: i64, limit: &'a (dyn Fn() -> u32 + Send + Sync), bulk_first: bool },
@@ -199,6 +214,7 @@ enum Pending {
         // Boxed: a message is large, and most of the queue's traffic.
         message: Box<OutgoingMessage>,
         now: i64,
+        fence: Option<AccessFence>,
         reply: tokio::sync::oneshot::Sender<Result<Enqueued>>,
     },
     Event {
@@ -234,7 +250,9 @@ enum Pending {
 impl Pending {
     fn job(&self) -> GroupJob<'_> {
         match self {
-            Pending::Message { origin, message, now, .. } => GroupJob::Message { origin: *origin, message, now: *now },
+            Pending::Message { origin, message, now, fence, .. } => {
+                GroupJob::Message { origin: *origin, message, now: *now, fence: fence.as_ref() }
+            }
             Pending::Event { event_type, object, now, plan, .. } => {
                 GroupJob::Event { event_type, object, now: *now, plan }
             }
@@ -262,8 +280,8 @@ impl Pending {
             (Pending::Record { reply, .. }, Some(GroupDone::Recorded(done))) => drop(reply.send(Ok(done))),
             (Pending::Claim { reply, .. }, Some(GroupDone::Claimed(claims))) => drop(reply.send(Ok(claims))),
             (Pending::Reserve { reply, .. }, Some(GroupDone::Reserved(until))) => drop(reply.send(Ok(until))),
-            (Pending::Message { origin, message, now, reply }, _) => {
-                let enqueued = backend.enqueue(origin, &message, now, None).await;
+            (Pending::Message { origin, message, now, fence, reply }, _) => {
+                let enqueued = backend.enqueue(origin, &message, now, None, fence.as_ref()).await;
                 drop(reply.send(enqueued.map(|(id, _)| Enqueued { id, handed_over: false })))
             }
             (Pending::Event { event_type, object, now, plan, reply }, _) => {
@@ -342,6 +360,7 @@ impl Store {
             health: Default::default(),
             committers: Default::default(),
             token_reader: Default::default(),
+            kept_owners: Default::default(),
         })
     }
 
@@ -556,6 +575,7 @@ impl Store {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
+        self.forget_owners();
         self.observe(self.backend.put_admin(name, role, password_hash, replace, by, ms(now)).await)
     }
 
@@ -581,6 +601,7 @@ impl Store {
     }
 
     pub async fn delete_admin(&self, name: &str, by: &str, now: DateTime<Utc>) -> Result<bool> {
+        self.forget_owners();
         self.observe(self.backend.delete_admin(name, by, ms(now)).await)
     }
 
@@ -612,7 +633,7 @@ impl Store {
             .await;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let lookup = TokenLookup { hash: token_hash.to_string(), now: ms(now), reply };
-        match reader.send(lookup).await {
+        let owner = match reader.send(lookup).await {
             Ok(()) => match answer.await {
                 Ok(owner) => self.observe(owner),
                 // The reader stopped before answering (its runtime is shutting down): a read
@@ -621,10 +642,63 @@ impl Store {
             },
             // The reader's runtime is gone (a store carried into another runtime): read here.
             Err(_) => self.observe(self.backend.token_owner(token_hash, ms(now)).await),
+        }?;
+        if self.is_shared() {
+            self.keep_owner(token_hash, owner.as_ref());
         }
+        Ok(owner)
+    }
+
+    /// The owner of an unexpired session or token for a request whose one write carries the
+    /// fence returned with it (`enqueue_fenced`). On PostgreSQL, the owner this service read
+    /// at most `TOKEN_OWNER_KEPT` ago, with the fence: a busy service's every request read its
+    /// token, a round trip (~10 % of the CPU per message, all processes). Else `token_owner`'s
+    /// read, and no fence: on SQLite a read is a statement in this process, and saves nothing.
+    pub async fn token_owner_kept(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(TokenOwner, Option<AccessFence>)>> {
+        if self.is_shared() {
+            let kept = self.kept_owners.lock().unwrap_or_else(|p| p.into_inner()).get(token_hash).cloned();
+            if let Some((owner, read)) = kept
+                && read.elapsed() < TOKEN_OWNER_KEPT
+                && owner.expires_at.is_none_or(|end| end > now)
+            {
+                let fence = AccessFence {
+                    token_hash: token_hash.to_string(),
+                    role: owner.role.clone(),
+                    settings_version: owner.settings_version,
+                };
+                return Ok(Some((owner, Some(fence))));
+            }
+        }
+        Ok(self.token_owner(token_hash, now).await?.map(|owner| (owner, None)))
+    }
+
+    /// Keeps what a read of `token_hash` found (`token_owner_kept`), or forgets it.
+    fn keep_owner(&self, token_hash: &str, owner: Option<&TokenOwner>) {
+        let mut kept = self.kept_owners.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(owner) = owner else {
+            kept.remove(token_hash);
+            return;
+        };
+        if kept.len() >= TOKEN_OWNERS_KEPT_MAX && !kept.contains_key(token_hash) {
+            let mut ages: Vec<std::time::Instant> = kept.values().map(|(_, read)| *read).collect();
+            let (_, &mut median, _) = ages.select_nth_unstable(TOKEN_OWNERS_KEPT_MAX / 2);
+            kept.retain(|_, (_, read)| *read > median);
+        }
+        kept.insert(token_hash.to_string(), (owner.clone(), std::time::Instant::now()));
+    }
+
+    /// Forgets every kept token owner: after this service changed an account or a token, its
+    /// next requests read theirs (other services' fenced writes find the change themselves).
+    fn forget_owners(&self) {
+        self.kept_owners.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub async fn delete_token(&self, token_hash: &str) -> Result<()> {
+        self.forget_owners();
         self.observe(self.backend.delete_token(token_hash).await)
     }
 
@@ -650,6 +724,7 @@ impl Store {
 
     /// Revokes the API token with `id` (audited); `None` when there is none.
     pub async fn revoke_token(&self, id: &str, by: &str, now: DateTime<Utc>) -> Result<Option<TokenRow>> {
+        self.forget_owners();
         self.observe(self.backend.revoke_token(id, by, ms(now)).await)
     }
 
@@ -826,8 +901,21 @@ impl Store {
 
     /// `enqueue`, telling whether the message was handed over to this process's worker.
     pub async fn enqueue_here(&self, origin: Origin, message: OutgoingMessage, now: DateTime<Utc>) -> Result<Enqueued> {
+        self.enqueue_fenced(origin, message, now, None).await
+    }
+
+    /// `enqueue_here` for a request answered from a kept token owner (`token_owner_kept`): with
+    /// its `fence`, written only while the fence holds, in the statement that writes it (or the
+    /// transaction); else nothing is written and the error is `StoreError::Stale`.
+    pub async fn enqueue_fenced(
+        &self,
+        origin: Origin,
+        message: OutgoingMessage,
+        now: DateTime<Utc>,
+        fence: Option<AccessFence>,
+    ) -> Result<Enqueued> {
         let message = Box::new(message);
-        self.submit(|reply| Pending::Message { origin, message, now: ms(now), reply }).await
+        self.submit(|reply| Pending::Message { origin, message, now: ms(now), fence, reply }).await
     }
 
     /// Hands a write to the group committer and waits for its outcome.
@@ -880,7 +968,7 @@ impl Store {
         now: DateTime<Utc>,
         key: &str,
     ) -> Result<(i64, bool)> {
-        self.observe(self.backend.enqueue(origin, message, ms(now), Some(key)).await)
+        self.observe(self.backend.enqueue(origin, message, ms(now), Some(key), None).await)
     }
 
     /// Takes up to `limit` due messages under a lease for `owner`, urgent ones first (bulk ones

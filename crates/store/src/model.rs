@@ -476,6 +476,37 @@ pub struct TokenOwner {
     /// brought the token was on its way, without a read of its own.
     pub settings_version: i64,
     pub definitions: i64,
+    /// When a session (or a token with an end) stops being accepted.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// What a request answered from a kept token owner was authorized on
+/// (`Store::token_owner_kept`): the token, its owner's role and the relay settings version. The
+/// request's write goes in only while all three are unchanged, checked in the statement that
+/// writes it; else nothing is written and it fails with `StoreError::Stale`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessFence {
+    pub(crate) token_hash: String,
+    pub(crate) role: String,
+    pub(crate) settings_version: i64,
+}
+
+impl AccessFence {
+    /// The digest of the token the request came with: to read it again after `Stale`.
+    pub fn token_hash(&self) -> &str {
+        &self.token_hash
+    }
+}
+
+// Not derived: a token's digest identifies it (`panel admin token list` shows a prefix), and a
+// debug print of a request's state must not carry it into a log.
+impl std::fmt::Debug for AccessFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessFence")
+            .field("role", &self.role)
+            .field("settings_version", &self.settings_version)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

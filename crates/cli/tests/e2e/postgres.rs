@@ -160,6 +160,59 @@ fn mail_handed_over_at_its_enqueue_costs_the_worker_no_claim() {
     assert!(metric(&metrics, "panel_claims_total{found=\"some\"} ") > 0, "{metrics}");
 }
 
+/// A service sends one message on the owner of a token it read within the last minute, without
+/// reading the token again (on PostgreSQL a round trip for every message), and writes it only
+/// while the token, its role and the relay settings are as that read found them. Changed by
+/// another process (the CLI) while the owner is kept: new settings are taken at once (the next
+/// message goes out with them), and a revoked token is refused at once (401), nothing written.
+#[test]
+fn a_kept_token_owner_sends_only_while_its_access_is_unchanged() {
+    let Some(mut env) = Env::postgres() else { return };
+    let sink = panel_testlab::RecordingSink::start();
+    env.relay_on(sink.port, &[]);
+    let port = env.serve();
+    let token = env.api_token("hr", "operator");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let send = |subject: &str| {
+        let body = format!(r#"{{"to": ["a@example.org"], "subject": "{subject}", "text": "x"}}"#);
+        let (status, _, body) = http_with(port, "POST", "/api/v1/messages", &auth, &body);
+        (status, body)
+    };
+    let counted = |name: &str| metric(&http(port, "GET", "/metrics", "").1, name);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, body) = send(&format!("kept {i}"));
+        assert_eq!(status, 202, "{body}");
+        ids.push(serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap());
+    }
+    assert_eq!(counted("panel_token_checks_total{owner=\"kept\"} "), 2, "read once, then kept");
+
+    // New settings saved by another process: the kept owner's write finds them changed, and
+    // the message is sent with them.
+    env.ok(&["smtp", "set", "--from", "Changed <changed@example.org>"]);
+    let (status, body) = send("after the settings");
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap();
+    let m = env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    assert!(m["from"].as_str().unwrap().contains("changed@example.org"), "{m:#}");
+    assert_eq!(counted("panel_access_changes_total "), 1);
+
+    // The token revoked by another process: refused at the next message, nothing written.
+    let listed = env.ok(&["admin", "token", "list", "--json"]).json();
+    let hr = listed.as_array().unwrap().iter().find(|t| t["admin"] == "hr").expect("hr's token");
+    env.ok(&["admin", "token", "revoke", hr["id"].as_str().unwrap()]);
+    let (status, body) = send("after the revocation");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert_eq!(counted("panel_access_changes_total "), 2);
+    let (_, log) = http(port, "GET", "/api/v1/messages?limit=50", "");
+    let log: serde_json::Value = serde_json::from_str(&log).unwrap();
+    assert_eq!(log.as_array().unwrap().len(), 4, "the 3 and the one after the settings: {log:#}");
+    for id in ids {
+        env.wait_message(id, WAIT, |m| m["state"] == "delivered");
+    }
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(name)).map_or(0, |n| n.trim().parse().unwrap())
 }

@@ -212,6 +212,7 @@ impl SqlStore {
                 csrf: cell(r, "auth_tokens", "csrf")?,
                 settings_version: cell(r, "relay_settings", "settings_version")?,
                 definitions: cell(r, "generations", "definitions")?,
+                expires_at: expires_at.map(from_ms),
             };
             found.insert(hash, (owner, expires_at, last_used));
         }

@@ -112,6 +112,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (19, include_str!("../../migrations/sqlite/0019_run_lookups.sql")),
     (20, include_str!("../../migrations/sqlite/0020_partial_keys.sql")),
     (21, include_str!("../../migrations/sqlite/0021_budget_totals.sql")),
+    (22, include_str!("../../migrations/sqlite/0022_access_unchanged.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -136,6 +137,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (19, include_str!("../../migrations/postgres/0019_run_lookups.sql")),
     (20, include_str!("../../migrations/postgres/0020_partial_keys.sql")),
     (21, include_str!("../../migrations/postgres/0021_budget_totals.sql")),
+    (22, include_str!("../../migrations/postgres/0022_access_unchanged.sql")),
 ];
 
 /// The PostgreSQL notification channel that wakes idle workers on every service.

@@ -14,8 +14,10 @@ impl SqlStore {
         m: &OutgoingMessage,
         now: i64,
         key: Option<&str>,
+        fence: Option<&crate::AccessFence>,
     ) -> Result<(i64, bool)> {
         let mut tx = self.write().await?;
+        check_fences(&mut tx, fence.as_slice(), now).await?;
         let Some(id) = insert_message(&mut tx, origin, m, now, key, None).await? else {
             let (existing, content): (i64, String) =
                 sqlx::query_as("SELECT id, content FROM messages WHERE idempotency_key = $1")
@@ -49,14 +51,23 @@ impl SqlStore {
         let messages: Vec<NewMessage<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
-                crate::GroupJob::Message { origin, message, now } => {
+                crate::GroupJob::Message { origin, message, now, .. } => {
                     Some(NewMessage { origin: *origin, message, now: *now, run: None })
                 }
                 _ => None,
             })
             .collect();
+        // The fences of the messages sent on kept token owners: each holds, or nothing is written.
+        let mut fences: Vec<&crate::AccessFence> = Vec::new();
+        for job in jobs {
+            if let crate::GroupJob::Message { fence: Some(fence), .. } = job
+                && !fences.contains(fence)
+            {
+                fences.push(fence);
+            }
+        }
         if self.dialect == Dialect::Postgres
-            && let Some(done) = self.commit_without_transaction(jobs, &messages, held).await?
+            && let Some(done) = self.commit_without_transaction(jobs, &messages, &fences, held).await?
         {
             return Ok(done);
         }
@@ -73,6 +84,9 @@ impl SqlStore {
             0 => (self.write().await?, super::batch::Ids::default()),
             _ => self.write_with_ids().await?,
         };
+        if let Some(first) = messages.first() {
+            check_fences(&mut tx, &fences, first.now).await?;
+        }
         // The messages' and the events' rows go to the database together, after the events'
         // plans (which need the events' ids) made their runs.
         let mut inserts = super::batch::Writes::default();
@@ -166,15 +180,17 @@ impl SqlStore {
         &self,
         jobs: &[crate::GroupJob<'_>],
         messages: &[NewMessage<'_>],
+        fences: &[&crate::AccessFence],
         held: &mut Held,
     ) -> Result<Option<Vec<crate::GroupDone>>> {
         use crate::GroupJob;
         if messages.len() == jobs.len() {
             let ids = match held.get(&self.writer).await {
-                Ok(conn) => self.insert_in_one_statement(conn, messages).await,
+                Ok(conn) => self.insert_in_one_statement(conn, messages, fences).await,
                 Err(e) => Err(e),
             };
-            if ids.is_err() {
+            // A fence that did not hold is an answer, not a fault of the connection.
+            if ids.as_ref().is_err_and(|e| !matches!(e, crate::StoreError::Stale)) {
                 held.failed();
             }
             return Ok(ids?.map(|(ids, handed_over)| {
@@ -233,7 +249,8 @@ impl SqlStore {
         let messages: Vec<NewMessage<'_>> =
             items.iter().map(|(origin, message)| NewMessage { origin: *origin, message, now, run: None }).collect();
         if self.dialect == Dialect::Postgres
-            && let Some(inserted) = self.insert_in_one_statement(&mut *self.writer.acquire().await?, &messages).await?
+            && let Some(inserted) =
+                self.insert_in_one_statement(&mut *self.writer.acquire().await?, &messages, &[]).await?
         {
             return Ok(inserted);
         }
@@ -255,12 +272,18 @@ impl SqlStore {
         &self,
         conn: &mut sqlx::AnyConnection,
         messages: &[NewMessage<'_>],
+        fences: &[&crate::AccessFence],
     ) -> Result<Option<(Vec<i64>, bool)>> {
         if messages.is_empty() {
             return Ok(Some((Vec::new(), false)));
         }
         let numbers: Vec<i64> = (1..=messages.len() as i64).collect();
         let mut inserts = super::batch::Writes::default();
+        // The fences first, parts `part0` .. of the statement, each raising `Stale` when it does
+        // not hold; the rows the statement returns read them, so each is run.
+        for fence in fences {
+            inserts.statement(FENCE_SQL, 4, |row| bind_fence(row, fence, messages[0].now));
+        }
         // Room for them in this process's worker: inserted already claimed for it.
         let taker = self.hand_over(messages.len());
         let now = messages[0].now;
@@ -279,11 +302,12 @@ impl SqlStore {
         );
         // A claim reads the settings and secrets generations in its statement: so does this.
         let select = format!(
-            "SELECT new_ids.a[i] AS id{} FROM new_ids, generate_subscripts(new_ids.a, 1) AS i ORDER BY i",
+            "SELECT new_ids.a[i] AS id{}{} FROM new_ids, generate_subscripts(new_ids.a, 1) AS i ORDER BY i",
             match taker {
                 Some(_) => format!(", {}", super::settings::GENERATION_COLUMNS),
                 None => String::new(),
-            }
+            },
+            (0..fences.len()).map(|i| format!(", (SELECT held FROM part{i}) AS fence{i}")).collect::<String>()
         );
         let Some((sql, args)) = inserts.into_one_statement(&with, &select)? else {
             if taker.is_some() {
@@ -292,7 +316,7 @@ impl SqlStore {
             return Ok(None);
         };
         // Committed once this returns: no error after it (a group that fails is written again).
-        let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *conn).await?;
+        let rows = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *conn).await.map_err(stale_or)?;
         let ids = rows.iter().map(|row| cell(row, "messages", "id")).collect::<Result<Vec<i64>>>()?;
         debug_assert_eq!(ids.len(), messages.len());
         let mut handed_over = false;
@@ -777,6 +801,46 @@ fn handed_claim(m: &NewMessage<'_>, id: i64, seen: ConfigGeneration) -> Claim {
     }
 }
 
+/// A fence's check (migration 22): true, or it raises `FENCE_FAILED`.
+const FENCE_SQL: &str = "SELECT panel_access_unchanged(?1, ?2, ?3, ?4) AS held";
+
+/// The SQLSTATE `panel_access_unchanged` raises when a fence does not hold.
+const FENCE_FAILED: &str = "PN001";
+
+fn bind_fence(row: &mut super::batch::Row<'_>, fence: &crate::AccessFence, now: i64) {
+    row.bind(fence.token_hash.clone()).bind(fence.role.clone()).bind(fence.settings_version).bind(now);
+}
+
+/// `StoreError::Stale` for a fence that did not hold; any other error as it is.
+fn stale_or(e: sqlx::Error) -> crate::StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some(FENCE_FAILED) => crate::StoreError::Stale,
+        _ => e.into(),
+    }
+}
+
+/// Checks `fences` in `tx`, before its writes: `Stale` when one does not hold, and the caller
+/// rolls back. On SQLite no token owner is kept, so none is ever given: one would fail closed.
+async fn check_fences(tx: &mut Tx, fences: &[&crate::AccessFence], now: i64) -> Result<()> {
+    if fences.is_empty() {
+        return Ok(());
+    }
+    if tx.dialect == Dialect::Sqlite {
+        return Err(crate::StoreError::Stale);
+    }
+    // One statement for all (not `WITH` parts: a part nothing reads is not run).
+    let sql = (0..fences.len())
+        .map(|i| format!("panel_access_unchanged(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {sql}")));
+    for fence in fences {
+        query = query.bind(fence.token_hash.clone()).bind(fence.role.clone()).bind(fence.settings_version).bind(now);
+    }
+    query.execute(&mut **tx).await.map_err(stale_or)?;
+    Ok(())
+}
+
 /// An id taken inside the statement (`insert_in_one_statement`): the `?1`th of `new_ids`.
 const NUMBERED_ID: &str = "(SELECT new_ids.a[CAST(?1 AS INTEGER)] FROM new_ids)";
 
@@ -1209,7 +1273,7 @@ mod tests {
         let send = |route| GroupJob::Reserve { now, route, recipients: 1, per_minute: Some(2), per_day: Some(100) };
         let jobs = [
             send("primary"),
-            GroupJob::Message { origin: Origin::Dispatch, message: &message, now },
+            GroupJob::Message { origin: Origin::Dispatch, message: &message, now, fence: None },
             send("primary"),
             send("standby"),
             send("primary"),

@@ -153,7 +153,96 @@ async fn concurrent_token_lookups_each_get_their_own_owner_as_of_their_own_time(
     }
 }
 
+/// A token's owner, once read, is kept for a request that sends one message (PostgreSQL; SQLite
+/// reads every time): its write carries the fence and goes in only while the token, the role and
+/// the settings are as read. Each changed by another service (another pool), with this one's
+/// owner still kept, stops the next write, which writes nothing; a fresh read keeps the change.
+async fn a_message_sent_on_a_kept_token_owner_is_written_only_while_its_access_is_unchanged(b: &Backend) {
+    use crate::common::message;
+    use panel_domain::Origin;
+    use panel_store::StoreError;
+    let (s, other) = (&b.store, Store::open(&b.url).await.unwrap());
+    let now = Utc::now();
+    s.put_admin("ann", "operator", "$argon2id$x", false, "test", now).await.unwrap();
+    let (token, session) = ("d".repeat(64), "e".repeat(64));
+    s.add_token(&token, "token", "ann", "hr-sync", None, None, now).await.unwrap();
+    s.add_token(&session, "session", "ann", "web", Some("csrf"), Some(now + Duration::minutes(5)), now).await.unwrap();
+    let queued = || async { s.queue_stats(Utc::now()).await.unwrap().queued };
+    let send = |fence| s.enqueue_fenced(Origin::MailTester, message("kept"), Utc::now(), fence);
+    // Read once; then kept (PostgreSQL), with the fence its write carries.
+    assert_eq!(s.token_owner(&token, now).await.unwrap().unwrap().role, "operator");
+    let (owner, fence) = s.token_owner_kept(&token, now).await.unwrap().unwrap();
+    assert_eq!((owner.admin.as_str(), fence.is_some()), ("ann", s.is_shared()), "kept on PostgreSQL only");
+    let Some(fence) = fence else { return };
+    assert!(!format!("{fence:?}").contains(&token), "a debug print does not carry the token's digest");
+    send(Some(fence.clone())).await.unwrap();
+    assert_eq!(queued().await, 1);
+
+    // The settings saved by another service: the kept owner is still served (no read), and its
+    // write is refused, nothing written; a read shows the new version and is kept.
+    let doc = panel_domain::SettingsDoc { host: Some("relay.example.org".into()), ..Default::default() };
+    assert_eq!(other.save_settings(0, &doc, "t", now, &[]).await.unwrap(), 1);
+    let (_, still) = s.token_owner_kept(&token, now).await.unwrap().unwrap();
+    assert_eq!(still.as_ref(), Some(&fence), "kept: the change is found by the write");
+    assert!(matches!(send(still).await, Err(StoreError::Stale)));
+    assert_eq!(queued().await, 1, "nothing written");
+    assert_eq!(s.token_owner(&token, now).await.unwrap().unwrap().settings_version, 1);
+    let fence = s.token_owner_kept(&token, now).await.unwrap().unwrap().1.expect("kept again");
+    send(Some(fence.clone())).await.unwrap();
+    assert_eq!(queued().await, 2);
+
+    // The role lowered in place (Panel's own account changes end the account's tokens too,
+    // below): refused while kept.
+    let db = sqlx::PgPool::connect(&b.url).await.unwrap();
+    sqlx::query("UPDATE admins SET role = 'viewer' WHERE name = 'ann'").execute(&db).await.unwrap();
+    assert!(matches!(send(Some(fence.clone())).await, Err(StoreError::Stale)));
+    assert_eq!(s.token_owner(&token, now).await.unwrap().unwrap().role, "viewer");
+    assert_eq!(s.token_owner_kept(&token, now).await.unwrap().unwrap().0.role, "viewer", "what a read found is kept");
+    sqlx::query("UPDATE admins SET role = 'operator' WHERE name = 'ann'").execute(&db).await.unwrap();
+    db.close().await;
+    assert_eq!(s.token_owner(&token, now).await.unwrap().unwrap().role, "operator");
+    let fence = s.token_owner_kept(&token, now).await.unwrap().unwrap().1.expect("kept");
+
+    // A session past its end: not served from memory, and its fence refused by the database.
+    let (_, session_fence) = s.token_owner_kept(&session, now).await.unwrap().unwrap();
+    assert!(session_fence.is_none(), "read, not kept yet");
+    let session_fence = s.token_owner_kept(&session, now).await.unwrap().unwrap().1.expect("kept");
+    assert!(s.token_owner_kept(&session, now + Duration::minutes(6)).await.unwrap().is_none(), "ended");
+    let late = s.enqueue_fenced(Origin::MailTester, message("late"), now + Duration::minutes(6), Some(session_fence));
+    assert!(matches!(late.await, Err(StoreError::Stale)));
+
+    // The token revoked by another service, among concurrent sends in one group: only the
+    // revoked token's send is refused; the others are written.
+    s.add_token(&"f".repeat(64), "token", "ann", "other", None, None, now).await.unwrap();
+    assert!(s.token_owner(&"f".repeat(64), now).await.unwrap().is_some());
+    let kept_other = s.token_owner_kept(&"f".repeat(64), now).await.unwrap().unwrap().1.expect("kept");
+    assert_eq!(other.revoke_token(&token[..12], "root", now).await.unwrap().map(|t| t.admin), Some("ann".into()));
+    let before = queued().await;
+    let sends: Vec<_> = (0..12)
+        .map(|i| {
+            let (s, fence) = (s.clone(), if i == 5 { fence.clone() } else { kept_other.clone() });
+            tokio::spawn(async move {
+                s.enqueue_fenced(Origin::MailTester, message("group"), Utc::now(), Some(fence)).await
+            })
+        })
+        .collect();
+    for (i, send) in sends.into_iter().enumerate() {
+        let outcome = send.await.unwrap();
+        assert_eq!(matches!(outcome, Err(StoreError::Stale)), i == 5, "send {i}: {outcome:?}");
+    }
+    assert_eq!(queued().await, before + 11);
+    assert!(s.token_owner(&token, now).await.unwrap().is_none(), "revoked");
+    assert!(s.token_owner_kept(&token, now).await.unwrap().is_none(), "and forgotten once read");
+
+    // The account changed by another service (a new role and password end its tokens).
+    other.put_admin("ann", "viewer", "$argon2id$y", true, "root", now).await.unwrap();
+    let late = s.enqueue_fenced(Origin::MailTester, message("late"), Utc::now(), Some(kept_other));
+    assert!(matches!(late.await, Err(StoreError::Stale)));
+    assert_eq!(queued().await, before + 11);
+}
+
 contract!(
+    a_message_sent_on_a_kept_token_owner_is_written_only_while_its_access_is_unchanged,
     concurrent_token_lookups_each_get_their_own_owner_as_of_their_own_time,
     parallel_sign_ins_from_two_services_reserve_at_most_the_limit,
     api_tokens_are_listed_and_revoked_by_id,
