@@ -279,10 +279,11 @@ impl SqlStore {
         }
         let numbers: Vec<i64> = (1..=messages.len() as i64).collect();
         let mut inserts = super::batch::Writes::default();
-        // The fences first, parts `part0` .. of the statement, each raising `Stale` when it does
-        // not hold; the rows the statement returns read them, so each is run.
-        for fence in fences {
-            inserts.statement(FENCE_SQL, 4, |row| bind_fence(row, fence, messages[0].now));
+        // The fences first, the statement's `part0`, raising `Stale` when one does not hold; the
+        // rows the statement returns read it, so it is run.
+        if !fences.is_empty() {
+            let now = messages[0].now;
+            inserts.statement(&fences_sql(fences.len()), 4 * fences.len(), |row| bind_fences(row, fences, now));
         }
         // Room for them in this process's worker: inserted already claimed for it.
         let taker = self.hand_over(messages.len());
@@ -307,7 +308,7 @@ impl SqlStore {
                 Some(_) => format!(", {}", super::settings::GENERATION_COLUMNS),
                 None => String::new(),
             },
-            (0..fences.len()).map(|i| format!(", (SELECT held FROM part{i}) AS fence{i}")).collect::<String>()
+            if fences.is_empty() { "" } else { ", (SELECT held FROM part0) AS fenced" }
         );
         let Some((sql, args)) = inserts.into_one_statement(&with, &select)? else {
             if taker.is_some() {
@@ -801,14 +802,21 @@ fn handed_claim(m: &NewMessage<'_>, id: i64, seen: ConfigGeneration) -> Claim {
     }
 }
 
-/// A fence's check (migration 22): true, or it raises `FENCE_FAILED`.
-const FENCE_SQL: &str = "SELECT panel_access_unchanged(?1, ?2, ?3, ?4) AS held";
+/// The check of `n` fences (migration 22), its values `?1` .. `?{4 n}` (`bind_fences`): true, or
+/// it raises `FENCE_FAILED`.
+fn fences_sql(n: usize) -> String {
+    let checks = super::values_template(n, 4, "(panel_access_unchanged(?1, ?2, ?3, ?4))");
+    format!("SELECT bool_and(held) AS held FROM (VALUES {checks}) AS f (held)")
+}
 
 /// The SQLSTATE `panel_access_unchanged` raises when a fence does not hold.
 const FENCE_FAILED: &str = "PN001";
 
-fn bind_fence(row: &mut super::batch::Row<'_>, fence: &crate::AccessFence, now: i64) {
-    row.bind(fence.token_hash.clone()).bind(fence.role.clone()).bind(fence.settings_version).bind(now);
+/// Binds each fence's four values, in `fences_sql`'s order.
+fn bind_fences(row: &mut super::batch::Row<'_>, fences: &[&crate::AccessFence], now: i64) {
+    for fence in fences {
+        row.bind(fence.token_hash.clone()).bind(fence.role.clone()).bind(fence.settings_version).bind(now);
+    }
 }
 
 /// `StoreError::Stale` for a fence that did not hold; any other error as it is.
@@ -829,16 +837,12 @@ async fn check_fences(tx: &mut Tx, fences: &[&crate::AccessFence], now: i64) -> 
         return Err(crate::StoreError::Stale);
     }
     // One statement for all (not `WITH` parts: a part nothing reads is not run).
-    let sql = (0..fences.len())
-        .map(|i| format!("panel_access_unchanged(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {sql}")));
-    for fence in fences {
-        query = query.bind(fence.token_hash.clone()).bind(fence.role.clone()).bind(fence.settings_version).bind(now);
-    }
-    query.execute(&mut **tx).await.map_err(stale_or)?;
-    Ok(())
+    let mut check = super::batch::Writes::default();
+    check.statement(&fences_sql(fences.len()), 4 * fences.len(), |row| bind_fences(row, fences, now));
+    check.execute(tx).await.map_err(|e| match e {
+        crate::StoreError::Database(e) => stale_or(e),
+        e => e,
+    })
 }
 
 /// An id taken inside the statement (`insert_in_one_statement`): the `?1`th of `new_ids`.
