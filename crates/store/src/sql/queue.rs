@@ -1084,11 +1084,9 @@ async fn record_in(tx: &mut Tx, batch: &[(ClaimRef, AttemptMeta, Settlement)]) -
 /// A recipient's new state and the reply that gave it.
 type Outcome<'a> = (&'a str, Option<&'a str>);
 
-/// The messages' new states, each only while its claim is still the current one: an UPDATE
-/// returning `(id, claim_token)` of each message it recorded, its values `?1` .. `?{8 *
-/// batch.len()}` as `bind_message_states` binds them.
-/// The statement that records the outcomes of `attempts` claimed messages, its values bound by
-/// `bind_message_states`.
+/// The new states of `attempts` messages, each only while its claim is still the current one:
+/// an UPDATE returning `(id, claim_token)` of each message it recorded, its values `?1` ..
+/// `?{8 * attempts}` as `bind_message_states` binds them.
 fn update_messages(attempts: usize) -> String {
     let rows = values_template(
         attempts,
