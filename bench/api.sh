@@ -8,88 +8,15 @@
 # python3, and PostgreSQL on 127.0.0.1:5432 (as in CI).
 N=${1:-3000}
 RUNS=${2:-3}
-PG=${PANEL_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
-source "$(dirname "$0")/common.sh"
-cargo build --release -q -p panel --example apiload
-APILOAD=$PWD/target/release/examples/apiload
-start_sink
+source "$(dirname "$0")/api-lib.sh"
 # The durable peer: a private Postfix that queues each message with fsync and relays it to the sink.
 start_lab relay "$SINK"
-
-median() { python3 -c 'import sys, statistics; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 postfix_peer() { # smtp-source, 8 sessions, into Postfix, until its queue is empty again
   local s e; s=$(date +%s.%N)
   /usr/sbin/smtp-source -s 8 -m "$N" -l 1024 -f panel@example.org -t bulk@relay.test "127.0.0.1:$LAB_PLAIN"
   until postqueue -c "$LAB_CONF" -p | grep -q "Mail queue is empty"; do sleep 0.05; done
   e=$(date +%s.%N); python3 -c "print(f'{$N/($e-$s):.0f}')"
-}
-
-# Waits until /metrics on PORT counts COUNT delivered messages; prints COUNT / (now - START).
-drained() { # port count start
-  python3 - "$@" <<'PY'
-import re, sys, time, urllib.request
-port, count, start = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-while True:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    m = re.search(r'^panel_messages\{state="delivered"\} (\d+)', text, re.M)
-    if m and int(m.group(1)) >= count:
-        print(f"{count / (time.time() - start):.0f}")
-        break
-    time.sleep(0.02)
-PY
-}
-
-# A Panel Service (and SERVICES-1 workers) on URL, relaying to the sink; sets PORT and TOKEN.
-start_panel() { # url services dir
-  local url=$1 services=$2 dir=$3
-  export PANEL_DATA_DIR=$dir PANEL_DATABASE_URL=$url
-  $PANEL smtp set --host 127.0.0.1 --port "$SINK" --security none --from panel@example.org \
-    --fallback-recipient ops@example.org > /dev/null
-  printf 'bench-password-123' | $PANEL admin create bench --role admin --password-stdin > /dev/null
-  TOKEN=$($PANEL admin token bench)
-  PORT=$(free_port)
-  # Their stdout is not the caller's: a figure is read from it.
-  $PANEL serve --listen "127.0.0.1:$PORT" --concurrency 16 > /dev/null 2> "$dir/serve.log" &
-  for i in $(seq 2 "$services"); do $PANEL worker --concurrency 16 > /dev/null 2> "$dir/worker-$i.log" & done
-  until python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/readyz')" 2>/dev/null; do sleep 0.1; done
-  sleep 0.5
-}
-
-fresh_pg() {
-  local name=panel_bench_$RANDOM$RANDOM
-  psql "$PG" -qc "CREATE DATABASE $name" > /dev/null
-  echo "${PG%/*}/$name"
-}
-
-panel_api() { # kind sqlite|pg services
-  local kind=$1 url=$2 services=$3 dir=$WORK/run-$RANDOM$RANDOM s
-  mkdir -p "$dir"
-  if [ "$url" = sqlite ]; then url="sqlite://$dir/panel.db"; else url=$(fresh_pg); fi
-  start_panel "$url" "$services" "$dir"
-  if [ "$kind" = limited ]; then
-    # Sending limits on but never reached: what taking each send from the shared budget costs.
-    $PANEL smtp set --messages-per-minute 100000 --recipients-per-day 10000000 > /dev/null
-  fi
-  if [ "$kind" = event ]; then
-    printf 'Hello {{ object.login }}: %s\n' "$(head -c 600 /dev/zero | tr '\0' 'x')" > "$dir/t.txt"
-    $PANEL template set welcome --subject "Welcome {{ object.login }}" --text-file "$dir/t.txt" > /dev/null
-    echo '{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]}' > "$dir/wf.json"
-    $PANEL workflow create --file "$dir/wf.json" > /dev/null
-  fi
-  # Each row starts with nothing of an earlier row's left to write back to the disk.
-  sync
-  s=$(date +%s.%N)
-  $APILOAD "$PORT" "$TOKEN" "$N" 8 "${kind/limited/single}" > "$dir/latency"
-  drained "$PORT" "$N" "$s"
-  pkill -f "listen 127.0.0.1:$PORT" || true
-  [ "$services" -gt 1 ] && pkill -f "$PANEL worker" || true
-  wait 2>/dev/null || true
-  # A database made for this run goes with it: its files before the kernel writes them back
-  # during a later row's run.
-  if [ "${url#postgres}" != "$url" ]; then psql "$PG" -qc "DROP DATABASE IF EXISTS ${url##*/} WITH (FORCE)"; fi
-  rm -rf "$dir"
 }
 
 declare -A R
