@@ -17,6 +17,7 @@ case $ROW in
   pg) KIND=single DB=pg SERVICES=3 ;;
   *) echo "unknown row $ROW: single, limited, bulk, event or pg" >&2; exit 2 ;;
 esac
+[ -x "$BASE" ] || { echo "BASELINE_PANEL $BASE is not an executable panel build" >&2; exit 2; }
 BASE=$(realpath "$BASE")
 source "$(dirname "$0")/api-lib.sh"
 export PANEL_API_CPU=1
