@@ -16,6 +16,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// The master key file [default: DATA_DIR/master.key].
     pub master_key_file: Option<PathBuf>,
+    /// Threads that run a service's async work (`serve::runtime_threads`).
+    pub threads: Option<usize>,
     #[serde(default)]
     pub worker: WorkerSection,
     #[serde(default)]
@@ -121,6 +123,7 @@ impl FileConfig {
             log_level,
             log_format,
             master_key_file,
+            threads,
             worker,
             license: _,
             http,
@@ -140,6 +143,7 @@ impl FileConfig {
         compare("log_level", *log_level != now.log_level);
         compare("log_format", *log_format != now.log_format);
         compare("master_key_file", *master_key_file != now.master_key_file);
+        compare("threads", *threads != now.threads);
         compare("[worker]", *worker != now.worker);
         compare("[http]", *http != now.http);
         compare("[web]", *web != now.web);
@@ -163,5 +167,8 @@ mod tests {
         let moved: FileConfig = toml::from_str("listen = \"0.0.0.0:8025\"\n[worker]\nlease = \"4s\"\n").unwrap();
         assert_eq!(FileConfig::restart_needed(&started, &moved), ["listen", "[worker]"]);
         assert!(FileConfig::restart_needed(&started, &started.clone()).is_empty());
+        let threads: FileConfig =
+            toml::from_str("threads = 1\nlisten = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n").unwrap();
+        assert_eq!(FileConfig::restart_needed(&started, &threads), ["threads"]);
     }
 }

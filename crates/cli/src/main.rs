@@ -220,13 +220,39 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(Failed(code, message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(code)
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // A service's threads are decided before its runtime starts: from its configuration, read
+    // here (once; `run` takes it as read).
+    let resolved = match &cli.command {
+        Command::Serve { worker, .. } | Command::Worker { worker } => {
+            let threads = resolve(&cli).and_then(|mut resolved| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                resolved.threads = Some(serve::runtime_threads(worker, &resolved.file, cores)?);
+                Ok(resolved)
+            });
+            match threads {
+                Ok(resolved) => Some(resolved),
+                Err(failed) => return failed.exit(),
+            }
         }
+        _ => None,
+    };
+    if let Some((threads, _)) = resolved.as_ref().and_then(|r| r.threads.as_ref()) {
+        builder.worker_threads(*threads);
+    }
+    let runtime = builder.enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli, resolved)) {
+        Ok(code) => code,
+        Err(failed) => failed.exit(),
+    }
+}
+
+impl Failed {
+    /// Says why on stderr; the exit code.
+    fn exit(self) -> ExitCode {
+        let Failed(code, message) = self;
+        eprintln!("error: {message}");
+        ExitCode::from(code)
     }
 }
 
@@ -239,6 +265,8 @@ struct Resolved {
     config: serve::ConfigSource,
     /// Permissions tightened on an existing data directory, to log once logging runs.
     tightened: Vec<String>,
+    /// A service's runtime threads and why that many (`serve::runtime_threads`), to log.
+    threads: Option<(usize, String)>,
 }
 
 /// Makes the data directory 0700 and the SQLite files in it 0600 when they are looser (an
@@ -319,7 +347,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, Failed> {
         .clone()
         .or_else(|| file.master_key_file.clone())
         .unwrap_or_else(|| data_dir.join("master.key"));
-    Ok(Resolved { database_url, master_key_file, file, config, tightened })
+    Ok(Resolved { database_url, master_key_file, file, config, tightened, threads: None })
 }
 
 /// What an admin running a command in the wrong place must be told: the database this command
@@ -403,13 +431,17 @@ impl<W: std::fmt::Write> std::fmt::Write for Escaped<'_, W> {
     }
 }
 
-async fn run(cli: Cli) -> CmdResult {
+/// Runs the command; a service's configuration comes `resolved` already (`main`).
+async fn run(cli: Cli, resolved: Option<Resolved>) -> CmdResult {
     if let Command::License(cmd) = &cli.command
         && let Some(result) = trust::offline(cmd)
     {
         return result;
     }
-    let resolved = resolve(&cli)?;
+    let resolved = match resolved {
+        Some(resolved) => resolved,
+        None => resolve(&cli)?,
+    };
     let log_level = cli.log_level.clone().or_else(|| resolved.file.log_level.clone());
     let is_service = matches!(cli.command, Command::Serve { .. } | Command::Worker { .. });
     let log_format = cli.log_format.clone().or_else(|| resolved.file.log_format.clone());
@@ -419,6 +451,9 @@ async fn run(cli: Cli) -> CmdResult {
     )?;
     for change in &resolved.tightened {
         tracing::warn!("data directory permissions: {change}");
+    }
+    if let Some((threads, why)) = &resolved.threads {
+        tracing::info!(threads, "runtime threads: {threads} ({why})");
     }
     let secrets = SecretsConfig {
         authorities: trust::authorities(&resolved.file.license.authorities)?,

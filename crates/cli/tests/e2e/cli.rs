@@ -138,6 +138,35 @@ fn bad_http_limits_in_the_config_file_stop_serve_with_the_key_named() {
 }
 
 #[test]
+fn services_run_on_the_threads_asked_for_and_refuse_a_count_out_of_range() {
+    let mut env = configured();
+    let config = std::fs::read_to_string(env.path().join("panel.toml")).unwrap();
+    // Out of range, from the file and from the flag: refused before anything starts.
+    env.write("panel.toml", &format!("threads = 0\n{config}"));
+    let r = env.panel(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("threads 0 is out of range; use 1-1024"), "{}", r.stderr);
+    env.write("panel.toml", &config);
+    let r = env.panel(&["worker", "--threads", "1025"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("threads 1025 is out of range"), "{}", r.stderr);
+    assert_eq!(env.ok(&["services", "list", "--json"]).json(), serde_json::json!([]), "nothing started");
+
+    // Unset: one per core, said at start; set: as many as asked, and the service serves.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    env.serve();
+    assert!(env.service_logs().contains(&format!("runtime threads: {cores} (one per core)")), "{}", env.service_logs());
+    env.write("panel.toml", &format!("threads = 3\n{config}"));
+    let port = env.serve_with(&["--threads", "1"]);
+    let logs = env.service_logs();
+    assert!(logs.contains("runtime threads: 1 (as configured)"), "the flag over the file: {logs}");
+    assert_eq!(http(port, "GET", "/readyz", "").0, 200);
+    assert_eq!(http(port, "GET", "/api/v1/queue", "").0, 200);
+    env.spawn(&["worker"]);
+    assert!(env.service_logs().contains("runtime threads: 3 (as configured)"), "{}", env.service_logs());
+}
+
+#[test]
 fn api_tokens_are_listed_revoked_at_once_and_ended_by_a_new_password() {
     let mut env = configured();
     let port = env.serve();
