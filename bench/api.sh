@@ -29,6 +29,10 @@ for run in $(seq "$RUNS"); do
   fi
   R[limited]+=" $(panel_api limited sqlite 1)"
   R[bulk]+=" $(panel_api bulk sqlite 1)"
+  # The services' threads (docs/configuration.md, Threads): one per core, where SQLite's
+  # default is one less.
+  R[single_cores]+=" $(PANEL_THREADS=$(nproc) panel_api single sqlite 1)"
+  R[bulk_cores]+=" $(PANEL_THREADS=$(nproc) panel_api bulk sqlite 1)"
   R[event]+=" $(panel_api event sqlite 1)"
   R[pg]+=" $(panel_api single pg 3)"
 done
@@ -49,7 +53,7 @@ PEER=$(median ${R[peer]})
 ratio() { python3 -c "print(f'{$1/$PEER:.2f}x')"; }
 printf '\n%-92s %8s %8s\n' "path (N = $N messages of ~1 KB, median of $RUNS interleaved rounds)" "msg/s" "ratio"
 printf '%-92s %8s %8s   rounds:%s\n' "durable peer: smtp-source -s 8 -> private Postfix (fsync'd queue) -> smtp-sink" "$PEER" "1.00x" "${R[peer]}"
-for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
+for k in ${BASELINE_PANEL:+base} single limited bulk event pg single_cores bulk_cores; do
   case $k in
     base) label="baseline build ($BASELINE_PANEL): 8 clients, POST /api/v1/messages -> SQLite" ;;
     single) label="Panel: 8 clients, POST /api/v1/messages (each 202 durable) -> panel serve (SQLite) -> smtp-sink" ;;
@@ -57,19 +61,23 @@ for k in ${BASELINE_PANEL:+base} single limited bulk event pg; do
     bulk) label="Panel: 8 clients, POST /api/v1/messages/bulk, 100 per request" ;;
     event) label="Panel: 8 clients, POST /api/v1/events -> a matching workflow -> one message each" ;;
     pg) label="Panel: 8 clients, POST /api/v1/messages -> PostgreSQL, 1 serve + 2 workers" ;;
+    single_cores) label="single messages as above, panel serve --threads $(nproc) (one per core; default one less)" ;;
+    bulk_cores) label="bulk as above, panel serve --threads $(nproc)" ;;
   esac
   v=$(median ${R[$k]})
   printf '%-92s %8s %8s   rounds:%s\n' "$label" "$v" "$(ratio "$v")" "${R[$k]}"
 done
 # The machine's speed drifts between rounds: each round's rows against its own single row.
-per_round() { # row
+per_round() { # row [against, default single]
   python3 -c 'import sys, statistics
 a, b = sys.argv[1].split(), sys.argv[2].split()
 r = [100 * float(x) / float(y) for x, y in zip(a, b)]
-print(f"median {statistics.median(r):.0f} %   rounds: " + " ".join(f"{x:.0f}" for x in r))' "${R[$1]}" "${R[single]}"
+print(f"median {statistics.median(r):.0f} %   rounds: " + " ".join(f"{x:.0f}" for x in r))' "${R[$1]}" "${R[${2:-single}]}"
 }
 printf '\nAgainst the single row of the same round: events %s\n' "$(per_round event)"
 printf '%43s%s %s\n' '' 'PostgreSQL' "$(per_round pg)"
+printf '%43s%s %s\n' '' 'single, one thread per core' "$(per_round single_cores)"
+printf 'Against the bulk row of the same round: bulk, one thread per core %s\n' "$(per_round bulk_cores bulk)"
 printf '\nUrgent mail behind bulk: 10,000 bulk messages queued for a relay taking 500 msg/s, then 20 Test Messages\n'
 printf '  enqueue -> relay 250: median %s ms, worst of %s %s ms; bulk messages still queued after the 20: %s\n' \
   "$URGENT_MED" 20 "$URGENT_WORST" "$LEFT"

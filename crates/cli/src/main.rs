@@ -227,7 +227,8 @@ fn main() -> ExitCode {
         Command::Serve { worker, .. } | Command::Worker { worker } => {
             let threads = resolve(&cli).and_then(|mut resolved| {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                resolved.threads = Some(serve::runtime_threads(worker, &resolved.file, cores)?);
+                let sqlite = resolved.database_url.starts_with("sqlite:");
+                resolved.threads = Some(serve::runtime_threads(worker, &resolved.file, cores, sqlite)?);
                 Ok(resolved)
             });
             match threads {

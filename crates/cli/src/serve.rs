@@ -23,7 +23,8 @@ pub(crate) struct WorkerArgs {
     /// Messages delivered at once [default: 4]
     #[arg(long, env = "PANEL_WORKER_CONCURRENCY")]
     concurrency: Option<usize>,
-    /// Threads that run the service's work: web server, worker, scheduler [default: one per core]
+    /// Threads that run the service's work: web server, worker, scheduler [default: one per
+    /// core, less one with SQLite; at least 1]
     #[arg(long, env = "PANEL_THREADS")]
     threads: Option<usize>,
 }
@@ -33,19 +34,28 @@ pub(crate) struct WorkerArgs {
 const MOST_THREADS: usize = 1024;
 
 /// How many threads run a service's async work, and why that many (for the start-up log):
-/// `--threads`, `PANEL_THREADS` or the file's `threads`, else one per core of `cores`. Fewer
-/// can be faster on a small machine: measured on 2 cores with SQLite (whose writer has a thread
-/// of its own besides these), one thread delivered ~11 % more single API messages and ~10 %
-/// more events per second, each for less CPU, and ~13 % fewer messages sent by the bulk API,
-/// whose requests (100 messages to parse each) then wait for one thread. Not the default, so
-/// that no kind of sending gets slower unasked (docs/configuration.md).
-pub(crate) fn runtime_threads(args: &WorkerArgs, file: &FileConfig, cores: usize) -> Result<(usize, String), Failed> {
+/// `--threads`, `PANEL_THREADS` or the file's `threads`; else one per core of `cores`, less
+/// one with SQLite, whose writer runs every write on a thread of its own besides these. With
+/// one per core there, they and the writer took turns on the cores and a message's request,
+/// commit and delivery moved from thread to thread: on 2 cores one thread made ~6 context
+/// switches per message ~4, and delivered 4-18 % more single API messages per second and 2-19 %
+/// more events, for 12-17 % and 9-14 % less CPU each, the bulk API within its noise (README,
+/// Performance). PostgreSQL's work runs in its own processes, usually on another machine: one
+/// per core.
+pub(crate) fn runtime_threads(
+    args: &WorkerArgs,
+    file: &FileConfig,
+    cores: usize,
+    sqlite: bool,
+) -> Result<(usize, String), Failed> {
+    let cores = cores.max(1);
     match args.threads.or(file.threads) {
         Some(n) if !(1..=MOST_THREADS).contains(&n) => Err(bad_input(format!(
-            "threads {n} is out of range; use 1-{MOST_THREADS}, or leave it unset for one per core"
+            "threads {n} is out of range; use 1-{MOST_THREADS}, or leave it unset for one per core (less one with SQLite)"
         ))),
         Some(n) => Ok((n, "as configured".into())),
-        None => Ok((cores.max(1), "one per core".into())),
+        None if sqlite => Ok(((cores - 1).max(1), format!("{cores} cores, less one for SQLite's writer"))),
+        None => Ok((cores, "one per core".into())),
     }
 }
 

@@ -44,6 +44,10 @@ fn a_test_message_on_postgres_is_delivered_and_the_schema_is_reported_current() 
     assert!(r.stdout.contains("migrations are current") && r.stdout.contains("postgres://"), "{}", r.stdout);
     env.configure(&lab, lab.plain_port, "none", &[]);
     let port = env.serve();
+    // PostgreSQL's work runs in its own processes: a thread per core here (SQLite takes one less).
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = format!("runtime threads: {cores} (one per core)");
+    assert!(env.service_logs().contains(&threads), "{threads}: {}", env.service_logs());
     let (status, body) = http(port, "GET", "/readyz", "");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"schema_version\""), "{body}");
