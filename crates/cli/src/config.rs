@@ -167,8 +167,5 @@ mod tests {
         let moved: FileConfig = toml::from_str("listen = \"0.0.0.0:8025\"\n[worker]\nlease = \"4s\"\n").unwrap();
         assert_eq!(FileConfig::restart_needed(&started, &moved), ["listen", "[worker]"]);
         assert!(FileConfig::restart_needed(&started, &started.clone()).is_empty());
-        let threads: FileConfig =
-            toml::from_str("threads = 1\nlisten = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n").unwrap();
-        assert_eq!(FileConfig::restart_needed(&started, &threads), ["threads"]);
     }
 }
