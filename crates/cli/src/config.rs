@@ -152,20 +152,3 @@ impl FileConfig {
         changed
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_license_section_applies_without_a_restart() {
-        let started: FileConfig = toml::from_str("listen = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n").unwrap();
-        let authorities: FileConfig =
-            toml::from_str("listen = \"127.0.0.1:8025\"\n[worker]\nlease = \"3s\"\n[license]\nauthorities = [\"x\"]\n")
-                .unwrap();
-        assert!(FileConfig::restart_needed(&started, &authorities).is_empty());
-        let moved: FileConfig = toml::from_str("listen = \"0.0.0.0:8025\"\n[worker]\nlease = \"4s\"\n").unwrap();
-        assert_eq!(FileConfig::restart_needed(&started, &moved), ["listen", "[worker]"]);
-        assert!(FileConfig::restart_needed(&started, &started.clone()).is_empty());
-    }
-}
