@@ -307,4 +307,10 @@ fn a_changed_config_file_is_noticed_authorities_apply_at_once_and_the_rest_asks_
     env.signal(service["pid"].as_u64().unwrap() as u32, "HUP");
     wait_service(&env, "the fixed file is read again", |s| s["config_note"].is_null());
     assert!(env.service_logs().contains("SIGHUP: re-reading the config file"), "{}", env.service_logs());
+
+    // The service's threads are its runtime's, made at start: a change waits for a restart too.
+    env.write("panel.toml", &format!("threads = 3\n{trusting}"));
+    let service = wait_service(&env, "a threads change asks for a restart", |s| !s["config_note"].is_null());
+    let note = service["config_note"].as_str().unwrap();
+    assert!(note.starts_with("restart needed: threads changed in"), "{note}");
 }
