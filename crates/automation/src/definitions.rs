@@ -170,7 +170,7 @@ impl WorkflowDef {
     }
 
     /// True when the event satisfies the condition (or there is none).
-    pub fn matches(&self, ctx: &Value) -> Result<bool, TemplateError> {
+    pub fn matches<C: serde::Serialize + ?Sized>(&self, ctx: &C) -> Result<bool, TemplateError> {
         match &self.condition {
             None => Ok(true),
             Some(c) => Engine::strict().condition(c, ctx),
@@ -195,15 +195,38 @@ impl DispatchDef {
 }
 
 /// What a workflow's templates and condition see: `object` is the event's object.
-pub fn event_context(event_id: i64, event_type: &str, object: &Value, received_at: DateTime<Utc>) -> Value {
-    json!({
-        "event": {
-            "id": event_id,
-            "type": event_type,
-            "received_at": received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+///
+/// It borrows the object rather than copying it into a JSON value: the engine copies it once
+/// more into its own values (`template::context`), and an event's object is read for each event.
+/// Fields in the order a JSON value's keys had (sorted), for templates that walk a map.
+#[derive(Debug, Serialize)]
+pub struct EventContext<'a> {
+    event: EventMeta<'a>,
+    object: &'a Value,
+}
+
+#[derive(Debug, Serialize)]
+struct EventMeta<'a> {
+    id: i64,
+    received_at: String,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+}
+
+pub fn event_context<'a>(
+    event_id: i64,
+    event_type: &'a str,
+    object: &'a Value,
+    received_at: DateTime<Utc>,
+) -> EventContext<'a> {
+    EventContext {
+        event: EventMeta {
+            id: event_id,
+            received_at: received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            event_type,
         },
-        "object": object,
-    })
+        object,
+    }
 }
 
 #[cfg(test)]
@@ -247,10 +270,23 @@ mod tests {
         }))
         .unwrap();
         w.validate().unwrap();
-        let ctx = event_context(1, "user.created", &json!({"department": "Finance"}), Utc::now());
-        assert!(w.matches(&ctx).unwrap());
-        let ctx = event_context(1, "user.created", &json!({"department": "HR"}), Utc::now());
-        assert!(!w.matches(&ctx).unwrap());
+        let (finance, hr) = (json!({"department": "Finance"}), json!({"department": "HR"}));
+        assert!(w.matches(&event_context(1, "user.created", &finance, Utc::now())).unwrap());
+        assert!(!w.matches(&event_context(1, "user.created", &hr, Utc::now())).unwrap());
+    }
+
+    #[test]
+    fn an_event_context_is_the_event_and_its_object_as_templates_read_them() {
+        let object = json!({"login": "ann", "groups": ["a", "b"]});
+        let at = DateTime::parse_from_rfc3339("2026-12-08T09:30:00.250Z").unwrap().to_utc();
+        let ctx = event_context(42, "user.created", &object, at);
+        assert_eq!(
+            serde_json::to_value(&ctx).unwrap(),
+            json!({"event": {"id": 42, "type": "user.created", "received_at": "2026-12-08T09:30:00Z"}, "object": object})
+        );
+        // Read where it is, a map's keys walk in the order a JSON value's did: sorted.
+        let walked = Engine::strict().render("text", "{% for k in event %}{{ k }} {% endfor %}", &ctx).unwrap();
+        assert_eq!(walked, "id received_at type ");
     }
 
     #[test]

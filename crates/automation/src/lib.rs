@@ -8,7 +8,7 @@ pub mod step;
 pub mod template;
 pub mod timing;
 
-pub use definitions::{DispatchDef, ScheduleDef, WorkflowDef, check_name, event_context};
+pub use definitions::{DispatchDef, EventContext, ScheduleDef, WorkflowDef, check_name, event_context};
 pub use panel_domain::run::RunStatus;
 pub use plan::{Plan, PlannedStep, Sender, StepOutcome, StepStatus, plan_steps};
 pub use step::{EmailStep, Step, StepMessage};

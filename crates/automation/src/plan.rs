@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use panel_domain::run::RunStatus;
 use panel_domain::{EmailAddress, Mailbox, OutgoingMessage};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::step::Step;
 use crate::template::Template;
@@ -77,9 +76,9 @@ pub struct Plan {
 /// Renders every step against `ctx`. A step that fails (a missing template, a template error,
 /// a recipient that is not an address, a From the settings do not allow) is recorded with its
 /// reason and the others still run. `random` gives each message its Message-ID's randomness.
-pub fn plan_steps(
+pub fn plan_steps<C: serde::Serialize + ?Sized>(
     steps: &[Step],
-    ctx: &Value,
+    ctx: &C,
     templates: &HashMap<String, Template>,
     sender: Sender<'_>,
     now: DateTime<Utc>,
@@ -98,10 +97,10 @@ pub fn plan_steps(
     Plan { status, detail, steps: planned }
 }
 
-fn plan_step(
+fn plan_step<C: serde::Serialize + ?Sized>(
     index: usize,
     step: &Step,
-    ctx: &Value,
+    ctx: &C,
     templates: &HashMap<String, Template>,
     sender: Sender<'_>,
     now: DateTime<Utc>,
@@ -157,7 +156,7 @@ fn plan_step(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 

@@ -4,7 +4,6 @@
 use panel_domain::message::{Attachment, Draft};
 use panel_domain::{FieldErrors, Mailbox};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::template::{Engine, Template, TemplateError};
 
@@ -161,7 +160,11 @@ impl EmailStep {
     /// Renders the step against `ctx`. `template` is the stored template when the step names one.
     /// A recipient that renders to something that is not an address fails the step: a mangled
     /// address is never sent to.
-    pub fn render(&self, template: Option<&Template>, ctx: &Value) -> Result<StepMessage, TemplateError> {
+    pub fn render<C: serde::Serialize + ?Sized>(
+        &self,
+        template: Option<&Template>,
+        ctx: &C,
+    ) -> Result<StepMessage, TemplateError> {
         let ctx = &crate::template::context(ctx);
         let inline;
         let template = match template {
@@ -278,7 +281,7 @@ fn plain_error(part: String, message: String) -> TemplateError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn step(json: Value) -> EmailStep {
         match serde_json::from_value::<Step>(json).unwrap() {

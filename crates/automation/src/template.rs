@@ -6,7 +6,6 @@ use std::fmt;
 
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// Instructions a single render may execute; stops a template that loops (nearly) forever.
 pub const FUEL: u64 = 2_000_000;
@@ -212,7 +211,7 @@ impl Engine {
     }
 
     /// Evaluates a condition such as `object.department == 'Finance'`.
-    pub fn condition(&self, expression: &str, ctx: &Value) -> Result<bool, TemplateError> {
+    pub fn condition<C: serde::Serialize + ?Sized>(&self, expression: &str, ctx: &C) -> Result<bool, TemplateError> {
         let compiled = self.env.compile_expression(expression).map_err(|e| error("condition", expression, &e))?;
         let value = compiled.eval(ctx).map_err(|e| error("condition", expression, &e))?;
         Ok(value.is_true())
@@ -223,7 +222,7 @@ impl Engine {
 /// value copies all of it into the engine's own values, for each part (an event's object for
 /// its subject, again for its text and again for each recipient); a context made here is read
 /// where it is.
-pub fn context(ctx: &Value) -> minijinja::Value {
+pub fn context<C: serde::Serialize + ?Sized>(ctx: &C) -> minijinja::Value {
     minijinja::Value::from_serialize(ctx)
 }
 

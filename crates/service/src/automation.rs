@@ -105,7 +105,8 @@ fn plan_event(
     by: &str,
     id: i64,
 ) -> Vec<NewRun> {
-    let ctx = event_context(id, event, object, now);
+    // Made into the engine's values once for all of the event's workflows and steps.
+    let ctx = panel_automation::template::context(&event_context(id, event, object, now));
     let planned = workflows.iter().filter_map(|w| {
         let (status, detail, steps) = match w.def.matches(&ctx) {
             Ok(false) => return None,
@@ -599,9 +600,9 @@ type Planned = (RunStatus, Option<String>, Vec<PlannedStep>);
 
 /// The pure plan (`panel_automation::plan_steps`: every step rendered, failures recorded with
 /// their reason) in the shape the store commits, each message tagged with its origin.
-fn plan_steps(
+fn plan_steps<C: serde::Serialize + ?Sized>(
     steps: &[Step],
-    ctx: &Value,
+    ctx: &C,
     templates: &HashMap<String, Template>,
     settings: &RelaySettings,
     (origin, priority): (Origin, Option<Priority>),
