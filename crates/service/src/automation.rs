@@ -323,11 +323,11 @@ impl Panel {
                 now,
                 by: by.to_string(),
             };
-            Box::new(move |event_id| inputs.plan(event_id))
+            Box::new(move |event_id| inputs.plan(event_id).into())
         } else {
             // Nothing the runs render reads the event (its id is known only inside the store's
             // commit): planned here, so the rendering does not hold up the group's writes.
-            let runs = plan_event(&workflows, &settings, (event_type, object, now), by, 0);
+            let runs: Arc<[NewRun]> = plan_event(&workflows, &settings, (event_type, object, now), by, 0).into();
             Box::new(move |_| runs.clone())
         };
         let record = self.store.record_event(event_type, object, key, now, plan).await?;

@@ -167,7 +167,9 @@ async fn read_tokens(backend: sql::SqlStore, mut rx: tokio::sync::mpsc::Receiver
 
 /// What an event's workflows run: given the event's id (their templates may use it), the runs
 /// to store with it. Called once per commit attempt, so a group that fails can be replayed.
-pub type EventPlan = Box<dyn Fn(i64) -> Vec<NewRun> + Send + Sync>;
+/// Shared, not owned: runs planned before the event's id was known are handed out again as they
+/// are (copying them, their messages' content included, was a cost in each event).
+pub type EventPlan = Box<dyn Fn(i64) -> std::sync::Arc<[NewRun]> + Send + Sync>;
 
 /// How many messages a claim takes, asked once its transaction has begun (`Store::claim_up_to`).
 pub type ClaimLimit = std::sync::Arc<dyn Fn() -> u32 + Send + Sync>;

@@ -339,7 +339,8 @@ pub(super) async fn insert_event(
                 .await?;
         return Ok(EventRecord { id, created: false, runs: event_runs(tx, id, received_at).await? });
     };
-    for mut run in plan(event_id) {
+    for run in plan(event_id).iter() {
+        let mut run = run.clone();
         run.event_id = Some(event_id);
         write_run(tx, run, now).await?.expect("event runs have no fire key");
     }
@@ -381,17 +382,10 @@ pub(super) async fn add_events(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let runs: Vec<(usize, NewRun)> = events
-        .iter()
-        .zip(event_ids)
-        .enumerate()
-        .flat_map(|(i, (e, &event_id))| {
-            (e.plan)(event_id).into_iter().map(move |mut run| {
-                run.event_id = Some(event_id);
-                (i, run)
-            })
-        })
-        .collect();
+    let plans: Vec<std::sync::Arc<[NewRun]>> = events.iter().zip(event_ids).map(|(e, &id)| (e.plan)(id)).collect();
+    // Each run with its event's index; its event id is that event's (`event_ids[i]`).
+    let runs: Vec<(usize, &NewRun)> =
+        plans.iter().enumerate().flat_map(|(i, plan)| plan.iter().map(move |run| (i, run))).collect();
     let count = runs.iter().map(|(_, run)| run.steps.iter().filter(|s| s.message.is_some()).count()).sum();
     let taken = ids.take(tx, &[("runs", runs.len()), ("messages", count)]).await?;
     let (run_ids, message_ids) = (&taken[0], &taken[1]);
@@ -428,7 +422,8 @@ pub(super) async fn add_events(
             })
             .collect();
         let steps = serde_json::to_string(&outcomes).expect("JSON serializes");
-        rows.push((run_id, run, events[*i].now, steps));
+        let event_id = event_ids[*i];
+        rows.push((run_id, *run, event_id, events[*i].now, steps));
         written.push((
             *i,
             RunRow {
@@ -438,7 +433,7 @@ pub(super) async fn add_events(
                 trigger: run.trigger,
                 // As the database keeps it: to the millisecond.
                 fire_time: run.fire_time.map(|t| from_ms(ms(t))),
-                event_id: run.event_id,
+                event_id: Some(event_id),
                 started_at: from_ms(events[*i].now),
                 missed: run.missed.into(),
                 status: run.status,
@@ -464,13 +459,13 @@ pub(super) async fn add_events(
         "(?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         12,
         &rows,
-        |row, (id, run, now, steps)| {
+        |row, (id, run, event_id, now, steps)| {
             row.bind(*id)
                 .bind(run.kind.as_str())
                 .bind(run.name.as_str())
                 .bind(run.trigger.as_str())
                 .bind(run.fire_time.map(ms))
-                .bind(run.event_id)
+                .bind(Some(*event_id))
                 .bind(*now)
                 .bind(run.missed as i64)
                 .bind(run.status.as_str())

@@ -855,7 +855,7 @@ mod tests {
     async fn keys_and_ids_survive_the_partial_keys_migration(url: &str, dialect: Dialect) {
         let store = SqlStore::connect(url, dialect).await.unwrap();
         store.migrate_to(19).await.unwrap();
-        let none: EventPlan = Box::new(|_| Vec::new());
+        let none: EventPlan = Box::new(|_| Vec::new().into());
         let run = |fire_key: Option<&str>| NewRun {
             kind: RunKind::Schedule,
             name: "nightly".into(),

@@ -76,7 +76,13 @@ async fn a_repeated_event_key_runs_nothing_again(b: &Backend) {
     let object = json!({"id": 7});
     let first = b
         .store
-        .record_event("user.created", &object, Some("evt-7"), Utc::now(), Box::new(|_| vec![run("welcome", None, "s")]))
+        .record_event(
+            "user.created",
+            &object,
+            Some("evt-7"),
+            Utc::now(),
+            Box::new(|_| vec![run("welcome", None, "s")].into()),
+        )
         .await
         .unwrap();
     assert!(first.created);
@@ -114,7 +120,7 @@ async fn concurrent_events_share_commits_and_each_gets_its_runs(b: &Backend) {
             let n = i.min(20);
             tokio::spawn(async move {
                 let plan: panel_store::EventPlan =
-                    Box::new(move |_| vec![run(&format!("welcome-{n}"), None, &format!("s{i}"))]);
+                    Box::new(move |_| vec![run(&format!("welcome-{n}"), None, &format!("s{i}"))].into());
                 s.record_event("user.created", &json!({"id": n}), None, at, plan).await
             })
         })
@@ -193,14 +199,17 @@ async fn an_events_runs_are_its_own_among_runs_started_at_the_same_instant(b: &B
     let mut first = Vec::new();
     for n in 0..3 {
         let plan: panel_store::EventPlan =
-            Box::new(move |_| vec![run_of(&format!("e{n}-a"), 2), run_of(&format!("e{n}-b"), 1)]);
+            Box::new(move |_| vec![run_of(&format!("e{n}-a"), 2), run_of(&format!("e{n}-b"), 1)].into());
         let (object, key) = (json!({"n": n}), format!("same-{n}"));
         first.push(b.store.record_event("user.created", &object, Some(&key), at, plan).await.unwrap());
     }
     for (n, record) in first.iter().enumerate() {
         let (object, key) = (json!({"n": n}), format!("same-{n}"));
-        let again =
-            b.store.record_event("user.created", &object, Some(&key), at, Box::new(|_| Vec::new())).await.unwrap();
+        let again = b
+            .store
+            .record_event("user.created", &object, Some(&key), at, Box::new(|_| Vec::new().into()))
+            .await
+            .unwrap();
         assert!(!again.created);
         let names: Vec<&str> = again.runs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, [format!("e{n}-a"), format!("e{n}-b")], "event {n}: its own runs, in order");
