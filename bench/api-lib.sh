@@ -34,8 +34,9 @@ start_panel() { # url services dir
   printf 'bench-password-123' | $PANEL admin create bench --role admin --password-stdin > /dev/null
   TOKEN=$($PANEL admin token bench)
   PORT=$(free_port)
-  # Their stdout is not the caller's: a figure is read from it.
-  $PANEL serve --listen "127.0.0.1:$PORT" --concurrency 16 > /dev/null 2> "$dir/serve.log" &
+  # Their stdout is not the caller's: a figure is read from it. SERVE_UNDER: a command the
+  # service runs under (bench/instructions.sh's callgrind).
+  ${SERVE_UNDER:-} $PANEL serve --listen "127.0.0.1:$PORT" --concurrency 16 > /dev/null 2> "$dir/serve.log" &
   for i in $(seq 2 "$services"); do $PANEL worker --concurrency 16 > /dev/null 2> "$dir/worker-$i.log" & done
   until python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/readyz')" 2>/dev/null; do sleep 0.1; done
   sleep 0.5
@@ -45,6 +46,15 @@ fresh_pg() {
   local name=panel_bench_$RANDOM$RANDOM
   psql "$PG" -qc "CREATE DATABASE $name" > /dev/null
   echo "${PG%/*}/$name"
+}
+
+# The event row's workflow: each user.created event mails one message rendered from a ~600-byte
+# template (apiload's events carry a 700-byte note, so a request is ~1 KB like a message's).
+event_workflow() { # dir
+  printf 'Hello {{ object.login }}: %s\n' "$(head -c 600 /dev/zero | tr '\0' 'x')" > "$1/t.txt"
+  $PANEL template set welcome --subject "Welcome {{ object.login }}" --text-file "$1/t.txt" > /dev/null
+  echo '{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]}' > "$1/wf.json"
+  $PANEL workflow create --file "$1/wf.json" > /dev/null
 }
 
 # Busy CPU time of the whole machine so far (user, nice, system, irq, softirq), in ms.
@@ -63,12 +73,7 @@ panel_api() { # kind sqlite|pg services
     # Sending limits on but never reached: what taking each send from the shared budget costs.
     $PANEL smtp set --messages-per-minute 100000 --recipients-per-day 10000000 > /dev/null
   fi
-  if [ "$kind" = event ]; then
-    printf 'Hello {{ object.login }}: %s\n' "$(head -c 600 /dev/zero | tr '\0' 'x')" > "$dir/t.txt"
-    $PANEL template set welcome --subject "Welcome {{ object.login }}" --text-file "$dir/t.txt" > /dev/null
-    echo '{"name": "welcome", "trigger": "user.created", "steps": [{"kind": "email", "template": "welcome", "to": ["{{ object.mail }}"]}]}' > "$dir/wf.json"
-    $PANEL workflow create --file "$dir/wf.json" > /dev/null
-  fi
+  [ "$kind" = event ] && event_workflow "$dir"
   # Each row starts with nothing of an earlier row's left to write back to the disk.
   sync
   c=$(busy_ms)
