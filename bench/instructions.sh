@@ -67,23 +67,22 @@ for run in $(seq "$RUNS"); do
     [ -z "${BASELINE_PANEL:-}" ] || I[base_$row]+=" $(PANEL=$BASELINE_PANEL count "$row")"
   done
 done
-# Median and spread (lowest-highest) in thousands of instructions.
-stat() { python3 -c 'import sys, statistics as s; v = [int(x) / 1000 for x in sys.argv[1:]]; print(f"{s.median(v):.0f} ({min(v):.0f}-{max(v):.0f})")' $1; }
-median() { python3 -c 'import sys, statistics as s; print(s.median(int(x) for x in sys.argv[1:]))' $1; }
+# Median and spread (lowest-highest) in thousands of instructions; `median` is api-lib.sh's.
+spread() { python3 -c 'import sys, statistics as s; v = [int(x) / 1000 for x in sys.argv[1:]]; print(f"{s.median(v):.0f} ({min(v):.0f}-{max(v):.0f})")' $1; }
 
 printf '%s messages per row, %s runs; instructions per message of the serving service (SQLite),\n' "$N" "$RUNS"
 printf 'thousands: median (lowest-highest)\n\n'
 printf '| row | this build |%s against single |\n' "${BASELINE_PANEL:+ baseline | change |}"
 printf '|---|---|%s---|\n' "${BASELINE_PANEL:+---|---|}"
 for row in "${ROWS[@]}"; do
-  this=$(median "${I[$row]}")
+  this=$(median ${I[$row]})
   vs=""
-  [ -z "${I[single]:-}" ] || vs=$(python3 -c "print(f'{$this / $(median "${I[single]}"):.3f}x')")
+  [ -z "${I[single]:-}" ] || vs=$(python3 -c "print(f'{$this / $(median ${I[single]}):.3f}x')")
   if [ -n "${BASELINE_PANEL:-}" ]; then
-    change=$(python3 -c "print(f'{($this / $(median "${I[base_$row]}") - 1) * 100:+.1f} %')")
-    printf '| %s | %s | %s | %s | %s |\n' "$row" "$(stat "${I[$row]}")" "$(stat "${I[base_$row]}")" "$change" "$vs"
+    change=$(python3 -c "print(f'{($this / $(median ${I[base_$row]}) - 1) * 100:+.1f} %')")
+    printf '| %s | %s | %s | %s | %s |\n' "$row" "$(spread "${I[$row]}")" "$(spread "${I[base_$row]}")" "$change" "$vs"
   else
-    printf '| %s | %s | %s |\n' "$row" "$(stat "${I[$row]}")" "$vs"
+    printf '| %s | %s | %s |\n' "$row" "$(spread "${I[$row]}")" "$vs"
   fi
 done
 pkill -f "smtp-sink -u nobody 127.0.0.1:$SINK" || true
