@@ -289,7 +289,7 @@ impl SqlStore {
         let taker = self.hand_over(messages.len());
         let now = messages[0].now;
         let lease = taker.as_ref().map(|(owner, lease_ms)| (owner.as_str(), now + lease_ms));
-        add_messages_with(&mut inserts, messages, &numbers, NUMBERED_ID, lease);
+        add_messages_with(&mut inserts, messages, &numbers, RowIds::Numbered, lease);
         // In the one part every other uses: a part nothing uses is not run.
         inserts.wake_only_if(|n| taker.is_none() && self.wake_others(n));
         let wake = match inserts.wakes() {
@@ -297,8 +297,8 @@ impl SqlStore {
             false => String::new(),
         };
         let with = format!(
-            "new_ids AS (SELECT array_agg(nextval(pg_get_serial_sequence('messages', 'id')) ORDER BY n) AS a{wake}
-                         FROM generate_series(1, {}) AS n)",
+            "new_ids AS (SELECT array_agg({} ORDER BY n) AS a{wake} FROM generate_series(1, {}) AS n)",
+            super::batch::next_ids("messages"),
             messages.len()
         );
         // A claim reads the settings and secrets generations in its statement: so does this.
@@ -778,7 +778,7 @@ pub(super) struct NewMessage<'a> {
 /// statements for them all, sent with whatever else the transaction inserts. Their commit
 /// wakes every service's workers (`Writes::wake_on_commit`).
 pub(super) fn add_messages(inserts: &mut super::batch::Writes, messages: &[NewMessage<'_>], ids: &[i64]) {
-    add_messages_with(inserts, messages, ids, "?1", None);
+    add_messages_with(inserts, messages, ids, RowIds::Bound, None);
 }
 
 /// A message inserted already claimed (`SqlStore::hand_over`), as a claim of it would find it:
@@ -845,28 +845,35 @@ async fn check_fences(tx: &mut Tx, fences: &[&crate::AccessFence], now: i64) -> 
     })
 }
 
-/// An id taken inside the statement (`insert_in_one_statement`): the `?1`th of `new_ids`.
-const NUMBERED_ID: &str = "(SELECT new_ids.a[CAST(?1 AS INTEGER)] FROM new_ids)";
+/// Where the rows `add_messages_with` writes get their ids.
+#[derive(Clone, Copy)]
+enum RowIds {
+    /// Each row's id, taken before the statement, bound as its `?1`.
+    Bound,
+    /// PostgreSQL (`insert_in_one_statement`): the value bound as a row's `?1` is its number in
+    /// `new_ids`, the part of the same statement that takes the ids from the sequence.
+    Numbered,
+}
 
-/// `add_messages`, each message's id written as `id` with `ids`' value bound as its `?1`; with
-/// `lease` (owner, expiry), already claimed for that owner (`SqlStore::hand_over`).
+/// `add_messages`, each message's id as `ids` says with `numbers`' value bound as its `?1`;
+/// with `lease` (owner, expiry), already claimed for that owner (`SqlStore::hand_over`).
 fn add_messages_with(
     inserts: &mut super::batch::Writes,
     messages: &[NewMessage<'_>],
-    ids: &[i64],
-    id: &str,
+    numbers: &[i64],
+    ids: RowIds,
     lease: Option<(&str, i64)>,
 ) {
-    debug_assert_eq!(messages.len(), ids.len());
+    debug_assert_eq!(messages.len(), numbers.len());
     if !messages.is_empty() {
         inserts.wake_on_commit(messages.len());
     }
-    let rows: Vec<(i64, &NewMessage<'_>)> = ids.iter().copied().zip(messages).collect();
+    let rows: Vec<(i64, &NewMessage<'_>)> = numbers.iter().copied().zip(messages).collect();
     let (table, values, width) = match lease {
         None => (
             "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
                        created_at, updated_at, next_attempt_at, window_start, priority, run_id)",
-            format!("({id}, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+            "?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13",
             13,
         ),
         // As a claim leaves it: sending, leased, its first claim token.
@@ -874,12 +881,12 @@ fn add_messages_with(
             "messages (id, origin, state, content, from_addr, subject, message_id, used_fallback,
                        created_at, updated_at, next_attempt_at, window_start, priority, run_id,
                        lease_owner, lease_expires_at, claim_token)",
-            format!("({id}, ?2, 'sending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 1)"),
+            "?1, ?2, 'sending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 1",
             15,
         ),
     };
-    inserts.rows(table, &values, width, &rows, |row, (id, m)| {
-        row.bind(*id)
+    add_rows(inserts, ids, table, values, width, &rows, |row, (number, m)| {
+        row.bind(*number)
             .bind(m.origin.as_str())
             .bind(serde_json::to_string(m.message).expect("message serializes"))
             .bind(m.message.from.to_string())
@@ -899,23 +906,59 @@ fn add_messages_with(
     });
     let recipients: Vec<(i64, i64, &str, &str)> = rows
         .iter()
-        .flat_map(|&(id, m)| {
+        .flat_map(|&(number, m)| {
             m.message
                 .recipients()
                 .into_iter()
                 .enumerate()
-                .map(move |(position, (kind, address))| (id, position as i64, kind.as_str(), address.as_str()))
+                .map(move |(position, (kind, address))| (number, position as i64, kind.as_str(), address.as_str()))
         })
         .collect();
-    inserts.rows(
+    add_rows(
+        inserts,
+        ids,
         "recipients (message_id, position, kind, address, state)",
-        &format!("({id}, ?2, ?3, ?4, 'pending')"),
+        "?1, ?2, ?3, ?4, 'pending'",
         4,
         &recipients,
-        |row, &(id, position, kind, address)| {
-            row.bind(id).bind(position).bind(kind).bind(address);
+        |row, &(number, position, kind, address)| {
+            row.bind(number).bind(position).bind(kind).bind(address);
         },
     );
+}
+
+/// The inserts of `add_messages_with` into `table`, a row's values as `values` lists them (`?1`
+/// its id, `?k` its kth value bound): bound in place, or (`RowIds::Numbered`) read from the
+/// rows joined to `new_ids`, whose `?1`th id is the row's.
+fn add_rows<T>(
+    inserts: &mut super::batch::Writes,
+    ids: RowIds,
+    table: &str,
+    values: &str,
+    width: usize,
+    rows: &[T],
+    bind: impl FnMut(&mut super::batch::Row<'_>, &T),
+) {
+    match ids {
+        RowIds::Bound => inserts.rows(table, &format!("({values})"), width, rows, bind),
+        RowIds::Numbered => {
+            let mut select = String::from("SELECT ");
+            let mut rest = values;
+            while let Some(at) = rest.find('?') {
+                select.push_str(&rest[..at]);
+                let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
+                match &rest[at + 1..at + 1 + digits] {
+                    "1" => select.push_str("new_ids.a[CAST(v.column1 AS INTEGER)]"),
+                    k => select.push_str(&format!("v.column{k}")),
+                }
+                rest = &rest[at + 1 + digits..];
+            }
+            select.push_str(rest);
+            select.push_str(" FROM new_ids");
+            let row = format!("({})", (1..=width).map(|k| format!("?{k}")).collect::<Vec<_>>().join(", "));
+            inserts.rows_joined(table, &select, &row, width, rows, bind);
+        }
+    }
 }
 
 /// Several services' sends take from one budget per route, so that two services never both
@@ -1389,7 +1432,7 @@ mod tests {
         let messages = [new(None), new(Some(7)), new(None)];
         for lease in [None, Some(("worker", 60_000))] {
             let mut writes = super::super::batch::Writes::default();
-            super::add_messages_with(&mut writes, &messages, &[1, 2, 3], "?1", lease);
+            super::add_messages_with(&mut writes, &messages, &[1, 2, 3], super::RowIds::Bound, lease);
             let texts = writes.sqlite_texts();
             assert_eq!(texts.len(), 1);
             // Named ones bind in time quadratic in their number (`batch::anonymous`).
